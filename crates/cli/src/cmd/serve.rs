@@ -1,0 +1,10 @@
+//! `ivshm serve`.
+
+use clap::Args;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {}
+
+pub fn run(_args: ServeArgs) -> anyhow::Result<()> {
+    anyhow::bail!("ivshm serve: not implemented yet")
+}

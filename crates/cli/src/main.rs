@@ -1,0 +1,49 @@
+//! `ivshm`: the main command-line program.
+//!
+//! Each group of subcommands lives in its own module under `cmd/`, which owns its clap
+//! argument types and its `run` function; this file only dispatches.
+
+mod cmd;
+mod logging;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "ivshm", version, about = "Inter-VM shared memory: server, host peer and guest tools")]
+struct Cli {
+    /// More log output (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server in the foreground.
+    Serve(cmd::serve::ServeArgs),
+    #[command(flatten)]
+    Host(cmd::host::HostCommand),
+    /// Benchmarks that compare variants in one run.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
+    /// Inside a Linux guest: find ivshmem devices, map them, ring and receive doorbells.
+    #[command(subcommand)]
+    Guest(cmd::guest::GuestCommand),
+    /// Check region-access policy offline.
+    #[command(subcommand)]
+    Policy(cmd::policy::PolicyCommand),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    logging::init(cli.verbose);
+    match cli.command {
+        Command::Serve(args) => cmd::serve::run(args),
+        Command::Host(c) => cmd::host::run(c),
+        Command::Bench(c) => cmd::bench::run(c),
+        Command::Guest(c) => cmd::guest::run(c),
+        Command::Policy(c) => cmd::policy::run(c),
+    }
+}
