@@ -1,8 +1,11 @@
 //! Shared memory for ivshm: backends that create it, size rules, and mappings.
 //!
+//! - [`size`]: parsing and formatting sizes (`4M`, `0x400000`, `2GiB`).
 //! - [`mapping`]: an owned `MAP_SHARED` mapping and [`SharedView`], a bounds-checked window on
 //!   memory that other processes or VMs may change at any time (every access volatile or atomic).
 
 pub mod mapping;
+pub mod size;
 
 pub use mapping::{MapError, Mapping, OutOfBounds, SharedView};
+pub use size::{format_size, parse_size, SizeError};

@@ -1,0 +1,221 @@
+//! Sizes as users write them: `4194304`, `0x400000`, `4M`, `4MiB`, `4mb`, `1G`, `2T`.
+//!
+//! Like QEMU's `-l` option (`qemu_strtosz`), suffixes are powers of 1024 and case-insensitive:
+//! `K`, `M`, `G`, `T`, `P`, `E`, each optionally followed by `B` or `iB`; a lone `B` means bytes.
+//! Numbers are decimal or `0x` hexadecimal; the result is checked for overflow of `u64`.
+
+use thiserror::Error;
+
+/// A size string that could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SizeError {
+    /// Nothing was given.
+    #[error("empty size")]
+    Empty,
+    /// There were no digits where the number should be.
+    #[error(
+        "invalid size {0:?}: expected a number (decimal or 0x hex) with an optional K/M/G/T suffix"
+    )]
+    NoDigits(String),
+    /// The suffix is not one of the known ones.
+    #[error("invalid size {input:?}: unknown suffix {suffix:?} (use K, M, G, T, P or E, optionally with B or iB)")]
+    BadSuffix {
+        /// The whole input.
+        input: String,
+        /// The part that was not understood.
+        suffix: String,
+    },
+    /// The value does not fit in 64 bits.
+    #[error("size {0:?} is too large")]
+    Overflow(String),
+}
+
+const UNITS: [(char, u32); 6] = [
+    ('k', 10),
+    ('m', 20),
+    ('g', 30),
+    ('t', 40),
+    ('p', 50),
+    ('e', 60),
+];
+
+/// Parses a size in bytes: plain decimal, `0x` hex, optional K/M/G/T/P/E suffix (powers of 1024,
+/// case-insensitive, optionally followed by `B` or `iB`), or a trailing `B` alone.
+pub fn parse_size(input: &str) -> Result<u64, SizeError> {
+    let text = input.trim();
+    if text.is_empty() {
+        return Err(SizeError::Empty);
+    }
+    let (digits, radix, rest) =
+        if let Some(hex) = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+            let end = hex
+                .find(|c: char| !c.is_ascii_hexdigit())
+                .unwrap_or(hex.len());
+            (&hex[..end], 16, &hex[end..])
+        } else {
+            let end = text
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(text.len());
+            (&text[..end], 10, &text[end..])
+        };
+    if digits.is_empty() {
+        return Err(SizeError::NoDigits(input.to_string()));
+    }
+    let number =
+        u64::from_str_radix(digits, radix).map_err(|_| SizeError::Overflow(input.to_string()))?;
+    let shift = parse_suffix(rest).ok_or_else(|| SizeError::BadSuffix {
+        input: input.to_string(),
+        suffix: rest.to_string(),
+    })?;
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| SizeError::Overflow(input.to_string()))
+}
+
+/// Returns the power-of-two shift a suffix stands for, or `None` if it is not a size suffix.
+fn parse_suffix(suffix: &str) -> Option<u32> {
+    let lower = suffix.to_ascii_lowercase();
+    if lower.is_empty() || lower == "b" {
+        return Some(0);
+    }
+    let mut chars = lower.chars();
+    let unit = chars.next()?;
+    let shift = UNITS.iter().find(|(c, _)| *c == unit)?.1;
+    match chars.as_str() {
+        "" | "b" | "ib" => Some(shift),
+        _ => None,
+    }
+}
+
+/// Formats a size for humans: the largest binary unit that divides it exactly (`4 MiB`,
+/// `1536 KiB`, `5 GiB`), else plain bytes (`4097 B`).
+pub fn format_size(bytes: u64) -> String {
+    const NAMES: [(&str, u32); 6] = [
+        ("EiB", 60),
+        ("PiB", 50),
+        ("TiB", 40),
+        ("GiB", 30),
+        ("MiB", 20),
+        ("KiB", 10),
+    ];
+    if bytes != 0 {
+        for (name, shift) in NAMES {
+            let unit = 1u64 << shift;
+            if bytes % unit == 0 {
+                return format!("{} {name}", bytes / unit);
+            }
+        }
+    }
+    format!("{bytes} B")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn plain_and_hex() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("4194304"), Ok(4 << 20));
+        assert_eq!(parse_size("0x400000"), Ok(4 << 20));
+        assert_eq!(parse_size("0X10"), Ok(16));
+        assert_eq!(parse_size("0xffffffffffffffff"), Ok(u64::MAX));
+        assert_eq!(parse_size("123B"), Ok(123));
+        assert_eq!(parse_size("123b"), Ok(123));
+    }
+
+    #[test]
+    fn suffixes_are_powers_of_1024_case_insensitive() {
+        assert_eq!(parse_size("4K"), Ok(4096));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("4M"), Ok(4 << 20));
+        assert_eq!(parse_size("4MB"), Ok(4 << 20));
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("4mib"), Ok(4 << 20));
+        assert_eq!(parse_size("4mb"), Ok(4 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("5G"), Ok(5 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("1P"), Ok(1 << 50));
+        assert_eq!(parse_size("15E"), Ok(15 << 60));
+        assert_eq!(parse_size("0x10M"), Ok(16 << 20));
+    }
+
+    #[test]
+    fn rejects_junk() {
+        assert_eq!(parse_size(""), Err(SizeError::Empty));
+        assert_eq!(parse_size("  "), Err(SizeError::Empty));
+        assert!(matches!(parse_size("M"), Err(SizeError::NoDigits(_))));
+        assert!(matches!(parse_size("0x"), Err(SizeError::NoDigits(_))));
+        assert!(matches!(parse_size("-1"), Err(SizeError::NoDigits(_))));
+        assert!(matches!(parse_size("4X"), Err(SizeError::BadSuffix { .. })));
+        assert!(matches!(
+            parse_size("4MM"),
+            Err(SizeError::BadSuffix { .. })
+        ));
+        assert!(matches!(
+            parse_size("4Mi"),
+            Err(SizeError::BadSuffix { .. })
+        ));
+        assert!(matches!(
+            parse_size("4 M"),
+            Err(SizeError::BadSuffix { .. })
+        ));
+        assert!(matches!(
+            parse_size("1.5M"),
+            Err(SizeError::BadSuffix { .. })
+        ));
+        assert!(matches!(parse_size("16E"), Err(SizeError::Overflow(_))));
+        assert!(matches!(
+            parse_size("18446744073709551616"),
+            Err(SizeError::Overflow(_))
+        ));
+    }
+
+    #[test]
+    fn formats_exact_units() {
+        assert_eq!(format_size(0), "0 B");
+        assert_eq!(format_size(4097), "4097 B");
+        assert_eq!(format_size(1024), "1 KiB");
+        assert_eq!(format_size(1536 * 1024), "1536 KiB");
+        assert_eq!(format_size(4 << 20), "4 MiB");
+        assert_eq!(format_size(5 << 30), "5 GiB");
+        assert_eq!(format_size(1 << 40), "1 TiB");
+    }
+
+    proptest! {
+        #[test]
+        fn decimal_and_hex_round_trip(n in any::<u64>()) {
+            prop_assert_eq!(parse_size(&n.to_string()), Ok(n));
+            prop_assert_eq!(parse_size(&format!("{n:#x}")), Ok(n));
+        }
+
+        #[test]
+        fn suffix_multiplies_or_overflows(
+            n in any::<u64>(),
+            unit in 0usize..6,
+            tail in prop::sample::select(vec!["", "b", "B", "ib", "iB", "IB"]),
+            upper in any::<bool>(),
+        ) {
+            let (c, shift) = UNITS[unit];
+            let c = if upper { c.to_ascii_uppercase() } else { c };
+            let text = format!("{n}{c}{tail}");
+            match n.checked_mul(1u64 << shift) {
+                Some(v) => prop_assert_eq!(parse_size(&text), Ok(v)),
+                None => prop_assert!(matches!(parse_size(&text), Err(SizeError::Overflow(_)))),
+            }
+        }
+
+        #[test]
+        fn format_then_parse_round_trips(n in any::<u64>()) {
+            let text = format_size(n).replace(' ', "");
+            prop_assert_eq!(parse_size(&text), Ok(n));
+        }
+
+        #[test]
+        fn never_panics(s in ".{0,24}") {
+            let _ = parse_size(&s);
+        }
+    }
+}
