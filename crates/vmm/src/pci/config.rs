@@ -270,6 +270,26 @@ impl ConfigSpace {
         self.registers.get(reg_idx).copied().unwrap_or(0xffff_ffff)
     }
 
+    /// All registers (for saving device state).
+    pub fn registers(&self) -> [u32; CONFIG_REGISTERS] {
+        self.registers
+    }
+
+    /// Restores registers saved by [`ConfigSpace::registers`] into a space built with the
+    /// same layout; BAR addresses are re-decoded (no relocation is reported).
+    pub fn restore_registers(&mut self, registers: &[u32; CONFIG_REGISTERS]) {
+        for (i, &v) in registers.iter().enumerate() {
+            let ro = !self.writable[i];
+            self.registers[i] = (self.registers[i] & ro) | (v & self.writable[i]);
+        }
+        for index in 0..BAR_COUNT {
+            let decoded = self.bar_addr_from_registers(index);
+            if let Some(s) = self.bars[index].as_mut() {
+                s.decoded_addr = decoded;
+            }
+        }
+    }
+
     /// The command register.
     pub fn command(&self) -> u16 {
         self.registers[1] as u16

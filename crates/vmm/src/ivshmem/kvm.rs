@@ -1,0 +1,362 @@
+//! The KVM fast path: doorbells as ioeventfds, own vectors as irqfds routed to their
+//! MSI-X messages with `KVM_SET_GSI_ROUTING`.
+//!
+//! * [`KvmGsiRouter`] owns a VM's GSI routing table (KVM replaces the whole table on every
+//!   `KVM_SET_GSI_ROUTING`, so one router per VM is shared by all devices).
+//! * [`KvmIrqfdInterrupts`] is an [`InterruptBackend`]: a vector with a deliverable message
+//!   has its eventfd registered as an irqfd on its GSI; a masked vector is unregistered, its
+//!   eventfd keeps counting, and re-registering on unmask makes KVM deliver the pending event.
+//! * [`KvmIoeventRegistry`] keeps the VM's ioeventfds equal to a device's
+//!   [`crate::pci::PciDevice::ioevents`]; call [`KvmIoeventRegistry::sync`] after BAR moves
+//!   and peer changes.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_irq_routing_entry, kvm_msi, KvmIrqRouting, KVM_IRQ_ROUTING_MSI};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::ivshmem::InterruptBackend;
+use crate::pci::{IoEvent, MsixMessage};
+
+/// Errors from the KVM wiring.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmWiringError {
+    /// A KVM ioctl failed.
+    #[error("KVM {op}: {source}")]
+    Kvm {
+        /// What was attempted.
+        op: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// Duplicating a descriptor failed.
+    #[error("duplicating an eventfd: {0}")]
+    Dup(#[from] std::io::Error),
+    /// Ran out of GSIs.
+    #[error("no free GSI")]
+    NoGsi,
+    /// Unsupported ioevent width.
+    #[error("ioevent length {0} not supported")]
+    BadLength(u32),
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmWiringError {
+    move |source| KvmWiringError::Kvm { op, source }
+}
+
+/// Duplicates an eventfd descriptor into an owned [`EventFd`].
+pub fn dup_eventfd(fd: BorrowedFd<'_>) -> Result<EventFd, KvmWiringError> {
+    let owned = fd.try_clone_to_owned()?;
+    let raw = owned.into_raw_fd();
+    // SAFETY: `raw` is a descriptor we own (just duplicated and released from `OwnedFd`);
+    // ownership moves into the EventFd, which closes it on drop.
+    Ok(unsafe { EventFd::from_raw_fd(raw) })
+}
+
+/// A VM's MSI routing table, rebuilt and installed on every change.
+#[derive(Debug)]
+pub struct KvmGsiRouter {
+    vm: Arc<VmFd>,
+    state: Mutex<RouterState>,
+}
+
+#[derive(Debug)]
+struct RouterState {
+    next_gsi: u32,
+    routes: BTreeMap<u32, MsixMessage>,
+}
+
+/// First GSI handed out: 0..23 are the IOAPIC pins on x86.
+pub const FIRST_MSI_GSI: u32 = 24;
+/// GSIs available (KVM_MAX_IRQ_ROUTES is 4096).
+const MAX_GSI: u32 = 4096;
+
+impl KvmGsiRouter {
+    /// A router for `vm` with no routes.
+    pub fn new(vm: Arc<VmFd>) -> KvmGsiRouter {
+        KvmGsiRouter {
+            vm,
+            state: Mutex::new(RouterState {
+                next_gsi: FIRST_MSI_GSI,
+                routes: BTreeMap::new(),
+            }),
+        }
+    }
+
+    /// The VM this router programs.
+    pub fn vm(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    /// Reserves a GSI.
+    pub fn allocate_gsi(&self) -> Result<u32, KvmWiringError> {
+        let mut st = self.state.lock().map_err(|_| KvmWiringError::NoGsi)?;
+        if st.next_gsi >= MAX_GSI {
+            return Err(KvmWiringError::NoGsi);
+        }
+        let gsi = st.next_gsi;
+        st.next_gsi += 1;
+        Ok(gsi)
+    }
+
+    /// Routes `gsi` to `message` (or removes its route) and installs the table.
+    pub fn set_route(&self, gsi: u32, message: Option<MsixMessage>) -> Result<(), KvmWiringError> {
+        let mut st = self.state.lock().map_err(|_| KvmWiringError::NoGsi)?;
+        let changed = match message {
+            Some(m) => st.routes.insert(gsi, m) != Some(m),
+            None => st.routes.remove(&gsi).is_some(),
+        };
+        if !changed {
+            return Ok(());
+        }
+        let mut table = KvmIrqRouting::new(0).map_err(|_| KvmWiringError::NoGsi)?;
+        for (&gsi, m) in &st.routes {
+            let mut entry = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            entry.u.msi.address_lo = m.addr as u32;
+            entry.u.msi.address_hi = (m.addr >> 32) as u32;
+            entry.u.msi.data = m.data;
+            table.push(entry).map_err(|_| KvmWiringError::NoGsi)?;
+        }
+        self.vm
+            .set_gsi_routing(&table)
+            .map_err(kvm_err("KVM_SET_GSI_ROUTING"))
+    }
+}
+
+struct IrqfdVector {
+    gsi: u32,
+    eventfd: EventFd,
+    registered: bool,
+}
+
+/// [`InterruptBackend`] delivering own vectors through KVM irqfds.
+pub struct KvmIrqfdInterrupts {
+    router: Arc<KvmGsiRouter>,
+    vectors: Vec<IrqfdVector>,
+}
+
+impl std::fmt::Debug for KvmIrqfdInterrupts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmIrqfdInterrupts")
+            .field("vectors", &self.vectors.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KvmIrqfdInterrupts {
+    /// One GSI per vector; `fds[v]` is own vector `v`'s eventfd (duplicated here).
+    pub fn new(
+        router: Arc<KvmGsiRouter>,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<KvmIrqfdInterrupts, KvmWiringError> {
+        let vectors = fds
+            .iter()
+            .map(|&fd| {
+                Ok(IrqfdVector {
+                    gsi: router.allocate_gsi()?,
+                    eventfd: dup_eventfd(fd)?,
+                    registered: false,
+                })
+            })
+            .collect::<Result<_, KvmWiringError>>()?;
+        Ok(KvmIrqfdInterrupts { router, vectors })
+    }
+
+    fn update(
+        &mut self,
+        vector: usize,
+        message: Option<MsixMessage>,
+    ) -> Result<(), KvmWiringError> {
+        let Some(v) = self.vectors.get_mut(vector) else {
+            return Ok(());
+        };
+        let vm = self.router.vm().clone();
+        match message {
+            Some(m) => {
+                self.router.set_route(v.gsi, Some(m))?;
+                if !v.registered {
+                    vm.register_irqfd(&v.eventfd, v.gsi)
+                        .map_err(kvm_err("KVM_IRQFD assign"))?;
+                    v.registered = true;
+                }
+            }
+            None => {
+                if v.registered {
+                    vm.unregister_irqfd(&v.eventfd, v.gsi)
+                        .map_err(kvm_err("KVM_IRQFD deassign"))?;
+                    v.registered = false;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl InterruptBackend for KvmIrqfdInterrupts {
+    fn vector_route_changed(&mut self, vector: usize, message: Option<MsixMessage>) {
+        if let Err(e) = self.update(vector, message) {
+            tracing::error!(vector, error = %e, "ivshmem: updating irqfd route failed");
+        }
+    }
+
+    fn inject(&mut self, vector: usize, message: MsixMessage) {
+        let msi = kvm_msi {
+            address_lo: message.addr as u32,
+            address_hi: (message.addr >> 32) as u32,
+            data: message.data,
+            ..Default::default()
+        };
+        if let Err(e) = self.router.vm().signal_msi(msi) {
+            tracing::error!(vector, error = %e, "ivshmem: KVM_SIGNAL_MSI failed");
+        }
+    }
+
+    fn is_pending(&self, vector: usize) -> bool {
+        let Some(v) = self.vectors.get(vector) else {
+            return false;
+        };
+        if v.registered {
+            return false;
+        }
+        // SAFETY: the EventFd owns this descriptor and outlives the borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(v.eventfd.as_raw_fd()) };
+        let mut pollfd = [rustix::event::PollFd::new(
+            &fd,
+            rustix::event::PollFlags::IN,
+        )];
+        matches!(
+            rustix::event::poll(&mut pollfd, Some(&rustix::time::Timespec::default())),
+            Ok(n) if n > 0
+        )
+    }
+}
+
+impl Drop for KvmIrqfdInterrupts {
+    fn drop(&mut self) {
+        for v in &self.vectors {
+            if v.registered {
+                let _ = self.router.vm().unregister_irqfd(&v.eventfd, v.gsi);
+            }
+            let _ = self.router.set_route(v.gsi, None);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct IoeventKey {
+    addr: u64,
+    len: u32,
+    datamatch: u64,
+    /// Source descriptor number, so a replaced eventfd is re-registered.
+    source_fd: i32,
+}
+
+/// Keeps a VM's ioeventfds in line with a device's wanted set.
+pub struct KvmIoeventRegistry {
+    vm: Arc<VmFd>,
+    registered: BTreeMap<IoeventKey, EventFd>,
+}
+
+impl std::fmt::Debug for KvmIoeventRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmIoeventRegistry")
+            .field("registered", &self.registered.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn register(vm: &VmFd, key: &IoeventKey, fd: &EventFd, assign: bool) -> Result<(), KvmWiringError> {
+    let addr = IoEventAddress::Mmio(key.addr);
+    let r = match (key.len, assign) {
+        (1, true) => vm.register_ioevent(fd, &addr, key.datamatch as u8),
+        (2, true) => vm.register_ioevent(fd, &addr, key.datamatch as u16),
+        (4, true) => vm.register_ioevent(fd, &addr, key.datamatch as u32),
+        (8, true) => vm.register_ioevent(fd, &addr, key.datamatch),
+        (1, false) => vm.unregister_ioevent(fd, &addr, key.datamatch as u8),
+        (2, false) => vm.unregister_ioevent(fd, &addr, key.datamatch as u16),
+        (4, false) => vm.unregister_ioevent(fd, &addr, key.datamatch as u32),
+        (8, false) => vm.unregister_ioevent(fd, &addr, key.datamatch),
+        (len, _) => return Err(KvmWiringError::BadLength(len)),
+    };
+    r.map_err(kvm_err(if assign {
+        "KVM_IOEVENTFD assign"
+    } else {
+        "KVM_IOEVENTFD deassign"
+    }))
+}
+
+impl KvmIoeventRegistry {
+    /// An empty registry for `vm`.
+    pub fn new(vm: Arc<VmFd>) -> KvmIoeventRegistry {
+        KvmIoeventRegistry {
+            vm,
+            registered: BTreeMap::new(),
+        }
+    }
+
+    /// Number of ioeventfds currently registered.
+    pub fn len(&self) -> usize {
+        self.registered.len()
+    }
+
+    /// True when none are registered.
+    pub fn is_empty(&self) -> bool {
+        self.registered.is_empty()
+    }
+
+    /// Registers the missing events of `wanted` and unregisters those no longer wanted.
+    pub fn sync(&mut self, wanted: &[IoEvent<'_>]) -> Result<(), KvmWiringError> {
+        let wanted_keys: BTreeMap<IoeventKey, BorrowedFd<'_>> = wanted
+            .iter()
+            .map(|e| {
+                (
+                    IoeventKey {
+                        addr: e.addr,
+                        len: e.len,
+                        datamatch: e.datamatch,
+                        source_fd: e.fd.as_raw_fd(),
+                    },
+                    e.fd,
+                )
+            })
+            .collect();
+        let stale: Vec<IoeventKey> = self
+            .registered
+            .keys()
+            .filter(|k| !wanted_keys.contains_key(k))
+            .copied()
+            .collect();
+        for key in stale {
+            if let Some(fd) = self.registered.remove(&key) {
+                register(&self.vm, &key, &fd, false)?;
+            }
+        }
+        for (key, fd) in wanted_keys {
+            if self.registered.contains_key(&key) {
+                continue;
+            }
+            let eventfd = dup_eventfd(fd)?;
+            register(&self.vm, &key, &eventfd, true)?;
+            self.registered.insert(key, eventfd);
+        }
+        Ok(())
+    }
+
+    /// Unregisters everything.
+    pub fn clear(&mut self) -> Result<(), KvmWiringError> {
+        self.sync(&[])
+    }
+}
+
+impl Drop for KvmIoeventRegistry {
+    fn drop(&mut self) {
+        let _ = self.clear();
+    }
+}
