@@ -109,6 +109,75 @@ pub fn format_size(bytes: u64) -> String {
     format!("{bytes} B")
 }
 
+/// What to do when a size is not a power of two (QEMU's `ivshmem-doorbell` maps the region as a
+/// PCI BAR, and PCI BARs must be powers of two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pow2Policy {
+    /// Round up to the next power of two (the caller logs both sizes).
+    #[default]
+    RoundUp,
+    /// Refuse the size with an error.
+    Refuse,
+    /// Keep the size as given (for peers that are not QEMU devices).
+    Off,
+}
+
+impl std::str::FromStr for Pow2Policy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "round-up" => Ok(Pow2Policy::RoundUp),
+            "refuse" => Ok(Pow2Policy::Refuse),
+            "off" => Ok(Pow2Policy::Off),
+            other => Err(format!(
+                "unknown power-of-two policy {other:?} (use round-up, refuse or off)"
+            )),
+        }
+    }
+}
+
+/// A size that the power-of-two policy does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum Pow2Error {
+    /// Zero bytes cannot be shared.
+    #[error("size must be greater than zero")]
+    Zero,
+    /// The size is not a power of two and the policy is [`Pow2Policy::Refuse`].
+    #[error(
+        "size {size} bytes is not a power of two, which QEMU's ivshmem needs for its PCI BAR \
+         (next power of two: {next}); use a power-of-two size or round up"
+    )]
+    NotPowerOfTwo {
+        /// The size asked for.
+        size: u64,
+        /// The next power of two, or 0 if there is none in 64 bits.
+        next: u64,
+    },
+    /// Rounding up would overflow 64 bits.
+    #[error("size {0} bytes cannot be rounded up to a power of two within 64 bits")]
+    TooLarge(u64),
+}
+
+/// Applies `policy` to `size`: returns the size to create (unchanged if it is already a power of
+/// two or the policy is `Off`). Zero is always an error.
+pub fn apply_pow2_policy(size: u64, policy: Pow2Policy) -> Result<u64, Pow2Error> {
+    if size == 0 {
+        return Err(Pow2Error::Zero);
+    }
+    if size.is_power_of_two() || policy == Pow2Policy::Off {
+        return Ok(size);
+    }
+    match (policy, size.checked_next_power_of_two()) {
+        (Pow2Policy::RoundUp, Some(next)) => Ok(next),
+        (Pow2Policy::RoundUp, None) => Err(Pow2Error::TooLarge(size)),
+        (_, next) => Err(Pow2Error::NotPowerOfTwo {
+            size,
+            next: next.unwrap_or(0),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +243,30 @@ mod tests {
     }
 
     #[test]
+    fn pow2_policies() {
+        assert_eq!(apply_pow2_policy(0, Pow2Policy::Off), Err(Pow2Error::Zero));
+        assert_eq!(apply_pow2_policy(4 << 20, Pow2Policy::Refuse), Ok(4 << 20));
+        assert_eq!(apply_pow2_policy(3 << 20, Pow2Policy::RoundUp), Ok(4 << 20));
+        assert_eq!(apply_pow2_policy(3 << 20, Pow2Policy::Off), Ok(3 << 20));
+        assert_eq!(
+            apply_pow2_policy(3 << 20, Pow2Policy::Refuse),
+            Err(Pow2Error::NotPowerOfTwo {
+                size: 3 << 20,
+                next: 4 << 20
+            })
+        );
+        assert_eq!(apply_pow2_policy(5 << 30, Pow2Policy::RoundUp), Ok(8 << 30));
+        assert_eq!(
+            apply_pow2_policy(u64::MAX, Pow2Policy::RoundUp),
+            Err(Pow2Error::TooLarge(u64::MAX))
+        );
+        assert_eq!("round-up".parse(), Ok(Pow2Policy::RoundUp));
+        assert_eq!("refuse".parse(), Ok(Pow2Policy::Refuse));
+        assert_eq!("off".parse(), Ok(Pow2Policy::Off));
+        assert!("up".parse::<Pow2Policy>().is_err());
+    }
+
+    #[test]
     fn formats_exact_units() {
         assert_eq!(format_size(0), "0 B");
         assert_eq!(format_size(4097), "4097 B");
@@ -211,6 +304,14 @@ mod tests {
         fn format_then_parse_round_trips(n in any::<u64>()) {
             let text = format_size(n).replace(' ', "");
             prop_assert_eq!(parse_size(&text), Ok(n));
+        }
+
+        #[test]
+        fn round_up_gives_smallest_power_of_two_not_below(n in 1u64..=(1u64 << 63)) {
+            let up = apply_pow2_policy(n, Pow2Policy::RoundUp).unwrap();
+            prop_assert!(up.is_power_of_two());
+            prop_assert!(up >= n);
+            prop_assert!(up / 2 < n);
         }
 
         #[test]

@@ -1,0 +1,184 @@
+//! Memory backends: where a shared region's file descriptor comes from.
+//!
+//! - [`memfd`]: an anonymous `memfd` (sealed so its size cannot change), the default.
+//! - [`posix_shm`]: a named POSIX shared-memory object (`shm_open`), like QEMU's
+//!   `ivshmem-server -M` and `memory-backend-shm`; removed on drop unless kept.
+//! - [`dir_file`]: an unlinked file in a directory (`ivshmem-server -m`), e.g. a hugetlbfs mount,
+//!   where sizes are rounded up to the huge page size.
+//!
+//! [`create`] applies the power-of-two policy ([`Pow2Policy`]) first, then asks the backend.
+//! Every size is a `u64`: sizes of 4 GiB and more work.
+
+pub mod dir_file;
+pub mod memfd;
+pub mod posix_shm;
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+
+use rustix::io::Errno;
+use thiserror::Error;
+
+use crate::size::{apply_pow2_policy, format_size, Pow2Error, Pow2Policy};
+
+/// Which backend creates the memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendKind {
+    /// An anonymous memfd.
+    Memfd,
+    /// A named POSIX shared-memory object (`/dev/shm/NAME`).
+    PosixShm {
+        /// The object name, with or without a leading `/` (as `shm_open` accepts).
+        name: String,
+        /// Keep the object when the [`SharedMemory`] is dropped (QEMU's server never removes it).
+        keep: bool,
+    },
+    /// An unlinked file in a directory, e.g. a hugetlbfs mount.
+    DirFile {
+        /// The directory.
+        dir: PathBuf,
+    },
+}
+
+/// Errors creating shared memory.
+#[derive(Debug, Error)]
+pub enum BackendError {
+    /// The requested size is not allowed by the power-of-two policy.
+    #[error(transparent)]
+    Size(#[from] Pow2Error),
+    /// A system call failed.
+    #[error("{what}: {errno}")]
+    Sys {
+        /// What was being done.
+        what: String,
+        /// The error.
+        errno: Errno,
+    },
+    /// The size is not a multiple of the huge page size and cannot be rounded up.
+    #[error(
+        "size {size} bytes cannot be rounded up to a multiple of the {page}-byte huge page size"
+    )]
+    HugePageRounding {
+        /// The size asked for.
+        size: u64,
+        /// The huge page size.
+        page: u64,
+    },
+    /// The size does not fit in `off_t`.
+    #[error("size {0} bytes is larger than the largest file size ({max})", max = i64::MAX)]
+    TooLarge(u64),
+}
+
+impl BackendError {
+    pub(crate) fn sys(what: impl Into<String>, errno: Errno) -> Self {
+        BackendError::Sys {
+            what: what.into(),
+            errno,
+        }
+    }
+}
+
+/// A shared-memory object: its fd and size. A named POSIX shm object is removed on drop unless
+/// it is to be kept.
+#[derive(Debug)]
+pub struct SharedMemory {
+    fd: OwnedFd,
+    size: u64,
+    shm_name_to_remove: Option<String>,
+    description: String,
+}
+
+impl SharedMemory {
+    pub(crate) fn new(fd: OwnedFd, size: u64, description: String) -> Self {
+        SharedMemory {
+            fd,
+            size,
+            shm_name_to_remove: None,
+            description,
+        }
+    }
+
+    pub(crate) fn remove_shm_on_drop(mut self, name: String) -> Self {
+        self.shm_name_to_remove = Some(name);
+        self
+    }
+
+    /// The file descriptor (what peers receive).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// The size in bytes (what `fstat` reports).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Human-readable description of the backing object, for logs (`memfd`, `shm /ivshmem`,
+    /// `file in /dev/hugepages`).
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// A duplicate of the fd (`dup`), e.g. to hand to code that owns its fds. A named shm object
+    /// is still removed when this value drops.
+    pub fn try_clone_fd(&self) -> Result<OwnedFd, BackendError> {
+        self.fd.try_clone().map_err(|e| {
+            BackendError::sys(
+                "dup of shared-memory fd",
+                Errno::from_io_error(&e).unwrap_or(Errno::BADF),
+            )
+        })
+    }
+}
+
+impl Drop for SharedMemory {
+    fn drop(&mut self) {
+        if let Some(name) = self.shm_name_to_remove.take() {
+            match rustix::shm::unlink(name.as_str()) {
+                Ok(()) => tracing::info!(name = %name, "removed POSIX shm object"),
+                Err(errno) => {
+                    tracing::warn!(name = %name, %errno, "could not remove POSIX shm object")
+                }
+            }
+        }
+    }
+}
+
+/// Creates shared memory of `requested` bytes with `kind`, after applying `policy` (a warning
+/// with both sizes is logged when it rounds up).
+pub fn create(
+    kind: &BackendKind,
+    requested: u64,
+    policy: Pow2Policy,
+) -> Result<SharedMemory, BackendError> {
+    let size = apply_pow2_policy(requested, policy)?;
+    if size != requested {
+        tracing::warn!(
+            requested,
+            size,
+            "size {} is not a power of two (QEMU's ivshmem needs one for its PCI BAR): rounded up to {}",
+            format_size(requested),
+            format_size(size)
+        );
+    }
+    if size > i64::MAX as u64 {
+        return Err(BackendError::TooLarge(size));
+    }
+    match kind {
+        BackendKind::Memfd => memfd::create(size),
+        BackendKind::PosixShm { name, keep } => posix_shm::create(name, size, *keep),
+        BackendKind::DirFile { dir } => dir_file::create(dir, size),
+    }
+}
+
+/// Sets the size of `fd` to `size` bytes (`ftruncate`).
+pub(crate) fn set_size(fd: BorrowedFd<'_>, size: u64, what: &str) -> Result<(), BackendError> {
+    rustix::fs::ftruncate(fd, size)
+        .map_err(|e| BackendError::sys(format!("sizing {what} to {size} bytes"), e))
+}
+
+/// The size `fstat` reports for `fd`.
+pub fn fd_size(fd: BorrowedFd<'_>) -> Result<u64, BackendError> {
+    let stat = rustix::fs::fstat(fd).map_err(|e| BackendError::sys("fstat", e))?;
+    u64::try_from(stat.st_size).map_err(|_| BackendError::sys("fstat size", Errno::INVAL))
+}
