@@ -1,0 +1,390 @@
+//! ivshmem doorbells: the BAR0 register block, ringing a peer, and waiting for own vectors
+//! (MSI-X delivered to eventfds under VFIO, or polling a counter in shared memory otherwise).
+
+use ivshm_mem::SharedView;
+use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+use rustix::io::Errno;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// BAR0 offset of IntrMask (revision 0 only).
+pub const REG_INTR_MASK: usize = 0;
+/// BAR0 offset of IntrStatus (revision 0 only).
+pub const REG_INTR_STATUS: usize = 4;
+/// BAR0 offset of IVPosition: own peer ID (0 on ivshmem-plain).
+pub const REG_IV_POSITION: usize = 8;
+/// BAR0 offset of Doorbell: write `(peer << 16) | vector`.
+pub const REG_DOORBELL: usize = 12;
+/// Size of the ivshmem register block (BAR0).
+pub const REGISTER_BLOCK_SIZE: usize = 256;
+/// Largest vector a doorbell can name: QEMU decodes only the low 8 bits of the vector field, so a
+/// larger value would ring a different vector.
+pub const MAX_DOORBELL_VECTOR: u16 = 255;
+
+/// The value written to the Doorbell register to ring `vector` of `peer`.
+pub fn doorbell_value(peer: u16, vector: u16) -> u32 {
+    (u32::from(peer) << 16) | u32::from(vector)
+}
+
+/// Doorbell failures.
+#[derive(Debug, thiserror::Error)]
+pub enum DoorbellError {
+    /// A vector this device does not have.
+    #[error("vector {vector} is out of range: this device has {vectors} vector(s) (0..{vectors})")]
+    VectorOutOfRange {
+        /// The vector asked for.
+        vector: u16,
+        /// How many the device has.
+        vectors: u16,
+    },
+    /// A vector the Doorbell register cannot encode.
+    #[error("vector {vector} cannot be rung: QEMU's ivshmem decodes only vectors 0..={MAX_DOORBELL_VECTOR}")]
+    VectorTooLarge {
+        /// The vector asked for.
+        vector: u16,
+    },
+    /// Nothing arrived in time.
+    #[error("no doorbell on {} within {timeout:?}", vector.map_or("any vector".to_owned(), |v| format!("vector {v}")))]
+    Timeout {
+        /// The vector waited on (`None`: any).
+        vector: Option<u16>,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// The device was opened without interrupts and no polling area was configured.
+    #[error(
+        "this device has no interrupts in its access mode ({reason}); waiting needs the VFIO mode, or a \
+         polling area in shared memory agreed with the sender (set_poll_area / --poll-offset)"
+    )]
+    NoInterrupts {
+        /// Why (e.g. "sysfs mode").
+        reason: &'static str,
+    },
+    /// The polling area does not fit the shared memory.
+    #[error("polling area at offset {offset:#x} for {vectors} vector(s) does not fit in {size} bytes of shared memory (or is not 4-byte aligned)")]
+    BadPollArea {
+        /// Offset of the area.
+        offset: usize,
+        /// Vectors it must hold.
+        vectors: u16,
+        /// Shared memory size.
+        size: usize,
+    },
+    /// An eventfd operation failed.
+    #[error("eventfd {op} failed: {source}")]
+    Eventfd {
+        /// Which operation.
+        op: &'static str,
+        /// The OS error.
+        source: Errno,
+    },
+    /// Register access failed.
+    #[error("register access failed: {0}")]
+    Register(String),
+}
+
+fn check_vector(vector: u16, vectors: u16) -> Result<usize, DoorbellError> {
+    if vector < vectors {
+        Ok(usize::from(vector))
+    } else {
+        Err(DoorbellError::VectorOutOfRange { vector, vectors })
+    }
+}
+
+fn timespec(timeout: Duration) -> Timespec {
+    Timespec {
+        tv_sec: timeout.as_secs().try_into().unwrap_or(i64::MAX),
+        tv_nsec: timeout.subsec_nanos().into(),
+    }
+}
+
+/// One eventfd per MSI-X vector; vector N's eventfd counts the interrupts of vector N.
+#[derive(Debug)]
+pub struct VectorEventfds {
+    fds: Vec<OwnedFd>,
+}
+
+impl VectorEventfds {
+    /// Creates `vectors` non-blocking eventfds.
+    pub fn new(vectors: u16) -> Result<VectorEventfds, DoorbellError> {
+        let fds = (0..vectors)
+            .map(|_| eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| DoorbellError::Eventfd {
+                op: "create",
+                source,
+            })?;
+        Ok(VectorEventfds { fds })
+    }
+
+    /// Number of vectors.
+    pub fn len(&self) -> u16 {
+        // Created from a u16 count.
+        self.fds.len() as u16
+    }
+
+    /// Whether there are no vectors.
+    pub fn is_empty(&self) -> bool {
+        self.fds.is_empty()
+    }
+
+    /// All eventfds, vector order.
+    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.fds.iter().map(|f| f.as_fd()).collect()
+    }
+
+    /// The eventfd of `vector`, for the caller's own poll loop. Readable when a doorbell arrived;
+    /// read 8 bytes to consume the count.
+    pub fn fd(&self, vector: u16) -> Result<BorrowedFd<'_>, DoorbellError> {
+        Ok(self.fds[check_vector(vector, self.len())?].as_fd())
+    }
+
+    /// Consumes and returns the doorbell count of `vector` without blocking (0: none pending).
+    pub fn take(&self, vector: u16) -> Result<u64, DoorbellError> {
+        let fd = &self.fds[check_vector(vector, self.len())?];
+        let mut value = [0u8; 8];
+        match rustix::io::read(fd, &mut value) {
+            Ok(8) => Ok(u64::from_ne_bytes(value)),
+            Ok(_) => Err(DoorbellError::Eventfd {
+                op: "read",
+                source: Errno::IO,
+            }),
+            Err(Errno::AGAIN) => Ok(0),
+            Err(source) => Err(DoorbellError::Eventfd { op: "read", source }),
+        }
+    }
+
+    /// Waits until `vector` has been rung at least once and returns how many doorbells were
+    /// counted (coalesced by the kernel).
+    pub fn wait(&self, vector: u16, timeout: Duration) -> Result<u64, DoorbellError> {
+        let index = check_vector(vector, self.len())?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let count = self.take(vector)?;
+            if count > 0 {
+                return Ok(count);
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(DoorbellError::Timeout {
+                    vector: Some(vector),
+                    timeout,
+                });
+            }
+            let mut fds = [PollFd::new(&self.fds[index], PollFlags::IN)];
+            match poll(&mut fds, Some(&timespec(remaining))) {
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(source) => return Err(DoorbellError::Eventfd { op: "poll", source }),
+            }
+        }
+    }
+
+    /// Waits until any vector is rung; returns every `(vector, count)` that was pending.
+    pub fn wait_any(&self, timeout: Duration) -> Result<Vec<(u16, u64)>, DoorbellError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut rung = Vec::new();
+            for vector in 0..self.len() {
+                let count = self.take(vector)?;
+                if count > 0 {
+                    rung.push((vector, count));
+                }
+            }
+            if !rung.is_empty() {
+                return Ok(rung);
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(DoorbellError::Timeout {
+                    vector: None,
+                    timeout,
+                });
+            }
+            let mut fds: Vec<PollFd<'_>> = self
+                .fds
+                .iter()
+                .map(|f| PollFd::new(f, PollFlags::IN))
+                .collect();
+            match poll(&mut fds, Some(&timespec(remaining))) {
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(source) => return Err(DoorbellError::Eventfd { op: "poll", source }),
+            }
+        }
+    }
+}
+
+/// Doorbells without interrupts: a convention over shared memory, for the sysfs mode.
+///
+/// The receiver owns an area of `vectors` 32-bit counters at `offset` in shared memory (4-byte
+/// aligned). A sender rings vector V by incrementing counter V ([`PollDoorbells::ring`]) — in
+/// addition to, or instead of, the Doorbell register. The receiver *polls* counter V until it
+/// changes ([`PollDoorbells::wait`]): this burns CPU and adds latency; it exists because the
+/// sysfs mode cannot receive MSI-X interrupts.
+#[derive(Debug)]
+pub struct PollDoorbells {
+    offset: usize,
+    last_seen: Vec<AtomicU32>,
+}
+
+impl PollDoorbells {
+    /// Sets up the area at `offset` with `vectors` counters, remembering their current values.
+    pub fn new(
+        memory: SharedView<'_>,
+        offset: usize,
+        vectors: u16,
+    ) -> Result<PollDoorbells, DoorbellError> {
+        let bad = || DoorbellError::BadPollArea {
+            offset,
+            vectors,
+            size: memory.len(),
+        };
+        let mut last_seen = Vec::with_capacity(usize::from(vectors));
+        for v in 0..usize::from(vectors) {
+            let counter = memory.atomic_u32(offset + 4 * v).map_err(|_| bad())?;
+            last_seen.push(AtomicU32::new(counter.load(Ordering::Acquire)));
+        }
+        Ok(PollDoorbells { offset, last_seen })
+    }
+
+    /// Offset of the area.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    fn counter<'a>(
+        memory: SharedView<'a>,
+        offset: usize,
+        vector: u16,
+    ) -> Result<&'a AtomicU32, DoorbellError> {
+        memory
+            .atomic_u32(offset + 4 * usize::from(vector))
+            .map_err(|_| DoorbellError::BadPollArea {
+                offset,
+                vectors: vector + 1,
+                size: memory.len(),
+            })
+    }
+
+    /// Rings `vector` of a receiver whose area is at `offset` (increments its counter).
+    pub fn ring(memory: SharedView<'_>, offset: usize, vector: u16) -> Result<(), DoorbellError> {
+        Self::counter(memory, offset, vector)?.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Polls counter `vector` until it differs from the last value seen; returns by how much it
+    /// advanced (like an eventfd count).
+    pub fn wait(
+        &self,
+        memory: SharedView<'_>,
+        vector: u16,
+        timeout: Duration,
+    ) -> Result<u64, DoorbellError> {
+        let vectors = self.last_seen.len() as u16;
+        let index = check_vector(vector, vectors)?;
+        let counter = Self::counter(memory, self.offset, vector)?;
+        let last = &self.last_seen[index];
+        let deadline = Instant::now() + timeout;
+        let mut spins = 0u32;
+        loop {
+            let now_value = counter.load(Ordering::Acquire);
+            let before = last.load(Ordering::Relaxed);
+            if now_value != before {
+                last.store(now_value, Ordering::Relaxed);
+                return Ok(u64::from(now_value.wrapping_sub(before)));
+            }
+            if Instant::now() >= deadline {
+                return Err(DoorbellError::Timeout {
+                    vector: Some(vector),
+                    timeout,
+                });
+            }
+            spins += 1;
+            if spins < 1000 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doorbell_value_encoding() {
+        assert_eq!(doorbell_value(0, 0), 0);
+        assert_eq!(doorbell_value(1, 2), 0x0001_0002);
+        assert_eq!(doorbell_value(0xffff, 0xff), 0xffff_00ff);
+        assert_eq!(doorbell_value(3, 0), 3 << 16);
+    }
+
+    #[test]
+    fn eventfd_vectors_count_and_time_out() {
+        let vectors = VectorEventfds::new(4).unwrap();
+        assert_eq!(vectors.len(), 4);
+        // Ring vector 2 twice the way the kernel does: add 1 to its eventfd counter.
+        for _ in 0..2 {
+            rustix::io::write(vectors.fd(2).unwrap(), &1u64.to_ne_bytes()).unwrap();
+        }
+        assert_eq!(vectors.wait(2, Duration::from_secs(5)).unwrap(), 2);
+        assert!(matches!(
+            vectors.wait(2, Duration::from_millis(10)),
+            Err(DoorbellError::Timeout {
+                vector: Some(2),
+                ..
+            })
+        ));
+        rustix::io::write(vectors.fd(3).unwrap(), &1u64.to_ne_bytes()).unwrap();
+        assert_eq!(
+            vectors.wait_any(Duration::from_secs(5)).unwrap(),
+            vec![(3, 1)]
+        );
+        assert!(matches!(
+            vectors.fd(4),
+            Err(DoorbellError::VectorOutOfRange {
+                vector: 4,
+                vectors: 4
+            })
+        ));
+        assert!(matches!(
+            vectors.wait(9, Duration::ZERO),
+            Err(DoorbellError::VectorOutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn poll_doorbells_see_rings_across_threads() {
+        let mut backing = vec![0u64; 64];
+        // SAFETY: `backing` outlives every use of the view in this test.
+        let memory = unsafe { SharedView::from_raw_parts(backing.as_mut_ptr().cast(), 512) };
+        let offset = 64;
+        let receiver = PollDoorbells::new(memory, offset, 4).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                PollDoorbells::ring(memory, offset, 1).unwrap();
+            });
+            assert_eq!(
+                receiver.wait(memory, 1, Duration::from_secs(10)).unwrap(),
+                1
+            );
+        });
+        assert!(matches!(
+            receiver.wait(memory, 1, Duration::from_millis(5)),
+            Err(DoorbellError::Timeout { .. })
+        ));
+        assert!(matches!(
+            receiver.wait(memory, 4, Duration::ZERO),
+            Err(DoorbellError::VectorOutOfRange { .. })
+        ));
+        assert!(matches!(
+            PollDoorbells::new(memory, 510, 1),
+            Err(DoorbellError::BadPollArea { .. })
+        ));
+        let mut bytes = [0u8; 4];
+        memory.read(offset + 4, &mut bytes).unwrap();
+        assert_eq!(u32::from_ne_bytes(bytes), 1);
+    }
+}

@@ -1,0 +1,183 @@
+//! Access without VFIO: enable the function and map its BARs through sysfs `resourceN` files.
+//!
+//! This mode has **no interrupts**: the device's MSI-X messages cannot reach user space this
+//! way, so waiting for a doorbell falls back to polling a location in shared memory
+//! ([`crate::doorbell::PollDoorbells`]). Ringing other peers works (it is a register write).
+
+use crate::pci::{PciFunction, SystemPaths};
+use ivshm_mem::{MapError, Mapping};
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Failures of the sysfs mode.
+#[derive(Debug, thiserror::Error)]
+pub enum SysfsError {
+    /// Not allowed to open or write a sysfs file.
+    #[error(
+        "permission denied on {path} ({detail}): mapping PCI resources through sysfs needs root"
+    )]
+    Permission {
+        /// The file.
+        path: PathBuf,
+        /// The OS error text.
+        detail: String,
+    },
+    /// Writing `enable` failed.
+    #[error("enabling the device through {path} failed: {source}")]
+    Enable {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Opening a `resourceN` file failed.
+    #[error("cannot open {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: Errno,
+    },
+    /// The BAR does not exist or is not memory.
+    #[error("BAR{bar} of {address} is absent or not a memory BAR")]
+    NoMemoryBar {
+        /// The BAR.
+        bar: usize,
+        /// The function.
+        address: String,
+    },
+    /// The BAR is larger than the address space.
+    #[error("BAR{bar} is too large to map ({size} bytes)")]
+    TooLarge {
+        /// The BAR.
+        bar: usize,
+        /// Its size.
+        size: u64,
+    },
+    /// mmap failed.
+    #[error("mapping {path} failed: {source}")]
+    Map {
+        /// The file.
+        path: PathBuf,
+        /// The mapping error.
+        source: MapError,
+    },
+}
+
+/// Enables the function (memory decoding) by writing `1` to its `enable` file, unless it
+/// already reads as enabled.
+pub fn enable_device(paths: &SystemPaths, function: &PciFunction) -> Result<(), SysfsError> {
+    let path = paths.pci_device(function.address).join("enable");
+    if std::fs::read_to_string(&path)
+        .map(|t| t.trim() != "0")
+        .unwrap_or(false)
+    {
+        return Ok(());
+    }
+    let result = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(b"1"));
+    result.map_err(|source| {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            SysfsError::Permission {
+                path: path.clone(),
+                detail: source.to_string(),
+            }
+        } else {
+            SysfsError::Enable {
+                path: path.clone(),
+                source,
+            }
+        }
+    })
+}
+
+/// Maps the first `len` bytes (the whole BAR if `None`) of memory BAR `bar` through `resourceN`.
+pub fn map_bar(
+    paths: &SystemPaths,
+    function: &PciFunction,
+    bar: usize,
+    len: Option<usize>,
+) -> Result<Mapping, SysfsError> {
+    let resource =
+        function
+            .bar(bar)
+            .filter(|r| r.is_memory())
+            .ok_or_else(|| SysfsError::NoMemoryBar {
+                bar,
+                address: function.address.to_string(),
+            })?;
+    let size = resource.size();
+    let bar_len = usize::try_from(size).map_err(|_| SysfsError::TooLarge { bar, size })?;
+    let len = len.map_or(bar_len, |l| l.min(bar_len));
+    let path = paths
+        .pci_device(function.address)
+        .join(format!("resource{bar}"));
+    let fd = rustix::fs::open(
+        &path,
+        OFlags::RDWR | OFlags::CLOEXEC | OFlags::SYNC,
+        Mode::empty(),
+    )
+    .map_err(|source| match source {
+        Errno::ACCESS | Errno::PERM => SysfsError::Permission {
+            path: path.clone(),
+            detail: source.to_string(),
+        },
+        _ => SysfsError::Open {
+            path: path.clone(),
+            source,
+        },
+    })?;
+    Mapping::map_fd(rustix::fd::AsFd::as_fd(&fd), 0, len)
+        .map_err(|source| SysfsError::Map { path, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::fake::*;
+    use crate::pci::read_function;
+
+    #[test]
+    fn enables_and_maps_resource_files() {
+        let tmp = TempDir::new();
+        let paths = tmp.paths();
+        let dir = add_function(
+            &paths,
+            &FakeFunction {
+                address: "0000:00:04.0",
+                vendor: 0x1af4,
+                device: 0x1110,
+                class: 0x050000,
+                resource: PLAIN_RESOURCE,
+                config: config_with_msix(0x1af4, 0x1110, 0),
+                driver: None,
+                iommu_group: None,
+            },
+        );
+        // Regular files stand in for the BARs: 256 bytes of registers, 1 MiB of memory.
+        std::fs::write(dir.join("resource0"), vec![0u8; 256]).unwrap();
+        std::fs::write(dir.join("resource2"), vec![0u8; 1 << 20]).unwrap();
+        let function = read_function(&paths, "00:04.0".parse().unwrap()).unwrap();
+        enable_device(&paths, &function).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("enable")).unwrap().trim(),
+            "1"
+        );
+        let memory = map_bar(&paths, &function, 2, None).unwrap();
+        assert_eq!(memory.len(), 1 << 20);
+        memory.view().write(4096, b"hello").unwrap();
+        let on_disk = std::fs::read(dir.join("resource2")).unwrap();
+        assert_eq!(&on_disk[4096..4101], b"hello");
+        assert!(matches!(
+            map_bar(&paths, &function, 1, None),
+            Err(SysfsError::NoMemoryBar { bar: 1, .. })
+        ));
+        let regs = map_bar(&paths, &function, 0, Some(4096)).unwrap();
+        assert_eq!(regs.len(), 256);
+    }
+}

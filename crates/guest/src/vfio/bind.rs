@@ -1,0 +1,249 @@
+//! Binding a PCI function to `vfio-pci` through `driver_override` + `drivers_probe`, and
+//! restoring the driver it had before.
+
+use super::VfioError;
+use crate::pci::{PciAddress, PciFunction, SystemPaths};
+use std::io::Write;
+use std::path::Path;
+
+/// The kernel driver VFIO user space needs.
+pub const VFIO_PCI_DRIVER: &str = "vfio-pci";
+/// The modules to load, in order, for `vfio-pci` on Debian's kernel.
+pub const VFIO_MODULES: &str = "irqbypass vfio vfio_iommu_type1 vfio_virqfd vfio-pci-core vfio-pci";
+
+/// A function bound to `vfio-pci` by [`bind_to_vfio`], with what is needed to undo it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriverBinding {
+    address: PciAddress,
+    paths: SystemPaths,
+    /// The driver the function had before (unbound by us), if any.
+    original_driver: Option<String>,
+    /// Whether we changed anything (false if it was already on `vfio-pci`).
+    changed: bool,
+}
+
+impl DriverBinding {
+    /// The driver the function was bound to before, if any.
+    pub fn original_driver(&self) -> Option<&str> {
+        self.original_driver.as_deref()
+    }
+
+    /// Whether binding changed anything.
+    pub fn changed(&self) -> bool {
+        self.changed
+    }
+
+    /// Unbinds from `vfio-pci`, clears `driver_override` and rebinds the original driver (if
+    /// there was one). Does nothing if the function was already on `vfio-pci` before us. Call it
+    /// after every VFIO file descriptor of the device is closed.
+    pub fn restore(self) -> Result<(), VfioError> {
+        if !self.changed {
+            return Ok(());
+        }
+        let device_dir = self.paths.pci_device(self.address);
+        let address = self.address.to_string();
+        write_sysfs(&device_dir.join("driver_override"), "\n")?;
+        if current_driver(&self.paths, self.address).as_deref() == Some(VFIO_PCI_DRIVER) {
+            write_sysfs(
+                &self.paths.pci_driver(VFIO_PCI_DRIVER).join("unbind"),
+                &address,
+            )?;
+        }
+        if let Some(driver) = &self.original_driver {
+            write_sysfs(&self.paths.pci_driver(driver).join("bind"), &address)?;
+        }
+        tracing::info!(%address, original = ?self.original_driver, "restored driver binding");
+        Ok(())
+    }
+}
+
+/// Writes `text` to an existing sysfs attribute (never creates files).
+pub(crate) fn write_sysfs(path: &Path, text: &str) -> Result<(), VfioError> {
+    let result = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()));
+    result.map_err(|source| {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            VfioError::Permission {
+                path: path.to_owned(),
+                detail: source.to_string(),
+            }
+        } else {
+            VfioError::Sysfs {
+                path: path.to_owned(),
+                source,
+            }
+        }
+    })
+}
+
+fn current_driver(paths: &SystemPaths, address: PciAddress) -> Option<String> {
+    let target = std::fs::read_link(paths.pci_device(address).join("driver")).ok()?;
+    Some(target.file_name()?.to_string_lossy().into_owned())
+}
+
+/// Checks the preconditions of VFIO (IOMMU group, `vfio-pci` loaded) and binds `function` to
+/// `vfio-pci`. A function bound to another driver is refused unless `take_over` is set, in
+/// which case it is unbound first and remembered for [`DriverBinding::restore`].
+pub fn bind_to_vfio(
+    paths: &SystemPaths,
+    function: &PciFunction,
+    take_over: bool,
+) -> Result<DriverBinding, VfioError> {
+    let address = function.address;
+    if function.iommu_group.is_none() {
+        return Err(VfioError::NoIommuGroup { address });
+    }
+    if !paths.pci_driver(VFIO_PCI_DRIVER).is_dir() {
+        return Err(VfioError::ModulesNotLoaded);
+    }
+    let mut binding = DriverBinding {
+        address,
+        paths: paths.clone(),
+        original_driver: None,
+        changed: false,
+    };
+    match current_driver(paths, address) {
+        Some(driver) if driver == VFIO_PCI_DRIVER => return Ok(binding),
+        Some(driver) if !take_over => return Err(VfioError::BoundElsewhere { address, driver }),
+        Some(driver) => {
+            write_sysfs(
+                &paths.pci_driver(&driver).join("unbind"),
+                &address.to_string(),
+            )?;
+            tracing::info!(%address, %driver, "unbound from its driver");
+            binding.original_driver = Some(driver);
+            binding.changed = true;
+        }
+        None => {}
+    }
+    write_sysfs(
+        &paths.pci_device(address).join("driver_override"),
+        VFIO_PCI_DRIVER,
+    )?;
+    binding.changed = true;
+    let probe = write_sysfs(&paths.pci_drivers_probe(), &address.to_string());
+    let now = current_driver(paths, address);
+    if now.as_deref() != Some(VFIO_PCI_DRIVER) {
+        // Leave the system as we found it before reporting.
+        let reason = match probe {
+            Err(e) => e.to_string(),
+            Ok(()) => "the probe did not bind it".to_owned(),
+        };
+        let _ = binding.clone().restore();
+        return Err(VfioError::BindFailed {
+            address,
+            driver: now,
+            reason,
+        });
+    }
+    tracing::info!(%address, "bound to vfio-pci");
+    Ok(binding)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::fake::*;
+    use crate::pci::read_function;
+
+    fn setup(
+        driver: Option<&str>,
+        group: Option<u32>,
+        load_vfio: bool,
+    ) -> (TempDir, SystemPaths, PciFunction) {
+        let tmp = TempDir::new();
+        let paths = tmp.paths();
+        add_function(
+            &paths,
+            &FakeFunction {
+                address: "0000:00:03.0",
+                vendor: 0x1af4,
+                device: 0x1110,
+                class: 0x050000,
+                resource: DOORBELL_RESOURCE,
+                config: config_with_msix(0x1af4, 0x1110, 4),
+                driver,
+                iommu_group: group,
+            },
+        );
+        std::fs::write(paths.pci_drivers_probe(), "").unwrap();
+        if load_vfio {
+            let dir = paths.pci_driver(VFIO_PCI_DRIVER);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("unbind"), "").unwrap();
+        }
+        if let Some(d) = driver {
+            std::fs::write(paths.pci_driver(d).join("unbind"), "").unwrap();
+            std::fs::write(paths.pci_driver(d).join("bind"), "").unwrap();
+        }
+        let function = read_function(&paths, "00:03.0".parse().unwrap()).unwrap();
+        (tmp, paths, function)
+    }
+
+    #[test]
+    fn missing_iommu_group_is_explained() {
+        let (_tmp, paths, f) = setup(None, None, true);
+        let err = bind_to_vfio(&paths, &f, false).unwrap_err();
+        assert!(matches!(err, VfioError::NoIommuGroup { .. }));
+        let text = err.to_string();
+        assert!(
+            text.contains("intel_iommu=on") && text.contains("intel-iommu"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn missing_modules_are_named() {
+        let (_tmp, paths, f) = setup(None, Some(3), false);
+        let err = bind_to_vfio(&paths, &f, false).unwrap_err();
+        assert!(matches!(err, VfioError::ModulesNotLoaded));
+        assert!(err.to_string().contains("vfio_iommu_type1"), "{err}");
+    }
+
+    #[test]
+    fn another_driver_is_refused_without_take_over() {
+        let (_tmp, paths, f) = setup(Some("uio_pci_generic"), Some(3), true);
+        let err = bind_to_vfio(&paths, &f, false).unwrap_err();
+        assert!(
+            matches!(&err, VfioError::BoundElsewhere { driver, .. } if driver == "uio_pci_generic")
+        );
+        assert!(err.to_string().contains("uio_pci_generic"), "{err}");
+    }
+
+    #[test]
+    fn already_on_vfio_needs_nothing() {
+        let (_tmp, paths, f) = setup(Some("vfio-pci"), Some(3), true);
+        let binding = bind_to_vfio(&paths, &f, false).unwrap();
+        assert!(!binding.changed());
+        let override_text =
+            std::fs::read_to_string(paths.pci_device(f.address).join("driver_override")).unwrap();
+        assert_eq!(override_text, "(null)\n");
+        binding.restore().unwrap();
+    }
+
+    #[test]
+    fn take_over_writes_the_kernel_files_and_undoes_them_when_binding_fails() {
+        // The fake tree has no kernel behind it, so the probe cannot bind: the error path must
+        // unbind the old driver, try the override, then clear the override and rebind the old driver.
+        let (_tmp, paths, f) = setup(Some("uio_pci_generic"), Some(3), true);
+        let err = bind_to_vfio(&paths, &f, true).unwrap_err();
+        assert!(matches!(err, VfioError::BindFailed { .. }), "{err}");
+        let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap();
+        assert_eq!(
+            read(paths.pci_driver("uio_pci_generic").join("unbind")),
+            "0000:00:03.0"
+        );
+        assert_eq!(read(paths.pci_drivers_probe()), "0000:00:03.0");
+        assert_eq!(
+            read(paths.pci_device(f.address).join("driver_override")),
+            "\n"
+        );
+        assert_eq!(
+            read(paths.pci_driver("uio_pci_generic").join("bind")),
+            "0000:00:03.0"
+        );
+    }
+}
