@@ -1,1 +1,36 @@
-//! placeholder
+//! A host peer for QEMU's ivshmem server protocol (version 0).
+//!
+//! [`Peer::connect`] joins a server (ours, or QEMU's `contrib/ivshmem-server`) the way QEMU's
+//! `ivshmem-doorbell` device does, validating every message as the device does. A peer then:
+//! - maps the shared memory ([`Peer::map`]),
+//! - keeps the peer table: other peers' ids and the eventfds of their vectors
+//!   ([`Peer::peer_ids`], [`Peer::peer_vector_fd`]),
+//! - rings a peer's vector ([`Peer::notify`]),
+//! - waits for doorbells on its own vectors and for peers joining and leaving, either blocking
+//!   ([`Peer::wait`]) or from the caller's poll loop ([`Peer::poll_fd`],
+//!   [`Peer::process_server_messages`]),
+//! - optionally reconnects when the server restarts ([`reconnect`]).
+//!
+//! Modules, by concern:
+//! - [`handshake`]: the sans-I/O handshake state machine,
+//! - [`peer_table`]: ids → eventfds, and the rule that decides when a peer has joined,
+//! - `connection` / [`Peer`]: socket I/O, handshake with a deadline, mapping, doorbells,
+//! - [`events`]: what is reported and the epoll set it is waited on with,
+//! - [`reconnect`]: backoff and the retry timer,
+//! - [`doorbell`]: ringing and draining eventfds.
+
+pub mod doorbell;
+pub mod error;
+pub mod events;
+pub mod handshake;
+pub mod peer_table;
+pub mod reconnect;
+
+mod connection;
+mod peer;
+
+pub use error::ClientError;
+pub use events::{Event, PeerEvent};
+pub use handshake::{Handshake, HandshakeError};
+pub use peer::{ConnectOptions, Peer};
+pub use peer_table::{MessageError, PeerTable};

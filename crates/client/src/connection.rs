@@ -1,0 +1,163 @@
+//! One connection to a v0 server: connecting the socket and running the handshake over it,
+//! with a deadline.
+//!
+//! After the shared memory arrives, QEMU's server still sends the eventfds of the peers already
+//! there and then our own ones. [`establish`] keeps reading until our own vectors have arrived:
+//! when other peers are known, until our count reaches theirs (the server gives every peer the
+//! same number); otherwise until the socket has been quiet for `ConnectOptions::settle` after
+//! at least one own vector. Own vectors that still arrive later are added as they come.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ivshm_proto::{MessageReader, Received};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::net::{connect, socket_with, AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+
+use crate::error::ClientError;
+use crate::events::PeerEvent;
+use crate::handshake::{Handshake, Step};
+use crate::peer::ConnectOptions;
+use crate::peer_table::PeerTable;
+
+/// A connected, handshaken session.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub socket: OwnedFd,
+    pub reader: MessageReader,
+    pub shm: OwnedFd,
+    pub shm_size: u64,
+    pub table: PeerTable,
+    /// Joins/leaves seen while waiting for our own vectors (peers that came after us).
+    pub early_events: Vec<PeerEvent>,
+}
+
+/// Connects a non-blocking UNIX stream socket to `path`.
+pub(crate) fn connect_socket(path: &Path) -> Result<OwnedFd, ClientError> {
+    let err = |source| ClientError::Connect {
+        path: path.to_path_buf(),
+        source,
+    };
+    let socket = socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(err)?;
+    let addr = SocketAddrUnix::new(path).map_err(err)?;
+    loop {
+        match connect(&socket, &addr) {
+            Ok(()) => break,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(err(e)),
+        }
+    }
+    rustix::io::ioctl_fionbio(&socket, true).map_err(ClientError::sys("setting O_NONBLOCK"))?;
+    Ok(socket)
+}
+
+/// Waits for the next whole message until `deadline`; `Ok(None)` when the deadline passed.
+fn receive_until(
+    socket: &OwnedFd,
+    reader: &mut MessageReader,
+    deadline: Instant,
+) -> Result<Option<(i64, Option<OwnedFd>)>, ClientError> {
+    loop {
+        match reader.receive(socket.as_fd())? {
+            Received::Message { value, fd } => return Ok(Some((value, fd))),
+            Received::Closed => return Err(ClientError::ClosedDuringHandshake),
+            Received::WouldBlock => {}
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        let timeout = Timespec::try_from(left).unwrap_or(Timespec {
+            tv_sec: i64::MAX,
+            tv_nsec: 0,
+        });
+        let mut fds = [PollFd::new(socket, PollFlags::IN)];
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(ClientError::sys("poll")(e)),
+        }
+    }
+}
+
+/// Connects to `path` and runs the whole handshake (see the module docs).
+pub(crate) fn establish(path: &Path, opts: &ConnectOptions) -> Result<Session, ClientError> {
+    let start = Instant::now();
+    let deadline = start + opts.timeout;
+    let socket = connect_socket(path)?;
+    let mut reader = MessageReader::new();
+    let mut handshake = Handshake::new(opts.max_vectors);
+    let established = loop {
+        let Some((value, fd)) = receive_until(&socket, &mut reader, deadline)? else {
+            return Err(ClientError::HandshakeTimeout(opts.timeout));
+        };
+        if let Step::Complete(e) = handshake.feed(value, fd)? {
+            break e;
+        }
+    };
+    let shm_size = rustix::fs::fstat(&established.shm)
+        .map_err(ClientError::sys("fstat of the shared memory"))?
+        .st_size;
+    let shm_size = u64::try_from(shm_size).unwrap_or(0);
+    let mut table = established.table;
+    let mut early_events = Vec::new();
+    // Read our own vectors (see the module docs for when to stop).
+    loop {
+        let own = table.own_vector_count();
+        let others = table.max_peer_vector_count();
+        let wait_until = if own > 0 && others > 0 && own >= others {
+            // Complete; only take what is already there.
+            Instant::now()
+        } else if own > 0 {
+            (Instant::now() + opts.settle).min(deadline)
+        } else {
+            deadline
+        };
+        match receive_until(&socket, &mut reader, wait_until) {
+            Ok(Some((value, fd))) => match table.apply(value, fd) {
+                Ok(applied) => early_events.extend(applied.events),
+                Err(e) => tracing::warn!("after the shared memory: {e}"),
+            },
+            Ok(None) => break,
+            Err(ClientError::ClosedDuringHandshake) if own > 0 => {
+                // The server went away right after the handshake; the caller sees it on the
+                // first read of the socket.
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if table.own_vector_count() == 0 {
+        tracing::warn!(
+            "no own vectors arrived within {:?}: this peer cannot be rung",
+            opts.timeout
+        );
+    }
+    early_events.extend(table.end_of_burst());
+    tracing::debug!(
+        own_id = table.own_id(),
+        vectors = table.own_vector_count(),
+        peers = table.peer_ids().len(),
+        shm_size,
+        elapsed = ?start.elapsed(),
+        "handshake complete"
+    );
+    Ok(Session {
+        socket,
+        reader,
+        shm: established.shm,
+        shm_size,
+        table,
+        early_events,
+    })
+}
+
+/// How long [`establish`] waits for more own vectors after the last one when no other peer
+/// tells it how many to expect.
+pub(crate) const DEFAULT_SETTLE: Duration = Duration::from_millis(20);

@@ -1,0 +1,72 @@
+//! The error type of [`Peer`](crate::Peer) operations.
+
+use std::path::PathBuf;
+
+use ivshm_mem::MapError;
+use ivshm_proto::FdPassingError;
+use rustix::io::Errno;
+use thiserror::Error;
+
+use crate::handshake::HandshakeError;
+
+/// Errors of the host peer library.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The socket could not be created or connected.
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// The error.
+        source: Errno,
+    },
+    /// The server sent something the handshake rejects.
+    #[error("handshake with the server failed: {0}")]
+    Handshake(#[from] HandshakeError),
+    /// The handshake did not complete in time.
+    #[error("the server did not complete the handshake within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
+    /// The server closed the connection during the handshake.
+    #[error("the server closed the connection during the handshake")]
+    ClosedDuringHandshake,
+    /// Receiving a message failed.
+    #[error("receiving from the server failed: {0}")]
+    Receive(#[from] FdPassingError),
+    /// The server has gone (closed the socket); see `ConnectOptions::reconnect`.
+    #[error("the server closed the connection")]
+    ServerGone,
+    /// A system call failed.
+    #[error("{what} failed: {source}")]
+    Sys {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        source: Errno,
+    },
+    /// The shared memory could not be mapped.
+    #[error("cannot map the shared memory: {0}")]
+    Map(#[from] MapError),
+    /// The shared memory is too large to map in this address space.
+    #[error("shared memory of {0} bytes is too large to map here")]
+    TooLarge(u64),
+    /// `notify` named a peer that is not in the peer table.
+    #[error("unknown peer {0}")]
+    UnknownPeer(u16),
+    /// `notify` named a vector the peer does not have.
+    #[error("peer {peer} has no vector {vector} (it has {vectors})")]
+    UnknownVector {
+        /// The peer.
+        peer: u16,
+        /// The vector asked for.
+        vector: usize,
+        /// How many vectors it has.
+        vectors: usize,
+    },
+}
+
+impl ClientError {
+    /// Wraps a failed system call.
+    pub(crate) fn sys(what: &'static str) -> impl FnOnce(Errno) -> ClientError {
+        move |source| ClientError::Sys { what, source }
+    }
+}

@@ -1,0 +1,142 @@
+//! What a peer waits for, and the epoll set it waits with.
+//!
+//! A [`Peer`](crate::Peer) keeps one epoll instance holding its server socket, its own vector
+//! eventfds and its reconnect timer. [`Peer::wait`](crate::Peer::wait) blocks on it;
+//! [`Peer::poll_fd`](crate::Peer::poll_fd) hands it out so a caller can put the peer in its own
+//! poll loop (the epoll fd becomes readable when any of them is).
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
+
+use rustix::event::epoll;
+use rustix::event::Timespec;
+use rustix::io::Errno;
+
+/// A change in the set of other peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// A peer joined with this many vectors (see the join rule in [`crate::peer_table`]).
+    Joined {
+        /// Its id.
+        id: u16,
+        /// How many of its vectors we can ring.
+        vectors: usize,
+    },
+    /// A peer left; its vectors are closed.
+    Left {
+        /// Its id.
+        id: u16,
+    },
+}
+
+/// Something that happened to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Our own vector `vector` was rung (at least once since the last report: rings coalesce).
+    Doorbell {
+        /// The vector index.
+        vector: usize,
+    },
+    /// A peer joined or left.
+    Peer(PeerEvent),
+    /// The server closed the connection. Doorbells between existing peers keep working; no
+    /// more join/leave news arrives until a reconnect.
+    ServerGone,
+    /// A new connection to a (possibly restarted) server is up. The id, the shared memory and
+    /// the peer table may have changed: re-read them and map the memory again.
+    Reconnected {
+        /// Our new id.
+        id: u16,
+    },
+}
+
+/// What a ready fd in the set is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// The server socket.
+    Socket,
+    /// The reconnect timer.
+    Timer,
+    /// Our own vector with this index.
+    Vector(usize),
+}
+
+const SOCKET_TOKEN: u64 = u64::MAX;
+const TIMER_TOKEN: u64 = u64::MAX - 1;
+
+impl Source {
+    fn token(self) -> u64 {
+        match self {
+            Source::Socket => SOCKET_TOKEN,
+            Source::Timer => TIMER_TOKEN,
+            Source::Vector(v) => v as u64,
+        }
+    }
+
+    fn from_token(t: u64) -> Source {
+        match t {
+            SOCKET_TOKEN => Source::Socket,
+            TIMER_TOKEN => Source::Timer,
+            v => Source::Vector(usize::try_from(v).unwrap_or(usize::MAX)),
+        }
+    }
+}
+
+/// An epoll set of the fds a peer waits on (level-triggered).
+#[derive(Debug)]
+pub(crate) struct Poller {
+    epoll: OwnedFd,
+}
+
+impl Poller {
+    pub(crate) fn new() -> Result<Self, Errno> {
+        Ok(Poller {
+            epoll: epoll::create(epoll::CreateFlags::CLOEXEC)?,
+        })
+    }
+
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.epoll.as_fd()
+    }
+
+    pub(crate) fn add(&self, fd: BorrowedFd<'_>, source: Source) -> Result<(), Errno> {
+        epoll::add(
+            &self.epoll,
+            fd,
+            epoll::EventData::new_u64(source.token()),
+            epoll::EventFlags::IN,
+        )
+    }
+
+    pub(crate) fn remove(&self, fd: BorrowedFd<'_>) -> Result<(), Errno> {
+        match epoll::delete(&self.epoll, fd) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits up to `timeout` (`None`: forever) and returns what became ready.
+    pub(crate) fn wait(&self, timeout: Option<Duration>) -> Result<Vec<Source>, Errno> {
+        let timeout = match timeout {
+            // Durations beyond Timespec's range are as good as forever.
+            Some(d) => Timespec::try_from(d).ok(),
+            None => None,
+        };
+        let mut events = Vec::with_capacity(16);
+        loop {
+            match epoll::wait(
+                &self.epoll,
+                rustix::buffer::spare_capacity(&mut events),
+                timeout.as_ref(),
+            ) {
+                Ok(_) => break,
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(events
+            .iter()
+            .map(|e| Source::from_token(e.data.u64()))
+            .collect())
+    }
+}

@@ -1,0 +1,375 @@
+//! [`Peer`]: one v0 connection to a server (ours or QEMU's `ivshmem-server`).
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ivshm_mem::Mapping;
+use ivshm_proto::v0::MAX_VECTORS;
+use ivshm_proto::Received;
+
+use crate::connection::{establish, Session, DEFAULT_SETTLE};
+use crate::doorbell;
+use crate::error::ClientError;
+use crate::events::{Event, PeerEvent, Poller, Source};
+use crate::reconnect::{Backoff, RetryTimer};
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Time allowed for connecting and the whole handshake (default 5 s).
+    pub timeout: Duration,
+    /// Most eventfds kept per peer, ours included; extra ones are closed with a warning
+    /// (default and maximum 64, QEMU's limit).
+    pub max_vectors: usize,
+    /// Reconnect when the server closes the socket (default false). See [`crate::reconnect`].
+    pub reconnect: bool,
+    /// First delay before reconnecting (default 100 ms); doubles after each failure.
+    pub reconnect_delay: Duration,
+    /// Longest delay between reconnect attempts (default 5 s).
+    pub reconnect_max_delay: Duration,
+    /// How long the socket must stay quiet after our first own vector before the handshake
+    /// counts as complete, when no other peer says how many vectors to expect (default 20 ms).
+    pub settle: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            timeout: Duration::from_secs(5),
+            max_vectors: MAX_VECTORS,
+            reconnect: false,
+            reconnect_delay: Duration::from_millis(100),
+            reconnect_max_delay: Duration::from_secs(5),
+            settle: DEFAULT_SETTLE,
+        }
+    }
+}
+
+/// One v0 connection to a server: our id, the shared memory, the peer table and the doorbells.
+///
+/// Every method is non-blocking except [`Peer::connect`], [`Peer::wait`] and
+/// [`Peer::reconnect`]. To drive a peer from your own poll loop, watch [`Peer::poll_fd`] and,
+/// whenever it is readable, call `wait(Some(Duration::ZERO))` until it returns `Ok(None)`.
+#[derive(Debug)]
+pub struct Peer {
+    path: PathBuf,
+    opts: ConnectOptions,
+    session: Session,
+    connected: bool,
+    poller: Poller,
+    timer: RetryTimer,
+    backoff: Backoff,
+    queue: VecDeque<Event>,
+}
+
+impl Peer {
+    /// Connects to the server at `socket` and completes the handshake within `opts.timeout`.
+    pub fn connect(socket: &Path, opts: ConnectOptions) -> Result<Peer, ClientError> {
+        let session = establish(socket, &opts)?;
+        let poller = Poller::new().map_err(ClientError::sys("epoll_create"))?;
+        let timer = RetryTimer::new().map_err(ClientError::sys("timerfd_create"))?;
+        poller
+            .add(timer.fd(), Source::Timer)
+            .map_err(ClientError::sys("epoll_ctl"))?;
+        let backoff = Backoff::new(opts.reconnect_delay, opts.reconnect_max_delay);
+        let mut peer = Peer {
+            path: socket.to_path_buf(),
+            opts,
+            session,
+            connected: true,
+            poller,
+            timer,
+            backoff,
+            queue: VecDeque::new(),
+        };
+        peer.register_session()?;
+        Ok(peer)
+    }
+
+    /// Puts the session's socket and own vectors into the epoll set and queues early events.
+    fn register_session(&mut self) -> Result<(), ClientError> {
+        let s = &mut self.session;
+        self.poller
+            .add(s.socket.as_fd(), Source::Socket)
+            .map_err(ClientError::sys("epoll_ctl"))?;
+        for (v, fd) in s.table.own_vectors() {
+            doorbell::set_nonblocking(fd).map_err(ClientError::sys("fcntl"))?;
+            self.poller
+                .add(fd, Source::Vector(v))
+                .map_err(ClientError::sys("epoll_ctl"))?;
+        }
+        self.queue.extend(s.early_events.drain(..).map(Event::Peer));
+        Ok(())
+    }
+
+    /// Our own id (what a guest reads from IVPosition). May change on reconnect.
+    pub fn id(&self) -> u16 {
+        self.session.table.own_id()
+    }
+
+    /// How many own vectors (eventfds others ring to reach us) we have.
+    pub fn vectors(&self) -> usize {
+        self.session.table.own_vector_count()
+    }
+
+    /// The shared-memory fd.
+    pub fn shm_fd(&self) -> BorrowedFd<'_> {
+        self.session.shm.as_fd()
+    }
+
+    /// The shared-memory size (`fstat` of its fd).
+    pub fn shm_size(&self) -> u64 {
+        self.session.shm_size
+    }
+
+    /// Maps the whole shared memory, read-write and shared.
+    pub fn map(&self) -> Result<Mapping, ClientError> {
+        let size = self.shm_size();
+        let len = usize::try_from(size).map_err(|_| ClientError::TooLarge(size))?;
+        Ok(Mapping::map_fd(self.shm_fd(), 0, len)?)
+    }
+
+    /// Our own vector `vector`'s eventfd (to hand to KVM as an irqfd, for example).
+    pub fn own_vector_fd(&self, vector: usize) -> Option<BorrowedFd<'_>> {
+        self.session.table.own_vector(vector)
+    }
+
+    /// The other peers, sorted by id.
+    pub fn peer_ids(&self) -> Vec<u16> {
+        self.session.table.peer_ids()
+    }
+
+    /// How many vectors peer `peer` has (`None` if unknown).
+    pub fn peer_vectors(&self, peer: u16) -> Option<usize> {
+        self.session.table.peer_vector_count(peer)
+    }
+
+    /// The eventfd that rings vector `vector` of peer `peer` (our own id gives our own vectors).
+    pub fn peer_vector_fd(&self, peer: u16, vector: usize) -> Option<BorrowedFd<'_>> {
+        if peer == self.id() {
+            return self.own_vector_fd(vector);
+        }
+        self.session.table.peer_vector(peer, vector)
+    }
+
+    /// Rings vector `vector` of peer `peer` (8-byte write of 1 to its eventfd). Ringing our
+    /// own id rings our own vector, like QEMU's device and client allow.
+    pub fn notify(&self, peer: u16, vector: usize) -> Result<(), ClientError> {
+        let vectors = if peer == self.id() {
+            self.vectors()
+        } else {
+            self.peer_vectors(peer)
+                .ok_or(ClientError::UnknownPeer(peer))?
+        };
+        let fd = self
+            .peer_vector_fd(peer, vector)
+            .ok_or(ClientError::UnknownVector {
+                peer,
+                vector,
+                vectors,
+            })?;
+        doorbell::ring(fd).map_err(ClientError::sys("eventfd write"))
+    }
+
+    /// The server socket: when readable, call [`Peer::process_server_messages`]. It changes
+    /// on reconnect.
+    pub fn socket_fd(&self) -> BorrowedFd<'_> {
+        self.session.socket.as_fd()
+    }
+
+    /// The epoll fd holding the socket, own vectors and reconnect timer: readable when
+    /// `wait(Some(Duration::ZERO))` has something to do. It stays the same across reconnects.
+    pub fn poll_fd(&self) -> BorrowedFd<'_> {
+        self.poller.fd()
+    }
+
+    /// True while connected to the server.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Reads every message the server has sent so far without blocking and returns the
+    /// joins and leaves they make.
+    ///
+    /// Invalid messages are dropped with a warning, as QEMU's device does after setup. When
+    /// the server has closed the socket it returns [`ClientError::ServerGone`] (every call
+    /// does until a reconnect; the peer table keeps what had arrived) and, if reconnecting is
+    /// enabled, schedules the first attempt (driven by [`Peer::wait`]).
+    pub fn process_server_messages(&mut self) -> Result<Vec<PeerEvent>, ClientError> {
+        if !self.connected {
+            return Err(ClientError::ServerGone);
+        }
+        let (events, gone) = self.drain_socket()?;
+        if gone {
+            self.server_gone(false)?;
+            return Err(ClientError::ServerGone);
+        }
+        Ok(events)
+    }
+
+    /// Reads the socket until it would block; returns the events and whether it closed.
+    fn drain_socket(&mut self) -> Result<(Vec<PeerEvent>, bool), ClientError> {
+        let mut events = Vec::new();
+        loop {
+            let s = &mut self.session;
+            let received = s.reader.receive(s.socket.as_fd());
+            match received {
+                Ok(Received::Message { value, fd }) => match s.table.apply(value, fd) {
+                    Ok(applied) => {
+                        events.extend(applied.events);
+                        if let Some(v) = applied.own_vector {
+                            self.register_own_vector(v)?;
+                        }
+                    }
+                    Err(e) => tracing::warn!("ignoring server message {value}: {e}"),
+                },
+                Ok(Received::WouldBlock) => {
+                    events.extend(self.session.table.end_of_burst());
+                    return Ok((events, false));
+                }
+                Ok(Received::Closed) => {
+                    events.extend(self.session.table.end_of_burst());
+                    return Ok((events, true));
+                }
+                Err(e) => {
+                    tracing::warn!("dropping the connection to the server: {e}");
+                    events.extend(self.session.table.end_of_burst());
+                    return Ok((events, true));
+                }
+            }
+        }
+    }
+
+    fn register_own_vector(&mut self, v: usize) -> Result<(), ClientError> {
+        if let Some(fd) = self.session.table.own_vector(v) {
+            tracing::debug!("own vector {v} arrived after the handshake");
+            doorbell::set_nonblocking(fd).map_err(ClientError::sys("fcntl"))?;
+            self.poller
+                .add(fd, Source::Vector(v))
+                .map_err(ClientError::sys("epoll_ctl"))?;
+        }
+        Ok(())
+    }
+
+    /// The socket closed: stop watching it, report, and schedule a reconnect if enabled.
+    fn server_gone(&mut self, queue_event: bool) -> Result<(), ClientError> {
+        self.connected = false;
+        self.poller
+            .remove(self.session.socket.as_fd())
+            .map_err(ClientError::sys("epoll_ctl"))?;
+        if queue_event {
+            self.queue.push_back(Event::ServerGone);
+        }
+        tracing::info!(
+            "the server at {} closed the connection",
+            self.path.display()
+        );
+        if self.opts.reconnect {
+            self.backoff.reset();
+            let delay = self.backoff.next_delay();
+            self.timer
+                .arm(delay)
+                .map_err(ClientError::sys("timerfd_settime"))?;
+        }
+        Ok(())
+    }
+
+    /// Tries once to connect again now. On success the id, shared memory and peer table are
+    /// replaced (see [`crate::reconnect`]) and the new id is returned.
+    pub fn reconnect(&mut self) -> Result<u16, ClientError> {
+        let session = establish(&self.path, &self.opts)?;
+        // Forget the old connection: unregister its fds, then drop them.
+        let _ = self.poller.remove(self.session.socket.as_fd());
+        for (_, fd) in self.session.table.own_vectors() {
+            let _ = self.poller.remove(fd);
+        }
+        self.session = session;
+        self.connected = true;
+        self.timer
+            .disarm()
+            .map_err(ClientError::sys("timerfd_settime"))?;
+        self.backoff.reset();
+        self.register_session()?;
+        let id = self.id();
+        tracing::info!("reconnected to {} as peer {id}", self.path.display());
+        Ok(id)
+    }
+
+    /// The retry timer fired: try to reconnect, re-arm on failure.
+    fn retry(&mut self) -> Result<(), ClientError> {
+        self.timer
+            .consume()
+            .map_err(ClientError::sys("timerfd read"))?;
+        if self.connected || !self.opts.reconnect {
+            return Ok(());
+        }
+        // Events of the new session are queued by register_session after Reconnected.
+        let before = self.queue.len();
+        match self.reconnect() {
+            Ok(id) => {
+                let early: Vec<Event> = self.queue.drain(before..).collect();
+                self.queue.push_back(Event::Reconnected { id });
+                self.queue.extend(early);
+            }
+            Err(e) => {
+                let delay = self.backoff.next_delay();
+                tracing::debug!("reconnect failed ({e}); next attempt in {delay:?}");
+                self.timer
+                    .arm(delay)
+                    .map_err(ClientError::sys("timerfd_settime"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` (`None`: forever) for the next event. `Ok(None)`: nothing
+    /// happened in time. `Some(Duration::ZERO)` never blocks.
+    ///
+    /// Reconnect attempts (when enabled) happen inside this call and may block up to
+    /// `ConnectOptions::timeout` each.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<Event>, ClientError> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        loop {
+            if let Some(ev) = self.queue.pop_front() {
+                return Ok(Some(ev));
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let ready = self
+                .poller
+                .wait(left)
+                .map_err(ClientError::sys("epoll_wait"))?;
+            for source in ready {
+                self.handle(source)?;
+            }
+            if self.queue.is_empty() && left.is_some_and(|l| l.is_zero()) {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn handle(&mut self, source: Source) -> Result<(), ClientError> {
+        match source {
+            Source::Socket if self.connected => {
+                let (events, gone) = self.drain_socket()?;
+                self.queue.extend(events.into_iter().map(Event::Peer));
+                if gone {
+                    self.server_gone(true)?;
+                }
+            }
+            Source::Socket => {}
+            Source::Timer => self.retry()?,
+            Source::Vector(v) => {
+                if let Some(fd) = self.session.table.own_vector(v) {
+                    match doorbell::drain(fd) {
+                        Ok(Some(_)) => self.queue.push_back(Event::Doorbell { vector: v }),
+                        Ok(None) => {}
+                        Err(e) => return Err(ClientError::sys("eventfd read")(e)),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
