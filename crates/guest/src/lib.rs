@@ -22,6 +22,7 @@
 pub mod device;
 pub mod doorbell;
 pub mod pci;
+pub mod pingpong;
 pub mod sysfs_access;
 pub mod vfio;
 
