@@ -1,0 +1,57 @@
+//! Property: whatever the server sends, the handshake and the peer table never leak an fd.
+//!
+//! Its own test binary with a single test, so counting `/proc/self/fd` is not disturbed by
+//! other tests running in parallel.
+
+use std::os::fd::OwnedFd;
+
+use ivshm_client::handshake::{Handshake, Step};
+use proptest::prelude::*;
+use rustix::event::{eventfd, EventfdFlags};
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn efd() -> OwnedFd {
+    eventfd(0, EventfdFlags::CLOEXEC).unwrap()
+}
+
+fn message() -> impl Strategy<Value = (i64, bool)> {
+    (
+        prop_oneof![
+            Just(-1i64),
+            Just(0i64),
+            0i64..4,
+            any::<i64>(),
+            65530i64..65540
+        ],
+        any::<bool>(),
+    )
+}
+
+proptest! {
+    #[test]
+    fn no_sequence_leaks_an_fd(msgs in proptest::collection::vec(message(), 0..60)) {
+        let before = open_fds();
+        {
+            let mut handshake = Handshake::new(2);
+            let mut table = None;
+            for (value, with_fd) in msgs {
+                let fd = with_fd.then(efd);
+                match &mut table {
+                    // After the handshake, the peer table takes the messages.
+                    Some(t) => {
+                        let _ = ivshm_client::PeerTable::apply(t, value, fd);
+                    }
+                    None => match handshake.feed(value, fd) {
+                        Ok(Step::Complete(e)) => table = Some(e.table),
+                        Ok(Step::Continue) => {}
+                        Err(_) => break,
+                    },
+                }
+            }
+        }
+        prop_assert_eq!(open_fds(), before);
+    }
+}
