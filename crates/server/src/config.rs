@@ -1,0 +1,189 @@
+//! What a server serves: its regions, and for each the socket, memory and vectors.
+
+use std::path::PathBuf;
+
+use ivshm_mem::{BackendKind, Pow2Policy};
+use thiserror::Error;
+
+use crate::group::GroupSpec;
+
+/// QEMU's default socket path.
+pub const DEFAULT_SOCKET_PATH: &str = "/tmp/ivshmem_socket";
+/// QEMU's default region size: 4 MiB.
+pub const DEFAULT_SIZE: u64 = 4 << 20;
+/// Default socket file mode.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+/// Default bound on notifications queued for a peer beyond its handshake.
+pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 16 * 1024;
+
+/// The whole server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The regions to serve (at least one).
+    pub regions: Vec<RegionConfig>,
+    /// A peer that has more than this many notifications waiting (it stopped reading its
+    /// socket) is dropped. Its handshake does not count.
+    pub max_queued_messages: usize,
+}
+
+impl ServerConfig {
+    /// A server with a single region.
+    pub fn single(region: RegionConfig) -> Self {
+        ServerConfig {
+            regions: vec![region],
+            max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
+        }
+    }
+
+    /// Checks the configuration before anything is created.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.regions.is_empty() {
+            return Err(ConfigError::NoRegions);
+        }
+        if self.max_queued_messages == 0 {
+            return Err(ConfigError::ZeroQueueBound);
+        }
+        for (i, r) in self.regions.iter().enumerate() {
+            r.validate()?;
+            if self.regions[..i]
+                .iter()
+                .any(|o| o.listener.path == r.listener.path)
+            {
+                return Err(ConfigError::DuplicateSocket(r.listener.path.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One shared-memory region and the socket its peers connect to.
+#[derive(Debug, Clone)]
+pub struct RegionConfig {
+    /// A name for logs (later: the region's name in the per-VM directory).
+    pub name: String,
+    /// Where peers connect.
+    pub listener: ListenerConfig,
+    /// The memory.
+    pub memory: MemoryConfig,
+    /// Interrupt vectors (eventfds) per peer, 1..=64.
+    pub vectors: usize,
+}
+
+impl RegionConfig {
+    /// A region with QEMU's defaults (4 MiB memfd, 1 vector, mode 0600) on `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        RegionConfig {
+            name: "default".to_string(),
+            listener: ListenerConfig::new(socket),
+            memory: MemoryConfig::default(),
+            vectors: 1,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.vectors == 0 || self.vectors > ivshm_proto::v0::MAX_VECTORS {
+            return Err(ConfigError::Vectors(self.vectors));
+        }
+        if self.memory.size == 0 {
+            return Err(ConfigError::ZeroSize);
+        }
+        if self.listener.mode & !0o7777 != 0 {
+            return Err(ConfigError::Mode(self.listener.mode));
+        }
+        Ok(())
+    }
+}
+
+/// The listening socket of a region.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Socket path.
+    pub path: PathBuf,
+    /// File mode of the socket (default 0600).
+    pub mode: u32,
+    /// Group owning the socket, if it should change.
+    pub group: Option<GroupSpec>,
+}
+
+impl ListenerConfig {
+    /// A socket at `path` with mode 0600 and the default group.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        ListenerConfig {
+            path: path.into(),
+            mode: DEFAULT_SOCKET_MODE,
+            group: None,
+        }
+    }
+}
+
+/// How a region's memory is created.
+#[derive(Debug, Clone)]
+pub struct MemoryConfig {
+    /// The backend.
+    pub backend: BackendKind,
+    /// Requested size in bytes.
+    pub size: u64,
+    /// What to do with a size that is not a power of two.
+    pub pow2: Pow2Policy,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            backend: BackendKind::Memfd,
+            size: DEFAULT_SIZE,
+            pow2: Pow2Policy::RoundUp,
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConfigError {
+    /// No region was configured.
+    #[error("no region to serve")]
+    NoRegions,
+    /// Vectors outside 1..=64.
+    #[error("{0} vectors per peer: must be between 1 and 64")]
+    Vectors(usize),
+    /// Size zero.
+    #[error("region size must be greater than zero")]
+    ZeroSize,
+    /// Mode with bits outside 0o7777.
+    #[error("socket mode {0:o} is not a file mode")]
+    Mode(u32),
+    /// Queue bound zero.
+    #[error("the per-peer queue bound must be at least 1")]
+    ZeroQueueBound,
+    /// Two regions on one socket.
+    #[error("socket {0} is configured twice")]
+    DuplicateSocket(PathBuf),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation() {
+        let ok = ServerConfig::single(RegionConfig::new("/tmp/x"));
+        assert_eq!(ok.validate(), Ok(()));
+        let mut bad = ok.clone();
+        bad.regions[0].vectors = 65;
+        assert_eq!(bad.validate(), Err(ConfigError::Vectors(65)));
+        bad.regions[0].vectors = 0;
+        assert_eq!(bad.validate(), Err(ConfigError::Vectors(0)));
+        let mut bad = ok.clone();
+        bad.regions[0].memory.size = 0;
+        assert_eq!(bad.validate(), Err(ConfigError::ZeroSize));
+        let mut bad = ok.clone();
+        bad.regions.push(RegionConfig::new("/tmp/x"));
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::DuplicateSocket(_))
+        ));
+        let mut bad = ok;
+        bad.regions.clear();
+        assert_eq!(bad.validate(), Err(ConfigError::NoRegions));
+    }
+}

@@ -1,0 +1,120 @@
+//! One connected peer: its socket, id, eventfds and outgoing queue.
+
+use std::fmt;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use rustix::io::Errno;
+use rustix::net::{recv, RecvFlags};
+
+use crate::event_loop::{Poller, Token};
+use crate::queue::{Flushed, OutgoingQueue, QueueFull};
+
+/// Why a peer went away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemovalReason {
+    /// It closed its socket (a normal leave).
+    Closed,
+    /// It wrote to its socket; peers never send anything in protocol version 0.
+    SentData,
+    /// Its outgoing queue overflowed: it stopped reading.
+    StoppedReading(QueueFull),
+    /// Sending to it failed.
+    SendFailed(Errno),
+    /// Reading its socket failed.
+    ReadFailed(Errno),
+    /// The event loop could not watch its socket.
+    PollFailed(Errno),
+}
+
+impl RemovalReason {
+    /// True for every reason except a clean close.
+    pub fn is_drop(&self) -> bool {
+        !matches!(self, RemovalReason::Closed)
+    }
+}
+
+impl fmt::Display for RemovalReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RemovalReason::Closed => write!(f, "closed its connection"),
+            RemovalReason::SentData => {
+                write!(f, "sent data (peers must not write to the server socket)")
+            }
+            RemovalReason::StoppedReading(full) => write!(f, "{full}"),
+            RemovalReason::SendFailed(e) => write!(f, "send failed: {e}"),
+            RemovalReason::ReadFailed(e) => write!(f, "read failed: {e}"),
+            RemovalReason::PollFailed(e) => write!(f, "could not watch its socket: {e}"),
+        }
+    }
+}
+
+/// A connected peer.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    pub(crate) id: u16,
+    pub(crate) serial: u64,
+    socket: OwnedFd,
+    /// One eventfd per vector, shared with queued messages until they are sent.
+    pub(crate) eventfds: Vec<Arc<OwnedFd>>,
+    pub(crate) queue: OutgoingQueue,
+    writable_interest: bool,
+}
+
+impl Peer {
+    pub(crate) fn new(
+        id: u16,
+        serial: u64,
+        socket: OwnedFd,
+        eventfds: Vec<Arc<OwnedFd>>,
+        queue: OutgoingQueue,
+    ) -> Self {
+        Peer {
+            id,
+            serial,
+            socket,
+            eventfds,
+            queue,
+            writable_interest: false,
+        }
+    }
+
+    pub(crate) fn socket(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+
+    pub(crate) fn token(&self) -> Token {
+        Token::Peer(self.serial)
+    }
+
+    /// Looks at what arrived on the socket: `None` if nothing (spurious wake-up), else why the
+    /// peer must go.
+    pub(crate) fn check_input(&self) -> Option<RemovalReason> {
+        let mut buf = [0u8; 64];
+        loop {
+            return match recv(&self.socket, &mut buf, RecvFlags::DONTWAIT) {
+                Ok((0, _)) => Some(RemovalReason::Closed),
+                Ok(_) => Some(RemovalReason::SentData),
+                Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => None,
+                Err(e) => Some(RemovalReason::ReadFailed(e)),
+            };
+        }
+    }
+
+    /// Sends what the socket takes and arms or disarms writability interest accordingly.
+    pub(crate) fn flush(&mut self, poller: &Poller, sent: &mut u64) -> Result<(), RemovalReason> {
+        let state = self
+            .queue
+            .flush(self.socket.as_fd(), sent)
+            .map_err(RemovalReason::SendFailed)?;
+        let want_writable = state == Flushed::WouldBlock;
+        if want_writable != self.writable_interest {
+            poller
+                .set_writable_interest(self.socket.as_fd(), self.token(), want_writable)
+                .map_err(RemovalReason::PollFailed)?;
+            self.writable_interest = want_writable;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,190 @@
+//! A peer's outgoing messages: bytes, how far the first one got, and the fd each one carries.
+//!
+//! Peer sockets are non-blocking. A message that cannot go out at once waits here; the fd it
+//! carries is kept alive (shared `Arc`) until it has been sent, even if its owner has left.
+//! Handshake messages are exempt from the bound; everything queued after them counts, so a peer
+//! that stops reading is detected by [`OutgoingQueue::push`] failing.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use ivshm_proto::fd_passing::send_message;
+use ivshm_proto::v0::{encode, MESSAGE_LEN};
+use rustix::io::Errno;
+use thiserror::Error;
+
+/// One queued message.
+#[derive(Debug)]
+struct Outgoing {
+    bytes: [u8; MESSAGE_LEN],
+    fd: Option<Arc<OwnedFd>>,
+}
+
+/// The queue already holds its maximum of notifications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("outgoing queue full ({limit} messages waiting): the peer stopped reading its socket")]
+pub struct QueueFull {
+    /// The bound.
+    pub limit: usize,
+}
+
+/// The state of a queue after a flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flushed {
+    /// Everything went out.
+    Empty,
+    /// The socket is full; wait for it to become writable.
+    WouldBlock,
+}
+
+/// Outgoing messages of one peer.
+#[derive(Debug)]
+pub struct OutgoingQueue {
+    items: VecDeque<Outgoing>,
+    /// Bytes of the front message already sent.
+    offset: usize,
+    /// Handshake messages still queued at the front (not counted against the bound).
+    handshake_left: usize,
+    limit: usize,
+}
+
+impl OutgoingQueue {
+    /// An empty queue that holds at most `limit` messages beyond the handshake.
+    pub fn new(limit: usize) -> Self {
+        OutgoingQueue {
+            items: VecDeque::new(),
+            offset: 0,
+            handshake_left: 0,
+            limit,
+        }
+    }
+
+    /// Queues a handshake message (not bounded). Must come before any [`push`](Self::push).
+    pub fn push_handshake(&mut self, value: i64, fd: Option<Arc<OwnedFd>>) {
+        self.items.push_back(Outgoing {
+            bytes: encode(value),
+            fd,
+        });
+        self.handshake_left += 1;
+    }
+
+    /// Queues a notification, or fails if the peer already has `limit` waiting.
+    pub fn push(&mut self, value: i64, fd: Option<Arc<OwnedFd>>) -> Result<(), QueueFull> {
+        if self.items.len() - self.handshake_left >= self.limit {
+            return Err(QueueFull { limit: self.limit });
+        }
+        self.items.push_back(Outgoing {
+            bytes: encode(value),
+            fd,
+        });
+        Ok(())
+    }
+
+    /// Number of messages waiting (including a partly sent one).
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Sends as much as the socket takes. `sent` is increased by the number of whole messages
+    /// that went out. A send error other than `EAGAIN` is returned (the peer must be dropped).
+    pub fn flush(&mut self, socket: BorrowedFd<'_>, sent: &mut u64) -> Result<Flushed, Errno> {
+        while let Some(front) = self.items.front() {
+            let fd = front.fd.as_ref().map(|f| f.as_fd());
+            match send_message(socket, &front.bytes, self.offset, fd) {
+                Ok(0) => return Err(Errno::PIPE),
+                Ok(n) => self.offset += n,
+                Err(Errno::AGAIN) => return Ok(Flushed::WouldBlock),
+                Err(e) => return Err(e),
+            }
+            if self.offset >= MESSAGE_LEN {
+                self.offset = 0;
+                self.items.pop_front();
+                self.handshake_left = self.handshake_left.saturating_sub(1);
+                *sent += 1;
+            }
+        }
+        Ok(Flushed::Empty)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ivshm_proto::fd_passing::{MessageReader, Received};
+    use rustix::event::{eventfd, EventfdFlags};
+    use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn bound_counts_only_messages_after_the_handshake() {
+        let mut q = OutgoingQueue::new(2);
+        for v in 0..10 {
+            q.push_handshake(v, None);
+        }
+        assert!(q.push(1, None).is_ok());
+        assert!(q.push(2, None).is_ok());
+        assert_eq!(q.push(3, None), Err(QueueFull { limit: 2 }));
+        assert_eq!(q.len(), 12);
+    }
+
+    #[test]
+    fn flush_sends_in_order_with_fds_and_resumes_after_would_block() {
+        let (a, b) = pair();
+        let efd = Arc::new(eventfd(0, EventfdFlags::CLOEXEC).unwrap());
+        let mut q = OutgoingQueue::new(usize::MAX);
+        let mut n = 0i64;
+        let mut sent = 0;
+        // Fill the socket until it would block.
+        loop {
+            q.push(n, Some(efd.clone())).unwrap();
+            n += 1;
+            if q.flush(a.as_fd(), &mut sent).unwrap() == Flushed::WouldBlock {
+                break;
+            }
+        }
+        assert!(!q.is_empty());
+        // Drain the receiver, flushing whenever there is room, and check every message.
+        let mut reader = MessageReader::new();
+        let mut expected = 0i64;
+        while expected < n {
+            match reader.receive(b.as_fd()).unwrap() {
+                Received::Message { value, fd } => {
+                    assert_eq!(value, expected);
+                    assert!(fd.is_some());
+                    expected += 1;
+                }
+                Received::WouldBlock => {
+                    q.flush(a.as_fd(), &mut sent).unwrap();
+                }
+                Received::Closed => panic!("closed"),
+            }
+        }
+        assert_eq!(sent, n as u64);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn send_to_closed_peer_is_an_error() {
+        let (a, b) = pair();
+        drop(b);
+        let mut q = OutgoingQueue::new(4);
+        q.push(1, None).unwrap();
+        let mut sent = 0;
+        assert!(q.flush(a.as_fd(), &mut sent).is_err());
+    }
+}

@@ -1,0 +1,333 @@
+//! A region: one shared-memory object, its vectors per peer, its listener and its peers.
+//!
+//! Joining follows QEMU's `ivshmem_server_handle_new_conn` message for message:
+//! to the new peer `0` (version), its id, `-1` + shm fd; to every existing peer the new id once
+//! per vector with the new peer's eventfds; to the new peer each existing peer's id once per
+//! vector with that peer's eventfds, then its own id once per vector with its own eventfds.
+//! Leaving: every remaining peer gets the id without an fd.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use ivshm_mem::{format_size, SharedMemory};
+use ivshm_proto::v0::{PROTOCOL_VERSION, SHM_MARKER};
+use rustix::event::{eventfd, EventfdFlags};
+use rustix::io::Errno;
+
+use crate::config::RegionConfig;
+use crate::event_loop::Poller;
+use crate::ids::IdAllocator;
+use crate::limits::{describe_soft_limit, is_fd_exhaustion, ReserveFd};
+use crate::listener::Listener;
+use crate::peer::{Peer, RemovalReason};
+use crate::queue::OutgoingQueue;
+use crate::stats::Stats;
+use crate::ServerError;
+
+/// What the loop lends a region while it handles an event.
+pub(crate) struct LoopContext<'a> {
+    pub(crate) poller: &'a Poller,
+    pub(crate) stats: &'a Stats,
+    /// Peer connection serial → (region index, peer id).
+    pub(crate) connections: &'a mut HashMap<u64, (usize, u16)>,
+    pub(crate) next_serial: &'a mut u64,
+    pub(crate) reserve: &'a mut ReserveFd,
+    /// Peers connected over all regions (for log lines).
+    pub(crate) total_peers: usize,
+}
+
+/// Public facts about a region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// Its name.
+    pub name: String,
+    /// Where peers connect.
+    pub socket: std::path::PathBuf,
+    /// Size of the shared memory in bytes (after rounding).
+    pub size: u64,
+    /// Vectors per peer.
+    pub vectors: usize,
+    /// The backing object, for humans.
+    pub memory: String,
+}
+
+/// A served region.
+#[derive(Debug)]
+pub(crate) struct Region {
+    index: usize,
+    name: String,
+    memory: SharedMemory,
+    /// A duplicate of the memory fd that queued messages share.
+    shm_fd: Arc<OwnedFd>,
+    vectors: usize,
+    queue_limit: usize,
+    ids: IdAllocator,
+    peers: BTreeMap<u16, Peer>,
+    listener: Listener,
+}
+
+impl Region {
+    /// Creates the memory and the listener.
+    pub(crate) fn new(
+        index: usize,
+        config: &RegionConfig,
+        queue_limit: usize,
+    ) -> Result<Region, ServerError> {
+        let m = &config.memory;
+        let memory = ivshm_mem::backend::create(&m.backend, m.size, m.pow2).map_err(|source| {
+            ServerError::Memory {
+                region: config.name.clone(),
+                source,
+            }
+        })?;
+        let shm_fd = Arc::new(
+            memory
+                .try_clone_fd()
+                .map_err(|source| ServerError::Memory {
+                    region: config.name.clone(),
+                    source,
+                })?,
+        );
+        let listener = Listener::bind(&config.listener)?;
+        tracing::info!(
+            region = %config.name,
+            socket = %listener.path().display(),
+            size = memory.size(),
+            vectors = config.vectors,
+            "serving {} of {} with {} vector(s) per peer",
+            format_size(memory.size()),
+            memory.description(),
+            config.vectors
+        );
+        Ok(Region {
+            index,
+            name: config.name.clone(),
+            memory,
+            shm_fd,
+            vectors: config.vectors,
+            queue_limit,
+            ids: IdAllocator::new(),
+            peers: BTreeMap::new(),
+            listener,
+        })
+    }
+
+    pub(crate) fn listener(&self) -> &Listener {
+        &self.listener
+    }
+
+    pub(crate) fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub(crate) fn info(&self) -> RegionInfo {
+        RegionInfo {
+            name: self.name.clone(),
+            socket: self.listener.path().to_path_buf(),
+            size: self.memory.size(),
+            vectors: self.vectors,
+            memory: self.memory.description().to_string(),
+        }
+    }
+
+    /// Logs the region and its peers (on `SIGHUP`).
+    pub(crate) fn log_status(&self) {
+        tracing::info!(
+            region = %self.name,
+            socket = %self.listener.path().display(),
+            peers = self.peers.len(),
+            "{} of {}, {} vector(s) per peer",
+            format_size(self.memory.size()),
+            self.memory.description(),
+            self.vectors
+        );
+        for peer in self.peers.values() {
+            tracing::info!(region = %self.name, peer = peer.id, queued = peer.queue.len(), "peer");
+        }
+    }
+
+    /// Accepts every waiting connection.
+    pub(crate) fn accept_all(&mut self, ctx: &mut LoopContext<'_>) {
+        loop {
+            match self.listener.accept() {
+                Ok(Some(socket)) => self.join(socket, ctx),
+                Ok(None) => return,
+                Err(e) if is_fd_exhaustion(e) => {
+                    self.refuse_for_lack_of_fds(e, ctx);
+                    // Without a reserve the connection stays pending; the next event retries.
+                    if ctx.reserve.fd().is_none() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(region = %self.name, errno = %e, "accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Out of fds at `accept`: log it, accept the connection into the reserve slot and close it.
+    fn refuse_for_lack_of_fds(&mut self, errno: Errno, ctx: &mut LoopContext<'_>) {
+        tracing::error!(
+            region = %self.name,
+            %errno,
+            "out of file descriptors: {} peers connected, limit {}; refusing a new peer",
+            ctx.total_peers,
+            describe_soft_limit()
+        );
+        ctx.stats.refused();
+        let listener = &self.listener;
+        ctx.reserve.release_for(|| drop(listener.accept()));
+    }
+
+    /// Gives a new connection an id, its eventfds and its handshake, and tells the others.
+    fn join(&mut self, socket: OwnedFd, ctx: &mut LoopContext<'_>) {
+        let peers = &self.peers;
+        let Some(id) = self.ids.allocate(|i| peers.contains_key(&i)) else {
+            tracing::error!(region = %self.name, "all 65536 peer ids are in use; refusing a new peer");
+            ctx.stats.refused();
+            return;
+        };
+        let eventfds = match self.create_eventfds() {
+            Ok(fds) => fds,
+            Err(errno) => {
+                if is_fd_exhaustion(errno) {
+                    tracing::error!(
+                        region = %self.name,
+                        %errno,
+                        "out of file descriptors: {} peers connected, limit {}; refusing peer {id}",
+                        ctx.total_peers,
+                        describe_soft_limit()
+                    );
+                } else {
+                    tracing::error!(region = %self.name, %errno, "eventfd failed; refusing peer {id}");
+                }
+                ctx.stats.refused();
+                return;
+            }
+        };
+
+        let mut queue = OutgoingQueue::new(self.queue_limit);
+        queue.push_handshake(PROTOCOL_VERSION, None);
+        queue.push_handshake(i64::from(id), None);
+        queue.push_handshake(SHM_MARKER, Some(self.shm_fd.clone()));
+        for other in self.peers.values() {
+            for fd in &other.eventfds {
+                queue.push_handshake(i64::from(other.id), Some(fd.clone()));
+            }
+        }
+        for fd in &eventfds {
+            queue.push_handshake(i64::from(id), Some(fd.clone()));
+        }
+
+        let serial = *ctx.next_serial;
+        *ctx.next_serial += 1;
+        let peer = Peer::new(id, serial, socket, eventfds, queue);
+        if let Err(errno) = ctx.poller.add(peer.socket(), peer.token()) {
+            tracing::error!(region = %self.name, %errno, "cannot watch the socket of peer {id}; refusing it");
+            ctx.stats.refused();
+            return;
+        }
+
+        let mut failed = Vec::new();
+        for other in self.peers.values_mut() {
+            for fd in &peer.eventfds {
+                if let Err(full) = other.queue.push(i64::from(id), Some(fd.clone())) {
+                    failed.push((other.id, RemovalReason::StoppedReading(full)));
+                    break;
+                }
+            }
+        }
+        ctx.connections.insert(serial, (self.index, id));
+        self.peers.insert(id, peer);
+        ctx.stats.joined();
+        tracing::info!(
+            region = %self.name,
+            peer = id,
+            peers = self.peers.len(),
+            "peer {id} joined"
+        );
+        self.flush_all(ctx, &mut failed);
+        self.remove_all(failed, ctx);
+    }
+
+    fn create_eventfds(&self) -> Result<Vec<Arc<OwnedFd>>, Errno> {
+        (0..self.vectors)
+            .map(|_| eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map(Arc::new))
+            .collect()
+    }
+
+    /// Handles readiness of peer `id`'s socket.
+    pub(crate) fn on_peer_event(
+        &mut self,
+        id: u16,
+        readable: bool,
+        writable: bool,
+        ctx: &mut LoopContext<'_>,
+    ) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if readable {
+            if let Some(reason) = peer.check_input() {
+                self.remove_all(vec![(id, reason)], ctx);
+                return;
+            }
+        }
+        if writable {
+            let mut sent = 0;
+            let result = peer.flush(ctx.poller, &mut sent);
+            ctx.stats.sent(sent);
+            if let Err(reason) = result {
+                self.remove_all(vec![(id, reason)], ctx);
+            }
+        }
+    }
+
+    /// Flushes every peer with something queued; failures are added to `failed`.
+    fn flush_all(&mut self, ctx: &mut LoopContext<'_>, failed: &mut Vec<(u16, RemovalReason)>) {
+        let mut sent = 0;
+        for peer in self.peers.values_mut() {
+            if peer.queue.is_empty() {
+                continue;
+            }
+            if let Err(reason) = peer.flush(ctx.poller, &mut sent) {
+                failed.push((peer.id, reason));
+            }
+        }
+        ctx.stats.sent(sent);
+    }
+
+    /// Removes peers, telling every remaining peer; peers that fail to take that news are
+    /// removed in turn (a worklist, so a cascade cannot recurse).
+    fn remove_all(&mut self, mut work: Vec<(u16, RemovalReason)>, ctx: &mut LoopContext<'_>) {
+        while let Some((id, reason)) = work.pop() {
+            let Some(peer) = self.peers.remove(&id) else {
+                continue;
+            };
+            ctx.connections.remove(&peer.serial);
+            let _ = ctx.poller.remove(peer.socket());
+            ctx.stats.removed(reason.is_drop());
+            if reason.is_drop() {
+                tracing::warn!(region = %self.name, peer = id, peers = self.peers.len(), "dropped peer {id}: {reason}");
+            } else {
+                tracing::info!(region = %self.name, peer = id, peers = self.peers.len(), "peer {id} left: {reason}");
+            }
+            drop(peer);
+            for other in self.peers.values_mut() {
+                if let Err(full) = other.queue.push(i64::from(id), None) {
+                    work.push((other.id, RemovalReason::StoppedReading(full)));
+                }
+            }
+            self.flush_all(ctx, &mut work);
+        }
+    }
+
+    /// The socket path.
+    pub(crate) fn socket_path(&self) -> &Path {
+        self.listener.path()
+    }
+}
