@@ -1,0 +1,154 @@
+//! The `intr` option's argument: `[controller:]line`, e.g. `gic:36` or `myioapic:4`.
+
+use std::fmt;
+
+use thiserror::Error;
+
+use crate::number::{parse_number, NumberError};
+
+/// Why an `intr` argument is not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum InterruptError {
+    /// The controller name before `:` is empty or has characters other than
+    /// `A-Z a-z 0-9 _ . -`.
+    #[error("interrupt controller name {0:?} must be non-empty and use only A-Z a-z 0-9 _ . -")]
+    BadController(String),
+    /// The interrupt line is not a number.
+    #[error("interrupt line: {0}")]
+    BadLine(#[from] NumberError),
+}
+
+/// Where the vdev's interrupt goes: an interrupt controller vdev (by its `name`, e.g. `gic` or
+/// `myioapic`) and the line on it, as in `intr gic:36`. A bare number leaves the controller to
+/// qvm's default.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Interrupt {
+    /// The controller's name, if given.
+    pub controller: Option<String>,
+    /// The interrupt line (e.g. the SPI number on a GIC).
+    pub line: u32,
+}
+
+impl Interrupt {
+    /// Parses `[controller:]line`.
+    pub fn parse(text: &str) -> Result<Self, InterruptError> {
+        let (controller, line) = match text.split_once(':') {
+            Some((controller, line)) => {
+                let valid = !controller.is_empty()
+                    && controller
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+                if !valid {
+                    return Err(InterruptError::BadController(controller.to_owned()));
+                }
+                (Some(controller.to_owned()), line)
+            }
+            None => (None, text),
+        };
+        let line = parse_number(line, u64::from(u32::MAX))?;
+        let line = u32::try_from(line).map_err(|_| NumberError::TooLarge {
+            text: text.to_owned(),
+            max: u64::from(u32::MAX),
+        })?;
+        Ok(Self { controller, line })
+    }
+}
+
+/// Prints the option argument, `controller:line` or `line`.
+impl fmt::Display for Interrupt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.controller {
+            Some(controller) => write!(f, "{controller}:{}", self.line),
+            None => write!(f, "{}", self.line),
+        }
+    }
+}
+
+impl std::str::FromStr for Interrupt {
+    type Err = InterruptError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+/// Accepts `"gic:36"` or a bare integer `36`.
+impl<'de> serde::Deserialize<'de> for Interrupt {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Line(u32),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Line(line) => Ok(Self {
+                controller: None,
+                line,
+            }),
+            Raw::Text(text) => Self::parse(&text).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_controller_and_line() {
+        assert_eq!(
+            Interrupt::parse("gic:36"),
+            Ok(Interrupt {
+                controller: Some("gic".into()),
+                line: 36
+            })
+        );
+        assert_eq!(
+            Interrupt::parse("myioapic:0x4"),
+            Ok(Interrupt {
+                controller: Some("myioapic".into()),
+                line: 4
+            })
+        );
+        assert_eq!(
+            Interrupt::parse("7"),
+            Ok(Interrupt {
+                controller: None,
+                line: 7
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        assert_eq!(
+            Interrupt::parse(":3"),
+            Err(InterruptError::BadController(String::new()))
+        );
+        assert_eq!(
+            Interrupt::parse("a/b:3"),
+            Err(InterruptError::BadController("a/b".into()))
+        );
+        assert!(matches!(
+            Interrupt::parse("gic:"),
+            Err(InterruptError::BadLine(NumberError::Empty))
+        ));
+        assert!(matches!(
+            Interrupt::parse("apic"),
+            Err(InterruptError::BadLine(_))
+        ));
+        assert!(matches!(
+            Interrupt::parse("gic:4294967296"),
+            Err(InterruptError::BadLine(NumberError::TooLarge { .. }))
+        ));
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for text in ["gic:36", "7", "my_pic-0:4294967295"] {
+            let intr = Interrupt::parse(text).unwrap();
+            assert_eq!(intr.to_string(), text);
+        }
+    }
+}
