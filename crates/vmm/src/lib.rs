@@ -3,3 +3,4 @@
 
 pub mod ivshmem;
 pub mod pci;
+pub mod testvmm;

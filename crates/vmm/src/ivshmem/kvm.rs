@@ -360,3 +360,33 @@ impl Drop for KvmIoeventRegistry {
         let _ = self.clear();
     }
 }
+
+/// [`InterruptBackend`] for the register-callback path on KVM: the VMM consumes own
+/// vector eventfds itself and injects each message with `KVM_SIGNAL_MSI`.
+#[derive(Debug, Clone)]
+pub struct KvmMsiInjector {
+    vm: Arc<VmFd>,
+}
+
+impl KvmMsiInjector {
+    /// Injects into `vm`.
+    pub fn new(vm: Arc<VmFd>) -> KvmMsiInjector {
+        KvmMsiInjector { vm }
+    }
+}
+
+impl InterruptBackend for KvmMsiInjector {
+    fn vector_route_changed(&mut self, _vector: usize, _message: Option<MsixMessage>) {}
+
+    fn inject(&mut self, vector: usize, message: MsixMessage) {
+        let msi = kvm_msi {
+            address_lo: message.addr as u32,
+            address_hi: (message.addr >> 32) as u32,
+            data: message.data,
+            ..Default::default()
+        };
+        if let Err(e) = self.vm.signal_msi(msi) {
+            tracing::error!(vector, error = %e, "ivshmem: KVM_SIGNAL_MSI failed");
+        }
+    }
+}

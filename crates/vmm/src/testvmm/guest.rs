@@ -1,0 +1,223 @@
+//! Guest memory layout, boot structures (GDT, IDT, interrupt stubs) and program helpers
+//! for the test VMM's flat 32-bit protected-mode guests.
+//!
+//! Layout (guest-physical, RAM from 0):
+//!
+//! | address | contents |
+//! |---|---|
+//! | `0x0500` | GDT: null, flat code (selector 0x08), flat data (0x10) |
+//! | `0x1000` | IDT, 256 interrupt gates |
+//! | `0x2000` | interrupt counters, one `u32` per vector (`INTR_COUNTERS + 4 * vector`) |
+//! | `0x2800` | program variables ([`VARS`]) |
+//! | `0x3000` | interrupt stubs written by [`boot_image`] |
+//! | `0x10000` | the test program ([`PROGRAM_BASE`]) |
+//! | `0x80000` | top of stack |
+//!
+//! Exception vectors 0..31 report `0xE000_0000 | vector` on the exit port and halt.
+//! Vectors 32..255 increment their counter, write the LAPIC EOI register and return,
+//! so the guest observes each interrupt in memory and needs no registers saved.
+//!
+//! The stubs return with `retf 4` (pop EIP and CS, drop the saved EFLAGS) instead of
+//! `iretd`: on hosts where KVM runs these guests through its instruction emulator (for
+//! example the `kvm_pvm` module, which has no hardware virtualization for non-PVM guests)
+//! protected-mode IRET is not emulated and stops the VM with an internal error. The
+//! handler thus returns with interrupts disabled; test programs enable interrupts only in
+//! their `sti; hlt` waits ([`GuestOps::wait_interrupts`]), which re-enable them anyway.
+
+use crate::testvmm::asm::{Asm, AsmError, Cond, Reg};
+
+/// GDT address.
+pub const GDT_BASE: u32 = 0x500;
+/// IDT address.
+pub const IDT_BASE: u32 = 0x1000;
+/// Interrupt counters: `u32` per vector.
+pub const INTR_COUNTERS: u32 = 0x2000;
+/// Program variables (scratch space for test programs).
+pub const VARS: u32 = 0x2800;
+/// Interrupt stubs.
+pub const STUBS_BASE: u32 = 0x3000;
+/// Program load address and entry point.
+pub const PROGRAM_BASE: u32 = 0x1_0000;
+/// Initial stack pointer.
+pub const STACK_TOP: u32 = 0x8_0000;
+/// Flat code selector.
+pub const CODE_SELECTOR: u16 = 0x08;
+/// Flat data selector.
+pub const DATA_SELECTOR: u16 = 0x10;
+
+/// Local APIC base (default, enabled at reset for the BSP).
+pub const LAPIC_BASE: u32 = 0xfee0_0000;
+/// LAPIC spurious-interrupt vector register; bit 8 software-enables the APIC.
+pub const LAPIC_SVR: u32 = LAPIC_BASE + 0xf0;
+/// LAPIC end-of-interrupt register.
+pub const LAPIC_EOI: u32 = LAPIC_BASE + 0xb0;
+/// MSI address targeting APIC ID 0, physical destination mode.
+pub const MSI_ADDRESS: u32 = 0xfee0_0000;
+
+/// Port: each 32-bit `out` appends a value to the VM's report list.
+pub const PORT_REPORT: u16 = 0x510;
+/// Port: a 32-bit `out` ends the guest with that exit code.
+pub const PORT_EXIT: u16 = 0x514;
+/// PCI configuration address port.
+pub const PCI_CONFIG_ADDRESS: u16 = 0xcf8;
+/// PCI configuration data port.
+pub const PCI_CONFIG_DATA: u16 = 0xcfc;
+
+/// Exit code reported by exception stubs: `EXCEPTION_EXIT | vector`.
+pub const EXCEPTION_EXIT: u32 = 0xe000_0000;
+
+/// Flat 4 GiB code segment descriptor (present, ring 0, exec/read, accessed, 32-bit, 4K).
+const GDT_CODE: u64 = 0x00cf_9b00_0000_ffff;
+/// Flat 4 GiB data segment descriptor (present, ring 0, read/write, accessed).
+const GDT_DATA: u64 = 0x00cf_9300_0000_ffff;
+
+/// The boot structures: `(guest address, bytes)` pieces to copy into guest RAM.
+pub fn boot_image() -> Result<Vec<(u32, Vec<u8>)>, AsmError> {
+    let mut gdt = Vec::new();
+    for d in [0u64, GDT_CODE, GDT_DATA] {
+        gdt.extend_from_slice(&d.to_le_bytes());
+    }
+    let mut stubs = Asm::new(STUBS_BASE);
+    let mut entries = Vec::with_capacity(256);
+    for vector in 0..256u32 {
+        entries.push(stubs.here());
+        if vector < 32 {
+            stubs
+                .mov_imm(Reg::Eax, EXCEPTION_EXIT | vector)
+                .mov_imm(Reg::Edx, u32::from(PORT_EXIT))
+                .out_dx_eax()
+                .hlt();
+        } else {
+            stubs
+                .inc_mem(INTR_COUNTERS + 4 * vector)
+                .store_imm(LAPIC_EOI, 0)
+                // `retf 4` = iret without restoring EFLAGS (see the module docs).
+                .retf_imm(4);
+        }
+    }
+    let stub_code = stubs.finish()?;
+    let mut idt = Vec::with_capacity(256 * 8);
+    for entry in entries {
+        // 32-bit interrupt gate: offset 15..0, selector, 0, type 0x8e, offset 31..16.
+        idt.extend_from_slice(&(entry as u16).to_le_bytes());
+        idt.extend_from_slice(&CODE_SELECTOR.to_le_bytes());
+        idt.extend_from_slice(&[0, 0x8e]);
+        idt.extend_from_slice(&((entry >> 16) as u16).to_le_bytes());
+    }
+    Ok(vec![
+        (GDT_BASE, gdt),
+        (IDT_BASE, idt),
+        (STUBS_BASE, stub_code),
+    ])
+}
+
+/// Configuration address for bus 0, `device`, function 0, register `reg` (dword index).
+pub fn pci_config_address(device: u8, reg: u8) -> u32 {
+    0x8000_0000 | (u32::from(device & 0x1f) << 11) | (u32::from(reg) << 2)
+}
+
+/// Program-building helpers on top of [`Asm`] (they clobber EAX and EDX).
+pub trait GuestOps {
+    /// `eax = config[device].reg`
+    fn pci_read(&mut self, device: u8, reg: u8) -> &mut Self;
+    /// `config[device].reg = eax` (uses ECX as scratch)
+    fn pci_write_eax(&mut self, device: u8, reg: u8) -> &mut Self;
+    /// Appends register `r` to the VM's reports.
+    fn report(&mut self, r: Reg) -> &mut Self;
+    /// Appends an immediate to the VM's reports.
+    fn report_imm(&mut self, v: u32) -> &mut Self;
+    /// Ends the guest with `code`.
+    fn exit(&mut self, code: u32) -> &mut Self;
+    /// Software-enables the local APIC (SVR = 0x1ff).
+    fn enable_lapic(&mut self) -> &mut Self;
+    /// Waits with `sti; hlt` until the counter of `vector` reaches the value in `target`
+    /// (a register other than EAX). `label` must be unique in the program.
+    fn wait_interrupts(&mut self, vector: u8, target: Reg, label: &str) -> &mut Self;
+}
+
+impl GuestOps for Asm {
+    fn pci_read(&mut self, device: u8, reg: u8) -> &mut Self {
+        self.mov_imm(Reg::Edx, u32::from(PCI_CONFIG_ADDRESS))
+            .mov_imm(Reg::Eax, pci_config_address(device, reg))
+            .out_dx_eax()
+            .mov_imm(Reg::Edx, u32::from(PCI_CONFIG_DATA))
+            .in_eax_dx()
+    }
+
+    fn pci_write_eax(&mut self, device: u8, reg: u8) -> &mut Self {
+        self.mov(Reg::Ecx, Reg::Eax)
+            .mov_imm(Reg::Edx, u32::from(PCI_CONFIG_ADDRESS))
+            .mov_imm(Reg::Eax, pci_config_address(device, reg))
+            .out_dx_eax()
+            .mov_imm(Reg::Edx, u32::from(PCI_CONFIG_DATA))
+            .mov(Reg::Eax, Reg::Ecx)
+            .out_dx_eax()
+    }
+
+    fn report(&mut self, r: Reg) -> &mut Self {
+        if r != Reg::Eax {
+            self.mov(Reg::Eax, r);
+        }
+        self.mov_imm(Reg::Edx, u32::from(PORT_REPORT)).out_dx_eax()
+    }
+
+    fn report_imm(&mut self, v: u32) -> &mut Self {
+        self.mov_imm(Reg::Eax, v).report(Reg::Eax)
+    }
+
+    fn exit(&mut self, code: u32) -> &mut Self {
+        self.mov_imm(Reg::Eax, code)
+            .mov_imm(Reg::Edx, u32::from(PORT_EXIT))
+            .out_dx_eax()
+            .hlt()
+    }
+
+    fn enable_lapic(&mut self) -> &mut Self {
+        self.store_imm(LAPIC_SVR, 0x1ff)
+    }
+
+    fn wait_interrupts(&mut self, vector: u8, target: Reg, label: &str) -> &mut Self {
+        let done = format!("{label}_done");
+        // cli before the check and `sti; hlt` after it: an interrupt arriving after the
+        // check is held until `hlt` starts (sti's one-instruction shadow), so no wakeup
+        // is lost.
+        self.label(label)
+            .cli()
+            .load(Reg::Eax, INTR_COUNTERS + 4 * u32::from(vector))
+            .cmp(Reg::Eax, target)
+            .jcc(Cond::Ae, &done)
+            .sti()
+            .hlt()
+            .jmp(label)
+            .label(&done)
+            .sti()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idt_gates_point_at_stubs() {
+        let image = boot_image().unwrap();
+        let idt = &image.iter().find(|(a, _)| *a == IDT_BASE).unwrap().1;
+        assert_eq!(idt.len(), 2048);
+        let gate = &idt[0x40 * 8..0x41 * 8];
+        let offset = u32::from(u16::from_le_bytes([gate[0], gate[1]]))
+            | (u32::from(u16::from_le_bytes([gate[6], gate[7]])) << 16);
+        assert!(offset >= STUBS_BASE);
+        assert_eq!(u16::from_le_bytes([gate[2], gate[3]]), CODE_SELECTOR);
+        assert_eq!(gate[5], 0x8e);
+        let stubs = &image.iter().find(|(a, _)| *a == STUBS_BASE).unwrap().1;
+        let stub = &stubs[(offset - STUBS_BASE) as usize..];
+        // inc dword [INTR_COUNTERS + 0x100]
+        assert_eq!(&stub[..6], &[0xff, 0x05, 0x00, 0x21, 0x00, 0x00]);
+        assert!(stubs.len() + STUBS_BASE as usize <= PROGRAM_BASE as usize);
+    }
+
+    #[test]
+    fn config_address() {
+        assert_eq!(pci_config_address(1, 4), 0x8000_0810);
+    }
+}
