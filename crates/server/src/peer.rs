@@ -97,6 +97,8 @@ impl Peer {
                 Ok(_) => Some(RemovalReason::SentData),
                 Err(Errno::INTR) => continue,
                 Err(Errno::AGAIN) => None,
+                // It closed with messages still unread: a leave all the same.
+                Err(Errno::CONNRESET) => Some(RemovalReason::Closed),
                 Err(e) => Some(RemovalReason::ReadFailed(e)),
             };
         }
@@ -107,7 +109,11 @@ impl Peer {
         let state = self
             .queue
             .flush(self.socket.as_fd(), sent)
-            .map_err(RemovalReason::SendFailed)?;
+            .map_err(|e| match e {
+                // The peer has closed its end: a leave, not a fault.
+                Errno::PIPE | Errno::CONNRESET => RemovalReason::Closed,
+                e => RemovalReason::SendFailed(e),
+            })?;
         let want_writable = state == Flushed::WouldBlock;
         if want_writable != self.writable_interest {
             poller
