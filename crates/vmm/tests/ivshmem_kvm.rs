@@ -6,8 +6,10 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ivshm_client::{ConnectOptions, Peer};
 use ivshm_mem::Mapping;
-use ivshm_vmm::ivshmem::{IvshmemDevice, LocalDoorbellBus, REG_DOORBELL};
+use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
+use ivshm_vmm::ivshmem::{DoorbellLink, IvshmemDevice, LocalDoorbellBus, REG_DOORBELL};
 use ivshm_vmm::testvmm::asm::{Asm, Cond, Reg};
 use ivshm_vmm::testvmm::guest::{GuestOps, INTR_COUNTERS, PROGRAM_BASE};
 use ivshm_vmm::testvmm::{
@@ -84,16 +86,27 @@ fn doorbell_flow(path: DoorbellPath) {
     let bus = LocalDoorbellBus::new();
     let link_a = bus.join(1).unwrap();
     let link_b = bus.join(1).unwrap();
-    let mut dev_a =
-        IvshmemDevice::new_doorbell(SHM_SIZE as u64, 1, Box::new(link_a), true).unwrap();
-    let dev_b = IvshmemDevice::new_doorbell(SHM_SIZE as u64, 1, Box::new(link_b), false).unwrap();
+    doorbell_flow_with(path, Box::new(link_a), Box::new(link_b), shm.clone(), shm);
+}
+
+/// Runs sender A (peer 0) and receiver B (peer 1) on links that A joined first.
+fn doorbell_flow_with(
+    path: DoorbellPath,
+    link_a: Box<dyn DoorbellLink>,
+    link_b: Box<dyn DoorbellLink>,
+    shm_a: Arc<Mapping>,
+    shm_b: Arc<Mapping>,
+) {
+    assert_eq!((link_a.own_id(), link_b.own_id()), (0, 1));
+    let mut dev_a = IvshmemDevice::new_doorbell(SHM_SIZE as u64, 1, link_a, true).unwrap();
+    let dev_b = IvshmemDevice::new_doorbell(SHM_SIZE as u64, 1, link_b, false).unwrap();
     // A joined first and learns about B through a peer event.
     dev_a.process_link_events().unwrap();
 
     let mut vm_a = TestVm::new(RAM).unwrap();
     let mut vm_b = TestVm::new(RAM).unwrap();
-    let att_a = attach_ivshmem(&vm_a, dev_a, shm.clone(), path).unwrap();
-    let att_b = attach_ivshmem(&vm_b, dev_b, shm.clone(), path).unwrap();
+    let att_a = attach_ivshmem(&vm_a, dev_a, shm_a.clone(), path).unwrap();
+    let att_b = attach_ivshmem(&vm_b, dev_b, shm_b, path).unwrap();
     vm_a.load_program(&sender_program(1)).unwrap();
     vm_b.load_program(&receiver_program(0)).unwrap();
     vm_b.start().unwrap();
@@ -109,8 +122,8 @@ fn doorbell_flow(path: DoorbellPath) {
     // B: IVPosition 1, the payload A wrote through BAR2, one interrupt.
     assert_eq!(vm_b.reports(), vec![1, PAYLOAD, 1]);
     // The host sees the same bytes in the region.
-    assert_eq!(shm.view().read_u32(0x100).unwrap(), PAYLOAD);
-    assert_eq!(shm.view().read_u32(0).unwrap(), 1);
+    assert_eq!(shm_a.view().read_u32(0x100).unwrap(), PAYLOAD);
+    assert_eq!(shm_a.view().read_u32(0).unwrap(), 1);
 
     let doorbell = IVSHMEM_BAR0 + REG_DOORBELL;
     let trapped_a = att_a.device.lock().unwrap().trapped_doorbells();
@@ -151,4 +164,148 @@ fn doorbell_via_register_callbacks() {
         return;
     }
     doorbell_flow(DoorbellPath::Trapped);
+}
+
+/// The same flow with both devices as v0 clients of the real `ivshm-server`.
+#[test]
+fn doorbell_through_ivshm_server() {
+    if !kvm_or_skip("doorbell_through_ivshm_server") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ivshm-vmm-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("sock");
+    let mut region = RegionConfig::new(&socket);
+    region.vectors = 1;
+    region.memory.size = SHM_SIZE as u64;
+    let server = ServerHandle::spawn(ServerConfig::single(region)).unwrap();
+    let opts = ConnectOptions {
+        timeout: Duration::from_secs(10),
+        ..ConnectOptions::default()
+    };
+    let a = Peer::connect(&socket, opts.clone()).unwrap();
+    let b = Peer::connect(&socket, opts).unwrap();
+    let shm_a = Arc::new(a.map().unwrap());
+    let shm_b = Arc::new(b.map().unwrap());
+    // A learns about B from the server; wait (bounded) until its join message arrived.
+    let mut a: Box<dyn DoorbellLink> = Box::new(a);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while a.peer_ids().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "A never heard of B");
+        a.process_events().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    doorbell_flow_with(DoorbellPath::Kvm, a, Box::new(b), shm_a, shm_b);
+    server.shutdown().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One guest rings itself on the KVM path: a masked vector shows up in the PBA and fires
+/// when unmasked; after the guest moves BAR0 the doorbell ioeventfd follows it.
+#[test]
+fn msix_masking_and_bar0_relocation_on_kvm_path() {
+    if !kvm_or_skip("msix_masking_and_bar0_relocation_on_kvm_path") {
+        return;
+    }
+    const NEW_BAR0: u32 = 0xc000_2000;
+    const VAR_BAR1: u32 = ivshm_vmm::testvmm::guest::VARS + 4;
+    let counter = INTR_COUNTERS + 4 * u32::from(IVSHMEM_VECTOR_BASE);
+    let mut a = Asm::new(PROGRAM_BASE);
+    ivshmem_guest_prologue(&mut a, 1);
+    a.load(Reg::Ecx, VAR_BAR1)
+        .store_ind_imm(Reg::Ecx, 12, 1) // mask vector 0
+        .store_ind_imm(Reg::Ebx, REG_DOORBELL as u32, 0) // ring peer 0 (ourselves) vector 0
+        .load_ind(Reg::Eax, Reg::Ecx, 0x800) // PBA
+        .report(Reg::Eax)
+        .load(Reg::Eax, counter)
+        .report(Reg::Eax)
+        .store_ind_imm(Reg::Ecx, 12, 0) // unmask: the pending interrupt arrives
+        .mov_imm(Reg::Edi, 1)
+        .wait_interrupts(IVSHMEM_VECTOR_BASE, Reg::Edi, "wait1")
+        .load(Reg::Eax, counter)
+        .report(Reg::Eax)
+        .load(Reg::Ecx, VAR_BAR1)
+        .load_ind(Reg::Eax, Reg::Ecx, 0x800)
+        .report(Reg::Eax)
+        // Move BAR0 and ring through the new address.
+        .mov_imm(Reg::Eax, NEW_BAR0)
+        .pci_write_eax(1, 4)
+        .mov_imm(Reg::Ebx, NEW_BAR0)
+        .store_ind_imm(Reg::Ebx, REG_DOORBELL as u32, 0)
+        .mov_imm(Reg::Edi, 2)
+        .wait_interrupts(IVSHMEM_VECTOR_BASE, Reg::Edi, "wait2")
+        .load(Reg::Eax, counter)
+        .report(Reg::Eax)
+        // IVPosition still answers at the new place.
+        .load_ind(Reg::Eax, Reg::Ebx, 8)
+        .report(Reg::Eax)
+        .exit(0);
+
+    let bus = LocalDoorbellBus::new();
+    let dev = IvshmemDevice::new_doorbell(SHM_SIZE as u64, 1, Box::new(bus.join(1).unwrap()), true)
+        .unwrap();
+    let mut vm = TestVm::new(RAM).unwrap();
+    let att = attach_ivshmem(&vm, dev, shared_region(), DoorbellPath::Kvm).unwrap();
+    vm.load_program(&a.finish().unwrap()).unwrap();
+    vm.start().unwrap();
+    let code = vm.wait_exit(TIMEOUT);
+    assert_eq!(code.unwrap(), 0, "reports {:x?}", vm.reports());
+    // IVPosition, PBA while masked, counter while masked, counter after unmask, PBA after,
+    // counter after the relocated ring, IVPosition through the new BAR0.
+    assert_eq!(vm.reports(), vec![0, 1, 0, 1, 0, 2, 0]);
+    assert_eq!(vm.mmio_exits_at(IVSHMEM_BAR0 + REG_DOORBELL), 0);
+    assert_eq!(vm.mmio_exits_at(u64::from(NEW_BAR0) + REG_DOORBELL), 0);
+    assert_eq!(vm.mmio_exits_at(u64::from(NEW_BAR0) + 8), 1);
+    assert_eq!(att.device.lock().unwrap().trapped_doorbells(), 0);
+}
+
+/// ivshmem-plain: two guests share a memory backend without a server or interrupts.
+#[test]
+fn plain_shared_memory_between_two_vms() {
+    if !kvm_or_skip("plain_shared_memory_between_two_vms") {
+        return;
+    }
+    let shm = shared_region();
+    let mut writer = Asm::new(PROGRAM_BASE);
+    ivshmem_guest_prologue(&mut writer, 0);
+    writer
+        .store_ind_imm(Reg::Esi, 0x200, PAYLOAD)
+        .store_ind_imm(Reg::Esi, 0x204, 1) // flag after data
+        .exit(0);
+    let mut reader = Asm::new(PROGRAM_BASE);
+    ivshmem_guest_prologue(&mut reader, 0);
+    reader
+        .label("spin")
+        .load_ind(Reg::Eax, Reg::Esi, 0x204)
+        .cmp_imm(Reg::Eax, 1)
+        .jcc(Cond::E, "seen")
+        .pause()
+        .jmp("spin")
+        .label("seen")
+        .load_ind(Reg::Eax, Reg::Esi, 0x200)
+        .report(Reg::Eax)
+        .exit(0);
+    let mut vms = Vec::new();
+    let mut devices = Vec::new();
+    for code in [writer.finish().unwrap(), reader.finish().unwrap()] {
+        let dev = IvshmemDevice::new_plain(SHM_SIZE as u64, false).unwrap();
+        let vm = TestVm::new(RAM).unwrap();
+        devices.push(attach_ivshmem(&vm, dev, shm.clone(), DoorbellPath::Kvm).unwrap());
+        vm.load_program(&code).unwrap();
+        vms.push(vm);
+    }
+    for vm in &mut vms {
+        vm.start().unwrap();
+    }
+    for vm in &vms {
+        assert_eq!(
+            vm.wait_exit(TIMEOUT).unwrap(),
+            0,
+            "reports {:x?}",
+            vm.reports()
+        );
+    }
+    assert_eq!(vms[0].reports(), vec![0]);
+    assert_eq!(vms[1].reports(), vec![0, PAYLOAD]);
 }

@@ -17,6 +17,7 @@
 //!   with datamatch on BAR0+12 (so doorbell writes never exit), and every own vector is an
 //!   irqfd routed to its MSI-X message (so interrupts never pass through the VMM).
 
+mod client_link;
 mod device;
 pub mod kvm;
 pub mod link;
