@@ -72,12 +72,12 @@ pub enum DoorbellError {
         size: usize,
     },
     /// An eventfd operation failed.
-    #[error("eventfd {op} failed: {source}")]
+    #[error("eventfd {op} failed: {error}")]
     Eventfd {
         /// Which operation.
         op: &'static str,
         /// The OS error.
-        source: Errno,
+        error: Errno,
     },
     /// Register access failed.
     #[error("register access failed: {0}")]
@@ -111,9 +111,9 @@ impl VectorEventfds {
         let fds = (0..vectors)
             .map(|_| eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| DoorbellError::Eventfd {
+            .map_err(|error| DoorbellError::Eventfd {
                 op: "create",
-                source,
+                error,
             })?;
         Ok(VectorEventfds { fds })
     }
@@ -148,10 +148,10 @@ impl VectorEventfds {
             Ok(8) => Ok(u64::from_ne_bytes(value)),
             Ok(_) => Err(DoorbellError::Eventfd {
                 op: "read",
-                source: Errno::IO,
+                error: Errno::IO,
             }),
             Err(Errno::AGAIN) => Ok(0),
-            Err(source) => Err(DoorbellError::Eventfd { op: "read", source }),
+            Err(error) => Err(DoorbellError::Eventfd { op: "read", error }),
         }
     }
 
@@ -175,7 +175,7 @@ impl VectorEventfds {
             let mut fds = [PollFd::new(&self.fds[index], PollFlags::IN)];
             match poll(&mut fds, Some(&timespec(remaining))) {
                 Ok(_) | Err(Errno::INTR) => {}
-                Err(source) => return Err(DoorbellError::Eventfd { op: "poll", source }),
+                Err(error) => return Err(DoorbellError::Eventfd { op: "poll", error }),
             }
         }
     }
@@ -208,7 +208,7 @@ impl VectorEventfds {
                 .collect();
             match poll(&mut fds, Some(&timespec(remaining))) {
                 Ok(_) | Err(Errno::INTR) => {}
-                Err(source) => return Err(DoorbellError::Eventfd { op: "poll", source }),
+                Err(error) => return Err(DoorbellError::Eventfd { op: "poll", error }),
             }
         }
     }

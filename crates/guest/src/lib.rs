@@ -377,6 +377,21 @@ impl IvshmemDevice {
         Ok(())
     }
 
+    /// Whether [`IvshmemDevice::wait`] can work: `Err(NoInterrupts)` in sysfs mode without a
+    /// polling area, or on a device without vectors.
+    pub fn check_can_wait(&self) -> Result<(), DoorbellError> {
+        match (&self.eventfds, &self.poll) {
+            (Some(fds), _) if !fds.is_empty() => Ok(()),
+            (_, Some(_)) => Ok(()),
+            (Some(_), None) => Err(DoorbellError::NoInterrupts {
+                reason: "the device has no MSI-X vectors",
+            }),
+            (None, None) => Err(DoorbellError::NoInterrupts {
+                reason: "sysfs mode",
+            }),
+        }
+    }
+
     /// Waits until own `vector` is rung; returns the count of doorbells (coalesced). VFIO mode:
     /// sleeps on the vector's eventfd. Sysfs mode: polls the polling area (see
     /// [`IvshmemDevice::set_poll_area`]), or fails with [`DoorbellError::NoInterrupts`] without one.

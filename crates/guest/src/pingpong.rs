@@ -87,14 +87,14 @@ pub enum PingPongError {
     #[error("no responder marked the control block ready within {0:?}: start `ivshm guest bench --respond` on the other side first")]
     NoResponder(Duration),
     /// A doorbell did not arrive: it was lost (or the peer died).
-    #[error("round trip {round_trip} of the {phase} phase got no answer: {source}")]
+    #[error("round trip {round_trip} of the {phase} phase got no answer: {error}")]
     Lost {
         /// Which phase.
         phase: &'static str,
         /// Sequence number (1-based).
         round_trip: u32,
         /// The wait error.
-        source: DoorbellError,
+        error: DoorbellError,
     },
     /// The echo did not match.
     #[error("round trip {round_trip}: expected echo {expected:#x}, found {found:#x}")]
@@ -236,10 +236,10 @@ fn doorbell_round_trip(
         .map_err(PingPongError::Ring)?;
     let count = doorbells
         .wait_rung(config.vector, config.timeout)
-        .map_err(|source| PingPongError::Lost {
+        .map_err(|error| PingPongError::Lost {
             phase: "doorbell",
             round_trip,
-            source,
+            error,
         })?;
     if count != 1 {
         return Err(PingPongError::Extra { round_trip, count });
@@ -331,10 +331,10 @@ pub fn run_responder(
     loop {
         doorbells
             .wait_rung(config.vector, config.timeout)
-            .map_err(|source| PingPongError::Lost {
+            .map_err(|error| PingPongError::Lost {
                 phase: "doorbell",
                 round_trip: report.doorbells + 1,
-                source,
+                error,
             })?;
         let value = block.ping.load(Ordering::SeqCst);
         block.pong.store(value, Ordering::SeqCst);

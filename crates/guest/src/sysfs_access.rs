@@ -25,20 +25,20 @@ pub enum SysfsError {
         detail: String,
     },
     /// Writing `enable` failed.
-    #[error("enabling the device through {path} failed: {source}")]
+    #[error("enabling the device through {path} failed: {error}")]
     Enable {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Opening a `resourceN` file failed.
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}: {error}")]
     Open {
         /// The file.
         path: PathBuf,
         /// The OS error.
-        source: Errno,
+        error: Errno,
     },
     /// The BAR does not exist or is not memory.
     #[error("BAR{bar} of {address} is absent or not a memory BAR")]
@@ -57,12 +57,12 @@ pub enum SysfsError {
         size: u64,
     },
     /// mmap failed.
-    #[error("mapping {path} failed: {source}")]
+    #[error("mapping {path} failed: {error}")]
     Map {
         /// The file.
         path: PathBuf,
         /// The mapping error.
-        source: MapError,
+        error: MapError,
     },
 }
 
@@ -81,16 +81,16 @@ pub fn enable_device(paths: &SystemPaths, function: &PciFunction) -> Result<(), 
         .truncate(true)
         .open(&path)
         .and_then(|mut f| f.write_all(b"1"));
-    result.map_err(|source| {
-        if source.kind() == std::io::ErrorKind::PermissionDenied {
+    result.map_err(|error| {
+        if error.kind() == std::io::ErrorKind::PermissionDenied {
             SysfsError::Permission {
                 path: path.clone(),
-                detail: source.to_string(),
+                detail: error.to_string(),
             }
         } else {
             SysfsError::Enable {
                 path: path.clone(),
-                source,
+                error,
             }
         }
     })
@@ -122,18 +122,18 @@ pub fn map_bar(
         OFlags::RDWR | OFlags::CLOEXEC | OFlags::SYNC,
         Mode::empty(),
     )
-    .map_err(|source| match source {
+    .map_err(|error| match error {
         Errno::ACCESS | Errno::PERM => SysfsError::Permission {
             path: path.clone(),
-            detail: source.to_string(),
+            detail: error.to_string(),
         },
         _ => SysfsError::Open {
             path: path.clone(),
-            source,
+            error,
         },
     })?;
     Mapping::map_fd(rustix::fd::AsFd::as_fd(&fd), 0, len)
-        .map_err(|source| SysfsError::Map { path, source })
+        .map_err(|error| SysfsError::Map { path, error })
 }
 
 #[cfg(test)]

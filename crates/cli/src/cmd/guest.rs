@@ -1,14 +1,512 @@
-//! `ivshm guest` subcommands (placeholder until implemented).
+//! `ivshm guest` subcommands: inside a Linux guest, find ivshmem devices, map them, ring and
+//! receive doorbells (see `ivshm-guest`).
 
-use clap::Subcommand;
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use ivshm_guest::pingpong::{self, PingPongConfig};
+use ivshm_guest::{
+    find_devices, AccessMode, DeviceSelector, DoorbellError, FoundDevice, IvshmemDevice,
+    OpenOptions, PollDoorbells, SystemPaths,
+};
+use std::io::Write;
+use std::time::{Duration, Instant};
 
+/// Inside a Linux guest: list, inspect and use ivshmem devices.
 #[derive(Subcommand, Debug)]
 pub enum GuestCommand {
-    /// Placeholder.
-    #[command(name = "guest-placeholder", hide = true)]
-    Placeholder,
+    /// List recognised shared-memory PCI devices, one line each.
+    List(ListArgs),
+    /// Show one device's PCI information and, when it can be mapped, its own peer ID.
+    Info(InfoArgs),
+    /// Ring vector V of peer N (one write to the Doorbell register).
+    Notify(NotifyArgs),
+    /// Wait for own doorbells; prints `self ...` once ready, then `doorbell vector=<V>` per doorbell.
+    Wait(WaitArgs),
+    /// Print shared-memory bytes as hex (or raw).
+    Read(ReadArgs),
+    /// Write hex bytes or a file's contents into shared memory.
+    Write(WriteArgs),
+    /// Doorbell round trips with a peer, next to shared-memory polling round trips in the same run.
+    Bench(BenchArgs),
 }
 
-pub fn run(_c: GuestCommand) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+/// `list` arguments.
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// sysfs root (for testing).
+    #[arg(long, default_value = "/sys", hide = true)]
+    sysfs: std::path::PathBuf,
+}
+
+/// Which device and how to open it.
+#[derive(Args, Debug)]
+pub struct DeviceArgs {
+    /// Device: PCI address (0000:00:03.0 or 00:03.0) or index from `list`; default: the only one.
+    #[arg(value_name = "DEV")]
+    dev: Option<String>,
+    /// Access mode: vfio (interrupts) or sysfs (no interrupts); default: vfio for doorbell devices,
+    /// sysfs for plain ones.
+    #[arg(long, value_parser = parse_mode)]
+    mode: Option<AccessMode>,
+    /// VFIO: unbind another driver that owns the device (it is rebound with --restore-driver).
+    #[arg(long)]
+    take_over: bool,
+    /// VFIO: on exit, unbind vfio-pci and rebind the driver the device had before.
+    #[arg(long)]
+    restore_driver: bool,
+    /// sysfs root (for testing).
+    #[arg(long, default_value = "/sys", hide = true)]
+    sysfs: std::path::PathBuf,
+}
+
+/// `info` arguments.
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Only print what sysfs says; do not map the device to read its peer ID.
+    #[arg(long)]
+    no_open: bool,
+}
+
+/// `notify` arguments.
+#[derive(Args, Debug)]
+pub struct NotifyArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Target peer ID.
+    #[arg(long)]
+    peer: u16,
+    /// Target vector.
+    #[arg(long)]
+    vector: u16,
+    /// Also increment the receiver's polling counter for this vector at this shared-memory
+    /// offset (for a receiver in sysfs mode, see `wait --poll-offset`).
+    #[arg(long, value_parser = parse_offset)]
+    poll_offset: Option<usize>,
+}
+
+/// `wait` arguments.
+#[derive(Args, Debug)]
+pub struct WaitArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Own vector to wait on; default: all of them (VFIO mode).
+    #[arg(long)]
+    vector: Option<u16>,
+    /// Exit 0 after this many doorbell lines.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Exit 1 with an error if the count was not reached within this many seconds.
+    #[arg(long, value_parser = parse_seconds)]
+    timeout: Option<Duration>,
+    /// sysfs mode: poll 32-bit counters at this shared-memory offset (4 bytes per vector)
+    /// instead of waiting for interrupts; senders use `notify --poll-offset`.
+    #[arg(long, value_parser = parse_offset)]
+    poll_offset: Option<usize>,
+}
+
+/// `read` arguments.
+#[derive(Args, Debug)]
+pub struct ReadArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Offset in shared memory.
+    #[arg(long, value_parser = parse_offset)]
+    offset: usize,
+    /// Bytes to read.
+    #[arg(long, value_parser = parse_offset)]
+    len: usize,
+    /// Write the raw bytes instead of hex.
+    #[arg(long)]
+    raw: bool,
+}
+
+/// `write` arguments.
+#[derive(Args, Debug)]
+pub struct WriteArgs {
+    /// Hex bytes (`deadbeef`) or `@FILE`.
+    data: String,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Offset in shared memory.
+    #[arg(long, value_parser = parse_offset)]
+    offset: usize,
+}
+
+/// `bench` arguments.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// The other side's peer ID.
+    #[arg(long)]
+    peer: u16,
+    /// Answer a pinger instead of driving (start this side first).
+    #[arg(long)]
+    respond: bool,
+    /// Round trips per phase.
+    #[arg(long, default_value_t = 1000)]
+    count: u32,
+    /// Vector rung in both directions.
+    #[arg(long, default_value_t = 0)]
+    vector: u16,
+    /// Offset of the 16-byte control block in shared memory (both sides must agree).
+    #[arg(long, value_parser = parse_offset, default_value = "0")]
+    offset: usize,
+    /// Longest wait for one step, in seconds (the responder's first wait too).
+    #[arg(long, value_parser = parse_seconds, default_value = "60")]
+    timeout: Duration,
+}
+
+fn parse_mode(s: &str) -> Result<AccessMode, String> {
+    s.parse()
+}
+
+fn parse_offset(s: &str) -> Result<usize, String> {
+    let value = ivshm_mem::parse_size(s).map_err(|e| e.to_string())?;
+    usize::try_from(value).map_err(|_| format!("{s} is too large"))
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let seconds: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    Duration::try_from_secs_f64(seconds)
+        .map_err(|_| format!("`{s}` is not a valid number of seconds"))
+}
+
+/// Parses `deadbeef` (even number of hex digits) or `@FILE`.
+fn parse_data(data: &str) -> anyhow::Result<Vec<u8>> {
+    if let Some(path) = data.strip_prefix('@') {
+        return std::fs::read(path).with_context(|| format!("reading {path}"));
+    }
+    let digits = data.trim();
+    if digits.len() % 2 != 0 {
+        bail!(
+            "hex data must have an even number of digits (got {})",
+            digits.len()
+        );
+    }
+    (0..digits.len())
+        .step_by(2)
+        .map(|i| {
+            let pair = digits.get(i..i + 2).context("hex data must be ASCII")?;
+            u8::from_str_radix(pair, 16).with_context(|| format!("`{pair}` is not a hex byte"))
+        })
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl DeviceArgs {
+    fn paths(&self) -> SystemPaths {
+        SystemPaths {
+            sysfs: self.sysfs.clone(),
+            ..SystemPaths::default()
+        }
+    }
+
+    fn selector(&self) -> anyhow::Result<DeviceSelector> {
+        match &self.dev {
+            None => Ok(DeviceSelector::Only),
+            Some(text) => Ok(text.parse()?),
+        }
+    }
+
+    fn find(&self) -> anyhow::Result<FoundDevice> {
+        Ok(ivshm_guest::find_device(&self.paths(), self.selector()?)?)
+    }
+
+    fn open_with(&self, mode: Option<AccessMode>) -> anyhow::Result<IvshmemDevice> {
+        let options = OpenOptions {
+            paths: self.paths(),
+            mode: mode.or(self.mode),
+            take_over_driver: self.take_over,
+        };
+        let device = IvshmemDevice::open_found(self.find()?, &options)?;
+        tracing::debug!(?device, "opened");
+        Ok(device)
+    }
+
+    fn open(&self) -> anyhow::Result<IvshmemDevice> {
+        self.open_with(None)
+    }
+
+    /// Closes the device, restoring the original driver if asked to.
+    fn close(&self, device: IvshmemDevice) -> anyhow::Result<()> {
+        if self.restore_driver {
+            device.close_and_restore_driver()?;
+        }
+        Ok(())
+    }
+}
+
+pub fn run(c: GuestCommand) -> anyhow::Result<()> {
+    match c {
+        GuestCommand::List(a) => list(&a),
+        GuestCommand::Info(a) => info(&a),
+        GuestCommand::Notify(a) => notify(&a),
+        GuestCommand::Wait(a) => wait(&a),
+        GuestCommand::Read(a) => read(&a),
+        GuestCommand::Write(a) => write(&a),
+        GuestCommand::Bench(a) => bench(&a),
+    }
+}
+
+fn or_none<T: ToString>(value: Option<T>) -> String {
+    value.map_or_else(|| "none".to_owned(), |v| v.to_string())
+}
+
+fn list(a: &ListArgs) -> anyhow::Result<()> {
+    let devices = find_devices(&SystemPaths {
+        sysfs: a.sysfs.clone(),
+        ..SystemPaths::default()
+    })?;
+    let mut out = std::io::stdout().lock();
+    for (index, d) in devices.iter().enumerate() {
+        let f = &d.function;
+        writeln!(
+            out,
+            "{index} {} {:04x}:{:04x} {}{} driver={} iommu_group={} vectors={} size={}",
+            f.address,
+            f.vendor,
+            f.device,
+            d.kind,
+            if d.kind.is_supported() {
+                ""
+            } else {
+                " (recognised, not supported)"
+            },
+            or_none(f.driver.as_deref()),
+            or_none(f.iommu_group),
+            d.msix_vectors(),
+            f.bar(2).map_or(0, |r| r.size()),
+        )?;
+    }
+    if devices.is_empty() {
+        eprintln!("no ivshmem, QNX guest_shm or Jailhouse ivshmem-v2 device found");
+    }
+    Ok(())
+}
+
+fn info(a: &InfoArgs) -> anyhow::Result<()> {
+    let found = a.device.find()?;
+    let f = &found.function;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "address={}", f.address)?;
+    writeln!(out, "kind={}", found.kind)?;
+    writeln!(
+        out,
+        "vendor={:#06x} device={:#06x} revision={}",
+        f.vendor, f.device, f.revision
+    )?;
+    writeln!(out, "class={:#08x}", f.class)?;
+    writeln!(
+        out,
+        "subsystem_vendor={:#06x} subsystem_device={:#06x}",
+        f.subsystem_vendor, f.subsystem_device
+    )?;
+    for (bar, r) in f
+        .resources
+        .iter()
+        .enumerate()
+        .take(6)
+        .filter(|(_, r)| r.is_present())
+    {
+        writeln!(
+            out,
+            "bar{bar} start={:#x} size={} flags={:#x}",
+            r.start,
+            r.size(),
+            r.flags
+        )?;
+    }
+    match (&f.msix, &f.capability_error) {
+        (Some(m), _) => writeln!(out, "msix vectors={} enabled={}", m.table_size, m.enabled)?,
+        (None, Some(e)) => writeln!(out, "msix unknown ({e})")?,
+        (None, None) => writeln!(out, "msix none")?,
+    }
+    writeln!(out, "driver={}", or_none(f.driver.as_deref()))?;
+    writeln!(out, "iommu_group={}", or_none(f.iommu_group))?;
+    out.flush()?;
+    if a.no_open {
+        return Ok(());
+    }
+    // Reading IVPosition needs no interrupts: sysfs unless a mode was asked for.
+    let device = a
+        .device
+        .open_with(Some(a.device.mode.unwrap_or(AccessMode::Sysfs)))?;
+    writeln!(out, "id={}", device.id()?)?;
+    writeln!(out, "size={}", device.shared_memory().len())?;
+    writeln!(out, "mode={}", device.mode())?;
+    a.device.close(device)
+}
+
+fn notify(a: &NotifyArgs) -> anyhow::Result<()> {
+    let device = a.device.open()?;
+    if let Some(offset) = a.poll_offset {
+        PollDoorbells::ring(device.shared_memory(), offset, a.vector)?;
+    }
+    device.notify(a.peer, a.vector)?;
+    a.device.close(device)
+}
+
+fn wait(a: &WaitArgs) -> anyhow::Result<()> {
+    let mut device = a.device.open()?;
+    if let Some(offset) = a.poll_offset {
+        device.set_poll_area(offset)?;
+    }
+    device.check_can_wait()?;
+    if let Some(v) = a.vector {
+        // With no vectors at all, `wait` itself explains why (no interrupts in this mode).
+        if device.vectors() > 0 && v >= device.vectors() {
+            return Err(DoorbellError::VectorOutOfRange {
+                vector: v,
+                vectors: device.vectors(),
+            }
+            .into());
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "self id={} vectors={} size={}",
+        device.id()?,
+        device.vectors(),
+        device.shared_memory().len()
+    )?;
+    out.flush()?;
+    let deadline = a.timeout.map(|t| Instant::now() + t);
+    let mut lines = 0u64;
+    while a.count.is_none_or(|k| lines < k) {
+        // Without --timeout wait in long slices forever.
+        let slice = match deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()),
+            None => Duration::from_secs(3600),
+        };
+        let rung = match a.vector {
+            Some(v) => device.wait(v, slice).map(|count| vec![(v, count)]),
+            None => device.wait_any(slice),
+        };
+        let rung = match rung {
+            Ok(r) => r,
+            Err(DoorbellError::Timeout { .. }) if deadline.is_none() => continue,
+            Err(DoorbellError::Timeout { .. }) => {
+                bail!(
+                    "timed out after {:?}: {lines} of {} doorbell(s) received",
+                    a.timeout.unwrap_or_default(),
+                    a.count
+                        .map_or_else(|| "unlimited".to_owned(), |k| k.to_string())
+                )
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for (vector, count) in rung {
+            tracing::debug!(vector, count, "doorbell");
+            writeln!(out, "doorbell vector={vector}")?;
+            out.flush()?;
+            lines += 1;
+            if a.count.is_some_and(|k| lines >= k) {
+                break;
+            }
+        }
+    }
+    a.device.close(device)
+}
+
+fn read(a: &ReadArgs) -> anyhow::Result<()> {
+    let device = a.device.open()?;
+    let mut buf = vec![0u8; a.len];
+    device.shared_memory().read(a.offset, &mut buf)?;
+    let mut out = std::io::stdout().lock();
+    if a.raw {
+        out.write_all(&buf)?;
+    } else {
+        writeln!(out, "{}", hex(&buf))?;
+    }
+    out.flush()?;
+    a.device.close(device)
+}
+
+fn write(a: &WriteArgs) -> anyhow::Result<()> {
+    let data = parse_data(&a.data)?;
+    let device = a.device.open()?;
+    device.shared_memory().write(a.offset, &data)?;
+    a.device.close(device)
+}
+
+fn bench(a: &BenchArgs) -> anyhow::Result<()> {
+    let device = a.device.open()?;
+    device.check_can_wait()?;
+    let config = PingPongConfig {
+        peer: a.peer,
+        vector: a.vector,
+        round_trips: a.count,
+        timeout: a.timeout,
+    };
+    let memory = device.shared_memory();
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "self id={} vectors={} size={}",
+        device.id()?,
+        device.vectors(),
+        memory.len()
+    )?;
+    out.flush()?;
+    if a.respond {
+        let report = pingpong::run_responder(memory, a.offset, &device, &config)?;
+        writeln!(
+            out,
+            "responded doorbells={} polls={}",
+            report.doorbells, report.polls
+        )?;
+    } else {
+        let report = pingpong::run_pinger(memory, a.offset, &device, &config)?;
+        writeln!(
+            out,
+            "doorbell round_trips={} lost=0 mean_ns={}",
+            report.doorbell_round_trips,
+            report.doorbell_mean().as_nanos()
+        )?;
+        writeln!(
+            out,
+            "polling round_trips={} mean_ns={}",
+            report.polling_round_trips,
+            report.polling_mean().as_nanos()
+        )?;
+        writeln!(out, "ratio doorbell/polling={:.2}", report.ratio())?;
+    }
+    out.flush()?;
+    a.device.close(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_hex_data() {
+        assert_eq!(
+            parse_data("deadBEEF").unwrap(),
+            vec![0xde, 0xad, 0xbe, 0xef]
+        );
+        assert_eq!(parse_data("").unwrap(), Vec::<u8>::new());
+        assert!(parse_data("abc").is_err());
+        assert!(parse_data("zz").is_err());
+        assert!(parse_data("é0").is_err());
+        assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
+    }
+
+    #[test]
+    fn parses_seconds_and_offsets() {
+        assert_eq!(parse_seconds("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("soon").is_err());
+        assert_eq!(parse_offset("4K").unwrap(), 4096);
+        assert_eq!(parse_offset("0x10").unwrap(), 16);
+    }
 }

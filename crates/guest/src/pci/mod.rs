@@ -63,12 +63,12 @@ impl SystemPaths {
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
     /// A sysfs file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A sysfs file does not hold what the kernel writes there.
     #[error("unexpected contents in {path}: `{text}`")]
@@ -79,12 +79,12 @@ pub enum DiscoveryError {
         text: String,
     },
     /// The `resource` file is malformed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Resource {
         /// The file.
         path: PathBuf,
         /// What was wrong.
-        source: ResourceParseError,
+        error: ResourceParseError,
     },
     /// There is no PCI bus in sysfs (is sysfs mounted?).
     #[error("{path} does not exist: is sysfs mounted (mount -t sysfs sysfs /sys)?")]
@@ -131,9 +131,9 @@ impl PciFunction {
 }
 
 fn read_text(path: &Path) -> Result<String, DiscoveryError> {
-    std::fs::read_to_string(path).map_err(|source| DiscoveryError::Read {
+    std::fs::read_to_string(path).map_err(|error| DiscoveryError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -181,10 +181,10 @@ pub fn read_function(
     let subsystem_vendor = read_hex(&dir, "subsystem_vendor", 0xffff)? as u16;
     let subsystem_device = read_hex(&dir, "subsystem_device", 0xffff)? as u16;
     let resource_path = dir.join("resource");
-    let resources = parse_resource_file(&read_text(&resource_path)?).map_err(|source| {
+    let resources = parse_resource_file(&read_text(&resource_path)?).map_err(|error| {
         DiscoveryError::Resource {
             path: resource_path,
-            source,
+            error,
         }
     })?;
     let (msix, capability_error) = match find_msix(&config) {
@@ -217,13 +217,13 @@ pub fn list_addresses(paths: &SystemPaths) -> Result<Vec<PciAddress>, DiscoveryE
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(DiscoveryError::NoPciBus { path: dir })
         }
-        Err(source) => return Err(DiscoveryError::Read { path: dir, source }),
+        Err(error) => return Err(DiscoveryError::Read { path: dir, error }),
     };
     let mut addresses = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|source| DiscoveryError::Read {
+        let entry = entry.map_err(|error| DiscoveryError::Read {
             path: dir.clone(),
-            source,
+            error,
         })?;
         if let Some(address) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
             addresses.push(address);

@@ -64,16 +64,16 @@ pub(crate) fn write_sysfs(path: &Path, text: &str) -> Result<(), VfioError> {
         .truncate(true)
         .open(path)
         .and_then(|mut f| f.write_all(text.as_bytes()));
-    result.map_err(|source| {
-        if source.kind() == std::io::ErrorKind::PermissionDenied {
+    result.map_err(|error| {
+        if error.kind() == std::io::ErrorKind::PermissionDenied {
             VfioError::Permission {
                 path: path.to_owned(),
-                detail: source.to_string(),
+                detail: error.to_string(),
             }
         } else {
             VfioError::Sysfs {
                 path: path.to_owned(),
-                source,
+                error,
             }
         }
     })

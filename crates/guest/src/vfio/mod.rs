@@ -63,20 +63,20 @@ pub enum VfioError {
         detail: String,
     },
     /// Writing a sysfs file failed.
-    #[error("writing {path} failed: {source}")]
+    #[error("writing {path} failed: {error}")]
     Sysfs {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Opening a VFIO node failed.
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}: {error}")]
     Open {
         /// The node.
         path: PathBuf,
         /// The OS error.
-        source: Errno,
+        error: Errno,
     },
     /// The group node does not exist although the function has a group.
     #[error(
@@ -84,6 +84,12 @@ pub enum VfioError {
     )]
     NoGroupNode {
         /// The missing node.
+        path: PathBuf,
+    },
+    /// Another process holds the group open (VFIO allows one user per group).
+    #[error("{path} is busy: another process has this device open through VFIO (only one may); wait for it to exit, or use the sysfs mode for memory access and ringing")]
+    GroupBusy {
+        /// The group node.
         path: PathBuf,
     },
     /// Some device in the same IOMMU group is bound to a non-VFIO driver.
@@ -99,12 +105,12 @@ pub enum VfioError {
     #[error("the VFIO container supports no type1 IOMMU (is vfio_iommu_type1 loaded?)")]
     NoType1Iommu,
     /// A VFIO ioctl failed.
-    #[error("{name} failed: {source}")]
+    #[error("{name} failed: {error}")]
     Ioctl {
         /// The ioctl.
         name: &'static str,
         /// The OS error.
-        source: Errno,
+        error: Errno,
     },
     /// A BAR region is absent or too small.
     #[error("VFIO region {index} is missing or smaller than {needed} bytes (size {size})")]
@@ -117,45 +123,45 @@ pub enum VfioError {
         needed: u64,
     },
     /// Mapping a region failed.
-    #[error("mapping VFIO region {index} failed: {source}")]
+    #[error("mapping VFIO region {index} failed: {error}")]
     Map {
         /// Region index.
         index: u32,
         /// The mapping error.
-        source: MapError,
+        error: MapError,
     },
     /// A short or failed pread/pwrite on a region.
-    #[error("accessing VFIO region {index} at {offset:#x} failed: {source}")]
+    #[error("accessing VFIO region {index} at {offset:#x} failed: {error}")]
     RegionIo {
         /// Region index.
         index: u32,
         /// Offset inside the region.
         offset: u64,
         /// The OS error.
-        source: Errno,
+        error: Errno,
     },
 }
 
 fn open_node(path: &Path) -> Result<OwnedFd, VfioError> {
-    rustix::fs::open(path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()).map_err(|source| {
-        match source {
+    rustix::fs::open(path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()).map_err(|error| {
+        match error {
             Errno::ACCESS | Errno::PERM => VfioError::Permission {
                 path: path.to_owned(),
-                detail: source.to_string(),
+                detail: error.to_string(),
             },
             Errno::NOENT => VfioError::NoGroupNode {
                 path: path.to_owned(),
             },
             _ => VfioError::Open {
                 path: path.to_owned(),
-                source,
+                error,
             },
         }
     })
 }
 
 fn ioctl_err(name: &'static str) -> impl FnOnce(Errno) -> VfioError {
-    move |source| VfioError::Ioctl { name, source }
+    move |error| VfioError::Ioctl { name, error }
 }
 
 /// An open VFIO device: container, group and device file descriptors.
@@ -204,7 +210,7 @@ impl VfioDevice {
         ioctl::set_iommu(container.as_fd(), iommu_type).map_err(ioctl_err("VFIO_SET_IOMMU"))?;
         let name = CString::new(address.to_string()).map_err(|_| VfioError::Ioctl {
             name: "VFIO_GROUP_GET_DEVICE_FD",
-            source: Errno::INVAL,
+            error: Errno::INVAL,
         })?;
         let device = ioctl::group_get_device_fd(group_fd.as_fd(), &name)
             .map_err(ioctl_err("VFIO_GROUP_GET_DEVICE_FD"))?;
@@ -257,7 +263,7 @@ impl VfioDevice {
             needed: len,
         })?;
         Mapping::map_fd(self.device.as_fd(), region.offset, len)
-            .map_err(|source| VfioError::Map { index, source })
+            .map_err(|error| VfioError::Map { index, error })
     }
 
     /// Reads `buf.len()` bytes at `offset` inside a region, with one `pread`.
@@ -267,10 +273,10 @@ impl VfioDevice {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), VfioError> {
-        let err = |source| VfioError::RegionIo {
+        let err = |error| VfioError::RegionIo {
             index: region.index,
             offset,
-            source,
+            error,
         };
         let n = rustix::io::pread(&self.device, &mut *buf, region.offset + offset).map_err(err)?;
         if n != buf.len() {
@@ -287,10 +293,10 @@ impl VfioDevice {
         offset: u64,
         data: &[u8],
     ) -> Result<(), VfioError> {
-        let err = |source| VfioError::RegionIo {
+        let err = |error| VfioError::RegionIo {
             index: region.index,
             offset,
-            source,
+            error,
         };
         let n = rustix::io::pwrite(&self.device, data, region.offset + offset).map_err(err)?;
         if n != data.len() {
