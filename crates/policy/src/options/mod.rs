@@ -107,7 +107,8 @@ pub struct VdevShmem {
     pub rules: RuleList,
     /// The `subst` option.
     pub subst: Option<Subst>,
-    /// `create` options in the order written.
+    /// `create` options in the order written; in a parsed block the ones `subst` applies to
+    /// come after all the others (rendering writes them in that order).
     pub creates: Vec<CreateOption>,
     /// The `loc` option: guest-physical address of the factory page (MMIO mode).
     pub loc: Option<u64>,

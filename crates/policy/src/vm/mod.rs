@@ -1,0 +1,501 @@
+//! [`VmPolicy`]: one VM's shmem policy, and the decision for a guest's create/attach request.
+//!
+//! # Patterns see the guest's name, before substitution
+//!
+//! `allow`/`deny` patterns are matched against the name the guest wrote into the factory page,
+//! not against the host name `subst` makes of it. Reasons, from QNX's text:
+//!
+//! * the restrictions list is described entirely from the guest's side: `allow test*` lets "the
+//!   guest create or attach to any shared memory region whose name begins with test", and the
+//!   examples (`test*`, `pluto`, `plutoplanet`) are names guest programs use;
+//! * `subst` is described as what is "presented to the host", existing so that every guest can
+//!   use the same names ("so you can use the same executables in the different guests"). Patterns
+//!   in the guest's namespace can then be the same in every VM's configuration too;
+//! * with `subst ,guest0`, a pattern applied after substitution would have to spell the prefix
+//!   (`allow guest0mem` for the guest's `mem`), and `deny pluto` would silently never match.
+//!
+//! Because a name without `match` passes through `subst` unchanged, a guest could otherwise reach
+//! another VM's host name (`guest0mem` from VM 1). Confine such guests with patterns in their
+//! own namespace, e.g. `allow foo*` next to `subst foo,guest1`.
+//!
+//! # Order of checks in [`VmPolicy::decide`]
+//!
+//! 1. the guest name must be a legal region name ([`crate::name`]), else `GSS_ILLEGAL_NAME`;
+//! 2. the rules are evaluated on the guest name (the deciding rule is always reported);
+//! 3. the host name (after `subst`) must be legal, in particular at most 31 bytes ("name + prefix
+//!    must not exceed GUEST_SHM_MAX_NAME"), else `GSS_ILLEGAL_NAME`;
+//! 4. a denying rule gives `GSS_NO_PERMISSION`, an allowing one `GSS_OK`.
+//!
+//! A name that cannot exist is thus reported as illegal even where the rules would deny it.
+//!
+//! # TOML form
+//!
+//! [`VmPolicy`] deserializes (via [`VmPolicyConfig`], unknown fields rejected) from:
+//!
+//! ```toml
+//! allow = ["foo*", "test*"]
+//! deny = ["foo-secret"]
+//! subst = "foo,guest0"              # [match],prefix
+//! create = [{ name = "foomem", size = "0xf0000" }, { name = "foolog", size = 65536 }]
+//! loc = 0x1b000000                  # integer or string such as "0x1b000000"
+//! intr = "gic:39"                   # or an integer line number
+//! sched = 21
+//! ```
+//!
+//! TOML arrays lose the interleaving of `allow` and `deny`, so in this form **all `deny` rules
+//! come first**, then all `allow` rules (both in array order): the usual "allow these, except
+//! those" reading. An order-dependent list needs the QNX form ([`VmPolicy::parse_qnx`]). Likewise
+//! there is no line order between `subst` and `create`: in the TOML form `subst` applies to every
+//! `create`. Sizes accept the QNX notations (`"0xf0000"`, `"960K"`) or a plain integer.
+
+use std::fmt;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::fnmatch::Pattern;
+use crate::guest_shm::{self, MAX_REGION_BYTES};
+use crate::name::{NameError, RegionName};
+use crate::number::parse_size;
+use crate::options::{CreateOption, Interrupt, ParseError, VdevShmem};
+use crate::rules::{Rule, RuleList, RuleMatch};
+use crate::status::GuestShmStatus;
+use crate::subst::Subst;
+
+/// Why a [`VmPolicy`] could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum VmPolicyError {
+    /// The QNX option block did not parse.
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    /// A `create` name is illegal after substitution.
+    #[error("create {name}: after subst the host name would be {host_name:?}: {error}")]
+    IllegalCreateName {
+        /// The name as configured.
+        name: RegionName,
+        /// The substituted name.
+        host_name: String,
+        /// What is wrong with it.
+        error: NameError,
+    },
+    /// Two `create` entries make the same host region.
+    #[error("region {host_name:?} is created twice")]
+    DuplicateCreate {
+        /// The host name.
+        host_name: String,
+    },
+    /// A `create` size is zero or too large.
+    #[error("create {name}: size {size} is not in 1..={MAX_REGION_BYTES}")]
+    BadCreateSize {
+        /// The name as configured.
+        name: RegionName,
+        /// The size in bytes.
+        size: u64,
+    },
+    /// `loc` is not page aligned.
+    #[error(
+        "loc {loc:#x} is not aligned to the {} byte factory page",
+        guest_shm::PAGE_SIZE
+    )]
+    UnalignedLoc {
+        /// The address.
+        loc: u64,
+    },
+    /// `loc` is given without `intr`.
+    #[error("loc needs intr: in MMIO mode the guest interrupt must be given")]
+    LocWithoutIntr,
+    /// `sched` is 0.
+    #[error("sched priority must be in 1..=255")]
+    BadSched,
+}
+
+/// The TOML/serde form of a VM's policy (see the [module documentation](self)).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmPolicyConfig {
+    /// `allow` patterns (checked after all `deny` patterns).
+    #[serde(default)]
+    pub allow: Vec<Pattern>,
+    /// `deny` patterns (checked first).
+    #[serde(default)]
+    pub deny: Vec<Pattern>,
+    /// `subst`, as `"[match],prefix"`; applies to every `create`.
+    #[serde(default)]
+    pub subst: Option<Subst>,
+    /// Regions to pre-create.
+    #[serde(default)]
+    pub create: Vec<CreateConfig>,
+    /// Factory page address (MMIO mode).
+    #[serde(default, deserialize_with = "optional_size")]
+    pub loc: Option<u64>,
+    /// Guest interrupt.
+    #[serde(default)]
+    pub intr: Option<Interrupt>,
+    /// Notification pulse priority.
+    #[serde(default)]
+    pub sched: Option<u8>,
+}
+
+/// One `create` entry of the TOML form.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateConfig {
+    /// The region name (before `subst`).
+    pub name: RegionName,
+    /// Size in bytes: an integer or a QNX-notation string (`"0xf0000"`, `"960K"`).
+    #[serde(deserialize_with = "size")]
+    pub size: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Integer(u64),
+    Text(String),
+}
+
+impl RawSize {
+    fn bytes<E: serde::de::Error>(self) -> Result<u64, E> {
+        match self {
+            Self::Integer(value) => Ok(value),
+            Self::Text(text) => parse_size(&text, u64::MAX).map_err(E::custom),
+        }
+    }
+}
+
+fn size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    RawSize::deserialize(deserializer)?.bytes()
+}
+
+fn optional_size<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u64>, D::Error> {
+    Option::<RawSize>::deserialize(deserializer)?
+        .map(RawSize::bytes)
+        .transpose()
+}
+
+/// A region to create when the VM starts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PreCreatedRegion {
+    /// The name as configured (the guest's name).
+    pub name: RegionName,
+    /// The host name (after `subst` where it applies).
+    pub host_name: RegionName,
+    /// Size in bytes as configured.
+    pub size: u64,
+}
+
+/// One VM's shmem policy: restrictions list, `subst`, pre-created regions and the device
+/// placement options (`loc`, `intr`, `sched`) that the server reports and device models use.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "VmPolicyConfig")]
+pub struct VmPolicy {
+    rules: RuleList,
+    subst: Option<Subst>,
+    pre_created: Vec<PreCreatedRegion>,
+    loc: Option<u64>,
+    intr: Option<Interrupt>,
+    sched: Option<u8>,
+}
+
+impl VmPolicy {
+    /// Parses a QNX `vdev shmem` block (see [`crate::options`]) into a policy.
+    pub fn parse_qnx(text: &str) -> Result<Self, VmPolicyError> {
+        Self::from_vdev(VdevShmem::parse(text)?)
+    }
+
+    /// Builds a policy from parsed options, checking them again (the fields are public, so a
+    /// [`VdevShmem`] may have been built by hand).
+    pub fn from_vdev(block: VdevShmem) -> Result<Self, VmPolicyError> {
+        let pre_created = pre_create(&block.creates, block.subst.as_ref())?;
+        check_placement(block.loc, block.intr.as_ref(), block.sched)?;
+        Ok(Self {
+            rules: block.rules,
+            subst: block.subst,
+            pre_created,
+            loc: block.loc,
+            intr: block.intr,
+            sched: block.sched,
+        })
+    }
+
+    /// Builds a policy from its TOML form: `deny` rules first, then `allow` rules; `subst`
+    /// applies to every `create`.
+    pub fn from_config(config: VmPolicyConfig) -> Result<Self, VmPolicyError> {
+        let rules = config
+            .deny
+            .into_iter()
+            .map(Rule::Deny)
+            .chain(config.allow.into_iter().map(Rule::Allow))
+            .collect();
+        let creates: Vec<CreateOption> = config
+            .create
+            .into_iter()
+            .map(|create| CreateOption {
+                name: create.name,
+                size: create.size,
+                subst_applies: true,
+            })
+            .collect();
+        Self::from_vdev(VdevShmem {
+            rules,
+            subst: config.subst,
+            creates,
+            loc: config.loc,
+            intr: config.intr,
+            sched: config.sched,
+            name: None,
+        })
+    }
+
+    /// Decides a guest's create/attach request for `guest_name` (see the
+    /// [module documentation](self) for the order of checks).
+    pub fn decide(&self, guest_name: &str) -> Decision {
+        match RegionName::new(guest_name) {
+            Ok(name) => self.decide_legal(name),
+            Err(error) => Decision::illegal_guest_name(guest_name.to_owned(), error),
+        }
+    }
+
+    /// [`decide`](Self::decide) for the raw bytes of a factory page's 32-byte `name` field.
+    pub fn decide_factory_field(&self, field: &[u8]) -> Decision {
+        match RegionName::from_factory_field(field) {
+            Ok(name) => self.decide_legal(name),
+            Err(error) => {
+                let window = &field[..field.len().min(guest_shm::MAX_NAME)];
+                let end = window.iter().position(|&b| b == 0).unwrap_or(window.len());
+                let shown = String::from_utf8_lossy(&window[..end]).into_owned();
+                Decision::illegal_guest_name(shown, error)
+            }
+        }
+    }
+
+    fn decide_legal(&self, name: RegionName) -> Decision {
+        let rule = self.rules.evaluate(name.as_str());
+        let host_text = self.host_name_of(name.as_str());
+        let (host_name, status, name_error) = match RegionName::new(&host_text) {
+            Ok(host) => {
+                let status = if rule.permits() {
+                    GuestShmStatus::Ok
+                } else {
+                    GuestShmStatus::NoPermission
+                };
+                (Some(host), status, None)
+            }
+            Err(error) => (
+                None,
+                GuestShmStatus::IllegalName,
+                Some(IllegalName::Host {
+                    host_name: host_text,
+                    error,
+                }),
+            ),
+        };
+        Decision {
+            guest_name: name.into_string(),
+            host_name,
+            rule: Some(rule),
+            status,
+            name_error,
+        }
+    }
+
+    /// The host name for a guest name: `subst` applied if there is one. Not checked.
+    pub fn host_name_of(&self, guest_name: &str) -> String {
+        match &self.subst {
+            Some(subst) => subst.apply(guest_name),
+            None => guest_name.to_owned(),
+        }
+    }
+
+    /// Regions to create at VM start: `(host name, size in bytes)`, in configuration order.
+    /// `subst` is applied only to `create` options written after it (all of them in the TOML
+    /// form).
+    pub fn pre_created(&self) -> Vec<(RegionName, u64)> {
+        self.pre_created
+            .iter()
+            .map(|region| (region.host_name.clone(), region.size))
+            .collect()
+    }
+
+    /// The pre-created regions with their configured names too.
+    pub fn pre_created_regions(&self) -> &[PreCreatedRegion] {
+        &self.pre_created
+    }
+
+    /// The restrictions list.
+    pub fn rules(&self) -> &RuleList {
+        &self.rules
+    }
+
+    /// The `subst` option.
+    pub fn subst(&self) -> Option<&Subst> {
+        self.subst.as_ref()
+    }
+
+    /// The `loc` option (factory page address in MMIO mode).
+    pub fn loc(&self) -> Option<u64> {
+        self.loc
+    }
+
+    /// The `intr` option.
+    pub fn intr(&self) -> Option<&Interrupt> {
+        self.intr.as_ref()
+    }
+
+    /// The `sched` option.
+    pub fn sched(&self) -> Option<u8> {
+        self.sched
+    }
+
+    /// Whether the guest sees an MMIO device (`loc` and `intr`) instead of a PCI device.
+    pub fn is_mmio(&self) -> bool {
+        self.loc.is_some() && self.intr.is_some()
+    }
+}
+
+impl TryFrom<VmPolicyConfig> for VmPolicy {
+    type Error = VmPolicyError;
+
+    fn try_from(config: VmPolicyConfig) -> Result<Self, Self::Error> {
+        Self::from_config(config)
+    }
+}
+
+impl TryFrom<VdevShmem> for VmPolicy {
+    type Error = VmPolicyError;
+
+    fn try_from(block: VdevShmem) -> Result<Self, Self::Error> {
+        Self::from_vdev(block)
+    }
+}
+
+fn pre_create(
+    creates: &[CreateOption],
+    subst: Option<&Subst>,
+) -> Result<Vec<PreCreatedRegion>, VmPolicyError> {
+    let mut regions: Vec<PreCreatedRegion> = Vec::with_capacity(creates.len());
+    for create in creates {
+        if create.size == 0 || create.size > MAX_REGION_BYTES {
+            return Err(VmPolicyError::BadCreateSize {
+                name: create.name.clone(),
+                size: create.size,
+            });
+        }
+        let host_text = create.host_name(subst);
+        let host_name =
+            RegionName::new(&host_text).map_err(|error| VmPolicyError::IllegalCreateName {
+                name: create.name.clone(),
+                host_name: host_text.clone(),
+                error,
+            })?;
+        if regions.iter().any(|region| region.host_name == host_name) {
+            return Err(VmPolicyError::DuplicateCreate {
+                host_name: host_text,
+            });
+        }
+        regions.push(PreCreatedRegion {
+            name: create.name.clone(),
+            host_name,
+            size: create.size,
+        });
+    }
+    Ok(regions)
+}
+
+fn check_placement(
+    loc: Option<u64>,
+    intr: Option<&Interrupt>,
+    sched: Option<u8>,
+) -> Result<(), VmPolicyError> {
+    if let Some(loc) = loc {
+        if loc % guest_shm::PAGE_SIZE as u64 != 0 {
+            return Err(VmPolicyError::UnalignedLoc { loc });
+        }
+        if intr.is_none() {
+            return Err(VmPolicyError::LocWithoutIntr);
+        }
+    }
+    if sched == Some(0) {
+        return Err(VmPolicyError::BadSched);
+    }
+    Ok(())
+}
+
+/// Why a name was refused as `GSS_ILLEGAL_NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IllegalName {
+    /// The guest's name itself is illegal.
+    Guest(NameError),
+    /// The name after `subst` is illegal (typically too long).
+    Host {
+        /// The substituted name.
+        host_name: String,
+        /// What is wrong with it.
+        error: NameError,
+    },
+}
+
+impl fmt::Display for IllegalName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Guest(error) => write!(f, "guest name: {error}"),
+            Self::Host { host_name, error } => write!(f, "host name {host_name:?}: {error}"),
+        }
+    }
+}
+
+/// The outcome of [`VmPolicy::decide`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The name the guest asked for (lossily decoded if it was not text).
+    pub guest_name: String,
+    /// The host name after `subst`, when both names are legal.
+    pub host_name: Option<RegionName>,
+    /// The rule that decided; `None` when the guest name was illegal and no rule was consulted.
+    pub rule: Option<RuleMatch>,
+    /// What the guest reads from the factory `status` register: `GSS_OK`, `GSS_NO_PERMISSION`
+    /// or `GSS_ILLEGAL_NAME`.
+    pub status: GuestShmStatus,
+    /// Why the name is illegal; set exactly when `status` is `GSS_ILLEGAL_NAME`.
+    pub name_error: Option<IllegalName>,
+}
+
+impl Decision {
+    fn illegal_guest_name(guest_name: String, error: NameError) -> Self {
+        Self {
+            guest_name,
+            host_name: None,
+            rule: None,
+            status: GuestShmStatus::IllegalName,
+            name_error: Some(IllegalName::Guest(error)),
+        }
+    }
+
+    /// Whether the request is granted.
+    pub fn is_allowed(&self) -> bool {
+        self.status.is_ok()
+    }
+}
+
+/// One line for `ivshm policy check`, e.g.
+/// `foomem -> guest0mem: GSS_OK (rule 1: allow foo*)` or
+/// `a/b: GSS_ILLEGAL_NAME (guest name: region name contains '/' ...)`.
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.guest_name)?;
+        if let Some(host) = &self.host_name {
+            write!(f, " -> {host}")?;
+        }
+        write!(f, ": {}", self.status)?;
+        match (&self.name_error, &self.rule) {
+            (Some(error), _) => write!(f, " ({error})"),
+            (None, Some(rule)) => write!(f, " ({rule})"),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
