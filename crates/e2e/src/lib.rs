@@ -1,1 +1,36 @@
-//! placeholder
+//! `ivshm-e2e`: the QEMU end-to-end test harness.
+//!
+//! Tests in `crates/e2e/tests/` boot Debian's kernel with a busybox initramfs under QEMU TCG,
+//! give the guest `ivshmem` devices, and drive both sides: the guest through its shell on the
+//! serial console ([`QemuGuest::run`]), the host through the `ivshm` program
+//! ([`IvshmServer`], [`IvshmListener`], [`HostProcess`]). See `crates/e2e/README.md`.
+//!
+//! Modules by concern:
+//! - [`assets`]: kernel, modules, busybox and QEMU; [`require_e2e!`] skips or fails.
+//! - [`binaries`]: building `ivshm` for the host and statically for guests.
+//! - [`cpio`] and [`initramfs`]: the guest image and its `/init`.
+//! - [`console`] and [`qemu`]: starting guests and the shell protocol on the serial console.
+//! - [`pci`]: finding `ivshmem` devices in the guest and `devmem` access to their BARs.
+//! - [`host`]: host processes with captured output lines.
+//! - [`ivshm`]: the host `ivshm` server, listener, read and write.
+//! - [`scratch`]: temporary directories and `/dev/shm` files removed on drop.
+
+pub mod assets;
+pub mod binaries;
+pub mod console;
+pub mod cpio;
+pub mod host;
+pub mod initramfs;
+pub mod ivshm;
+pub mod pci;
+pub mod qemu;
+pub mod scratch;
+pub mod workspace;
+
+pub use assets::GuestAssets;
+pub use console::CommandOutput;
+pub use host::{HostProcess, Stream};
+pub use ivshm::{IvshmListener, IvshmServer, ListenEvent};
+pub use pci::IvshmemDevice;
+pub use qemu::{boot_all, GuestBuilder, Machine, QemuError, QemuGuest};
+pub use scratch::{ScratchDir, ShmFile};

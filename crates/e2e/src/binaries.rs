@@ -1,0 +1,149 @@
+//! Building the `ivshm` program: statically linked for guests, normally for the host.
+//!
+//! Each is built at most once per test process ([`OnceLock`]); across processes a lock file
+//! (`flock`) serialises the builds (Cargo also locks its target directory).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use rustix::fs::{flock, FlockOperation};
+
+use crate::workspace;
+
+/// The target triple of the static guest binary.
+pub const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
+/// The package holding the `ivshm` binary.
+pub const CLI_PACKAGE: &str = "ivshm-cli";
+/// The name of the program.
+pub const IVSHM_BIN: &str = "ivshm";
+
+/// A build failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BuildError {
+    /// `cargo` could not be started or the lock file could not be taken.
+    #[error("cannot run {what}: {message}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The I/O error, as text (so the error can be cached and cloned).
+        message: String,
+    },
+    /// `cargo build` failed.
+    #[error("`{command}` failed with {status}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: String,
+    },
+    /// The build succeeded but the binary is not where expected.
+    #[error("built, but {0} does not exist")]
+    NotFound(PathBuf),
+}
+
+fn io_error(what: impl Into<String>, err: impl std::fmt::Display) -> BuildError {
+    BuildError::Io {
+        what: what.into(),
+        message: err.to_string(),
+    }
+}
+
+/// Holds an exclusive `flock` on a file until dropped.
+struct BuildLock {
+    _file: File,
+}
+
+impl BuildLock {
+    fn take(path: &Path) -> Result<Self, BuildError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| io_error(format!("mkdir {}", dir.display()), e))?;
+        }
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| io_error(format!("open {}", path.display()), e))?;
+        flock(&file, FlockOperation::LockExclusive)
+            .map_err(|e| io_error(format!("flock {}", path.display()), e))?;
+        Ok(Self { _file: file })
+    }
+}
+
+fn run_cargo(mut command: Command, lock_name: &str) -> Result<(), BuildError> {
+    let _lock = BuildLock::take(&workspace::target_dir().join(lock_name))?;
+    let description = format!("{command:?}");
+    eprintln!("e2e: building: {description}");
+    let status = command
+        .current_dir(workspace::root())
+        .status()
+        .map_err(|e| io_error(&description, e))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(BuildError::Failed {
+            command: description,
+            status: status.to_string(),
+        })
+    }
+}
+
+fn existing(path: PathBuf) -> Result<PathBuf, BuildError> {
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(BuildError::NotFound(path))
+    }
+}
+
+/// The target directory of the static guest build: `<target>/static`.
+pub fn static_target_dir() -> PathBuf {
+    workspace::target_dir().join("static")
+}
+
+fn build_static_ivshm() -> Result<PathBuf, BuildError> {
+    let target_dir = static_target_dir();
+    let mut command = Command::new(workspace::cargo());
+    command
+        .args([
+            "build",
+            "-p",
+            CLI_PACKAGE,
+            "--bin",
+            IVSHM_BIN,
+            "--target",
+            GUEST_TARGET,
+        ])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        // Smaller guest images: no debug info in the static build.
+        .env("CARGO_PROFILE_DEV_DEBUG", "false")
+        .env("CARGO_PROFILE_DEV_STRIP", "debuginfo")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    run_cargo(command, "e2e-static-build.lock")?;
+    existing(target_dir.join(GUEST_TARGET).join("debug").join(IVSHM_BIN))
+}
+
+fn build_host_ivshm() -> Result<PathBuf, BuildError> {
+    let mut command = Command::new(workspace::cargo());
+    command.args(["build", "-p", CLI_PACKAGE, "--bin", IVSHM_BIN]);
+    run_cargo(command, "e2e-host-build.lock")?;
+    existing(workspace::target_dir().join("debug").join(IVSHM_BIN))
+}
+
+/// The statically linked `ivshm` for guests (built once per process, debug profile, in
+/// `<target>/static`).
+pub fn static_ivshm() -> Result<PathBuf, BuildError> {
+    static BUILT: OnceLock<Result<PathBuf, BuildError>> = OnceLock::new();
+    BUILT.get_or_init(build_static_ivshm).clone()
+}
+
+/// The host `ivshm` (`cargo build -p ivshm-cli --bin ivshm`, i.e. `<target>/debug/ivshm`),
+/// built once per process.
+pub fn host_ivshm() -> Result<PathBuf, BuildError> {
+    static BUILT: OnceLock<Result<PathBuf, BuildError>> = OnceLock::new();
+    BUILT.get_or_init(build_host_ivshm).clone()
+}

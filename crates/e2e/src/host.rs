@@ -1,0 +1,468 @@
+//! Host-side processes with captured output: each of stdout and stderr is read line by line
+//! by a thread, and tests wait for lines matching a predicate. Killed on drop.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rustix::process::{kill_process, Pid, Signal};
+
+/// How many lines of each stream failure messages show.
+const TAIL_LINES: usize = 30;
+
+/// A host process failed or did not print what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The program could not be started.
+    #[error("{name}: cannot start {command}: {source}")]
+    Spawn {
+        /// The process's name.
+        name: String,
+        /// The command.
+        command: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Waiting for the process failed.
+    #[error("{name}: {what}: {source}")]
+    Io {
+        /// The process's name.
+        name: String,
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A wait timed out.
+    #[error("{name}: timed out after {timeout:?} waiting for {what}\n{context}")]
+    Timeout {
+        /// The process's name.
+        name: String,
+        /// What was awaited.
+        what: String,
+        /// How long was waited.
+        timeout: Duration,
+        /// The last output lines.
+        context: String,
+    },
+    /// The output stream ended (the process exited) before the awaited line.
+    #[error("{name}: output ended while waiting for {what}\n{context}")]
+    Ended {
+        /// The process's name.
+        name: String,
+        /// What was awaited.
+        what: String,
+        /// The last output lines.
+        context: String,
+    },
+    /// The process exited unsuccessfully.
+    #[error("{name}: exited with {status}\n{context}")]
+    Failed {
+        /// The process's name.
+        name: String,
+        /// Its exit status.
+        status: String,
+        /// The last output lines.
+        context: String,
+    },
+}
+
+/// One captured line and whether a wait has already returned it.
+#[derive(Debug)]
+struct Line {
+    text: String,
+    taken: bool,
+}
+
+#[derive(Debug, Default)]
+struct LinesState {
+    lines: Vec<Line>,
+    closed: bool,
+}
+
+/// The lines of one output stream, filled by a reader thread.
+#[derive(Debug, Default)]
+struct LineBuffer {
+    state: Mutex<LinesState>,
+    changed: Condvar,
+}
+
+enum LineWait {
+    Found(String),
+    Timeout,
+    Ended,
+}
+
+impl LineBuffer {
+    fn lock(&self) -> MutexGuard<'_, LinesState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn push(&self, text: String) {
+        self.lock().lines.push(Line { text, taken: false });
+        self.changed.notify_all();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
+
+    fn snapshot(&self) -> Vec<String> {
+        self.lock().lines.iter().map(|l| l.text.clone()).collect()
+    }
+
+    fn tail(&self) -> String {
+        let lines = self.snapshot();
+        lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n")
+    }
+
+    /// Waits for the first line not yet taken that satisfies `wanted`, and takes it.
+    fn take_matching(&self, timeout: Duration, wanted: &mut dyn FnMut(&str) -> bool) -> LineWait {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            if let Some(line) = state.lines.iter_mut().find(|l| !l.taken && wanted(&l.text)) {
+                line.taken = true;
+                return LineWait::Found(line.text.clone());
+            }
+            if state.closed {
+                return LineWait::Ended;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return LineWait::Timeout;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+        }
+    }
+
+    /// Waits until the stream has ended.
+    fn wait_closed(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        while !state.closed {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+        }
+        true
+    }
+}
+
+fn spawn_line_reader(
+    stream: impl Read + Send + 'static,
+    buffer: Arc<LineBuffer>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("e2e-host-lines".into())
+        .spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut bytes = Vec::new();
+            loop {
+                bytes.clear();
+                match reader.read_until(b'\n', &mut bytes) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&bytes);
+                        buffer.push(text.trim_end_matches(['\n', '\r']).to_string());
+                    }
+                }
+            }
+            buffer.close();
+        })
+}
+
+/// Which output stream of a [`HostProcess`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A process on the host whose stdout and stderr lines are captured.
+#[derive(Debug)]
+pub struct HostProcess {
+    name: String,
+    child: Child,
+    stdout: Arc<LineBuffer>,
+    stderr: Arc<LineBuffer>,
+    readers: Vec<JoinHandle<()>>,
+    exit_status: Option<ExitStatus>,
+}
+
+impl HostProcess {
+    /// Starts `command` with piped stdout and stderr (stdin is `/dev/null`); `name` is used
+    /// in messages.
+    pub fn spawn(name: &str, mut command: Command) -> Result<Self, HostError> {
+        let description = format!("{command:?}");
+        eprintln!("e2e: {name}: starting {description}");
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| HostError::Spawn {
+                name: name.to_string(),
+                command: description,
+                source,
+            })?;
+        let stdout = Arc::new(LineBuffer::default());
+        let stderr = Arc::new(LineBuffer::default());
+        let pipes = (child.stdout.take(), child.stderr.take());
+        let mut process = Self {
+            name: name.to_string(),
+            child,
+            stdout: Arc::clone(&stdout),
+            stderr: Arc::clone(&stderr),
+            readers: Vec::new(),
+            exit_status: None,
+        };
+        let io = |source| HostError::Io {
+            name: name.to_string(),
+            what: "starting an output reader".into(),
+            source,
+        };
+        if let (Some(out), Some(err)) = pipes {
+            process
+                .readers
+                .push(spawn_line_reader(out, stdout).map_err(io)?);
+            process
+                .readers
+                .push(spawn_line_reader(err, stderr).map_err(io)?);
+        }
+        Ok(process)
+    }
+
+    /// The name given at spawn.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn buffer(&self, stream: Stream) -> &LineBuffer {
+        match stream {
+            Stream::Stdout => &self.stdout,
+            Stream::Stderr => &self.stderr,
+        }
+    }
+
+    /// All lines of `stream` captured so far (taken or not).
+    pub fn lines(&self, stream: Stream) -> Vec<String> {
+        self.buffer(stream).snapshot()
+    }
+
+    /// The last captured lines of both streams, for failure messages.
+    pub fn failure_context(&self) -> String {
+        format!(
+            "--- {} stdout ---\n{}\n--- {} stderr ---\n{}",
+            self.name,
+            self.stdout.tail(),
+            self.name,
+            self.stderr.tail()
+        )
+    }
+
+    /// Waits for the first line of `stream` not returned by an earlier wait that satisfies
+    /// `wanted`, marks it as returned, and returns it. Lines that do not match stay available
+    /// to later waits, so events may be awaited in any order.
+    pub fn wait_line(
+        &self,
+        stream: Stream,
+        what: &str,
+        timeout: Duration,
+        mut wanted: impl FnMut(&str) -> bool,
+    ) -> Result<String, HostError> {
+        match self.buffer(stream).take_matching(timeout, &mut wanted) {
+            LineWait::Found(line) => Ok(line),
+            LineWait::Timeout => Err(HostError::Timeout {
+                name: self.name.clone(),
+                what: what.to_string(),
+                timeout,
+                context: self.failure_context(),
+            }),
+            LineWait::Ended => Err(HostError::Ended {
+                name: self.name.clone(),
+                what: what.to_string(),
+                context: self.failure_context(),
+            }),
+        }
+    }
+
+    /// [`wait_line`](Self::wait_line) on stdout for a line equal to `line`.
+    pub fn wait_stdout_line(&self, line: &str, timeout: Duration) -> Result<String, HostError> {
+        self.wait_line(
+            Stream::Stdout,
+            &format!("stdout line {line:?}"),
+            timeout,
+            |l| l.trim() == line,
+        )
+    }
+
+    /// Waits up to `timeout` for the process to exit, then for its output to be fully read.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, HostError> {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.exit_status {
+                break status;
+            }
+            let polled = self.child.try_wait().map_err(|source| HostError::Io {
+                name: self.name.clone(),
+                what: "waiting for exit".into(),
+                source,
+            })?;
+            if let Some(status) = polled {
+                self.exit_status = Some(status);
+                break status;
+            }
+            if Instant::now() >= deadline {
+                return Err(HostError::Timeout {
+                    name: self.name.clone(),
+                    what: "the process to exit".into(),
+                    timeout,
+                    context: self.failure_context(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Children that inherited the pipes could keep them open; do not wait forever.
+        let rest = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        self.stdout.wait_closed(rest);
+        self.stderr.wait_closed(rest);
+        Ok(status)
+    }
+
+    /// Waits for exit and fails unless the status is success.
+    pub fn wait_success(&mut self, timeout: Duration) -> Result<(), HostError> {
+        let status = self.wait_exit(timeout)?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(HostError::Failed {
+                name: self.name.clone(),
+                status: status.to_string(),
+                context: self.failure_context(),
+            })
+        }
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for exit; kills with SIGKILL if it is still
+    /// running then.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus, HostError> {
+        if self.exit_status.is_none() {
+            if let Ok(raw) = i32::try_from(self.child.id()) {
+                if let Some(pid) = Pid::from_raw(raw) {
+                    // The process may have exited already; the wait below tells.
+                    let _ = kill_process(pid, Signal::TERM);
+                }
+            }
+        }
+        match self.wait_exit(timeout) {
+            Ok(status) => Ok(status),
+            Err(_) => {
+                let _ = self.child.kill();
+                self.wait_exit(timeout)
+            }
+        }
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        if self.exit_status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+    }
+}
+
+/// Runs `command` to completion within `timeout` and returns its stdout lines; fails (with
+/// its output) on a non-zero exit.
+pub fn run_to_completion(
+    name: &str,
+    command: Command,
+    timeout: Duration,
+) -> Result<Vec<String>, HostError> {
+    let mut process = HostProcess::spawn(name, command)?;
+    process.wait_success(timeout)?;
+    Ok(process.lines(Stream::Stdout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shell(script: &str) -> Command {
+        let mut command = Command::new("sh");
+        command.args(["-c", script]);
+        command
+    }
+
+    #[test]
+    fn waits_take_matching_lines_in_any_order() {
+        let process =
+            HostProcess::spawn("sh", shell("echo one; echo two; echo err >&2; echo three"))
+                .unwrap();
+        let timeout = Duration::from_secs(30);
+        assert_eq!(process.wait_stdout_line("three", timeout).unwrap(), "three");
+        assert_eq!(process.wait_stdout_line("one", timeout).unwrap(), "one");
+        assert_eq!(
+            process
+                .wait_line(Stream::Stderr, "err", timeout, |l| l == "err")
+                .unwrap(),
+            "err"
+        );
+        // A taken line is not returned twice.
+        assert!(matches!(
+            process.wait_stdout_line("one", timeout),
+            Err(HostError::Ended { .. })
+        ));
+    }
+
+    #[test]
+    fn run_to_completion_reports_failure_with_output() {
+        let lines =
+            run_to_completion("ok", shell("echo a; echo b"), Duration::from_secs(30)).unwrap();
+        assert_eq!(lines, vec!["a", "b"]);
+        let err = run_to_completion(
+            "bad",
+            shell("echo why >&2; exit 3"),
+            Duration::from_secs(30),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("why"), "{err}");
+    }
+
+    #[test]
+    fn terminate_stops_a_running_process() {
+        let mut process = HostProcess::spawn("sleeper", shell("exec sleep 600")).unwrap();
+        let status = process.terminate(Duration::from_secs(30)).unwrap();
+        assert!(!status.success());
+    }
+}
