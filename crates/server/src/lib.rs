@@ -18,7 +18,7 @@
 //!
 //! Modules: [`config`] (what to serve), [`ids`] (QEMU's id allocation), [`queue`] (a peer's
 //! outgoing messages), [`listener`] (socket creation and removal), [`group`] (`/etc/group`),
-//! [`limits`] (fd limits), [`signals`], [`stats`]; the loop, regions and peers are internal.
+//! [`limits`] (fd limits), [`signals`], [`pidfile`], [`stats`]; the loop, regions and peers are internal.
 
 pub mod config;
 mod event_loop;
@@ -28,6 +28,7 @@ pub mod ids;
 pub mod limits;
 pub mod listener;
 mod peer;
+pub mod pidfile;
 pub mod queue;
 mod region;
 mod server;

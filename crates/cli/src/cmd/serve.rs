@@ -1,10 +1,222 @@
-//! `ivshm serve`.
+//! `ivshm serve`: the server in the foreground (see `docs/cli.md`).
 
-use clap::Args;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use ivshm_mem::{BackendKind, Pow2Policy};
+use ivshm_server::config::{DEFAULT_SIZE, DEFAULT_SOCKET_MODE, DEFAULT_SOCKET_PATH};
+use ivshm_server::pidfile::PidFile;
+use ivshm_server::signals::SignalPipes;
+use ivshm_server::{GroupSpec, ListenerConfig, MemoryConfig, RegionConfig, Server, ServerConfig};
+
+/// Which memory backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// An anonymous memfd, sealed against resizing.
+    Memfd,
+    /// A POSIX shm object (`shm_open`), named by `--shm-name`.
+    Shm,
+    /// An unlinked file in `--dir` (e.g. a hugetlbfs mount).
+    Dir,
+}
+
+/// What to do with a size that is not a power of two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Pow2Choice {
+    /// Round up (and log a warning with both sizes).
+    RoundUp,
+    /// Fail with an error.
+    Refuse,
+    /// Keep the size (for peers that are not QEMU devices).
+    Off,
+}
 
 #[derive(Args, Debug)]
-pub struct ServeArgs {}
+pub struct ServeArgs {
+    /// UNIX socket QEMU's ivshmem-doorbell chardev connects to.
+    #[arg(long, default_value = DEFAULT_SOCKET_PATH)]
+    pub socket: PathBuf,
+    /// Size of the shared region: bytes, 0x hex, or K/M/G/T suffixes (powers of 1024).
+    #[arg(long, default_value = "4M", value_parser = parse_size_arg)]
+    pub size: u64,
+    /// Interrupt vectors (eventfds) per peer, 1..=64.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub vectors: u16,
+    /// Memory backend.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Memfd)]
+    pub backend: BackendChoice,
+    /// POSIX shm object name (with `--backend shm`).
+    #[arg(long, default_value = "ivshmem")]
+    pub shm_name: String,
+    /// Directory for the backing file (with `--backend dir`), e.g. a hugetlbfs mount.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Keep the POSIX shm object when the server exits (default: remove it).
+    #[arg(long)]
+    pub keep_shm: bool,
+    /// File mode of the socket, in octal.
+    #[arg(long, default_value = "600", value_parser = parse_octal_mode)]
+    pub socket_mode: u32,
+    /// Group of the socket: a numeric gid or a name from /etc/group.
+    #[arg(long)]
+    pub socket_group: Option<String>,
+    /// Write the server's pid here (removed on exit).
+    #[arg(long)]
+    pub pidfile: Option<PathBuf>,
+    /// QEMU needs a power-of-two BAR: round-up, refuse, or off.
+    #[arg(long, value_enum, default_value_t = Pow2Choice::RoundUp)]
+    pub pow2: Pow2Choice,
+}
 
-pub fn run(_args: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("ivshm serve: not implemented yet")
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    ivshm_mem::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_octal_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("{s:?} is not an octal file mode (e.g. 600 or 0660)"))
+}
+
+impl ServeArgs {
+    /// The server configuration these flags describe.
+    pub fn to_config(&self) -> anyhow::Result<ServerConfig> {
+        let backend = match self.backend {
+            BackendChoice::Memfd => BackendKind::Memfd,
+            BackendChoice::Shm => BackendKind::PosixShm {
+                name: self.shm_name.clone(),
+                keep: self.keep_shm,
+            },
+            BackendChoice::Dir => BackendKind::DirFile {
+                dir: self.dir.clone().context("--backend dir needs --dir DIR")?,
+            },
+        };
+        let group = self
+            .socket_group
+            .as_deref()
+            .map(str::parse::<GroupSpec>)
+            .transpose()
+            .context("--socket-group")?;
+        let region = RegionConfig {
+            name: "default".to_string(),
+            listener: ListenerConfig {
+                path: self.socket.clone(),
+                mode: self.socket_mode,
+                group,
+            },
+            memory: MemoryConfig {
+                backend,
+                size: self.size,
+                pow2: match self.pow2 {
+                    Pow2Choice::RoundUp => Pow2Policy::RoundUp,
+                    Pow2Choice::Refuse => Pow2Policy::Refuse,
+                    Pow2Choice::Off => Pow2Policy::Off,
+                },
+            },
+            vectors: usize::from(self.vectors),
+        };
+        Ok(ServerConfig::single(region))
+    }
+}
+
+/// Runs the server until SIGINT or SIGTERM; then the socket, the pid file and (unless kept)
+/// the shm object are removed.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.to_config()?;
+    let signals = SignalPipes::install().context("installing signal handlers")?;
+    let mut server = Server::new(config).context("starting the server")?;
+    let pidfile = args.pidfile.as_deref().map(PidFile::create).transpose()?;
+    for path in server.socket_paths() {
+        eprintln!("listening on {}", path.display());
+    }
+    server
+        .run_until(&signals.controls())
+        .context("server loop")?;
+    drop(server);
+    drop(pidfile);
+    Ok(())
+}
+
+// Keep the documented defaults and the library's in one place.
+const _: () = assert!(DEFAULT_SIZE == 4 << 20 && DEFAULT_SOCKET_MODE == 0o600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<ServeArgs, clap::Error> {
+        Wrapper::try_parse_from(std::iter::once("serve").chain(argv.iter().copied()))
+            .map(|w| w.args)
+    }
+
+    #[test]
+    fn defaults_match_the_documentation() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.socket, PathBuf::from("/tmp/ivshmem_socket"));
+        assert_eq!(a.size, 4 << 20);
+        assert_eq!(a.vectors, 1);
+        assert_eq!(a.backend, BackendChoice::Memfd);
+        assert_eq!(a.socket_mode, 0o600);
+        assert_eq!(a.pow2, Pow2Choice::RoundUp);
+        let c = a.to_config().unwrap();
+        assert_eq!(c.regions[0].memory.backend, BackendKind::Memfd);
+    }
+
+    #[test]
+    fn flags() {
+        let a = parse(&[
+            "--socket",
+            "/tmp/s",
+            "--size",
+            "5G",
+            "--vectors",
+            "64",
+            "--backend",
+            "shm",
+            "--shm-name",
+            "foo",
+            "--keep-shm",
+            "--socket-mode",
+            "0660",
+            "--socket-group",
+            "kvm",
+            "--pow2",
+            "refuse",
+        ])
+        .unwrap();
+        assert_eq!(a.size, 5 << 30);
+        let c = a.to_config().unwrap();
+        let r = &c.regions[0];
+        assert_eq!(r.vectors, 64);
+        assert_eq!(r.listener.mode, 0o660);
+        assert_eq!(r.listener.group, Some(GroupSpec::Name("kvm".into())));
+        assert_eq!(
+            r.memory.backend,
+            BackendKind::PosixShm {
+                name: "foo".into(),
+                keep: true
+            }
+        );
+        assert_eq!(r.memory.pow2, Pow2Policy::Refuse);
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(parse(&["--vectors", "0"]).is_err());
+        assert!(parse(&["--vectors", "65"]).is_err());
+        assert!(parse(&["--size", "4X"]).is_err());
+        assert!(parse(&["--socket-mode", "999"]).is_err());
+        assert!(parse(&["--pow2", "sometimes"]).is_err());
+        assert!(parse(&["--backend", "dir"]).unwrap().to_config().is_err());
+    }
 }
