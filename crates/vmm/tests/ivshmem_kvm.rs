@@ -9,7 +9,8 @@ use std::time::Duration;
 use ivshm_client::{ConnectOptions, Peer};
 use ivshm_mem::Mapping;
 use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
-use ivshm_vmm::ivshmem::{DoorbellLink, IvshmemDevice, LocalDoorbellBus, REG_DOORBELL};
+use ivshm_vmm::ivshmem::{DoorbellLink, IvshmemDevice, LocalDoorbellBus, PeerChange, REG_DOORBELL};
+use ivshm_vmm::pci::PciDevice;
 use ivshm_vmm::testvmm::asm::{Asm, Cond, Reg};
 use ivshm_vmm::testvmm::guest::{GuestOps, INTR_COUNTERS, PROGRAM_BASE};
 use ivshm_vmm::testvmm::{
@@ -308,4 +309,68 @@ fn plain_shared_memory_between_two_vms() {
     }
     assert_eq!(vms[0].reports(), vec![0]);
     assert_eq!(vms[1].reports(), vec![0, PAYLOAD]);
+}
+
+/// B joins after A's guest is already running: A's VMM learns of B from a peer event and
+/// re-registers its doorbell ioeventfds, so A's ring still never exits; when B leaves,
+/// A's ioevent for B goes away again.
+#[test]
+fn peer_joining_a_running_vm_gets_ioeventfds() {
+    if !kvm_or_skip("peer_joining_a_running_vm_gets_ioeventfds") {
+        return;
+    }
+    let shm = shared_region();
+    let bus = LocalDoorbellBus::new();
+    let dev_a =
+        IvshmemDevice::new_doorbell(SHM_SIZE as u64, 1, Box::new(bus.join(1).unwrap()), true)
+            .unwrap();
+    let mut vm_a = TestVm::new(RAM).unwrap();
+    let att_a = attach_ivshmem(&vm_a, dev_a, shm.clone(), DoorbellPath::Kvm).unwrap();
+    vm_a.load_program(&sender_program(1)).unwrap();
+    vm_a.start().unwrap();
+
+    let dev_b =
+        IvshmemDevice::new_doorbell(SHM_SIZE as u64, 1, Box::new(bus.join(1).unwrap()), false)
+            .unwrap();
+    let changes = att_a.device.lock().unwrap().process_link_events().unwrap();
+    assert_eq!(changes, vec![PeerChange::Joined { id: 1, vectors: 1 }]);
+    vm_a.refresh_ioevents().unwrap();
+
+    let mut vm_b = TestVm::new(RAM).unwrap();
+    let att_b = attach_ivshmem(&vm_b, dev_b, shm.clone(), DoorbellPath::Kvm).unwrap();
+    vm_b.load_program(&receiver_program(0)).unwrap();
+    vm_b.start().unwrap();
+
+    assert_eq!(
+        vm_b.wait_exit(TIMEOUT).unwrap(),
+        0,
+        "B reports {:x?}",
+        vm_b.reports()
+    );
+    assert_eq!(
+        vm_a.wait_exit(TIMEOUT).unwrap(),
+        0,
+        "A reports {:x?}",
+        vm_a.reports()
+    );
+    assert_eq!(vm_b.reports(), vec![1, PAYLOAD, 1]);
+    assert_eq!(vm_a.reports(), vec![0, 1]);
+    assert_eq!(vm_a.mmio_exits_at(IVSHMEM_BAR0 + REG_DOORBELL), 0);
+    assert_eq!(vm_b.mmio_exits_at(IVSHMEM_BAR0 + REG_DOORBELL), 0);
+
+    drop(vm_b);
+    drop(att_b);
+    let changes = att_a.device.lock().unwrap().process_link_events().unwrap();
+    assert_eq!(changes, vec![PeerChange::Left { id: 1 }]);
+    vm_a.refresh_ioevents().unwrap();
+    // Only A's own (id 0, vector 0) doorbell remains.
+    let left: Vec<u64> = att_a
+        .device
+        .lock()
+        .unwrap()
+        .ioevents()
+        .iter()
+        .map(|e| e.datamatch)
+        .collect();
+    assert_eq!(left, vec![0]);
 }
