@@ -12,7 +12,7 @@
 //! the name decides; if none matches, the implicit rule decides ([`ImplicitRule::DenyAll`] as
 //! soon as the list holds at least one `allow`, [`ImplicitRule::AllowAll`] otherwise). So
 //! `deny pluto` + `allow pluto*` denies `pluto` but allows `plutoplanet`, while the reverse order
-//! would allow both. Patterns use [`fnmatch`](crate::fnmatch) with flags 0.
+//! would allow both. Patterns use [`fnmatch`](mod@crate::fnmatch) with flags 0.
 
 use std::fmt;
 
