@@ -34,7 +34,7 @@ pub(crate) struct Session {
 }
 
 /// Connects a non-blocking UNIX stream socket to `path`.
-pub(crate) fn connect_socket(path: &Path) -> Result<OwnedFd, ClientError> {
+pub fn connect_socket(path: &Path) -> Result<OwnedFd, ClientError> {
     let err = |source| ClientError::Connect {
         path: path.to_path_buf(),
         source,

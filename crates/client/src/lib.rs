@@ -29,6 +29,7 @@ pub mod reconnect;
 mod connection;
 mod peer;
 
+pub use connection::connect_socket;
 pub use error::ClientError;
 pub use events::{Event, PeerEvent};
 pub use handshake::{Handshake, HandshakeError};

@@ -1,14 +1,491 @@
-//! `ivshm bench` subcommands (placeholder until implemented).
+//! `ivshm bench`: benchmarks that compare variants in one run.
+//!
+//! - `doorbell`: two host peers (two threads) on an in-process `ivshm-server` ping-pong a
+//!   doorbell through `ivshm-client` (`Peer::notify` + `Peer::wait`), next to a raw eventfd
+//!   ping-pong between two threads, measured in alternating blocks of the same run.
+//! - `join`: N peers (4 vectors each) join an in-process server one after the other; reports
+//!   the total, the time per join and how the per-join time grows with N.
 
-use clap::Subcommand;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use ivshm_client::{ConnectOptions, Event, Peer, PeerEvent};
+use ivshm_proto::{MessageReader, Received};
+use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
+use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
+
+/// Benchmarks.
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
-    /// Placeholder.
-    #[command(name = "bench-placeholder", hide = true)]
-    Placeholder,
+    /// Doorbell round trips through the library versus a raw eventfd ping-pong.
+    Doorbell(DoorbellArgs),
+    /// Time N peers joining an in-process server, for several N.
+    Join(JoinArgs),
 }
 
-pub fn run(_c: BenchCommand) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+/// `ivshm bench doorbell`.
+#[derive(Args, Debug, Clone)]
+pub struct DoorbellArgs {
+    /// Measured round trips per variant.
+    #[arg(long, default_value_t = 20_000)]
+    pub rounds: usize,
+    /// Unmeasured round trips per variant first.
+    #[arg(long, default_value_t = 1_000)]
+    pub warmup: usize,
+}
+
+/// `ivshm bench join`.
+#[derive(Args, Debug, Clone)]
+pub struct JoinArgs {
+    /// Peer counts to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "10,100,500")]
+    pub peers: Vec<usize>,
+    /// Vectors per peer.
+    #[arg(long, default_value_t = 4)]
+    pub vectors: usize,
+}
+
+/// Runs one benchmark.
+pub fn run(c: BenchCommand) -> anyhow::Result<()> {
+    match c {
+        BenchCommand::Doorbell(a) => {
+            let report = doorbell(&a)?;
+            print_lines(&report.lines())
+        }
+        BenchCommand::Join(a) => {
+            let report = join(&a)?;
+            print_lines(&report.lines())
+        }
+    }
+}
+
+fn print_lines(lines: &[String]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    for l in lines {
+        writeln!(out, "{l}")?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// A private directory for a benchmark's server socket, removed on drop.
+struct TempSocket {
+    dir: PathBuf,
+}
+
+impl TempSocket {
+    fn new(tag: &str) -> anyhow::Result<Self> {
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("ivshm-bench-{}-{tag}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(TempSocket { dir })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join("sock")
+    }
+}
+
+impl Drop for TempSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn spawn_server(path: &Path, vectors: usize) -> anyhow::Result<ServerHandle> {
+    let mut region = RegionConfig::new(path);
+    region.vectors = vectors;
+    region.memory.size = 1 << 20;
+    ServerHandle::spawn(ServerConfig::single(region)).context("starting the in-process server")
+}
+
+/// Median and 99th percentile of a set of durations.
+#[derive(Debug, Clone, Copy)]
+pub struct Summary {
+    /// The median.
+    pub median: Duration,
+    /// The 99th percentile.
+    pub p99: Duration,
+}
+
+fn summarize(samples: &mut [Duration]) -> Summary {
+    samples.sort_unstable();
+    let at = |q: f64| -> Duration {
+        if samples.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((samples.len() - 1) as f64 * q).round() as usize;
+        samples[i.min(samples.len() - 1)]
+    };
+    Summary {
+        median: at(0.5),
+        p99: at(0.99),
+    }
+}
+
+/// Result of `bench doorbell`.
+#[derive(Debug)]
+pub struct DoorbellReport {
+    /// Round trips per variant.
+    pub rounds: usize,
+    /// Through `ivshm-client` and the server's eventfds.
+    pub library: Summary,
+    /// Raw eventfd ping-pong.
+    pub raw: Summary,
+}
+
+fn micros(d: Duration) -> String {
+    format!("{:.2} µs", d.as_secs_f64() * 1e6)
+}
+
+fn ratio(a: Duration, b: Duration) -> String {
+    if b.is_zero() {
+        return "n/a".into();
+    }
+    format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64())
+}
+
+impl DoorbellReport {
+    fn lines(&self) -> Vec<String> {
+        vec![
+            format!(
+                "doorbell round trips: {} per variant, alternating blocks",
+                self.rounds
+            ),
+            format!(
+                "library (Peer::notify + Peer::wait, ivshm-server): median {}  p99 {}",
+                micros(self.library.median),
+                micros(self.library.p99)
+            ),
+            format!(
+                "raw eventfd ping-pong (two threads):              median {}  p99 {}",
+                micros(self.raw.median),
+                micros(self.raw.p99)
+            ),
+            format!(
+                "ratio library/raw: median {}  p99 {}",
+                ratio(self.library.median, self.raw.median),
+                ratio(self.library.p99, self.raw.p99)
+            ),
+        ]
+    }
+}
+
+const WAIT: Option<Duration> = Some(Duration::from_secs(10));
+
+/// Waits for the next doorbell on `peer`, skipping peer events.
+fn next_doorbell(peer: &mut Peer) -> anyhow::Result<usize> {
+    loop {
+        match peer.wait(WAIT)? {
+            Some(Event::Doorbell { vector }) => return Ok(vector),
+            Some(Event::Peer(_)) => {}
+            Some(other) => bail!("unexpected event {other:?}"),
+            None => bail!("no doorbell within 10 s"),
+        }
+    }
+}
+
+fn read_eventfd(fd: &OwnedFd) -> anyhow::Result<()> {
+    let mut buf = [0u8; 8];
+    loop {
+        match rustix::io::read(fd, &mut buf) {
+            Ok(_) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => bail!("eventfd read: {e}"),
+        }
+    }
+}
+
+fn write_eventfd(fd: &OwnedFd) -> anyhow::Result<()> {
+    ivshm_client::doorbell::ring(fd.as_fd()).context("eventfd write")
+}
+
+/// Runs `bench doorbell`.
+pub fn doorbell(a: &DoorbellArgs) -> anyhow::Result<DoorbellReport> {
+    const BLOCKS: usize = 10;
+    let sock = TempSocket::new("doorbell")?;
+    let _server = spawn_server(&sock.path(), 1)?;
+    let mut pinger = Peer::connect(&sock.path(), ConnectOptions::default())?;
+    let mut ponger = Peer::connect(&sock.path(), ConnectOptions::default())?;
+    let (ping_id, pong_id) = (pinger.id(), ponger.id());
+    match pinger.wait(WAIT)? {
+        Some(Event::Peer(PeerEvent::Joined { id, .. })) if id == pong_id => {}
+        other => bail!("expected peer {pong_id} to join, got {other:?}"),
+    }
+    let total = a.warmup + a.rounds;
+    // The library ponger answers every doorbell; the raw ponger every eventfd read.
+    let lib_thread = std::thread::spawn(move || -> anyhow::Result<()> {
+        for _ in 0..total {
+            next_doorbell(&mut ponger)?;
+            ponger.notify(ping_id, 0)?;
+        }
+        Ok(())
+    });
+    let to_pong = eventfd(0, EventfdFlags::CLOEXEC)?;
+    let to_ping = eventfd(0, EventfdFlags::CLOEXEC)?;
+    let raw_thread = {
+        let to_pong = to_pong.try_clone()?;
+        let to_ping = to_ping.try_clone()?;
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            for _ in 0..total {
+                read_eventfd(&to_pong)?;
+                write_eventfd(&to_ping)?;
+            }
+            Ok(())
+        })
+    };
+    let mut lib_round = |measure: &mut Vec<Duration>| -> anyhow::Result<()> {
+        let t = Instant::now();
+        pinger.notify(pong_id, 0)?;
+        next_doorbell(&mut pinger)?;
+        measure.push(t.elapsed());
+        Ok(())
+    };
+    let raw_round = |measure: &mut Vec<Duration>| -> anyhow::Result<()> {
+        let t = Instant::now();
+        write_eventfd(&to_pong)?;
+        read_eventfd(&to_ping)?;
+        measure.push(t.elapsed());
+        Ok(())
+    };
+    let mut scratch = Vec::new();
+    for _ in 0..a.warmup {
+        lib_round(&mut scratch)?;
+        raw_round(&mut scratch)?;
+    }
+    let mut lib = Vec::with_capacity(a.rounds);
+    let mut raw = Vec::with_capacity(a.rounds);
+    for block in 0..BLOCKS {
+        let n = a.rounds / BLOCKS + usize::from(block < a.rounds % BLOCKS);
+        for _ in 0..n {
+            lib_round(&mut lib)?;
+        }
+        for _ in 0..n {
+            raw_round(&mut raw)?;
+        }
+    }
+    lib_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("library ponger panicked"))??;
+    raw_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("raw ponger panicked"))??;
+    Ok(DoorbellReport {
+        rounds: a.rounds,
+        library: summarize(&mut lib),
+        raw: summarize(&mut raw),
+    })
+}
+
+/// One peer count's join timings.
+#[derive(Debug, Clone)]
+pub struct JoinRow {
+    /// Peers that joined.
+    pub peers: usize,
+    /// Time for all of them.
+    pub total: Duration,
+    /// Mean time per join.
+    pub per_join: Duration,
+    /// The last join (with `peers - 1` peers already there).
+    pub last_join: Duration,
+}
+
+/// Result of `bench join`.
+#[derive(Debug)]
+pub struct JoinReport {
+    /// Vectors per peer.
+    pub vectors: usize,
+    /// One row per peer count, in the order asked.
+    pub rows: Vec<JoinRow>,
+}
+
+impl JoinReport {
+    fn lines(&self) -> Vec<String> {
+        let mut out = vec![format!(
+            "peers joining one after the other, {} vectors each (in-process ivshm-server)",
+            self.vectors
+        )];
+        let first = self.rows.first().cloned();
+        for r in &self.rows {
+            let growth = match &first {
+                Some(f) if !f.per_join.is_zero() => format!(
+                    "{:.2}x per-join time for {:.0}x peers",
+                    r.per_join.as_secs_f64() / f.per_join.as_secs_f64(),
+                    r.peers as f64 / f.peers.max(1) as f64
+                ),
+                _ => "n/a".into(),
+            };
+            out.push(format!(
+                "N={:<5} total {:>10.3} ms  per join {:>9}  last join {:>9}  growth {growth}",
+                r.peers,
+                r.total.as_secs_f64() * 1e3,
+                micros(r.per_join),
+                micros(r.last_join),
+            ));
+        }
+        out
+    }
+}
+
+/// Raises the soft fd limit to the hard limit (each peer costs the in-process server
+/// 1 + vectors fds, and us one socket).
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!("could not raise RLIMIT_NOFILE: {e}");
+        }
+    }
+}
+
+/// A peer that joins and then only reads and closes whatever it receives.
+struct LightJoiner {
+    socket: OwnedFd,
+    reader: MessageReader,
+}
+
+impl LightJoiner {
+    /// Connects and reads until its own `vectors` eventfds arrived; every fd is closed at once.
+    fn join(path: &Path, vectors: usize) -> anyhow::Result<LightJoiner> {
+        let socket = ivshm_client::connect_socket(path)?;
+        let mut reader = MessageReader::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut index = 0usize;
+        let mut own_id = None;
+        let mut own = 0;
+        while own < vectors {
+            match reader.receive(socket.as_fd())? {
+                Received::Message { value, fd } => {
+                    match index {
+                        0 if value != 0 => bail!("server sent version {value}"),
+                        1 => own_id = Some(value),
+                        _ if Some(value) == own_id && fd.is_some() => own += 1,
+                        _ => {}
+                    }
+                    index += 1;
+                    drop(fd);
+                }
+                Received::WouldBlock => wait_readable(&socket, deadline)?,
+                Received::Closed => bail!("the server closed the connection during a join"),
+            }
+        }
+        Ok(LightJoiner { socket, reader })
+    }
+
+    /// Reads and discards whatever is queued (other peers' join fds).
+    fn drain(&mut self) -> anyhow::Result<()> {
+        loop {
+            match self.reader.receive(self.socket.as_fd())? {
+                Received::Message { .. } => {}
+                Received::WouldBlock => return Ok(()),
+                Received::Closed => bail!("the server closed a joiner's connection"),
+            }
+        }
+    }
+}
+
+fn wait_readable(socket: &OwnedFd, deadline: Instant) -> anyhow::Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        bail!("timed out waiting for the server");
+    }
+    let timeout = Timespec::try_from(left)?;
+    let mut fds = [PollFd::new(socket, PollFlags::IN)];
+    match poll(&mut fds, Some(&timeout)) {
+        Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+        Err(e) => bail!("poll: {e}"),
+    }
+}
+
+/// Runs `bench join`.
+pub fn join(a: &JoinArgs) -> anyhow::Result<JoinReport> {
+    if a.vectors == 0 || a.vectors > ivshm_proto::v0::MAX_VECTORS {
+        bail!("--vectors must be 1..=64");
+    }
+    raise_fd_limit();
+    let mut rows = Vec::new();
+    for &n in &a.peers {
+        let sock = TempSocket::new("join")?;
+        let server = spawn_server(&sock.path(), a.vectors)?;
+        let mut joined: Vec<LightJoiner> = Vec::with_capacity(n);
+        let mut total = Duration::ZERO;
+        let mut last_join = Duration::ZERO;
+        for i in 0..n {
+            let t = Instant::now();
+            let j = LightJoiner::join(&sock.path(), a.vectors)
+                .with_context(|| format!("peer {i} of {n} joining"))?;
+            last_join = t.elapsed();
+            total += last_join;
+            // Outside the timing: the others read the new peer's fds (and close them).
+            for other in &mut joined {
+                other.drain()?;
+            }
+            joined.push(j);
+        }
+        drop(joined);
+        drop(server);
+        let per_join = if n == 0 {
+            Duration::ZERO
+        } else {
+            total / u32::try_from(n).unwrap_or(u32::MAX)
+        };
+        rows.push(JoinRow {
+            peers: n,
+            total,
+            per_join,
+            last_join,
+        });
+    }
+    Ok(JoinReport {
+        vectors: a.vectors,
+        rows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doorbell_bench_runs_both_variants() {
+        let r = doorbell(&DoorbellArgs {
+            rounds: 30,
+            warmup: 5,
+        })
+        .unwrap();
+        assert_eq!(r.rounds, 30);
+        let lines = r.lines();
+        assert!(lines[3].starts_with("ratio library/raw"));
+    }
+
+    #[test]
+    fn join_bench_runs() {
+        let r = join(&JoinArgs {
+            peers: vec![2, 5],
+            vectors: 4,
+        })
+        .unwrap();
+        assert_eq!(r.rows.len(), 2);
+        assert_eq!(r.rows[1].peers, 5);
+        assert_eq!(r.lines().len(), 3);
+    }
+
+    #[test]
+    fn percentiles() {
+        let mut v: Vec<Duration> = (1..=100).rev().map(Duration::from_micros).collect();
+        let s = summarize(&mut v);
+        assert_eq!(s.median, Duration::from_micros(51));
+        assert_eq!(s.p99, Duration::from_micros(99));
+    }
 }
