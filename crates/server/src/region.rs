@@ -17,7 +17,7 @@ use rustix::event::{eventfd, EventfdFlags};
 use rustix::io::Errno;
 
 use crate::config::RegionConfig;
-use crate::event_loop::Poller;
+use crate::event_loop::{Poller, Token};
 use crate::ids::IdAllocator;
 use crate::limits::{describe_soft_limit, is_fd_exhaustion, ReserveFd};
 use crate::listener::Listener;
@@ -66,6 +66,8 @@ pub(crate) struct Region {
     ids: IdAllocator,
     peers: BTreeMap<u16, Peer>,
     listener: Listener,
+    /// The listener is out of the epoll set because fds ran out.
+    accept_paused: bool,
 }
 
 impl Region {
@@ -111,6 +113,7 @@ impl Region {
             ids: IdAllocator::new(),
             peers: BTreeMap::new(),
             listener,
+            accept_paused: false,
         })
     }
 
@@ -150,14 +153,16 @@ impl Region {
 
     /// Accepts every waiting connection.
     pub(crate) fn accept_all(&mut self, ctx: &mut LoopContext<'_>) {
+        if self.accept_paused {
+            return;
+        }
         loop {
             match self.listener.accept() {
                 Ok(Some(socket)) => self.join(socket, ctx),
                 Ok(None) => return,
+                // `accept` needs a free fd before it even looks at the queue.
                 Err(e) if is_fd_exhaustion(e) => {
-                    self.refuse_for_lack_of_fds(e, ctx);
-                    // Without a reserve the connection stays pending; the next event retries.
-                    if ctx.reserve.fd().is_none() {
+                    if !self.refuse_for_lack_of_fds(e, ctx) {
                         return;
                     }
                 }
@@ -169,18 +174,66 @@ impl Region {
         }
     }
 
-    /// Out of fds at `accept`: log it, accept the connection into the reserve slot and close it.
-    fn refuse_for_lack_of_fds(&mut self, errno: Errno, ctx: &mut LoopContext<'_>) {
-        tracing::error!(
-            region = %self.name,
-            %errno,
-            "out of file descriptors: {} peers connected, limit {}; refusing a new peer",
-            ctx.total_peers,
-            describe_soft_limit()
-        );
-        ctx.stats.refused();
+    /// Out of fds at `accept`: accept a waiting connection into the reserve fd's slot and close
+    /// it. Returns true if one was refused (there may be more). If even that is impossible,
+    /// stops accepting until a peer leaves, so the loop does not spin on a readable listener.
+    fn refuse_for_lack_of_fds(&mut self, errno: Errno, ctx: &mut LoopContext<'_>) -> bool {
         let listener = &self.listener;
-        ctx.reserve.release_for(|| drop(listener.accept()));
+        let stats = ctx.stats;
+        // Counted before the close, so whoever sees the connection closed sees the count.
+        let result = ctx.reserve.release_for(|| {
+            listener.accept().map(|socket| {
+                let refused = socket.is_some();
+                if refused {
+                    stats.refused();
+                }
+                refused
+            })
+        });
+        match result {
+            Ok(true) => {
+                tracing::error!(
+                    region = %self.name,
+                    %errno,
+                    "out of file descriptors: {} peers connected, limit {}; refused a new peer",
+                    ctx.total_peers,
+                    describe_soft_limit()
+                );
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                tracing::error!(
+                    region = %self.name,
+                    errno = %e,
+                    "out of file descriptors: {} peers connected, limit {}; \
+                     not accepting new peers until one leaves",
+                    ctx.total_peers,
+                    describe_soft_limit()
+                );
+                if ctx.poller.remove(self.listener.fd()).is_ok() {
+                    self.accept_paused = true;
+                }
+                false
+            }
+        }
+    }
+
+    /// True while accepting is paused for lack of fds.
+    pub(crate) fn accept_paused(&self) -> bool {
+        self.accept_paused
+    }
+
+    /// Watches the listener again after fds were freed.
+    pub(crate) fn resume_accepting(&mut self, poller: &Poller) {
+        if self.accept_paused
+            && poller
+                .add(self.listener.fd(), Token::Listener(self.index))
+                .is_ok()
+        {
+            self.accept_paused = false;
+            tracing::info!(region = %self.name, "accepting new peers again");
+        }
     }
 
     /// Gives a new connection an id, its eventfds and its handshake, and tells the others.

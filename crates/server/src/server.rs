@@ -117,6 +117,7 @@ impl Server {
         let mut events: Vec<Event> = Vec::with_capacity(256);
         loop {
             self.poller.wait(&mut events).map_err(ServerError::Epoll)?;
+            let removed_before = self.removed_count();
             for event in &events {
                 let flags = event.flags;
                 match token_of(event) {
@@ -172,7 +173,18 @@ impl Server {
                     None => tracing::debug!("event with an unknown token"),
                 }
             }
+            // Peers that went away freed fds: listeners paused for lack of fds resume.
+            if self.removed_count() != removed_before {
+                for region in self.regions.iter_mut().filter(|r| r.accept_paused()) {
+                    region.resume_accepting(&self.poller);
+                }
+            }
         }
+    }
+
+    fn removed_count(&self) -> u64 {
+        let s = self.stats.snapshot();
+        s.peers_left + s.peers_dropped
     }
 
     fn log_status(&self) {

@@ -69,13 +69,22 @@ pub struct RawPeer {
 
 impl RawPeer {
     pub fn connect(path: &std::path::Path) -> RawPeer {
-        let sock = socket_with(
+        Self::connect_socket(Self::new_socket(), path)
+    }
+
+    /// A fresh, unconnected, non-blocking socket.
+    pub fn new_socket() -> OwnedFd {
+        socket_with(
             AddressFamily::UNIX,
             SocketType::STREAM,
             SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
             None,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// Connects an existing socket (no new fd needed).
+    pub fn connect_socket(sock: OwnedFd, path: &std::path::Path) -> RawPeer {
         connect(&sock, &SocketAddrUnix::new(path).unwrap()).unwrap();
         RawPeer {
             sock,
