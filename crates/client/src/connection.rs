@@ -139,7 +139,7 @@ pub(crate) fn establish(path: &Path, opts: &ConnectOptions) -> Result<Session, C
             opts.timeout
         );
     }
-    early_events.extend(table.end_of_burst());
+    // Peers still short of vectors stay pending: the caller's burst timer finishes them.
     tracing::debug!(
         own_id = table.own_id(),
         vectors = table.own_vector_count(),
@@ -159,5 +159,5 @@ pub(crate) fn establish(path: &Path, opts: &ConnectOptions) -> Result<Session, C
 }
 
 /// How long [`establish`] waits for more own vectors after the last one when no other peer
-/// tells it how many to expect.
-pub(crate) const DEFAULT_SETTLE: Duration = Duration::from_millis(20);
+/// tells it how many to expect, and how long a join short of vectors waits for more.
+pub(crate) const DEFAULT_SETTLE: Duration = Duration::from_millis(50);

@@ -57,18 +57,22 @@ pub(crate) enum Source {
     Socket,
     /// The reconnect timer.
     Timer,
+    /// The end-of-burst grace timer (joins short of vectors).
+    BurstTimer,
     /// Our own vector with this index.
     Vector(usize),
 }
 
 const SOCKET_TOKEN: u64 = u64::MAX;
 const TIMER_TOKEN: u64 = u64::MAX - 1;
+const BURST_TIMER_TOKEN: u64 = u64::MAX - 2;
 
 impl Source {
     fn token(self) -> u64 {
         match self {
             Source::Socket => SOCKET_TOKEN,
             Source::Timer => TIMER_TOKEN,
+            Source::BurstTimer => BURST_TIMER_TOKEN,
             Source::Vector(v) => v as u64,
         }
     }
@@ -77,6 +81,7 @@ impl Source {
         match t {
             SOCKET_TOKEN => Source::Socket,
             TIMER_TOKEN => Source::Timer,
+            BURST_TIMER_TOKEN => Source::BurstTimer,
             v => Source::Vector(usize::try_from(v).unwrap_or(usize::MAX)),
         }
     }

@@ -30,7 +30,9 @@ pub struct ConnectOptions {
     /// Longest delay between reconnect attempts (default 5 s).
     pub reconnect_max_delay: Duration,
     /// How long the socket must stay quiet after our first own vector before the handshake
-    /// counts as complete, when no other peer says how many vectors to expect (default 20 ms).
+    /// counts as complete, when no other peer says how many vectors to expect; also how long
+    /// a peer that sent fewer vectors than we have waits before its join is reported
+    /// (default 50 ms). See [`crate::peer_table`] for the join rule.
     pub settle: Duration,
 }
 
@@ -60,6 +62,9 @@ pub struct Peer {
     connected: bool,
     poller: Poller,
     timer: RetryTimer,
+    burst_timer: RetryTimer,
+    /// When pending joins are reported if no more vectors arrive.
+    burst_deadline: Option<Instant>,
     backoff: Backoff,
     queue: VecDeque<Event>,
 }
@@ -73,6 +78,10 @@ impl Peer {
         poller
             .add(timer.fd(), Source::Timer)
             .map_err(ClientError::sys("epoll_ctl"))?;
+        let burst_timer = RetryTimer::new().map_err(ClientError::sys("timerfd_create"))?;
+        poller
+            .add(burst_timer.fd(), Source::BurstTimer)
+            .map_err(ClientError::sys("epoll_ctl"))?;
         let backoff = Backoff::new(opts.reconnect_delay, opts.reconnect_max_delay);
         let mut peer = Peer {
             path: socket.to_path_buf(),
@@ -81,6 +90,8 @@ impl Peer {
             connected: true,
             poller,
             timer,
+            burst_timer,
+            burst_deadline: None,
             backoff,
             queue: VecDeque::new(),
         };
@@ -101,7 +112,33 @@ impl Peer {
                 .map_err(ClientError::sys("epoll_ctl"))?;
         }
         self.queue.extend(s.early_events.drain(..).map(Event::Peer));
+        self.burst_deadline = None;
+        self.burst_ended_for_now()
+    }
+
+    /// The socket has no more data for now: give joins that are short of vectors a grace
+    /// period before reporting them (see [`crate::peer_table`]).
+    fn burst_ended_for_now(&mut self) -> Result<(), ClientError> {
+        if self.session.table.has_pending() {
+            self.burst_deadline = Some(Instant::now() + self.opts.settle);
+            self.burst_timer
+                .arm(self.opts.settle)
+                .map_err(ClientError::sys("timerfd_settime"))?;
+        } else {
+            self.burst_deadline = None;
+        }
         Ok(())
+    }
+
+    /// Reports pending joins whose grace period is over.
+    fn finish_due_burst(&mut self) -> Vec<PeerEvent> {
+        match self.burst_deadline {
+            Some(d) if Instant::now() >= d => {
+                self.burst_deadline = None;
+                self.session.table.end_of_burst()
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// Our own id (what a guest reads from IVPosition). May change on reconnect.
@@ -193,6 +230,9 @@ impl Peer {
     /// Reads every message the server has sent so far without blocking and returns the
     /// joins and leaves they make.
     ///
+    /// A join short of vectors is reported by the first call after its grace period
+    /// (`ConnectOptions::settle`); [`Peer::poll_fd`] becomes readable then.
+    ///
     /// Invalid messages are dropped with a warning, as QEMU's device does after setup. When
     /// the server has closed the socket it returns [`ClientError::ServerGone`] (every call
     /// does until a reconnect; the peer table keeps what had arrived) and, if reconnecting is
@@ -201,11 +241,12 @@ impl Peer {
         if !self.connected {
             return Err(ClientError::ServerGone);
         }
-        let (events, gone) = self.drain_socket()?;
+        let (mut events, gone) = self.drain_socket()?;
         if gone {
             self.server_gone(false)?;
             return Err(ClientError::ServerGone);
         }
+        events.extend(self.finish_due_burst());
         Ok(events)
     }
 
@@ -226,7 +267,7 @@ impl Peer {
                     Err(e) => tracing::warn!("ignoring server message {value}: {e}"),
                 },
                 Ok(Received::WouldBlock) => {
-                    events.extend(self.session.table.end_of_burst());
+                    self.burst_ended_for_now()?;
                     return Ok((events, false));
                 }
                 Ok(Received::Closed) => {
@@ -360,6 +401,13 @@ impl Peer {
             }
             Source::Socket => {}
             Source::Timer => self.retry()?,
+            Source::BurstTimer => {
+                self.burst_timer
+                    .consume()
+                    .map_err(ClientError::sys("timerfd read"))?;
+                let events = self.finish_due_burst();
+                self.queue.extend(events.into_iter().map(Event::Peer));
+            }
             Source::Vector(v) => {
                 if let Some(fd) = self.session.table.own_vector(v) {
                     match doorbell::drain(fd) {

@@ -10,8 +10,11 @@
 //! N eventfds back to back, one message per vector, and assumes every peer uses the same N. A
 //! peer therefore counts as **joined** when
 //! 1. its vector count reaches our own vector count, or
-//! 2. fewer arrived and the server's burst ended: the socket had no more readable data
-//!    ([`PeerTable::end_of_burst`]).
+//! 2. fewer arrived and the server's burst ended: the socket stayed without readable data for
+//!    a short grace period (`ConnectOptions::settle`, default 50 ms;
+//!    [`PeerTable::end_of_burst`]). The grace period absorbs a server that is preempted
+//!    between two messages of one burst; with a server that gives every peer as many vectors
+//!    as we have (ours and QEMU's do), rule 1 always applies and nothing waits.
 //!
 //! Peers whose first vector arrives before any of our own vectors are the peers that were
 //! already there when we connected (QEMU's server sends them before our own vectors): they are
@@ -221,6 +224,11 @@ impl PeerTable {
         applied.events.push(PeerEvent::Left { id });
         // Dropping `peer` closes its eventfds.
         Ok(applied)
+    }
+
+    /// True when some peer's vectors are still arriving (its join is not reported yet).
+    pub fn has_pending(&self) -> bool {
+        self.peers.values().any(|p| !p.announced)
     }
 
     /// The server's burst ended (no more readable data): peers still waiting for vectors count

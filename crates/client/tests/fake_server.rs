@@ -340,3 +340,29 @@ fn poll_fd_wakes_a_foreign_loop() {
     drop(peer);
     server.join().unwrap();
 }
+
+#[test]
+fn a_join_split_by_a_pause_is_reported_once_complete() {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (path, server) = with_server("split", move |s| {
+        greet(&s, 0, &memfd(4096), &[], &[efd(), efd()]);
+        rx.recv().unwrap();
+        // The server is preempted between the two vectors of a joining peer.
+        send(&s, 1, Some(efd().as_fd()));
+        thread::sleep(Duration::from_millis(30));
+        send(&s, 1, Some(efd().as_fd()));
+        rx.recv().unwrap();
+    });
+    let opts = ConnectOptions {
+        settle: Duration::from_secs(1),
+        ..quick()
+    };
+    let mut peer = Peer::connect(&path, opts).unwrap();
+    tx.send(()).unwrap();
+    assert_eq!(
+        peer.wait(TEN_S).unwrap(),
+        Some(Event::Peer(PeerEvent::Joined { id: 1, vectors: 2 }))
+    );
+    tx.send(()).unwrap();
+    server.join().unwrap();
+}

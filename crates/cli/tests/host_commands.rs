@@ -1,0 +1,243 @@
+//! The built `ivshm` host commands and `ivshmem-client` against an in-process server.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::Duration;
+
+use ivshm_client::{ConnectOptions, Event, Peer, PeerEvent};
+use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
+
+const TEN_S: Option<Duration> = Some(Duration::from_secs(10));
+
+fn socket_path(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ivshm-cli-test-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("sock")
+}
+
+fn server(path: &Path, vectors: usize) -> ServerHandle {
+    let mut region = RegionConfig::new(path);
+    region.vectors = vectors;
+    region.memory.size = 64 << 10;
+    ServerHandle::spawn(ServerConfig::single(region)).unwrap()
+}
+
+fn peer(path: &Path) -> Peer {
+    Peer::connect(path, ConnectOptions::default()).unwrap()
+}
+
+fn ivshm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ivshm"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn next_event(p: &mut Peer) -> Event {
+    p.wait(TEN_S).unwrap().expect("no event within 10 s")
+}
+
+/// Spawns a program and streams its stdout lines into a channel.
+fn spawn_lines(mut cmd: Command) -> (Child, Receiver<String>) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+fn line(rx: &Receiver<String>) -> String {
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("no output line within 10 s")
+}
+
+#[test]
+fn peers_lists_self_and_others() {
+    let path = socket_path("peers");
+    let _s = server(&path, 2);
+    let mut a = peer(&path);
+    let p = path.to_str().unwrap();
+    let out = stdout(&ivshm(&["peers", "--socket", p]));
+    assert_eq!(out, "self id=1 vectors=2 size=65536\npeer id=0 vectors=2\n");
+    // `a` saw the command's peer join and leave.
+    assert_eq!(
+        next_event(&mut a),
+        Event::Peer(PeerEvent::Joined { id: 1, vectors: 2 })
+    );
+    assert_eq!(next_event(&mut a), Event::Peer(PeerEvent::Left { id: 1 }));
+}
+
+#[test]
+fn notify_rings_one_or_all_vectors() {
+    let path = socket_path("notify");
+    let _s = server(&path, 2);
+    let mut a = peer(&path);
+    let p = path.to_str().unwrap();
+    stdout(&ivshm(&[
+        "notify", "--socket", p, "--peer", "0", "--vector", "1",
+    ]));
+    let mut doorbells = Vec::new();
+    while doorbells.is_empty() {
+        if let Event::Doorbell { vector } = next_event(&mut a) {
+            doorbells.push(vector);
+        }
+    }
+    assert_eq!(doorbells, vec![1]);
+    stdout(&ivshm(&[
+        "notify", "--socket", p, "--peer", "0", "--vector", "all",
+    ]));
+    let mut doorbells = Vec::new();
+    while doorbells.len() < 2 {
+        if let Event::Doorbell { vector } = next_event(&mut a) {
+            doorbells.push(vector);
+        }
+    }
+    doorbells.sort();
+    assert_eq!(doorbells, vec![0, 1]);
+
+    let bad = ivshm(&["notify", "--socket", p, "--peer", "7", "--vector", "0"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("peer 7"));
+    let bad = ivshm(&["notify", "--socket", p, "--peer", "0", "--vector", "5"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no vector 5"));
+}
+
+#[test]
+fn listen_prints_doorbells_joins_and_leaves() {
+    let path = socket_path("listen");
+    let _s = server(&path, 2);
+    let mut a = peer(&path);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ivshm"));
+    cmd.args(["listen", "--count", "3", "--timeout", "20", "--socket"])
+        .arg(&path);
+    let (mut child, rx) = spawn_lines(cmd);
+    assert_eq!(line(&rx), "self id=1 vectors=2 size=65536");
+    assert_eq!(line(&rx), "peer id=0 vectors=2");
+    assert_eq!(
+        next_event(&mut a),
+        Event::Peer(PeerEvent::Joined { id: 1, vectors: 2 })
+    );
+    a.notify(1, 1).unwrap();
+    assert_eq!(line(&rx), "doorbell vector=1");
+    let b = peer(&path);
+    assert_eq!(line(&rx), "join peer=2 vectors=2");
+    drop(b);
+    assert_eq!(line(&rx), "leave peer=2");
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn listen_times_out_with_status_1() {
+    let path = socket_path("listen-timeout");
+    let _s = server(&path, 1);
+    let p = path.to_str().unwrap();
+    let out = ivshm(&["listen", "--count", "1", "--timeout", "0.3", "--socket", p]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "self id=0 vectors=1 size=65536\n"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("timed out"));
+}
+
+#[test]
+fn read_and_write_the_region() {
+    let path = socket_path("rw");
+    let _s = server(&path, 1);
+    let a = peer(&path);
+    let map = a.map().unwrap();
+    let p = path.to_str().unwrap();
+    stdout(&ivshm(&[
+        "write", "--socket", p, "--offset", "0x100", "DEADbeef",
+    ]));
+    let mut buf = [0u8; 4];
+    map.view().read(0x100, &mut buf).unwrap();
+    assert_eq!(buf, [0xde, 0xad, 0xbe, 0xef]);
+
+    map.view().write(1024, b"hello").unwrap();
+    let out = stdout(&ivshm(&[
+        "read", "--socket", p, "--offset", "1K", "--len", "5",
+    ]));
+    assert_eq!(out, "68656c6c6f\n");
+    let raw = ivshm(&[
+        "read", "--socket", p, "--offset", "1024", "--len", "5", "--raw",
+    ]);
+    assert_eq!(raw.stdout, b"hello");
+
+    let file = path.with_file_name("data.bin");
+    std::fs::write(&file, b"\x00\x01from a file").unwrap();
+    let arg = format!("@{}", file.display());
+    stdout(&ivshm(&["write", "--socket", p, "--offset", "60K", &arg]));
+    let mut buf = [0u8; 13];
+    map.view().read(60 << 10, &mut buf).unwrap();
+    assert_eq!(&buf, b"\x00\x01from a file");
+
+    let bad = ivshm(&["read", "--socket", p, "--offset", "64K", "--len", "1"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("beyond"));
+    let bad = ivshm(&["write", "--socket", p, "--offset", "0", "xyz"]);
+    assert!(!bad.status.success());
+}
+
+#[test]
+fn ivshmem_client_dumps_rings_and_reports() {
+    let path = socket_path("qemu-client");
+    let _s = server(&path, 2);
+    let mut a = peer(&path);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ivshmem-client"));
+    cmd.arg("-S").arg(&path).stdin(Stdio::piped());
+    let (mut child, rx) = spawn_lines(cmd);
+    let mut stdin = child.stdin.take().unwrap();
+    // Help first, then the connection line (the prompt has no newline, so it prefixes it).
+    assert_eq!(line(&rx), "dump: dump peers (including us)");
+    for _ in 0..3 {
+        line(&rx);
+    }
+    assert!(line(&rx).starts_with("cmd> listen on server socket "));
+    assert_eq!(
+        next_event(&mut a),
+        Event::Peer(PeerEvent::Joined { id: 1, vectors: 2 })
+    );
+    stdin.write_all(b"dump\n").unwrap();
+    assert_eq!(line(&rx), "our_id = 1");
+    assert!(line(&rx).starts_with("  vector 0 is enabled (fd="));
+    assert!(line(&rx).starts_with("  vector 1 is enabled (fd="));
+    assert_eq!(line(&rx), "peer_id = 0");
+    line(&rx);
+    line(&rx);
+    stdin.write_all(b"int 0 1;int 9 0\n").unwrap();
+    assert_eq!(next_event(&mut a), Event::Doorbell { vector: 1 });
+    assert_eq!(line(&rx), "cmd> cannot find peer_id = 9");
+    a.notify(1, 0).unwrap();
+    assert_eq!(
+        line(&rx),
+        "cmd> receive notification from peer_id=1 vector=0"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
