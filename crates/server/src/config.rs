@@ -65,7 +65,8 @@ pub struct RegionConfig {
     pub listener: ListenerConfig,
     /// The memory.
     pub memory: MemoryConfig,
-    /// Interrupt vectors (eventfds) per peer, 1..=64.
+    /// Interrupt vectors (eventfds) per peer, 0..=64. With 0 (accepted for compatibility with
+    /// QEMU's `-n 0`) peers get no eventfds and so no join notifications, only leaves.
     pub vectors: usize,
 }
 
@@ -81,7 +82,7 @@ impl RegionConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.vectors == 0 || self.vectors > ivshm_proto::v0::MAX_VECTORS {
+        if self.vectors > ivshm_proto::v0::MAX_VECTORS {
             return Err(ConfigError::Vectors(self.vectors));
         }
         if self.memory.size == 0 {
@@ -143,8 +144,8 @@ pub enum ConfigError {
     /// No region was configured.
     #[error("no region to serve")]
     NoRegions,
-    /// Vectors outside 1..=64.
-    #[error("{0} vectors per peer: must be between 1 and 64")]
+    /// More than 64 vectors.
+    #[error("{0} vectors per peer: at most 64 are supported")]
     Vectors(usize),
     /// Size zero.
     #[error("region size must be greater than zero")]
@@ -172,7 +173,7 @@ mod tests {
         bad.regions[0].vectors = 65;
         assert_eq!(bad.validate(), Err(ConfigError::Vectors(65)));
         bad.regions[0].vectors = 0;
-        assert_eq!(bad.validate(), Err(ConfigError::Vectors(0)));
+        assert_eq!(bad.validate(), Ok(()));
         let mut bad = ok.clone();
         bad.regions[0].memory.size = 0;
         assert_eq!(bad.validate(), Err(ConfigError::ZeroSize));

@@ -306,3 +306,18 @@ fn posix_shm_region_is_removed_on_shutdown_unless_kept() {
         assert_eq!(shm_path.exists(), keep);
     }
 }
+
+#[test]
+fn zero_vectors_like_qemus_dash_n_0() {
+    let server = start_server("v0", 0, 1 << 20);
+    let path = server.socket_path().to_path_buf();
+    let mut a = RawPeer::connect(&path);
+    let ja = a.handshake(0, &[]);
+    assert!(ja.own.is_empty());
+    let mut b = RawPeer::connect(&path);
+    assert_eq!(b.handshake(0, &[0]).id, 1);
+    // No eventfds, so no join notification; the leave still comes, as with QEMU's server.
+    drop(b);
+    a.expect_leave(1);
+    drop(server);
+}

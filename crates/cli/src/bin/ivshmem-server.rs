@@ -368,6 +368,7 @@ mod tests {
         assert_eq!(run(&["-Fl2G"]).size, 2 << 30);
         assert_eq!(run(&["-F", "-l", "5G"]).size, 5 << 30);
         assert_eq!(run(&["-Fn", "8"]).vectors, 8);
+        assert_eq!(run(&["-F", "-n", "0"]).vectors, 0);
         assert_eq!(run(&["-F", "-n0x10"]).vectors, 16);
         assert_eq!(run(&["-F", "-n", "010"]).vectors, 8);
         assert_eq!(run(&["-F", "-S/tmp/x"]).socket, PathBuf::from("/tmp/x"));
