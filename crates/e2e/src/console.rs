@@ -200,14 +200,15 @@ pub fn strip_ansi(line: &str) -> String {
     out
 }
 
-/// Finds a line equal to `marker` (ignoring surrounding whitespace and ANSI escape sequences)
-/// at or after byte `from`; returns the byte offset just after that line.
+/// Finds a line ending with `marker` (ignoring trailing whitespace and ANSI escape sequences;
+/// firmware output may precede it on the same line) at or after byte `from`; returns the byte
+/// offset just after that line.
 pub fn find_marker_line(text: &str, from: usize, marker: &str) -> Option<usize> {
     let text_from = text.get(from..)?;
     let mut offset = 0;
     for line in text_from.split_inclusive('\n') {
         offset += line.len();
-        if line.ends_with('\n') && strip_ansi(line).trim() == marker {
+        if line.ends_with('\n') && strip_ansi(line).trim_end().ends_with(marker) {
             return Some(from + offset);
         }
     }
@@ -254,6 +255,10 @@ mod tests {
     fn marker_line_must_be_a_whole_line() {
         assert_eq!(find_marker_line("a\nREADY\nb", 0, "READY"), Some(8));
         assert_eq!(find_marker_line("echo READY now\n", 0, "READY"), None);
+        assert_eq!(
+            find_marker_line("ROM..\u{1b}c\u{1b}[2JREADY\n", 0, "READY"),
+            Some(17)
+        );
         assert_eq!(find_marker_line("READY", 0, "READY"), None);
         assert_eq!(find_marker_line("READY\nREADY\n", 6, "READY"), Some(12));
         assert_eq!(

@@ -116,9 +116,9 @@ pub struct IvshmemDevice {
 }
 
 impl IvshmemDevice {
-    /// Finds every `ivshmem` device (vendor `0x1af4`, device `0x1110`) in the guest's sysfs,
-    /// sorted by address, and enables each one so its BARs can be accessed.
-    pub fn find_all(guest: &mut QemuGuest, timeout: Duration) -> Result<Vec<Self>, QemuError> {
+    /// Lists every `ivshmem` device (vendor `0x1af4`, device `0x1110`) in the guest's sysfs,
+    /// sorted by address, without enabling them (e.g. before binding to `vfio-pci`).
+    pub fn discover(guest: &mut QemuGuest, timeout: Duration) -> Result<Vec<Self>, QemuError> {
         let list = format!(
             "for d in /sys/bus/pci/devices/*; do \
              if [ \"$(cat $d/vendor)\" = {IVSHMEM_VENDOR:#06x} ] && [ \"$(cat $d/device)\" = {IVSHMEM_DEVICE:#06x} ]; \
@@ -140,13 +140,48 @@ impl IvshmemDevice {
             if bars.len() < 3 {
                 return Err(guest.unexpected_output(&command, &text));
             }
-            guest.run_ok(
-                &format!("echo 1 > /sys/bus/pci/devices/{bdf}/enable"),
-                timeout,
-            )?;
             devices.push(Self { bdf, bars });
         }
         Ok(devices)
+    }
+
+    /// [`discover`](Self::discover), then enables each device (`echo 1 > .../enable`) so its
+    /// BARs decode and `devmem` reaches them.
+    pub fn find_all(guest: &mut QemuGuest, timeout: Duration) -> Result<Vec<Self>, QemuError> {
+        let devices = Self::discover(guest, timeout)?;
+        for device in &devices {
+            device.enable(guest, timeout)?;
+        }
+        Ok(devices)
+    }
+
+    /// Enables the device's memory decoding through sysfs.
+    pub fn enable(&self, guest: &mut QemuGuest, timeout: Duration) -> Result<(), QemuError> {
+        guest.run_ok(
+            &format!("echo 1 > /sys/bus/pci/devices/{}/enable", self.bdf),
+            timeout,
+        )?;
+        Ok(())
+    }
+
+    /// Binds the device to `vfio-pci` (the guest must have been built
+    /// [`with_vfio`](crate::GuestBuilder::with_vfio)) and returns its VFIO group device,
+    /// e.g. `/dev/vfio/3`.
+    pub fn bind_vfio(&self, guest: &mut QemuGuest, timeout: Duration) -> Result<String, QemuError> {
+        let bdf = &self.bdf;
+        let command = format!(
+            "echo vfio-pci > /sys/bus/pci/devices/{bdf}/driver_override && \
+             echo {bdf} > /sys/bus/pci/drivers_probe && \
+             group=$(basename $(readlink /sys/bus/pci/devices/{bdf}/iommu_group)) && \
+             [ -c /dev/vfio/$group ] && echo /dev/vfio/$group"
+        );
+        let output = guest.run_ok(&command, timeout)?;
+        let group = output.trim();
+        if group.starts_with("/dev/vfio/") {
+            Ok(group.to_string())
+        } else {
+            Err(guest.unexpected_output(&command, &output))
+        }
     }
 
     /// Like [`find_all`](Self::find_all) but expects exactly one device.

@@ -505,7 +505,7 @@ impl QemuGuest {
         }
     }
 
-    /// Waits until a line equal to `marker` appears on the console after everything consumed
+    /// Waits until a line ending with `marker` appears on the console after everything consumed
     /// so far, and consumes up to it.
     pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<(), QemuError> {
         let from = self.cursor;

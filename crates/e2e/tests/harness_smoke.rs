@@ -60,3 +60,45 @@ fn plain_shared_memory_both_directions() {
     let status = guest.poweroff(COMMAND).unwrap();
     assert!(status.success(), "QEMU exit status {status}");
 }
+
+#[test]
+fn vfio_modules_load_and_bind_the_device() {
+    let assets = require_e2e!();
+    let shm = ShmFile::new(SIZE).unwrap();
+    let mut guest = QemuGuest::builder(&assets, "smoke-vfio")
+        .with_vfio()
+        .ivshmem_plain(shm.path(), SIZE)
+        .boot(BOOT)
+        .unwrap();
+    let modules = guest.run_ok("cat /proc/modules", COMMAND).unwrap();
+    for module in [
+        "vfio_pci",
+        "vfio_pci_core",
+        "vfio_iommu_type1",
+        "vfio",
+        "irqbypass",
+    ] {
+        assert!(
+            modules
+                .lines()
+                .any(|l| l.starts_with(&format!("{module} "))),
+            "{module} not loaded:\n{modules}"
+        );
+    }
+    let mut devices = IvshmemDevice::discover(&mut guest, COMMAND).unwrap();
+    assert_eq!(devices.len(), 1);
+    let device = devices.remove(0);
+    let group = device.bind_vfio(&mut guest, COMMAND).unwrap();
+    let driver = guest
+        .run_ok(
+            &format!(
+                "basename $(readlink /sys/bus/pci/devices/{}/driver)",
+                device.bdf
+            ),
+            COMMAND,
+        )
+        .unwrap();
+    assert_eq!(driver.trim(), "vfio-pci");
+    assert!(group.starts_with("/dev/vfio/"), "{group}");
+    assert!(guest.poweroff(COMMAND).unwrap().success());
+}
