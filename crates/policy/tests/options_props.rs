@@ -139,8 +139,9 @@ proptest! {
     ]), 0..24)) {
         let text = words.join(" ");
         if let Ok(block) = VdevShmem::parse(&text) {
-            // Whatever parses renders to something that parses to the same.
-            prop_assert_eq!(VdevShmem::parse(&block.to_string()), Ok(block));
+            // Whatever parses renders to something that parses to the same, and is a policy.
+            prop_assert_eq!(VdevShmem::parse(&block.to_string()), Ok(block.clone()));
+            prop_assert!(VmPolicy::from_vdev(block).is_ok());
         }
     }
 

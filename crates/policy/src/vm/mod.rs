@@ -147,32 +147,39 @@ pub struct CreateConfig {
     pub size: u64,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RawSize {
-    Integer(u64),
-    Text(String),
-}
+/// Reads a size given as a TOML integer or as a string in QNX notation.
+struct SizeVisitor;
 
-impl RawSize {
-    fn bytes<E: serde::de::Error>(self) -> Result<u64, E> {
-        match self {
-            Self::Integer(value) => Ok(value),
-            Self::Text(text) => parse_size(&text, u64::MAX).map_err(E::custom),
-        }
+impl serde::de::Visitor<'_> for SizeVisitor {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "a size in bytes: a non-negative integer or a string such as \"0xf0000\" or \"960K\"",
+        )
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<u64, E> {
+        Ok(value)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<u64, E> {
+        u64::try_from(value).map_err(|_| E::custom(format!("size {value} is negative")))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<u64, E> {
+        parse_size(text, u64::MAX).map_err(E::custom)
     }
 }
 
 fn size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
-    RawSize::deserialize(deserializer)?.bytes()
+    deserializer.deserialize_any(SizeVisitor)
 }
 
 fn optional_size<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<u64>, D::Error> {
-    Option::<RawSize>::deserialize(deserializer)?
-        .map(RawSize::bytes)
-        .transpose()
+    size(deserializer).map(Some)
 }
 
 /// A region to create when the VM starts.

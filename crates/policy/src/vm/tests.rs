@@ -261,6 +261,9 @@ fn toml_errors() {
     assert!(err("create = [{ name = \"../x\", size = 1 }]").contains("starts with '.'"));
     assert!(err("create = [{ name = \"x\", size = \"lots\" }]").contains("not a number"));
     assert!(err("create = [{ name = \"x\", size = 0 }]").contains("size 0"));
+    assert!(err("create = [{ name = \"x\", size = -1 }]").contains("negative"));
+    assert!(err("create = [{ name = \"x\", size = 1.5 }]").contains("a size in bytes"));
+    assert!(err("loc = true").contains("a size in bytes"));
     assert!(err("subst = \"guest0\"").contains("no comma"));
     assert!(err("loc = 4096").contains("loc needs intr"));
     assert!(err("loc = 4097\nintr = 1").contains("not aligned"));
