@@ -17,6 +17,27 @@ use crate::testvmm::guest::{PCI_CONFIG_ADDRESS, PCI_CONFIG_DATA};
 /// A device shared between the vCPU thread and the test.
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
 
+/// MMIO outside PCI BARs (e.g. `guest_shm` control pages, MMIO-mode factory pages).
+pub trait MmioHandler: Send {
+    /// Handles a read; false if `addr` is not this handler's.
+    fn mmio_read(&mut self, addr: u64, data: &mut [u8]) -> bool;
+    /// Handles a write; false if `addr` is not this handler's.
+    fn mmio_write(&mut self, addr: u64, data: &[u8]) -> bool;
+}
+
+impl MmioHandler for crate::guest_shm::GuestShmDevice {
+    fn mmio_read(&mut self, addr: u64, data: &mut [u8]) -> bool {
+        crate::guest_shm::GuestShmDevice::mmio_read(self, addr, data)
+    }
+
+    fn mmio_write(&mut self, addr: u64, data: &[u8]) -> bool {
+        crate::guest_shm::GuestShmDevice::mmio_write(self, addr, data)
+    }
+}
+
+/// An MMIO handler shared between the vCPU thread and the test.
+pub type SharedMmioHandler = Arc<Mutex<dyn MmioHandler>>;
+
 /// Errors from the platform.
 #[derive(Debug, thiserror::Error)]
 pub enum PlatformError {
@@ -61,6 +82,7 @@ pub struct PciPlatform {
     vm: Arc<VmFd>,
     config_address: u32,
     devices: Vec<PlatformDevice>,
+    handlers: Vec<SharedMmioHandler>,
     next_slot: u32,
     mmio_exits: HashMap<u64, u64>,
 }
@@ -84,6 +106,7 @@ impl PciPlatform {
             vm,
             config_address: 0,
             devices: Vec::new(),
+            handlers: Vec::new(),
             next_slot: first_slot,
             mmio_exits: HashMap::new(),
         }
@@ -148,6 +171,11 @@ impl PciPlatform {
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         rb.guest_addr = addr;
         Ok(())
+    }
+
+    /// Adds a handler for MMIO that no BAR claims.
+    pub fn add_mmio_handler(&mut self, handler: SharedMmioHandler) {
+        self.handlers.push(handler);
     }
 
     /// Re-registers every device's ioevents (after doorbell peers joined or left).
@@ -276,7 +304,14 @@ impl PciPlatform {
                     d.read_bar(bar, offset, data);
                 }
             }
-            None => data.fill(0xff),
+            None => {
+                for h in &self.handlers {
+                    if h.lock().is_ok_and(|mut h| h.mmio_read(addr, data)) {
+                        return;
+                    }
+                }
+                data.fill(0xff);
+            }
         }
     }
 
@@ -286,6 +321,12 @@ impl PciPlatform {
         if let Some((dev, bar, offset)) = self.find_bar(addr) {
             if let Ok(mut d) = self.devices[dev].device.lock() {
                 d.write_bar(bar, offset, data);
+            }
+            return;
+        }
+        for h in &self.handlers {
+            if h.lock().is_ok_and(|mut h| h.mmio_write(addr, data)) {
+                return;
             }
         }
     }

@@ -294,6 +294,18 @@ impl TestVm {
             .add_device(device, ram_bars, ioeventfds)?)
     }
 
+    /// Adds a handler for MMIO outside PCI BARs.
+    pub fn add_mmio_handler(
+        &self,
+        handler: crate::testvmm::platform::SharedMmioHandler,
+    ) -> Result<(), VmmError> {
+        self.platform
+            .lock()
+            .map_err(|_| VmmError::Poisoned)?
+            .add_mmio_handler(handler);
+        Ok(())
+    }
+
     /// Re-registers device ioevents (after doorbell peers changed).
     pub fn refresh_ioevents(&self) -> Result<(), VmmError> {
         Ok(self

@@ -1,0 +1,110 @@
+//! The QNX hypervisor `guest_shm` device (`vdev shmem`), as QNX guests see it, on top of a
+//! region registry ([`Factory`]) that a server can provide.
+//!
+//! Guest view (QNX `guest_shm.h`, constants in [`ivshm_policy::guest_shm`]):
+//!
+//! * a 4 KiB **factory page**: `signature` (u64, 0x4d534732474d5651), `shmem` (u64,
+//!   guest-physical address of the last attached region's control page), `vector` (u32,
+//!   the device interrupt), `status` (u32, `GSS_*` of the last request), `size` (u32, pages
+//!   of 4 KiB), `name[32]`, `find` (u32). Writing `size` creates the named region or attaches
+//!   to it if it exists; writing `find` attaches to an existing region only. On `GSS_OK`,
+//!   `size` reads the region's actual page count (the creator chose it) and `shmem` the address
+//!   of the new connection's control page, followed by the data pages.
+//! * per connection, a **control page**: `status` (RO; bits 0-15 clients that notified me
+//!   since my last read, cleared by this read; bits 16-31 attached clients), `idx` (RO; my
+//!   connection index), `notify` (WO; bitset of clients to signal, `0xffff_ffff` = everybody
+//!   but me), `detach` (WO; any value detaches, others see it).
+//! * **one interrupt** for the device, raised whenever the `status` of one of its
+//!   connections changes: a notification arrives or another client attaches or detaches.
+//!
+//! Modes: PCI (vendor 0x1C05, device 0x0001, factory page in BAR0) or MMIO (factory page at
+//! the `loc` address, interrupt `intr`), see [`GuestShmDevice`].
+//!
+//! # How QNX semantics map onto regions
+//!
+//! * A region is named by its *host* name: the [`Factory`] applies the VM's `vdev shmem`
+//!   policy ([`ivshm_policy::VmPolicy`]: allow/deny on the guest's name, then `subst`) before
+//!   looking it up, so `GSS_NO_PERMISSION` and `GSS_ILLEGAL_NAME` come from the policy.
+//! * Up to 16 connections per region ([`ivshm_policy::guest_shm::MAX_CLIENTS`]); a connection
+//!   gets the lowest free index, the bit it owns in every bitset. The 17th gets
+//!   `GSS_CLIENT_MAX`. Every create/attach is a new connection, even from the same factory.
+//! * The first creator chooses the size; later creates and finds attach with that size.
+//!   A create with `size` 0 of a region that does not exist fails with `GSS_UNKNOWN_FAILURE`.
+//! * Notifications coalesce: one pending bit per sender, as QNX's samples describe. Over an
+//!   ivshmem-style server this is "one vector per possible sender" — the receiver learns who
+//!   rang from which vector fired.
+//! * A region lives while it has connections; the last detach frees it.
+//!
+//! Unknowns (not public): what `find` does beyond "find an existing connection" (here: attach to
+//! the existing region named in `name`, like a create that never creates), and whether an
+//! explicit own bit in `notify` signals oneself (here: it does; only `~0` excludes the caller).
+
+mod device;
+mod local;
+
+pub use device::{GuestShmDevice, GuestShmError, GuestShmMode, RegionWindowMapper};
+pub use local::{LocalFactory, LocalRegionRegistry};
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use ivshm_mem::Mapping;
+use ivshm_policy::GuestShmStatus;
+
+/// A successful create/attach.
+pub struct Attachment {
+    /// The connection (control-page semantics).
+    pub connection: Box<dyn RegionConnection>,
+    /// The region's data pages.
+    pub memory: Arc<Mapping>,
+    /// Actual size in 4 KiB pages.
+    pub pages: u32,
+}
+
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment")
+            .field("idx", &self.connection.idx())
+            .field("pages", &self.pages)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A VM's door to the named regions (in a server: the factory protocol; here also
+/// [`LocalFactory`]). It applies the VM's policy.
+pub trait Factory: Send {
+    /// Creates the region named by the factory page's `name` field with `pages` pages, or
+    /// attaches to it if it exists. `interrupt` is signalled whenever this connection's
+    /// control `status` changes.
+    fn create_or_attach(
+        &mut self,
+        name: &[u8],
+        pages: u32,
+        interrupt: BorrowedFd<'_>,
+    ) -> Result<Attachment, GuestShmStatus>;
+
+    /// Attaches to an existing region only (`GSS_DOES_NOT_EXIST` otherwise).
+    fn find(
+        &mut self,
+        name: &[u8],
+        interrupt: BorrowedFd<'_>,
+    ) -> Result<Attachment, GuestShmStatus>;
+}
+
+/// One client's connection to a region: the control page's registers.
+pub trait RegionConnection: Send {
+    /// This connection's index (0..16).
+    fn idx(&self) -> u32;
+    /// The control `status`: pending notifiers (cleared by this read) and attached clients.
+    fn read_status(&mut self) -> u32;
+    /// Signals the clients in `mask` (`0xffff_ffff`: everybody attached but me).
+    fn notify(&mut self, mask: u32);
+    /// Detaches; other clients see it. Further calls do nothing.
+    fn detach(&mut self);
+}
+
+/// Duplicates a descriptor for keeping.
+pub(crate) fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd, GuestShmStatus> {
+    fd.try_clone_to_owned()
+        .map_err(|_| GuestShmStatus::UnknownFailure)
+}

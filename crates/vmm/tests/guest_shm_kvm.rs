@@ -1,0 +1,271 @@
+//! The QNX `guest_shm` device under KVM: two tiny guests create/attach a named region
+//! through the factory page, exchange data and notifications through their control pages,
+//! see each other attach and detach (interrupt on every status change, observed by the
+//! guest's own handler), and get the policy's and the registry's status codes.
+
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use ivshm_policy::{GuestShmStatus, VmPolicy};
+use ivshm_vmm::guest_shm::{Factory, GuestShmMode, LocalRegionRegistry};
+use ivshm_vmm::testvmm::asm::{Asm, Cond, Reg};
+use ivshm_vmm::testvmm::guest::{GuestOps, PROGRAM_BASE};
+use ivshm_vmm::testvmm::{attach_guest_shm, kvm_available, TestVm};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+const RAM: usize = 2 << 20;
+const VECTOR: u8 = 0x60;
+const PAYLOAD: u32 = 0x9e57_0042;
+const MMIO_LOC: u32 = 0x1b00_0000;
+
+fn kvm_or_skip(test: &str) -> bool {
+    if kvm_available() {
+        return true;
+    }
+    if std::env::var("IVSHM_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("{test}: IVSHM_REQUIRE_KVM=1 but /dev/kvm is not usable");
+    }
+    eprintln!(
+        "SKIPPED: {test}: /dev/kvm is not available (set IVSHM_REQUIRE_KVM=1 to fail instead)"
+    );
+    false
+}
+
+fn policy(text: &str) -> VmPolicy {
+    VmPolicy::parse_qnx(text).unwrap()
+}
+
+/// Guest code: find the PCI function 1C05:0001, put BAR0 (the factory page) in EBX,
+/// enable decoding and the LAPIC, check the signature. Fails with exit 0xBAD1/0xBAD2.
+fn pci_prologue(a: &mut Asm) {
+    a.enable_lapic()
+        .pci_read(1, 0)
+        .cmp_imm(Reg::Eax, 0x0001_1c05)
+        .jcc(Cond::Ne, "fail_id")
+        .pci_read(1, 4)
+        .and_imm(Reg::Eax, 0xffff_fff0)
+        .mov(Reg::Ebx, Reg::Eax)
+        .mov_imm(Reg::Eax, 0x7)
+        .pci_write_eax(1, 1);
+    check_signature(a);
+}
+
+/// Checks the factory page at EBX: signature 0x4d534732474d5651.
+fn check_signature(a: &mut Asm) {
+    a.load_ind(Reg::Eax, Reg::Ebx, 0)
+        .cmp_imm(Reg::Eax, 0x474d_5651)
+        .jcc(Cond::Ne, "fail_sig")
+        .load_ind(Reg::Eax, Reg::Ebx, 4)
+        .cmp_imm(Reg::Eax, 0x4d53_4732)
+        .jcc(Cond::Ne, "fail_sig")
+        .jmp("prologue_done")
+        .label("fail_id")
+        .exit(0xbad1)
+        .label("fail_sig")
+        .exit(0xbad2)
+        .label("prologue_done");
+}
+
+/// Writes `name` (NUL-terminated) into the factory page's name field at EBX + 0x1c.
+fn write_name(a: &mut Asm, name: &str) {
+    let mut bytes = name.as_bytes().to_vec();
+    bytes.resize((bytes.len() / 4 + 1) * 4, 0);
+    for (i, chunk) in bytes.chunks(4).enumerate() {
+        let v = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        a.store_ind_imm(Reg::Ebx, 0x1c + 4 * i as u32, v);
+    }
+}
+
+/// `size = pages` (create or attach), then report status.
+fn create(a: &mut Asm, name: &str, pages: u32) {
+    write_name(a, name);
+    a.store_ind_imm(Reg::Ebx, 0x18, pages)
+        .load_ind(Reg::Eax, Reg::Ebx, 0x14)
+        .report(Reg::Eax);
+}
+
+fn wait_irq(a: &mut Asm, count: u32, label: &str) {
+    a.mov_imm(Reg::Edi, count)
+        .wait_interrupts(VECTOR, Reg::Edi, label);
+}
+
+/// VM A: creates "shm1" (2 pages), writes the payload, sees B attach, notifies everybody
+/// but itself, sees B's notification and detach, detaches, then is denied "secret".
+fn program_a() -> Vec<u8> {
+    let mut a = Asm::new(PROGRAM_BASE);
+    pci_prologue(&mut a);
+    create(&mut a, "shm1", 2);
+    a.load_ind(Reg::Eax, Reg::Ebx, 0x18)
+        .report(Reg::Eax) // actual size
+        .load_ind(Reg::Esi, Reg::Ebx, 0x8) // control page
+        .load_ind(Reg::Eax, Reg::Esi, 4)
+        .report(Reg::Eax) // idx
+        .store_ind_imm(Reg::Esi, 0x1000, PAYLOAD);
+    wait_irq(&mut a, 1, "w_attach");
+    a.load_ind(Reg::Eax, Reg::Esi, 0)
+        .report(Reg::Eax)
+        .store_ind_imm(Reg::Esi, 8, 0xffff_ffff);
+    wait_irq(&mut a, 2, "w_notify");
+    a.load_ind(Reg::Eax, Reg::Esi, 0)
+        .report(Reg::Eax)
+        .store_ind_imm(Reg::Esi, 0x1004, 1); // ack, in the data page
+    wait_irq(&mut a, 3, "w_detach");
+    a.load_ind(Reg::Eax, Reg::Esi, 0)
+        .report(Reg::Eax)
+        .store_ind_imm(Reg::Esi, 0xc, 1);
+    create(&mut a, "secret", 1);
+    a.exit(0);
+    a.finish().unwrap()
+}
+
+/// VM B: attaches to "shm1" asking 1 page (gets 2), waits for A's notification, reads the
+/// payload, notifies A, waits for A's ack, detaches; the control page is then gone.
+fn program_b() -> Vec<u8> {
+    let mut a = Asm::new(PROGRAM_BASE);
+    pci_prologue(&mut a);
+    create(&mut a, "shm1", 1);
+    a.load_ind(Reg::Eax, Reg::Ebx, 0x18)
+        .report(Reg::Eax)
+        .load_ind(Reg::Esi, Reg::Ebx, 0x8)
+        .load_ind(Reg::Eax, Reg::Esi, 4)
+        .report(Reg::Eax);
+    wait_irq(&mut a, 1, "w_notify");
+    a.load_ind(Reg::Eax, Reg::Esi, 0)
+        .report(Reg::Eax)
+        .load_ind(Reg::Eax, Reg::Esi, 0x1000)
+        .report(Reg::Eax)
+        .store_ind_imm(Reg::Esi, 8, 1) // notify client 0
+        .label("spin")
+        .load_ind(Reg::Eax, Reg::Esi, 0x1004)
+        .cmp_imm(Reg::Eax, 1)
+        .jcc(Cond::E, "acked")
+        .pause()
+        .jmp("spin")
+        .label("acked")
+        .store_ind_imm(Reg::Esi, 0xc, 1)
+        .load_ind(Reg::Eax, Reg::Esi, 4)
+        .report(Reg::Eax)
+        .exit(0);
+    a.finish().unwrap()
+}
+
+fn wait_reports(vm: &TestVm, n: usize) {
+    let deadline = Instant::now() + TIMEOUT;
+    while vm.reports().len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "guest sent only {:x?}",
+            vm.reports()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn qnx_flow_between_two_vms() {
+    if !kvm_or_skip("qnx_flow_between_two_vms") {
+        return;
+    }
+    let registry = LocalRegionRegistry::new(256);
+    let mut vm_a = TestVm::new(RAM).unwrap();
+    let mut vm_b = TestVm::new(RAM).unwrap();
+    let fa = registry.factory(policy("vdev shmem\n deny secret*"));
+    let fb = registry.factory(policy("vdev shmem"));
+    let att_a = attach_guest_shm(&vm_a, GuestShmMode::Pci, VECTOR, Box::new(fa)).unwrap();
+    let _att_b = attach_guest_shm(&vm_b, GuestShmMode::Pci, VECTOR, Box::new(fb)).unwrap();
+    vm_a.load_program(&program_a()).unwrap();
+    vm_b.load_program(&program_b()).unwrap();
+    vm_a.start().unwrap();
+    // B starts once A created the region (status, size, idx reported).
+    wait_reports(&vm_a, 3);
+    vm_b.start().unwrap();
+
+    let code_b = vm_b.wait_exit(TIMEOUT);
+    let code_a = vm_a.wait_exit(TIMEOUT);
+    assert_eq!(code_b.unwrap(), 0, "B reports {:x?}", vm_b.reports());
+    assert_eq!(code_a.unwrap(), 0, "A reports {:x?}", vm_a.reports());
+    let ok = GuestShmStatus::Ok.as_u32();
+    assert_eq!(
+        vm_a.reports(),
+        vec![
+            ok,                                    // create "shm1"
+            2,                                     // actual size
+            0,                                     // idx
+            0x0003_0000,                           // B attached (interrupt), nothing pending
+            0x0003_0002,                           // B notified me
+            0x0001_0000,                           // B detached (interrupt)
+            GuestShmStatus::NoPermission.as_u32(), // "secret" denied by A's policy
+        ]
+    );
+    assert_eq!(
+        vm_b.reports(),
+        vec![
+            ok,          // attach "shm1"
+            2,           // the creator's size, not the 1 page B asked for
+            1,           // idx: lowest free
+            0x0003_0001, // A notified me
+            PAYLOAD,     // A's data
+            0xffff_ffff, // control page gone after detach
+        ]
+    );
+    assert_eq!(att_a.device.lock().unwrap().connections(), 0);
+    assert_eq!(
+        registry.attached_mask("shm1"),
+        0,
+        "region freed after the last detach"
+    );
+}
+
+/// MMIO mode (factory page at `loc`): a 17th client gets GSS_CLIENT_MAX, a find of a
+/// missing name GSS_DOES_NOT_EXIST, a legal create GSS_OK.
+#[test]
+fn mmio_mode_client_max_and_missing_region() {
+    if !kvm_or_skip("mmio_mode_client_max_and_missing_region") {
+        return;
+    }
+    let registry = LocalRegionRegistry::new(256);
+    // 16 host-side connections fill region "full".
+    let mut host = registry.factory(policy("vdev shmem"));
+    let irq = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+    let mut name = [0u8; 32];
+    name[..4].copy_from_slice(b"full");
+    let _held: Vec<_> = (0..16)
+        .map(|_| host.create_or_attach(&name, 1, irq.as_fd()).unwrap())
+        .collect();
+
+    let mut a = Asm::new(PROGRAM_BASE);
+    a.enable_lapic().mov_imm(Reg::Ebx, MMIO_LOC);
+    check_signature(&mut a);
+    a.load_ind(Reg::Eax, Reg::Ebx, 0x10).report(Reg::Eax); // vector
+    create(&mut a, "full", 1);
+    write_name(&mut a, "nothere");
+    a.store_ind_imm(Reg::Ebx, 0x3c, 1) // find
+        .load_ind(Reg::Eax, Reg::Ebx, 0x14)
+        .report(Reg::Eax);
+    create(&mut a, "mine", 1);
+    a.exit(0);
+
+    let mut vm = TestVm::new(RAM).unwrap();
+    let f = registry.factory(policy("vdev shmem"));
+    let mode = GuestShmMode::Mmio {
+        loc: u64::from(MMIO_LOC),
+    };
+    let _att = attach_guest_shm(&vm, mode, VECTOR, Box::new(f)).unwrap();
+    vm.load_program(&a.finish().unwrap()).unwrap();
+    vm.start().unwrap();
+    assert_eq!(
+        vm.wait_exit(TIMEOUT).unwrap(),
+        0,
+        "reports {:x?}",
+        vm.reports()
+    );
+    assert_eq!(
+        vm.reports(),
+        vec![
+            u32::from(VECTOR),
+            GuestShmStatus::ClientMax.as_u32(),
+            GuestShmStatus::DoesNotExist.as_u32(),
+            GuestShmStatus::Ok.as_u32(),
+        ]
+    );
+}
