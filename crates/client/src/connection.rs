@@ -4,8 +4,9 @@
 //! After the shared memory arrives, QEMU's server still sends the eventfds of the peers already
 //! there and then our own ones. [`establish`] keeps reading until our own vectors have arrived:
 //! when other peers are known, until our count reaches theirs (the server gives every peer the
-//! same number); otherwise until the socket has been quiet for `ConnectOptions::settle` after
-//! at least one own vector. Own vectors that still arrive later are added as they come.
+//! same number); otherwise until the socket has been quiet for `ConnectOptions::settle`
+//! (a server configured with 0 vectors sends none). Own vectors that still arrive later (a
+//! server stalled for longer than that) are added as they come.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
@@ -114,10 +115,8 @@ pub(crate) fn establish(path: &Path, opts: &ConnectOptions) -> Result<Session, C
         let wait_until = if own > 0 && others > 0 && own >= others {
             // Complete; only take what is already there.
             Instant::now()
-        } else if own > 0 {
-            (Instant::now() + opts.settle).min(deadline)
         } else {
-            deadline
+            (Instant::now() + opts.settle).min(deadline)
         };
         match receive_until(&socket, &mut reader, wait_until) {
             Ok(Some((value, fd))) => match table.apply(value, fd) {
@@ -125,7 +124,7 @@ pub(crate) fn establish(path: &Path, opts: &ConnectOptions) -> Result<Session, C
                 Err(e) => tracing::warn!("after the shared memory: {e}"),
             },
             Ok(None) => break,
-            Err(ClientError::ClosedDuringHandshake) if own > 0 => {
+            Err(ClientError::ClosedDuringHandshake) => {
                 // The server went away right after the handshake; the caller sees it on the
                 // first read of the socket.
                 break;
@@ -134,10 +133,7 @@ pub(crate) fn establish(path: &Path, opts: &ConnectOptions) -> Result<Session, C
         }
     }
     if table.own_vector_count() == 0 {
-        tracing::warn!(
-            "no own vectors arrived within {:?}: this peer cannot be rung",
-            opts.timeout
-        );
+        tracing::info!("the server gave us no vectors: this peer cannot be rung");
     }
     // Peers still short of vectors stay pending: the caller's burst timer finishes them.
     tracing::debug!(

@@ -13,6 +13,7 @@ use crate::connection::{establish, Session, DEFAULT_SETTLE};
 use crate::doorbell;
 use crate::error::ClientError;
 use crate::events::{Event, PeerEvent, Poller, Source};
+use crate::peer_table::MessageError;
 use crate::reconnect::{Backoff, RetryTimer};
 
 /// How to connect.
@@ -263,6 +264,10 @@ impl Peer {
                         if let Some(v) = applied.own_vector {
                             self.register_own_vector(v)?;
                         }
+                    }
+                    // QEMU's device accepts this silently; with 0-vector peers it is normal.
+                    Err(e @ MessageError::UnknownPeerGone { .. }) => {
+                        tracing::debug!("ignoring server message {value}: {e}")
                     }
                     Err(e) => tracing::warn!("ignoring server message {value}: {e}"),
                 },

@@ -116,3 +116,24 @@ fn server_restart_is_reported_and_survived() {
         Event::Peer(PeerEvent::Joined { id: 1, vectors: 2 })
     );
 }
+
+#[test]
+fn a_server_without_vectors_can_be_joined() {
+    let path = socket_path("novectors");
+    let mut region = RegionConfig::new(&path);
+    region.vectors = 0;
+    region.memory.size = 4096;
+    let _server = ServerHandle::spawn(ServerConfig::single(region)).unwrap();
+    let a = connect(&path);
+    let b = connect(&path);
+    assert_eq!((a.id(), b.id()), (0, 1));
+    assert_eq!((a.vectors(), b.vectors()), (0, 0));
+    // Without eventfds the protocol never mentions other peers: they stay invisible.
+    assert!(b.peer_ids().is_empty());
+    assert!(a.notify(1, 0).is_err());
+    // The memory is still shared.
+    a.map().unwrap().view().write(8, b"plain").unwrap();
+    let mut buf = [0u8; 5];
+    b.map().unwrap().view().read(8, &mut buf).unwrap();
+    assert_eq!(&buf, b"plain");
+}
