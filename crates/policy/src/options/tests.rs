@@ -1,4 +1,6 @@
 use super::*;
+use crate::fnmatch::Pattern;
+use crate::rules::Rule;
 
 fn pattern(text: &str) -> Pattern {
     Pattern::new(text).unwrap()

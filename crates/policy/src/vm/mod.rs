@@ -48,19 +48,21 @@
 //! there is no line order between `subst` and `create`: in the TOML form `subst` applies to every
 //! `create`. Sizes accept the QNX notations (`"0xf0000"`, `"960K"`) or a plain integer.
 
-use std::fmt;
+mod config;
+mod decision;
 
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::fnmatch::Pattern;
 use crate::guest_shm::{self, MAX_REGION_BYTES};
 use crate::name::{NameError, RegionName};
-use crate::number::parse_size;
 use crate::options::{CreateOption, Interrupt, ParseError, VdevShmem};
-use crate::rules::{Rule, RuleList, RuleMatch};
+use crate::rules::{Rule, RuleList};
 use crate::status::GuestShmStatus;
 use crate::subst::Subst;
+
+pub use config::{CreateConfig, VmPolicyConfig};
+pub use decision::{Decision, IllegalName};
 
 /// Why a [`VmPolicy`] could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -107,79 +109,6 @@ pub enum VmPolicyError {
     /// `sched` is 0.
     #[error("sched priority must be in 1..=255")]
     BadSched,
-}
-
-/// The TOML/serde form of a VM's policy (see the [module documentation](self)).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmPolicyConfig {
-    /// `allow` patterns (checked after all `deny` patterns).
-    #[serde(default)]
-    pub allow: Vec<Pattern>,
-    /// `deny` patterns (checked first).
-    #[serde(default)]
-    pub deny: Vec<Pattern>,
-    /// `subst`, as `"[match],prefix"`; applies to every `create`.
-    #[serde(default)]
-    pub subst: Option<Subst>,
-    /// Regions to pre-create.
-    #[serde(default)]
-    pub create: Vec<CreateConfig>,
-    /// Factory page address (MMIO mode).
-    #[serde(default, deserialize_with = "optional_size")]
-    pub loc: Option<u64>,
-    /// Guest interrupt.
-    #[serde(default)]
-    pub intr: Option<Interrupt>,
-    /// Notification pulse priority.
-    #[serde(default)]
-    pub sched: Option<u8>,
-}
-
-/// One `create` entry of the TOML form.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateConfig {
-    /// The region name (before `subst`).
-    pub name: RegionName,
-    /// Size in bytes: an integer or a QNX-notation string (`"0xf0000"`, `"960K"`).
-    #[serde(deserialize_with = "size")]
-    pub size: u64,
-}
-
-/// Reads a size given as a TOML integer or as a string in QNX notation.
-struct SizeVisitor;
-
-impl serde::de::Visitor<'_> for SizeVisitor {
-    type Value = u64;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(
-            "a size in bytes: a non-negative integer or a string such as \"0xf0000\" or \"960K\"",
-        )
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<u64, E> {
-        Ok(value)
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<u64, E> {
-        u64::try_from(value).map_err(|_| E::custom(format!("size {value} is negative")))
-    }
-
-    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<u64, E> {
-        parse_size(text, u64::MAX).map_err(E::custom)
-    }
-}
-
-fn size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
-    deserializer.deserialize_any(SizeVisitor)
-}
-
-fn optional_size<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<u64>, D::Error> {
-    size(deserializer).map(Some)
 }
 
 /// A region to create when the VM starts.
@@ -428,80 +357,6 @@ fn check_placement(
         return Err(VmPolicyError::BadSched);
     }
     Ok(())
-}
-
-/// Why a name was refused as `GSS_ILLEGAL_NAME`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IllegalName {
-    /// The guest's name itself is illegal.
-    Guest(NameError),
-    /// The name after `subst` is illegal (typically too long).
-    Host {
-        /// The substituted name.
-        host_name: String,
-        /// What is wrong with it.
-        error: NameError,
-    },
-}
-
-impl fmt::Display for IllegalName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Guest(error) => write!(f, "guest name: {error}"),
-            Self::Host { host_name, error } => write!(f, "host name {host_name:?}: {error}"),
-        }
-    }
-}
-
-/// The outcome of [`VmPolicy::decide`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision {
-    /// The name the guest asked for (lossily decoded if it was not text).
-    pub guest_name: String,
-    /// The host name after `subst`, when both names are legal.
-    pub host_name: Option<RegionName>,
-    /// The rule that decided; `None` when the guest name was illegal and no rule was consulted.
-    pub rule: Option<RuleMatch>,
-    /// What the guest reads from the factory `status` register: `GSS_OK`, `GSS_NO_PERMISSION`
-    /// or `GSS_ILLEGAL_NAME`.
-    pub status: GuestShmStatus,
-    /// Why the name is illegal; set exactly when `status` is `GSS_ILLEGAL_NAME`.
-    pub name_error: Option<IllegalName>,
-}
-
-impl Decision {
-    fn illegal_guest_name(guest_name: String, error: NameError) -> Self {
-        Self {
-            guest_name,
-            host_name: None,
-            rule: None,
-            status: GuestShmStatus::IllegalName,
-            name_error: Some(IllegalName::Guest(error)),
-        }
-    }
-
-    /// Whether the request is granted.
-    pub fn is_allowed(&self) -> bool {
-        self.status.is_ok()
-    }
-}
-
-/// One line for `ivshm policy check`, e.g.
-/// `foomem -> guest0mem: GSS_OK (rule 1: allow foo*)` or
-/// `a/b: GSS_ILLEGAL_NAME (guest name: region name contains '/' ...)`.
-impl fmt::Display for Decision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.guest_name)?;
-        if let Some(host) = &self.host_name {
-            write!(f, " -> {host}")?;
-        }
-        write!(f, ": {}", self.status)?;
-        match (&self.name_error, &self.rule) {
-            (Some(error), _) => write!(f, " ({error})"),
-            (None, Some(rule)) => write!(f, " ({rule})"),
-            (None, None) => Ok(()),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 use super::*;
-use crate::rules::ImplicitRule;
+use crate::fnmatch::Pattern;
+use crate::rules::{ImplicitRule, Rule, RuleMatch};
 
 fn policy(text: &str) -> VmPolicy {
     VmPolicy::parse_qnx(text).unwrap()
