@@ -29,7 +29,7 @@ impl fmt::Display for IllegalName {
     }
 }
 
-/// The outcome of [`VmPolicy::decide`].
+/// The outcome of [`VmPolicy::decide`](super::VmPolicy::decide).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     /// The name the guest asked for (lossily decoded if it was not text).

@@ -306,3 +306,27 @@ fn from_vdev_rechecks_hand_built_blocks() {
         Err(VmPolicyError::Parse(ParseError { line: 1, .. }))
     ));
 }
+
+#[test]
+fn module_doc_toml_example_parses() {
+    let vm: VmPolicy = toml::from_str(
+        r#"
+allow = ["foo*", "test*"]
+deny = ["foo-secret"]
+subst = "foo,guest0"              # [match],prefix
+create = [{ name = "foomem", size = "0xf0000" }, { name = "foolog", size = 65536 }]
+loc = 0x1b000000                  # integer or string such as "0x1b000000"
+intr = "gic:39"                   # or an integer line number
+sched = 21
+"#,
+    )
+    .unwrap();
+    assert_eq!(status(&vm, "foo-secret"), GuestShmStatus::NoPermission);
+    assert_eq!(status(&vm, "foo-public"), GuestShmStatus::Ok);
+    assert_eq!(status(&vm, "testing"), GuestShmStatus::Ok);
+    assert_eq!(
+        vm.pre_created(),
+        vec![(region("guest0mem"), 0xf0000), (region("guest0log"), 65536)]
+    );
+    assert!(vm.is_mmio());
+}
