@@ -120,28 +120,28 @@ impl Poller {
         }
     }
 
-    /// Waits up to `timeout` (`None`: forever) and returns what became ready.
-    pub(crate) fn wait(&self, timeout: Option<Duration>) -> Result<Vec<Source>, Errno> {
+    /// Waits up to `timeout` (`None`: forever) and puts what became ready into `out`
+    /// (cleared first).
+    pub(crate) fn wait(
+        &self,
+        timeout: Option<Duration>,
+        out: &mut Vec<Source>,
+    ) -> Result<(), Errno> {
+        out.clear();
         let timeout = match timeout {
             // Durations beyond Timespec's range are as good as forever.
             Some(d) => Timespec::try_from(d).ok(),
             None => None,
         };
-        let mut events = Vec::with_capacity(16);
-        loop {
-            match epoll::wait(
-                &self.epoll,
-                rustix::buffer::spare_capacity(&mut events),
-                timeout.as_ref(),
-            ) {
-                Ok(_) => break,
+        let mut ready = [std::mem::MaybeUninit::<epoll::Event>::uninit(); 16];
+        let (events, _) = loop {
+            match epoll::wait(&self.epoll, &mut ready, timeout.as_ref()) {
+                Ok(got) => break got,
                 Err(Errno::INTR) => continue,
                 Err(e) => return Err(e),
             }
-        }
-        Ok(events
-            .iter()
-            .map(|e| Source::from_token(e.data.u64()))
-            .collect())
+        };
+        out.extend(events.iter().map(|e| Source::from_token(e.data.u64())));
+        Ok(())
     }
 }

@@ -68,6 +68,8 @@ pub struct Peer {
     burst_deadline: Option<Instant>,
     backoff: Backoff,
     queue: VecDeque<Event>,
+    /// Reused buffer of ready sources.
+    ready: Vec<Source>,
 }
 
 impl Peer {
@@ -95,6 +97,7 @@ impl Peer {
             burst_deadline: None,
             backoff,
             queue: VecDeque::new(),
+            ready: Vec::new(),
         };
         peer.register_session()?;
         Ok(peer)
@@ -382,13 +385,13 @@ impl Peer {
                 return Ok(Some(ev));
             }
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            let ready = self
-                .poller
-                .wait(left)
-                .map_err(ClientError::sys("epoll_wait"))?;
-            for source in ready {
-                self.handle(source)?;
-            }
+            let mut ready = std::mem::take(&mut self.ready);
+            let waited = self.poller.wait(left, &mut ready);
+            let handled = waited
+                .map_err(ClientError::sys("epoll_wait"))
+                .and_then(|()| ready.iter().try_for_each(|s| self.handle(*s)));
+            self.ready = ready;
+            handled?;
             if self.queue.is_empty() && left.is_some_and(|l| l.is_zero()) {
                 return Ok(None);
             }
@@ -424,5 +427,17 @@ impl Peer {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_can_move_to_and_be_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Peer>();
+        send_sync::<ClientError>();
     }
 }
