@@ -241,3 +241,35 @@ fn ivshmem_client_dumps_rings_and_reports() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn ivshmem_client_retries_until_the_server_is_there_and_after_it_left() {
+    let path = socket_path("qemu-client-retry");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ivshmem-client"));
+    cmd.arg("-S")
+        .arg(&path)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (mut child, rx) = spawn_lines(cmd);
+    let stderr = child.stderr.take().unwrap();
+    let (etx, erx) = channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if etx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(line(&erx), "cannot connect to server, retry in 1 second");
+    for _ in 0..4 {
+        line(&rx); // the help text
+    }
+    let first = server(&path, 1);
+    assert!(line(&rx).starts_with("cmd> listen on server socket "));
+    first.shutdown().unwrap();
+    assert_eq!(line(&rx), "disconnected from server");
+    let _second = server(&path, 1);
+    assert!(line(&rx).starts_with("listen on server socket "));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
