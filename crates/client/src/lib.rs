@@ -11,6 +11,38 @@
 //!   [`Peer::process_server_messages`]),
 //! - optionally reconnects when the server restarts ([`reconnect`]).
 //!
+//! ```no_run
+//! use std::path::Path;
+//! use std::time::Duration;
+//! use ivshm_client::{ConnectOptions, Event, Peer, PeerEvent};
+//!
+//! let mut peer = Peer::connect(Path::new("/tmp/ivshmem_socket"), ConnectOptions::default())?;
+//! println!("I am peer {} with {} vectors", peer.id(), peer.vectors());
+//! let memory = peer.map()?;
+//! memory.view().write(0, b"hello")?;
+//! for other in peer.peer_ids() {
+//!     peer.notify(other, 0)?;
+//! }
+//! while let Some(event) = peer.wait(Some(Duration::from_secs(5)))? {
+//!     match event {
+//!         Event::Doorbell { vector } => println!("rung on vector {vector}"),
+//!         Event::Peer(PeerEvent::Joined { id, vectors }) => println!("{id} joined ({vectors})"),
+//!         Event::Peer(PeerEvent::Left { id }) => println!("{id} left"),
+//!         Event::ServerGone => break,
+//!         Event::Reconnected { .. } => {}
+//!     }
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! **Joins.** The protocol has no join message; see [`peer_table`] for the rule (a peer has
+//! joined when it has as many vectors as we do, or when the server's burst of its vectors
+//! ended). Peers already there at connect are listed by [`Peer::peer_ids`] without events.
+//!
+//! **Reconnects.** With `ConnectOptions { reconnect: true, .. }` a peer whose server went
+//! away ([`Event::ServerGone`]) reconnects with backoff and reports [`Event::Reconnected`]:
+//! the id, the shared memory and the peer table may all have changed (see [`reconnect`]).
+//!
 //! Modules, by concern:
 //! - [`handshake`]: the sans-I/O handshake state machine,
 //! - [`peer_table`]: ids → eventfds, and the rule that decides when a peer has joined,
