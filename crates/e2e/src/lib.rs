@@ -32,5 +32,5 @@ pub use console::CommandOutput;
 pub use host::{HostProcess, Stream};
 pub use ivshm::{IvshmListener, IvshmServer, ListenEvent};
 pub use pci::IvshmemDevice;
-pub use qemu::{boot_all, GuestBuilder, Machine, QemuError, QemuGuest};
+pub use qemu::{boot_all, GuestBuilder, Machine, PendingCommand, QemuError, QemuGuest};
 pub use scratch::{ScratchDir, ShmFile};

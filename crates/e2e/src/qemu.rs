@@ -317,6 +317,17 @@ pub fn boot_all(
     Ok(guests)
 }
 
+/// A command sent to the guest shell whose output has not been collected yet; see
+/// [`QemuGuest::start_command`].
+#[derive(Debug)]
+#[must_use = "collect the output with QemuGuest::finish_command"]
+pub struct PendingCommand {
+    id: u64,
+    /// Console offset when it was sent; its output comes after.
+    from: usize,
+    command: String,
+}
+
 /// A running QEMU guest with a busybox shell on its serial console. QEMU is killed on drop.
 #[derive(Debug)]
 pub struct QemuGuest {
@@ -536,15 +547,37 @@ impl QemuGuest {
     /// its exit status. The command may span lines; its stdin is `/dev/null`. Keep each line
     /// under 4000 bytes (the guest tty's line limit).
     pub fn run(&mut self, command: &str, timeout: Duration) -> Result<CommandOutput, QemuError> {
+        let pending = self.start_command(command)?;
+        self.finish_command(pending, timeout)
+    }
+
+    /// Sends a command without waiting for it, e.g. one that blocks until the host acts
+    /// (ring a doorbell, then [`finish_command`](Self::finish_command)). Commands sent while
+    /// another runs are queued by the guest shell and run in order.
+    pub fn start_command(&mut self, command: &str) -> Result<PendingCommand, QemuError> {
         let id = self.next_command;
         self.next_command += 1;
-        self.send(&console::wrap_command(command, id))?;
         let from = self.cursor;
+        self.send(&console::wrap_command(command, id))?;
+        Ok(PendingCommand {
+            id,
+            from,
+            command: command.to_string(),
+        })
+    }
+
+    /// Waits for a command sent with [`start_command`](Self::start_command) to finish.
+    pub fn finish_command(
+        &mut self,
+        pending: PendingCommand,
+        timeout: Duration,
+    ) -> Result<CommandOutput, QemuError> {
+        let PendingCommand { id, from, command } = pending;
         let (output, end) = self
             .console
             .wait_until(timeout, |text| console::find_command_output(text, from, id))
             .map_err(|f| self.wait_failure(f, &format!("the output of `{command}`"), timeout))?;
-        self.cursor = end;
+        self.cursor = self.cursor.max(end);
         Ok(output)
     }
 

@@ -57,6 +57,17 @@ fn plain_shared_memory_both_directions() {
         b"\xde\xad\xbe\xef\x01\x02\x03\x04"
     );
 
+    // A guest command that blocks until the host writes shared memory.
+    let flag = device.shared_memory() + 0x200;
+    let waiter = guest
+        .start_command(&format!(
+            "while [ \"$(devmem {flag:#x} 32)\" != 0x600DF00D ]; do usleep 10000; done; echo seen"
+        ))
+        .unwrap();
+    shm.write_at(0x200, &0x600d_f00du32.to_le_bytes()).unwrap();
+    let seen = guest.finish_command(waiter, COMMAND).unwrap();
+    assert_eq!((seen.output.as_str(), seen.status), ("seen\n", 0));
+
     let status = guest.poweroff(COMMAND).unwrap();
     assert!(status.success(), "QEMU exit status {status}");
 }
