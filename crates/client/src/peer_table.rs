@@ -324,6 +324,52 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Whatever arrives: no panic, and the events exactly explain how the listed peers
+        /// change (a `Joined` id was not listed, a `Left` id was; peers present at connect
+        /// are listed without an event).
+        #[test]
+        fn events_explain_the_peer_list(
+            msgs in proptest::collection::vec(
+                (-2i64..6, proptest::bool::ANY, proptest::bool::ANY),
+                0..80,
+            )
+        ) {
+            use std::collections::BTreeSet;
+            let mut t = PeerTable::new(0, 3);
+            for (value, with_fd, burst_end) in msgs {
+                let mut visible: BTreeSet<u16> = t.peer_ids().into_iter().collect();
+                let own_before = t.own_vector_count();
+                let mut events = Vec::new();
+                if let Ok(applied) = t.apply(value, with_fd.then(efd)) {
+                    events.extend(applied.events);
+                }
+                if burst_end {
+                    events.extend(t.end_of_burst());
+                }
+                for e in events {
+                    match e {
+                        PeerEvent::Joined { id, vectors } => {
+                            proptest::prop_assert!(visible.insert(id), "{} joined twice", id);
+                            proptest::prop_assert!(vectors <= 3);
+                        }
+                        PeerEvent::Left { id } => {
+                            proptest::prop_assert!(visible.remove(&id), "{} left unseen", id);
+                        }
+                    }
+                }
+                let listed: BTreeSet<u16> = t.peer_ids().into_iter().collect();
+                // Peers first seen before our own vectors appear without an event.
+                let silent: BTreeSet<u16> = listed.difference(&visible).copied().collect();
+                proptest::prop_assert!(visible.is_subset(&listed));
+                if own_before > 0 {
+                    proptest::prop_assert!(silent.is_empty(), "{:?} appeared silently", silent);
+                }
+                proptest::prop_assert!(t.own_vector_count() <= 3);
+            }
+        }
+    }
+
     #[test]
     fn rejected_messages() {
         let mut t = PeerTable::new(2, 1);
