@@ -134,6 +134,15 @@ impl GuestAssets {
     }
 }
 
+/// The running test's name: `<module>::<thread name>` (libtest names each test's thread
+/// after the test), or just `module` outside a test thread.
+pub fn current_test_name(module: &str) -> String {
+    match std::thread::current().name() {
+        Some(name) if name != "main" => format!("{module}::{name}"),
+        _ => module.to_string(),
+    }
+}
+
 /// Returns the [`GuestAssets`] for an end-to-end test, or returns from the calling test after
 /// printing `SKIPPED: ...` to stderr when they are missing and `IVSHM_E2E=1` is not set.
 /// With `IVSHM_E2E=1`, missing assets fail the test.
@@ -147,7 +156,9 @@ impl GuestAssets {
 #[macro_export]
 macro_rules! require_e2e {
     () => {
-        match $crate::assets::GuestAssets::for_test(module_path!()) {
+        match $crate::assets::GuestAssets::for_test(&$crate::assets::current_test_name(
+            module_path!(),
+        )) {
             Ok(Some(assets)) => assets,
             Ok(None) => return,
             Err(err) => panic!(
