@@ -1,16 +1,26 @@
 //! What a peer waits for, and the epoll set it waits with.
 //!
-//! A [`Peer`](crate::Peer) keeps one epoll instance holding its server socket, its own vector
-//! eventfds and its reconnect timer. [`Peer::wait`](crate::Peer::wait) blocks on it;
-//! [`Peer::poll_fd`](crate::Peer::poll_fd) hands it out so a caller can put the peer in its own
+//! A [`Peer`] keeps one epoll instance holding its server socket, its own vector
+//! eventfds and its reconnect timer. [`Peer::wait`] blocks on it;
+//! [`Peer::poll_fd`] hands it out so a caller can put the peer in its own
 //! poll loop (the epoll fd becomes readable when any of them is).
+//!
+//! This module also holds the peer's event processing: reading the server socket
+//! ([`Peer::process_server_messages`]), reporting joins that are short of vectors after their
+//! grace period, and draining own-vector eventfds into [`Event::Doorbell`]s.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use ivshm_proto::Received;
 use rustix::event::epoll;
 use rustix::event::Timespec;
 use rustix::io::Errno;
+
+use crate::doorbell;
+use crate::error::ClientError;
+use crate::peer::Peer;
+use crate::peer_table::MessageError;
 
 /// A change in the set of other peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +152,160 @@ impl Poller {
             }
         };
         out.extend(events.iter().map(|e| Source::from_token(e.data.u64())));
+        Ok(())
+    }
+}
+
+impl Peer {
+    /// The socket has no more data for now: give joins that are short of vectors a grace
+    /// period before reporting them (see [`crate::peer_table`]).
+    pub(crate) fn burst_ended_for_now(&mut self) -> Result<(), ClientError> {
+        if self.session.table.has_pending() {
+            self.burst_deadline = Some(Instant::now() + self.opts.settle);
+            self.burst_timer
+                .arm(self.opts.settle)
+                .map_err(ClientError::sys("timerfd_settime"))?;
+        } else {
+            self.burst_deadline = None;
+        }
+        Ok(())
+    }
+
+    /// Reports pending joins whose grace period is over.
+    fn finish_due_burst(&mut self) -> Vec<PeerEvent> {
+        match self.burst_deadline {
+            Some(d) if Instant::now() >= d => {
+                self.burst_deadline = None;
+                self.session.table.end_of_burst()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Reads every message the server has sent so far without blocking and returns the
+    /// joins and leaves they make.
+    ///
+    /// A join short of vectors is reported by the first call after its grace period
+    /// (`ConnectOptions::settle`); [`Peer::poll_fd`] becomes readable then.
+    ///
+    /// Invalid messages are dropped with a warning, as QEMU's device does after setup. When
+    /// the server has closed the socket it returns [`ClientError::ServerGone`] (every call
+    /// does until a reconnect; the peer table keeps what had arrived) and, if reconnecting is
+    /// enabled, schedules the first attempt (driven by [`Peer::wait`]).
+    pub fn process_server_messages(&mut self) -> Result<Vec<PeerEvent>, ClientError> {
+        if !self.connected {
+            return Err(ClientError::ServerGone);
+        }
+        let (mut events, gone) = self.drain_socket()?;
+        if gone {
+            self.server_gone(false)?;
+            return Err(ClientError::ServerGone);
+        }
+        events.extend(self.finish_due_burst());
+        Ok(events)
+    }
+
+    /// Reads the socket until it would block; returns the events and whether it closed.
+    fn drain_socket(&mut self) -> Result<(Vec<PeerEvent>, bool), ClientError> {
+        let mut events = Vec::new();
+        loop {
+            let s = &mut self.session;
+            let received = s.reader.receive(s.socket.as_fd());
+            match received {
+                Ok(Received::Message { value, fd }) => match s.table.apply(value, fd) {
+                    Ok(applied) => {
+                        events.extend(applied.events);
+                        if let Some(v) = applied.own_vector {
+                            self.register_own_vector(v)?;
+                        }
+                    }
+                    // QEMU's device accepts this silently; with 0-vector peers it is normal.
+                    Err(e @ MessageError::UnknownPeerGone { .. }) => {
+                        tracing::debug!("ignoring server message {value}: {e}")
+                    }
+                    Err(e) => tracing::warn!("ignoring server message {value}: {e}"),
+                },
+                Ok(Received::WouldBlock) => {
+                    self.burst_ended_for_now()?;
+                    return Ok((events, false));
+                }
+                Ok(Received::Closed) => {
+                    events.extend(self.session.table.end_of_burst());
+                    return Ok((events, true));
+                }
+                Err(e) => {
+                    tracing::warn!("dropping the connection to the server: {e}");
+                    events.extend(self.session.table.end_of_burst());
+                    return Ok((events, true));
+                }
+            }
+        }
+    }
+
+    fn register_own_vector(&mut self, v: usize) -> Result<(), ClientError> {
+        if let Some(fd) = self.session.table.own_vector(v) {
+            tracing::debug!("own vector {v} arrived after the handshake");
+            doorbell::set_nonblocking(fd).map_err(ClientError::sys("fcntl"))?;
+            self.poller
+                .add(fd, Source::Vector(v))
+                .map_err(ClientError::sys("epoll_ctl"))?;
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` (`None`: forever) for the next event. `Ok(None)`: nothing
+    /// happened in time. `Some(Duration::ZERO)` never blocks.
+    ///
+    /// Reconnect attempts (when enabled) happen inside this call and may block up to
+    /// `ConnectOptions::timeout` each.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<Event>, ClientError> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        loop {
+            if let Some(ev) = self.queue.pop_front() {
+                return Ok(Some(ev));
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let mut ready = std::mem::take(&mut self.ready);
+            let waited = self.poller.wait(left, &mut ready);
+            let handled = waited
+                .map_err(ClientError::sys("epoll_wait"))
+                .and_then(|()| ready.iter().try_for_each(|s| self.handle(*s)));
+            self.ready = ready;
+            handled?;
+            if self.queue.is_empty() && left.is_some_and(|l| l.is_zero()) {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn handle(&mut self, source: Source) -> Result<(), ClientError> {
+        match source {
+            Source::Socket if self.connected => {
+                let (events, gone) = self.drain_socket()?;
+                self.queue.extend(events.into_iter().map(Event::Peer));
+                if gone {
+                    self.server_gone(true)?;
+                }
+            }
+            Source::Socket => {}
+            Source::Timer => self.retry()?,
+            Source::BurstTimer => {
+                self.burst_timer
+                    .consume()
+                    .map_err(ClientError::sys("timerfd read"))?;
+                let events = self.finish_due_burst();
+                self.queue.extend(events.into_iter().map(Event::Peer));
+            }
+            Source::Vector(v) => {
+                if let Some(fd) = self.session.table.own_vector(v) {
+                    match doorbell::drain(fd) {
+                        Ok(Some(_)) => self.queue.push_back(Event::Doorbell { vector: v }),
+                        Ok(None) => {}
+                        Err(e) => return Err(ClientError::sys("eventfd read")(e)),
+                    }
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -7,13 +7,11 @@ use std::time::{Duration, Instant};
 
 use ivshm_mem::Mapping;
 use ivshm_proto::v0::MAX_VECTORS;
-use ivshm_proto::Received;
 
 use crate::connection::{establish, Session, DEFAULT_SETTLE};
 use crate::doorbell;
 use crate::error::ClientError;
-use crate::events::{Event, PeerEvent, Poller, Source};
-use crate::peer_table::MessageError;
+use crate::events::{Event, Poller, Source};
 use crate::reconnect::{Backoff, RetryTimer};
 
 /// How to connect.
@@ -57,19 +55,19 @@ impl Default for ConnectOptions {
 /// whenever it is readable, call `wait(Some(Duration::ZERO))` until it returns `Ok(None)`.
 #[derive(Debug)]
 pub struct Peer {
-    path: PathBuf,
-    opts: ConnectOptions,
-    session: Session,
-    connected: bool,
-    poller: Poller,
-    timer: RetryTimer,
-    burst_timer: RetryTimer,
+    pub(crate) path: PathBuf,
+    pub(crate) opts: ConnectOptions,
+    pub(crate) session: Session,
+    pub(crate) connected: bool,
+    pub(crate) poller: Poller,
+    pub(crate) timer: RetryTimer,
+    pub(crate) burst_timer: RetryTimer,
     /// When pending joins are reported if no more vectors arrive.
-    burst_deadline: Option<Instant>,
-    backoff: Backoff,
-    queue: VecDeque<Event>,
+    pub(crate) burst_deadline: Option<Instant>,
+    pub(crate) backoff: Backoff,
+    pub(crate) queue: VecDeque<Event>,
     /// Reused buffer of ready sources.
-    ready: Vec<Source>,
+    pub(crate) ready: Vec<Source>,
 }
 
 impl Peer {
@@ -104,7 +102,7 @@ impl Peer {
     }
 
     /// Puts the session's socket and own vectors into the epoll set and queues early events.
-    fn register_session(&mut self) -> Result<(), ClientError> {
+    pub(crate) fn register_session(&mut self) -> Result<(), ClientError> {
         let s = &mut self.session;
         self.poller
             .add(s.socket.as_fd(), Source::Socket)
@@ -118,31 +116,6 @@ impl Peer {
         self.queue.extend(s.early_events.drain(..).map(Event::Peer));
         self.burst_deadline = None;
         self.burst_ended_for_now()
-    }
-
-    /// The socket has no more data for now: give joins that are short of vectors a grace
-    /// period before reporting them (see [`crate::peer_table`]).
-    fn burst_ended_for_now(&mut self) -> Result<(), ClientError> {
-        if self.session.table.has_pending() {
-            self.burst_deadline = Some(Instant::now() + self.opts.settle);
-            self.burst_timer
-                .arm(self.opts.settle)
-                .map_err(ClientError::sys("timerfd_settime"))?;
-        } else {
-            self.burst_deadline = None;
-        }
-        Ok(())
-    }
-
-    /// Reports pending joins whose grace period is over.
-    fn finish_due_burst(&mut self) -> Vec<PeerEvent> {
-        match self.burst_deadline {
-            Some(d) if Instant::now() >= d => {
-                self.burst_deadline = None;
-                self.session.table.end_of_burst()
-            }
-            _ => Vec::new(),
-        }
     }
 
     /// Our own id (what a guest reads from IVPosition). May change on reconnect.
@@ -229,204 +202,6 @@ impl Peer {
     /// True while connected to the server.
     pub fn is_connected(&self) -> bool {
         self.connected
-    }
-
-    /// Reads every message the server has sent so far without blocking and returns the
-    /// joins and leaves they make.
-    ///
-    /// A join short of vectors is reported by the first call after its grace period
-    /// (`ConnectOptions::settle`); [`Peer::poll_fd`] becomes readable then.
-    ///
-    /// Invalid messages are dropped with a warning, as QEMU's device does after setup. When
-    /// the server has closed the socket it returns [`ClientError::ServerGone`] (every call
-    /// does until a reconnect; the peer table keeps what had arrived) and, if reconnecting is
-    /// enabled, schedules the first attempt (driven by [`Peer::wait`]).
-    pub fn process_server_messages(&mut self) -> Result<Vec<PeerEvent>, ClientError> {
-        if !self.connected {
-            return Err(ClientError::ServerGone);
-        }
-        let (mut events, gone) = self.drain_socket()?;
-        if gone {
-            self.server_gone(false)?;
-            return Err(ClientError::ServerGone);
-        }
-        events.extend(self.finish_due_burst());
-        Ok(events)
-    }
-
-    /// Reads the socket until it would block; returns the events and whether it closed.
-    fn drain_socket(&mut self) -> Result<(Vec<PeerEvent>, bool), ClientError> {
-        let mut events = Vec::new();
-        loop {
-            let s = &mut self.session;
-            let received = s.reader.receive(s.socket.as_fd());
-            match received {
-                Ok(Received::Message { value, fd }) => match s.table.apply(value, fd) {
-                    Ok(applied) => {
-                        events.extend(applied.events);
-                        if let Some(v) = applied.own_vector {
-                            self.register_own_vector(v)?;
-                        }
-                    }
-                    // QEMU's device accepts this silently; with 0-vector peers it is normal.
-                    Err(e @ MessageError::UnknownPeerGone { .. }) => {
-                        tracing::debug!("ignoring server message {value}: {e}")
-                    }
-                    Err(e) => tracing::warn!("ignoring server message {value}: {e}"),
-                },
-                Ok(Received::WouldBlock) => {
-                    self.burst_ended_for_now()?;
-                    return Ok((events, false));
-                }
-                Ok(Received::Closed) => {
-                    events.extend(self.session.table.end_of_burst());
-                    return Ok((events, true));
-                }
-                Err(e) => {
-                    tracing::warn!("dropping the connection to the server: {e}");
-                    events.extend(self.session.table.end_of_burst());
-                    return Ok((events, true));
-                }
-            }
-        }
-    }
-
-    fn register_own_vector(&mut self, v: usize) -> Result<(), ClientError> {
-        if let Some(fd) = self.session.table.own_vector(v) {
-            tracing::debug!("own vector {v} arrived after the handshake");
-            doorbell::set_nonblocking(fd).map_err(ClientError::sys("fcntl"))?;
-            self.poller
-                .add(fd, Source::Vector(v))
-                .map_err(ClientError::sys("epoll_ctl"))?;
-        }
-        Ok(())
-    }
-
-    /// The socket closed: stop watching it, report, and schedule a reconnect if enabled.
-    fn server_gone(&mut self, queue_event: bool) -> Result<(), ClientError> {
-        self.connected = false;
-        self.poller
-            .remove(self.session.socket.as_fd())
-            .map_err(ClientError::sys("epoll_ctl"))?;
-        if queue_event {
-            self.queue.push_back(Event::ServerGone);
-        }
-        tracing::info!(
-            "the server at {} closed the connection",
-            self.path.display()
-        );
-        if self.opts.reconnect {
-            self.backoff.reset();
-            let delay = self.backoff.next_delay();
-            self.timer
-                .arm(delay)
-                .map_err(ClientError::sys("timerfd_settime"))?;
-        }
-        Ok(())
-    }
-
-    /// Tries once to connect again now. On success the id, shared memory and peer table are
-    /// replaced (see [`crate::reconnect`]) and the new id is returned.
-    pub fn reconnect(&mut self) -> Result<u16, ClientError> {
-        let session = establish(&self.path, &self.opts)?;
-        // Forget the old connection: unregister its fds, then drop them.
-        let _ = self.poller.remove(self.session.socket.as_fd());
-        for (_, fd) in self.session.table.own_vectors() {
-            let _ = self.poller.remove(fd);
-        }
-        self.session = session;
-        self.connected = true;
-        self.timer
-            .disarm()
-            .map_err(ClientError::sys("timerfd_settime"))?;
-        self.backoff.reset();
-        self.register_session()?;
-        let id = self.id();
-        tracing::info!("reconnected to {} as peer {id}", self.path.display());
-        Ok(id)
-    }
-
-    /// The retry timer fired: try to reconnect, re-arm on failure.
-    fn retry(&mut self) -> Result<(), ClientError> {
-        self.timer
-            .consume()
-            .map_err(ClientError::sys("timerfd read"))?;
-        if self.connected || !self.opts.reconnect {
-            return Ok(());
-        }
-        // Events of the new session are queued by register_session after Reconnected.
-        let before = self.queue.len();
-        match self.reconnect() {
-            Ok(id) => {
-                let early: Vec<Event> = self.queue.drain(before..).collect();
-                self.queue.push_back(Event::Reconnected { id });
-                self.queue.extend(early);
-            }
-            Err(e) => {
-                let delay = self.backoff.next_delay();
-                tracing::debug!("reconnect failed ({e}); next attempt in {delay:?}");
-                self.timer
-                    .arm(delay)
-                    .map_err(ClientError::sys("timerfd_settime"))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Waits up to `timeout` (`None`: forever) for the next event. `Ok(None)`: nothing
-    /// happened in time. `Some(Duration::ZERO)` never blocks.
-    ///
-    /// Reconnect attempts (when enabled) happen inside this call and may block up to
-    /// `ConnectOptions::timeout` each.
-    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<Event>, ClientError> {
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        loop {
-            if let Some(ev) = self.queue.pop_front() {
-                return Ok(Some(ev));
-            }
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            let mut ready = std::mem::take(&mut self.ready);
-            let waited = self.poller.wait(left, &mut ready);
-            let handled = waited
-                .map_err(ClientError::sys("epoll_wait"))
-                .and_then(|()| ready.iter().try_for_each(|s| self.handle(*s)));
-            self.ready = ready;
-            handled?;
-            if self.queue.is_empty() && left.is_some_and(|l| l.is_zero()) {
-                return Ok(None);
-            }
-        }
-    }
-
-    fn handle(&mut self, source: Source) -> Result<(), ClientError> {
-        match source {
-            Source::Socket if self.connected => {
-                let (events, gone) = self.drain_socket()?;
-                self.queue.extend(events.into_iter().map(Event::Peer));
-                if gone {
-                    self.server_gone(true)?;
-                }
-            }
-            Source::Socket => {}
-            Source::Timer => self.retry()?,
-            Source::BurstTimer => {
-                self.burst_timer
-                    .consume()
-                    .map_err(ClientError::sys("timerfd read"))?;
-                let events = self.finish_due_burst();
-                self.queue.extend(events.into_iter().map(Event::Peer));
-            }
-            Source::Vector(v) => {
-                if let Some(fd) = self.session.table.own_vector(v) {
-                    match doorbell::drain(fd) {
-                        Ok(Some(_)) => self.queue.push_back(Event::Doorbell { vector: v }),
-                        Ok(None) => {}
-                        Err(e) => return Err(ClientError::sys("eventfd read")(e)),
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 }
 
