@@ -55,8 +55,9 @@
 //!   `intr` (MMIO mode); a repeated `loc`/`intr`/`sched`/`name` keeps its last value (qvm's rule
 //!   for repeated options) while a second `subst` is an error. Errors carry line, option and
 //!   reason ([`ParseError`]).
-//! * **TOML form**: `deny` rules are checked before `allow` rules, and `subst` applies to every
-//!   `create` (TOML has no line order).
+//! * **TOML form** ([`VmPolicyConfig`]): `rules = ["allow test*", "deny pluto"]` keeps the
+//!   order and the implicit final rule; `subst` applies to every `create` (TOML has no line
+//!   order); or `qnx = """..."""` holds a verbatim `vdev shmem` block instead of the fields.
 //!
 //! The other status codes (`GSS_NOMEM`, `GSS_CLIENT_MAX`, `GSS_DOES_NOT_EXIST`,
 //! `GSS_UNKNOWN_FAILURE`) depend on runtime state and are the server's to return; [`guest_shm`]

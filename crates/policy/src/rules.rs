@@ -61,6 +61,34 @@ impl fmt::Display for Rule {
     }
 }
 
+impl std::str::FromStr for Rule {
+    type Err = String;
+
+    /// Parses `"allow PATTERN"` or `"deny PATTERN"` (one space or more between them), the form
+    /// of the TOML `rules` list.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        let (keyword, rest) = text.split_once(char::is_whitespace).ok_or_else(|| {
+            format!("rule {text:?}: expected \"allow PATTERN\" or \"deny PATTERN\"")
+        })?;
+        let pattern = Pattern::new(rest.trim()).map_err(|e| format!("rule {text:?}: {e}"))?;
+        match keyword {
+            "allow" => Ok(Self::Allow(pattern)),
+            "deny" => Ok(Self::Deny(pattern)),
+            other => Err(format!(
+                "rule {text:?}: unknown keyword {other:?}, expected allow or deny"
+            )),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Rule {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// The rule QNX appends after the explicit ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ImplicitRule {

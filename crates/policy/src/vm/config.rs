@@ -4,22 +4,23 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::fnmatch::Pattern;
 use crate::name::RegionName;
 use crate::number::parse_size;
 use crate::options::Interrupt;
+use crate::rules::Rule;
 use crate::subst::Subst;
 
 /// The TOML/serde form of a VM's policy (see the [`vm`](super) module).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmPolicyConfig {
-    /// `allow` patterns (checked after all `deny` patterns).
+    /// The restrictions list in order: `"allow PATTERN"` / `"deny PATTERN"` strings, checked
+    /// first to last with QNX's implicit final rule.
     #[serde(default)]
-    pub allow: Vec<Pattern>,
-    /// `deny` patterns (checked first).
+    pub rules: Vec<Rule>,
+    /// A verbatim QNX `vdev shmem` block (its option lines). Excludes every other field.
     #[serde(default)]
-    pub deny: Vec<Pattern>,
+    pub qnx: Option<String>,
     /// `subst`, as `"[match],prefix"`; applies to every `create`.
     #[serde(default)]
     pub subst: Option<Subst>,

@@ -33,8 +33,7 @@
 //! [`VmPolicy`] deserializes (via [`VmPolicyConfig`], unknown fields rejected) from:
 //!
 //! ```toml
-//! allow = ["foo*", "test*"]
-//! deny = ["foo-secret"]
+//! rules = ["deny foo-secret", "allow foo*", "allow test*"]   # in order, first match decides
 //! subst = "foo,guest0"              # [match],prefix
 //! create = [{ name = "foomem", size = "0xf0000" }, { name = "foolog", size = 65536 }]
 //! loc = 0x1b000000                  # integer or string such as "0x1b000000"
@@ -42,11 +41,21 @@
 //! sched = 21
 //! ```
 //!
-//! TOML arrays lose the interleaving of `allow` and `deny`, so in this form **all `deny` rules
-//! come first**, then all `allow` rules (both in array order): the usual "allow these, except
-//! those" reading. An order-dependent list needs the QNX form ([`VmPolicy::parse_qnx`]). Likewise
-//! there is no line order between `subst` and `create`: in the TOML form `subst` applies to every
+//! `rules` is the QNX restrictions list in order (`"allow PATTERN"` / `"deny PATTERN"`), with
+//! the same implicit final rule (`deny *` if any `allow` is present, else `allow *`). There is no
+//! line order between `subst` and `create` in TOML: in this form `subst` applies to every
 //! `create`. Sizes accept the QNX notations (`"0xf0000"`, `"960K"`) or a plain integer.
+//!
+//! Or paste the option lines of a QNX `vdev shmem` block verbatim (then no other policy field
+//! may be given, and `subst` applies only to `create` lines after it, as on QNX):
+//!
+//! ```toml
+//! qnx = """
+//!     allow test*
+//!     subst ,guest0
+//!     create mem,0xf0000
+//! """
+//! ```
 
 mod config;
 mod decision;
@@ -57,7 +66,7 @@ use thiserror::Error;
 use crate::guest_shm::{self, MAX_REGION_BYTES};
 use crate::name::{NameError, RegionName};
 use crate::options::{CreateOption, Interrupt, ParseError, VdevShmem};
-use crate::rules::{Rule, RuleList};
+use crate::rules::RuleList;
 use crate::status::GuestShmStatus;
 use crate::subst::Subst;
 
@@ -109,6 +118,9 @@ pub enum VmPolicyError {
     /// `sched` is 0.
     #[error("sched priority must be in 1..=255")]
     BadSched,
+    /// The TOML form has `qnx` next to other policy fields.
+    #[error("qnx = \"\"\"...\"\"\" excludes rules, subst, create, loc, intr and sched: write them in the block")]
+    QnxWithFields,
 }
 
 /// A region to create when the VM starts.
@@ -156,15 +168,20 @@ impl VmPolicy {
         })
     }
 
-    /// Builds a policy from its TOML form: `deny` rules first, then `allow` rules; `subst`
-    /// applies to every `create`.
+    /// Builds a policy from its TOML form: `rules` in order; `subst` applies to every `create`;
+    /// or the verbatim QNX block in `qnx`, which excludes every other field.
     pub fn from_config(config: VmPolicyConfig) -> Result<Self, VmPolicyError> {
-        let rules = config
-            .deny
-            .into_iter()
-            .map(Rule::Deny)
-            .chain(config.allow.into_iter().map(Rule::Allow))
-            .collect();
+        if let Some(block) = &config.qnx {
+            let only_qnx = VmPolicyConfig {
+                qnx: Some(block.clone()),
+                ..VmPolicyConfig::default()
+            };
+            if config != only_qnx {
+                return Err(VmPolicyError::QnxWithFields);
+            }
+            return Self::parse_qnx(block);
+        }
+        let rules = RuleList::new(config.rules);
         let creates: Vec<CreateOption> = config
             .create
             .into_iter()

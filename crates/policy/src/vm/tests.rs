@@ -213,8 +213,7 @@ fn placement_options_are_carried() {
 fn toml_form() {
     let vm: VmPolicy = toml::from_str(
         r#"
-        allow = ["foo*", "pluto*"]
-        deny = ["pluto"]
+        rules = ["deny pluto", "allow foo*", "allow pluto*"]
         subst = "foo,guest0"
         create = [{ name = "foomem", size = "0xf0000" }, { name = "log", size = 65536 }]
         loc = 0x1b000000
@@ -223,7 +222,7 @@ fn toml_form() {
         "#,
     )
     .unwrap();
-    // deny rules come first
+    // rules keep their order
     assert_eq!(
         vm.rules()
             .rules()
@@ -256,9 +255,14 @@ fn toml_errors() {
         Ok(policy) => panic!("{text:?} was accepted: {policy:?}"),
         Err(e) => e.to_string(),
     };
-    assert!(err("allow = [\"a\"]\npermit = [\"b\"]").contains("unknown field `permit`"));
+    assert!(err("rules = [\"allow a\"]\npermit = [\"b\"]").contains("unknown field `permit`"));
+    assert!(err("allow = [\"a\"]").contains("unknown field `allow`"));
+    assert!(err("rules = [\"permit a\"]").contains("unknown keyword"));
+    assert!(err("rules = [\"allow\"]").contains("expected"));
+    assert!(err("qnx = \"allow a\"\nsched = 3").contains("excludes"));
+    assert!(err("qnx = \"allow a\\nbogus 1\"").contains("line 2: bogus"));
     assert!(err("create = [{ name = \"a\", size = 1, color = 2 }]").contains("unknown field"));
-    assert!(err("allow = [\"a b\"]").contains("cannot appear"));
+    assert!(err("rules = [\"allow a b\"]").contains("cannot appear"));
     assert!(err("create = [{ name = \"../x\", size = 1 }]").contains("starts with '.'"));
     assert!(err("create = [{ name = \"x\", size = \"lots\" }]").contains("not a number"));
     assert!(err("create = [{ name = \"x\", size = 0 }]").contains("size 0"));
@@ -311,8 +315,7 @@ fn from_vdev_rechecks_hand_built_blocks() {
 fn module_doc_toml_example_parses() {
     let vm: VmPolicy = toml::from_str(
         r#"
-allow = ["foo*", "test*"]
-deny = ["foo-secret"]
+rules = ["deny foo-secret", "allow foo*", "allow test*"]   # in order, first match decides
 subst = "foo,guest0"              # [match],prefix
 create = [{ name = "foomem", size = "0xf0000" }, { name = "foolog", size = 65536 }]
 loc = 0x1b000000                  # integer or string such as "0x1b000000"
@@ -329,4 +332,42 @@ sched = 21
         vec![(region("guest0mem"), 0xf0000), (region("guest0log"), 65536)]
     );
     assert!(vm.is_mmio());
+}
+
+#[test]
+fn toml_rules_keep_order_and_qnx_semantics() {
+    let toml_status =
+        |text: &str, name: &str| status(&toml::from_str::<VmPolicy>(text).unwrap(), name);
+    // The seed's three examples, in TOML.
+    let first = r#"rules = ["allow test*", "allow pluto"]"#;
+    assert_eq!(toml_status(first, "testing"), GuestShmStatus::Ok);
+    assert_eq!(toml_status(first, "pluto"), GuestShmStatus::Ok);
+    assert_eq!(toml_status(first, "mars"), GuestShmStatus::NoPermission);
+    let second = r#"rules = ["deny live*", "deny pluto"]"#;
+    assert_eq!(
+        toml_status(second, "livefeed"),
+        GuestShmStatus::NoPermission
+    );
+    assert_eq!(toml_status(second, "pluto"), GuestShmStatus::NoPermission);
+    assert_eq!(toml_status(second, "mars"), GuestShmStatus::Ok);
+    let third = r#"rules = ["deny pluto", "allow pluto*"]"#;
+    assert_eq!(toml_status(third, "pluto"), GuestShmStatus::NoPermission);
+    assert_eq!(toml_status(third, "plutoplanet"), GuestShmStatus::Ok);
+    assert_eq!(toml_status(third, "mars"), GuestShmStatus::NoPermission);
+    // Order matters: an allow before a deny wins.
+    let reversed = r#"rules = ["allow pluto*", "deny pluto"]"#;
+    assert_eq!(toml_status(reversed, "pluto"), GuestShmStatus::Ok);
+}
+
+#[test]
+fn toml_qnx_block_is_the_qnx_policy() {
+    let block =
+        "\n    allow test*\n    create early,4K\n    subst ,guest0\n    create mem,0xf0000\n";
+    let from_toml: VmPolicy = toml::from_str(&format!("qnx = \"\"\"{block}\"\"\"")).unwrap();
+    assert_eq!(from_toml, policy(block));
+    // subst applies only to the create after it, as on QNX.
+    assert_eq!(
+        from_toml.pre_created(),
+        vec![(region("early"), 4096), (region("guest0mem"), 0xf0000)]
+    );
 }
