@@ -5,8 +5,13 @@
 //! - [`fd_passing`]: sending and receiving one 8-byte message with at most one file descriptor
 //!   (`SCM_RIGHTS`) over a UNIX stream socket, robust to partial reads and writes.
 //!
+//! - [`factory`]: the factory protocol of a VM directory's `factory.sock` (create or find a named
+//!   region) and the JSON-lines framing it shares with [`control`], the server's control socket.
+//!
 //! Codecs here are pure functions; the only I/O is the thin socket layer in [`fd_passing`].
 
+pub mod control;
+pub mod factory;
 pub mod fd_passing;
 pub mod v0;
 

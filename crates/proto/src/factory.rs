@@ -1,0 +1,295 @@
+//! The factory protocol on a VM directory's `factory.sock`, and the JSON-lines framing that it
+//! shares with the [control protocol](crate::control).
+//!
+//! # Framing
+//!
+//! One JSON object per line (`\n`-terminated, UTF-8), at most [`MAX_LINE`] bytes including the
+//! newline. A client writes a request line and reads one response line; it may send further
+//! requests on the same connection. Every response carries `"version": 1` ([`VERSION`]). A line
+//! that is too long, not JSON, or not a known request gets a response with an error and the
+//! connection stays usable (a too-long line is discarded up to its newline).
+//!
+//! # Requests and responses
+//!
+//! ```text
+//! → {"op":"create","name":"mem","size":983040}
+//! ← {"version":1,"status":"GSS_OK","code":0,"message":"...","region":{"guest_name":"mem",
+//!     "host_name":"guest0mem","size":1048576,"vectors":16,"peer_limit":16,
+//!     "id_policy":"lowest-free","peers":0,"socket":"/run/ivshm/vm0/mem.sock"}}
+//! → {"op":"find","name":"nope"}
+//! ← {"version":1,"status":"GSS_DOES_NOT_EXIST","code":6,"message":"..."}
+//! ```
+//!
+//! `create` creates the region or attaches to an existing one (size in bytes; the first creator
+//! decides the actual size, which the response reports); `find` only attaches. `status` and
+//! `code` are QNX's `guest_shm` status codes (`GSS_*`). The region is joined by connecting to
+//! `socket` and speaking protocol [`v0`](crate::v0); the factory keeps no state of its own.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The protocol version every response carries.
+pub const VERSION: u32 = 1;
+
+/// Longest accepted line in bytes, newline included.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// A line that cannot be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum LineError {
+    /// The line is longer than [`MAX_LINE`].
+    #[error("line longer than {MAX_LINE} bytes")]
+    TooLong,
+    /// Not valid JSON for the expected message.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+}
+
+/// Encodes a message as one JSON line (with its newline).
+pub fn encode_line<T: Serialize>(message: &T) -> Vec<u8> {
+    // Serializing these plain structs cannot fail (no maps with non-string keys, no I/O).
+    let mut line = serde_json::to_vec(message).unwrap_or_else(|_| b"{}".to_vec());
+    line.push(b'\n');
+    line
+}
+
+/// Decodes one line (with or without its newline).
+pub fn decode_line<T: DeserializeOwned>(line: &[u8]) -> Result<T, LineError> {
+    if line.len() > MAX_LINE {
+        return Err(LineError::TooLong);
+    }
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    serde_json::from_slice(line).map_err(|e| LineError::Invalid(e.to_string()))
+}
+
+/// Splits a byte stream into lines, bounding memory: a line longer than [`MAX_LINE`] is dropped
+/// (up to its newline) and reported as [`LineError::TooLong`] after the lines before it.
+#[derive(Debug, Default)]
+pub struct LineBuffer {
+    pending: Vec<u8>,
+    /// Where the incomplete line at the end of `pending` starts.
+    line_start: usize,
+    /// Dropping the rest of an oversized line.
+    skipping: bool,
+    /// An oversized line was dropped and not yet reported.
+    overflowed: bool,
+}
+
+impl LineBuffer {
+    /// An empty buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends bytes read from the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        for chunk in bytes.split_inclusive(|&b| b == b'\n') {
+            let complete = chunk.last() == Some(&b'\n');
+            if self.skipping {
+                self.skipping = !complete;
+                continue;
+            }
+            let room = MAX_LINE - (self.pending.len() - self.line_start);
+            if chunk.len() > room {
+                self.pending.truncate(self.line_start);
+                self.overflowed = true;
+                self.skipping = !complete;
+                continue;
+            }
+            self.pending.extend_from_slice(chunk);
+            if complete {
+                self.line_start = self.pending.len();
+            }
+        }
+    }
+
+    /// The next complete line (newline included), or an error for a dropped oversized one.
+    pub fn next_line(&mut self) -> Option<Result<Vec<u8>, LineError>> {
+        if self.line_start > 0 {
+            if let Some(end) = self.pending[..self.line_start]
+                .iter()
+                .position(|&b| b == b'\n')
+            {
+                let line: Vec<u8> = self.pending.drain(..=end).collect();
+                self.line_start -= line.len();
+                return Some(Ok(line));
+            }
+        }
+        if self.overflowed {
+            self.overflowed = false;
+            return Some(Err(LineError::TooLong));
+        }
+        None
+    }
+
+    /// Bytes buffered (complete lines not yet taken and an incomplete line).
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+/// A factory request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub enum FactoryRequest {
+    /// Create the region, or attach to it if it exists.
+    Create {
+        /// The name the guest knows the region by (before `subst`).
+        name: String,
+        /// Requested size in bytes (ignored when the region exists; 0 only attaches).
+        size: u64,
+    },
+    /// Attach to an existing region.
+    Find {
+        /// The guest's name for the region.
+        name: String,
+    },
+}
+
+/// The factory's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FactoryResponse {
+    /// [`VERSION`].
+    pub version: u32,
+    /// The `GSS_*` name of the status, e.g. `"GSS_OK"`.
+    pub status: String,
+    /// The numeric status code (`GSS_OK` is 0).
+    pub code: u32,
+    /// A sentence for humans.
+    pub message: String,
+    /// The region, when `status` is `GSS_OK` (and, for `GSS_CLIENT_MAX`, the full region).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<RegionOffer>,
+}
+
+/// What a client needs to join a region.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionOffer {
+    /// The guest's name for the region.
+    pub guest_name: String,
+    /// The host's name (after `subst`).
+    pub host_name: String,
+    /// The actual size in bytes.
+    pub size: u64,
+    /// Interrupt vectors (eventfds) per peer.
+    pub vectors: u32,
+    /// Peers the region admits at once.
+    pub peer_limit: u32,
+    /// How peer ids are chosen: `"increasing"` (QEMU's) or `"lowest-free"`.
+    pub id_policy: String,
+    /// Peers connected now.
+    pub peers: u32,
+    /// Absolute path of the v0 socket to connect to.
+    pub socket: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn requests_have_the_documented_form() {
+        let create: FactoryRequest =
+            decode_line(br#"{"op":"create","name":"mem","size":983040}"#).unwrap();
+        assert_eq!(
+            create,
+            FactoryRequest::Create {
+                name: "mem".into(),
+                size: 983040
+            }
+        );
+        assert_eq!(
+            encode_line(&create),
+            b"{\"op\":\"create\",\"name\":\"mem\",\"size\":983040}\n"
+        );
+        let find: FactoryRequest = decode_line(b"{\"op\":\"find\",\"name\":\"x\"}\n").unwrap();
+        assert_eq!(find, FactoryRequest::Find { name: "x".into() });
+        assert!(decode_line::<FactoryRequest>(br#"{"op":"find","name":"x","extra":1}"#).is_err());
+        assert!(decode_line::<FactoryRequest>(br#"{"op":"destroy","name":"x"}"#).is_err());
+        assert!(decode_line::<FactoryRequest>(br#"{"op":"create","name":"x","size":-1}"#).is_err());
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let response = FactoryResponse {
+            version: VERSION,
+            status: "GSS_OK".into(),
+            code: 0,
+            message: "created".into(),
+            region: Some(RegionOffer {
+                guest_name: "mem".into(),
+                host_name: "guest0mem".into(),
+                size: 1 << 20,
+                vectors: 16,
+                peer_limit: 16,
+                id_policy: "lowest-free".into(),
+                peers: 0,
+                socket: "/run/ivshm/vm0/mem.sock".into(),
+            }),
+        };
+        let line = encode_line(&response);
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        assert_eq!(decode_line::<FactoryResponse>(&line).unwrap(), response);
+    }
+
+    #[test]
+    fn line_buffer_splits_and_bounds() {
+        let mut buffer = LineBuffer::new();
+        buffer.push(b"{\"a\":1}\n{\"b\"");
+        assert_eq!(buffer.next_line(), Some(Ok(b"{\"a\":1}\n".to_vec())));
+        assert_eq!(buffer.next_line(), None);
+        buffer.push(b":2}\n");
+        assert_eq!(buffer.next_line(), Some(Ok(b"{\"b\":2}\n".to_vec())));
+        // An oversized line is reported once and skipped to its newline.
+        buffer.push(&vec![b'x'; MAX_LINE + 10]);
+        assert_eq!(buffer.next_line(), Some(Err(LineError::TooLong)));
+        assert!(buffer.pending_len() <= MAX_LINE);
+        buffer.push(b"still the long line\nok\n");
+        assert_eq!(buffer.next_line(), Some(Ok(b"ok\n".to_vec())));
+        assert_eq!(buffer.next_line(), None);
+        assert_eq!(
+            decode_line::<FactoryRequest>(&vec![b' '; MAX_LINE + 1]),
+            Err(LineError::TooLong)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_lines_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_line::<FactoryRequest>(&bytes);
+            let _ = decode_line::<FactoryResponse>(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_streams_never_panic_and_stay_bounded(
+            chunks in proptest::collection::vec(
+                prop_oneof![
+                    proptest::collection::vec(any::<u8>(), 0..64),
+                    (0usize..3 * MAX_LINE).prop_map(|n| vec![b'y'; n]),
+                ],
+                0..6,
+            )
+        ) {
+            let mut buffer = LineBuffer::new();
+            for chunk in &chunks {
+                buffer.push(chunk);
+                while let Some(line) = buffer.next_line() {
+                    if let Ok(line) = line {
+                        prop_assert!(line.len() <= MAX_LINE);
+                        prop_assert_eq!(line.last(), Some(&b'\n'));
+                    }
+                }
+                prop_assert!(buffer.pending_len() <= MAX_LINE);
+            }
+        }
+
+        #[test]
+        fn create_requests_round_trip(name in "[ -~]{0,40}", size in any::<u64>()) {
+            let request = FactoryRequest::Create { name, size };
+            prop_assert_eq!(decode_line::<FactoryRequest>(&encode_line(&request)).unwrap(), request);
+        }
+    }
+}
