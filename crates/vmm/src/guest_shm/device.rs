@@ -404,6 +404,32 @@ mod tests {
         assert_eq!(r32(&mut d, f + 0x14), GuestShmStatus::DoesNotExist.as_u32());
     }
 
+    proptest::proptest! {
+        /// Arbitrary guest writes and reads on the factory page and the control window never
+        /// panic; the signature stays and `status` is always a GSS code.
+        #[test]
+        fn arbitrary_factory_and_control_accesses(ops in proptest::collection::vec(
+            (proptest::prelude::any::<bool>(), 0u64..0x5000, proptest::prelude::any::<u64>(), proptest::sample::select(vec![1usize, 2, 4, 8]), proptest::prelude::any::<bool>()),
+            0..100,
+        )) {
+            let reg = LocalRegionRegistry::new(4);
+            let mut d = device(&reg, "vdev shmem");
+            for (factory_page, offset, value, len, write) in ops {
+                let addr = if factory_page { 0x1b00_0000 + offset % 0x1000 } else { 0xe000_0000 + offset };
+                let bytes = value.to_le_bytes();
+                if write {
+                    d.mmio_write(addr, &bytes[..len]);
+                } else {
+                    let mut buf = [0u8; 8];
+                    d.mmio_read(addr, &mut buf[..len]);
+                }
+            }
+            proptest::prop_assert_eq!(r32(&mut d, 0x1b00_0000), 0x474d_5651);
+            let status = r32(&mut d, 0x1b00_0014);
+            proptest::prop_assert!(GuestShmStatus::from_u32(status).is_some());
+        }
+    }
+
     #[test]
     fn control_pages_between_two_devices() {
         let reg = LocalRegionRegistry::new(64);

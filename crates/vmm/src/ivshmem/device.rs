@@ -665,6 +665,41 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Any guest access sequence (config, BAR0, BAR1; any width and offset) is handled
+        /// without panicking, and the read-only identity and IVPosition never change.
+        #[test]
+        fn arbitrary_guest_accesses(ops in proptest::collection::vec(
+            (0u8..3, 0u64..0x1000, proptest::prelude::any::<u64>(), proptest::sample::select(vec![1usize, 2, 4, 8]), proptest::prelude::any::<bool>()),
+            0..200,
+        )) {
+            let bus = LocalDoorbellBus::new();
+            let mut d = IvshmemDevice::new_doorbell(4096, 4, Box::new(bus.join(4).unwrap()), false)
+                .unwrap();
+            d.set_interrupt_backend(Box::new(Recorder::default()));
+            for (target, offset, value, len, write) in ops {
+                let bytes = value.to_le_bytes();
+                match (target, write) {
+                    (0, true) => {
+                        let reg = (offset as usize / 4) % 64;
+                        d.write_config_register(reg, offset % 4, &bytes[..len.min(4)]);
+                    }
+                    (0, false) => {
+                        d.read_config_register((offset as usize / 4) % 64);
+                    }
+                    (bar, true) => d.write_bar(bar as usize - 1, offset, &bytes[..len]),
+                    (bar, false) => {
+                        let mut buf = [0u8; 8];
+                        d.read_bar(bar as usize - 1, offset, &mut buf[..len]);
+                    }
+                }
+            }
+            proptest::prop_assert_eq!(d.read_config_register(0), 0x1110_1af4);
+            proptest::prop_assert_eq!(d.read_config_register(2), 0x0500_0001);
+            proptest::prop_assert_eq!(read32(&mut d, 0, REG_IV_POSITION), 0);
+        }
+    }
+
     #[test]
     fn bad_sizes_rejected() {
         assert!(matches!(
