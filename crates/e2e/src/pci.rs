@@ -111,8 +111,9 @@ pub fn devmem_write(
 pub struct IvshmemDevice {
     /// The PCI address, e.g. `0000:00:04.0`.
     pub bdf: String,
-    /// The resources from sysfs: BAR0 registers, BAR1 MSI-X (doorbell only), BAR2 memory.
-    pub bars: Vec<Bar>,
+    /// The resources from sysfs (at least three: BAR0 registers, BAR1 MSI-X for the doorbell
+    /// variant, BAR2 memory); private so the length is always checked.
+    bars: Vec<Bar>,
 }
 
 impl IvshmemDevice {
@@ -200,6 +201,11 @@ impl IvshmemDevice {
                 &format!("expected one, found [{found}]"),
             ))
         }
+    }
+
+    /// The resources from sysfs `resource`, BAR0 first.
+    pub fn bars(&self) -> &[Bar] {
+        &self.bars
     }
 
     /// Physical address of BAR0 (the registers).
