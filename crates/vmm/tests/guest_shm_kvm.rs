@@ -3,11 +3,20 @@
 //! see each other attach and detach (interrupt on every status change, observed by the
 //! guest's own handler), and get the policy's and the registry's status codes.
 
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ivshm_policy::{GuestShmStatus, VmPolicy};
-use ivshm_vmm::guest_shm::{Factory, GuestShmMode, LocalRegionRegistry};
+use ivshm_proto::factory::{
+    decode_line, encode_line, FactoryRequest, FactoryResponse, RegionOffer,
+};
+use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
+use ivshm_vmm::guest_shm::{Factory, GuestShmMode, LocalRegionRegistry, ServerFactory};
 use ivshm_vmm::testvmm::asm::{Asm, Cond, Reg};
 use ivshm_vmm::testvmm::guest::{GuestOps, PROGRAM_BASE};
 use ivshm_vmm::testvmm::{attach_guest_shm, kvm_available, TestVm};
@@ -161,18 +170,12 @@ fn wait_reports(vm: &TestVm, n: usize) {
     }
 }
 
-#[test]
-fn qnx_flow_between_two_vms() {
-    if !kvm_or_skip("qnx_flow_between_two_vms") {
-        return;
-    }
-    let registry = LocalRegionRegistry::new(256);
+/// Runs the two-VM QNX flow on the given factories (A's must deny "secret*").
+fn qnx_flow(fa: Box<dyn Factory>, fb: Box<dyn Factory>) {
     let mut vm_a = TestVm::new(RAM).unwrap();
     let mut vm_b = TestVm::new(RAM).unwrap();
-    let fa = registry.factory(policy("vdev shmem\n deny secret*"));
-    let fb = registry.factory(policy("vdev shmem"));
-    let att_a = attach_guest_shm(&vm_a, GuestShmMode::Pci, VECTOR, Box::new(fa)).unwrap();
-    let _att_b = attach_guest_shm(&vm_b, GuestShmMode::Pci, VECTOR, Box::new(fb)).unwrap();
+    let att_a = attach_guest_shm(&vm_a, GuestShmMode::Pci, VECTOR, fa).unwrap();
+    let _att_b = attach_guest_shm(&vm_b, GuestShmMode::Pci, VECTOR, fb).unwrap();
     vm_a.load_program(&program_a()).unwrap();
     vm_b.load_program(&program_b()).unwrap();
     vm_a.start().unwrap();
@@ -209,11 +212,140 @@ fn qnx_flow_between_two_vms() {
         ]
     );
     assert_eq!(att_a.device.lock().unwrap().connections(), 0);
+}
+
+#[test]
+fn qnx_flow_between_two_vms() {
+    if !kvm_or_skip("qnx_flow_between_two_vms") {
+        return;
+    }
+    let registry = LocalRegionRegistry::new(256);
+    let fa = registry.factory(policy("vdev shmem\n deny secret*"));
+    let fb = registry.factory(policy("vdev shmem"));
+    qnx_flow(Box::new(fa), Box::new(fb));
     assert_eq!(
         registry.attached_mask("shm1"),
         0,
         "region freed after the last detach"
     );
+}
+
+/// A stand-in for the server's factory endpoint (not built yet): answers the factory
+/// protocol on `factory.sock` per VM, applying the VM's policy, and offers regions served
+/// by real in-process `ivshm-server`s with 16 vectors (one per possible sender).
+struct FakeFactoryServer {
+    regions: Arc<Mutex<HashMap<String, ServerHandle>>>,
+    dir: PathBuf,
+}
+
+impl FakeFactoryServer {
+    fn new(dir: PathBuf) -> FakeFactoryServer {
+        FakeFactoryServer {
+            regions: Arc::default(),
+            dir,
+        }
+    }
+
+    /// Serves one VM's factory socket with `policy`; returns its path.
+    fn serve_vm(&self, vm: &str, policy: VmPolicy) -> PathBuf {
+        let path = self.dir.join(format!("{vm}-factory.sock"));
+        let listener = UnixListener::bind(&path).unwrap();
+        let regions = self.regions.clone();
+        let dir = self.dir.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let mut line = Vec::new();
+                if BufReader::new(&stream)
+                    .read_until(b'\n', &mut line)
+                    .is_err()
+                {
+                    continue;
+                }
+                let response = match decode_line::<FactoryRequest>(&line) {
+                    Ok(request) => answer(&regions, &dir, &policy, request),
+                    Err(_) => reply(GuestShmStatus::UnknownFailure, None),
+                };
+                let _ = (&stream).write_all(&encode_line(&response));
+            }
+        });
+        path
+    }
+}
+
+fn reply(status: GuestShmStatus, region: Option<RegionOffer>) -> FactoryResponse {
+    FactoryResponse {
+        version: ivshm_proto::factory::VERSION,
+        status: status.qnx_name().into(),
+        code: status.as_u32(),
+        message: String::new(),
+        region,
+    }
+}
+
+fn answer(
+    regions: &Mutex<HashMap<String, ServerHandle>>,
+    dir: &std::path::Path,
+    policy: &VmPolicy,
+    request: FactoryRequest,
+) -> FactoryResponse {
+    let (name, create_size) = match request {
+        FactoryRequest::Create { name, size } => (name, Some(size)),
+        FactoryRequest::Find { name } => (name, None),
+    };
+    let decision = policy.decide(&name);
+    let Some(host) = decision
+        .host_name
+        .filter(|_| decision.status == GuestShmStatus::Ok)
+    else {
+        return reply(decision.status, None);
+    };
+    let mut regions = regions.lock().unwrap();
+    if !regions.contains_key(host.as_str()) {
+        let Some(size) = create_size else {
+            return reply(GuestShmStatus::DoesNotExist, None);
+        };
+        let mut region = RegionConfig::new(dir.join(format!("{}.sock", host.as_str())));
+        region.vectors = 16;
+        region.memory.size = size;
+        regions.insert(
+            host.as_str().to_owned(),
+            ServerHandle::spawn(ServerConfig::single(region)).unwrap(),
+        );
+    }
+    let server = &regions[host.as_str()];
+    let info = &server.regions()[0];
+    let offer = RegionOffer {
+        guest_name: name,
+        host_name: host.as_str().to_owned(),
+        size: info.size,
+        vectors: 16,
+        peer_limit: 16,
+        id_policy: "increasing".into(),
+        peers: 0,
+        socket: info.socket.display().to_string(),
+    };
+    reply(GuestShmStatus::Ok, Some(offer))
+}
+
+/// The same flow with `ServerFactory`: the factory protocol, then v0 peers on a real
+/// `ivshm-server` region (notifications are doorbells on vector = sender's index).
+#[test]
+fn qnx_flow_through_the_factory_protocol_and_v0_server() {
+    if !kvm_or_skip("qnx_flow_through_the_factory_protocol_and_v0_server") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ivshm-vmm-gs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = FakeFactoryServer::new(dir.clone());
+    let sock_a = fake.serve_vm("vm0", policy("vdev shmem\n deny secret*"));
+    let sock_b = fake.serve_vm("vm1", policy("vdev shmem"));
+    qnx_flow(
+        Box::new(ServerFactory::new(sock_a, TIMEOUT)),
+        Box::new(ServerFactory::new(sock_b, TIMEOUT)),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// MMIO mode (factory page at `loc`): a 17th client gets GSS_CLIENT_MAX, a find of a

@@ -20,6 +20,9 @@
 //! Modes: PCI (vendor 0x1C05, device 0x0001, factory page in BAR0) or MMIO (factory page at
 //! the `loc` address, interrupt `intr`), see [`GuestShmDevice`].
 //!
+//! Factories: [`LocalFactory`] (in-process registry) and [`ServerFactory`] (the server's
+//! factory protocol, regions joined as v0 peers; see its module for the mapping).
+//!
 //! # How QNX semantics map onto regions
 //!
 //! * A region is named by its *host* name: the [`Factory`] applies the VM's `vdev shmem`
@@ -41,9 +44,11 @@
 
 mod device;
 mod local;
+mod server;
 
 pub use device::{GuestShmDevice, GuestShmError, GuestShmMode, RegionWindowMapper};
 pub use local::{LocalFactory, LocalRegionRegistry};
+pub use server::ServerFactory;
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Arc;
