@@ -10,7 +10,7 @@
 //!
 //! Two ways to run it:
 //! * **register callbacks** (any VMM): a guest write to Doorbell reaches
-//!   [`IvshmemDevice::write_bar`], which rings the target peer's eventfd; when an own vector's
+//!   [`PciDevice::write_bar`](crate::pci::PciDevice::write_bar), which rings the target peer's eventfd; when an own vector's
 //!   eventfd becomes readable the VMM calls [`IvshmemDevice::vector_fired`] and the device
 //!   asks its [`InterruptBackend`] to inject the vector's MSI-X message.
 //! * **KVM fast path** ([`kvm`]): every (peer, vector) doorbell value is a KVM ioeventfd
