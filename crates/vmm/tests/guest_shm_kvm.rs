@@ -19,26 +19,13 @@ use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
 use ivshm_vmm::guest_shm::{Factory, GuestShmMode, LocalRegionRegistry, ServerFactory};
 use ivshm_vmm::testvmm::asm::{Asm, Cond, Reg};
 use ivshm_vmm::testvmm::guest::{GuestOps, PROGRAM_BASE};
-use ivshm_vmm::testvmm::{attach_guest_shm, kvm_available, TestVm};
+use ivshm_vmm::testvmm::{attach_guest_shm, kvm_or_skip, TestVm};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 const RAM: usize = 2 << 20;
 const VECTOR: u8 = 0x60;
 const PAYLOAD: u32 = 0x9e57_0042;
 const MMIO_LOC: u32 = 0x1b00_0000;
-
-fn kvm_or_skip(test: &str) -> bool {
-    if kvm_available() {
-        return true;
-    }
-    if std::env::var("IVSHM_REQUIRE_KVM").as_deref() == Ok("1") {
-        panic!("{test}: IVSHM_REQUIRE_KVM=1 but /dev/kvm is not usable");
-    }
-    eprintln!(
-        "SKIPPED: {test}: /dev/kvm is not available (set IVSHM_REQUIRE_KVM=1 to fail instead)"
-    );
-    false
-}
 
 fn policy(text: &str) -> VmPolicy {
     VmPolicy::parse_qnx(text).unwrap()

@@ -14,7 +14,7 @@ use ivshm_vmm::pci::PciDevice;
 use ivshm_vmm::testvmm::asm::{Asm, Cond, Reg};
 use ivshm_vmm::testvmm::guest::{GuestOps, INTR_COUNTERS, PROGRAM_BASE};
 use ivshm_vmm::testvmm::{
-    attach_ivshmem, ivshmem_guest_prologue, kvm_available, DoorbellPath, TestVm, IVSHMEM_BAR0,
+    attach_ivshmem, ivshmem_guest_prologue, kvm_or_skip, DoorbellPath, TestVm, IVSHMEM_BAR0,
     IVSHMEM_VECTOR_BASE,
 };
 
@@ -22,20 +22,6 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 const SHM_SIZE: usize = 1 << 20;
 const PAYLOAD: u32 = 0x5eed_1234;
 const RAM: usize = 2 << 20;
-
-/// False (after a loud message) when KVM is missing, unless IVSHM_REQUIRE_KVM=1.
-fn kvm_or_skip(test: &str) -> bool {
-    if kvm_available() {
-        return true;
-    }
-    if std::env::var("IVSHM_REQUIRE_KVM").as_deref() == Ok("1") {
-        panic!("{test}: IVSHM_REQUIRE_KVM=1 but /dev/kvm is not usable");
-    }
-    eprintln!(
-        "SKIPPED: {test}: /dev/kvm is not available (set IVSHM_REQUIRE_KVM=1 to fail instead)"
-    );
-    false
-}
 
 fn shared_region() -> Arc<Mapping> {
     let fd = rustix::fs::memfd_create("ivshm-test-shm", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
@@ -210,6 +196,7 @@ fn msix_masking_and_bar0_relocation_on_kvm_path() {
         return;
     }
     const NEW_BAR0: u32 = 0xc000_2000;
+    const NEW_BAR2: u32 = 0xd800_0000;
     const VAR_BAR1: u32 = ivshm_vmm::testvmm::guest::VARS + 4;
     let counter = INTR_COUNTERS + 4 * u32::from(IVSHMEM_VECTOR_BASE);
     let mut a = Asm::new(PROGRAM_BASE);
@@ -241,20 +228,30 @@ fn msix_masking_and_bar0_relocation_on_kvm_path() {
         // IVPosition still answers at the new place.
         .load_ind(Reg::Eax, Reg::Ebx, 8)
         .report(Reg::Eax)
+        // Move BAR2 (64-bit: low dword, high stays 0) and write through the new address.
+        .mov_imm(Reg::Eax, NEW_BAR2)
+        .pci_write_eax(1, 6)
+        .mov_imm(Reg::Esi, NEW_BAR2)
+        .store_ind_imm(Reg::Esi, 0x40, 0xb2b2_b2b2)
+        .load_ind(Reg::Eax, Reg::Esi, 0x40)
+        .report(Reg::Eax)
         .exit(0);
 
     let bus = LocalDoorbellBus::new();
     let dev = IvshmemDevice::new_doorbell(SHM_SIZE as u64, 1, Box::new(bus.join(1).unwrap()), true)
         .unwrap();
     let mut vm = TestVm::new(RAM).unwrap();
-    let att = attach_ivshmem(&vm, dev, shared_region(), DoorbellPath::Kvm).unwrap();
+    let shm = shared_region();
+    let att = attach_ivshmem(&vm, dev, shm.clone(), DoorbellPath::Kvm).unwrap();
     vm.load_program(&a.finish().unwrap()).unwrap();
     vm.start().unwrap();
     let code = vm.wait_exit(TIMEOUT);
     assert_eq!(code.unwrap(), 0, "reports {:x?}", vm.reports());
     // IVPosition, PBA while masked, counter while masked, counter after unmask, PBA after,
-    // counter after the relocated ring, IVPosition through the new BAR0.
-    assert_eq!(vm.reports(), vec![0, 1, 0, 1, 0, 2, 0]);
+    // counter after the relocated ring, IVPosition through the new BAR0, the word written
+    // through the relocated BAR2.
+    assert_eq!(vm.reports(), vec![0, 1, 0, 1, 0, 2, 0, 0xb2b2_b2b2]);
+    assert_eq!(shm.view().read_u32(0x40).unwrap(), 0xb2b2_b2b2);
     assert_eq!(vm.mmio_exits_at(IVSHMEM_BAR0 + REG_DOORBELL), 0);
     assert_eq!(vm.mmio_exits_at(u64::from(NEW_BAR0) + REG_DOORBELL), 0);
     assert_eq!(vm.mmio_exits_at(u64::from(NEW_BAR0) + 8), 1);

@@ -17,7 +17,7 @@ use ivshm_vmm::ivshmem::{IvshmemDevice, REG_DOORBELL};
 use ivshm_vmm::testvmm::asm::{Asm, Cond, Reg};
 use ivshm_vmm::testvmm::guest::{GuestOps, PROGRAM_BASE};
 use ivshm_vmm::testvmm::{
-    attach_ivshmem, ivshmem_guest_prologue, kvm_available, DoorbellPath, TestVm, IVSHMEM_BAR0,
+    attach_ivshmem, ivshmem_guest_prologue, kvm_or_skip, DoorbellPath, TestVm, IVSHMEM_BAR0,
     IVSHMEM_VECTOR_BASE,
 };
 
@@ -66,11 +66,7 @@ fn hex_le(v: u32) -> String {
 
 #[test]
 fn kvm_test_vm_and_qemu_guest_share_a_server_region() {
-    if !kvm_available() {
-        if std::env::var("IVSHM_REQUIRE_KVM").as_deref() == Ok("1") {
-            panic!("IVSHM_REQUIRE_KVM=1 but /dev/kvm is not usable");
-        }
-        eprintln!("SKIPPED: kvm_test_vm_and_qemu_guest_share_a_server_region: no /dev/kvm");
+    if !kvm_or_skip("kvm_test_vm_and_qemu_guest_share_a_server_region") {
         return;
     }
     let assets = require_e2e!();

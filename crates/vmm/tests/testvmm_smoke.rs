@@ -5,22 +5,9 @@ use std::time::Duration;
 
 use ivshm_vmm::testvmm::asm::{Asm, Reg};
 use ivshm_vmm::testvmm::guest::{GuestOps, INTR_COUNTERS, PROGRAM_BASE};
-use ivshm_vmm::testvmm::{kvm_available, TestVm};
+use ivshm_vmm::testvmm::{kvm_or_skip, TestVm};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
-
-fn kvm_or_skip(test: &str) -> bool {
-    if kvm_available() {
-        return true;
-    }
-    if std::env::var("IVSHM_REQUIRE_KVM").as_deref() == Ok("1") {
-        panic!("{test}: IVSHM_REQUIRE_KVM=1 but /dev/kvm is not usable");
-    }
-    eprintln!(
-        "SKIPPED: {test}: /dev/kvm is not available (set IVSHM_REQUIRE_KVM=1 to fail instead)"
-    );
-    false
-}
 
 #[test]
 fn guest_reports_and_exits() {

@@ -20,4 +20,4 @@ pub use ivshmem::{
     attach_ivshmem, ivshmem_guest_prologue, AttachedIvshmem, DoorbellPath, IVSHMEM_BAR0,
     IVSHMEM_BAR1, IVSHMEM_BAR2, IVSHMEM_DEVICE_NUMBER, IVSHMEM_VECTOR_BASE,
 };
-pub use vm::{kvm_available, GuestExit, TestVm, VmmError};
+pub use vm::{kvm_available, kvm_or_skip, GuestExit, TestVm, VmmError, REQUIRE_KVM_ENV};

@@ -149,6 +149,24 @@ pub fn kvm_available() -> bool {
     Kvm::new().is_ok()
 }
 
+/// Environment variable that turns a missing `/dev/kvm` from a skip into a failure.
+pub const REQUIRE_KVM_ENV: &str = "IVSHM_REQUIRE_KVM";
+
+/// For KVM tests: true when KVM is usable. Otherwise prints `SKIPPED: <test>: ...` to stderr
+/// and returns false — or panics when `IVSHM_REQUIRE_KVM=1` (as CI sets it).
+pub fn kvm_or_skip(test: &str) -> bool {
+    if kvm_available() {
+        return true;
+    }
+    if std::env::var(REQUIRE_KVM_ENV).as_deref() == Ok("1") {
+        panic!("{test}: {REQUIRE_KVM_ENV}=1 but /dev/kvm is not usable");
+    }
+    eprintln!(
+        "SKIPPED: {test}: /dev/kvm is not available (set {REQUIRE_KVM_ENV}=1 to fail instead)"
+    );
+    false
+}
+
 fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
     kvm_segment {
         base: 0,
