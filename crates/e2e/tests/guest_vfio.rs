@@ -23,23 +23,36 @@ const SIZE: u64 = 1 << 20;
 const VECTORS: u32 = 4;
 
 /// A command started in the background of a guest's shell; its output and then a final
-/// `exit-status=<N>` line go to a file. (Polled rather than awaited with the shell's `wait`:
-/// the guest's job-control shell is PID 1 and must never block on it.)
+/// `exit-status=<N>` line go to a file.
+///
+/// The guest's shell is PID 1 and exits (panicking the kernel) when a child ends while it
+/// sits reading the console, so the background subshell does not end by itself: after the
+/// command it blocks on a FIFO until [`finish`] releases it from a foreground command.
 struct Background {
+    pid: u32,
     out: String,
+    release: String,
 }
 
 const EXIT_STATUS: &str = "exit-status=";
 
 fn start_background(guest: &mut QemuGuest, name: &str, command: &str) -> Background {
     let out = format!("/tmp/{name}.out");
-    guest
+    let release = format!("/tmp/{name}.release");
+    let pid = guest
         .run_ok(
-            &format!("( {command}; echo \"{EXIT_STATUS}$?\" ) >{out} 2>&1 &"),
+            &format!(
+                "rm -f {release}; mkfifo {release}; \
+                 ( {command}; echo \"{EXIT_STATUS}$?\"; read _ <{release} ) >{out} 2>&1 & echo $!"
+            ),
             COMMAND,
         )
         .unwrap();
-    Background { out }
+    let pid = pid
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no pid from `{command}`: {pid:?}"));
+    Background { pid, out, release }
 }
 
 /// Polls the background command's output until it contains `needle` or `limit` passes;
@@ -84,6 +97,14 @@ fn finish(guest: &mut QemuGuest, background: Background) -> (i32, String) {
         .find_map(|l| l.strip_prefix(EXIT_STATUS))
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or_else(|| panic!("no exit status in {output:?}"));
+    // Release the subshell while the shell runs a foreground loop (see `Background`).
+    let Background { pid, release, .. } = background;
+    guest
+        .run_ok(
+            &format!("echo >{release}; while kill -0 {pid} 2>/dev/null; do sleep 0.2; done"),
+            COMMAND,
+        )
+        .unwrap();
     (status, output)
 }
 

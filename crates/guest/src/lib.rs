@@ -439,7 +439,8 @@ impl IvshmemDevice {
     }
 
     /// Closes the device (mappings, eventfds, VFIO fds) and then restores the driver binding
-    /// found at open: unbinds `vfio-pci` and rebinds the original driver, if `open` changed it.
+    /// found at open: unbinds `vfio-pci` and rebinds the original driver, if `open` (or an
+    /// earlier process, see [`DriverBinding::restore`]) changed it.
     /// Simply dropping the device leaves it bound to `vfio-pci`.
     pub fn close_and_restore_driver(self) -> Result<(), VfioError> {
         let IvshmemDevice {

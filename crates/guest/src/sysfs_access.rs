@@ -32,6 +32,14 @@ pub enum SysfsError {
         /// The I/O error.
         error: std::io::Error,
     },
+    /// A bound driver keeps the function disabled, and the kernel refuses to enable it.
+    #[error("{address} is bound to `{driver}` and its memory decoding is off; unbind it first (e.g. `ivshm guest ... --mode vfio --restore-driver` or echo {address} > /sys/bus/pci/drivers/{driver}/unbind)")]
+    DisabledByDriver {
+        /// The function.
+        address: String,
+        /// The bound driver.
+        driver: String,
+    },
     /// Opening a `resourceN` file failed.
     #[error("cannot open {path}: {error}")]
     Open {
@@ -67,9 +75,12 @@ pub enum SysfsError {
 }
 
 /// Enables the function (memory decoding) by writing `1` to its `enable` file, unless it
-/// already reads as enabled.
+/// already reads as enabled. The kernel refuses that write (EBUSY) while a driver is bound; then
+/// the function is usable as long as its Memory Space bit is set (e.g. `vfio-pci` leaves it set
+/// when its user closes the device), which is checked in config space instead.
 pub fn enable_device(paths: &SystemPaths, function: &PciFunction) -> Result<(), SysfsError> {
-    let path = paths.pci_device(function.address).join("enable");
+    let dir = paths.pci_device(function.address);
+    let path = dir.join("enable");
     if std::fs::read_to_string(&path)
         .map(|t| t.trim() != "0")
         .unwrap_or(false)
@@ -81,19 +92,37 @@ pub fn enable_device(paths: &SystemPaths, function: &PciFunction) -> Result<(), 
         .truncate(true)
         .open(&path)
         .and_then(|mut f| f.write_all(b"1"));
-    result.map_err(|error| {
-        if error.kind() == std::io::ErrorKind::PermissionDenied {
-            SysfsError::Permission {
-                path: path.clone(),
+    match (result, &function.driver) {
+        (Ok(()), _) => Ok(()),
+        (Err(error), _) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+            Err(SysfsError::Permission {
+                path,
                 detail: error.to_string(),
-            }
-        } else {
-            SysfsError::Enable {
-                path: path.clone(),
-                error,
+            })
+        }
+        (Err(error), Some(driver)) if error.raw_os_error() == Some(Errno::BUSY.raw_os_error()) => {
+            if memory_space_enabled(&dir) {
+                tracing::debug!(%driver, "the bound driver keeps the device enabled");
+                Ok(())
+            } else {
+                Err(SysfsError::DisabledByDriver {
+                    address: function.address.to_string(),
+                    driver: driver.clone(),
+                })
             }
         }
-    })
+        (Err(error), _) => Err(SysfsError::Enable { path, error }),
+    }
+}
+
+/// Whether the Memory Space Enable bit of the command register is set.
+fn memory_space_enabled(device_dir: &std::path::Path) -> bool {
+    const COMMAND: usize = 4;
+    const MEMORY_SPACE: u8 = 1 << 1;
+    std::fs::read(device_dir.join("config"))
+        .ok()
+        .and_then(|config| config.get(COMMAND).copied())
+        .is_some_and(|low| low & MEMORY_SPACE != 0)
 }
 
 /// Maps the first `len` bytes (the whole BAR if `None`) of memory BAR `bar` through `resourceN`.
@@ -179,5 +208,19 @@ mod tests {
         ));
         let regs = map_bar(&paths, &function, 0, Some(4096)).unwrap();
         assert_eq!(regs.len(), 256);
+    }
+
+    #[test]
+    fn memory_space_bit_is_read_from_config() {
+        let tmp = TempDir::new();
+        let dir = tmp.0.join("dev");
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(!memory_space_enabled(&dir), "no config file");
+        let mut config = vec![0u8; 64];
+        std::fs::write(dir.join("config"), &config).unwrap();
+        assert!(!memory_space_enabled(&dir));
+        config[4] = 0b110;
+        std::fs::write(dir.join("config"), &config).unwrap();
+        assert!(memory_space_enabled(&dir));
     }
 }

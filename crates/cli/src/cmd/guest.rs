@@ -51,7 +51,8 @@ pub struct DeviceArgs {
     /// VFIO: unbind another driver that owns the device (it is rebound with --restore-driver).
     #[arg(long)]
     take_over: bool,
-    /// VFIO: on exit, unbind vfio-pci and rebind the driver the device had before.
+    /// VFIO: on exit, unbind vfio-pci and rebind the driver the device had before ivshm bound
+    /// it (recorded in /run/ivshm-guest by the process that bound it).
     #[arg(long)]
     restore_driver: bool,
     /// sysfs root (for testing).

@@ -26,6 +26,9 @@ pub struct SystemPaths {
     pub sysfs: PathBuf,
     /// The VFIO device directory (`/dev/vfio`).
     pub dev_vfio: PathBuf,
+    /// Where ivshm records the driver a device had before it was bound to `vfio-pci`, so that a
+    /// later process can restore it (`/run/ivshm-guest`).
+    pub state_dir: PathBuf,
 }
 
 impl Default for SystemPaths {
@@ -33,6 +36,7 @@ impl Default for SystemPaths {
         SystemPaths {
             sysfs: PathBuf::from("/sys"),
             dev_vfio: PathBuf::from("/dev/vfio"),
+            state_dir: PathBuf::from("/run/ivshm-guest"),
         }
     }
 }
@@ -268,6 +272,7 @@ pub(crate) mod fake {
             SystemPaths {
                 sysfs: self.0.join("sys"),
                 dev_vfio: self.0.join("dev/vfio"),
+                state_dir: self.0.join("run/ivshm-guest"),
             }
         }
     }

@@ -20,6 +20,8 @@ pub struct DriverBinding {
     original_driver: Option<String>,
     /// Whether we changed anything (false if it was already on `vfio-pci`).
     changed: bool,
+    /// Whether an earlier process bound it and recorded the original driver.
+    recorded: bool,
 }
 
 impl DriverBinding {
@@ -34,10 +36,12 @@ impl DriverBinding {
     }
 
     /// Unbinds from `vfio-pci`, clears `driver_override` and rebinds the original driver (if
-    /// there was one). Does nothing if the function was already on `vfio-pci` before us. Call it
-    /// after every VFIO file descriptor of the device is closed.
+    /// there was one). The original driver is the one this binding saw, or, when the function
+    /// was already on `vfio-pci`, the one recorded by the process that bound it (in
+    /// [`SystemPaths::state_dir`]); without such a record it was on `vfio-pci` before ivshm and
+    /// is left there. Call it after every VFIO file descriptor of the device is closed.
     pub fn restore(self) -> Result<(), VfioError> {
-        if !self.changed {
+        if !self.changed && !self.recorded {
             return Ok(());
         }
         let device_dir = self.paths.pci_device(self.address);
@@ -52,9 +56,36 @@ impl DriverBinding {
         if let Some(driver) = &self.original_driver {
             write_sysfs(&self.paths.pci_driver(driver).join("bind"), &address)?;
         }
+        if let Err(error) = std::fs::remove_file(record_path(&self.paths, self.address)) {
+            if error.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(%address, %error, "could not remove the driver record");
+            }
+        }
         tracing::info!(%address, original = ?self.original_driver, "restored driver binding");
         Ok(())
     }
+}
+
+fn record_path(paths: &SystemPaths, address: PciAddress) -> std::path::PathBuf {
+    paths.state_dir.join(format!("{address}.original-driver"))
+}
+
+/// Records the original driver (empty: none) for a later restore; best effort.
+fn write_record(paths: &SystemPaths, address: PciAddress, original: Option<&str>) {
+    let path = record_path(paths, address);
+    let result = std::fs::create_dir_all(&paths.state_dir)
+        .and_then(|()| std::fs::write(&path, format!("{}\n", original.unwrap_or(""))));
+    if let Err(error) = result {
+        tracing::warn!(path = %path.display(), %error, "could not record the original driver; a later process cannot restore it");
+    }
+}
+
+/// The recorded original driver: `None` without a record, `Some(None)` for "no driver".
+fn read_record(paths: &SystemPaths, address: PciAddress) -> Option<Option<String>> {
+    let text = std::fs::read_to_string(record_path(paths, address)).ok()?;
+    let name = text.trim();
+    let valid = !name.contains('/') && name != "." && name != "..";
+    Some((!name.is_empty() && valid).then(|| name.to_owned()))
 }
 
 /// Writes `text` to an existing sysfs attribute (never creates files).
@@ -104,9 +135,16 @@ pub fn bind_to_vfio(
         paths: paths.clone(),
         original_driver: None,
         changed: false,
+        recorded: false,
     };
     match current_driver(paths, address) {
-        Some(driver) if driver == VFIO_PCI_DRIVER => return Ok(binding),
+        Some(driver) if driver == VFIO_PCI_DRIVER => {
+            if let Some(original) = read_record(paths, address) {
+                binding.original_driver = original;
+                binding.recorded = true;
+            }
+            return Ok(binding);
+        }
         Some(driver) if !take_over => return Err(VfioError::BoundElsewhere { address, driver }),
         Some(driver) => {
             write_sysfs(
@@ -139,6 +177,7 @@ pub fn bind_to_vfio(
             reason,
         });
     }
+    write_record(paths, address, binding.original_driver.as_deref());
     tracing::info!(%address, "bound to vfio-pci");
     Ok(binding)
 }
@@ -222,6 +261,34 @@ mod tests {
             std::fs::read_to_string(paths.pci_device(f.address).join("driver_override")).unwrap();
         assert_eq!(override_text, "(null)\n");
         binding.restore().unwrap();
+    }
+
+    #[test]
+    fn restore_uses_the_record_of_an_earlier_process() {
+        let (_tmp, paths, f) = setup(Some("vfio-pci"), Some(3), true);
+        std::fs::write(paths.pci_driver("vfio-pci").join("bind"), "").unwrap();
+        let uio = paths.pci_driver("uio_pci_generic");
+        std::fs::create_dir_all(&uio).unwrap();
+        std::fs::write(uio.join("bind"), "").unwrap();
+        write_record(&paths, f.address, Some("uio_pci_generic"));
+        let binding = bind_to_vfio(&paths, &f, false).unwrap();
+        assert!(!binding.changed());
+        assert_eq!(binding.original_driver(), Some("uio_pci_generic"));
+        binding.restore().unwrap();
+        let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap();
+        assert_eq!(
+            read(paths.pci_driver("vfio-pci").join("unbind")),
+            "0000:00:03.0"
+        );
+        assert_eq!(read(uio.join("bind")), "0000:00:03.0");
+        assert_eq!(
+            read(paths.pci_device(f.address).join("driver_override")),
+            "\n"
+        );
+        assert!(
+            read_record(&paths, f.address).is_none(),
+            "the record is consumed"
+        );
     }
 
     #[test]
