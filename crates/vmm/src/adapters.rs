@@ -89,7 +89,7 @@ impl DeviceMmio for GuestShmMmio {
         let handled = self
             .device
             .lock()
-            .is_ok_and(|mut d| d.mmio_read(base.0 + offset, data));
+            .is_ok_and(|mut d| d.mmio_read(base.0.wrapping_add(offset), data));
         if !handled {
             data.fill(0xff);
         }
@@ -97,7 +97,7 @@ impl DeviceMmio for GuestShmMmio {
 
     fn mmio_write(&self, base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
         if let Ok(mut d) = self.device.lock() {
-            d.mmio_write(base.0 + offset, data);
+            d.mmio_write(base.0.wrapping_add(offset), data);
         }
     }
 }
