@@ -24,6 +24,20 @@ pub enum GuestShmMode {
     },
 }
 
+impl GuestShmMode {
+    /// The mode a VM's `vdev shmem` options ask for: MMIO at `loc` when both `loc` and `intr`
+    /// are given (QNX: "if you specify loc and intr, the vdev is an MMIO device"), else PCI.
+    /// Returns the mode and, for MMIO, the `intr` line (the factory page's `vector`).
+    pub fn from_policy(policy: &ivshm_policy::VmPolicy) -> (GuestShmMode, Option<u32>) {
+        match (policy.loc(), policy.intr()) {
+            (Some(loc), Some(intr)) if policy.is_mmio() => {
+                (GuestShmMode::Mmio { loc }, Some(intr.line))
+            }
+            _ => (GuestShmMode::Pci, None),
+        }
+    }
+}
+
 /// Errors building the device.
 #[derive(Debug, thiserror::Error)]
 pub enum GuestShmError {
@@ -379,6 +393,17 @@ mod tests {
         }
         w32(d, f + 0x18, pages);
         r32(d, f + 0x14)
+    }
+
+    #[test]
+    fn mode_from_vdev_options() {
+        let mmio = VmPolicy::parse_qnx("vdev shmem loc 0x1b000000 intr gic:39").unwrap();
+        assert_eq!(
+            GuestShmMode::from_policy(&mmio),
+            (GuestShmMode::Mmio { loc: 0x1b00_0000 }, Some(39))
+        );
+        let pci = VmPolicy::parse_qnx("vdev shmem").unwrap();
+        assert_eq!(GuestShmMode::from_policy(&pci), (GuestShmMode::Pci, None));
     }
 
     #[test]
