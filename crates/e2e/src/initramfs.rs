@@ -9,6 +9,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use crate::cpio::CpioWriter;
@@ -221,7 +222,15 @@ impl InitramfsSpec {
         for (file, _) in &files {
             directories.extend(ancestors(&file.guest_path));
         }
-        let tmp = dir.join(format!(".{}.{}.tmp", std::process::id(), hasher.finish()));
+        // Unique per process and call: concurrent builders each write their own file and the
+        // rename makes one of them the cached image.
+        static BUILDS: AtomicU64 = AtomicU64::new(0);
+        let tmp = dir.join(format!(
+            ".{}.{}.{}.tmp",
+            hasher.finish(),
+            std::process::id(),
+            BUILDS.fetch_add(1, Ordering::Relaxed)
+        ));
         let out = std::fs::File::create(&tmp).map_err(io("creating", &tmp))?;
         let write = || -> std::io::Result<()> {
             let mut cpio = CpioWriter::new(std::io::BufWriter::new(out));
@@ -278,6 +287,44 @@ fn prune(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn builds_an_archive_once_and_reuses_it() {
+        let dir = crate::scratch::ScratchDir::new().unwrap();
+        let busybox = dir.join("busybox");
+        let module = dir.join("x.ko");
+        let tool = dir.join("tool");
+        std::fs::write(&busybox, b"not really busybox").unwrap();
+        std::fs::write(&module, b"module bytes").unwrap();
+        std::fs::write(&tool, b"tool bytes").unwrap();
+        let mut spec = InitramfsSpec::new(&busybox);
+        spec.module(&module).file("/opt/bin/tool", &tool, 0o755);
+
+        let first = spec.build(dir.path()).unwrap();
+        let second = spec.build(dir.path()).unwrap();
+        assert_eq!(first, second);
+        let bytes = std::fs::read(&first).unwrap();
+        assert_eq!(bytes.len() % 4, 0);
+        let text = String::from_utf8_lossy(&bytes);
+        for needle in [
+            "dev/console\0",
+            "bin/busybox\0",
+            "not really busybox",
+            "lib/modules/x.ko\0",
+            "module bytes",
+            "opt/bin\0",
+            "opt/bin/tool\0",
+            "tool bytes",
+            "insmod /lib/modules/x.ko",
+            "TRAILER!!!",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing");
+        }
+
+        // Different contents, different image.
+        std::fs::write(&tool, b"other tool").unwrap();
+        assert_ne!(spec.build(dir.path()).unwrap(), first);
+    }
 
     #[test]
     fn ancestors_lists_parent_directories() {
