@@ -6,6 +6,7 @@ use ivshm_mem::{BackendKind, Pow2Policy};
 use thiserror::Error;
 
 use crate::group::GroupSpec;
+use crate::named::{NamedConfig, NamedRegionConfig};
 
 /// QEMU's default socket path.
 pub const DEFAULT_SOCKET_PATH: &str = "/tmp/ivshmem_socket";
@@ -24,6 +25,8 @@ pub struct ServerConfig {
     /// A peer that has more than this many notifications waiting (it stopped reading its
     /// socket) is dropped. Its handshake does not count.
     pub max_queued_messages: usize,
+    /// Named regions, per-VM directories, factories and the control socket.
+    pub named: Option<NamedConfig>,
 }
 
 impl ServerConfig {
@@ -32,13 +35,17 @@ impl ServerConfig {
         ServerConfig {
             regions: vec![region],
             max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
+            named: None,
         }
     }
 
     /// Checks the configuration before anything is created.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.regions.is_empty() {
+        if self.regions.is_empty() && self.named.is_none() {
             return Err(ConfigError::NoRegions);
+        }
+        if let Some(named) = &self.named {
+            validate_named(named)?;
         }
         if self.max_queued_messages == 0 {
             return Err(ConfigError::ZeroQueueBound);
@@ -54,6 +61,44 @@ impl ServerConfig {
         }
         Ok(())
     }
+}
+
+fn validate_named(named: &NamedConfig) -> Result<(), ConfigError> {
+    for (i, r) in named.regions.iter().enumerate() {
+        validate_named_region(r)?;
+        if named.regions[..i].iter().any(|o| o.name == r.name) {
+            return Err(ConfigError::DuplicateRegion(r.name.to_string()));
+        }
+    }
+    for (i, vm) in named.vms.iter().enumerate() {
+        if named.vms[..i].iter().any(|o| o.name == vm.name) {
+            return Err(ConfigError::DuplicateVm(vm.name.to_string()));
+        }
+        for mode in [vm.directory.dir_mode, vm.directory.socket_mode] {
+            if mode & !0o7777 != 0 {
+                return Err(ConfigError::Mode(mode));
+            }
+        }
+    }
+    validate_named_region(&NamedRegionConfig::with_defaults(
+        ivshm_policy::RegionName::new("defaults").map_err(|_| ConfigError::ZeroSize)?,
+        1,
+        &named.defaults,
+    ))
+}
+
+/// Checks one named region's numbers.
+pub fn validate_named_region(r: &NamedRegionConfig) -> Result<(), ConfigError> {
+    if r.vectors > ivshm_proto::v0::MAX_VECTORS {
+        return Err(ConfigError::Vectors(r.vectors));
+    }
+    if r.size == 0 {
+        return Err(ConfigError::ZeroSize);
+    }
+    if r.peer_limit == 0 || r.peer_limit > 1 << 16 {
+        return Err(ConfigError::PeerLimit(r.peer_limit));
+    }
+    Ok(())
 }
 
 /// One shared-memory region and the socket its peers connect to.
@@ -159,6 +204,15 @@ pub enum ConfigError {
     /// Two regions on one socket.
     #[error("socket {0} is configured twice")]
     DuplicateSocket(PathBuf),
+    /// A peer limit of 0 or above 65536.
+    #[error("peer limit {0} is not in 1..=65536")]
+    PeerLimit(usize),
+    /// Two named regions with one name.
+    #[error("region {0:?} is configured twice")]
+    DuplicateRegion(String),
+    /// Two VMs with one name.
+    #[error("VM {0:?} is configured twice")]
+    DuplicateVm(String),
 }
 
 #[cfg(test)]

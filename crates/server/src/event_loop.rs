@@ -9,12 +9,14 @@ use rustix::io::Errno;
 /// What an epoll event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Token {
-    /// The listener of region `n`.
+    /// A region's listening socket, by its key in the server's listener table.
     Listener(usize),
     /// A peer connection, by its unique serial number (never reused, unlike peer ids).
     Peer(u64),
     /// The `n`-th control fd given to `run_until`.
     Control(usize),
+    /// A factory or control socket, or one of their connections, by key.
+    Aux(u64),
 }
 
 const KIND_SHIFT: u32 = 62;
@@ -26,6 +28,7 @@ impl Token {
             Token::Peer(serial) => serial & PAYLOAD_MASK,
             Token::Listener(n) => (1 << KIND_SHIFT) | (n as u64 & PAYLOAD_MASK),
             Token::Control(n) => (2 << KIND_SHIFT) | (n as u64 & PAYLOAD_MASK),
+            Token::Aux(n) => (3 << KIND_SHIFT) | (n & PAYLOAD_MASK),
         }
     }
 
@@ -35,6 +38,7 @@ impl Token {
             0 => Some(Token::Peer(payload)),
             1 => usize::try_from(payload).ok().map(Token::Listener),
             2 => usize::try_from(payload).ok().map(Token::Control),
+            3 => Some(Token::Aux(payload)),
             _ => None,
         }
     }
@@ -116,9 +120,10 @@ mod tests {
             Token::Listener(0),
             Token::Listener(12345),
             Token::Control(1),
+            Token::Aux(0),
+            Token::Aux(77),
         ] {
             assert_eq!(Token::decode(t.encode()), Some(t));
         }
-        assert_eq!(Token::decode(3 << KIND_SHIFT), None);
     }
 }

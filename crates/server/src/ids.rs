@@ -4,6 +4,62 @@
 //! counter that no connected peer uses, and the counter moves past it. So ids increase, an id in
 //! use is skipped, ids are not reused until the counter wraps around after 65535.
 
+/// How a region chooses peer ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IdPolicy {
+    /// QEMU's: increasing from 0, skipping ids in use, wrapping after 65535 ([`IdAllocator`]).
+    #[default]
+    Increasing,
+    /// The lowest id not in use, below the region's peer limit ([`lowest_free`]): what a
+    /// QNX-style region needs, where a client's index is its bit in the notification bitsets.
+    LowestFree,
+}
+
+impl IdPolicy {
+    /// The configuration word: `increasing` or `lowest-free`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdPolicy::Increasing => "increasing",
+            IdPolicy::LowestFree => "lowest-free",
+        }
+    }
+}
+
+impl std::fmt::Display for IdPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for IdPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "increasing" => Ok(IdPolicy::Increasing),
+            "lowest-free" => Ok(IdPolicy::LowestFree),
+            other => Err(format!(
+                "id policy {other:?}: expected \"increasing\" or \"lowest-free\""
+            )),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for IdPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The lowest id below `limit` that `in_use` says is free.
+pub fn lowest_free(limit: usize, in_use: impl Fn(u16) -> bool) -> Option<u16> {
+    let limit = limit.min(1 << 16);
+    (0..limit)
+        .filter_map(|i| u16::try_from(i).ok())
+        .find(|&i| !in_use(i))
+}
+
 /// Hands out peer ids (a pure type: the caller says which ids are in use).
 #[derive(Debug, Clone, Default)]
 pub struct IdAllocator {
@@ -74,6 +130,18 @@ mod tests {
         let mut ids = IdAllocator::starting_at(100);
         assert_eq!(ids.allocate(|_| true), None);
         assert_eq!(ids.allocate(|i| i != 99), Some(99));
+    }
+
+    #[test]
+    fn lowest_free_reuses_ids_below_the_limit() {
+        let used: BTreeSet<u16> = [0, 1, 3].into_iter().collect();
+        assert_eq!(lowest_free(16, |i| used.contains(&i)), Some(2));
+        assert_eq!(lowest_free(2, |i| used.contains(&i)), None);
+        assert_eq!(lowest_free(0, |_| false), None);
+        assert_eq!(lowest_free(usize::MAX, |i| i < 65535), Some(65535));
+        assert_eq!("lowest-free".parse(), Ok(IdPolicy::LowestFree));
+        assert_eq!("increasing".parse(), Ok(IdPolicy::Increasing));
+        assert!("random".parse::<IdPolicy>().is_err());
     }
 
     proptest! {

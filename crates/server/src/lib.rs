@@ -21,12 +21,17 @@
 //! [`limits`] (fd limits), [`signals`], [`pidfile`], [`stats`]; the loop, regions and peers are internal.
 
 pub mod config;
+pub mod config_file;
+mod control;
+mod endpoints;
 mod event_loop;
+mod factory;
 pub mod group;
 mod handle;
 pub mod ids;
 pub mod limits;
 pub mod listener;
+pub mod named;
 mod peer;
 pub mod pidfile;
 pub mod queue;
@@ -34,12 +39,16 @@ mod region;
 mod server;
 pub mod signals;
 pub mod stats;
+mod vm_dirs;
 
 use thiserror::Error;
 
 pub use config::{ConfigError, ListenerConfig, MemoryConfig, RegionConfig, ServerConfig};
+pub use config_file::FileConfigError;
 pub use group::GroupSpec;
 pub use handle::ServerHandle;
+pub use ids::IdPolicy;
+pub use named::{NamedConfig, NamedRegionConfig, VmConfig};
 pub use peer::RemovalReason;
 pub use region::RegionInfo;
 pub use server::{Control, ControlAction, Server};
@@ -71,4 +80,7 @@ pub enum ServerError {
     /// The server thread panicked.
     #[error("the server thread panicked")]
     Panicked,
+    /// A VM directory or the socket root could not be set up.
+    #[error("{0}")]
+    Setup(String),
 }

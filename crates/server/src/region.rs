@@ -12,15 +12,17 @@ use std::path::Path;
 use std::sync::Arc;
 
 use ivshm_mem::{format_size, SharedMemory};
+use ivshm_policy::GuestShmStatus;
 use ivshm_proto::v0::{PROTOCOL_VERSION, SHM_MARKER};
 use rustix::event::{eventfd, EventfdFlags};
 use rustix::io::Errno;
 
 use crate::config::RegionConfig;
 use crate::event_loop::{Poller, Token};
-use crate::ids::IdAllocator;
+use crate::ids::{lowest_free, IdAllocator, IdPolicy};
 use crate::limits::{describe_soft_limit, is_fd_exhaustion, ReserveFd};
 use crate::listener::Listener;
+use crate::named::Origin;
 use crate::peer::{Peer, RemovalReason};
 use crate::queue::OutgoingQueue;
 use crate::stats::Stats;
@@ -51,6 +53,34 @@ pub struct RegionInfo {
     pub vectors: usize,
     /// The backing object, for humans.
     pub memory: String,
+    /// Peers admitted at once.
+    pub peer_limit: usize,
+    /// How peer ids are chosen.
+    pub id_policy: IdPolicy,
+}
+
+/// A listening socket of a region: its own (standalone) or one in a VM's directory.
+#[derive(Debug)]
+pub(crate) struct RegionSocket {
+    /// Its key in the server's listener table (the epoll token).
+    pub(crate) key: usize,
+    /// The VM whose directory holds it, and the VM's name for the region.
+    pub(crate) vm: Option<(String, String)>,
+    pub(crate) listener: Listener,
+}
+
+/// How a region is set up, whatever made it.
+#[derive(Debug, Clone)]
+pub(crate) struct RegionSpec {
+    pub(crate) name: String,
+    pub(crate) backend: ivshm_mem::BackendKind,
+    pub(crate) size: u64,
+    pub(crate) pow2: ivshm_mem::Pow2Policy,
+    pub(crate) vectors: usize,
+    pub(crate) peer_limit: usize,
+    pub(crate) id_policy: IdPolicy,
+    pub(crate) origin: Origin,
+    pub(crate) persist: bool,
 }
 
 /// A served region.
@@ -64,61 +94,156 @@ pub(crate) struct Region {
     vectors: usize,
     queue_limit: usize,
     ids: IdAllocator,
+    id_policy: IdPolicy,
+    peer_limit: usize,
     peers: BTreeMap<u16, Peer>,
-    listener: Listener,
-    /// The listener is out of the epoll set because fds ran out.
+    /// The socket key each peer joined through.
+    via: BTreeMap<u16, usize>,
+    sockets: Vec<RegionSocket>,
+    /// The listeners are out of the epoll set because fds ran out.
     accept_paused: bool,
+    pub(crate) origin: Origin,
+    pub(crate) persist: bool,
+    /// Removed: no sockets any more, dropped when its last peer leaves.
+    pub(crate) detached: bool,
+    /// Some peer joined once (a run-time region goes when its last peer leaves).
+    pub(crate) had_peers: bool,
 }
 
 impl Region {
-    /// Creates the memory and the listener.
+    /// A standalone region: the memory and its own listener (key `key`).
     pub(crate) fn new(
         index: usize,
         config: &RegionConfig,
         queue_limit: usize,
+        key: usize,
     ) -> Result<Region, ServerError> {
         let m = &config.memory;
-        let memory = ivshm_mem::backend::create(&m.backend, m.size, m.pow2).map_err(|source| {
-            ServerError::Memory {
-                region: config.name.clone(),
-                source,
-            }
-        })?;
+        let spec = RegionSpec {
+            name: config.name.clone(),
+            backend: m.backend.clone(),
+            size: m.size,
+            pow2: m.pow2,
+            vectors: config.vectors,
+            peer_limit: 1 << 16,
+            id_policy: IdPolicy::Increasing,
+            origin: Origin::Standalone,
+            persist: true,
+        };
+        let mut region = Region::with_memory(index, &spec, queue_limit)?;
+        let listener = Listener::bind(&config.listener)?;
+        region.sockets.push(RegionSocket {
+            key,
+            vm: None,
+            listener,
+        });
+        Ok(region)
+    }
+
+    /// A region without sockets yet (named regions get theirs in VM directories).
+    pub(crate) fn with_memory(
+        index: usize,
+        spec: &RegionSpec,
+        queue_limit: usize,
+    ) -> Result<Region, ServerError> {
+        let memory =
+            ivshm_mem::backend::create(&spec.backend, spec.size, spec.pow2).map_err(|source| {
+                ServerError::Memory {
+                    region: spec.name.clone(),
+                    source,
+                }
+            })?;
         let shm_fd = Arc::new(
             memory
                 .try_clone_fd()
                 .map_err(|source| ServerError::Memory {
-                    region: config.name.clone(),
+                    region: spec.name.clone(),
                     source,
                 })?,
         );
-        let listener = Listener::bind(&config.listener)?;
         tracing::info!(
-            region = %config.name,
-            socket = %listener.path().display(),
+            region = %spec.name,
             size = memory.size(),
-            vectors = config.vectors,
+            vectors = spec.vectors,
+            peer_limit = spec.peer_limit,
+            origin = spec.origin.as_str(),
             "serving {} of {} with {} vector(s) per peer",
             format_size(memory.size()),
             memory.description(),
-            config.vectors
+            spec.vectors
         );
         Ok(Region {
             index,
-            name: config.name.clone(),
+            name: spec.name.clone(),
             memory,
             shm_fd,
-            vectors: config.vectors,
+            vectors: spec.vectors,
             queue_limit,
             ids: IdAllocator::new(),
+            id_policy: spec.id_policy,
+            peer_limit: spec.peer_limit,
             peers: BTreeMap::new(),
-            listener,
+            via: BTreeMap::new(),
+            sockets: Vec::new(),
             accept_paused: false,
+            origin: spec.origin,
+            persist: spec.persist,
+            detached: false,
+            had_peers: false,
         })
     }
 
-    pub(crate) fn listener(&self) -> &Listener {
-        &self.listener
+    /// The region's name.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its sockets.
+    pub(crate) fn sockets(&self) -> &[RegionSocket] {
+        &self.sockets
+    }
+
+    /// Adds a socket (already watched by the poller unless accepting is paused).
+    pub(crate) fn add_socket(&mut self, socket: RegionSocket, poller: &Poller) {
+        if !self.accept_paused {
+            if let Err(errno) = poller.add(socket.listener.fd(), Token::Listener(socket.key)) {
+                tracing::error!(region = %self.name, %errno, "cannot watch a socket");
+            }
+        }
+        self.sockets.push(socket);
+    }
+
+    /// Removes the socket with `key` (its file goes with it); peers that joined through it
+    /// stay. Returns it.
+    pub(crate) fn remove_socket(&mut self, key: usize, poller: &Poller) -> Option<RegionSocket> {
+        let at = self.sockets.iter().position(|s| s.key == key)?;
+        let socket = self.sockets.remove(at);
+        let _ = poller.remove(socket.listener.fd());
+        Some(socket)
+    }
+
+    /// Ids of the connected peers.
+    pub(crate) fn peer_ids(&self) -> Vec<u16> {
+        self.peers.keys().copied().collect()
+    }
+
+    /// Ids of the peers that joined through socket `key`.
+    pub(crate) fn peers_via(&self, key: usize) -> Vec<u16> {
+        self.via
+            .iter()
+            .filter(|(_, &k)| k == key)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    /// Whether the region admits no more peers.
+    pub(crate) fn is_full(&self) -> bool {
+        self.peers.len() >= self.peer_limit
+    }
+
+    /// Size in bytes.
+    pub(crate) fn size(&self) -> u64 {
+        self.memory.size()
     }
 
     pub(crate) fn peer_count(&self) -> usize {
@@ -128,10 +253,12 @@ impl Region {
     pub(crate) fn info(&self) -> RegionInfo {
         RegionInfo {
             name: self.name.clone(),
-            socket: self.listener.path().to_path_buf(),
+            socket: self.socket_path().to_path_buf(),
             size: self.memory.size(),
             vectors: self.vectors,
             memory: self.memory.description().to_string(),
+            peer_limit: self.peer_limit,
+            id_policy: self.id_policy,
         }
     }
 
@@ -139,8 +266,9 @@ impl Region {
     pub(crate) fn log_status(&self) {
         tracing::info!(
             region = %self.name,
-            socket = %self.listener.path().display(),
+            sockets = self.sockets.len(),
             peers = self.peers.len(),
+            origin = self.origin.as_str(),
             "{} of {}, {} vector(s) per peer",
             format_size(self.memory.size()),
             self.memory.description(),
@@ -151,18 +279,21 @@ impl Region {
         }
     }
 
-    /// Accepts every waiting connection.
-    pub(crate) fn accept_all(&mut self, ctx: &mut LoopContext<'_>) {
+    /// Accepts every waiting connection on socket `key`.
+    pub(crate) fn accept_all(&mut self, key: usize, ctx: &mut LoopContext<'_>) {
         if self.accept_paused {
             return;
         }
         loop {
-            match self.listener.accept() {
-                Ok(Some(socket)) => self.join(socket, ctx),
+            let Some(socket) = self.sockets.iter().find(|s| s.key == key) else {
+                return;
+            };
+            match socket.listener.accept() {
+                Ok(Some(connection)) => self.join(connection, key, ctx),
                 Ok(None) => return,
                 // `accept` needs a free fd before it even looks at the queue.
                 Err(e) if is_fd_exhaustion(e) => {
-                    if !self.refuse_for_lack_of_fds(e, ctx) {
+                    if !self.refuse_for_lack_of_fds(key, e, ctx) {
                         return;
                     }
                 }
@@ -177,8 +308,16 @@ impl Region {
     /// Out of fds at `accept`: accept a waiting connection into the reserve fd's slot and close
     /// it. Returns true if one was refused (there may be more). If even that is impossible,
     /// stops accepting until a peer leaves, so the loop does not spin on a readable listener.
-    fn refuse_for_lack_of_fds(&mut self, errno: Errno, ctx: &mut LoopContext<'_>) -> bool {
-        let listener = &self.listener;
+    fn refuse_for_lack_of_fds(
+        &mut self,
+        key: usize,
+        errno: Errno,
+        ctx: &mut LoopContext<'_>,
+    ) -> bool {
+        let Some(socket) = self.sockets.iter().find(|s| s.key == key) else {
+            return false;
+        };
+        let listener = &socket.listener;
         let stats = ctx.stats;
         // Counted before the close, so whoever sees the connection closed sees the count.
         let result = ctx.reserve.release_for(|| {
@@ -211,9 +350,10 @@ impl Region {
                     ctx.total_peers,
                     describe_soft_limit()
                 );
-                if ctx.poller.remove(self.listener.fd()).is_ok() {
-                    self.accept_paused = true;
+                for socket in &self.sockets {
+                    let _ = ctx.poller.remove(socket.listener.fd());
                 }
+                self.accept_paused = true;
                 false
             }
         }
@@ -226,21 +366,41 @@ impl Region {
 
     /// Watches the listener again after fds were freed.
     pub(crate) fn resume_accepting(&mut self, poller: &Poller) {
-        if self.accept_paused
-            && poller
-                .add(self.listener.fd(), Token::Listener(self.index))
-                .is_ok()
-        {
-            self.accept_paused = false;
-            tracing::info!(region = %self.name, "accepting new peers again");
+        if !self.accept_paused {
+            return;
         }
+        for socket in &self.sockets {
+            if let Err(errno) = poller.add(socket.listener.fd(), Token::Listener(socket.key)) {
+                tracing::error!(region = %self.name, %errno, "cannot watch a socket again");
+            }
+        }
+        self.accept_paused = false;
+        tracing::info!(region = %self.name, "accepting new peers again");
     }
 
     /// Gives a new connection an id, its eventfds and its handshake, and tells the others.
-    fn join(&mut self, socket: OwnedFd, ctx: &mut LoopContext<'_>) {
+    fn join(&mut self, socket: OwnedFd, key: usize, ctx: &mut LoopContext<'_>) {
+        if self.is_full() {
+            // Accepted and closed at once: the peer sees its connection closed before any
+            // message, as it would if the server were gone.
+            drop(socket);
+            ctx.stats.refused_with(GuestShmStatus::ClientMax);
+            tracing::warn!(
+                region = %self.name,
+                peers = self.peers.len(),
+                "refused a peer: the region has its limit of {} peer(s) ({})",
+                self.peer_limit,
+                GuestShmStatus::ClientMax
+            );
+            return;
+        }
         let peers = &self.peers;
-        let Some(id) = self.ids.allocate(|i| peers.contains_key(&i)) else {
-            tracing::error!(region = %self.name, "all 65536 peer ids are in use; refusing a new peer");
+        let allocated = match self.id_policy {
+            IdPolicy::Increasing => self.ids.allocate(|i| peers.contains_key(&i)),
+            IdPolicy::LowestFree => lowest_free(self.peer_limit, |i| peers.contains_key(&i)),
+        };
+        let Some(id) = allocated else {
+            tracing::error!(region = %self.name, "no free peer id; refusing a new peer");
             ctx.stats.refused();
             return;
         };
@@ -275,6 +435,10 @@ impl Region {
         for fd in &eventfds {
             queue.push_handshake(i64::from(id), Some(fd.clone()));
         }
+        // The others' doorbells to the new peer, its own, and its doorbells to every other.
+        let handed_out =
+            (self.peers.len() * self.vectors) + eventfds.len() * (self.peers.len() + 1);
+        ctx.stats.doorbell_fds(handed_out as u64);
 
         let serial = *ctx.next_serial;
         *ctx.next_serial += 1;
@@ -296,6 +460,8 @@ impl Region {
         }
         ctx.connections.insert(serial, (self.index, id));
         self.peers.insert(id, peer);
+        self.via.insert(id, key);
+        self.had_peers = true;
         ctx.stats.joined();
         tracing::info!(
             region = %self.name,
@@ -362,6 +528,7 @@ impl Region {
                 continue;
             };
             ctx.connections.remove(&peer.serial);
+            self.via.remove(&id);
             let _ = ctx.poller.remove(peer.socket());
             ctx.stats.removed(reason.is_drop());
             if reason.is_drop() {
@@ -379,8 +546,11 @@ impl Region {
         }
     }
 
-    /// The socket path.
+    /// The first socket's path (empty when it has none).
     pub(crate) fn socket_path(&self) -> &Path {
-        self.listener.path()
+        self.sockets
+            .first()
+            .map(|s| s.listener.path())
+            .unwrap_or(Path::new(""))
     }
 }

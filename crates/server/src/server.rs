@@ -1,6 +1,6 @@
 //! The server: its regions and the one epoll loop that serves them all.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,10 +9,13 @@ use rustix::event::epoll::{Event, EventFlags};
 use rustix::io::Errno;
 
 use crate::config::ServerConfig;
+use crate::endpoints::Endpoints;
 use crate::event_loop::{token_of, Poller, Token};
 use crate::limits::{raise_nofile_limit, ReserveFd};
+use crate::named::Origin;
 use crate::region::{LoopContext, Region, RegionInfo};
 use crate::stats::Stats;
+use crate::vm_dirs::Named;
 use crate::ServerError;
 
 /// What readiness of a control fd means.
@@ -22,6 +25,8 @@ pub enum ControlAction {
     Stop,
     /// Log every region and peer, then go on.
     LogStatus,
+    /// Re-read the configuration file (if the server has one), then log the status.
+    Reload,
 }
 
 /// A file descriptor the loop watches besides its sockets (a signal pipe, an eventfd).
@@ -41,38 +46,75 @@ pub struct Control<'a> {
 /// objects that are not to be kept.
 #[derive(Debug)]
 pub struct Server {
-    poller: Poller,
-    regions: Vec<Region>,
-    connections: HashMap<u64, (usize, u16)>,
+    pub(crate) poller: Poller,
+    /// Regions by index (indices are never reused).
+    pub(crate) regions: BTreeMap<usize, Region>,
+    next_region: usize,
+    /// Listener key → region index.
+    pub(crate) listener_owner: HashMap<usize, usize>,
+    next_listener: usize,
+    pub(crate) connections: HashMap<u64, (usize, u16)>,
     next_serial: u64,
-    reserve: ReserveFd,
-    stats: Arc<Stats>,
+    pub(crate) reserve: ReserveFd,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) max_queued_messages: usize,
+    /// VM directories, factories, control socket.
+    pub(crate) named: Option<Named>,
+    pub(crate) endpoints: Endpoints,
 }
 
 impl Server {
     /// Validates `config`, raises the fd limit, creates every region's memory and binds its
-    /// socket. When this returns, peers can connect (they are served once the loop runs).
+    /// sockets (VM directories, factories and the control socket too). When this returns,
+    /// peers can connect (they are served once the loop runs).
     pub fn new(config: ServerConfig) -> Result<Server, ServerError> {
         config.validate()?;
         let limit = raise_nofile_limit();
         tracing::debug!(soft = ?limit.soft, hard = ?limit.hard, "open file limit");
         let poller = Poller::new().map_err(ServerError::Epoll)?;
-        let mut regions = Vec::with_capacity(config.regions.len());
-        for (index, region) in config.regions.iter().enumerate() {
-            let region = Region::new(index, region, config.max_queued_messages)?;
-            poller
-                .add(region.listener().fd(), Token::Listener(index))
-                .map_err(ServerError::Epoll)?;
-            regions.push(region);
-        }
-        Ok(Server {
+        let mut server = Server {
             poller,
-            regions,
+            regions: BTreeMap::new(),
+            next_region: 0,
+            listener_owner: HashMap::new(),
+            next_listener: 0,
             connections: HashMap::new(),
             next_serial: 0,
             reserve: ReserveFd::new(),
             stats: Arc::new(Stats::default()),
-        })
+            max_queued_messages: config.max_queued_messages,
+            named: None,
+            endpoints: Endpoints::default(),
+        };
+        for region in &config.regions {
+            let index = server.allocate_region_index();
+            let key = server.allocate_listener_key(index);
+            let region = Region::new(index, region, config.max_queued_messages, key)?;
+            for socket in region.sockets() {
+                server
+                    .poller
+                    .add(socket.listener.fd(), Token::Listener(socket.key))
+                    .map_err(ServerError::Epoll)?;
+            }
+            server.regions.insert(index, region);
+        }
+        if let Some(named) = config.named {
+            server.setup_named(named)?;
+        }
+        Ok(server)
+    }
+
+    pub(crate) fn allocate_region_index(&mut self) -> usize {
+        let index = self.next_region;
+        self.next_region += 1;
+        index
+    }
+
+    pub(crate) fn allocate_listener_key(&mut self, region: usize) -> usize {
+        let key = self.next_listener;
+        self.next_listener += 1;
+        self.listener_owner.insert(key, region);
+        key
     }
 
     /// The live counters.
@@ -80,22 +122,23 @@ impl Server {
         self.stats.clone()
     }
 
-    /// The socket path of every region, in configuration order.
+    /// The socket path of every standalone region, in configuration order.
     pub fn socket_paths(&self) -> Vec<PathBuf> {
         self.regions
-            .iter()
+            .values()
+            .filter(|r| r.origin == Origin::Standalone)
             .map(|r| r.socket_path().to_path_buf())
             .collect()
     }
 
-    /// Facts about every region, in configuration order.
+    /// Facts about every region, in creation order.
     pub fn regions(&self) -> Vec<RegionInfo> {
-        self.regions.iter().map(Region::info).collect()
+        self.regions.values().map(Region::info).collect()
     }
 
     /// Peers connected now, over all regions.
     pub fn peer_count(&self) -> usize {
-        self.regions.iter().map(Region::peer_count).sum()
+        self.regions.values().map(Region::peer_count).sum()
     }
 
     /// Serves until a [`ControlAction::Stop`] control becomes readable. Peer misbehaviour never
@@ -118,6 +161,7 @@ impl Server {
         loop {
             self.poller.wait(&mut events).map_err(ServerError::Epoll)?;
             let removed_before = self.removed_count();
+            let mut touched: Vec<usize> = Vec::new();
             for event in &events {
                 let flags = event.flags;
                 match token_of(event) {
@@ -132,9 +176,16 @@ impl Server {
                                 return Ok(());
                             }
                             ControlAction::LogStatus => self.log_status(),
+                            ControlAction::Reload => {
+                                self.reload_and_log();
+                                self.log_status();
+                            }
                         }
                     }
-                    Some(Token::Listener(index)) => {
+                    Some(Token::Listener(key)) => {
+                        let Some(&index) = self.listener_owner.get(&key) else {
+                            continue;
+                        };
                         let total_peers = self.peer_count();
                         let mut ctx = LoopContext {
                             poller: &self.poller,
@@ -144,8 +195,8 @@ impl Server {
                             reserve: &mut self.reserve,
                             total_peers,
                         };
-                        if let Some(region) = self.regions.get_mut(index) {
-                            region.accept_all(&mut ctx);
+                        if let Some(region) = self.regions.get_mut(&index) {
+                            region.accept_all(key, &mut ctx);
                         }
                     }
                     Some(Token::Peer(serial)) => {
@@ -166,18 +217,52 @@ impl Server {
                             reserve: &mut self.reserve,
                             total_peers,
                         };
-                        if let Some(region) = self.regions.get_mut(index) {
+                        if let Some(region) = self.regions.get_mut(&index) {
                             region.on_peer_event(id, readable, writable, &mut ctx);
+                            touched.push(index);
                         }
                     }
+                    Some(Token::Aux(key)) => self.on_endpoint_event(key, flags),
                     None => tracing::debug!("event with an unknown token"),
                 }
             }
             // Peers that went away freed fds: listeners paused for lack of fds resume.
             if self.removed_count() != removed_before {
-                for region in self.regions.iter_mut().filter(|r| r.accept_paused()) {
+                for region in self.regions.values_mut().filter(|r| r.accept_paused()) {
                     region.resume_accepting(&self.poller);
                 }
+                for index in touched {
+                    self.reap(index);
+                }
+            }
+        }
+    }
+
+    /// Removes region `index` if it is empty and should not outlive its peers: detached ones,
+    /// and run-time ones that are not to persist once their last peer has left.
+    pub(crate) fn reap(&mut self, index: usize) {
+        let Some(region) = self.regions.get(&index) else {
+            return;
+        };
+        let runtime = matches!(region.origin, Origin::Factory | Origin::Control);
+        let goes = region.peer_count() == 0
+            && (region.detached || (runtime && !region.persist && region.had_peers));
+        if goes {
+            tracing::info!(
+                region = %region.name(),
+                "removing region {}: its last peer left",
+                region.name()
+            );
+            self.drop_region(index);
+        }
+    }
+
+    /// Drops region `index` now (its sockets go with it).
+    pub(crate) fn drop_region(&mut self, index: usize) {
+        if let Some(region) = self.regions.remove(&index) {
+            for socket in region.sockets() {
+                self.listener_owner.remove(&socket.key);
+                let _ = self.poller.remove(socket.listener.fd());
             }
         }
     }
@@ -198,7 +283,7 @@ impl Server {
             messages = s.messages_sent,
             "status"
         );
-        for region in &self.regions {
+        for region in self.regions.values() {
             region.log_status();
         }
     }

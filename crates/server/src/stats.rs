@@ -2,6 +2,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ivshm_policy::GuestShmStatus;
+
 /// Live counters (shared with [`ServerHandle`](crate::ServerHandle) through an `Arc`).
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -11,7 +13,14 @@ pub struct Stats {
     refused: AtomicU64,
     messages_sent: AtomicU64,
     connected: AtomicU64,
+    doorbell_fds: AtomicU64,
+    factory_requests: AtomicU64,
+    /// Refusals by `GSS_*` status, indexed by the status code.
+    refusals: [AtomicU64; REFUSAL_KINDS],
 }
+
+/// How many status codes refusals are counted by (`GSS_OK` through `GSS_DOES_NOT_EXIST`).
+pub const REFUSAL_KINDS: usize = GuestShmStatus::ALL.len();
 
 /// A copy of the counters at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -28,6 +37,24 @@ pub struct StatsSnapshot {
     pub messages_sent: u64,
     /// Peers connected now.
     pub peers_connected: u64,
+    /// Eventfds handed out (a peer's own and the other peers' doorbells).
+    pub doorbell_fds: u64,
+    /// Factory requests answered.
+    pub factory_requests: u64,
+    /// Refused v0 connections and factory requests, indexed by `GSS_*` code
+    /// ([`GuestShmStatus::as_u32`]). v0 connections refused at a region's peer limit count as
+    /// `GSS_CLIENT_MAX`, those refused for lack of fds or ids as `GSS_UNKNOWN_FAILURE`.
+    pub refusals: [u64; REFUSAL_KINDS],
+}
+
+impl StatsSnapshot {
+    /// Refusals with `status`.
+    pub fn refusals_with(&self, status: GuestShmStatus) -> u64 {
+        self.refusals
+            .get(status.as_u32() as usize)
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 impl Stats {
@@ -45,8 +72,32 @@ impl Stats {
         self.connected.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// A v0 connection refused for lack of fds or ids.
     pub(crate) fn refused(&self) {
+        self.refused_with(GuestShmStatus::UnknownFailure);
+    }
+
+    /// A v0 connection refused with `status`.
+    pub(crate) fn refused_with(&self, status: GuestShmStatus) {
         self.refused.fetch_add(1, Ordering::Relaxed);
+        self.refusal(status);
+    }
+
+    /// A refusal with `status` (v0 connection or factory request).
+    pub(crate) fn refusal(&self, status: GuestShmStatus) {
+        if let Some(counter) = self.refusals.get(status.as_u32() as usize) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn doorbell_fds(&self, n: u64) {
+        if n > 0 {
+            self.doorbell_fds.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn factory_request(&self) {
+        self.factory_requests.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn sent(&self, messages: u64) {
@@ -64,6 +115,9 @@ impl Stats {
             peers_refused: self.refused.load(Ordering::Relaxed),
             messages_sent: self.messages_sent.load(Ordering::Relaxed),
             peers_connected: self.connected.load(Ordering::Relaxed),
+            doorbell_fds: self.doorbell_fds.load(Ordering::Relaxed),
+            factory_requests: self.factory_requests.load(Ordering::Relaxed),
+            refusals: std::array::from_fn(|i| self.refusals[i].load(Ordering::Relaxed)),
         }
     }
 }

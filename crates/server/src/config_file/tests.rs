@@ -1,0 +1,165 @@
+use super::*;
+use ivshm_policy::GuestShmStatus;
+
+fn parse_ok(text: &str) -> NamedConfig {
+    parse(text, Path::new("test.toml")).unwrap().named.unwrap()
+}
+
+fn parse_err(text: &str) -> FileConfigError {
+    parse(text, Path::new("test.toml")).unwrap_err()
+}
+
+#[test]
+fn full_example_parses() {
+    let named = parse_ok(
+        r#"
+root = "/tmp/ivshm-root"
+control_mode = "0600"
+
+[defaults]
+vectors = 8
+pow2 = "off"
+dir_mode = 0o750
+socket_mode = "0660"
+
+[[region]]
+name = "shared"
+size = "1M"
+peer_limit = 2
+id_policy = "increasing"
+
+[vm.vm0]
+rules = ["deny pluto", "allow pluto*"]
+subst = ",guest0"
+create = [{ name = "mem", size = "0xf0000" }]
+
+[vm.vm1]
+qnx = """
+    subst ,guest1
+    create mem,0xf0000
+"""
+"#,
+    );
+    assert_eq!(named.root, PathBuf::from("/tmp/ivshm-root"));
+    assert_eq!(
+        named.control.as_ref().unwrap().path,
+        PathBuf::from("/tmp/ivshm-root/control.sock")
+    );
+    assert_eq!(named.defaults.vectors, 8);
+    assert_eq!(named.defaults.peer_limit, 16);
+    assert_eq!(named.defaults.id_policy, IdPolicy::LowestFree);
+    assert_eq!(named.defaults.pow2, Pow2Policy::Off);
+    assert_eq!(named.directory.dir_mode, 0o750);
+    assert_eq!(named.directory.socket_mode, 0o660);
+    assert_eq!(named.regions.len(), 1);
+    assert_eq!(named.regions[0].size, 1 << 20);
+    assert_eq!(named.regions[0].peer_limit, 2);
+    assert_eq!(named.regions[0].vectors, 8);
+    assert_eq!(named.regions[0].id_policy, IdPolicy::Increasing);
+    let vm0 = &named.vms[0];
+    assert_eq!(vm0.name.as_str(), "vm0");
+    assert_eq!(
+        vm0.policy.decide("pluto").status,
+        GuestShmStatus::NoPermission
+    );
+    assert_eq!(vm0.policy.decide("plutoplanet").status, GuestShmStatus::Ok);
+    assert_eq!(vm0.policy.pre_created()[0].0.as_str(), "guest0mem");
+    let vm1 = &named.vms[1];
+    assert_eq!(vm1.policy.pre_created()[0].0.as_str(), "guest1mem");
+    assert_eq!(vm1.policy.pre_created()[0].1, 0xf0000);
+    assert_eq!(named.source, Some(PathBuf::from("test.toml")));
+}
+
+#[test]
+fn toml_syntax_errors_name_file_and_line() {
+    let e = parse_err("root = \"/tmp\"\n\n[defaults]\nvectors = \n");
+    assert_eq!(e.path, PathBuf::from("test.toml"));
+    assert_eq!(e.line, Some(4));
+    let e = parse_err("root = \"/tmp\"\n[defaults]\ncolour = 1\n");
+    assert_eq!(e.line, Some(3));
+    assert!(e.message.contains("unknown field"), "{e}");
+    assert!(e.to_string().starts_with("test.toml:3: "), "{e}");
+}
+
+#[test]
+fn policy_field_errors_name_the_option_and_its_line() {
+    let e = parse_err("[vm.a]\nsubst = \",g\"\nrules = [\"allow x\", \"permit y\"]\n");
+    assert_eq!(e.line, Some(3));
+    assert_eq!(e.option.as_deref(), Some("vm.a.rules"));
+    assert!(e.message.contains("unknown keyword"), "{e}");
+    let e = parse_err("[vm.a]\nloc = 4096\n");
+    assert_eq!(e.line, Some(1));
+    assert!(e.message.contains("loc needs intr"), "{e}");
+    let e = parse_err("[vm.\"a/b\"]\n");
+    assert_eq!(e.line, Some(1));
+    assert!(e.message.contains("VM name"), "{e}");
+}
+
+#[test]
+fn qnx_block_errors_are_reported_at_their_file_line() {
+    let e = parse_err(
+        "root = \"/tmp\"\n\n[vm.q]\nqnx = \"\"\"\n    allow test*\n    bogus 1\n\"\"\"\n",
+    );
+    assert_eq!(e.line, Some(6), "{e}");
+    assert_eq!(e.option.as_deref(), Some("vm.q.qnx: bogus"));
+    // Without a newline after the opening quotes the block starts on the quotes' line.
+    let e = parse_err("[vm.q]\nqnx = \"\"\"allow a\ncreate x\n\"\"\"\n");
+    assert_eq!(e.line, Some(3), "{e}");
+    let e = parse_err("[vm.q]\nqnx = \"allow a\"\nsched = 3\n");
+    assert!(e.message.contains("excludes"), "{e}");
+}
+
+#[test]
+fn region_and_value_errors() {
+    let e = parse_err("[[region]]\nname = \"a\"\nsize = 0\n");
+    assert!(e.message.contains("size"), "{e}");
+    let e = parse_err("[[region]]\nname = \"../a\"\nsize = 1\n");
+    assert_eq!(e.line, Some(1));
+    let e = parse_err("[[region]]\nname = \"a\"\nsize = 1\nid_policy = \"random\"\n");
+    assert!(e.message.contains("id policy"), "{e}");
+    let e = parse_err("[[region]]\nname = \"a\"\nsize = 1\n[[region]]\nname = \"a\"\nsize = 2\n");
+    assert!(e.message.contains("twice"), "{e}");
+    let e = parse_err("[defaults]\nbackend = \"dir\"\n");
+    assert!(e.message.contains("needs dir"), "{e}");
+    let e = parse_err("[defaults]\ndir_mode = \"999\"\n");
+    assert!(e.message.contains("octal"), "{e}");
+    let e = parse_err("[defaults]\npeer_limit = 0\n");
+    assert!(e.message.contains("peer limit"), "{e}");
+}
+
+#[test]
+fn an_empty_file_is_a_server_with_no_vms() {
+    let named = parse_ok("");
+    assert_eq!(named.root, PathBuf::from(DEFAULT_ROOT));
+    assert!(named.vms.is_empty());
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+            let _ = parse(&text, Path::new("p.toml"));
+        }
+
+        #[test]
+        fn config_like_text_never_panics(
+            lines in proptest::collection::vec(
+                prop_oneof![
+                    Just("[vm.a]".to_string()),
+                    Just("[[region]]".to_string()),
+                    Just("[defaults]".to_string()),
+                    Just("qnx = \"\"\"".to_string()),
+                    Just("\"\"\"".to_string()),
+                    "[a-z_]{1,10} = (\"[ -~]{0,12}\"|[0-9]{1,12}|\\[\"[ -~]{0,10}\"\\])",
+                    "(allow|deny|create|subst|loc|intr|sched) [ -~]{0,12}",
+                ],
+                0..12,
+            )
+        ) {
+            let _ = parse(&lines.join("\n"), Path::new("p.toml"));
+        }
+    }
+}
