@@ -107,12 +107,13 @@ impl VmShared {
 /// A VM under test.
 pub struct TestVm {
     vm: Arc<VmFd>,
-    ram: Mapping,
     platform: Arc<Mutex<PciPlatform>>,
     router: Arc<KvmGsiRouter>,
     shared: Arc<VmShared>,
     vcpu: Option<VcpuFd>,
     thread: Option<JoinHandle<()>>,
+    /// Declared last: dropped after the vCPU stopped and this VM's handles on the VM fd.
+    ram: Mapping,
 }
 
 impl std::fmt::Debug for TestVm {
@@ -216,8 +217,9 @@ impl TestVm {
             memory_size: ram_size as u64,
             userspace_addr: ram.view().as_ptr() as u64,
         };
-        // SAFETY: `ram` is a live shared mapping of `ram_size` bytes owned by this TestVm,
-        // which drops the VM fd (in `vm`, declared first) before the mapping.
+        // SAFETY: `ram` is a live shared mapping of `ram_size` bytes owned by the TestVm; its
+        // Drop stops the vCPU before `ram` (the last field) is unmapped, so no guest access
+        // reaches the range afterwards (KVM itself tolerates unmapped slot memory).
         unsafe { vm.set_user_memory_region(region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
 
@@ -254,12 +256,12 @@ impl TestVm {
         let platform = Arc::new(Mutex::new(PciPlatform::new(vm.clone(), 1)));
         let tvm = TestVm {
             vm,
-            ram,
             platform,
             router,
             shared: Arc::new(VmShared::default()),
             vcpu: Some(vcpu),
             thread: None,
+            ram,
         };
         for (addr, bytes) in boot_image()? {
             tvm.write_ram(addr, &bytes)?;
