@@ -165,8 +165,9 @@ impl PciPlatform {
             userspace_addr: rb.mapping.view().as_ptr() as u64,
         };
         // SAFETY: the host range is a live MAP_SHARED mapping of at least `size` bytes
-        // (checked in add_device) owned by the Arc in `rb`, which the platform keeps for
-        // as long as the slot exists; KVM only accesses it on the guest's behalf.
+        // (checked in add_device), kept alive by the Arc in `rb` while the platform exists;
+        // the platform is only dropped after the vCPU stopped (TestVm::drop), so no guest
+        // access reaches the range after it is unmapped.
         unsafe { self.vm.set_user_memory_region(region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         rb.guest_addr = addr;
