@@ -12,6 +12,7 @@
 //! id_policy = "lowest-free"            # or "increasing" (QEMU's)
 //! backend = "memfd"                    # "memfd", "shm" (ivshm-<name>), "dir" (with dir = ...)
 //! pow2 = "round-up"                    # "round-up", "refuse", "off"
+//! max_size = "1G"                      # factory creates above this get GSS_NOMEM
 //! dir_mode = "0750"                    # VM directories
 //! socket_mode = "0660"                 # sockets in VM directories
 //! group = "kvm"                        # group of VM directories and sockets
@@ -165,6 +166,7 @@ impl Ctx<'_> {
                 )?
                 .unwrap_or_default(),
             pow2: d.pow2.map(|p| p.0).unwrap_or(Pow2Policy::RoundUp),
+            max_size: d.max_size.map_or(named.defaults.max_size, |s| s.0),
         };
         let directory = DirectoryConfig {
             dir_mode: d.dir_mode.map_or(named.directory.dir_mode, |m| m.0),
@@ -381,6 +383,7 @@ struct RawDefaults {
     dir: Option<PathBuf>,
     keep_shm: Option<bool>,
     pow2: Option<RawPow2>,
+    max_size: Option<RawSize>,
     dir_mode: Option<RawMode>,
     socket_mode: Option<RawMode>,
     owner: Option<u32>,

@@ -2,8 +2,8 @@
 //!
 //! Status codes: the policy gives `GSS_ILLEGAL_NAME` or `GSS_NO_PERMISSION`; `find` of a
 //! missing region (or `create` with size 0) is `GSS_DOES_NOT_EXIST`; a region at its peer limit
-//! is `GSS_CLIENT_MAX` (with the region's facts); memory that cannot be created is
-//! `GSS_NOMEM`; anything else (a socket that cannot be bound, an unparsable request) is
+//! is `GSS_CLIENT_MAX` (with the region's facts); a size above the configured `max_size` or
+//! memory that cannot be created is `GSS_NOMEM`; anything else (a socket that cannot be bound, an unparsable request) is
 //! `GSS_UNKNOWN_FAILURE`.
 
 use ivshm_policy::GuestShmStatus;
@@ -60,6 +60,15 @@ impl Server {
                     .as_ref()
                     .map(|n| n.config.defaults.clone())
                     .unwrap_or_default();
+                if size > defaults.max_size {
+                    return refusal(
+                        GuestShmStatus::NoMem,
+                        format!(
+                            "region {host_name}: {size} bytes is more than the {} bytes allowed",
+                            defaults.max_size
+                        ),
+                    );
+                }
                 let config = NamedRegionConfig::with_defaults(host_name.clone(), size, &defaults);
                 match self.create_named_region(&config, Origin::Factory) {
                     Ok(index) => {

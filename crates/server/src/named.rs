@@ -160,6 +160,9 @@ pub struct RegionDefaults {
     pub backend: NamedBackend,
     /// Power-of-two policy.
     pub pow2: Pow2Policy,
+    /// Largest size a factory `create` may ask for; larger requests get `GSS_NOMEM`.
+    /// Default: what a `guest_shm` size register can describe (2³² − 1 pages).
+    pub max_size: u64,
 }
 
 impl Default for RegionDefaults {
@@ -170,6 +173,7 @@ impl Default for RegionDefaults {
             id_policy: IdPolicy::LowestFree,
             backend: NamedBackend::Memfd,
             pow2: Pow2Policy::RoundUp,
+            max_size: ivshm_policy::guest_shm::MAX_REGION_BYTES,
         }
     }
 }

@@ -1,0 +1,584 @@
+//! Named regions through the factory, the control socket and the QEMU-facing v0 sockets of the
+//! per-VM directories, against an in-process server started from a TOML file.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{readable_now, ring, take, wait_readable, RawPeer, WAIT_LIMIT_SECS};
+use ivshm_policy::GuestShmStatus;
+use ivshm_proto::control::{ControlRequest, ControlResponse, ControlResult, CreateRegion};
+use ivshm_proto::factory::{decode_line, encode_line, FactoryRequest, FactoryResponse};
+use ivshm_server::{config_file, ServerHandle};
+
+const LIMIT: Duration = Duration::from_secs(WAIT_LIMIT_SECS as u64);
+
+/// A server started from a configuration file in a fresh directory.
+struct Setup {
+    root: PathBuf,
+    config: PathBuf,
+    server: Option<ServerHandle>,
+}
+
+impl Setup {
+    fn new(tag: &str, body: &str) -> Setup {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let base = std::env::temp_dir().join(format!("ivshm-nr-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let root = base.join("root");
+        let config = base.join("ivshm.toml");
+        let mut setup = Setup {
+            root,
+            config,
+            server: None,
+        };
+        setup.write_config(body);
+        let loaded = config_file::load(&setup.config).unwrap();
+        setup.server = Some(ServerHandle::spawn(loaded).unwrap());
+        setup
+    }
+
+    fn write_config(&self, body: &str) {
+        let text = format!("root = {:?}\n{body}", self.root.display().to_string());
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    fn vm_dir(&self, vm: &str) -> PathBuf {
+        self.root.join(vm)
+    }
+
+    /// Socket names in a VM's directory, sorted.
+    fn listing(&self, vm: &str) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.vm_dir(vm))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn factory(&self, vm: &str, request: &FactoryRequest) -> FactoryResponse {
+        let line = exchange(&self.vm_dir(vm).join("factory.sock"), &encode_line(request));
+        decode_line(&line).unwrap()
+    }
+
+    fn create(&self, vm: &str, name: &str, size: u64) -> FactoryResponse {
+        self.factory(
+            vm,
+            &FactoryRequest::Create {
+                name: name.into(),
+                size,
+            },
+        )
+    }
+
+    fn find(&self, vm: &str, name: &str) -> FactoryResponse {
+        self.factory(vm, &FactoryRequest::Find { name: name.into() })
+    }
+
+    fn control(&self, request: &ControlRequest) -> ControlResult {
+        let line = exchange(&self.root.join("control.sock"), &encode_line(request));
+        let response: ControlResponse = decode_line(&line).unwrap();
+        assert!(
+            response.ok,
+            "control {request:?} failed: {:?}",
+            response.error
+        );
+        assert_eq!(response.version, 1);
+        response.result.unwrap()
+    }
+
+    fn control_error(&self, request: &ControlRequest) -> String {
+        let line = exchange(&self.root.join("control.sock"), &encode_line(request));
+        let response: ControlResponse = decode_line(&line).unwrap();
+        assert!(!response.ok);
+        response.error.unwrap()
+    }
+
+    fn regions(&self) -> Vec<ivshm_proto::control::RegionReport> {
+        match self.control(&ControlRequest::Regions) {
+            ControlResult::Regions { regions } => regions,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn stats(&self) -> ivshm_proto::control::StatsReport {
+        match self.control(&ControlRequest::Stats) {
+            ControlResult::Stats { stats } => stats,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Polls the region list until `condition` holds (fails after the guard timeout).
+    fn wait_regions(
+        &self,
+        what: &str,
+        condition: impl Fn(&[ivshm_proto::control::RegionReport]) -> bool,
+    ) {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if condition(&self.regions()) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().unwrap();
+        }
+        if let Some(base) = self.config.parent() {
+            let _ = std::fs::remove_dir_all(base);
+        }
+    }
+}
+
+/// Writes one request line, reads one response line (with a timeout).
+fn exchange(socket: &Path, request: &[u8]) -> Vec<u8> {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream.set_read_timeout(Some(LIMIT)).unwrap();
+    stream.write_all(request).unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    reader.read_until(b'\n', &mut line).unwrap();
+    assert!(line.ends_with(b"\n"), "no response line: {line:?}");
+    line
+}
+
+fn status(response: &FactoryResponse) -> GuestShmStatus {
+    let s = GuestShmStatus::from_u32(response.code).unwrap();
+    assert_eq!(response.status, s.qnx_name());
+    assert_eq!(response.version, 1);
+    s
+}
+
+fn inode(fd: &OwnedFd) -> u64 {
+    rustix::fs::fstat(fd).unwrap().st_ino
+}
+
+#[test]
+fn the_seed_examples_decide_through_the_factory_and_the_directories() {
+    let setup = Setup::new(
+        "seed",
+        r#"
+[defaults]
+vectors = 1
+[[region]]
+name = "testing"
+size = 4096
+[[region]]
+name = "pluto"
+size = 4096
+[[region]]
+name = "plutoplanet"
+size = 4096
+[[region]]
+name = "livefeed"
+size = 4096
+[[region]]
+name = "mars"
+size = 4096
+[vm.first]
+rules = ["allow test*", "allow pluto"]
+[vm.second]
+qnx = """
+    deny live*
+    deny pluto
+"""
+[vm.third]
+qnx = "deny pluto allow pluto*"
+"#,
+    );
+    let expect = [
+        ("first", vec!["pluto", "testing"]),
+        ("second", vec!["mars", "plutoplanet", "testing"]),
+        ("third", vec!["plutoplanet"]),
+    ];
+    for (vm, visible) in expect {
+        let mut wanted: Vec<String> = visible.iter().map(|n| format!("{n}.sock")).collect();
+        wanted.push("factory.sock".into());
+        wanted.sort();
+        assert_eq!(setup.listing(vm), wanted, "directory of {vm}");
+        for name in ["testing", "pluto", "plutoplanet", "livefeed", "mars"] {
+            let response = setup.find(vm, name);
+            let allowed = visible.contains(&name);
+            let expected = if allowed {
+                GuestShmStatus::Ok
+            } else {
+                GuestShmStatus::NoPermission
+            };
+            assert_eq!(
+                status(&response),
+                expected,
+                "{vm} finds {name}: {response:?}"
+            );
+            if allowed {
+                let offer = response.region.unwrap();
+                assert_eq!(
+                    PathBuf::from(&offer.socket),
+                    setup.vm_dir(vm).join(format!("{name}.sock"))
+                );
+                // The socket is a working v0 socket of that region.
+                let mut peer = RawPeer::connect(Path::new(&offer.socket));
+                let joined = peer.handshake(1, &[]);
+                assert_eq!(rustix::fs::fstat(&joined.shm).unwrap().st_size, 4096);
+            }
+        }
+    }
+}
+
+#[test]
+fn every_status_code_through_the_factory_and_the_v0_sockets() {
+    let setup = Setup::new(
+        "codes",
+        r#"
+[defaults]
+vectors = 1
+max_size = "64M"
+[[region]]
+name = "small"
+size = 4096
+peer_limit = 2
+[vm.vm0]
+rules = ["deny secret*", "allow *"]
+"#,
+    );
+    // GSS_OK: create decides the size (rounded up to a power of two for QEMU's BAR) ...
+    let created = setup.create("vm0", "fresh", 983040);
+    assert_eq!(status(&created), GuestShmStatus::Ok, "{created:?}");
+    let offer = created.region.unwrap();
+    assert_eq!(offer.size, 1 << 20);
+    assert_eq!(offer.host_name, "fresh");
+    assert_eq!(offer.vectors, 1);
+    assert_eq!(offer.peer_limit, 16);
+    assert_eq!(offer.id_policy, "lowest-free");
+    assert!(setup.vm_dir("vm0").join("fresh.sock").exists());
+    // ... and a later create with another size attaches and gets the actual size.
+    let again = setup.create("vm0", "fresh", 4096);
+    assert_eq!(status(&again), GuestShmStatus::Ok);
+    assert_eq!(again.region.unwrap().size, 1 << 20);
+
+    assert_eq!(
+        status(&setup.create("vm0", "a/b", 4096)),
+        GuestShmStatus::IllegalName
+    );
+    assert_eq!(
+        status(&setup.create("vm0", &"x".repeat(32), 4096)),
+        GuestShmStatus::IllegalName
+    );
+    assert_eq!(
+        status(&setup.create("vm0", "secret-plans", 4096)),
+        GuestShmStatus::NoPermission
+    );
+    assert!(!setup.vm_dir("vm0").join("secret-plans.sock").exists());
+    assert_eq!(
+        status(&setup.find("vm0", "nothing")),
+        GuestShmStatus::DoesNotExist
+    );
+    assert_eq!(
+        status(&setup.create("vm0", "nothing", 0)),
+        GuestShmStatus::DoesNotExist
+    );
+    assert_eq!(
+        status(&setup.create("vm0", "huge", 128 << 20)),
+        GuestShmStatus::NoMem
+    );
+    assert!(!setup.vm_dir("vm0").join("huge.sock").exists());
+    let garbage = exchange(&setup.vm_dir("vm0").join("factory.sock"), b"not json\n");
+    let garbage: FactoryResponse = decode_line(&garbage).unwrap();
+    assert_eq!(status(&garbage), GuestShmStatus::UnknownFailure);
+
+    // GSS_CLIENT_MAX: through the factory and on the v0 socket.
+    let socket = setup.vm_dir("vm0").join("small.sock");
+    let mut a = RawPeer::connect(&socket);
+    let a_joined = a.handshake(1, &[]);
+    assert_eq!(a_joined.id, 0);
+    let mut b = RawPeer::connect(&socket);
+    let b_joined = b.handshake(1, &[0]);
+    assert_eq!(b_joined.id, 1);
+    a.expect_join(1, 1);
+    let full = setup.find("vm0", "small");
+    assert_eq!(status(&full), GuestShmStatus::ClientMax);
+    assert_eq!(full.region.unwrap().peers, 2);
+    let mut refused = RawPeer::connect(&socket);
+    assert_eq!(refused.expect_closed(), 0, "a refused peer gets no message");
+    // The two members are undisturbed.
+    assert!(!readable_now(a.sock.as_fd()));
+    ring(&b_joined.peers[&0][0]);
+    wait_readable(a_joined.own[0].as_fd());
+    assert_eq!(take(&a_joined.own[0]), 1);
+    // lowest-free: after peer 0 leaves, the next peer is 0 again.
+    drop(a);
+    b.expect_leave(0);
+    let mut c = RawPeer::connect(&socket);
+    assert_eq!(c.handshake(1, &[1]).id, 0);
+
+    let stats = setup.stats();
+    assert_eq!(stats.refusals["GSS_CLIENT_MAX"], 2, "{stats:?}");
+    assert_eq!(stats.refusals["GSS_ILLEGAL_NAME"], 2);
+    assert_eq!(stats.refusals["GSS_NO_PERMISSION"], 1);
+    assert_eq!(stats.refusals["GSS_DOES_NOT_EXIST"], 2);
+    assert_eq!(stats.refusals["GSS_NOMEM"], 1);
+    assert_eq!(stats.refusals["GSS_UNKNOWN_FAILURE"], 1);
+    assert_eq!(stats.factory_requests, 10);
+    assert_eq!(stats.joins, 3);
+    assert_eq!(stats.leaves, 1);
+    // a: own 1; b: a's 1 + own 1, and its 1 to a; c: b's 1 + own 1, and its 1 to b.
+    assert_eq!(stats.doorbell_fds, 1 + 3 + 3);
+}
+
+#[test]
+fn two_vms_with_subst_share_a_guest_name_but_not_a_region() {
+    let setup = Setup::new(
+        "subst",
+        r#"
+[defaults]
+vectors = 2
+[vm.vm0]
+qnx = """
+    subst ,guest0
+    create mem,0xf0000
+"""
+[vm.vm1]
+qnx = """
+    subst ,guest1
+    create mem,0xf0000
+"""
+[vm.other]
+rules = ["allow other*"]
+[vm.monitor]
+rules = ["allow guest*"]
+"#,
+    );
+    assert_eq!(setup.listing("vm0"), ["factory.sock", "mem.sock"]);
+    assert_eq!(setup.listing("vm1"), ["factory.sock", "mem.sock"]);
+    assert_eq!(setup.listing("other"), ["factory.sock"]);
+    assert_eq!(
+        setup.listing("monitor"),
+        ["factory.sock", "guest0mem.sock", "guest1mem.sock"]
+    );
+    let found = setup.find("vm0", "mem");
+    assert_eq!(status(&found), GuestShmStatus::Ok);
+    let offer = found.region.unwrap();
+    assert_eq!(offer.host_name, "guest0mem");
+    assert_eq!(offer.size, 1 << 20);
+    assert_eq!(
+        setup.find("vm1", "mem").region.unwrap().host_name,
+        "guest1mem"
+    );
+    assert_eq!(
+        status(&setup.find("other", "guest0mem")),
+        GuestShmStatus::NoPermission
+    );
+
+    let mut p0 = RawPeer::connect(&setup.vm_dir("vm0").join("mem.sock"));
+    let j0 = p0.handshake(2, &[]);
+    let mut p1 = RawPeer::connect(&setup.vm_dir("vm1").join("mem.sock"));
+    let j1 = p1.handshake(2, &[]);
+    assert_ne!(
+        inode(&j0.shm),
+        inode(&j1.shm),
+        "same guest name, different regions"
+    );
+    // The monitor joins vm0's region: it sees vm0's peer and shares its memory and doorbells.
+    let mut m = RawPeer::connect(&setup.vm_dir("monitor").join("guest0mem.sock"));
+    let jm = m.handshake(2, &[0]);
+    assert_eq!(inode(&jm.shm), inode(&j0.shm));
+    p0.expect_join(jm.id, 2);
+    ring(&jm.peers[&0][1]);
+    wait_readable(j0.own[1].as_fd());
+    assert_eq!(take(&j0.own[1]), 1);
+    assert!(!readable_now(j1.own[1].as_fd()));
+
+    let vms = match setup.control(&ControlRequest::Vms) {
+        ControlResult::Vms { vms } => vms,
+        other => panic!("{other:?}"),
+    };
+    let monitor = vms.iter().find(|v| v.name == "monitor").unwrap();
+    let guest0 = monitor
+        .regions
+        .iter()
+        .find(|r| r.host_name == "guest0mem")
+        .unwrap();
+    assert_eq!(guest0.guest_name, "guest0mem");
+    assert_eq!(guest0.peers, vec![jm.id]);
+    let vm0 = vms.iter().find(|v| v.name == "vm0").unwrap();
+    assert_eq!(vm0.regions[0].guest_name, "mem");
+    assert_eq!(vm0.regions[0].peers, vec![0]);
+}
+
+#[test]
+fn run_time_regions_go_with_their_last_peer_unless_they_persist() {
+    let setup = Setup::new(
+        "lifetime",
+        r#"
+[defaults]
+vectors = 1
+dir_mode = "0710"
+[vm.vm0]
+"#,
+    );
+    let mode = std::fs::metadata(setup.vm_dir("vm0"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o710);
+    let control_mode = std::fs::symlink_metadata(setup.root.join("control.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(control_mode & 0o777, 0o600);
+
+    // Factory-made: removed when its last peer leaves.
+    assert_eq!(
+        status(&setup.create("vm0", "scratch", 4096)),
+        GuestShmStatus::Ok
+    );
+    let socket = setup.vm_dir("vm0").join("scratch.sock");
+    let mut p = RawPeer::connect(&socket);
+    p.handshake(1, &[]);
+    drop(p);
+    setup.wait_regions("scratch to go", |r| r.iter().all(|r| r.name != "scratch"));
+    assert!(!socket.exists());
+
+    // Control-made with persist: stays.
+    let created = setup.control(&ControlRequest::Create(CreateRegion {
+        name: "kept".into(),
+        size: 8192,
+        persist: true,
+        peer_limit: Some(4),
+        id_policy: Some("increasing".into()),
+        ..CreateRegion::default()
+    }));
+    let ControlResult::Created { region } = created else {
+        panic!("{created:?}")
+    };
+    assert_eq!(
+        (region.size, region.peer_limit, region.origin.as_str()),
+        (8192, 4, "control")
+    );
+    let kept = setup.vm_dir("vm0").join("kept.sock");
+    let mut p = RawPeer::connect(&kept);
+    p.handshake(1, &[]);
+    drop(p);
+    setup.wait_regions("the leave", |r| {
+        r.iter().any(|r| r.name == "kept" && r.peers.is_empty())
+    });
+    assert!(kept.exists());
+    assert!(setup
+        .control_error(&ControlRequest::Create(CreateRegion {
+            name: "kept".into(),
+            size: 1,
+            ..CreateRegion::default()
+        }))
+        .contains("exists"));
+
+    // Removing a region with a peer: the socket goes now, the region when the peer leaves.
+    let mut p = RawPeer::connect(&kept);
+    p.handshake(1, &[]);
+    let removed = setup.control(&ControlRequest::Remove {
+        name: "kept".into(),
+    });
+    let ControlResult::Removed { message } = removed else {
+        panic!("{removed:?}")
+    };
+    assert!(
+        message.contains("stays until its 1 connected peer(s)"),
+        "{message}"
+    );
+    assert!(!kept.exists());
+    assert!(setup
+        .regions()
+        .iter()
+        .any(|r| r.name == "kept" && r.detached));
+    drop(p);
+    setup.wait_regions("kept to go", |r| r.iter().all(|r| r.name != "kept"));
+    assert!(setup
+        .control_error(&ControlRequest::Remove {
+            name: "kept".into()
+        })
+        .contains("no region"));
+}
+
+#[test]
+fn reload_keeps_connected_peers_and_says_what_it_does() {
+    let setup = Setup::new(
+        "reload",
+        r#"
+[defaults]
+vectors = 1
+[vm.vm0]
+subst = ",guest0"
+create = [{ name = "mem", size = 4096 }, { name = "log", size = 4096 }]
+"#,
+    );
+    assert_eq!(
+        setup.listing("vm0"),
+        ["factory.sock", "log.sock", "mem.sock"]
+    );
+    let mut mem_peer = RawPeer::connect(&setup.vm_dir("vm0").join("mem.sock"));
+    let mem_joined = mem_peer.handshake(1, &[]);
+    let mut log_peer = RawPeer::connect(&setup.vm_dir("vm0").join("log.sock"));
+    log_peer.handshake(1, &[]);
+
+    // vm0 may no longer use mem; log is no longer configured; vm1 is new.
+    setup.write_config(
+        r#"
+[defaults]
+vectors = 1
+[vm.vm0]
+subst = ",guest0"
+rules = ["deny mem"]
+create = [{ name = "mem", size = 4096 }]
+[vm.vm1]
+"#,
+    );
+    let reloaded = setup.control(&ControlRequest::Reload);
+    let ControlResult::Reloaded { changes } = reloaded else {
+        panic!("{reloaded:?}")
+    };
+    let all = changes.join("\n");
+    assert!(all.contains("VM vm1 added"), "{all}");
+    assert!(
+        all.contains("region guest0log removed from every VM directory"),
+        "{all}"
+    );
+    assert!(all.contains("stay connected"), "{all}");
+    assert_eq!(setup.listing("vm0"), ["factory.sock"]);
+    // vm1 has no subst and no rules: it sees the host names.
+    assert_eq!(setup.listing("vm1"), ["factory.sock", "guest0mem.sock"]);
+
+    // The connected peers were not dropped: a new peer through vm1 meets the mem peer.
+    let mut newcomer = RawPeer::connect(&setup.vm_dir("vm1").join("guest0mem.sock"));
+    let joined = newcomer.handshake(1, &[mem_joined.id]);
+    mem_peer.expect_join(joined.id, 1);
+    ring(&joined.peers[&mem_joined.id][0]);
+    wait_readable(mem_joined.own[0].as_fd());
+    assert!(setup
+        .regions()
+        .iter()
+        .any(|r| r.name == "guest0log" && r.detached && r.peers.len() == 1));
+    drop(log_peer);
+    setup.wait_regions("guest0log to go", |r| {
+        r.iter().all(|r| r.name != "guest0log")
+    });
+
+    // A broken file changes nothing.
+    setup.write_config("[vm.vm0]\nrules = [\"permit x\"]\n");
+    assert!(setup
+        .control_error(&ControlRequest::Reload)
+        .contains("unknown keyword"));
+    assert_eq!(setup.listing("vm1"), ["factory.sock", "guest0mem.sock"]);
+}
