@@ -3,19 +3,12 @@
 //! see each other attach and detach (interrupt on every status change, observed by the
 //! guest's own handler), and get the policy's and the registry's status codes.
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ivshm_policy::{GuestShmStatus, VmPolicy};
-use ivshm_proto::factory::{
-    decode_line, encode_line, FactoryRequest, FactoryResponse, RegionOffer,
-};
-use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
+use ivshm_server::{config_file, ServerHandle};
 use ivshm_vmm::guest_shm::{Factory, GuestShmMode, LocalRegionRegistry, ServerFactory};
 use ivshm_vmm::testvmm::asm::{Asm, Cond, Reg};
 use ivshm_vmm::testvmm::guest::{GuestOps, PROGRAM_BASE};
@@ -217,122 +210,110 @@ fn qnx_flow_between_two_vms() {
     );
 }
 
-/// A stand-in for the server's factory endpoint (not built yet): answers the factory
-/// protocol on `factory.sock` per VM, applying the VM's policy, and offers regions served
-/// by real in-process `ivshm-server`s with 16 vectors (one per possible sender).
-struct FakeFactoryServer {
-    regions: Arc<Mutex<HashMap<String, ServerHandle>>>,
-    dir: PathBuf,
+/// The real server with named regions: VM directories `vm0` (denies "secret*") and `vm1`,
+/// each with its `factory.sock`; regions default to 16 vectors, 16 peers, lowest-free ids.
+struct NamedServer {
+    base: PathBuf,
+    server: Option<ServerHandle>,
 }
 
-impl FakeFactoryServer {
-    fn new(dir: PathBuf) -> FakeFactoryServer {
-        FakeFactoryServer {
-            regions: Arc::default(),
-            dir,
+impl NamedServer {
+    fn start(tag: &str) -> NamedServer {
+        let base = std::env::temp_dir().join(format!("ivshm-vmm-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let root = base.join("root");
+        let text = format!(
+            "root = {:?}\n[vm.vm0]\nrules = [\"deny secret*\", \"allow *\"]\n[vm.vm1]\n",
+            root.display().to_string()
+        );
+        let path = base.join("ivshm.toml");
+        std::fs::write(&path, &text).unwrap();
+        let config = config_file::parse(&text, &path).unwrap();
+        NamedServer {
+            server: Some(ServerHandle::spawn(config).unwrap()),
+            base,
         }
     }
 
-    /// Serves one VM's factory socket with `policy`; returns its path.
-    fn serve_vm(&self, vm: &str, policy: VmPolicy) -> PathBuf {
-        let path = self.dir.join(format!("{vm}-factory.sock"));
-        let listener = UnixListener::bind(&path).unwrap();
-        let regions = self.regions.clone();
-        let dir = self.dir.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { return };
-                let mut line = Vec::new();
-                if BufReader::new(&stream)
-                    .read_until(b'\n', &mut line)
-                    .is_err()
-                {
-                    continue;
-                }
-                let response = match decode_line::<FactoryRequest>(&line) {
-                    Ok(request) => answer(&regions, &dir, &policy, request),
-                    Err(_) => reply(GuestShmStatus::UnknownFailure, None),
-                };
-                let _ = (&stream).write_all(&encode_line(&response));
-            }
-        });
-        path
+    fn factory(&self, vm: &str) -> ServerFactory {
+        ServerFactory::new(
+            self.base.join("root").join(vm).join("factory.sock"),
+            TIMEOUT,
+        )
     }
 }
 
-fn reply(status: GuestShmStatus, region: Option<RegionOffer>) -> FactoryResponse {
-    FactoryResponse {
-        version: ivshm_proto::factory::VERSION,
-        status: status.qnx_name().into(),
-        code: status.as_u32(),
-        message: String::new(),
-        region,
+impl Drop for NamedServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            let _ = s.shutdown();
+        }
+        let _ = std::fs::remove_dir_all(&self.base);
     }
 }
 
-fn answer(
-    regions: &Mutex<HashMap<String, ServerHandle>>,
-    dir: &std::path::Path,
-    policy: &VmPolicy,
-    request: FactoryRequest,
-) -> FactoryResponse {
-    let (name, create_size) = match request {
-        FactoryRequest::Create { name, size } => (name, Some(size)),
-        FactoryRequest::Find { name } => (name, None),
-    };
-    let decision = policy.decide(&name);
-    let Some(host) = decision
-        .host_name
-        .filter(|_| decision.status == GuestShmStatus::Ok)
-    else {
-        return reply(decision.status, None);
-    };
-    let mut regions = regions.lock().unwrap();
-    if !regions.contains_key(host.as_str()) {
-        let Some(size) = create_size else {
-            return reply(GuestShmStatus::DoesNotExist, None);
-        };
-        let mut region = RegionConfig::new(dir.join(format!("{}.sock", host.as_str())));
-        region.vectors = 16;
-        region.memory.size = size;
-        regions.insert(
-            host.as_str().to_owned(),
-            ServerHandle::spawn(ServerConfig::single(region)).unwrap(),
-        );
-    }
-    let server = &regions[host.as_str()];
-    let info = &server.regions()[0];
-    let offer = RegionOffer {
-        guest_name: name,
-        host_name: host.as_str().to_owned(),
-        size: info.size,
-        vectors: 16,
-        peer_limit: 16,
-        id_policy: "increasing".into(),
-        peers: 0,
-        socket: info.socket.display().to_string(),
-    };
-    reply(GuestShmStatus::Ok, Some(offer))
-}
-
-/// The same flow with `ServerFactory`: the factory protocol, then v0 peers on a real
-/// `ivshm-server` region (notifications are doorbells on vector = sender's index).
+/// The same flow with `ServerFactory` against `ivshm-server`'s factory sockets: the server
+/// applies each VM's policy, the connections are v0 peers on the region (notifications are
+/// doorbells on vector = sender's index).
 #[test]
-fn qnx_flow_through_the_factory_protocol_and_v0_server() {
-    if !kvm_or_skip("qnx_flow_through_the_factory_protocol_and_v0_server") {
+fn qnx_flow_through_the_servers_factory() {
+    if !kvm_or_skip("qnx_flow_through_the_servers_factory") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("ivshm-vmm-gs-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let fake = FakeFactoryServer::new(dir.clone());
-    let sock_a = fake.serve_vm("vm0", policy("vdev shmem\n deny secret*"));
-    let sock_b = fake.serve_vm("vm1", policy("vdev shmem"));
+    let server = NamedServer::start("gs-flow");
     qnx_flow(
-        Box::new(ServerFactory::new(sock_a, TIMEOUT)),
-        Box::new(ServerFactory::new(sock_b, TIMEOUT)),
+        Box::new(server.factory("vm0")),
+        Box::new(server.factory("vm1")),
     );
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Through the server's factory: 16 connections fill a region, the 17th gets
+/// `GSS_CLIENT_MAX`; a missing region `GSS_DOES_NOT_EXIST`; a denied name
+/// `GSS_NO_PERMISSION`; after one detach the freed index is reused.
+#[test]
+fn server_factory_status_codes_and_lowest_free_index() {
+    let server = NamedServer::start("gs-codes");
+    let mut f = server.factory("vm1");
+    let irq = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+    let field = |s: &str| {
+        let mut n = [0u8; 32];
+        n[..s.len()].copy_from_slice(s.as_bytes());
+        n
+    };
+    let mut held: Vec<_> = (0..16)
+        .map(|_| f.create_or_attach(&field("full"), 1, irq.as_fd()).unwrap())
+        .collect();
+    let idx: Vec<u32> = held.iter().map(|a| a.connection.idx()).collect();
+    assert_eq!(idx, (0..16).collect::<Vec<u32>>());
+    let code =
+        |r: Result<ivshm_vmm::guest_shm::Attachment, GuestShmStatus>| r.map(|_| ()).unwrap_err();
+    assert_eq!(
+        code(f.create_or_attach(&field("full"), 1, irq.as_fd())),
+        GuestShmStatus::ClientMax
+    );
+    assert_eq!(
+        code(f.find(&field("nothere"), irq.as_fd())),
+        GuestShmStatus::DoesNotExist
+    );
+    let mut vm0 = server.factory("vm0");
+    assert_eq!(
+        code(vm0.create_or_attach(&field("secret"), 1, irq.as_fd())),
+        GuestShmStatus::NoPermission
+    );
+    // Free index 5; the next attach gets it.
+    held[5].connection.detach();
+    let deadline = Instant::now() + TIMEOUT;
+    let again = loop {
+        match f.find(&field("full"), irq.as_fd()) {
+            Ok(a) => break a,
+            Err(GuestShmStatus::ClientMax) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("find after detach: {e:?}"),
+        }
+    };
+    assert_eq!(again.connection.idx(), 5);
 }
 
 /// MMIO mode (factory page at `loc`): a 17th client gets GSS_CLIENT_MAX, a find of a
