@@ -9,7 +9,11 @@ mod logging;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "ivshm", version, about = "Inter-VM shared memory: server, host peer and guest tools")]
+#[command(
+    name = "ivshm",
+    version,
+    about = "Inter-VM shared memory: server, host peer and guest tools"
+)]
 struct Cli {
     /// More log output (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -34,6 +38,8 @@ enum Command {
     /// Check region-access policy offline.
     #[command(subcommand)]
     Policy(cmd::policy::PolicyCommand),
+    #[command(flatten)]
+    Control(cmd::control::ControlCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +51,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(c) => cmd::bench::run(c),
         Command::Guest(c) => cmd::guest::run(c),
         Command::Policy(c) => cmd::policy::run(c),
+        Command::Control(c) => cmd::control::run(c),
     }
 }

@@ -1,6 +1,7 @@
 //! One module per group of subcommands.
 
 pub mod bench;
+pub mod control;
 pub mod guest;
 pub mod host;
 pub mod policy;

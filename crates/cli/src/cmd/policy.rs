@@ -1,14 +1,156 @@
-//! `ivshm policy` subcommands (placeholder until implemented).
+//! `ivshm policy check`: what a VM's policy says about a region name, offline.
 
-use clap::Subcommand;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use ivshm_policy::GuestShmStatus;
 
 #[derive(Subcommand, Debug)]
 pub enum PolicyCommand {
-    /// Placeholder.
-    #[command(name = "policy-placeholder", hide = true)]
-    Placeholder,
+    /// Print the decision for NAME in VM's policy: allow/deny, the host name after subst, the
+    /// rule that decided, and the status a factory create would get (policy only). Exit status
+    /// 0 for GSS_OK, 10 + the status code otherwise (14 GSS_ILLEGAL_NAME, 15 GSS_NO_PERMISSION).
+    Check(CheckArgs),
 }
 
-pub fn run(_c: PolicyCommand) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// The server's configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// The VM (a `[vm.NAME]` table).
+    #[arg(long)]
+    pub vm: String,
+    /// The region name as the guest asks for it.
+    pub name: String,
+}
+
+/// Exit status for a refused name: 10 + the `GSS_*` code.
+pub fn exit_status(status: GuestShmStatus) -> i32 {
+    if status.is_ok() {
+        0
+    } else {
+        10 + status.as_u32() as i32
+    }
+}
+
+pub fn run(c: PolicyCommand) -> anyhow::Result<()> {
+    match c {
+        PolicyCommand::Check(args) => {
+            let (text, status) = check(&args)?;
+            print!("{text}");
+            let code = exit_status(status);
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The report `ivshm policy check` prints, and the status.
+pub fn check(args: &CheckArgs) -> anyhow::Result<(String, GuestShmStatus)> {
+    let config = ivshm_server::config_file::load(&args.config)?;
+    let named = config.named.context("the configuration has no VMs")?;
+    let vm = named
+        .vms
+        .iter()
+        .find(|v| v.name.as_str() == args.vm)
+        .with_context(|| {
+            let known: Vec<&str> = named.vms.iter().map(|v| v.name.as_str()).collect();
+            format!(
+                "no VM {:?} in {} (VMs: {})",
+                args.vm,
+                args.config.display(),
+                known.join(", ")
+            )
+        })?;
+    let decision = vm.policy.decide(&args.name);
+    let mut out = String::new();
+    let verdict = if decision.is_allowed() {
+        "allow"
+    } else if decision.status == GuestShmStatus::NoPermission {
+        "deny"
+    } else {
+        "illegal"
+    };
+    out.push_str(&format!("vm: {}\n", vm.name));
+    out.push_str(&format!("name: {}\n", decision.guest_name));
+    out.push_str(&format!("decision: {verdict}\n"));
+    match &decision.host_name {
+        Some(host) => out.push_str(&format!("host name: {host}\n")),
+        None => out.push_str("host name: -\n"),
+    }
+    match (&decision.rule, &decision.name_error) {
+        (_, Some(error)) => out.push_str(&format!("reason: {error}\n")),
+        (Some(rule), None) => out.push_str(&format!("rule: {rule}\n")),
+        (None, None) => {}
+    }
+    out.push_str(&format!(
+        "status: {} ({})\n",
+        decision.status,
+        decision.status.as_u32()
+    ));
+    Ok((out, decision.status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(tag: &str, body: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "ivshm-policy-check-{tag}-{}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+
+    fn run_check(path: &std::path::Path, vm: &str, name: &str) -> (String, GuestShmStatus) {
+        check(&CheckArgs {
+            config: path.to_path_buf(),
+            vm: vm.into(),
+            name: name.into(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn reports_decision_host_name_rule_and_status() {
+        let path = config(
+            "report",
+            "[vm.vm0]\nrules = [\"deny pluto\", \"allow pluto*\"]\nsubst = \",guest0\"\n",
+        );
+        let (text, status) = run_check(&path, "vm0", "plutoplanet");
+        assert_eq!(status, GuestShmStatus::Ok);
+        assert_eq!(
+            text,
+            "vm: vm0\nname: plutoplanet\ndecision: allow\nhost name: guest0plutoplanet\n\
+             rule: rule 2: allow pluto*\nstatus: GSS_OK (0)\n"
+        );
+        let (text, status) = run_check(&path, "vm0", "pluto");
+        assert_eq!(status, GuestShmStatus::NoPermission);
+        assert!(text.contains("decision: deny\n"), "{text}");
+        assert!(text.contains("rule: rule 1: deny pluto\n"), "{text}");
+        assert!(text.ends_with("status: GSS_NO_PERMISSION (5)\n"), "{text}");
+        let (text, status) = run_check(&path, "vm0", "a/b");
+        assert_eq!(status, GuestShmStatus::IllegalName);
+        assert!(
+            text.contains("decision: illegal\nhost name: -\nreason: guest name:"),
+            "{text}"
+        );
+        assert_eq!(exit_status(GuestShmStatus::Ok), 0);
+        assert_eq!(exit_status(GuestShmStatus::IllegalName), 14);
+        assert_eq!(exit_status(GuestShmStatus::NoPermission), 15);
+        let err = check(&CheckArgs {
+            config: path.clone(),
+            vm: "nope".into(),
+            name: "x".into(),
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("VMs: vm0"), "{err}");
+        std::fs::remove_file(path).unwrap();
+    }
 }

@@ -32,8 +32,26 @@ pub enum Pow2Choice {
     Off,
 }
 
+/// Flags of the single-region mode, which `--config` replaces.
+const FLAG_MODE_OPTIONS: [&str; 10] = [
+    "socket",
+    "size",
+    "vectors",
+    "backend",
+    "shm_name",
+    "dir",
+    "keep_shm",
+    "socket_mode",
+    "socket_group",
+    "pow2",
+];
+
 #[derive(Args, Debug)]
 pub struct ServeArgs {
+    /// Serve named regions, per-VM directories, factories and a control socket as FILE (TOML)
+    /// says (see docs/named-regions.md). Replaces the single-region flags.
+    #[arg(long, value_name = "FILE", conflicts_with_all = FLAG_MODE_OPTIONS)]
+    pub config: Option<PathBuf>,
     /// UNIX socket QEMU's ivshmem-doorbell chardev connects to.
     #[arg(long, default_value = DEFAULT_SOCKET_PATH)]
     pub socket: PathBuf,
@@ -123,14 +141,33 @@ impl ServeArgs {
 }
 
 /// Runs the server until SIGINT or SIGTERM; then the socket, the pid file and (unless kept)
-/// the shm object are removed.
+/// the shm object are removed. SIGHUP re-reads `--config` (if given) and logs the status.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.to_config()?;
+    let config = match &args.config {
+        Some(path) => ivshm_server::config_file::load(path)?,
+        None => args.to_config()?,
+    };
+    let named = config.named.clone();
     let signals = SignalPipes::install().context("installing signal handlers")?;
     let mut server = Server::new(config).context("starting the server")?;
     let pidfile = args.pidfile.as_deref().map(PidFile::create).transpose()?;
     for path in server.socket_paths() {
         eprintln!("listening on {}", path.display());
+    }
+    if let Some(named) = named {
+        if let Some(control) = &named.control {
+            eprintln!("listening on {}", control.path.display());
+        }
+        for vm in &named.vms {
+            eprintln!(
+                "listening on {}",
+                named
+                    .root
+                    .join(vm.name.as_str())
+                    .join(ivshm_server::named::FACTORY_SOCKET)
+                    .display()
+            );
+        }
     }
     server
         .run_until(&signals.controls())
@@ -208,6 +245,14 @@ mod tests {
             }
         );
         assert_eq!(r.memory.pow2, Pow2Policy::Refuse);
+    }
+
+    #[test]
+    fn config_replaces_the_single_region_flags() {
+        let a = parse(&["--config", "/etc/ivshm.toml", "--pidfile", "/tmp/p"]).unwrap();
+        assert_eq!(a.config, Some(PathBuf::from("/etc/ivshm.toml")));
+        assert!(parse(&["--config", "/etc/ivshm.toml", "--socket", "/tmp/s"]).is_err());
+        assert!(parse(&["--config", "/etc/ivshm.toml", "--size", "1M"]).is_err());
     }
 
     #[test]
