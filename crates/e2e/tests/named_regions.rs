@@ -1,0 +1,315 @@
+//! Issue 4 end to end: `ivshm serve --config` with per-VM directories filtered by QNX-style
+//! policy. Two QEMU guests in different VMs join one region through their own directories
+//! (guest A as `shared`, guest B as `common` via `subst common,shared`), exchange data and
+//! doorbells (VFIO + MSI-X in the guests, `ivshm guest`), and ring a host peer that joined
+//! through a third VM's directory. Also: the directories hold only what each policy allows,
+//! `ivshm policy check` exit statuses, and `ivshm regions` on the control socket.
+
+use std::time::{Duration, Instant};
+
+use ivshm_e2e::host::run_to_completion;
+use ivshm_e2e::ivshm::{ivshm_command, read_shared};
+use ivshm_e2e::{require_e2e, HostProcess, IvshmListener, QemuGuest, ScratchDir, Stream};
+
+const BOOT: Duration = Duration::from_secs(240);
+const HOST: Duration = Duration::from_secs(60);
+const COMMAND: Duration = Duration::from_secs(60);
+/// Bound on every background `ivshm guest wait`.
+const GUEST_WAIT_SECONDS: u32 = 120;
+const SIZE: u64 = 1 << 20;
+const VECTORS: u32 = 2;
+
+const CONFIG: &str = r#"
+[defaults]
+vectors = 2
+
+[[region]]
+name = "shared"
+size = "1M"
+
+[vm.alpha]
+rules = ["allow shared"]
+
+[vm.beta]
+qnx = """
+    subst common,shared
+    allow common
+    allow private*
+    create private,1M
+"""
+
+[vm.monitor]
+rules = ["allow shared"]
+"#;
+
+/// A command in the background of a guest's shell, as in `guest_vfio.rs`: output and a final
+/// `exit-status=<N>` line go to a file; the subshell then blocks on a FIFO until [`finish`]
+/// releases it (the shell is PID 1 and must not see a child end while it reads the console).
+struct Background {
+    pid: u32,
+    out: String,
+    release: String,
+}
+
+const EXIT_STATUS: &str = "exit-status=";
+
+fn start_background(guest: &mut QemuGuest, name: &str, command: &str) -> Background {
+    let out = format!("/tmp/{name}.out");
+    let release = format!("/tmp/{name}.release");
+    let pid = guest
+        .run_ok(
+            &format!(
+                "rm -f {release}; mkfifo {release}; \
+                 ( {command}; echo \"{EXIT_STATUS}$?\"; read _ <{release} ) >{out} 2>&1 & echo $!"
+            ),
+            COMMAND,
+        )
+        .unwrap();
+    let pid = pid
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no pid from `{command}`: {pid:?}"));
+    Background { pid, out, release }
+}
+
+fn wait_output(
+    guest: &mut QemuGuest,
+    background: &Background,
+    needle: &str,
+    limit: Duration,
+) -> String {
+    let start = Instant::now();
+    loop {
+        let text = guest
+            .run(&format!("cat {}", background.out), COMMAND)
+            .unwrap()
+            .output;
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "guest {}: `{needle}` not in {} after {limit:?}: {text:?}\n{}",
+            guest.name(),
+            background.out,
+            guest.failure_context()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn finish(guest: &mut QemuGuest, background: Background) -> (i32, String) {
+    let limit = Duration::from_secs(u64::from(GUEST_WAIT_SECONDS) + 60);
+    let output = wait_output(guest, &background, EXIT_STATUS, limit);
+    let status = output
+        .lines()
+        .find_map(|l| l.strip_prefix(EXIT_STATUS))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no exit status in {output:?}"));
+    let Background { pid, release, .. } = background;
+    guest
+        .run_ok(
+            &format!("echo >{release}; while kill -0 {pid} 2>/dev/null; do sleep 0.2; done"),
+            COMMAND,
+        )
+        .unwrap();
+    (status, output)
+}
+
+/// `ivshm guest wait --count 1` in the background, returned once it listens (MSI-X connected).
+fn start_wait(guest: &mut QemuGuest, name: &str, id: u16) -> Background {
+    let background = start_background(
+        guest,
+        name,
+        &format!("ivshm guest wait --count 1 --timeout {GUEST_WAIT_SECONDS}"),
+    );
+    wait_output(
+        guest,
+        &background,
+        &format!("self id={id} vectors="),
+        COMMAND,
+    );
+    background
+}
+
+fn doorbell_lines(output: &str) -> Vec<&str> {
+    output
+        .lines()
+        .filter(|l| l.starts_with("doorbell "))
+        .collect()
+}
+
+fn listing(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Runs `ivshm policy check` and returns its exit code and stdout.
+fn policy_check(config: &std::path::Path, vm: &str, name: &str) -> (Option<i32>, String) {
+    let mut command = ivshm_command(["policy", "check", "--config"]).unwrap();
+    command.arg(config).args(["--vm", vm, name]);
+    let mut process = HostProcess::spawn("ivshm policy check", command).unwrap();
+    let status = process.wait_exit(HOST).unwrap();
+    (status.code(), process.lines(Stream::Stdout).join("\n"))
+}
+
+#[test]
+fn two_guests_in_different_vms_share_a_region_through_their_directories() {
+    let assets = require_e2e!();
+    let dir = ScratchDir::new().unwrap();
+    let root = dir.join("root");
+    let config = dir.join("ivshm.toml");
+    std::fs::write(
+        &config,
+        format!("root = {:?}\n{CONFIG}", root.display().to_string()),
+    )
+    .unwrap();
+
+    // The operator checks the rules offline first.
+    let (code, out) = policy_check(&config, "beta", "common");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("host name: shared") && out.contains("status: GSS_OK (0)"),
+        "{out}"
+    );
+    let (code, out) = policy_check(&config, "alpha", "private");
+    assert_eq!(code, Some(15), "{out}");
+    assert!(out.contains("status: GSS_NO_PERMISSION (5)"), "{out}");
+
+    let mut command = ivshm_command(["serve", "--config"]).unwrap();
+    command.arg(&config);
+    let mut server = HostProcess::spawn("ivshm serve --config", command).unwrap();
+    let control = root.join("control.sock");
+    let control_line = format!("listening on {}", control.display());
+    server
+        .wait_line(Stream::Stderr, "the control socket", HOST, |l| {
+            l.contains(&control_line)
+        })
+        .unwrap();
+
+    // Each directory holds what its VM's policy allows, under the VM's names.
+    assert_eq!(
+        listing(&root.join("alpha")),
+        ["factory.sock", "shared.sock"]
+    );
+    assert_eq!(
+        listing(&root.join("beta")),
+        ["common.sock", "factory.sock", "private.sock"]
+    );
+    assert_eq!(
+        listing(&root.join("monitor")),
+        ["factory.sock", "shared.sock"]
+    );
+
+    let host_socket = root.join("monitor").join("shared.sock");
+    let listener = IvshmListener::start(&host_socket, HOST).unwrap();
+    assert_eq!(listener.id(), 0, "lowest-free ids start at 0");
+    assert_eq!((listener.vectors(), listener.size()), (VECTORS, SIZE));
+    let host_id = listener.id();
+
+    let guest = |name: &str, socket: std::path::PathBuf| {
+        QemuGuest::builder(&assets, name)
+            .with_vfio()
+            .with_ivshm_binary()
+            .ivshmem_doorbell(socket, VECTORS)
+            .spawn()
+            .unwrap()
+    };
+    let mut a = guest("named-alpha", root.join("alpha").join("shared.sock"));
+    let (id_a, _) = listener.wait_join(HOST).unwrap();
+    let mut b = guest("named-beta", root.join("beta").join("common.sock"));
+    let (id_b, _) = listener.wait_join(HOST).unwrap();
+    assert_eq!((id_a, id_b), (1, 2));
+    a.wait_ready(BOOT).unwrap();
+    b.wait_ready(BOOT).unwrap();
+
+    // The control socket sees one region with three peers; the private one has none.
+    let mut regions = ivshm_command(["regions", "--control"]).unwrap();
+    regions.arg(&control);
+    let lines = run_to_completion("ivshm regions", regions, HOST).unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("region shared size=1048576 ") && l.contains(" peers=3/16 ")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("region private ") && l.contains(" peers=0/16 ")),
+        "{lines:?}"
+    );
+
+    // Data both ways between the guests, and to the host.
+    let data_a = "a0a1a2a3a4a5a6a7a8a9aaabacadaeaf";
+    a.run_ok(
+        &format!("ivshm guest write --offset 0x1000 {data_a}"),
+        COMMAND,
+    )
+    .unwrap();
+    let read = b
+        .run_ok("ivshm guest read --offset 0x1000 --len 16", COMMAND)
+        .unwrap();
+    // The first `ivshm guest` command in a guest logs its VFIO binding before the data.
+    assert_eq!(read.trim().lines().last(), Some(data_a), "{read}");
+    let data_b = "b0b1b2b3b4b5b6b7b8b9babbbcbdbebf";
+    b.run_ok(
+        &format!("ivshm guest write --offset 0x2000 {data_b}"),
+        COMMAND,
+    )
+    .unwrap();
+    let read = a
+        .run_ok("ivshm guest read --offset 0x2000 --len 16", COMMAND)
+        .unwrap();
+    assert_eq!(read.trim().lines().last(), Some(data_b), "{read}");
+    let host_view = read_shared(&host_socket, 0x1000, 16, HOST).unwrap();
+    assert_eq!(ivshm_e2e::ivshm::encode_hex(&host_view), data_a);
+
+    // Doorbells: A rings B, B rings A, each rings the host.
+    let wait_b = start_wait(&mut b, "b-wait", id_b);
+    a.run_ok(
+        &format!("ivshm guest notify --peer {id_b} --vector 1"),
+        COMMAND,
+    )
+    .unwrap();
+    let (status, output) = finish(&mut b, wait_b);
+    assert_eq!(status, 0, "{output}");
+    assert_eq!(doorbell_lines(&output), ["doorbell vector=1"], "{output}");
+    let wait_a = start_wait(&mut a, "a-wait", id_a);
+    b.run_ok(
+        &format!("ivshm guest notify --peer {id_a} --vector 0"),
+        COMMAND,
+    )
+    .unwrap();
+    let (status, output) = finish(&mut a, wait_a);
+    assert_eq!(status, 0, "{output}");
+    assert_eq!(doorbell_lines(&output), ["doorbell vector=0"], "{output}");
+    a.run_ok(
+        &format!("ivshm guest notify --peer {host_id} --vector 1"),
+        COMMAND,
+    )
+    .unwrap();
+    listener.wait_doorbell(1, HOST).unwrap();
+    b.run_ok(
+        &format!("ivshm guest notify --peer {host_id} --vector 0"),
+        COMMAND,
+    )
+    .unwrap();
+    listener.wait_doorbell(0, HOST).unwrap();
+
+    assert!(a.poweroff(COMMAND).unwrap().success());
+    listener.wait_leave(id_a, HOST).unwrap();
+    assert!(b.poweroff(COMMAND).unwrap().success());
+    listener.wait_leave(id_b, HOST).unwrap();
+    let status = server.terminate(HOST).unwrap();
+    assert!(status.success(), "ivshm serve exit status {status}");
+    assert!(
+        !control.exists(),
+        "the server removes its sockets on SIGTERM"
+    );
+    assert!(!root.join("alpha").join("shared.sock").exists());
+}
