@@ -5,14 +5,16 @@
 //! Checks: guest A rings guest B on vector 2 and B's `wait` (on all vectors) reports exactly
 //! vector 2; B answers A; the host rings each guest and each guest rings the host; 1,000
 //! ping-pong round trips between the guests with none lost (`ivshm guest bench`, inside the
-//! guests); data written by one guest is read by the other and by the host; restoring the
-//! driver binding; and the sysfs mode (memory, ringing, polling doorbells).
+//! guests), and 1,000 between a guest and a host peer; data written by one guest is read by
+//! the other and by the host; restoring the driver binding; and the sysfs mode (memory,
+//! ringing, polling doorbells).
 
 use std::time::{Duration, Instant};
 
 use ivshm_e2e::host::run_to_completion;
 use ivshm_e2e::ivshm::{ivshm_command, read_shared};
 use ivshm_e2e::{require_e2e, IvshmListener, IvshmServer, QemuGuest, ScratchDir};
+use ivshm_e2e::{HostProcess, Stream};
 
 const BOOT: Duration = Duration::from_secs(240);
 const HOST: Duration = Duration::from_secs(60);
@@ -280,6 +282,55 @@ fn guests_ring_each_other_and_the_host_through_vfio_and_sysfs() {
     assert!(
         output.contains("responded doorbells=1001 polls=1000"),
         "{output}"
+    );
+
+    // Guest ↔ host round trips: a host peer answers A with the same protocol.
+    let mut command = ivshm_command(["guest", "bench", "--socket"]).unwrap();
+    command.arg(&socket).args([
+        "--respond",
+        "--peer",
+        &id_a.to_string(),
+        "--vector",
+        "3",
+        "--offset",
+        "0x9000",
+        "--timeout",
+        &GUEST_WAIT_SECONDS.to_string(),
+    ]);
+    let mut host_responder = HostProcess::spawn("ivshm guest bench --socket", command).unwrap();
+    let self_line = host_responder
+        .wait_line(Stream::Stdout, "the `self` line", HOST, |l| {
+            l.starts_with("self id=")
+        })
+        .unwrap();
+    let host_bench_id: u16 = self_line
+        .trim_start_matches("self id=")
+        .split(' ')
+        .next()
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no id in {self_line:?}"));
+    listener.wait_join(HOST).unwrap();
+    let bench = a
+        .run_ok(
+            &format!(
+                "ivshm guest bench --peer {host_bench_id} --vector 3 --offset 0x9000 --count 1000 --timeout {GUEST_WAIT_SECONDS}"
+            ),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    eprintln!("guest ↔ host bench:\n{bench}");
+    assert!(
+        bench.contains("doorbell round_trips=1000 lost=0"),
+        "{bench}"
+    );
+    host_responder.wait_success(HOST).unwrap();
+    assert!(
+        host_responder
+            .lines(Stream::Stdout)
+            .iter()
+            .any(|l| l == "responded doorbells=1001 polls=1000"),
+        "{}",
+        host_responder.failure_context()
     );
 
     // Restoring the driver: the device had none, so it ends unbound again.

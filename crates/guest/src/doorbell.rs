@@ -79,6 +79,9 @@ pub enum DoorbellError {
         /// The OS error.
         error: Errno,
     },
+    /// Ringing a peer failed (e.g. a host peer's unknown target).
+    #[error("ringing failed: {0}")]
+    Ring(String),
     /// Register access failed.
     #[error("register access failed: {0}")]
     Register(String),

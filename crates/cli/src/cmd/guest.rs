@@ -158,6 +158,10 @@ pub struct BenchArgs {
     /// Longest wait for one step, in seconds (the responder's first wait too).
     #[arg(long, value_parser = parse_seconds, default_value = "60")]
     timeout: Duration,
+    /// Run on the host instead, as a v0 peer of the server at this socket (the guest↔host
+    /// bench: e.g. `--socket S --respond --peer GUEST` here, `bench --peer HOST` in the guest).
+    #[arg(long)]
+    socket: Option<std::path::PathBuf>,
 }
 
 fn parse_mode(s: &str) -> Result<AccessMode, String> {
@@ -440,33 +444,108 @@ fn write(a: &WriteArgs) -> anyhow::Result<()> {
 }
 
 fn bench(a: &BenchArgs) -> anyhow::Result<()> {
+    if let Some(socket) = &a.socket {
+        return bench_host_peer(a, socket);
+    }
     let device = a.device.open()?;
     device.check_can_wait()?;
+    run_bench(
+        a,
+        device.id()?,
+        device.vectors(),
+        device.shared_memory(),
+        &device,
+    )?;
+    a.device.close(device)
+}
+
+/// The bench as a host peer: same protocol, doorbells are the server's eventfds.
+fn bench_host_peer(a: &BenchArgs, socket: &std::path::Path) -> anyhow::Result<()> {
+    let peer = ivshm_client::Peer::connect(socket, ivshm_client::ConnectOptions::default())
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    let mapping = peer.map()?;
+    let vectors = u16::try_from(peer.vectors()).unwrap_or(u16::MAX);
+    run_bench(
+        a,
+        peer.id(),
+        vectors,
+        mapping.view(),
+        &HostPeerDoorbells(&peer),
+    )
+}
+
+/// Ping-pong doorbells of a host peer: ring through the target's eventfd, wait on our own.
+struct HostPeerDoorbells<'a>(&'a ivshm_client::Peer);
+
+impl pingpong::Doorbells for HostPeerDoorbells<'_> {
+    fn ring(&self, peer: u16, vector: u16) -> Result<(), DoorbellError> {
+        self.0
+            .notify(peer, usize::from(vector))
+            .map_err(|e| DoorbellError::Ring(e.to_string()))
+    }
+
+    fn wait_rung(&self, vector: u16, timeout: Duration) -> Result<u64, DoorbellError> {
+        let vectors = u16::try_from(self.0.vectors()).unwrap_or(u16::MAX);
+        let fd = self
+            .0
+            .own_vector_fd(usize::from(vector))
+            .ok_or(DoorbellError::VectorOutOfRange { vector, vectors })?;
+        let eventfd_error = |op| move |error| DoorbellError::Eventfd { op, error };
+        ivshm_client::doorbell::set_nonblocking(fd).map_err(eventfd_error("fcntl"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(count) = ivshm_client::doorbell::drain(fd).map_err(eventfd_error("read"))? {
+                return Ok(count);
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(DoorbellError::Timeout {
+                    vector: Some(vector),
+                    timeout,
+                });
+            }
+            let limit = rustix::event::Timespec {
+                tv_sec: remaining.as_secs().try_into().unwrap_or(i64::MAX),
+                tv_nsec: remaining.subsec_nanos().into(),
+            };
+            let mut fds = [rustix::event::PollFd::new(
+                &fd,
+                rustix::event::PollFlags::IN,
+            )];
+            match rustix::event::poll(&mut fds, Some(&limit)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(error) => return Err(DoorbellError::Eventfd { op: "poll", error }),
+            }
+        }
+    }
+}
+
+/// Prints `self ...`, then runs the responder or the pinger and prints its report.
+fn run_bench(
+    a: &BenchArgs,
+    id: u16,
+    vectors: u16,
+    memory: ivshm_guest::SharedView<'_>,
+    doorbells: &impl pingpong::Doorbells,
+) -> anyhow::Result<()> {
     let config = PingPongConfig {
         peer: a.peer,
         vector: a.vector,
         round_trips: a.count,
         timeout: a.timeout,
     };
-    let memory = device.shared_memory();
     let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "self id={} vectors={} size={}",
-        device.id()?,
-        device.vectors(),
-        memory.len()
-    )?;
+    writeln!(out, "self id={id} vectors={vectors} size={}", memory.len())?;
     out.flush()?;
     if a.respond {
-        let report = pingpong::run_responder(memory, a.offset, &device, &config)?;
+        let report = pingpong::run_responder(memory, a.offset, doorbells, &config)?;
         writeln!(
             out,
             "responded doorbells={} polls={}",
             report.doorbells, report.polls
         )?;
     } else {
-        let report = pingpong::run_pinger(memory, a.offset, &device, &config)?;
+        let report = pingpong::run_pinger(memory, a.offset, doorbells, &config)?;
         writeln!(
             out,
             "doorbell round_trips={} lost=0 mean_ns={}",
@@ -482,7 +561,7 @@ fn bench(a: &BenchArgs) -> anyhow::Result<()> {
         writeln!(out, "ratio doorbell/polling={:.2}", report.ratio())?;
     }
     out.flush()?;
-    a.device.close(device)
+    Ok(())
 }
 
 #[cfg(test)]
