@@ -31,10 +31,15 @@
 //!     subst ,guest1
 //!     create mem,0xf0000
 //! """
+//!
+//! [vm.vm2]
+//! qnx_file = "vm2.vdev"                # ... or one in a file (relative to this file)
 //! ```
 //!
 //! Errors name the file, the line and the option ([`FileConfigError`]); errors inside a `qnx`
-//! block are reported at their line in the file.
+//! block are reported at their line in the file, errors in a `qnx_file` at their line in that
+//! file. A VM's directory settings (`dir_mode`, `socket_mode`, `owner`, `group`) override the
+//! `[defaults]` ones.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -289,6 +294,47 @@ impl Ctx<'_> {
         .into_iter()
         .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
         .collect();
+        if let Some(file) = &vm.qnx_file {
+            let option = Some(format!("vm.{name}.qnx_file"));
+            if let Some(field) = fields
+                .first()
+                .map(|(f, _)| *f)
+                .or(vm.qnx.as_ref().map(|_| "qnx"))
+            {
+                return Err(self.error(
+                    Some(file.span()),
+                    option,
+                    format!("qnx_file excludes the other policy fields ({field} is also given)"),
+                ));
+            }
+            // Relative to the configuration file's directory.
+            let path = self
+                .path
+                .parent()
+                .map(|dir| dir.join(file.get_ref()))
+                .unwrap_or_else(|| file.get_ref().clone());
+            let block = std::fs::read_to_string(&path).map_err(|e| {
+                self.error(
+                    Some(file.span()),
+                    option.clone(),
+                    format!("{}: {e}", path.display()),
+                )
+            })?;
+            return VmPolicy::parse_qnx(&block).map_err(|e| match e {
+                VmPolicyError::Parse(p) => FileConfigError {
+                    path,
+                    line: Some(p.line),
+                    option: Some(p.option),
+                    message: p.message,
+                },
+                other => FileConfigError {
+                    path,
+                    line: None,
+                    option: None,
+                    message: other.to_string(),
+                },
+            });
+        }
         if let Some(qnx) = &vm.qnx {
             let option = Some(format!("vm.{name}.qnx"));
             if let Some((field, _)) = fields.first() {
@@ -412,6 +458,7 @@ struct RawVm {
     owner: Option<u32>,
     group: Option<String>,
     qnx: Option<Spanned<String>>,
+    qnx_file: Option<Spanned<PathBuf>>,
     rules: Option<Spanned<toml::Value>>,
     subst: Option<Spanned<toml::Value>>,
     create: Option<Spanned<toml::Value>>,

@@ -1,9 +1,22 @@
 //! The ivshmem server as a library: QEMU's protocol version 0, byte for byte, served from one
 //! single-threaded epoll loop.
 //!
-//! A [`Server`] holds a set of regions (one shared-memory object each, with its own listening
-//! socket and peers); today the command-line programs configure one, the library takes any
-//! number. Use it in-process:
+//! A [`Server`] holds a set of regions (one shared-memory object each, with its peers). Two kinds:
+//!
+//! * **standalone** regions ([`RegionConfig`]), each on a socket of its own: QEMU's server, what
+//!   `ivshm serve` without `--config` and `ivshmem-server` run;
+//! * **named** regions ([`named`], configured by [`NamedConfig`] or a TOML file read by
+//!   [`config_file`]) with QNX `vdev shmem` semantics: per-VM directories under a socket root
+//!   holding one v0 socket per region the VM's policy lets it see (named by the VM's name for
+//!   it) and a `factory.sock` (create / find, [`ivshm_proto::factory`]); a `control.sock`
+//!   ([`ivshm_proto::control`]) to list, create and remove regions, list VMs, read counters and
+//!   reload the file. Regions have a peer limit (a peer beyond it is accepted and closed at once,
+//!   counted as a `GSS_CLIENT_MAX` refusal) and an [`IdPolicy`]. Regions made at run time go
+//!   when their last peer leaves unless they persist; configured ones live as long as the server
+//!   (or until a reload drops them and their last peer has left). `docs/named-regions.md` has
+//!   the whole picture.
+//!
+//! Use it in-process:
 //!
 //! ```no_run
 //! use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
@@ -16,7 +29,8 @@
 //! or drive the loop yourself with [`Server::new`] and [`Server::run_until`] (the binaries pass
 //! the signal pipes of [`signals::SignalPipes`]).
 //!
-//! Modules: [`config`] (what to serve), [`ids`] (QEMU's id allocation), [`queue`] (a peer's
+//! Modules: [`config`] (what to serve), [`named`] (named regions and VMs), [`config_file`]
+//! (the TOML file), [`ids`] (id allocation), [`queue`] (a peer's
 //! outgoing messages), [`listener`] (socket creation and removal), [`group`] (`/etc/group`),
 //! [`limits`] (fd limits), [`signals`], [`pidfile`], [`stats`]; the loop, regions and peers are internal.
 

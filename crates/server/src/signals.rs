@@ -1,7 +1,7 @@
 //! Signals as readable fds for the event loop (a self-pipe per purpose, via `signal-hook`).
 //!
-//! `SIGINT` and `SIGTERM` make the stop pipe readable, `SIGHUP` the status pipe (the server logs
-//! its peers). `SIGPIPE` is ignored by the Rust runtime already, and every send uses
+//! `SIGINT` and `SIGTERM` make the stop pipe readable, `SIGHUP` the status pipe (the server
+//! re-reads its configuration file if it has one, then logs its regions and peers). `SIGPIPE` is ignored by the Rust runtime already, and every send uses
 //! `MSG_NOSIGNAL` anyway. The handlers are removed on drop.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -33,7 +33,7 @@ pub struct SignalPipes {
 }
 
 impl SignalPipes {
-    /// Installs handlers for `SIGINT`, `SIGTERM` (stop) and `SIGHUP` (log status).
+    /// Installs handlers for `SIGINT`, `SIGTERM` (stop) and `SIGHUP` (reload, log status).
     pub fn install() -> Result<SignalPipes, SignalError> {
         let (stop, stop_write) =
             pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).map_err(SignalError::Pipe)?;
@@ -76,7 +76,7 @@ impl SignalPipes {
             },
             Control {
                 fd: self.status_fd(),
-                action: ControlAction::LogStatus,
+                action: ControlAction::Reload,
             },
         ]
     }

@@ -163,3 +163,86 @@ mod props {
         }
     }
 }
+
+#[test]
+fn the_shipped_examples_parse() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/ivshm.toml");
+    let config = load(&path).unwrap();
+    let named = config.named.unwrap();
+    let names: Vec<&str> = named.vms.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["monitor", "qnx", "vm0", "vm1"]);
+    let vm = |n: &str| {
+        &named
+            .vms
+            .iter()
+            .find(|v| v.name.as_str() == n)
+            .unwrap()
+            .policy
+    };
+    assert_eq!(vm("vm0").pre_created()[0].0.as_str(), "guest0mem");
+    assert_eq!(vm("vm1").pre_created()[0].0.as_str(), "guest1mem");
+    assert_eq!(
+        vm("vm1").decide("secret-x").status,
+        GuestShmStatus::NoPermission
+    );
+    let qnx = vm("qnx");
+    assert_eq!(
+        qnx.decide("testing").host_name.unwrap().as_str(),
+        "qnx-testing"
+    );
+    assert_eq!(
+        qnx.decide("test-secret").status,
+        GuestShmStatus::NoPermission
+    );
+    assert_eq!(qnx.decide("mars").status, GuestShmStatus::NoPermission);
+    assert_eq!(
+        qnx.pre_created(),
+        vec![(RegionName::new("qnx-testbuf").unwrap(), 65536)]
+    );
+    assert!(qnx.is_mmio());
+    assert_eq!(named.regions[0].peer_limit, 4);
+    assert_eq!(named.defaults.max_size, 256 << 20);
+    let monitor = named
+        .vms
+        .iter()
+        .find(|v| v.name.as_str() == "monitor")
+        .unwrap();
+    assert_eq!(monitor.directory.socket_mode, 0o600);
+    assert_eq!(monitor.directory.dir_mode, 0o750);
+    assert_eq!(
+        crate::named::guest_name_for(vm("monitor"), "guest0mem").as_deref(),
+        Some("guest0mem")
+    );
+}
+
+#[test]
+fn qnx_file_errors_name_that_file_and_line() {
+    let dir = std::env::temp_dir().join(format!("ivshm-qnx-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("bad.vdev"),
+        "vdev shmem\n    allow a\n    create x\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("c.toml"), "[vm.q]\nqnx_file = \"bad.vdev\"\n").unwrap();
+    let e = load(&dir.join("c.toml")).unwrap_err();
+    assert_eq!(e.path, dir.join("bad.vdev"));
+    assert_eq!(e.line, Some(3));
+    std::fs::write(dir.join("c.toml"), "[vm.q]\nqnx_file = \"missing.vdev\"\n").unwrap();
+    let e = load(&dir.join("c.toml")).unwrap_err();
+    assert_eq!(
+        (e.path.clone(), e.line),
+        (dir.join("c.toml"), Some(2)),
+        "{e}"
+    );
+    std::fs::write(
+        dir.join("c.toml"),
+        "[vm.q]\nqnx_file = \"bad.vdev\"\nsched = 1\n",
+    )
+    .unwrap();
+    assert!(load(&dir.join("c.toml"))
+        .unwrap_err()
+        .message
+        .contains("excludes"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
