@@ -184,13 +184,21 @@ impl Server {
                 .and_then(|n| n.vms.get_mut(vm.name.as_str()));
             match existing {
                 Some(current) => {
-                    if current.config.policy != vm.policy
-                        || current.config.directory != vm.directory
-                    {
-                        current.config = vm.clone();
-                        changes.push(format!("VM {}: policy updated", vm.name));
-                        self.log_placement_once(vm);
+                    if current.config.directory != vm.directory {
+                        match crate::vm_dirs::make_vm_dir(&current.dir, &vm.directory) {
+                            Ok(()) => changes.push(format!(
+                                "VM {}: directory ownership and mode updated (existing sockets \
+                                 keep theirs)",
+                                vm.name
+                            )),
+                            Err(e) => changes.push(format!("VM {}: {e}", vm.name)),
+                        }
                     }
+                    if current.config.policy != vm.policy {
+                        changes.push(format!("VM {}: policy updated", vm.name));
+                    }
+                    current.config = vm.clone();
+                    self.log_placement_once(vm);
                 }
                 None => match self.add_vm(vm.clone()) {
                     Ok(()) => changes.push(format!("VM {} added", vm.name)),

@@ -17,6 +17,7 @@ use crate::ServerError;
 #[derive(Debug)]
 pub struct ServerHandle {
     stop: Arc<OwnedFd>,
+    reload: Arc<OwnedFd>,
     thread: Option<JoinHandle<Result<(), ServerError>>>,
     stats: Arc<Stats>,
     regions: Vec<RegionInfo>,
@@ -31,17 +32,28 @@ impl ServerHandle {
             eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
                 .map_err(ServerError::Epoll)?,
         );
+        let reload = Arc::new(
+            eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+                .map_err(ServerError::Epoll)?,
+        );
         let stats = server.stats();
         let regions = server.regions();
         let thread_stop = stop.clone();
+        let thread_reload = reload.clone();
         let thread = std::thread::Builder::new()
             .name("ivshm-server".into())
             .spawn(move || {
                 let mut server = server;
-                let controls = [Control {
-                    fd: thread_stop.as_fd(),
-                    action: ControlAction::Stop,
-                }];
+                let controls = [
+                    Control {
+                        fd: thread_stop.as_fd(),
+                        action: ControlAction::Stop,
+                    },
+                    Control {
+                        fd: thread_reload.as_fd(),
+                        action: ControlAction::Reload,
+                    },
+                ];
                 let result = server.run_until(&controls);
                 drop(server);
                 result
@@ -49,6 +61,7 @@ impl ServerHandle {
             .map_err(ServerError::Thread)?;
         Ok(ServerHandle {
             stop,
+            reload,
             thread: Some(thread),
             stats,
             regions,
@@ -66,6 +79,14 @@ impl ServerHandle {
     /// Facts about every region.
     pub fn regions(&self) -> &[RegionInfo] {
         &self.regions
+    }
+
+    /// Asks the server to re-read its configuration file, as `SIGHUP` does (it happens
+    /// asynchronously; the outcome is logged). Without a file the server only logs its status.
+    pub fn reload(&self) -> Result<(), ServerError> {
+        rustix::io::write(self.reload.as_fd(), &1u64.to_ne_bytes())
+            .map(|_| ())
+            .map_err(ServerError::Epoll)
     }
 
     /// The counters now.

@@ -289,6 +289,19 @@ impl Server {
     }
 }
 
+impl Drop for Server {
+    /// Closes every socket and connection, then removes the VM directories if they are empty.
+    fn drop(&mut self) {
+        self.regions.clear();
+        self.endpoints = Endpoints::default();
+        if let Some(named) = &self.named {
+            for vm in named.vms.values() {
+                let _ = std::fs::remove_dir(&vm.dir);
+            }
+        }
+    }
+}
+
 /// Reads a non-blocking control fd until it is empty.
 fn drain(fd: BorrowedFd<'_>) {
     let mut buf = [0u8; 64];

@@ -444,7 +444,7 @@ fn make_root(root: &Path) -> Result<(), ServerError> {
 }
 
 /// Makes (or reuses) a VM directory and gives it its mode, owner and group.
-fn make_vm_dir(dir: &Path, config: &DirectoryConfig) -> Result<(), ServerError> {
+pub(crate) fn make_vm_dir(dir: &Path, config: &DirectoryConfig) -> Result<(), ServerError> {
     match rustix::fs::mkdir(dir, Mode::from_raw_mode(0o700)) {
         Ok(()) | Err(Errno::EXIST) => {}
         Err(e) => return Err(setup_error("creating", dir, e)),

@@ -582,3 +582,23 @@ create = [{ name = "mem", size = 4096 }]
         .contains("unknown keyword"));
     assert_eq!(setup.listing("vm1"), ["factory.sock", "guest0mem.sock"]);
 }
+
+#[test]
+fn a_reload_signal_re_reads_the_file_and_directories_go_at_shutdown() {
+    let mut setup = Setup::new("signal", "[defaults]\nvectors = 1\n[vm.vm0]\n");
+    assert_eq!(setup.listing("vm0"), ["factory.sock"]);
+    setup.write_config(
+        "[defaults]\nvectors = 1\n[[region]]\nname = \"late\"\nsize = 4096\n[vm.vm0]\n",
+    );
+    // What SIGHUP does (the handle's reload fd has the same action as the signal pipe).
+    setup.server.as_ref().unwrap().reload().unwrap();
+    setup.wait_regions("the reload", |r| r.iter().any(|r| r.name == "late"));
+    assert_eq!(setup.listing("vm0"), ["factory.sock", "late.sock"]);
+    let server = setup.server.take().unwrap();
+    server.shutdown().unwrap();
+    assert!(
+        !setup.vm_dir("vm0").exists(),
+        "empty VM directories are removed"
+    );
+    assert!(!setup.root.join("control.sock").exists());
+}
