@@ -247,6 +247,79 @@ fn stats_lines(s: &StatsReport) -> String {
 mod tests {
     use super::*;
 
+    /// A server with one open VM under a fresh root.
+    fn server(tag: &str) -> (ivshm_server::ServerHandle, PathBuf) {
+        let root = std::env::temp_dir().join(format!("ivshm-cli-ctl-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let mut named = ivshm_server::NamedConfig::new(&root);
+        named.defaults.vectors = 1;
+        named.vms.push(ivshm_server::VmConfig {
+            name: ivshm_policy::RegionName::new("vm0").unwrap(),
+            policy: ivshm_policy::VmPolicy::default(),
+            directory: ivshm_server::named::DirectoryConfig::default(),
+        });
+        let config = ivshm_server::ServerConfig {
+            regions: Vec::new(),
+            max_queued_messages: 1024,
+            named: Some(named),
+        };
+        (ivshm_server::ServerHandle::spawn(config).unwrap(), root)
+    }
+
+    #[test]
+    fn commands_against_an_in_process_server() {
+        let (server, root) = server("cmds");
+        let control = root.join("control.sock");
+        let created = request_result(
+            &control,
+            &ControlRequest::Create(CreateRegion {
+                name: "scratch".into(),
+                size: 65536,
+                persist: true,
+                ..CreateRegion::default()
+            }),
+        )
+        .unwrap();
+        assert_eq!(
+            render(&created),
+            "created region scratch size=65536 backend=memfd vectors=1 peers=0/16 \
+             ids=lowest-free origin=control peer-ids=[] persist\n"
+        );
+        let regions = request_result(&control, &ControlRequest::Regions).unwrap();
+        assert!(render(&regions).starts_with("region scratch size=65536 "));
+        let vms = render(&request_result(&control, &ControlRequest::Vms).unwrap());
+        assert!(
+            vms.contains(&format!(
+                "  scratch -> scratch socket={} peer-ids=[]\n",
+                root.join("vm0/scratch.sock").display()
+            )),
+            "{vms}"
+        );
+        let removed = request_result(
+            &control,
+            &ControlRequest::Remove {
+                name: "scratch".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(render(&removed), "removed region scratch\n");
+        let err = request_result(
+            &control,
+            &ControlRequest::Remove {
+                name: "scratch".into(),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "no region named \"scratch\"");
+        let err = request_result(&control, &ControlRequest::Reload).unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("not started from a configuration file"));
+        assert!(request(&root.join("nope.sock"), &ControlRequest::Stats).is_err());
+        server.shutdown().unwrap();
+        let _ = std::fs::remove_dir_all(root);
+    }
+
     #[test]
     fn regions_render_as_key_value_lines() {
         let region = RegionReport {
