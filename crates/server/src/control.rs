@@ -153,6 +153,9 @@ impl Server {
             return Err(format!("{}: no named configuration", path.display()));
         };
         new.source = Some(path);
+        if let Ok(root) = std::path::absolute(&new.root) {
+            new.root = root;
+        }
         let mut changes = Vec::new();
         let Some(named) = &mut self.named else {
             return Err("the server has no named regions".into());

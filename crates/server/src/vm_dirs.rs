@@ -60,7 +60,10 @@ impl std::fmt::Display for CreateError {
 }
 
 impl Server {
-    pub(crate) fn setup_named(&mut self, config: NamedConfig) -> Result<(), ServerError> {
+    pub(crate) fn setup_named(&mut self, mut config: NamedConfig) -> Result<(), ServerError> {
+        // Factory answers carry absolute socket paths.
+        config.root = std::path::absolute(&config.root)
+            .map_err(|e| ServerError::Setup(format!("{}: {e}", config.root.display())))?;
         make_root(&config.root)?;
         let mut named = Named {
             config: config.clone(),
