@@ -602,3 +602,36 @@ fn a_reload_signal_re_reads_the_file_and_directories_go_at_shutdown() {
     );
     assert!(!setup.root.join("control.sock").exists());
 }
+
+#[test]
+fn a_qnx_style_region_admits_16_clients_and_refuses_the_17th() {
+    let setup = Setup::new("sixteen", "[defaults]\nvectors = 1\n[vm.vm0]\n");
+    let created = setup.create("vm0", "bus", 4096);
+    assert_eq!(status(&created), GuestShmStatus::Ok);
+    let offer = created.region.unwrap();
+    assert_eq!(
+        (offer.peer_limit, offer.id_policy.as_str()),
+        (16, "lowest-free")
+    );
+    let socket = PathBuf::from(offer.socket);
+    let mut peers = Vec::new();
+    for id in 0..16u16 {
+        let mut peer = RawPeer::connect(&socket);
+        let existing: Vec<u16> = (0..id).collect();
+        assert_eq!(
+            peer.handshake(1, &existing).id,
+            id,
+            "ids are the clients' indices"
+        );
+        for other in peers.iter_mut() {
+            let other: &mut RawPeer = other;
+            other.expect_join(id, 1);
+        }
+        peers.push(peer);
+    }
+    let full = setup.create("vm0", "bus", 4096);
+    assert_eq!(status(&full), GuestShmStatus::ClientMax);
+    let mut seventeenth = RawPeer::connect(&socket);
+    assert_eq!(seventeenth.expect_closed(), 0);
+    assert_eq!(setup.stats().refusals["GSS_CLIENT_MAX"], 2);
+}
