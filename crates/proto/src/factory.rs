@@ -25,6 +25,8 @@
 //! `code` are QNX's `guest_shm` status codes (`GSS_*`). The region is joined by connecting to
 //! `socket` and speaking protocol [`v0`](crate::v0); the factory keeps no state of its own.
 
+use std::collections::VecDeque;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -65,16 +67,16 @@ pub fn decode_line<T: DeserializeOwned>(line: &[u8]) -> Result<T, LineError> {
 }
 
 /// Splits a byte stream into lines, bounding memory: a line longer than [`MAX_LINE`] is dropped
-/// (up to its newline) and reported as [`LineError::TooLong`] after the lines before it.
+/// (up to its newline) and reported as [`LineError::TooLong`] in its place, so answers keep the
+/// order of the requests.
 #[derive(Debug, Default)]
 pub struct LineBuffer {
-    pending: Vec<u8>,
-    /// Where the incomplete line at the end of `pending` starts.
-    line_start: usize,
+    /// Complete lines (and dropped ones) not yet taken, in order.
+    ready: VecDeque<Result<Vec<u8>, LineError>>,
+    /// The incomplete line at the end of the stream so far.
+    partial: Vec<u8>,
     /// Dropping the rest of an oversized line.
     skipping: bool,
-    /// An oversized line was dropped and not yet reported.
-    overflowed: bool,
 }
 
 impl LineBuffer {
@@ -91,42 +93,27 @@ impl LineBuffer {
                 self.skipping = !complete;
                 continue;
             }
-            let room = MAX_LINE - (self.pending.len() - self.line_start);
-            if chunk.len() > room {
-                self.pending.truncate(self.line_start);
-                self.overflowed = true;
+            if self.partial.len() + chunk.len() > MAX_LINE {
+                self.partial.clear();
+                self.ready.push_back(Err(LineError::TooLong));
                 self.skipping = !complete;
                 continue;
             }
-            self.pending.extend_from_slice(chunk);
+            self.partial.extend_from_slice(chunk);
             if complete {
-                self.line_start = self.pending.len();
+                self.ready.push_back(Ok(std::mem::take(&mut self.partial)));
             }
         }
     }
 
-    /// The next complete line (newline included), or an error for a dropped oversized one.
+    /// The next complete line (newline included), or an error in place of an oversized one.
     pub fn next_line(&mut self) -> Option<Result<Vec<u8>, LineError>> {
-        if self.line_start > 0 {
-            if let Some(end) = self.pending[..self.line_start]
-                .iter()
-                .position(|&b| b == b'\n')
-            {
-                let line: Vec<u8> = self.pending.drain(..=end).collect();
-                self.line_start -= line.len();
-                return Some(Ok(line));
-            }
-        }
-        if self.overflowed {
-            self.overflowed = false;
-            return Some(Err(LineError::TooLong));
-        }
-        None
+        self.ready.pop_front()
     }
 
-    /// Bytes buffered (complete lines not yet taken and an incomplete line).
+    /// Bytes of the incomplete line waiting for its end (at most [`MAX_LINE`]).
     pub fn pending_len(&self) -> usize {
-        self.pending.len()
+        self.partial.len()
     }
 }
 
@@ -249,6 +236,15 @@ mod tests {
         assert!(buffer.pending_len() <= MAX_LINE);
         buffer.push(b"still the long line\nok\n");
         assert_eq!(buffer.next_line(), Some(Ok(b"ok\n".to_vec())));
+        assert_eq!(buffer.next_line(), None);
+        // Reported in its place, between the lines around it.
+        let mut stream = b"a\n".to_vec();
+        stream.extend(vec![b'x'; MAX_LINE + 1]);
+        stream.extend_from_slice(b"\nb\n");
+        buffer.push(&stream);
+        assert_eq!(buffer.next_line(), Some(Ok(b"a\n".to_vec())));
+        assert_eq!(buffer.next_line(), Some(Err(LineError::TooLong)));
+        assert_eq!(buffer.next_line(), Some(Ok(b"b\n".to_vec())));
         assert_eq!(buffer.next_line(), None);
         assert_eq!(
             decode_line::<FactoryRequest>(&vec![b' '; MAX_LINE + 1]),

@@ -24,6 +24,9 @@ use crate::server::Server;
 /// Responses waiting beyond this many bytes mean the client does not read: it is dropped.
 pub const MAX_OUTPUT: usize = 1 << 20;
 
+/// Connections one factory or control socket serves at once; more are accepted and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// What a socket serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Service {
@@ -71,6 +74,13 @@ impl Endpoints {
         self.map.remove(&key)
     }
 
+    fn connections_of(&self, service: &Service) -> usize {
+        self.map
+            .values()
+            .filter(|e| matches!(e, Endpoint::Connection(c) if &c.service == service))
+            .count()
+    }
+
     /// Closes every connection to `service` (a VM that is gone).
     pub(crate) fn close_connections_of(&mut self, service: &Service) {
         self.map.retain(|_, endpoint| match endpoint {
@@ -108,6 +118,13 @@ impl Server {
             };
             let service = service.clone();
             match listener.accept() {
+                Ok(Some(fd)) if self.endpoints.connections_of(&service) >= MAX_CONNECTIONS => {
+                    drop(fd);
+                    tracing::warn!(
+                        ?service,
+                        "refused a connection: {MAX_CONNECTIONS} are open on this socket"
+                    );
+                }
                 Ok(Some(fd)) => {
                     let connection = LineConnection {
                         fd,

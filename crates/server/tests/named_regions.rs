@@ -635,3 +635,64 @@ fn a_qnx_style_region_admits_16_clients_and_refuses_the_17th() {
     assert_eq!(seventeenth.expect_closed(), 0);
     assert_eq!(setup.stats().refusals["GSS_CLIENT_MAX"], 2);
 }
+
+#[test]
+fn factory_connections_are_bounded_and_survive_bad_lines() {
+    let setup = Setup::new("conns", "[vm.vm0]\n");
+    let factory = setup.vm_dir("vm0").join("factory.sock");
+    // Many requests on one connection, with a bad and an oversized line between them.
+    let mut stream = UnixStream::connect(&factory).unwrap();
+    stream.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut batch = encode_line(&FactoryRequest::Find { name: "x".into() });
+    batch.extend_from_slice(b"{\"op\":\"find\"}\n");
+    batch.extend(std::iter::repeat_n(
+        b'z',
+        ivshm_proto::factory::MAX_LINE + 5,
+    ));
+    batch.push(b'\n');
+    batch.extend(encode_line(&FactoryRequest::Find { name: "y".into() }));
+    stream.write_all(&batch).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        let mut line = Vec::new();
+        reader.read_until(b'\n', &mut line).unwrap();
+        codes.push(status(&decode_line::<FactoryResponse>(&line).unwrap()));
+    }
+    assert_eq!(
+        codes,
+        [
+            GuestShmStatus::DoesNotExist,
+            GuestShmStatus::UnknownFailure,
+            GuestShmStatus::UnknownFailure,
+            GuestShmStatus::DoesNotExist
+        ]
+    );
+    drop(reader);
+    drop(stream);
+    // At most 64 connections at once: the 65th is closed without an answer. Each of the 64
+    // answers first, so the server has accepted them all before the 65th connects.
+    let open: Vec<UnixStream> = (0..64)
+        .map(|_| {
+            let mut s = UnixStream::connect(&factory).unwrap();
+            s.set_read_timeout(Some(LIMIT)).unwrap();
+            s.write_all(&encode_line(&FactoryRequest::Find { name: "x".into() }))
+                .unwrap();
+            let mut line = Vec::new();
+            BufReader::new(s.try_clone().unwrap())
+                .read_until(b'\n', &mut line)
+                .unwrap();
+            assert!(!line.is_empty());
+            s
+        })
+        .collect();
+    let mut extra = UnixStream::connect(&factory).unwrap();
+    extra.set_read_timeout(Some(LIMIT)).unwrap();
+    let _ = extra.write_all(&encode_line(&FactoryRequest::Find { name: "x".into() }));
+    let mut line = Vec::new();
+    let n = BufReader::new(extra)
+        .read_until(b'\n', &mut line)
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the 65th connection is closed unanswered: {line:?}");
+    drop(open);
+}
