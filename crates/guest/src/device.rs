@@ -358,4 +358,25 @@ mod tests {
             DeviceKind::IvshmemDoorbell
         );
     }
+
+    #[test]
+    fn selectors_parse_as_index_or_address() {
+        assert_eq!(
+            "2".parse::<DeviceSelector>().unwrap(),
+            DeviceSelector::Index(2)
+        );
+        assert_eq!(
+            "00:03.0".parse::<DeviceSelector>().unwrap(),
+            DeviceSelector::Address("0000:00:03.0".parse().unwrap())
+        );
+        assert!("99999999999999999999999".parse::<DeviceSelector>().is_err());
+        assert!("eth0".parse::<DeviceSelector>().is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_selector_text_never_panics(text in ".{0,40}") {
+            let _ = text.parse::<DeviceSelector>();
+        }
+    }
 }

@@ -275,6 +275,52 @@ impl PollDoorbells {
         Ok(())
     }
 
+    /// Consumes the advance of counter `vector` since it was last seen, without waiting
+    /// (0: not rung).
+    pub fn take(&self, memory: SharedView<'_>, vector: u16) -> Result<u64, DoorbellError> {
+        let vectors = self.last_seen.len() as u16;
+        let index = check_vector(vector, vectors)?;
+        let now_value = Self::counter(memory, self.offset, vector)?.load(Ordering::Acquire);
+        let before = self.last_seen[index].swap(now_value, Ordering::Relaxed);
+        Ok(u64::from(now_value.wrapping_sub(before)))
+    }
+
+    /// Polls until one of `vectors` advanced; returns every `(vector, count)` that did.
+    fn poll_until(
+        &self,
+        memory: SharedView<'_>,
+        vectors: std::ops::Range<u16>,
+        timeout: Duration,
+        timeout_vector: Option<u16>,
+    ) -> Result<Vec<(u16, u64)>, DoorbellError> {
+        let deadline = Instant::now() + timeout;
+        let mut spins = 0u32;
+        loop {
+            let mut rung = Vec::new();
+            for vector in vectors.clone() {
+                let count = self.take(memory, vector)?;
+                if count > 0 {
+                    rung.push((vector, count));
+                }
+            }
+            if !rung.is_empty() {
+                return Ok(rung);
+            }
+            if Instant::now() >= deadline {
+                return Err(DoorbellError::Timeout {
+                    vector: timeout_vector,
+                    timeout,
+                });
+            }
+            spins = spins.saturating_add(1);
+            if spins < 1000 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+
     /// Polls counter `vector` until it differs from the last value seen; returns by how much it
     /// advanced (like an eventfd count).
     pub fn wait(
@@ -283,32 +329,18 @@ impl PollDoorbells {
         vector: u16,
         timeout: Duration,
     ) -> Result<u64, DoorbellError> {
-        let vectors = self.last_seen.len() as u16;
-        let index = check_vector(vector, vectors)?;
-        let counter = Self::counter(memory, self.offset, vector)?;
-        let last = &self.last_seen[index];
-        let deadline = Instant::now() + timeout;
-        let mut spins = 0u32;
-        loop {
-            let now_value = counter.load(Ordering::Acquire);
-            let before = last.load(Ordering::Relaxed);
-            if now_value != before {
-                last.store(now_value, Ordering::Relaxed);
-                return Ok(u64::from(now_value.wrapping_sub(before)));
-            }
-            if Instant::now() >= deadline {
-                return Err(DoorbellError::Timeout {
-                    vector: Some(vector),
-                    timeout,
-                });
-            }
-            spins += 1;
-            if spins < 1000 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::sleep(Duration::from_micros(50));
-            }
-        }
+        check_vector(vector, self.last_seen.len() as u16)?;
+        let rung = self.poll_until(memory, vector..vector + 1, timeout, Some(vector))?;
+        Ok(rung.iter().map(|(_, count)| count).sum())
+    }
+
+    /// Polls every counter until one advances; returns each `(vector, count)` that did.
+    pub fn wait_any(
+        &self,
+        memory: SharedView<'_>,
+        timeout: Duration,
+    ) -> Result<Vec<(u16, u64)>, DoorbellError> {
+        self.poll_until(memory, 0..self.last_seen.len() as u16, timeout, None)
     }
 }
 
@@ -382,6 +414,14 @@ mod tests {
             receiver.wait(memory, 4, Duration::ZERO),
             Err(DoorbellError::VectorOutOfRange { .. })
         ));
+        PollDoorbells::ring(memory, offset, 3).unwrap();
+        PollDoorbells::ring(memory, offset, 3).unwrap();
+        PollDoorbells::ring(memory, offset, 0).unwrap();
+        assert_eq!(
+            receiver.wait_any(memory, Duration::from_secs(10)).unwrap(),
+            vec![(0, 1), (3, 2)]
+        );
+        assert_eq!(receiver.take(memory, 3).unwrap(), 0);
         assert!(matches!(
             PollDoorbells::new(memory, 510, 1),
             Err(DoorbellError::BadPollArea { .. })

@@ -409,8 +409,10 @@ impl IvshmemDevice {
     }
 
     /// Waits until any own vector is rung; returns each `(vector, count)` that was pending.
-    /// VFIO mode only (in sysfs mode wait on single vectors).
     pub fn wait_any(&self, timeout: Duration) -> Result<Vec<(u16, u64)>, DoorbellError> {
+        if let Some(poll) = self.poll.as_ref().filter(|_| self.eventfds.is_none()) {
+            return poll.wait_any(self.shared.view(), timeout);
+        }
         match &self.eventfds {
             Some(fds) if !fds.is_empty() => fds.wait_any(timeout),
             Some(_) => Err(DoorbellError::NoInterrupts {

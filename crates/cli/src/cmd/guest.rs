@@ -341,9 +341,17 @@ fn info(a: &InfoArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     // Reading IVPosition needs no interrupts: sysfs unless a mode was asked for.
-    let device = a
+    let device = match a
         .device
-        .open_with(Some(a.device.mode.unwrap_or(AccessMode::Sysfs)))?;
+        .open_with(Some(a.device.mode.unwrap_or(AccessMode::Sysfs)))
+    {
+        Ok(device) => device,
+        Err(error) => {
+            writeln!(out, "id=unknown")?;
+            tracing::warn!("cannot map the device to read its id: {error:#}");
+            return Ok(());
+        }
+    };
     writeln!(out, "id={}", device.id()?)?;
     writeln!(out, "size={}", device.shared_memory().len())?;
     writeln!(out, "mode={}", device.mode())?;

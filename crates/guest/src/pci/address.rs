@@ -109,4 +109,17 @@ mod tests {
             );
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in ".{0,40}") {
+            let _ = text.parse::<PciAddress>();
+        }
+
+        #[test]
+        fn display_round_trips(domain in 0u32..=0xffff, bus: u8, device in 0u8..32, function in 0u8..8) {
+            let address = PciAddress { domain, bus, device, function };
+            proptest::prop_assert_eq!(address.to_string().parse::<PciAddress>().unwrap(), address);
+        }
+    }
 }
