@@ -467,3 +467,120 @@ impl IvshmemDevice {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::fake::*;
+
+    /// A fake doorbell device whose BARs are regular files: 256 bytes of registers with
+    /// IVPosition = 7, and 64 KiB of shared memory.
+    fn fake_device(tmp: &TempDir, iommu_group: Option<u32>) -> SystemPaths {
+        let paths = tmp.paths();
+        let resource = "\
+0x00000000fea00000 0x00000000fea000ff 0x0000000000040200
+0x00000000fea01000 0x00000000fea01fff 0x0000000000040200
+0x0000000200000000 0x000000020000ffff 0x000000000014220c
+";
+        let dir = add_function(
+            &paths,
+            &FakeFunction {
+                address: "0000:00:03.0",
+                vendor: 0x1af4,
+                device: 0x1110,
+                class: 0x050000,
+                resource,
+                config: config_with_msix(0x1af4, 0x1110, 4),
+                driver: None,
+                iommu_group,
+            },
+        );
+        let mut registers = vec![0u8; 256];
+        registers[8..12].copy_from_slice(&7u32.to_le_bytes());
+        std::fs::write(dir.join("resource0"), registers).unwrap();
+        std::fs::write(dir.join("resource2"), vec![0u8; 64 << 10]).unwrap();
+        paths
+    }
+
+    fn sysfs_options(paths: SystemPaths) -> OpenOptions {
+        OpenOptions {
+            paths,
+            mode: Some(AccessMode::Sysfs),
+            take_over_driver: false,
+        }
+    }
+
+    #[test]
+    fn sysfs_mode_reads_id_rings_and_shares_memory() {
+        let tmp = TempDir::new();
+        let paths = fake_device(&tmp, None);
+        let mut dev =
+            IvshmemDevice::open(DeviceSelector::Only, &sysfs_options(paths.clone())).unwrap();
+        assert_eq!(dev.mode(), AccessMode::Sysfs);
+        assert_eq!(dev.info().kind, DeviceKind::IvshmemDoorbell);
+        assert_eq!(dev.id().unwrap(), 7);
+        assert_eq!(dev.vectors(), 4);
+        dev.notify(3, 2).unwrap();
+        let registers = std::fs::read(paths.pci_device(dev.address()).join("resource0")).unwrap();
+        assert_eq!(&registers[12..16], &0x0003_0002u32.to_le_bytes());
+        assert!(matches!(
+            dev.notify(3, 256),
+            Err(DoorbellError::VectorTooLarge { vector: 256 })
+        ));
+
+        dev.shared_memory().write(100, b"shared").unwrap();
+        let memory = std::fs::read(paths.pci_device(dev.address()).join("resource2")).unwrap();
+        assert_eq!(&memory[100..106], b"shared");
+
+        // No interrupts in sysfs mode until a polling area is set.
+        assert!(matches!(
+            dev.check_can_wait(),
+            Err(DoorbellError::NoInterrupts { .. })
+        ));
+        assert!(matches!(
+            dev.vector_fd(0),
+            Err(DoorbellError::NoInterrupts { .. })
+        ));
+        dev.set_poll_area(0x1000).unwrap();
+        PollDoorbells::ring(dev.shared_memory(), 0x1000, 2).unwrap();
+        assert_eq!(dev.wait(2, Duration::from_secs(5)).unwrap(), 1);
+        assert!(matches!(
+            dev.wait(4, Duration::ZERO),
+            Err(DoorbellError::VectorOutOfRange {
+                vector: 4,
+                vectors: 4
+            })
+        ));
+        dev.close_and_restore_driver().unwrap();
+    }
+
+    #[test]
+    fn vfio_mode_without_iommu_group_is_explained() {
+        let tmp = TempDir::new();
+        let paths = fake_device(&tmp, None);
+        let options = OpenOptions {
+            paths,
+            mode: None,
+            take_over_driver: false,
+        };
+        let err = IvshmemDevice::open(DeviceSelector::Only, &options).unwrap_err();
+        assert!(
+            matches!(err, OpenError::Vfio(VfioError::NoIommuGroup { .. })),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn default_mode_follows_the_kind() {
+        assert_eq!(
+            AccessMode::default_for(DeviceKind::IvshmemDoorbell),
+            AccessMode::Vfio
+        );
+        assert_eq!(
+            AccessMode::default_for(DeviceKind::IvshmemPlain),
+            AccessMode::Sysfs
+        );
+        assert_eq!("sysfs".parse::<AccessMode>().unwrap(), AccessMode::Sysfs);
+        assert!("uio".parse::<AccessMode>().is_err());
+    }
+}
