@@ -249,6 +249,7 @@ impl DeviceArgs {
     }
 }
 
+/// Runs one `ivshm guest` subcommand.
 pub fn run(c: GuestCommand) -> anyhow::Result<()> {
     match c {
         GuestCommand::List(a) => list(&a),
