@@ -209,20 +209,19 @@ pub struct HostProcess {
 
 impl HostProcess {
     /// Starts `command` with piped stdout and stderr (stdin is `/dev/null`); `name` is used
-    /// in messages.
+    /// in messages. The process is killed if the test process dies.
     pub fn spawn(name: &str, mut command: Command) -> Result<Self, HostError> {
         let description = format!("{command:?}");
         eprintln!("e2e: {name}: starting {description}");
-        let mut child = command
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| HostError::Spawn {
-                name: name.to_string(),
-                command: description,
-                source,
-            })?;
+            .stderr(Stdio::piped());
+        let mut child = crate::orphan::spawn(command).map_err(|source| HostError::Spawn {
+            name: name.to_string(),
+            command: description,
+            source,
+        })?;
         let stdout = Arc::new(LineBuffer::default());
         let stderr = Arc::new(LineBuffer::default());
         let pipes = (child.stdout.take(), child.stderr.take());

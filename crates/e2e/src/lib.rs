@@ -14,6 +14,7 @@
 //! - [`host`]: host processes with captured output lines.
 //! - [`ivshm`]: the host `ivshm` server, listener, read and write.
 //! - [`scratch`]: temporary directories and `/dev/shm` files removed on drop.
+//! - [`orphan`]: children are killed when the test process dies.
 
 pub mod assets;
 pub mod binaries;
@@ -22,6 +23,7 @@ pub mod cpio;
 pub mod host;
 pub mod initramfs;
 pub mod ivshm;
+pub mod orphan;
 pub mod pci;
 pub mod qemu;
 pub mod scratch;

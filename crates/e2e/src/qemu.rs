@@ -28,7 +28,7 @@ use crate::assets::{GuestAssets, VFIO_MODULES};
 use crate::binaries::{self, BuildError};
 use crate::console::{self, CommandOutput, ConsoleBuffer, WaitFailure};
 use crate::initramfs::{InitramfsError, InitramfsSpec, ERROR_MARKER, READY_MARKER};
-use crate::workspace;
+use crate::{orphan, workspace};
 
 /// How many console lines failure messages show.
 const TAIL_LINES: usize = 40;
@@ -393,13 +393,13 @@ impl QemuGuest {
             builder.assets.qemu.display(),
             args.join(" ")
         );
-        let mut child = Command::new(&builder.assets.qemu)
+        let mut command = Command::new(&builder.assets.qemu);
+        command
             .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(io("starting QEMU"))?;
+            .stderr(Stdio::piped());
+        let mut child = orphan::spawn(command).map_err(io("starting QEMU"))?;
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
