@@ -23,15 +23,16 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Subcommand, Debug)]
 pub enum ControlCommand {
     /// List the server's regions: size, backend, vectors, peers, limit, id policy, origin.
-    Regions(ListArgs),
+    Regions(ControlArgs),
     /// Create or remove a region.
     #[command(subcommand)]
     Region(RegionCommand),
     /// List the VMs, the regions each sees (its name -> host name) and their peers.
-    Vms(ListArgs),
+    Vms(ControlArgs),
     /// Counters: joins, leaves, drops, doorbell fds handed out, refusals by status code.
-    Stats(ListArgs),
-    /// Re-read the server's configuration file without dropping connected peers.
+    Stats(ControlArgs),
+    /// Re-read the server's configuration file without dropping connected peers; prints one
+    /// line per change (what happens to peers a change would orphan included).
     Reload(ControlArgs),
 }
 
@@ -43,18 +44,13 @@ pub enum RegionCommand {
     Remove(RemoveArgs),
 }
 
+/// What every control subcommand takes: the socket, and the output form.
 #[derive(Args, Debug)]
 pub struct ControlArgs {
     /// The server's control socket.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL)]
     pub control: PathBuf,
-}
-
-#[derive(Args, Debug)]
-pub struct ListArgs {
-    #[command(flatten)]
-    pub control: ControlArgs,
-    /// Print the server's JSON answer instead of lines.
+    /// Print the server's JSON answer (its `result` object) instead of lines.
     #[arg(long)]
     pub json: bool,
 }
@@ -80,9 +76,6 @@ pub struct CreateArgs {
     /// Keep the region after its last peer leaves.
     #[arg(long)]
     pub persist: bool,
-    /// Print the server's JSON answer.
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -98,13 +91,19 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(c: ControlCommand) -> anyhow::Result<()> {
-    let (socket, request, json) = match c {
-        ControlCommand::Regions(a) => (a.control.control, ControlRequest::Regions, a.json),
-        ControlCommand::Vms(a) => (a.control.control, ControlRequest::Vms, a.json),
-        ControlCommand::Stats(a) => (a.control.control, ControlRequest::Stats, a.json),
-        ControlCommand::Reload(a) => (a.control, ControlRequest::Reload, false),
+    print!("{}", execute(c)?);
+    Ok(())
+}
+
+/// Sends the command's request and returns what the command prints.
+pub fn execute(c: ControlCommand) -> anyhow::Result<String> {
+    let (args, request) = match c {
+        ControlCommand::Regions(a) => (a, ControlRequest::Regions),
+        ControlCommand::Vms(a) => (a, ControlRequest::Vms),
+        ControlCommand::Stats(a) => (a, ControlRequest::Stats),
+        ControlCommand::Reload(a) => (a, ControlRequest::Reload),
         ControlCommand::Region(RegionCommand::Create(a)) => (
-            a.control.control,
+            a.control,
             ControlRequest::Create(CreateRegion {
                 name: a.name,
                 size: a.size,
@@ -113,21 +112,23 @@ pub fn run(c: ControlCommand) -> anyhow::Result<()> {
                 id_policy: a.id_policy,
                 persist: a.persist,
             }),
-            a.json,
         ),
-        ControlCommand::Region(RegionCommand::Remove(a)) => (
-            a.control.control,
-            ControlRequest::Remove { name: a.name },
-            false,
-        ),
+        ControlCommand::Region(RegionCommand::Remove(a)) => {
+            (a.control, ControlRequest::Remove { name: a.name })
+        }
     };
-    let result = request_result(&socket, &request)?;
+    let result = request_result(&args.control, &request)?;
+    output(&result, args.json)
+}
+
+/// What a command prints for `result`: [`render`]ed lines, or with `--json` the result as
+/// pretty JSON (one object, newline-terminated).
+pub fn output(result: &ControlResult, json: bool) -> anyhow::Result<String> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+        Ok(format!("{}\n", serde_json::to_string_pretty(result)?))
     } else {
-        print!("{}", render(&result));
+        Ok(render(result))
     }
-    Ok(())
 }
 
 /// Sends one request and returns the successful result (an error for a failed one).
@@ -247,23 +248,121 @@ fn stats_lines(s: &StatsReport) -> String {
 mod tests {
     use super::*;
 
-    /// A server with one open VM under a fresh root.
+    /// A server with one open VM under a fresh root, started from a configuration file in that
+    /// root (so that it can reload).
     fn server(tag: &str) -> (ivshm_server::ServerHandle, PathBuf) {
         let root = std::env::temp_dir().join(format!("ivshm-cli-ctl-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        let mut named = ivshm_server::NamedConfig::new(&root);
-        named.defaults.vectors = 1;
-        named.vms.push(ivshm_server::VmConfig {
-            name: ivshm_policy::RegionName::new("vm0").unwrap(),
-            policy: ivshm_policy::VmPolicy::default(),
-            directory: ivshm_server::named::DirectoryConfig::default(),
-        });
-        let config = ivshm_server::ServerConfig {
-            regions: Vec::new(),
-            max_queued_messages: 1024,
-            named: Some(named),
-        };
+        std::fs::create_dir_all(&root).unwrap();
+        let file = root.join("ivshm.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "root = {:?}\n[defaults]\nvectors = 1\n[vm.vm0]\n",
+                root.display().to_string()
+            ),
+        )
+        .unwrap();
+        let config = ivshm_server::config_file::load(&file).unwrap();
         (ivshm_server::ServerHandle::spawn(config).unwrap(), root)
+    }
+
+    /// The commands as a user types them (after `ivshm`).
+    #[derive(clap::Parser, Debug)]
+    struct Typed {
+        #[command(subcommand)]
+        command: ControlCommand,
+    }
+
+    fn typed(control: &Path, words: &str, json: bool) -> String {
+        use clap::Parser;
+        let mut argv = vec!["ivshm".to_string()];
+        argv.extend(words.split_whitespace().map(String::from));
+        argv.extend(["--control".to_string(), control.display().to_string()]);
+        if json {
+            argv.push("--json".into());
+        }
+        let parsed = Typed::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        execute(parsed.command).unwrap()
+    }
+
+    /// Every subcommand takes `--json` and prints the server's result object, which parses back
+    /// into the result of the kind asked for; without it, the lines of [`render`].
+    #[test]
+    fn every_subcommand_prints_lines_or_json() {
+        let (server, root) = server("json");
+        let control = root.join("control.sock");
+        let json = |words: &str| -> ControlResult {
+            let text = typed(&control, words, true);
+            assert!(text.ends_with("}\n"), "{words}: {text}");
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{words}: {e}: {text}"))
+        };
+        let created = json("region create a --size 64K --peer-limit 3 --id-policy increasing");
+        let ControlResult::Created { region } = &created else {
+            panic!("{created:?}")
+        };
+        assert_eq!(
+            (
+                region.size,
+                region.peer_limit,
+                region.id_policy.as_str(),
+                region.persist
+            ),
+            (65536, 3, "increasing", false)
+        );
+        let text = typed(&control, "region create b --size 4096 --persist", false);
+        assert!(text.starts_with("created region b size=4096 "), "{text}");
+        assert!(text.ends_with(" persist\n"), "{text}");
+
+        let ControlResult::Regions { regions } = json("regions") else {
+            panic!("regions")
+        };
+        let names: Vec<&str> = regions.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(
+            typed(&control, "regions", false).lines().count(),
+            2,
+            "one line per region"
+        );
+
+        let ControlResult::Vms { vms } = json("vms") else {
+            panic!("vms")
+        };
+        assert_eq!(vms.len(), 1);
+        let seen: Vec<&str> = vms[0]
+            .regions
+            .iter()
+            .map(|r| r.guest_name.as_str())
+            .collect();
+        assert_eq!(seen, ["a", "b"]);
+        assert!(typed(&control, "vms", false).starts_with("vm vm0 dir="));
+
+        let ControlResult::Stats { stats } = json("stats") else {
+            panic!("stats")
+        };
+        assert_eq!(
+            stats.refusals.len(),
+            6,
+            "one counter per refusal code: {stats:?}"
+        );
+        assert!(typed(&control, "stats", false).contains("\nrefusals GSS_CLIENT_MAX=0 "));
+
+        let ControlResult::Removed { message } = json("region remove a") else {
+            panic!("remove")
+        };
+        assert_eq!(message, "removed region a");
+        assert_eq!(
+            typed(&control, "region remove b", false),
+            "removed region b\n"
+        );
+
+        let ControlResult::Reloaded { changes } = json("reload") else {
+            panic!("reload")
+        };
+        assert_eq!(changes, ["nothing changed"]);
+        assert_eq!(typed(&control, "reload", false), "nothing changed\n");
+        server.shutdown().unwrap();
+        let _ = std::fs::remove_dir_all(root);
     }
 
     #[test]
@@ -311,10 +410,6 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.to_string(), "no region named \"scratch\"");
-        let err = request_result(&control, &ControlRequest::Reload).unwrap_err();
-        assert!(err
-            .to_string()
-            .contains("not started from a configuration file"));
         assert!(request(&root.join("nope.sock"), &ControlRequest::Stats).is_err());
         server.shutdown().unwrap();
         let _ = std::fs::remove_dir_all(root);
