@@ -343,14 +343,8 @@ mod tests {
         add_function(
             &paths,
             &FakeFunction {
-                address: "0000:00:03.0",
-                vendor: 0x1af4,
-                device: 0x1110,
-                class: 0x050000,
-                resource: DOORBELL_RESOURCE,
                 config,
-                driver: None,
-                iommu_group: None,
+                ..FakeFunction::doorbell("0000:00:03.0")
             },
         );
         assert_eq!(

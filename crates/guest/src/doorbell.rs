@@ -102,6 +102,45 @@ fn timespec(timeout: Duration) -> Timespec {
     }
 }
 
+/// Consumes an eventfd's count without blocking (`fd` must be non-blocking); 0: not rung.
+pub fn take_eventfd(fd: BorrowedFd<'_>) -> Result<u64, DoorbellError> {
+    let mut value = [0u8; 8];
+    loop {
+        return match rustix::io::read(fd, &mut value) {
+            Ok(8) => Ok(u64::from_ne_bytes(value)),
+            Ok(_) => Err(DoorbellError::Eventfd {
+                op: "read",
+                error: Errno::IO,
+            }),
+            Err(Errno::AGAIN) => Ok(0),
+            Err(Errno::INTR) => continue,
+            Err(error) => Err(DoorbellError::Eventfd { op: "read", error }),
+        };
+    }
+}
+
+/// Waits until the non-blocking eventfd `fd` is rung (or was rung before the call) and
+/// consumes its count; `Ok(None)` when `timeout` passed first. Use it on the fd of
+/// [`VectorEventfds::fd`] or of a host peer's own vector.
+pub fn wait_eventfd(fd: BorrowedFd<'_>, timeout: Duration) -> Result<Option<u64>, DoorbellError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let count = take_eventfd(fd)?;
+        if count > 0 {
+            return Ok(Some(count));
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Ok(None);
+        }
+        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        match poll(&mut fds, Some(&timespec(remaining))) {
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(error) => return Err(DoorbellError::Eventfd { op: "poll", error }),
+        }
+    }
+}
+
 /// One eventfd per MSI-X vector; vector N's eventfd counts the interrupts of vector N.
 #[derive(Debug)]
 pub struct VectorEventfds {
@@ -145,42 +184,16 @@ impl VectorEventfds {
 
     /// Consumes and returns the doorbell count of `vector` without blocking (0: none pending).
     pub fn take(&self, vector: u16) -> Result<u64, DoorbellError> {
-        let fd = &self.fds[check_vector(vector, self.len())?];
-        let mut value = [0u8; 8];
-        match rustix::io::read(fd, &mut value) {
-            Ok(8) => Ok(u64::from_ne_bytes(value)),
-            Ok(_) => Err(DoorbellError::Eventfd {
-                op: "read",
-                error: Errno::IO,
-            }),
-            Err(Errno::AGAIN) => Ok(0),
-            Err(error) => Err(DoorbellError::Eventfd { op: "read", error }),
-        }
+        take_eventfd(self.fd(vector)?)
     }
 
     /// Waits until `vector` has been rung at least once and returns how many doorbells were
     /// counted (coalesced by the kernel).
     pub fn wait(&self, vector: u16, timeout: Duration) -> Result<u64, DoorbellError> {
-        let index = check_vector(vector, self.len())?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let count = self.take(vector)?;
-            if count > 0 {
-                return Ok(count);
-            }
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(DoorbellError::Timeout {
-                    vector: Some(vector),
-                    timeout,
-                });
-            }
-            let mut fds = [PollFd::new(&self.fds[index], PollFlags::IN)];
-            match poll(&mut fds, Some(&timespec(remaining))) {
-                Ok(_) | Err(Errno::INTR) => {}
-                Err(error) => return Err(DoorbellError::Eventfd { op: "poll", error }),
-            }
-        }
+        wait_eventfd(self.fd(vector)?, timeout)?.ok_or(DoorbellError::Timeout {
+            vector: Some(vector),
+            timeout,
+        })
     }
 
     /// Waits until any vector is rung; returns every `(vector, count)` that was pending.
@@ -388,6 +401,23 @@ mod tests {
             vectors.wait(9, Duration::ZERO),
             Err(DoorbellError::VectorOutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn wait_eventfd_sees_a_ring_from_another_thread_and_times_out_without_one() {
+        let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap();
+        assert_eq!(take_eventfd(fd.as_fd()).unwrap(), 0);
+        std::thread::scope(|s| {
+            s.spawn(|| rustix::io::write(&fd, &3u64.to_ne_bytes()).unwrap());
+            assert_eq!(
+                wait_eventfd(fd.as_fd(), Duration::from_secs(10)).unwrap(),
+                Some(3)
+            );
+        });
+        assert_eq!(
+            wait_eventfd(fd.as_fd(), Duration::from_millis(10)).unwrap(),
+            None
+        );
     }
 
     #[test]

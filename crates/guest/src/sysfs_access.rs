@@ -175,19 +175,7 @@ mod tests {
     fn enables_and_maps_resource_files() {
         let tmp = TempDir::new();
         let paths = tmp.paths();
-        let dir = add_function(
-            &paths,
-            &FakeFunction {
-                address: "0000:00:04.0",
-                vendor: 0x1af4,
-                device: 0x1110,
-                class: 0x050000,
-                resource: PLAIN_RESOURCE,
-                config: config_with_msix(0x1af4, 0x1110, 0),
-                driver: None,
-                iommu_group: None,
-            },
-        );
+        let dir = add_function(&paths, &FakeFunction::plain("0000:00:04.0"));
         // Regular files stand in for the BARs: 256 bytes of registers, 1 MiB of memory.
         std::fs::write(dir.join("resource0"), vec![0u8; 256]).unwrap();
         std::fs::write(dir.join("resource2"), vec![0u8; 1 << 20]).unwrap();

@@ -167,6 +167,11 @@ fn link_name(path: &Path) -> Option<String> {
     Some(target.file_name()?.to_string_lossy().into_owned())
 }
 
+/// The driver bound to the function right now (`None`: no driver), read from its `driver` link.
+pub fn bound_driver(paths: &SystemPaths, address: PciAddress) -> Option<String> {
+    link_name(&paths.pci_device(address).join("driver"))
+}
+
 /// Reads one function's information from `<sysfs>/bus/pci/devices/<address>`.
 pub fn read_function(
     paths: &SystemPaths,
@@ -295,6 +300,31 @@ pub(crate) mod fake {
         pub iommu_group: Option<u32>,
     }
 
+    impl<'a> FakeFunction<'a> {
+        /// An ivshmem-doorbell with 4 vectors and a 4 MiB BAR2, no driver, no IOMMU group.
+        pub fn doorbell(address: &'a str) -> FakeFunction<'a> {
+            FakeFunction {
+                address,
+                vendor: 0x1af4,
+                device: 0x1110,
+                class: 0x050000,
+                resource: DOORBELL_RESOURCE,
+                config: config_with_msix(0x1af4, 0x1110, 4),
+                driver: None,
+                iommu_group: None,
+            }
+        }
+
+        /// An ivshmem-plain (no MSI-X, no BAR1) with a 1 MiB BAR2.
+        pub fn plain(address: &'a str) -> FakeFunction<'a> {
+            FakeFunction {
+                resource: PLAIN_RESOURCE,
+                config: config_with_msix(0x1af4, 0x1110, 0),
+                ..FakeFunction::doorbell(address)
+            }
+        }
+    }
+
     /// Creates the function's directory with the files discovery reads.
     pub fn add_function(paths: &SystemPaths, f: &FakeFunction<'_>) -> PathBuf {
         let dir = paths.pci_devices().join(f.address);
@@ -372,14 +402,9 @@ mod tests {
         add_function(
             &paths,
             &FakeFunction {
-                address: "0000:00:03.0",
-                vendor: 0x1af4,
-                device: 0x1110,
-                class: 0x050000,
-                resource: DOORBELL_RESOURCE,
-                config: config_with_msix(0x1af4, 0x1110, 4),
                 driver: Some("vfio-pci"),
                 iommu_group: Some(7),
+                ..FakeFunction::doorbell("0000:00:03.0")
             },
         );
         add_function(
@@ -427,14 +452,8 @@ mod tests {
         add_function(
             &paths,
             &FakeFunction {
-                address: "0000:00:04.0",
-                vendor: 0x1af4,
-                device: 0x1110,
-                class: 0x050000,
-                resource: DOORBELL_RESOURCE,
                 config,
-                driver: None,
-                iommu_group: None,
+                ..FakeFunction::doorbell("0000:00:04.0")
             },
         );
         let f = read_function(&paths, "00:04.0".parse().unwrap()).unwrap();
@@ -456,14 +475,8 @@ mod tests {
         let dir = add_function(
             &paths,
             &FakeFunction {
-                address: "0000:00:05.0",
-                vendor: 0x1af4,
-                device: 0x1110,
-                class: 0x050000,
-                resource: PLAIN_RESOURCE,
                 config: vec![],
-                driver: None,
-                iommu_group: None,
+                ..FakeFunction::plain("0000:00:05.0")
             },
         );
         std::fs::write(dir.join("vendor"), "banana\n").unwrap();

@@ -2,7 +2,7 @@
 //! restoring the driver it had before.
 
 use super::VfioError;
-use crate::pci::{PciAddress, PciFunction, SystemPaths};
+use crate::pci::{bound_driver, PciAddress, PciFunction, SystemPaths};
 use std::io::Write;
 use std::path::Path;
 
@@ -47,7 +47,7 @@ impl DriverBinding {
         let device_dir = self.paths.pci_device(self.address);
         let address = self.address.to_string();
         write_sysfs(&device_dir.join("driver_override"), "\n")?;
-        if current_driver(&self.paths, self.address).as_deref() == Some(VFIO_PCI_DRIVER) {
+        if bound_driver(&self.paths, self.address).as_deref() == Some(VFIO_PCI_DRIVER) {
             write_sysfs(
                 &self.paths.pci_driver(VFIO_PCI_DRIVER).join("unbind"),
                 &address,
@@ -110,11 +110,6 @@ pub(crate) fn write_sysfs(path: &Path, text: &str) -> Result<(), VfioError> {
     })
 }
 
-fn current_driver(paths: &SystemPaths, address: PciAddress) -> Option<String> {
-    let target = std::fs::read_link(paths.pci_device(address).join("driver")).ok()?;
-    Some(target.file_name()?.to_string_lossy().into_owned())
-}
-
 /// Checks the preconditions of VFIO (IOMMU group, `vfio-pci` loaded) and binds `function` to
 /// `vfio-pci`. A function bound to another driver is refused unless `take_over` is set, in
 /// which case it is unbound first and remembered for [`DriverBinding::restore`].
@@ -137,7 +132,7 @@ pub fn bind_to_vfio(
         changed: false,
         recorded: false,
     };
-    match current_driver(paths, address) {
+    match bound_driver(paths, address) {
         Some(driver) if driver == VFIO_PCI_DRIVER => {
             if let Some(original) = read_record(paths, address) {
                 binding.original_driver = original;
@@ -163,7 +158,7 @@ pub fn bind_to_vfio(
     )?;
     binding.changed = true;
     let probe = write_sysfs(&paths.pci_drivers_probe(), &address.to_string());
-    let now = current_driver(paths, address);
+    let now = bound_driver(paths, address);
     if now.as_deref() != Some(VFIO_PCI_DRIVER) {
         // Leave the system as we found it before reporting.
         let reason = match probe {
@@ -198,14 +193,9 @@ mod tests {
         add_function(
             &paths,
             &FakeFunction {
-                address: "0000:00:03.0",
-                vendor: 0x1af4,
-                device: 0x1110,
-                class: 0x050000,
-                resource: DOORBELL_RESOURCE,
-                config: config_with_msix(0x1af4, 0x1110, 4),
                 driver,
                 iommu_group: group,
+                ..FakeFunction::doorbell("0000:00:03.0")
             },
         );
         std::fs::write(paths.pci_drivers_probe(), "").unwrap();

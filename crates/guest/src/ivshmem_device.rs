@@ -1,0 +1,555 @@
+//! An open ivshmem device ([`IvshmemDevice`]): opening it in one of the two [`AccessMode`]s,
+//! its registers, shared memory, doorbells and the driver binding.
+
+use crate::device::{find_device, DeviceKind, DeviceSelector, FoundDevice, SelectError};
+use crate::doorbell::{self, doorbell_value, DoorbellError, PollDoorbells, VectorEventfds};
+use crate::pci::{PciAddress, SystemPaths};
+use crate::sysfs_access::{self, SysfsError};
+use crate::vfio::ioctl::{RegionInfo, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX};
+use crate::vfio::{self, VfioError};
+use crate::vfio::{DriverBinding, VfioDevice};
+use ivshm_mem::Mapping;
+use ivshm_mem::SharedView;
+use rustix::fd::BorrowedFd;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// How the device's BARs and interrupts are reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessMode {
+    /// Through `vfio-pci`: BARs mapped via VFIO, MSI-X vectors delivered to eventfds.
+    Vfio,
+    /// Through sysfs `resourceN` files: BARs only, no interrupts (waiting polls shared memory).
+    Sysfs,
+}
+
+impl AccessMode {
+    /// The default for a kind: VFIO for doorbell devices (to receive interrupts), sysfs otherwise.
+    pub fn default_for(kind: DeviceKind) -> AccessMode {
+        if kind.has_doorbells() {
+            AccessMode::Vfio
+        } else {
+            AccessMode::Sysfs
+        }
+    }
+}
+
+impl FromStr for AccessMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "vfio" => Ok(AccessMode::Vfio),
+            "sysfs" => Ok(AccessMode::Sysfs),
+            other => Err(format!(
+                "unknown access mode `{other}` (expected vfio or sysfs)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for AccessMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AccessMode::Vfio => "vfio",
+            AccessMode::Sysfs => "sysfs",
+        })
+    }
+}
+
+/// Options for [`IvshmemDevice::open`].
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Where sysfs and `/dev/vfio` are.
+    pub paths: SystemPaths,
+    /// Access mode; `None` picks [`AccessMode::default_for`] the device kind.
+    pub mode: Option<AccessMode>,
+    /// VFIO mode: unbind another driver that owns the device (remembered, so that
+    /// [`IvshmemDevice::close_and_restore_driver`] can rebind it). Without it such a device is refused.
+    pub take_over_driver: bool,
+}
+
+/// Failure to open a device.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Finding or selecting the device failed.
+    #[error(transparent)]
+    Select(#[from] SelectError),
+    /// The VFIO path failed.
+    #[error(transparent)]
+    Vfio(#[from] VfioError),
+    /// The sysfs path failed.
+    #[error(transparent)]
+    Sysfs(#[from] SysfsError),
+    /// Setting up the vectors failed.
+    #[error(transparent)]
+    Doorbell(#[from] DoorbellError),
+    /// The device has no shared memory BAR.
+    #[error("{address} has no shared-memory BAR2 (ivshmem-plain needs memdev=, ivshmem-doorbell a server)")]
+    NoSharedMemory {
+        /// The device.
+        address: PciAddress,
+    },
+}
+
+/// How the register block is reached.
+enum Registers {
+    /// Mapped (sysfs `resource0`, or a VFIO region that allows mmap).
+    Mapped(Mapping),
+    /// VFIO region without mmap support: pread/pwrite on the device fd.
+    VfioRegion(RegionInfo),
+}
+
+/// An open ivshmem device: shared memory, registers and doorbells.
+pub struct IvshmemDevice {
+    found: FoundDevice,
+    mode: AccessMode,
+    // Drop order matters: mappings and eventfds go first, then the VFIO fds.
+    shared: Mapping,
+    registers: Registers,
+    eventfds: Option<VectorEventfds>,
+    poll: Option<PollDoorbells>,
+    vectors: u16,
+    vfio: Option<VfioDevice>,
+    binding: Option<DriverBinding>,
+}
+
+impl fmt::Debug for IvshmemDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IvshmemDevice")
+            .field("address", &self.found.function.address)
+            .field("kind", &self.found.kind)
+            .field("mode", &self.mode)
+            .field("shared_len", &self.shared.len())
+            .field("vectors", &self.vectors)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IvshmemDevice {
+    /// Finds the device named by `selector` and opens it.
+    pub fn open(
+        selector: DeviceSelector,
+        options: &OpenOptions,
+    ) -> Result<IvshmemDevice, OpenError> {
+        let found = find_device(&options.paths, selector)?;
+        Self::open_found(found, options)
+    }
+
+    /// Opens a device found by [`find_devices`].
+    pub fn open_found(
+        found: FoundDevice,
+        options: &OpenOptions,
+    ) -> Result<IvshmemDevice, OpenError> {
+        if !found.kind.is_supported() {
+            return Err(SelectError::Unsupported {
+                address: found.function.address,
+                kind: found.kind,
+            }
+            .into());
+        }
+        if found.function.bar(2).is_none() {
+            return Err(OpenError::NoSharedMemory {
+                address: found.function.address,
+            });
+        }
+        match options
+            .mode
+            .unwrap_or_else(|| AccessMode::default_for(found.kind))
+        {
+            AccessMode::Vfio => Self::open_vfio(found, options),
+            AccessMode::Sysfs => Self::open_sysfs(found, options),
+        }
+    }
+
+    fn open_sysfs(found: FoundDevice, options: &OpenOptions) -> Result<IvshmemDevice, OpenError> {
+        let paths = &options.paths;
+        if let Some(driver) = &found.function.driver {
+            tracing::warn!(address = %found.function.address, %driver, "device is bound to a driver; mapping its BARs through sysfs anyway");
+        }
+        sysfs_access::enable_device(paths, &found.function)?;
+        let registers = sysfs_access::map_bar(
+            paths,
+            &found.function,
+            0,
+            Some(doorbell::REGISTER_BLOCK_SIZE),
+        )?;
+        let shared = sysfs_access::map_bar(paths, &found.function, 2, None)?;
+        let vectors = found.msix_vectors();
+        Ok(IvshmemDevice {
+            found,
+            mode: AccessMode::Sysfs,
+            shared,
+            registers: Registers::Mapped(registers),
+            eventfds: None,
+            poll: None,
+            vectors,
+            vfio: None,
+            binding: None,
+        })
+    }
+
+    fn open_vfio(found: FoundDevice, options: &OpenOptions) -> Result<IvshmemDevice, OpenError> {
+        let paths = &options.paths;
+        let binding = vfio::bind_to_vfio(paths, &found.function, options.take_over_driver)?;
+        match Self::open_vfio_bound(&found, paths) {
+            Ok((vfio, shared, registers, eventfds)) => Ok(IvshmemDevice {
+                mode: AccessMode::Vfio,
+                shared,
+                registers,
+                vectors: eventfds.len(),
+                eventfds: Some(eventfds),
+                poll: None,
+                vfio: Some(vfio),
+                binding: Some(binding),
+                found,
+            }),
+            Err(e) => {
+                if let Err(restore) = binding.restore() {
+                    tracing::warn!(error = %restore, "could not restore the driver binding after a failed open");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn open_vfio_bound(
+        found: &FoundDevice,
+        paths: &SystemPaths,
+    ) -> Result<(VfioDevice, Mapping, Registers, VectorEventfds), OpenError> {
+        let address = found.function.address;
+        let group = found
+            .function
+            .iommu_group
+            .ok_or(VfioError::NoIommuGroup { address })?;
+        let vfio = VfioDevice::open(paths, address, group)?;
+        let bar0 = vfio.region_info(VFIO_PCI_BAR0_REGION_INDEX)?;
+        let register_len = doorbell::REGISTER_BLOCK_SIZE as u64;
+        let registers = if bar0.is_mappable() && bar0.size >= register_len {
+            Registers::Mapped(vfio.map_region(&bar0, register_len)?)
+        } else if bar0.size >= register_len {
+            tracing::debug!(
+                "BAR0 is not mmap-able through VFIO (smaller than a page?); using pread/pwrite"
+            );
+            Registers::VfioRegion(bar0)
+        } else {
+            return Err(VfioError::BadRegion {
+                index: 0,
+                size: bar0.size,
+                needed: register_len,
+            }
+            .into());
+        };
+        let bar2 = vfio.region_info(VFIO_PCI_BAR2_REGION_INDEX)?;
+        if !bar2.is_mappable() || bar2.size == 0 {
+            return Err(OpenError::NoSharedMemory { address });
+        }
+        let shared = vfio.map_region(&bar2, bar2.size)?;
+        let vectors = u16::try_from(vfio.msix_count()).unwrap_or(u16::MAX);
+        let eventfds = VectorEventfds::new(vectors)?;
+        if vectors > 0 {
+            vfio.enable_bus_master()?;
+            vfio.connect_msix(&eventfds.fds())?;
+        }
+        Ok((vfio, shared, registers, eventfds))
+    }
+
+    /// What was found in sysfs about this device.
+    pub fn info(&self) -> &FoundDevice {
+        &self.found
+    }
+
+    /// The PCI address.
+    pub fn address(&self) -> PciAddress {
+        self.found.function.address
+    }
+
+    /// The access mode in use.
+    pub fn mode(&self) -> AccessMode {
+        self.mode
+    }
+
+    /// The shared memory (BAR2): bounds-checked volatile/atomic access, never plain references.
+    pub fn shared_memory(&self) -> SharedView<'_> {
+        self.shared.view()
+    }
+
+    /// Reads a 32-bit register at `offset` in BAR0 (one 32-bit load).
+    pub fn read_register(&self, offset: usize) -> Result<u32, DoorbellError> {
+        match &self.registers {
+            Registers::Mapped(m) => m
+                .view()
+                .read_u32(offset)
+                .map_err(|e| DoorbellError::Register(e.to_string())),
+            Registers::VfioRegion(region) => {
+                let mut bytes = [0u8; 4];
+                self.vfio_device()?
+                    .read_region(region, offset as u64, &mut bytes)
+                    .map_err(|e| DoorbellError::Register(e.to_string()))?;
+                Ok(u32::from_le_bytes(bytes))
+            }
+        }
+    }
+
+    /// Writes a 32-bit register at `offset` in BAR0 (one 32-bit store).
+    pub fn write_register(&self, offset: usize, value: u32) -> Result<(), DoorbellError> {
+        match &self.registers {
+            Registers::Mapped(m) => m
+                .view()
+                .write_u32(offset, value)
+                .map_err(|e| DoorbellError::Register(e.to_string())),
+            Registers::VfioRegion(region) => self
+                .vfio_device()?
+                .write_region(region, offset as u64, &value.to_le_bytes())
+                .map_err(|e| DoorbellError::Register(e.to_string())),
+        }
+    }
+
+    fn vfio_device(&self) -> Result<&VfioDevice, DoorbellError> {
+        self.vfio
+            .as_ref()
+            .ok_or_else(|| DoorbellError::Register("no VFIO device open".into()))
+    }
+
+    /// Own peer ID (the IVPosition register; 0 on ivshmem-plain).
+    pub fn id(&self) -> Result<u16, DoorbellError> {
+        let value = self.read_register(doorbell::REG_IV_POSITION)?;
+        u16::try_from(value).map_err(|_| {
+            DoorbellError::Register(format!(
+                "IVPosition reads {value:#x}, not a peer ID (setup incomplete?)"
+            ))
+        })
+    }
+
+    /// Rings `vector` of peer `peer` (one 32-bit store of `(peer << 16) | vector` to BAR0+12).
+    /// Works in both modes; QEMU silently drops doorbells to absent peers or vectors.
+    pub fn notify(&self, peer: u16, vector: u16) -> Result<(), DoorbellError> {
+        if vector > doorbell::MAX_DOORBELL_VECTOR {
+            return Err(DoorbellError::VectorTooLarge { vector });
+        }
+        self.write_register(doorbell::REG_DOORBELL, doorbell_value(peer, vector))
+    }
+
+    /// Number of own vectors: connected MSI-X vectors in VFIO mode; in sysfs mode the MSI-X table
+    /// size (the number of counters a polling area holds).
+    pub fn vectors(&self) -> u16 {
+        self.vectors
+    }
+
+    /// Sysfs mode: use the polling area at `offset` in shared memory for [`IvshmemDevice::wait`]
+    /// (see [`PollDoorbells`]). At least one counter is set up even on a device without MSI-X.
+    pub fn set_poll_area(&mut self, offset: usize) -> Result<(), DoorbellError> {
+        self.poll = Some(PollDoorbells::new(
+            self.shared.view(),
+            offset,
+            self.vectors.max(1),
+        )?);
+        if self.vectors == 0 {
+            self.vectors = 1;
+        }
+        Ok(())
+    }
+
+    /// Whether [`IvshmemDevice::wait`] can work: `Err(NoInterrupts)` in sysfs mode without a
+    /// polling area, or on a device without vectors.
+    pub fn check_can_wait(&self) -> Result<(), DoorbellError> {
+        match (&self.eventfds, &self.poll) {
+            (Some(fds), _) if !fds.is_empty() => Ok(()),
+            (_, Some(_)) => Ok(()),
+            (Some(_), None) => Err(DoorbellError::NoInterrupts {
+                reason: "the device has no MSI-X vectors",
+            }),
+            (None, None) => Err(DoorbellError::NoInterrupts {
+                reason: "sysfs mode",
+            }),
+        }
+    }
+
+    /// Waits until own `vector` is rung; returns the count of doorbells (coalesced). VFIO mode:
+    /// sleeps on the vector's eventfd. Sysfs mode: polls the polling area (see
+    /// [`IvshmemDevice::set_poll_area`]), or fails with [`DoorbellError::NoInterrupts`] without one.
+    pub fn wait(&self, vector: u16, timeout: Duration) -> Result<u64, DoorbellError> {
+        match (&self.eventfds, &self.poll) {
+            (Some(fds), _) if !fds.is_empty() => fds.wait(vector, timeout),
+            (_, Some(poll)) => poll.wait(self.shared.view(), vector, timeout),
+            (Some(_), None) => Err(DoorbellError::NoInterrupts {
+                reason: "the device has no MSI-X vectors",
+            }),
+            (None, None) => Err(DoorbellError::NoInterrupts {
+                reason: "sysfs mode",
+            }),
+        }
+    }
+
+    /// Waits until any own vector is rung; returns each `(vector, count)` that was pending.
+    pub fn wait_any(&self, timeout: Duration) -> Result<Vec<(u16, u64)>, DoorbellError> {
+        if let Some(poll) = self.poll.as_ref().filter(|_| self.eventfds.is_none()) {
+            return poll.wait_any(self.shared.view(), timeout);
+        }
+        match &self.eventfds {
+            Some(fds) if !fds.is_empty() => fds.wait_any(timeout),
+            Some(_) => Err(DoorbellError::NoInterrupts {
+                reason: "the device has no MSI-X vectors",
+            }),
+            None => Err(DoorbellError::NoInterrupts {
+                reason: "sysfs mode",
+            }),
+        }
+    }
+
+    /// The eventfd of own `vector` for the caller's poll loop (VFIO mode): readable when rung;
+    /// read 8 bytes to consume the count.
+    pub fn vector_fd(&self, vector: u16) -> Result<BorrowedFd<'_>, DoorbellError> {
+        match &self.eventfds {
+            Some(fds) => fds.fd(vector),
+            None => Err(DoorbellError::NoInterrupts {
+                reason: "sysfs mode",
+            }),
+        }
+    }
+
+    /// The VFIO driver binding made by `open`, if any (what was bound before, whether we changed it).
+    pub fn driver_binding(&self) -> Option<&DriverBinding> {
+        self.binding.as_ref()
+    }
+
+    /// Closes the device (mappings, eventfds, VFIO fds) and then restores the driver binding
+    /// found at open: unbinds `vfio-pci` and rebinds the original driver, if `open` (or an
+    /// earlier process, see [`DriverBinding::restore`]) changed it.
+    /// Simply dropping the device leaves it bound to `vfio-pci`.
+    pub fn close_and_restore_driver(self) -> Result<(), VfioError> {
+        let IvshmemDevice {
+            shared,
+            registers,
+            eventfds,
+            vfio,
+            binding,
+            ..
+        } = self;
+        if let Some(device) = &vfio {
+            if eventfds.as_ref().is_some_and(|e| !e.is_empty()) {
+                if let Err(e) = device.disconnect_msix() {
+                    tracing::debug!(error = %e, "disconnecting MSI-X before close failed");
+                }
+            }
+        }
+        drop((shared, registers, eventfds, vfio));
+        match binding {
+            Some(b) => b.restore(),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::fake::*;
+
+    /// A fake doorbell device whose BARs are regular files: 256 bytes of registers with
+    /// IVPosition = 7, and 64 KiB of shared memory.
+    fn fake_device(tmp: &TempDir, iommu_group: Option<u32>) -> SystemPaths {
+        let paths = tmp.paths();
+        let resource = "\
+0x00000000fea00000 0x00000000fea000ff 0x0000000000040200
+0x00000000fea01000 0x00000000fea01fff 0x0000000000040200
+0x0000000200000000 0x000000020000ffff 0x000000000014220c
+";
+        let dir = add_function(
+            &paths,
+            &FakeFunction {
+                resource,
+                iommu_group,
+                ..FakeFunction::doorbell("0000:00:03.0")
+            },
+        );
+        let mut registers = vec![0u8; 256];
+        registers[8..12].copy_from_slice(&7u32.to_le_bytes());
+        std::fs::write(dir.join("resource0"), registers).unwrap();
+        std::fs::write(dir.join("resource2"), vec![0u8; 64 << 10]).unwrap();
+        paths
+    }
+
+    fn sysfs_options(paths: SystemPaths) -> OpenOptions {
+        OpenOptions {
+            paths,
+            mode: Some(AccessMode::Sysfs),
+            take_over_driver: false,
+        }
+    }
+
+    #[test]
+    fn sysfs_mode_reads_id_rings_and_shares_memory() {
+        let tmp = TempDir::new();
+        let paths = fake_device(&tmp, None);
+        let mut dev =
+            IvshmemDevice::open(DeviceSelector::Only, &sysfs_options(paths.clone())).unwrap();
+        assert_eq!(dev.mode(), AccessMode::Sysfs);
+        assert_eq!(dev.info().kind, DeviceKind::IvshmemDoorbell);
+        assert_eq!(dev.id().unwrap(), 7);
+        assert_eq!(dev.vectors(), 4);
+        dev.notify(3, 2).unwrap();
+        let registers = std::fs::read(paths.pci_device(dev.address()).join("resource0")).unwrap();
+        assert_eq!(&registers[12..16], &0x0003_0002u32.to_le_bytes());
+        assert!(matches!(
+            dev.notify(3, 256),
+            Err(DoorbellError::VectorTooLarge { vector: 256 })
+        ));
+
+        dev.shared_memory().write(100, b"shared").unwrap();
+        let memory = std::fs::read(paths.pci_device(dev.address()).join("resource2")).unwrap();
+        assert_eq!(&memory[100..106], b"shared");
+
+        // No interrupts in sysfs mode until a polling area is set.
+        assert!(matches!(
+            dev.check_can_wait(),
+            Err(DoorbellError::NoInterrupts { .. })
+        ));
+        assert!(matches!(
+            dev.vector_fd(0),
+            Err(DoorbellError::NoInterrupts { .. })
+        ));
+        dev.set_poll_area(0x1000).unwrap();
+        PollDoorbells::ring(dev.shared_memory(), 0x1000, 2).unwrap();
+        assert_eq!(dev.wait(2, Duration::from_secs(5)).unwrap(), 1);
+        assert!(matches!(
+            dev.wait(4, Duration::ZERO),
+            Err(DoorbellError::VectorOutOfRange {
+                vector: 4,
+                vectors: 4
+            })
+        ));
+        dev.close_and_restore_driver().unwrap();
+    }
+
+    #[test]
+    fn vfio_mode_without_iommu_group_is_explained() {
+        let tmp = TempDir::new();
+        let paths = fake_device(&tmp, None);
+        let options = OpenOptions {
+            paths,
+            mode: None,
+            take_over_driver: false,
+        };
+        let err = IvshmemDevice::open(DeviceSelector::Only, &options).unwrap_err();
+        assert!(
+            matches!(err, OpenError::Vfio(VfioError::NoIommuGroup { .. })),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn default_mode_follows_the_kind() {
+        assert_eq!(
+            AccessMode::default_for(DeviceKind::IvshmemDoorbell),
+            AccessMode::Vfio
+        );
+        assert_eq!(
+            AccessMode::default_for(DeviceKind::IvshmemPlain),
+            AccessMode::Sysfs
+        );
+        assert_eq!("sysfs".parse::<AccessMode>().unwrap(), AccessMode::Sysfs);
+        assert!("uio".parse::<AccessMode>().is_err());
+    }
+}
