@@ -3,12 +3,15 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use ivshm_guest::doorbell::wait_eventfd;
 use ivshm_guest::pingpong::{self, PingPongConfig};
 use ivshm_guest::{
     find_devices, AccessMode, DeviceSelector, DoorbellError, FoundDevice, IvshmemDevice,
     OpenOptions, PollDoorbells, SystemPaths,
 };
 use std::io::Write;
+
+use super::host::{hex_decode, hex_encode};
 use std::time::{Duration, Instant};
 
 /// Inside a Linux guest: list, inspect and use ivshmem devices.
@@ -179,31 +182,6 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("`{s}` is not a number of seconds"))?;
     Duration::try_from_secs_f64(seconds)
         .map_err(|_| format!("`{s}` is not a valid number of seconds"))
-}
-
-/// Parses `deadbeef` (even number of hex digits) or `@FILE`.
-fn parse_data(data: &str) -> anyhow::Result<Vec<u8>> {
-    if let Some(path) = data.strip_prefix('@') {
-        return std::fs::read(path).with_context(|| format!("reading {path}"));
-    }
-    let digits = data.trim();
-    if digits.len() % 2 != 0 {
-        bail!(
-            "hex data must have an even number of digits (got {})",
-            digits.len()
-        );
-    }
-    (0..digits.len())
-        .step_by(2)
-        .map(|i| {
-            let pair = digits.get(i..i + 2).context("hex data must be ASCII")?;
-            u8::from_str_radix(pair, 16).with_context(|| format!("`{pair}` is not a hex byte"))
-        })
-        .collect()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl DeviceArgs {
@@ -431,23 +409,47 @@ fn wait(a: &WaitArgs) -> anyhow::Result<()> {
     a.device.close(device)
 }
 
+/// Checks that `len` bytes at `offset` lie inside `size` bytes of shared memory.
+fn check_range(offset: usize, len: usize, size: usize) -> anyhow::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => bail!("offset {offset} + length {len} is beyond the {size}-byte shared memory"),
+    }
+}
+
 fn read(a: &ReadArgs) -> anyhow::Result<()> {
     let device = a.device.open()?;
-    let mut buf = vec![0u8; a.len];
-    device.shared_memory().read(a.offset, &mut buf)?;
+    let memory = device.shared_memory();
+    check_range(a.offset, a.len, memory.len())?;
     let mut out = std::io::stdout().lock();
-    if a.raw {
-        out.write_all(&buf)?;
-    } else {
-        writeln!(out, "{}", hex(&buf))?;
+    // Bounded chunks: `--len` may be as large as the whole BAR.
+    let mut buf = vec![0u8; a.len.min(1 << 16)];
+    let mut done = 0;
+    while done < a.len {
+        let chunk_len = buf.len().min(a.len - done);
+        let chunk = &mut buf[..chunk_len];
+        memory.read(a.offset + done, chunk)?;
+        if a.raw {
+            out.write_all(chunk)?;
+        } else {
+            out.write_all(hex_encode(chunk).as_bytes())?;
+        }
+        done += chunk_len;
+    }
+    if !a.raw {
+        out.write_all(b"\n")?;
     }
     out.flush()?;
     a.device.close(device)
 }
 
 fn write(a: &WriteArgs) -> anyhow::Result<()> {
-    let data = parse_data(&a.data)?;
+    let data = match a.data.strip_prefix('@') {
+        Some(file) => std::fs::read(file).with_context(|| format!("reading {file}"))?,
+        None => hex_decode(&a.data)?,
+    };
     let device = a.device.open()?;
+    check_range(a.offset, data.len(), device.shared_memory().len())?;
     device.shared_memory().write(a.offset, &data)?;
     a.device.close(device)
 }
@@ -474,17 +476,26 @@ fn bench_host_peer(a: &BenchArgs, socket: &std::path::Path) -> anyhow::Result<()
         .with_context(|| format!("connecting to {}", socket.display()))?;
     let mapping = peer.map()?;
     let vectors = u16::try_from(peer.vectors()).unwrap_or(u16::MAX);
-    run_bench(
-        a,
-        peer.id(),
-        vectors,
-        mapping.view(),
-        &HostPeerDoorbells(&peer),
-    )
+    let doorbells = HostPeerDoorbells::new(&peer)?;
+    run_bench(a, peer.id(), vectors, mapping.view(), &doorbells)
 }
 
 /// Ping-pong doorbells of a host peer: ring through the target's eventfd, wait on our own.
 struct HostPeerDoorbells<'a>(&'a ivshm_client::Peer);
+
+impl<'a> HostPeerDoorbells<'a> {
+    /// Makes the peer's own vector eventfds non-blocking, as waiting on them needs.
+    fn new(peer: &'a ivshm_client::Peer) -> anyhow::Result<HostPeerDoorbells<'a>> {
+        for vector in 0..peer.vectors() {
+            if let Some(fd) = peer.own_vector_fd(vector) {
+                ivshm_client::doorbell::set_nonblocking(fd).with_context(|| {
+                    format!("making the eventfd of own vector {vector} non-blocking")
+                })?;
+            }
+        }
+        Ok(HostPeerDoorbells(peer))
+    }
+}
 
 impl pingpong::Doorbells for HostPeerDoorbells<'_> {
     fn ring(&self, peer: u16, vector: u16) -> Result<(), DoorbellError> {
@@ -499,33 +510,10 @@ impl pingpong::Doorbells for HostPeerDoorbells<'_> {
             .0
             .own_vector_fd(usize::from(vector))
             .ok_or(DoorbellError::VectorOutOfRange { vector, vectors })?;
-        let eventfd_error = |op| move |error| DoorbellError::Eventfd { op, error };
-        ivshm_client::doorbell::set_nonblocking(fd).map_err(eventfd_error("fcntl"))?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(count) = ivshm_client::doorbell::drain(fd).map_err(eventfd_error("read"))? {
-                return Ok(count);
-            }
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(DoorbellError::Timeout {
-                    vector: Some(vector),
-                    timeout,
-                });
-            }
-            let limit = rustix::event::Timespec {
-                tv_sec: remaining.as_secs().try_into().unwrap_or(i64::MAX),
-                tv_nsec: remaining.subsec_nanos().into(),
-            };
-            let mut fds = [rustix::event::PollFd::new(
-                &fd,
-                rustix::event::PollFlags::IN,
-            )];
-            match rustix::event::poll(&mut fds, Some(&limit)) {
-                Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                Err(error) => return Err(DoorbellError::Eventfd { op: "poll", error }),
-            }
-        }
+        wait_eventfd(fd, timeout)?.ok_or(DoorbellError::Timeout {
+            vector: Some(vector),
+            timeout,
+        })
     }
 }
 
@@ -578,16 +566,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_hex_data() {
-        assert_eq!(
-            parse_data("deadBEEF").unwrap(),
-            vec![0xde, 0xad, 0xbe, 0xef]
-        );
-        assert_eq!(parse_data("").unwrap(), Vec::<u8>::new());
-        assert!(parse_data("abc").is_err());
-        assert!(parse_data("zz").is_err());
-        assert!(parse_data("é0").is_err());
-        assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
+    fn ranges_are_checked_against_the_shared_memory() {
+        assert!(check_range(0, 16, 16).is_ok());
+        assert!(check_range(16, 0, 16).is_ok());
+        let err = check_range(8, 9, 16).unwrap_err().to_string();
+        assert!(err.contains("beyond the 16-byte shared memory"), "{err}");
+        assert!(check_range(usize::MAX, 2, 16).is_err());
     }
 
     #[test]
