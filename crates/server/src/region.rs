@@ -3,7 +3,8 @@
 //! Joining follows QEMU's `ivshmem_server_handle_new_conn` message for message:
 //! to the new peer `0` (version), its id, `-1` + shm fd; to every existing peer the new id once
 //! per vector with the new peer's eventfds; to the new peer each existing peer's id once per
-//! vector with that peer's eventfds, then its own id once per vector with its own eventfds.
+//! vector with that peer's eventfds (in the order the peers joined, like QEMU's peer list),
+//! then its own id once per vector with its own eventfds.
 //! Leaving: every remaining peer gets the id without an fd.
 
 use std::collections::{BTreeMap, HashMap};
@@ -427,7 +428,11 @@ impl Region {
         queue.push_handshake(PROTOCOL_VERSION, None);
         queue.push_handshake(i64::from(id), None);
         queue.push_handshake(SHM_MARKER, Some(self.shm_fd.clone()));
-        for other in self.peers.values() {
+        // In join order, as QEMU's server walks its peer list (ids may not be: they wrap, and
+        // lowest-free regions reuse them). Serials increase with every join.
+        let mut others: Vec<&Peer> = self.peers.values().collect();
+        others.sort_by_key(|p| p.serial);
+        for other in others {
             for fd in &other.eventfds {
                 queue.push_handshake(i64::from(other.id), Some(fd.clone()));
             }

@@ -321,3 +321,38 @@ fn zero_vectors_like_qemus_dash_n_0() {
     a.expect_leave(1);
     drop(server);
 }
+
+#[test]
+fn a_new_peer_hears_of_the_others_in_join_order_even_when_ids_are_reused() {
+    // A lowest-free region reuses ids, so join order and id order differ; QEMU's server walks
+    // its peer list, i.e. join order, and so must we.
+    let root = std::env::temp_dir().join(format!("ivshm-srv-order-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let text = format!(
+        "root = {:?}\n[defaults]\nvectors = 1\nid_policy = \"lowest-free\"\n\
+         [[region]]\nname = \"bus\"\nsize = \"1M\"\n[vm.host]\nrules = [\"allow *\"]\n",
+        root.display().to_string()
+    );
+    let config =
+        ivshm_server::config_file::parse(&text, std::path::Path::new("order.toml")).unwrap();
+    let server = ServerHandle::spawn(config).unwrap();
+    let path = root.join("host").join("bus.sock");
+
+    let mut a = RawPeer::connect(&path);
+    assert_eq!(a.handshake(1, &[]).id, 0);
+    let mut b = RawPeer::connect(&path);
+    assert_eq!(b.handshake(1, &[0]).id, 1);
+    let mut c = RawPeer::connect(&path);
+    assert_eq!(c.handshake(1, &[0, 1]).id, 2);
+    drop(a);
+    b.expect_join(2, 1);
+    b.expect_leave(0);
+    // D takes the freed id 0 but joined last.
+    let mut d = RawPeer::connect(&path);
+    assert_eq!(d.handshake(1, &[1, 2]).id, 0);
+    // E is told about 1, 2, then 0: join order, not id order.
+    let mut e = RawPeer::connect(&path);
+    assert_eq!(e.handshake(1, &[1, 2, 0]).id, 3);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&root);
+}
