@@ -371,3 +371,101 @@ fn peer_joining_a_running_vm_gets_ioeventfds() {
         .collect();
     assert_eq!(left, vec![0]);
 }
+
+/// A peer leaves and a new peer gets its id (the server's `lowest-free` ids) before the VMM
+/// re-syncs its ioeventfds: the doorbell for that id must reach the *new* peer's eventfd,
+/// not the old one the registry still holds (the descriptor number is usually the same).
+#[test]
+fn doorbell_reaches_a_new_peer_that_reuses_an_id() {
+    if !kvm_or_skip("doorbell_reaches_a_new_peer_that_reuses_an_id") {
+        return;
+    }
+    let base = std::env::temp_dir().join(format!("ivshm-vmm-reuse-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let text = format!(
+        "root = {:?}\n[[region]]\nname = \"r\"\nsize = \"1M\"\nvectors = 1\nid_policy = \"lowest-free\"\n[vm.vm0]\n",
+        base.join("root").display().to_string()
+    );
+    let path = base.join("ivshm.toml");
+    let config = ivshm_server::config_file::parse(&text, &path).unwrap();
+    let server = ServerHandle::spawn(config).unwrap();
+    let socket = base.join("root").join("vm0").join("r.sock");
+    let opts = ConnectOptions {
+        timeout: TIMEOUT,
+        ..ConnectOptions::default()
+    };
+    let a = Peer::connect(&socket, opts.clone()).unwrap();
+    let b = Peer::connect(&socket, opts.clone()).unwrap();
+    assert_eq!((a.id(), b.id()), (0, 1));
+    let shm = Arc::new(a.map().unwrap());
+    let dev_a = IvshmemDevice::new_doorbell(SHM_SIZE as u64, 1, Box::new(a), true).unwrap();
+
+    let mut vm_a = TestVm::new(RAM).unwrap();
+    let att_a = attach_ivshmem(&vm_a, dev_a, shm, DoorbellPath::Kvm).unwrap();
+    let changes_until = |want: &[PeerChange]| {
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        let mut seen = Vec::new();
+        while !want.iter().all(|w| seen.contains(w)) {
+            assert!(std::time::Instant::now() < deadline, "A saw only {seen:?}");
+            seen.extend(att_a.device.lock().unwrap().process_link_events().unwrap());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    changes_until(&[PeerChange::Joined { id: 1, vectors: 1 }]);
+    vm_a.refresh_ioevents().unwrap();
+
+    // B leaves, C arrives with id 1; the VMM processes both before re-syncing once.
+    drop(b);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let c = loop {
+        let c = Peer::connect(&socket, opts.clone()).unwrap();
+        if c.id() == 1 {
+            break c;
+        }
+        // The server has not seen B's hang-up yet.
+        drop(c);
+        assert!(std::time::Instant::now() < deadline, "id 1 never freed");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    changes_until(&[
+        PeerChange::Left { id: 1 },
+        PeerChange::Joined { id: 1, vectors: 1 },
+    ]);
+    vm_a.refresh_ioevents().unwrap();
+
+    let mut prog = Asm::new(PROGRAM_BASE);
+    ivshmem_guest_prologue(&mut prog, 1);
+    prog.store_ind_imm(Reg::Ebx, REG_DOORBELL as u32, 1 << 16)
+        .exit(0);
+    vm_a.load_program(&prog.finish().unwrap()).unwrap();
+    vm_a.start().unwrap();
+    assert_eq!(
+        vm_a.wait_exit(TIMEOUT).unwrap(),
+        0,
+        "reports {:x?}",
+        vm_a.reports()
+    );
+
+    let bell = c.own_vector_fd(0).unwrap();
+    let mut fds = [rustix::event::PollFd::new(
+        &bell,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::time::Timespec {
+        tv_sec: TIMEOUT.as_secs() as i64,
+        tv_nsec: 0,
+    };
+    rustix::event::poll(&mut fds, Some(&timeout)).unwrap();
+    assert_eq!(
+        ivshm_vmm::ivshmem::link::drain_eventfd(bell).unwrap(),
+        1,
+        "the new peer 1 was not rung"
+    );
+    assert_eq!(vm_a.mmio_exits_at(IVSHMEM_BAR0 + REG_DOORBELL), 0);
+    drop(vm_a);
+    drop(att_a);
+    drop(c);
+    server.shutdown().unwrap();
+    let _ = std::fs::remove_dir_all(&base);
+}

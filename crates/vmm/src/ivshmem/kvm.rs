@@ -207,15 +207,7 @@ impl InterruptBackend for KvmIrqfdInterrupts {
     }
 
     fn inject(&mut self, vector: usize, message: MsixMessage) {
-        let msi = kvm_msi {
-            address_lo: message.addr as u32,
-            address_hi: (message.addr >> 32) as u32,
-            data: message.data,
-            ..Default::default()
-        };
-        if let Err(e) = self.router.vm().signal_msi(msi) {
-            tracing::error!(vector, error = %e, "ivshmem: KVM_SIGNAL_MSI failed");
-        }
+        signal_msi(self.router.vm(), vector, message);
     }
 
     fn is_pending(&self, vector: usize) -> bool {
@@ -225,8 +217,7 @@ impl InterruptBackend for KvmIrqfdInterrupts {
         if v.registered {
             return false;
         }
-        // SAFETY: the EventFd owns this descriptor and outlives the borrow.
-        let fd = unsafe { BorrowedFd::borrow_raw(v.eventfd.as_raw_fd()) };
+        let fd = eventfd_as_fd(&v.eventfd);
         let mut pollfd = [rustix::event::PollFd::new(
             &fd,
             rustix::event::PollFlags::IN,
@@ -249,13 +240,15 @@ impl Drop for KvmIrqfdInterrupts {
     }
 }
 
+/// What KVM identifies an ioeventfd by. The eventfd itself is compared separately
+/// ([`same_open_file`]): a descriptor number can be reused by a different eventfd, e.g. when a
+/// peer leaves and a new peer gets the same id and, after the old descriptors closed, the
+/// same descriptor numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct IoeventKey {
     addr: u64,
     len: u32,
     datamatch: u64,
-    /// Source descriptor number, so a replaced eventfd is re-registered.
-    source_fd: i32,
 }
 
 /// Keeps a VM's ioeventfds in line with a device's wanted set.
@@ -292,6 +285,36 @@ fn register(vm: &VmFd, key: &IoeventKey, fd: &EventFd, assign: bool) -> Result<(
     }))
 }
 
+/// Borrows the descriptor an [`EventFd`] owns (vmm-sys-util's `EventFd` has no `AsFd`).
+fn eventfd_as_fd(eventfd: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: the EventFd owns this descriptor and keeps it open for as long as the borrow
+    // (tied to `eventfd`'s lifetime) lives.
+    unsafe { BorrowedFd::borrow_raw(eventfd.as_raw_fd()) }
+}
+
+/// `kcmp(2)` type: compare two file descriptions.
+const KCMP_FILE: libc::c_long = 0;
+
+/// True when `a` and `b` refer to the same open file description (`kcmp(KCMP_FILE)`).
+/// Eventfds all share one anonymous inode, so `fstat` cannot tell them apart. When `kcmp` is
+/// not available the answer is false, which makes callers re-register: correct, only slower.
+pub fn same_open_file(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
+    let pid = libc::c_long::from(rustix::process::getpid().as_raw_nonzero().get());
+    // SAFETY: kcmp takes only integers (pids, a type and two descriptor numbers, both open for
+    // the duration of the borrow); it reads no memory of ours.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_FILE,
+            libc::c_long::from(a.as_raw_fd()),
+            libc::c_long::from(b.as_raw_fd()),
+        )
+    };
+    r == 0
+}
+
 impl KvmIoeventRegistry {
     /// An empty registry for `vm`.
     pub fn new(vm: Arc<VmFd>) -> KvmIoeventRegistry {
@@ -311,7 +334,9 @@ impl KvmIoeventRegistry {
         self.registered.is_empty()
     }
 
-    /// Registers the missing events of `wanted` and unregisters those no longer wanted.
+    /// Registers the missing events of `wanted` and unregisters those no longer wanted. An
+    /// event whose address and datamatch are registered with a different eventfd (a new peer
+    /// with a reused id) is re-registered with the new one.
     pub fn sync(&mut self, wanted: &[IoEvent<'_>]) -> Result<(), KvmWiringError> {
         let wanted_keys: BTreeMap<IoeventKey, BorrowedFd<'_>> = wanted
             .iter()
@@ -321,7 +346,6 @@ impl KvmIoeventRegistry {
                         addr: e.addr,
                         len: e.len,
                         datamatch: e.datamatch,
-                        source_fd: e.fd.as_raw_fd(),
                     },
                     e.fd,
                 )
@@ -329,9 +353,13 @@ impl KvmIoeventRegistry {
             .collect();
         let stale: Vec<IoeventKey> = self
             .registered
-            .keys()
-            .filter(|k| !wanted_keys.contains_key(k))
-            .copied()
+            .iter()
+            .filter(|(k, registered)| {
+                wanted_keys
+                    .get(k)
+                    .is_none_or(|fd| !same_open_file(eventfd_as_fd(registered), *fd))
+            })
+            .map(|(k, _)| *k)
             .collect();
         for key in stale {
             if let Some(fd) = self.registered.remove(&key) {
@@ -361,6 +389,19 @@ impl Drop for KvmIoeventRegistry {
     }
 }
 
+/// Sends `message` (vector `vector`'s MSI-X message) into `vm` with `KVM_SIGNAL_MSI`.
+fn signal_msi(vm: &VmFd, vector: usize, message: MsixMessage) {
+    let msi = kvm_msi {
+        address_lo: message.addr as u32,
+        address_hi: (message.addr >> 32) as u32,
+        data: message.data,
+        ..Default::default()
+    };
+    if let Err(e) = vm.signal_msi(msi) {
+        tracing::error!(vector, error = %e, "ivshmem: KVM_SIGNAL_MSI failed");
+    }
+}
+
 /// [`InterruptBackend`] for the register-callback path on KVM: the VMM consumes own
 /// vector eventfds itself and injects each message with `KVM_SIGNAL_MSI`.
 #[derive(Debug, Clone)]
@@ -379,14 +420,36 @@ impl InterruptBackend for KvmMsiInjector {
     fn vector_route_changed(&mut self, _vector: usize, _message: Option<MsixMessage>) {}
 
     fn inject(&mut self, vector: usize, message: MsixMessage) {
-        let msi = kvm_msi {
-            address_lo: message.addr as u32,
-            address_hi: (message.addr >> 32) as u32,
-            data: message.data,
-            ..Default::default()
-        };
-        if let Err(e) = self.vm.signal_msi(msi) {
-            tracing::error!(vector, error = %e, "ivshmem: KVM_SIGNAL_MSI failed");
-        }
+        signal_msi(&self.vm, vector, message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsFd, OwnedFd};
+
+    use rustix::event::{eventfd, EventfdFlags};
+
+    fn new_eventfd() -> OwnedFd {
+        eventfd(0, EventfdFlags::CLOEXEC).unwrap()
+    }
+
+    #[test]
+    fn same_open_file_tells_eventfds_apart() {
+        let a = new_eventfd();
+        let b = new_eventfd();
+        let a_dup = a.try_clone().unwrap();
+        assert!(same_open_file(a.as_fd(), a.as_fd()));
+        assert!(same_open_file(a.as_fd(), a_dup.as_fd()), "a duplicate");
+        assert!(!same_open_file(a.as_fd(), b.as_fd()), "another eventfd");
+        // The registry's own duplicate of an eventfd that has since been closed elsewhere,
+        // and a new eventfd (what a new peer with a reused id brings).
+        let kept = dup_eventfd(a.as_fd()).unwrap();
+        drop(a);
+        drop(a_dup);
+        let c = new_eventfd();
+        assert!(same_open_file(eventfd_as_fd(&kept), eventfd_as_fd(&kept)));
+        assert!(!same_open_file(eventfd_as_fd(&kept), c.as_fd()));
     }
 }
