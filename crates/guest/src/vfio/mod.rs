@@ -143,21 +143,23 @@ pub enum VfioError {
 }
 
 fn open_node(path: &Path) -> Result<OwnedFd, VfioError> {
-    rustix::fs::open(path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()).map_err(|error| {
-        match error {
-            Errno::ACCESS | Errno::PERM => VfioError::Permission {
-                path: path.to_owned(),
-                detail: error.to_string(),
-            },
-            Errno::NOENT => VfioError::NoGroupNode {
-                path: path.to_owned(),
-            },
-            _ => VfioError::Open {
-                path: path.to_owned(),
-                error,
-            },
-        }
-    })
+    rustix::fs::open(path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|error| open_error(path, error))
+}
+
+/// What a failed open of a VFIO node means: a group node is busy while another process has it
+/// open, missing when the device is not bound to `vfio-pci`.
+fn open_error(path: &Path, error: Errno) -> VfioError {
+    let path = path.to_owned();
+    match error {
+        Errno::ACCESS | Errno::PERM => VfioError::Permission {
+            path,
+            detail: error.to_string(),
+        },
+        Errno::NOENT => VfioError::NoGroupNode { path },
+        Errno::BUSY => VfioError::GroupBusy { path },
+        _ => VfioError::Open { path, error },
+    }
 }
 
 fn ioctl_err(name: &'static str) -> impl FnOnce(Errno) -> VfioError {
@@ -334,5 +336,38 @@ impl VfioDevice {
     pub fn disconnect_msix(&self) -> Result<(), VfioError> {
         let mut irq_set = ioctl::irq_set_eventfds(ioctl::VFIO_PCI_MSIX_IRQ_INDEX, 0, &[]);
         ioctl::set_irqs(&self.device, &mut irq_set).map_err(ioctl_err("VFIO_DEVICE_SET_IRQS"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_failures_say_what_to_do() {
+        let group = Path::new("/dev/vfio/3");
+        let busy = open_error(group, Errno::BUSY);
+        assert!(matches!(busy, VfioError::GroupBusy { .. }));
+        assert!(
+            busy.to_string()
+                .contains("another process has this device open"),
+            "{busy}"
+        );
+        let denied = open_error(group, Errno::ACCESS);
+        assert!(matches!(denied, VfioError::Permission { .. }));
+        assert!(denied.to_string().contains("run as root"), "{denied}");
+        assert!(matches!(
+            open_error(group, Errno::PERM),
+            VfioError::Permission { .. }
+        ));
+        let missing = open_error(group, Errno::NOENT);
+        assert!(
+            missing.to_string().contains("bound to vfio-pci"),
+            "{missing}"
+        );
+        assert!(matches!(
+            open_error(group, Errno::NODEV),
+            VfioError::Open { .. }
+        ));
     }
 }
