@@ -2,10 +2,12 @@
 
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global subscriber. `verbose` counts `-v` flags (0 = info).
-pub fn init(verbose: u8) {
+/// Installs the global subscriber. `verbose` counts `-v` flags (0 = `quiet_level`, which is
+/// `info` for most commands; benchmarks pass `warn` so the in-process server's join and leave
+/// lines do not clutter their figures).
+pub fn init(verbose: u8, quiet_level: &str) {
     let default = match verbose {
-        0 => "info",
+        0 => quiet_level,
         1 => "debug",
         _ => "trace",
     };

@@ -44,7 +44,12 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    logging::init(cli.verbose);
+    // Benchmarks run a server in-process: its info lines would bury the figures.
+    let quiet_level = match cli.command {
+        Command::Bench(_) => "warn",
+        _ => "info",
+    };
+    logging::init(cli.verbose, quiet_level);
     match cli.command {
         Command::Serve(args) => cmd::serve::run(args),
         Command::Host(c) => cmd::host::run(c),
