@@ -101,7 +101,20 @@ enum Registers {
     VfioRegion(RegionInfo),
 }
 
+/// Where doorbells for this process are counted.
+enum Waiter<'a> {
+    /// MSI-X vectors connected to eventfds (VFIO mode).
+    Eventfds(&'a VectorEventfds),
+    /// Counters in shared memory (sysfs mode).
+    Poll(&'a PollDoorbells),
+}
+
 /// An open ivshmem device: shared memory, registers and doorbells.
+///
+/// It is `Send` and `Sync`: one thread may [`wait`](IvshmemDevice::wait) while others
+/// [`notify`](IvshmemDevice::notify) and use the memory. Only one process can hold a device
+/// through VFIO at a time, so sharing the device between threads is how a program both waits
+/// and rings in VFIO mode.
 pub struct IvshmemDevice {
     found: FoundDevice,
     mode: AccessMode,
@@ -351,12 +364,12 @@ impl IvshmemDevice {
         Ok(())
     }
 
-    /// Whether [`IvshmemDevice::wait`] can work: `Err(NoInterrupts)` in sysfs mode without a
-    /// polling area, or on a device without vectors.
-    pub fn check_can_wait(&self) -> Result<(), DoorbellError> {
+    /// What [`IvshmemDevice::wait`] waits on: the vectors' eventfds when there are any, else
+    /// the polling area; an error saying why neither is there.
+    fn waiter(&self) -> Result<Waiter<'_>, DoorbellError> {
         match (&self.eventfds, &self.poll) {
-            (Some(fds), _) if !fds.is_empty() => Ok(()),
-            (_, Some(_)) => Ok(()),
+            (Some(fds), _) if !fds.is_empty() => Ok(Waiter::Eventfds(fds)),
+            (_, Some(poll)) => Ok(Waiter::Poll(poll)),
             (Some(_), None) => Err(DoorbellError::NoInterrupts {
                 reason: "the device has no MSI-X vectors",
             }),
@@ -364,37 +377,29 @@ impl IvshmemDevice {
                 reason: "sysfs mode",
             }),
         }
+    }
+
+    /// Whether [`IvshmemDevice::wait`] can work: `Err(NoInterrupts)` in sysfs mode without a
+    /// polling area, or on a device without vectors.
+    pub fn check_can_wait(&self) -> Result<(), DoorbellError> {
+        self.waiter().map(drop)
     }
 
     /// Waits until own `vector` is rung; returns the count of doorbells (coalesced). VFIO mode:
     /// sleeps on the vector's eventfd. Sysfs mode: polls the polling area (see
     /// [`IvshmemDevice::set_poll_area`]), or fails with [`DoorbellError::NoInterrupts`] without one.
     pub fn wait(&self, vector: u16, timeout: Duration) -> Result<u64, DoorbellError> {
-        match (&self.eventfds, &self.poll) {
-            (Some(fds), _) if !fds.is_empty() => fds.wait(vector, timeout),
-            (_, Some(poll)) => poll.wait(self.shared.view(), vector, timeout),
-            (Some(_), None) => Err(DoorbellError::NoInterrupts {
-                reason: "the device has no MSI-X vectors",
-            }),
-            (None, None) => Err(DoorbellError::NoInterrupts {
-                reason: "sysfs mode",
-            }),
+        match self.waiter()? {
+            Waiter::Eventfds(fds) => fds.wait(vector, timeout),
+            Waiter::Poll(poll) => poll.wait(self.shared.view(), vector, timeout),
         }
     }
 
     /// Waits until any own vector is rung; returns each `(vector, count)` that was pending.
     pub fn wait_any(&self, timeout: Duration) -> Result<Vec<(u16, u64)>, DoorbellError> {
-        if let Some(poll) = self.poll.as_ref().filter(|_| self.eventfds.is_none()) {
-            return poll.wait_any(self.shared.view(), timeout);
-        }
-        match &self.eventfds {
-            Some(fds) if !fds.is_empty() => fds.wait_any(timeout),
-            Some(_) => Err(DoorbellError::NoInterrupts {
-                reason: "the device has no MSI-X vectors",
-            }),
-            None => Err(DoorbellError::NoInterrupts {
-                reason: "sysfs mode",
-            }),
+        match self.waiter()? {
+            Waiter::Eventfds(fds) => fds.wait_any(timeout),
+            Waiter::Poll(poll) => poll.wait_any(self.shared.view(), timeout),
         }
     }
 
@@ -537,6 +542,26 @@ mod tests {
             matches!(err, OpenError::Vfio(VfioError::NoIommuGroup { .. })),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_device_can_be_shared_between_threads() {
+        fn send_and_sync<T: Send + Sync>() {}
+        send_and_sync::<IvshmemDevice>();
+    }
+
+    #[test]
+    fn a_thread_waits_while_another_rings_through_the_polling_area() {
+        let tmp = TempDir::new();
+        let paths = fake_device(&tmp, None);
+        let mut dev = IvshmemDevice::open(DeviceSelector::Only, &sysfs_options(paths)).unwrap();
+        dev.set_poll_area(0x2000).unwrap();
+        let dev = &dev;
+        std::thread::scope(|s| {
+            let waiter = s.spawn(move || dev.wait_any(Duration::from_secs(30)));
+            PollDoorbells::ring(dev.shared_memory(), 0x2000, 3).unwrap();
+            assert_eq!(waiter.join().unwrap().unwrap(), vec![(3, 1)]);
+        });
     }
 
     #[test]
