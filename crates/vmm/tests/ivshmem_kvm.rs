@@ -469,3 +469,97 @@ fn doorbell_reaches_a_new_peer_that_reuses_an_id() {
     server.shutdown().unwrap();
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// Reports the guest's interrupt counters of MSI-X vectors 0..3.
+fn report_vector_counters(a: &mut Asm) {
+    for v in 0..3u32 {
+        a.load(
+            Reg::Eax,
+            INTR_COUNTERS + 4 * (u32::from(IVSHMEM_VECTOR_BASE) + v),
+        )
+        .report(Reg::Eax);
+    }
+}
+
+/// Three vectors per peer: A rings B's vector 2, B rings A's vector 1. Each guest's
+/// handler for exactly that vector runs (the datamatch picks the (peer, vector) eventfd,
+/// the vector's irqfd/MSI-X entry picks the guest vector); on the KVM path with no exit.
+fn three_vector_flow(path: DoorbellPath) {
+    let shm = shared_region();
+    let bus = LocalDoorbellBus::new();
+    let mut dev_a =
+        IvshmemDevice::new_doorbell(SHM_SIZE as u64, 3, Box::new(bus.join(3).unwrap()), true)
+            .unwrap();
+    let dev_b =
+        IvshmemDevice::new_doorbell(SHM_SIZE as u64, 3, Box::new(bus.join(3).unwrap()), false)
+            .unwrap();
+    dev_a.process_link_events().unwrap();
+
+    let mut a = Asm::new(PROGRAM_BASE);
+    ivshmem_guest_prologue(&mut a, 3);
+    a.label("wait_ready")
+        .load_ind(Reg::Eax, Reg::Esi, 0)
+        .cmp_imm(Reg::Eax, 1)
+        .jcc(Cond::E, "ready")
+        .pause()
+        .jmp("wait_ready")
+        .label("ready")
+        .store_ind_imm(Reg::Ebx, REG_DOORBELL as u32, (1 << 16) | 2)
+        .mov_imm(Reg::Edi, 1)
+        .wait_interrupts(IVSHMEM_VECTOR_BASE + 1, Reg::Edi, "wait_v1");
+    report_vector_counters(&mut a);
+    a.exit(0);
+
+    let mut b = Asm::new(PROGRAM_BASE);
+    ivshmem_guest_prologue(&mut b, 3);
+    b.store_ind_imm(Reg::Esi, 0, 1)
+        .mov_imm(Reg::Edi, 1)
+        .wait_interrupts(IVSHMEM_VECTOR_BASE + 2, Reg::Edi, "wait_v2");
+    report_vector_counters(&mut b);
+    b.store_ind_imm(Reg::Ebx, REG_DOORBELL as u32, 1).exit(0);
+
+    let mut vm_a = TestVm::new(RAM).unwrap();
+    let mut vm_b = TestVm::new(RAM).unwrap();
+    let att_a = attach_ivshmem(&vm_a, dev_a, shm.clone(), path).unwrap();
+    let att_b = attach_ivshmem(&vm_b, dev_b, shm, path).unwrap();
+    // Both ends register one ioeventfd per (peer, vector): 2 peers x 3 vectors.
+    assert_eq!(att_a.device.lock().unwrap().ioevents().len(), 6);
+    vm_a.load_program(&a.finish().unwrap()).unwrap();
+    vm_b.load_program(&b.finish().unwrap()).unwrap();
+    vm_b.start().unwrap();
+    vm_a.start().unwrap();
+    assert_eq!(
+        vm_b.wait_exit(TIMEOUT).unwrap(),
+        0,
+        "B {:x?}",
+        vm_b.reports()
+    );
+    assert_eq!(
+        vm_a.wait_exit(TIMEOUT).unwrap(),
+        0,
+        "A {:x?}",
+        vm_a.reports()
+    );
+    // IVPosition, then the counters of vectors 0, 1, 2.
+    assert_eq!(vm_b.reports(), vec![1, 0, 0, 1]);
+    assert_eq!(vm_a.reports(), vec![0, 0, 1, 0]);
+    let exits = vm_a.mmio_exits_at(IVSHMEM_BAR0 + REG_DOORBELL)
+        + vm_b.mmio_exits_at(IVSHMEM_BAR0 + REG_DOORBELL);
+    assert_eq!(exits, if path == DoorbellPath::Kvm { 0 } else { 2 });
+}
+
+#[test]
+fn three_vectors_each_reach_their_own_handler_via_ioeventfd_and_irqfd() {
+    if !kvm_or_skip("three_vectors_each_reach_their_own_handler_via_ioeventfd_and_irqfd") {
+        return;
+    }
+    three_vector_flow(DoorbellPath::Kvm);
+}
+
+#[test]
+fn three_vectors_each_reach_their_own_handler_via_register_callbacks() {
+    if !kvm_or_skip("three_vectors_each_reach_their_own_handler_via_register_callbacks") {
+        return;
+    }
+    three_vector_flow(DoorbellPath::Trapped);
+}

@@ -561,6 +561,56 @@ mod tests {
         assert_eq!(read32(&mut d, 0, REG_IV_POSITION), 0);
     }
 
+    /// The doorbell variant's header as a guest of QEMU's `ivshmem-doorbell,vectors=3`
+    /// reads it: identity, command I/O+memory, capability list with MSI-X at 0x40 (table
+    /// and PBA in BAR1 at 0 and 0x800), BAR0 32-bit 256 bytes, BAR1 32-bit 4 KiB, BAR2
+    /// 64-bit prefetchable, interrupt pin 0.
+    #[test]
+    fn doorbell_config_space() {
+        let bus = LocalDoorbellBus::new();
+        let mut d =
+            IvshmemDevice::new_doorbell(1 << 20, 3, Box::new(bus.join(3).unwrap()), false).unwrap();
+        assert_eq!(d.read_config_register(0), 0x1110_1af4);
+        assert_eq!(
+            d.read_config_register(1),
+            0x0010_0003,
+            "status: caps; command: I/O+mem"
+        );
+        assert_eq!(
+            d.read_config_register(2),
+            0x0500_0001,
+            "class 0x0500, revision 1"
+        );
+        assert_eq!(d.read_config_register(11), 0x1100_1af4, "subsystem");
+        assert_eq!(
+            d.read_config_register(13) & 0xff,
+            0x40,
+            "capability pointer"
+        );
+        assert_eq!(d.read_config_register(15) >> 8 & 0xff, 0, "interrupt pin 0");
+        // MSI-X: ID 0x11, last in the list, 3 entries, disabled; table BIR 1 offset 0, PBA
+        // BIR 1 offset 0x800.
+        assert_eq!(d.read_config_register(0x40 / 4), 0x0002_0011);
+        assert_eq!(d.read_config_register(0x44 / 4), 0x0000_0001);
+        assert_eq!(d.read_config_register(0x48 / 4), 0x0000_0801);
+        // Size probes: BAR0 256 bytes, BAR1 4 KiB (both 32-bit memory, not prefetchable),
+        // BAR2 1 MiB 64-bit prefetchable, BAR4/5 absent.
+        for reg in 4..10 {
+            d.write_config_register(reg, 0, &[0xff; 4]);
+        }
+        let probed: Vec<u32> = (4..10).map(|r| d.read_config_register(r)).collect();
+        assert_eq!(
+            probed,
+            vec![0xffff_ff00, 0xffff_f000, 0xfff0_000c, 0xffff_ffff, 0, 0]
+        );
+        // Only MSI-X enable and function mask are writable in message control.
+        d.write_config_register(0x40 / 4, 2, &0xffffu16.to_le_bytes());
+        assert_eq!(d.read_config_register(0x40 / 4) >> 16, 0xc002);
+        // IVPosition is the link's id; reserved BAR1 space past the PBA reads 0.
+        assert_eq!(read32(&mut d, 0, REG_IV_POSITION), 0);
+        assert_eq!(read32(&mut d, 1, 0xff0), 0);
+    }
+
     #[test]
     fn registers_semantics() {
         let mut d = IvshmemDevice::new_plain(4096, false).unwrap();
