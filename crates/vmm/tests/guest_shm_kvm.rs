@@ -317,21 +317,17 @@ fn server_factory_status_codes_and_lowest_free_index() {
 }
 
 /// MMIO mode (factory page at `loc`): a 17th client gets GSS_CLIENT_MAX, a find of a
-/// missing name GSS_DOES_NOT_EXIST, a legal create GSS_OK.
-#[test]
-fn mmio_mode_client_max_and_missing_region() {
-    if !kvm_or_skip("mmio_mode_client_max_and_missing_region") {
-        return;
-    }
-    let registry = LocalRegionRegistry::new(256);
-    // 16 host-side connections fill region "full".
-    let mut host = registry.factory(policy("vdev shmem"));
+/// missing name GSS_DOES_NOT_EXIST, a legal create GSS_OK. `host` fills region "full" with
+/// 16 connections first; the guest's device uses `guest`.
+fn mmio_mode_flow(mut host: Box<dyn Factory>, guest: Box<dyn Factory>) {
     let irq = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
     let mut name = [0u8; 32];
     name[..4].copy_from_slice(b"full");
-    let _held: Vec<_> = (0..16)
+    let held: Vec<_> = (0..16)
         .map(|_| host.create_or_attach(&name, 1, irq.as_fd()).unwrap())
         .collect();
+    let idx: Vec<u32> = held.iter().map(|a| a.connection.idx()).collect();
+    assert_eq!(idx, (0..16).collect::<Vec<u32>>());
 
     let mut a = Asm::new(PROGRAM_BASE);
     a.enable_lapic().mov_imm(Reg::Ebx, MMIO_LOC);
@@ -343,14 +339,18 @@ fn mmio_mode_client_max_and_missing_region() {
         .load_ind(Reg::Eax, Reg::Ebx, 0x14)
         .report(Reg::Eax);
     create(&mut a, "mine", 1);
+    a.load_ind(Reg::Esi, Reg::Ebx, 0x8) // control page of "mine"
+        .load_ind(Reg::Eax, Reg::Esi, 4)
+        .report(Reg::Eax) // idx
+        .load_ind(Reg::Eax, Reg::Esi, 0)
+        .report(Reg::Eax); // status: only me attached
     a.exit(0);
 
     let mut vm = TestVm::new(RAM).unwrap();
-    let f = registry.factory(policy("vdev shmem"));
     let mode = GuestShmMode::Mmio {
         loc: u64::from(MMIO_LOC),
     };
-    let _att = attach_guest_shm(&vm, mode, VECTOR, Box::new(f)).unwrap();
+    let _att = attach_guest_shm(&vm, mode, VECTOR, guest).unwrap();
     vm.load_program(&a.finish().unwrap()).unwrap();
     vm.start().unwrap();
     assert_eq!(
@@ -366,6 +366,34 @@ fn mmio_mode_client_max_and_missing_region() {
             GuestShmStatus::ClientMax.as_u32(),
             GuestShmStatus::DoesNotExist.as_u32(),
             GuestShmStatus::Ok.as_u32(),
+            0,
+            0x0001_0000,
         ]
+    );
+}
+
+#[test]
+fn mmio_mode_client_max_and_missing_region() {
+    if !kvm_or_skip("mmio_mode_client_max_and_missing_region") {
+        return;
+    }
+    let registry = LocalRegionRegistry::new(256);
+    mmio_mode_flow(
+        Box::new(registry.factory(policy("vdev shmem"))),
+        Box::new(registry.factory(policy("vdev shmem"))),
+    );
+}
+
+/// The same with the server's factory: 16 v0 peers on a named region, the guest's 17th
+/// attach is refused by the server (`GSS_CLIENT_MAX`).
+#[test]
+fn mmio_mode_client_max_through_the_servers_factory() {
+    if !kvm_or_skip("mmio_mode_client_max_through_the_servers_factory") {
+        return;
+    }
+    let server = NamedServer::start("gs-mmio");
+    mmio_mode_flow(
+        Box::new(server.factory("vm1")),
+        Box::new(server.factory("vm1")),
     );
 }
