@@ -524,6 +524,7 @@ fn three_vector_flow(path: DoorbellPath) {
     let att_b = attach_ivshmem(&vm_b, dev_b, shm, path).unwrap();
     // Both ends register one ioeventfd per (peer, vector): 2 peers x 3 vectors.
     assert_eq!(att_a.device.lock().unwrap().ioevents().len(), 6);
+    assert_eq!(att_b.device.lock().unwrap().ioevents().len(), 6);
     vm_a.load_program(&a.finish().unwrap()).unwrap();
     vm_b.load_program(&b.finish().unwrap()).unwrap();
     vm_b.start().unwrap();
