@@ -41,24 +41,25 @@
 //! file. A VM's directory settings (`dir_mode`, `socket_mode`, `owner`, `group`) override the
 //! `[defaults]` ones.
 
-use std::collections::BTreeMap;
+mod location;
+mod raw;
+
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use ivshm_mem::Pow2Policy;
 use ivshm_policy::{RegionName, VmPolicy, VmPolicyConfig, VmPolicyError};
-use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
 
-use crate::config::{ServerConfig, DEFAULT_MAX_QUEUED_MESSAGES};
+use crate::config::{ConfigError, ServerConfig, DEFAULT_MAX_QUEUED_MESSAGES};
 use crate::group::GroupSpec;
-use crate::ids::IdPolicy;
 use crate::named::{
     ControlConfig, DirectoryConfig, NamedBackend, NamedConfig, NamedRegionConfig, RegionDefaults,
     VmConfig, CONTROL_SOCKET, DEFAULT_ROOT,
 };
+use raw::{RawFile, RawRegion, RawVm};
 
 /// A configuration file that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -92,7 +93,7 @@ pub fn load(path: &Path) -> Result<ServerConfig, FileConfigError> {
         path: path.to_path_buf(),
         line: None,
         option: None,
-        message: e.to_string(),
+        message: format!("cannot read the configuration file: {e}"),
     })?;
     parse(&text, path)
 }
@@ -102,31 +103,26 @@ pub fn load(path: &Path) -> Result<ServerConfig, FileConfigError> {
 pub fn parse(text: &str, path: &Path) -> Result<ServerConfig, FileConfigError> {
     let ctx = Ctx { text, path };
     let raw: RawFile = toml::from_str(text).map_err(|e| {
-        let message = e.message().trim().to_string();
-        ctx.error(e.span(), None, message)
+        let option = e
+            .span()
+            .and_then(|span| location::option_at(text, span.start));
+        ctx.error(e.span(), option, e.message().trim())
     })?;
     let config = ctx.build(raw)?;
+    // Every check in `build` names its line; this only guards against one missed there.
     config
         .validate()
         .map_err(|e| ctx.error(None, None, e.to_string()))?;
     Ok(config)
 }
 
+/// The file being read, for errors.
 struct Ctx<'a> {
     text: &'a str,
     path: &'a Path,
 }
 
 impl Ctx<'_> {
-    fn line_of(&self, offset: usize) -> usize {
-        let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
-    }
-
     fn error(
         &self,
         span: Option<Range<usize>>,
@@ -135,10 +131,15 @@ impl Ctx<'_> {
     ) -> FileConfigError {
         FileConfigError {
             path: self.path.to_path_buf(),
-            line: span.map(|s| self.line_of(s.start)),
+            line: span.map(|s| location::line_of(self.text, s.start)),
             option,
             message: message.into(),
         }
+    }
+
+    /// An error about the value at `span`, written as option `option`.
+    fn at(&self, span: Range<usize>, option: &str, message: impl Into<String>) -> FileConfigError {
+        self.error(Some(span), Some(option.to_string()), message)
     }
 
     fn build(&self, raw: RawFile) -> Result<ServerConfig, FileConfigError> {
@@ -150,27 +151,30 @@ impl Ctx<'_> {
         if let Some(mode) = raw.control_mode {
             control.mode = mode.0;
         }
-        if let Some(group) = raw.control_group {
-            control.group = Some(self.group(&group, "control_group")?);
+        if let Some(group) = &raw.control_group {
+            control.group = Some(self.group(group, "control_group")?);
         }
-        named.control = Some(control);
+        let max_queued_messages = match &raw.max_queued_messages {
+            Some(bound) if *bound.get_ref() == 0 => {
+                return Err(self.at(
+                    bound.span(),
+                    "max_queued_messages",
+                    ConfigError::ZeroQueueBound.to_string(),
+                ))
+            }
+            Some(bound) => *bound.get_ref(),
+            None => DEFAULT_MAX_QUEUED_MESSAGES,
+        };
 
         let d = &raw.defaults;
         let defaults = RegionDefaults {
-            vectors: d.vectors.unwrap_or(named.defaults.vectors),
-            peer_limit: d.peer_limit.unwrap_or(named.defaults.peer_limit),
+            vectors: self.vectors(d.vectors.as_ref(), "defaults.vectors")?,
+            peer_limit: self.peer_limit(d.peer_limit.as_ref(), "defaults.peer_limit")?,
             id_policy: d.id_policy.unwrap_or(named.defaults.id_policy),
             backend: self
-                .backend(
-                    &RawBackend {
-                        backend: d.backend.as_deref(),
-                        dir: d.dir.as_ref(),
-                        keep_shm: d.keep_shm,
-                    },
-                    "defaults",
-                )?
+                .backend(d.backend.as_ref(), d.dir.as_ref(), d.keep_shm, "defaults")?
                 .unwrap_or_default(),
-            pow2: d.pow2.map(|p| p.0).unwrap_or(Pow2Policy::RoundUp),
+            pow2: d.pow2.map_or(Pow2Policy::RoundUp, |p| p.0),
             max_size: d.max_size.map_or(named.defaults.max_size, |s| s.0),
         };
         let directory = DirectoryConfig {
@@ -179,169 +183,229 @@ impl Ctx<'_> {
             owner: d.owner,
             group: d
                 .group
-                .as_deref()
+                .as_ref()
                 .map(|g| self.group(g, "defaults.group"))
                 .transpose()?,
         };
 
         for (i, spanned) in raw.region.iter().enumerate() {
-            let span = Some(spanned.span());
-            let r = spanned.get_ref();
-            let option = |field: &str| Some(format!("region[{i}].{field}"));
-            let name = RegionName::new(&r.name)
-                .map_err(|e| self.error(span.clone(), option("name"), e.to_string()))?;
-            let mut region = NamedRegionConfig::with_defaults(name, r.size.0, &defaults);
-            region.vectors = r.vectors.unwrap_or(region.vectors);
-            region.peer_limit = r.peer_limit.unwrap_or(region.peer_limit);
-            region.id_policy = r.id_policy.unwrap_or(region.id_policy);
-            region.pow2 = r.pow2.map_or(region.pow2, |p| p.0);
-            let raw_backend = RawBackend {
-                backend: r.backend.as_deref(),
-                dir: r.dir.as_ref(),
-                keep_shm: r.keep_shm,
-            };
-            if let Some(backend) = self.backend(&raw_backend, &format!("region[{i}]"))? {
-                region.backend = backend;
+            let raw_region = spanned.get_ref();
+            let region = self.region(i, raw_region, &defaults)?;
+            if let Some(first) = named.regions.iter().position(|r| r.name == region.name) {
+                return Err(self.at(
+                    raw_region.name.span(),
+                    &format!("region[{i}].name"),
+                    format!(
+                        "region {:?} is configured twice (first as region[{first}])",
+                        region.name.as_str()
+                    ),
+                ));
             }
-            crate::config::validate_named_region(&region)
-                .map_err(|e| self.error(span.clone(), option("name"), e.to_string()))?;
             named.regions.push(region);
         }
 
         for (name, spanned) in &raw.vm {
-            let span = Some(spanned.span());
-            let vm = spanned.get_ref();
-            let option = |field: &str| Some(format!("vm.{name}{field}"));
-            let vm_name = RegionName::new(name).map_err(|e| {
-                self.error(
-                    span.clone(),
-                    option(""),
-                    format!("VM name (a directory name): {e}"),
-                )
-            })?;
-            let policy = self.vm_policy(name, vm, span.clone())?;
-            let directory = DirectoryConfig {
-                dir_mode: vm.dir_mode.map_or(directory.dir_mode, |m| m.0),
-                socket_mode: vm.socket_mode.map_or(directory.socket_mode, |m| m.0),
-                owner: vm.owner.or(directory.owner),
-                group: match &vm.group {
-                    Some(g) => Some(self.group(g, &format!("vm.{name}.group"))?),
-                    None => directory.group.clone(),
-                },
-            };
-            named.vms.push(VmConfig {
-                name: vm_name,
-                policy,
-                directory,
-            });
+            named
+                .vms
+                .push(self.vm(name, spanned, &directory, &root, &control)?);
         }
+        named.control = Some(control);
         named.defaults = defaults;
         named.directory = directory;
         Ok(ServerConfig {
             regions: Vec::new(),
-            max_queued_messages: raw
-                .max_queued_messages
-                .unwrap_or(DEFAULT_MAX_QUEUED_MESSAGES),
+            max_queued_messages,
             named: Some(named),
         })
     }
 
-    fn group(&self, text: &str, option: &str) -> Result<GroupSpec, FileConfigError> {
-        text.parse().map_err(|e: crate::group::GroupError| {
-            self.error(None, Some(option.into()), e.to_string())
+    /// The `i`th `[[region]]` table, with the defaults for what it does not say.
+    fn region(
+        &self,
+        i: usize,
+        r: &RawRegion,
+        defaults: &RegionDefaults,
+    ) -> Result<NamedRegionConfig, FileConfigError> {
+        let option = |field: &str| format!("region[{i}].{field}");
+        let name = RegionName::new(r.name.get_ref())
+            .map_err(|e| self.at(r.name.span(), &option("name"), e.to_string()))?;
+        let size = r.size.get_ref().0;
+        if size == 0 {
+            return Err(self.at(
+                r.size.span(),
+                &option("size"),
+                ConfigError::ZeroSize.to_string(),
+            ));
+        }
+        let mut region = NamedRegionConfig::with_defaults(name, size, defaults);
+        if r.vectors.is_some() {
+            region.vectors = self.vectors(r.vectors.as_ref(), &option("vectors"))?;
+        }
+        if r.peer_limit.is_some() {
+            region.peer_limit = self.peer_limit(r.peer_limit.as_ref(), &option("peer_limit"))?;
+        }
+        region.id_policy = r.id_policy.unwrap_or(region.id_policy);
+        region.pow2 = r.pow2.map_or(region.pow2, |p| p.0);
+        let table = format!("region[{i}]");
+        if let Some(backend) =
+            self.backend(r.backend.as_ref(), r.dir.as_ref(), r.keep_shm, &table)?
+        {
+            region.backend = backend;
+        }
+        Ok(region)
+    }
+
+    /// One `[vm.NAME]` table; its directory settings override `directory`.
+    fn vm(
+        &self,
+        name: &str,
+        spanned: &Spanned<RawVm>,
+        directory: &DirectoryConfig,
+        root: &Path,
+        control: &ControlConfig,
+    ) -> Result<VmConfig, FileConfigError> {
+        let vm = spanned.get_ref();
+        let option = format!("vm.{name}");
+        let vm_name = RegionName::new(name).map_err(|e| {
+            self.at(
+                spanned.span(),
+                &option,
+                format!("VM name (a directory name): {e}"),
+            )
+        })?;
+        if root.join(name) == control.path {
+            return Err(self.at(
+                spanned.span(),
+                &option,
+                format!(
+                    "the VM's directory would be the control socket {}: rename the VM",
+                    control.path.display()
+                ),
+            ));
+        }
+        let policy = self.vm_policy(name, vm, spanned.span())?;
+        let group = match &vm.group {
+            Some(g) => Some(self.group(g, &format!("vm.{name}.group"))?),
+            None => directory.group.clone(),
+        };
+        Ok(VmConfig {
+            name: vm_name,
+            policy,
+            directory: DirectoryConfig {
+                dir_mode: vm.dir_mode.map_or(directory.dir_mode, |m| m.0),
+                socket_mode: vm.socket_mode.map_or(directory.socket_mode, |m| m.0),
+                owner: vm.owner.or(directory.owner),
+                group,
+            },
         })
     }
 
+    /// `vectors` (at most 64), or the QNX default when not given.
+    fn vectors(
+        &self,
+        value: Option<&Spanned<usize>>,
+        option: &str,
+    ) -> Result<usize, FileConfigError> {
+        let Some(value) = value else {
+            return Ok(RegionDefaults::default().vectors);
+        };
+        let vectors = *value.get_ref();
+        if vectors > ivshm_proto::v0::MAX_VECTORS {
+            return Err(self.at(
+                value.span(),
+                option,
+                ConfigError::Vectors(vectors).to_string(),
+            ));
+        }
+        Ok(vectors)
+    }
+
+    /// `peer_limit` (1..=65536), or the QNX default when not given.
+    fn peer_limit(
+        &self,
+        value: Option<&Spanned<usize>>,
+        option: &str,
+    ) -> Result<usize, FileConfigError> {
+        let Some(value) = value else {
+            return Ok(RegionDefaults::default().peer_limit);
+        };
+        let limit = *value.get_ref();
+        if limit == 0 || limit > 1 << 16 {
+            return Err(self.at(
+                value.span(),
+                option,
+                ConfigError::PeerLimit(limit).to_string(),
+            ));
+        }
+        Ok(limit)
+    }
+
+    fn group(&self, text: &Spanned<String>, option: &str) -> Result<GroupSpec, FileConfigError> {
+        text.get_ref()
+            .parse()
+            .map_err(|e: crate::group::GroupError| self.at(text.span(), option, e.to_string()))
+    }
+
+    /// The `backend`, `dir` and `keep_shm` keys of `table`; `None` when `backend` is not given.
     fn backend(
         &self,
-        raw: &RawBackend<'_>,
-        option: &str,
+        backend: Option<&Spanned<String>>,
+        dir: Option<&PathBuf>,
+        keep_shm: Option<bool>,
+        table: &str,
     ) -> Result<Option<NamedBackend>, FileConfigError> {
-        let err = |m: String| self.error(None, Some(format!("{option}.backend")), m);
-        Ok(match raw.backend {
-            None => None,
-            Some("memfd") => Some(NamedBackend::Memfd),
-            Some("shm") => Some(NamedBackend::Shm {
-                keep: raw.keep_shm.unwrap_or(false),
-            }),
-            Some("dir") => {
-                Some(NamedBackend::Dir(raw.dir.cloned().ok_or_else(|| {
-                    err("backend \"dir\" needs dir = \"/path\"".into())
-                })?))
-            }
-            Some(other) => {
+        let Some(backend) = backend else {
+            return Ok(None);
+        };
+        let err = |message: String| self.at(backend.span(), &format!("{table}.backend"), message);
+        Ok(Some(match backend.get_ref().as_str() {
+            "memfd" => NamedBackend::Memfd,
+            "shm" => NamedBackend::Shm {
+                keep: keep_shm.unwrap_or(false),
+            },
+            "dir" => NamedBackend::Dir(dir.cloned().ok_or_else(|| {
+                err("backend \"dir\" needs dir = \"/path\" in the same table".into())
+            })?),
+            other => {
                 return Err(err(format!(
                     "unknown backend {other:?}: expected \"memfd\", \"shm\" or \"dir\""
                 )))
             }
-        })
+        }))
     }
 
     fn vm_policy(
         &self,
         name: &str,
         vm: &RawVm,
-        vm_span: Option<Range<usize>>,
+        vm_span: Range<usize>,
     ) -> Result<VmPolicy, FileConfigError> {
-        let fields: Vec<(&str, &Spanned<toml::Value>)> = [
-            ("rules", &vm.rules),
-            ("subst", &vm.subst),
-            ("create", &vm.create),
-            ("loc", &vm.loc),
-            ("intr", &vm.intr),
-            ("sched", &vm.sched),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
-        .collect();
+        let fields = vm.policy_fields();
         if let Some(file) = &vm.qnx_file {
-            let option = Some(format!("vm.{name}.qnx_file"));
+            let option = format!("vm.{name}.qnx_file");
             if let Some(field) = fields
                 .first()
                 .map(|(f, _)| *f)
                 .or(vm.qnx.as_ref().map(|_| "qnx"))
             {
-                return Err(self.error(
-                    Some(file.span()),
-                    option,
+                return Err(self.at(
+                    file.span(),
+                    &option,
                     format!("qnx_file excludes the other policy fields ({field} is also given)"),
                 ));
             }
-            // Relative to the configuration file's directory.
-            let path = self
-                .path
-                .parent()
-                .map(|dir| dir.join(file.get_ref()))
-                .unwrap_or_else(|| file.get_ref().clone());
-            let block = std::fs::read_to_string(&path).map_err(|e| {
-                self.error(
-                    Some(file.span()),
-                    option.clone(),
-                    format!("{}: {e}", path.display()),
-                )
-            })?;
-            return VmPolicy::parse_qnx(&block).map_err(|e| match e {
-                VmPolicyError::Parse(p) => FileConfigError {
-                    path,
-                    line: Some(p.line),
-                    option: Some(p.option),
-                    message: p.message,
-                },
-                other => FileConfigError {
-                    path,
-                    line: None,
-                    option: None,
-                    message: other.to_string(),
-                },
-            });
+            return self.qnx_file_policy(file, &option);
         }
         if let Some(qnx) = &vm.qnx {
-            let option = Some(format!("vm.{name}.qnx"));
+            let option = format!("vm.{name}.qnx");
             if let Some((field, _)) = fields.first() {
-                return Err(self.error(
-                    Some(qnx.span()),
-                    option,
-                    format!("qnx excludes the TOML policy fields ({field} is also given): write it in the block"),
+                return Err(self.at(
+                    qnx.span(),
+                    &option,
+                    format!(
+                        "qnx excludes the TOML policy fields ({field} is also given): write it \
+                         in the block"
+                    ),
                 ));
             }
             let first_line = self.block_first_line(qnx.span());
@@ -349,10 +413,10 @@ impl Ctx<'_> {
                 VmPolicyError::Parse(p) => FileConfigError {
                     path: self.path.to_path_buf(),
                     line: Some(first_line + p.line - 1),
-                    option: Some(format!("vm.{name}.qnx: {}", p.option)),
+                    option: Some(format!("{option}: {}", p.option)),
                     message: p.message,
                 },
-                other => self.error(Some(qnx.span()), option, other.to_string()),
+                other => self.at(qnx.span(), &option, other.to_string()),
             });
         }
         let mut table = toml::Table::new();
@@ -360,10 +424,10 @@ impl Ctx<'_> {
             let mut one = toml::Table::new();
             one.insert(field.to_string(), value.get_ref().clone());
             if let Err(e) = toml::Value::Table(one).try_into::<VmPolicyConfig>() {
-                return Err(self.error(
-                    Some(value.span()),
-                    Some(format!("vm.{name}.{field}")),
-                    e.message().trim().to_string(),
+                return Err(self.at(
+                    value.span(),
+                    &format!("vm.{name}.{field}"),
+                    e.message().trim(),
                 ));
             }
             table.insert(field.to_string(), value.get_ref().clone());
@@ -372,19 +436,59 @@ impl Ctx<'_> {
             toml::Value::Table(table)
                 .try_into()
                 .map_err(|e: toml::de::Error| {
-                    self.error(
-                        vm_span.clone(),
-                        Some(format!("vm.{name}")),
-                        e.message().trim().to_string(),
-                    )
+                    self.at(vm_span.clone(), &format!("vm.{name}"), e.message().trim())
                 })?;
-        VmPolicy::from_config(config)
-            .map_err(|e| self.error(vm_span, Some(format!("vm.{name}")), e.to_string()))
+        VmPolicy::from_config(config).map_err(|e| {
+            // Point at the field the error is about.
+            let field = match &e {
+                VmPolicyError::IllegalCreateName { .. }
+                | VmPolicyError::DuplicateCreate { .. }
+                | VmPolicyError::BadCreateSize { .. } => "create",
+                VmPolicyError::UnalignedLoc { .. } | VmPolicyError::LocWithoutIntr => "loc",
+                VmPolicyError::BadSched => "sched",
+                VmPolicyError::Parse(_) | VmPolicyError::QnxWithFields => "qnx",
+            };
+            let span = fields
+                .iter()
+                .find(|(f, _)| *f == field)
+                .map_or(vm_span, |(_, value)| value.span());
+            self.at(span, &format!("vm.{name}.{field}"), e.to_string())
+        })
+    }
+
+    /// The policy in a `qnx_file` (relative to the configuration file's directory); its errors
+    /// name that file and its line.
+    fn qnx_file_policy(
+        &self,
+        file: &Spanned<PathBuf>,
+        option: &str,
+    ) -> Result<VmPolicy, FileConfigError> {
+        let path = self
+            .path
+            .parent()
+            .map(|dir| dir.join(file.get_ref()))
+            .unwrap_or_else(|| file.get_ref().clone());
+        let block = std::fs::read_to_string(&path)
+            .map_err(|e| self.at(file.span(), option, format!("{}: {e}", path.display())))?;
+        VmPolicy::parse_qnx(&block).map_err(|e| match e {
+            VmPolicyError::Parse(p) => FileConfigError {
+                path,
+                line: Some(p.line),
+                option: Some(p.option),
+                message: p.message,
+            },
+            other => FileConfigError {
+                path,
+                line: None,
+                option: None,
+                message: other.to_string(),
+            },
+        })
     }
 
     /// The file line of the first line of a multi-line string's contents.
     fn block_first_line(&self, span: Range<usize>) -> usize {
-        let line = self.line_of(span.start);
+        let line = location::line_of(self.text, span.start);
         let rest = self.text.get(span.start..).unwrap_or_default();
         let after_quotes = rest
             .strip_prefix("\"\"\"")
@@ -392,144 +496,6 @@ impl Ctx<'_> {
         match after_quotes {
             Some(body) if body.starts_with('\n') || body.starts_with("\r\n") => line + 1,
             _ => line,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFile {
-    root: Option<PathBuf>,
-    control: Option<PathBuf>,
-    control_mode: Option<RawMode>,
-    control_group: Option<String>,
-    max_queued_messages: Option<usize>,
-    #[serde(default)]
-    defaults: RawDefaults,
-    #[serde(default)]
-    region: Vec<Spanned<RawRegion>>,
-    #[serde(default)]
-    vm: BTreeMap<String, Spanned<RawVm>>,
-}
-
-/// The backend fields of `[defaults]` and `[[region]]`.
-struct RawBackend<'a> {
-    backend: Option<&'a str>,
-    dir: Option<&'a PathBuf>,
-    keep_shm: Option<bool>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDefaults {
-    vectors: Option<usize>,
-    peer_limit: Option<usize>,
-    id_policy: Option<IdPolicy>,
-    backend: Option<String>,
-    dir: Option<PathBuf>,
-    keep_shm: Option<bool>,
-    pow2: Option<RawPow2>,
-    max_size: Option<RawSize>,
-    dir_mode: Option<RawMode>,
-    socket_mode: Option<RawMode>,
-    owner: Option<u32>,
-    group: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRegion {
-    name: String,
-    size: RawSize,
-    vectors: Option<usize>,
-    peer_limit: Option<usize>,
-    id_policy: Option<IdPolicy>,
-    backend: Option<String>,
-    dir: Option<PathBuf>,
-    keep_shm: Option<bool>,
-    pow2: Option<RawPow2>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawVm {
-    dir_mode: Option<RawMode>,
-    socket_mode: Option<RawMode>,
-    owner: Option<u32>,
-    group: Option<String>,
-    qnx: Option<Spanned<String>>,
-    qnx_file: Option<Spanned<PathBuf>>,
-    rules: Option<Spanned<toml::Value>>,
-    subst: Option<Spanned<toml::Value>>,
-    create: Option<Spanned<toml::Value>>,
-    loc: Option<Spanned<toml::Value>>,
-    intr: Option<Spanned<toml::Value>>,
-    sched: Option<Spanned<toml::Value>>,
-}
-
-/// A file mode: a TOML integer (write `0o750`) or an octal string (`"0750"`, `"750"`).
-#[derive(Debug, Clone, Copy)]
-struct RawMode(u32);
-
-impl<'de> Deserialize<'de> for RawMode {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Either {
-            Int(u32),
-            Text(String),
-        }
-        let mode = match Either::deserialize(d)? {
-            Either::Int(m) => m,
-            Either::Text(t) => {
-                let digits = t.strip_prefix("0o").unwrap_or(&t);
-                u32::from_str_radix(digits, 8).map_err(|_| {
-                    serde::de::Error::custom(format!("{t:?} is not an octal file mode"))
-                })?
-            }
-        };
-        if mode > 0o7777 {
-            return Err(serde::de::Error::custom(format!(
-                "mode {mode:o} is not a file mode"
-            )));
-        }
-        Ok(RawMode(mode))
-    }
-}
-
-/// A size: integer bytes or a string with `K`/`M`/`G`/`T` or `0x`.
-#[derive(Debug, Clone, Copy)]
-struct RawSize(u64);
-
-impl<'de> Deserialize<'de> for RawSize {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Either {
-            Int(u64),
-            Text(String),
-        }
-        match Either::deserialize(d)? {
-            Either::Int(n) => Ok(RawSize(n)),
-            Either::Text(t) => ivshm_mem::parse_size(&t)
-                .map(RawSize)
-                .map_err(|e| serde::de::Error::custom(format!("size {t:?}: {e}"))),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct RawPow2(Pow2Policy);
-
-impl<'de> Deserialize<'de> for RawPow2 {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match String::deserialize(d)?.as_str() {
-            "round-up" => Ok(RawPow2(Pow2Policy::RoundUp)),
-            "refuse" => Ok(RawPow2(Pow2Policy::Refuse)),
-            "off" => Ok(RawPow2(Pow2Policy::Off)),
-            other => Err(serde::de::Error::custom(format!(
-                "pow2 {other:?}: expected \"round-up\", \"refuse\" or \"off\""
-            ))),
         }
     }
 }

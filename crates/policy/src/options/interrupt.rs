@@ -72,28 +72,85 @@ impl std::str::FromStr for Interrupt {
     }
 }
 
+/// Reads an `intr` value given as a string (`"gic:36"`) or a bare integer (`36`).
+struct InterruptVisitor;
+
+impl serde::de::Visitor<'_> for InterruptVisitor {
+    type Value = Interrupt;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an interrupt: a line number such as 36 or a string such as \"gic:36\"")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, line: u64) -> Result<Interrupt, E> {
+        let line = u32::try_from(line)
+            .map_err(|_| E::custom(format!("interrupt line {line} does not fit in 32 bits")))?;
+        Ok(Interrupt {
+            controller: None,
+            line,
+        })
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, line: i64) -> Result<Interrupt, E> {
+        match u64::try_from(line) {
+            Ok(line) => self.visit_u64(line),
+            Err(_) => Err(E::custom(format!("interrupt line {line} is negative"))),
+        }
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Interrupt, E> {
+        Interrupt::parse(text).map_err(E::custom)
+    }
+}
+
 /// Accepts `"gic:36"` or a bare integer `36`.
 impl<'de> serde::Deserialize<'de> for Interrupt {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(serde::Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Line(u32),
-            Text(String),
-        }
-        match Raw::deserialize(deserializer)? {
-            Raw::Line(line) => Ok(Self {
-                controller: None,
-                line,
-            }),
-            Raw::Text(text) => Self::parse(&text).map_err(serde::de::Error::custom),
-        }
+        deserializer.deserialize_any(InterruptVisitor)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Holder {
+        intr: Interrupt,
+    }
+
+    fn from_toml(value: &str) -> Result<Interrupt, String> {
+        toml::from_str::<Holder>(&format!("intr = {value}"))
+            .map(|h| h.intr)
+            .map_err(|e| e.message().to_string())
+    }
+
+    #[test]
+    fn deserializes_from_an_integer_or_a_string_with_clear_errors() {
+        assert_eq!(
+            from_toml("36"),
+            Ok(Interrupt {
+                controller: None,
+                line: 36
+            })
+        );
+        assert_eq!(
+            from_toml("\"gic:36\""),
+            Ok(Interrupt {
+                controller: Some("gic".into()),
+                line: 36
+            })
+        );
+        assert!(from_toml("-1").unwrap_err().contains("negative"));
+        assert!(from_toml("4294967296")
+            .unwrap_err()
+            .contains("does not fit in 32 bits"));
+        let wrong_type = from_toml("[]").unwrap_err();
+        assert!(
+            wrong_type.contains("expected an interrupt: a line number such as 36"),
+            "{wrong_type}"
+        );
+    }
 
     #[test]
     fn parses_controller_and_line() {

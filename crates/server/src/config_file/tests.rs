@@ -1,4 +1,5 @@
 use super::*;
+use crate::ids::IdPolicy;
 use ivshm_policy::GuestShmStatus;
 
 fn parse_ok(text: &str) -> NamedConfig {
@@ -82,20 +83,6 @@ fn toml_syntax_errors_name_file_and_line() {
 }
 
 #[test]
-fn policy_field_errors_name_the_option_and_its_line() {
-    let e = parse_err("[vm.a]\nsubst = \",g\"\nrules = [\"allow x\", \"permit y\"]\n");
-    assert_eq!(e.line, Some(3));
-    assert_eq!(e.option.as_deref(), Some("vm.a.rules"));
-    assert!(e.message.contains("unknown keyword"), "{e}");
-    let e = parse_err("[vm.a]\nloc = 4096\n");
-    assert_eq!(e.line, Some(1));
-    assert!(e.message.contains("loc needs intr"), "{e}");
-    let e = parse_err("[vm.\"a/b\"]\n");
-    assert_eq!(e.line, Some(1));
-    assert!(e.message.contains("VM name"), "{e}");
-}
-
-#[test]
 fn qnx_block_errors_are_reported_at_their_file_line() {
     let e = parse_err(
         "root = \"/tmp\"\n\n[vm.q]\nqnx = \"\"\"\n    allow test*\n    bogus 1\n\"\"\"\n",
@@ -109,22 +96,83 @@ fn qnx_block_errors_are_reported_at_their_file_line() {
     assert!(e.message.contains("excludes"), "{e}");
 }
 
+/// Every kind of mistake is reported with the file, the line it is on and the option
+/// (`table.key`), as `FILE:LINE: OPTION: message`.
 #[test]
-fn region_and_value_errors() {
-    let e = parse_err("[[region]]\nname = \"a\"\nsize = 0\n");
-    assert!(e.message.contains("size"), "{e}");
-    let e = parse_err("[[region]]\nname = \"../a\"\nsize = 1\n");
-    assert_eq!(e.line, Some(1));
-    let e = parse_err("[[region]]\nname = \"a\"\nsize = 1\nid_policy = \"random\"\n");
-    assert!(e.message.contains("id policy"), "{e}");
-    let e = parse_err("[[region]]\nname = \"a\"\nsize = 1\n[[region]]\nname = \"a\"\nsize = 2\n");
-    assert!(e.message.contains("twice"), "{e}");
-    let e = parse_err("[defaults]\nbackend = \"dir\"\n");
-    assert!(e.message.contains("needs dir"), "{e}");
-    let e = parse_err("[defaults]\ndir_mode = \"999\"\n");
-    assert!(e.message.contains("octal"), "{e}");
-    let e = parse_err("[defaults]\npeer_limit = 0\n");
-    assert!(e.message.contains("peer limit"), "{e}");
+fn every_error_names_file_line_and_option() {
+    let cases: &[(&str, usize, &str, &str)] = &[
+        // TOML-level: syntax, unknown keys, wrong types (the option is read off the text).
+        ("[defaults]\nvectors = \n", 2, "defaults.vectors", "string values"),
+        ("[defaults]\ncolour = 1\n", 2, "defaults.colour", "unknown field"),
+        ("[vm.a]\n[vm.a.x]\n", 2, "vm.a.x", "unknown field `x`"),
+        ("control_mode = \"0999\"\n", 1, "control_mode", "octal file mode"),
+        ("[defaults]\ndir_mode = 0o17777\n", 2, "defaults.dir_mode", "not a file mode"),
+        ("[defaults]\nid_policy = \"x\"\n", 2, "defaults.id_policy", "lowest-free"),
+        ("[defaults]\npow2 = \"x\"\n", 2, "defaults.pow2", "round-up"),
+        ("[defaults]\nmax_size = \"1Q\"\n", 2, "defaults.max_size", "unknown suffix"),
+        ("[[region]]\nname = \"a\"\nsize = -1\n", 3, "region[0].size", "negative"),
+        ("[[region]]\nname = \"a\"\nsize = true\n", 3, "region[0].size", "a size in bytes"),
+        (
+            "[[region]]\nname = \"a\"\nsize = 1\n[[region]]\nname = \"b\"\nsize = \"x\"\n",
+            6,
+            "region[1].size",
+            "invalid size",
+        ),
+        ("[vm.a]\nrules = \"allow x\"\n", 2, "vm.a.rules", "expected a sequence"),
+        ("[vm.a]\nintr = []\n", 2, "vm.a.intr", "expected an interrupt"),
+        // Checked after reading: the value's own line.
+        ("max_queued_messages = 0\n", 1, "max_queued_messages", "at least 1"),
+        ("\n[defaults]\nvectors = 65\n", 3, "defaults.vectors", "at most 64"),
+        ("[defaults]\npeer_limit = 0\n", 2, "defaults.peer_limit", "peer limit 0"),
+        ("[defaults]\nbackend = \"dir\"\n", 2, "defaults.backend", "needs dir"),
+        ("[defaults]\nbackend = \"disk\"\n", 2, "defaults.backend", "unknown backend"),
+        ("[defaults]\ngroup = \"\"\n", 2, "defaults.group", "empty group"),
+        ("control_group = \"\"\n", 1, "control_group", "empty group"),
+        ("[[region]]\nname = \"../a\"\nsize = 1\n", 2, "region[0].name", "starts with '.'"),
+        ("[[region]]\nname = \"a\"\nsize = 0\n", 3, "region[0].size", "greater than zero"),
+        ("[[region]]\nname = \"a\"\nsize = 1\nvectors = 65\n", 4, "region[0].vectors", "64"),
+        ("[[region]]\nname = \"a\"\nsize = 1\npeer_limit = 0\n", 4, "region[0].peer_limit", "0"),
+        ("[[region]]\nname = \"a\"\nsize = 1\nbackend = \"dir\"\n", 4, "region[0].backend", "dir"),
+        (
+            "[[region]]\nname = \"a\"\nsize = 1\n[[region]]\nname = \"a\"\nsize = 2\n",
+            5,
+            "region[1].name",
+            "configured twice (first as region[0])",
+        ),
+        ("[vm.\"a/b\"]\n", 1, "vm.a/b", "VM name"),
+        ("root = \"/r\"\n[vm.\"control.sock\"]\n", 2, "vm.control.sock", "control socket"),
+        ("[vm.a]\ngroup = \"\"\n", 2, "vm.a.group", "empty group"),
+        ("[vm.a]\nsubst = \",g\"\nrules = [\"allow x\", \"permit y\"]\n", 3, "vm.a.rules", "unknown keyword"),
+        ("[vm.a]\nsubst = \"x\"\n", 2, "vm.a.subst", "no comma"),
+        ("[vm.a]\nloc = 4096\n", 2, "vm.a.loc", "loc needs intr"),
+        ("[vm.a]\nintr = 3\nloc = 4097\n", 3, "vm.a.loc", "not aligned"),
+        ("[vm.a]\nsched = 0\n", 2, "vm.a.sched", "1..=255"),
+        ("[vm.a]\ncreate = [{ name = \"m\", size = 0 }]\n", 2, "vm.a.create", "size 0"),
+        (
+            "[vm.a]\nsubst = \",g\"\ncreate = [{ name = \"m\", size = 1 }, { name = \"m\", size = 2 }]\n",
+            3,
+            "vm.a.create",
+            "created twice",
+        ),
+        ("[vm.a]\nqnx = \"allow a\"\nsched = 3\n", 2, "vm.a.qnx", "excludes"),
+        ("[vm.a]\nqnx = \"\"\"\nallow x\nbogus 1\n\"\"\"\n", 4, "vm.a.qnx: bogus", "unknown"),
+    ];
+    for &(text, line, option, fragment) in cases {
+        let e = parse_err(text);
+        let shown = e.to_string();
+        assert_eq!(e.path, PathBuf::from("test.toml"), "{text:?}: {shown}");
+        assert_eq!(e.line, Some(line), "line of {text:?}: {shown}");
+        assert_eq!(
+            e.option.as_deref(),
+            Some(option),
+            "option of {text:?}: {shown}"
+        );
+        assert!(e.message.contains(fragment), "message of {text:?}: {shown}");
+        assert!(
+            shown.starts_with(&format!("test.toml:{line}: {option}: ")),
+            "{shown}"
+        );
+    }
 }
 
 #[test]

@@ -1,0 +1,194 @@
+//! The configuration file as TOML gives it: tables with unknown keys rejected, values that need
+//! a check after reading kept with their position ([`Spanned`]) so errors can name their line.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use ivshm_mem::Pow2Policy;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::ids::IdPolicy;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFile {
+    pub(super) root: Option<PathBuf>,
+    pub(super) control: Option<PathBuf>,
+    pub(super) control_mode: Option<RawMode>,
+    pub(super) control_group: Option<Spanned<String>>,
+    pub(super) max_queued_messages: Option<Spanned<usize>>,
+    #[serde(default)]
+    pub(super) defaults: RawDefaults,
+    #[serde(default)]
+    pub(super) region: Vec<Spanned<RawRegion>>,
+    #[serde(default)]
+    pub(super) vm: BTreeMap<String, Spanned<RawVm>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDefaults {
+    pub(super) vectors: Option<Spanned<usize>>,
+    pub(super) peer_limit: Option<Spanned<usize>>,
+    pub(super) id_policy: Option<IdPolicy>,
+    pub(super) backend: Option<Spanned<String>>,
+    pub(super) dir: Option<PathBuf>,
+    pub(super) keep_shm: Option<bool>,
+    pub(super) pow2: Option<RawPow2>,
+    pub(super) max_size: Option<RawSize>,
+    pub(super) dir_mode: Option<RawMode>,
+    pub(super) socket_mode: Option<RawMode>,
+    pub(super) owner: Option<u32>,
+    pub(super) group: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRegion {
+    pub(super) name: Spanned<String>,
+    pub(super) size: Spanned<RawSize>,
+    pub(super) vectors: Option<Spanned<usize>>,
+    pub(super) peer_limit: Option<Spanned<usize>>,
+    pub(super) id_policy: Option<IdPolicy>,
+    pub(super) backend: Option<Spanned<String>>,
+    pub(super) dir: Option<PathBuf>,
+    pub(super) keep_shm: Option<bool>,
+    pub(super) pow2: Option<RawPow2>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawVm {
+    pub(super) dir_mode: Option<RawMode>,
+    pub(super) socket_mode: Option<RawMode>,
+    pub(super) owner: Option<u32>,
+    pub(super) group: Option<Spanned<String>>,
+    pub(super) qnx: Option<Spanned<String>>,
+    pub(super) qnx_file: Option<Spanned<PathBuf>>,
+    pub(super) rules: Option<Spanned<toml::Value>>,
+    pub(super) subst: Option<Spanned<toml::Value>>,
+    pub(super) create: Option<Spanned<toml::Value>>,
+    pub(super) loc: Option<Spanned<toml::Value>>,
+    pub(super) intr: Option<Spanned<toml::Value>>,
+    pub(super) sched: Option<Spanned<toml::Value>>,
+}
+
+impl RawVm {
+    /// The policy fields of the TOML form that are given, in the order of [`VmPolicyConfig`]
+    /// (`qnx` and `qnx_file` excluded).
+    ///
+    /// [`VmPolicyConfig`]: ivshm_policy::VmPolicyConfig
+    pub(super) fn policy_fields(&self) -> Vec<(&'static str, &Spanned<toml::Value>)> {
+        [
+            ("rules", &self.rules),
+            ("subst", &self.subst),
+            ("create", &self.create),
+            ("loc", &self.loc),
+            ("intr", &self.intr),
+            ("sched", &self.sched),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| value.as_ref().map(|value| (key, value)))
+        .collect()
+    }
+}
+
+/// A file mode: a TOML integer (write `0o750`) or an octal string (`"0750"`, `"750"`, `"0o750"`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RawMode(pub(super) u32);
+
+struct ModeVisitor;
+
+impl serde::de::Visitor<'_> for ModeVisitor {
+    type Value = RawMode;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a file mode: an integer such as 0o750 or an octal string such as \"0750\"")
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, mode: i64) -> Result<RawMode, E> {
+        match u32::try_from(mode) {
+            Ok(mode) if mode <= 0o7777 => Ok(RawMode(mode)),
+            _ => Err(E::custom(format!(
+                "mode {mode:#o} is not a file mode (at most 0o7777)"
+            ))),
+        }
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, mode: u64) -> Result<RawMode, E> {
+        self.visit_i64(i64::try_from(mode).unwrap_or(i64::MAX))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<RawMode, E> {
+        let digits = text.strip_prefix("0o").unwrap_or(text);
+        let mode = u32::from_str_radix(digits, 8).map_err(|_| {
+            E::custom(format!(
+                "{text:?} is not an octal file mode (write it like \"0750\")"
+            ))
+        })?;
+        self.visit_i64(i64::from(mode))
+    }
+}
+
+impl<'de> Deserialize<'de> for RawMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ModeVisitor)
+    }
+}
+
+/// A size: integer bytes or a string such as `"1M"`, `"960K"`, `"0xf0000"`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RawSize(pub(super) u64);
+
+struct SizeVisitor;
+
+impl serde::de::Visitor<'_> for SizeVisitor {
+    type Value = RawSize;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "a size in bytes: an integer, or a string such as \"1M\", \"960K\" or \"0xf0000\"",
+        )
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, size: i64) -> Result<RawSize, E> {
+        u64::try_from(size)
+            .map(RawSize)
+            .map_err(|_| E::custom(format!("size {size} is negative")))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, size: u64) -> Result<RawSize, E> {
+        Ok(RawSize(size))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<RawSize, E> {
+        ivshm_mem::parse_size(text)
+            .map(RawSize)
+            .map_err(|e| E::custom(format!("size {text:?}: {e}")))
+    }
+}
+
+impl<'de> Deserialize<'de> for RawSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(SizeVisitor)
+    }
+}
+
+/// `pow2 = "round-up" | "refuse" | "off"`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RawPow2(pub(super) Pow2Policy);
+
+impl<'de> Deserialize<'de> for RawPow2 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "round-up" => Ok(RawPow2(Pow2Policy::RoundUp)),
+            "refuse" => Ok(RawPow2(Pow2Policy::Refuse)),
+            "off" => Ok(RawPow2(Pow2Policy::Off)),
+            other => Err(serde::de::Error::custom(format!(
+                "pow2 {other:?}: expected \"round-up\", \"refuse\" or \"off\""
+            ))),
+        }
+    }
+}
