@@ -2,6 +2,7 @@
 //! one vCPU started in flat 32-bit protected mode on its own thread, and a
 //! [`PciPlatform`].
 
+use std::io::Write;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
@@ -153,8 +154,8 @@ pub fn kvm_available() -> bool {
 /// Environment variable that turns a missing `/dev/kvm` from a skip into a failure.
 pub const REQUIRE_KVM_ENV: &str = "IVSHM_REQUIRE_KVM";
 
-/// For KVM tests: true when KVM is usable. Otherwise prints `SKIPPED: <test>: ...` to stderr
-/// and returns false — or panics when `IVSHM_REQUIRE_KVM=1` (as CI sets it).
+/// For KVM tests: true when KVM is usable. Otherwise prints `SKIPPED: <test>: ...` to the
+/// process's stderr (not captured by the test harness) and returns false — or panics when `IVSHM_REQUIRE_KVM=1` (as CI sets it).
 pub fn kvm_or_skip(test: &str) -> bool {
     if kvm_available() {
         return true;
@@ -162,7 +163,10 @@ pub fn kvm_or_skip(test: &str) -> bool {
     if std::env::var(REQUIRE_KVM_ENV).as_deref() == Ok("1") {
         panic!("{test}: {REQUIRE_KVM_ENV}=1 but /dev/kvm is not usable");
     }
-    eprintln!(
+    // Straight to the process's stderr: libtest captures `eprintln!` of passing tests,
+    // and a skip must be seen.
+    let _ = writeln!(
+        std::io::stderr().lock(),
         "SKIPPED: {test}: /dev/kvm is not available (set {REQUIRE_KVM_ENV}=1 to fail instead)"
     );
     false
