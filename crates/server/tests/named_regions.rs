@@ -696,3 +696,77 @@ fn factory_connections_are_bounded_and_survive_bad_lines() {
     assert_eq!(n, 0, "the 65th connection is closed unanswered: {line:?}");
     drop(open);
 }
+
+/// The server's log, captured for the whole test binary (tests filter by their own VM names).
+fn captured_log() -> String {
+    use std::sync::{Arc, Mutex, OnceLock};
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    struct Writer(Arc<Mutex<Vec<u8>>>);
+    impl Write for Writer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let log = LOG.get_or_init(|| {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || Writer(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        log
+    });
+    String::from_utf8_lossy(&log.lock().unwrap()).into_owned()
+}
+
+/// `intr`, `loc` and `sched` are carried to device models; for QEMU guests the server says once
+/// per VM (not per peer, not per reload) that they cannot apply.
+#[test]
+fn placement_options_are_reported_once_per_vm() {
+    captured_log();
+    let placed = r#"
+[defaults]
+vectors = 1
+[vm.placed-qnx]
+qnx = """
+    loc 0x1c000000
+    intr gic:40
+    sched 10
+    create mem,4096
+"""
+[vm.plain-qemu]
+"#;
+    let setup = Setup::new("placement", placed);
+    let warning = "cannot apply to QEMU guests";
+    let count = |vm: &str| {
+        captured_log()
+            .lines()
+            .filter(|line| line.contains(warning) && line.contains(&format!("vm={vm}")))
+            .count()
+    };
+    assert_eq!(count("placed-qnx"), 1, "{}", captured_log());
+    assert_eq!(count("plain-qemu"), 0);
+    // QEMU-style peers joining through the VM's socket do not repeat it ...
+    let socket = setup.vm_dir("placed-qnx").join("mem.sock");
+    let mut first = RawPeer::connect(&socket);
+    first.handshake(1, &[]);
+    let mut second = RawPeer::connect(&socket);
+    second.handshake(1, &[0]);
+    // ... nor do reloads, even one that changes the VM's policy.
+    setup.write_config(&placed.replace("sched 10", "sched 11"));
+    let ControlResult::Reloaded { changes } = setup.control(&ControlRequest::Reload) else {
+        panic!("reload")
+    };
+    assert!(
+        changes.iter().any(|c| c == "VM placed-qnx: policy updated"),
+        "{changes:?}"
+    );
+    setup.control(&ControlRequest::Reload);
+    assert_eq!(count("placed-qnx"), 1, "{}", captured_log());
+}
