@@ -1,6 +1,7 @@
 //! Building the guest's initramfs: busybox, optional extra files (e.g. the static `ivshm`),
-//! kernel modules loaded at boot, and an `/init` that ends in an interactive shell on the
-//! serial console.
+//! kernel modules loaded at boot, and an `/init` that runs an interactive shell on the serial
+//! console as its child (PID 1 is never the interactive shell) and starts a new one whenever
+//! it exits.
 //!
 //! Images are uncompressed newc cpio archives (the kernel needs no decompressor, which is
 //! faster under TCG), cached by content hash in `<cache>/initramfs/<hash>.cpio`.
@@ -19,6 +20,9 @@ use crate::cpio::CpioWriter;
 pub const READY_MARKER: &str = "IVSHM-E2E-READY";
 /// Printed by `/init` at the start of a line when a boot step failed (e.g. `insmod`).
 pub const ERROR_MARKER: &str = "IVSHM-E2E-ERROR";
+/// Printed by `/init` (followed by ` status=<N>, ...`) when the console shell exited; `/init`
+/// then starts a new one.
+pub const SHELL_EXITED_MARKER: &str = "IVSHM-E2E-SHELL-EXITED";
 
 /// Cached images unused for this long are deleted when a new one is written (each use
 /// refreshes an image's modification time).
@@ -127,7 +131,15 @@ impl InitramfsSpec {
         self
     }
 
-    /// The `/init` script.
+    /// The `/init` script. It stays PID 1 and runs the console shell as a child (in its own
+    /// session, with the console as controlling terminal, without job control so no job
+    /// notices land in command output); orphans are reparented to `/init`, which reaps them.
+    ///
+    /// Busybox's shell exits (status 0, as on end of input) when one of its background jobs
+    /// ends while it reads the console. So `/init` respawns it, printing
+    /// [`SHELL_EXITED_MARKER`]: a plain `cmd &` works, only shell variables set by earlier
+    /// commands are lost. [`crate::QemuGuest::spawn_background`] detaches its command from
+    /// the shell (`( ( cmd ) & )`), so the shell never sees it end.
     pub fn init_script(&self) -> String {
         let mut script = String::from(
             "#!/bin/sh\n\
@@ -152,7 +164,10 @@ impl InitramfsSpec {
             "export PS1='' PS2=''\n\
              stty -echo\n\
              echo {READY_MARKER}\n\
-             exec setsid cttyhack sh\n"
+             while :; do\n\
+             setsid cttyhack sh +m\n\
+             echo \"{SHELL_EXITED_MARKER} status=$?, starting a new shell\"\n\
+             done\n"
         ));
         script
     }
@@ -341,7 +356,7 @@ mod tests {
     }
 
     #[test]
-    fn init_loads_modules_in_order_and_ends_in_a_shell() {
+    fn init_loads_modules_then_runs_the_shell_as_a_child() {
         let mut spec = InitramfsSpec::new("/bin/busybox");
         spec.module("/x/vfio.ko")
             .module("/x/vfio-pci.ko")
@@ -352,6 +367,10 @@ mod tests {
         let hi = script.find("echo hi").unwrap();
         let ready = script.find(READY_MARKER).unwrap();
         assert!(vfio < vfio_pci && vfio_pci < hi && hi < ready);
-        assert!(script.trim_end().ends_with("exec setsid cttyhack sh"));
+        let shell = script.find("\nsetsid cttyhack sh +m\n").unwrap();
+        assert!(ready < shell);
+        assert!(!script.contains("exec "), "PID 1 must not become the shell");
+        assert!(script[..shell].ends_with("\nwhile :; do"));
+        assert!(script.trim_end().ends_with("done"));
     }
 }

@@ -10,6 +10,7 @@
 //! - [`binaries`]: building `ivshm` for the host and statically for guests.
 //! - [`cpio`] and [`initramfs`]: the guest image and its `/init`.
 //! - [`console`] and [`qemu`]: starting guests and the shell protocol on the serial console.
+//! - [`background`]: guest commands running in the background while the test goes on.
 //! - [`pci`]: finding `ivshmem` devices in the guest and `devmem` access to their BARs.
 //! - [`host`]: host processes with captured output lines.
 //! - [`ivshm`]: the host `ivshm` server, listener, read and write.
@@ -17,6 +18,7 @@
 //! - [`orphan`]: children are killed when the test process dies.
 
 pub mod assets;
+pub mod background;
 pub mod binaries;
 pub mod console;
 pub mod cpio;
@@ -30,6 +32,7 @@ pub mod scratch;
 pub mod workspace;
 
 pub use assets::GuestAssets;
+pub use background::BackgroundCommand;
 pub use console::CommandOutput;
 pub use host::{HostProcess, Stream};
 pub use ivshm::{IvshmListener, IvshmServer, ListenEvent};

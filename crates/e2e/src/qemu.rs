@@ -633,6 +633,23 @@ impl QemuGuest {
         }
     }
 
+    /// A number not used before by this guest's commands (for unique names in the guest).
+    pub(crate) fn next_background_id(&mut self) -> u64 {
+        let id = self.next_command;
+        self.next_command += 1;
+        id
+    }
+
+    /// A timeout error for `what`, with the `output` seen so far and the failure context.
+    pub(crate) fn timeout_error(&self, what: &str, timeout: Duration, output: &str) -> QemuError {
+        QemuError::Timeout {
+            guest: self.name.clone(),
+            what: what.to_string(),
+            timeout,
+            context: format!("output so far: {output:?}\n{}", self.failure_context()),
+        }
+    }
+
     /// Powers the guest off (`poweroff -f`) and waits for QEMU to exit.
     pub fn poweroff(&mut self, timeout: Duration) -> Result<ExitStatus, QemuError> {
         self.send("poweroff -f\n")?;

@@ -9,12 +9,12 @@
 //! the other and by the host; restoring the driver binding; and the sysfs mode (memory,
 //! ringing, polling doorbells).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ivshm_e2e::host::run_to_completion;
 use ivshm_e2e::ivshm::{ivshm_command, read_shared};
 use ivshm_e2e::{require_e2e, IvshmListener, IvshmServer, QemuGuest, ScratchDir};
-use ivshm_e2e::{HostProcess, Stream};
+use ivshm_e2e::{BackgroundCommand, HostProcess, Stream};
 
 const BOOT: Duration = Duration::from_secs(240);
 const HOST: Duration = Duration::from_secs(60);
@@ -24,101 +24,26 @@ const GUEST_WAIT_SECONDS: u32 = 120;
 const SIZE: u64 = 1 << 20;
 const VECTORS: u32 = 4;
 
-/// A command started in the background of a guest's shell; its output and then a final
-/// `exit-status=<N>` line go to a file.
-///
-/// The guest's shell is PID 1 and exits (panicking the kernel) when a child ends while it
-/// sits reading the console, so the background subshell does not end by itself: after the
-/// command it blocks on a FIFO until [`finish`] releases it from a foreground command.
-struct Background {
-    pid: u32,
-    out: String,
-    release: String,
-}
+/// How long a background `ivshm guest` command may take to end (they bound themselves).
+const FINISH: Duration = Duration::from_secs(GUEST_WAIT_SECONDS as u64 + 60);
 
-const EXIT_STATUS: &str = "exit-status=";
-
-fn start_background(guest: &mut QemuGuest, name: &str, command: &str) -> Background {
-    let out = format!("/tmp/{name}.out");
-    let release = format!("/tmp/{name}.release");
-    let pid = guest
-        .run_ok(
-            &format!(
-                "rm -f {release}; mkfifo {release}; \
-                 ( {command}; echo \"{EXIT_STATUS}$?\"; read _ <{release} ) >{out} 2>&1 & echo $!"
-            ),
-            COMMAND,
-        )
-        .unwrap();
-    let pid = pid
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("no pid from `{command}`: {pid:?}"));
-    Background { pid, out, release }
-}
-
-/// Polls the background command's output until it contains `needle` or `limit` passes;
-/// returns the output.
-fn wait_output_for(
-    guest: &mut QemuGuest,
-    background: &Background,
-    needle: &str,
-    limit: Duration,
-) -> String {
-    let start = Instant::now();
-    loop {
-        let text = guest
-            .run(&format!("cat {}", background.out), COMMAND)
-            .unwrap()
-            .output;
-        if text.contains(needle) {
-            return text;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "guest {}: `{needle}` not in {} after {limit:?}: {text:?}\n{}",
-            guest.name(),
-            background.out,
-            guest.failure_context()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-fn wait_output(guest: &mut QemuGuest, background: &Background, needle: &str) -> String {
-    wait_output_for(guest, background, needle, COMMAND)
-}
-
-/// Waits for the background command to exit; returns its exit status and output.
-fn finish(guest: &mut QemuGuest, background: Background) -> (i32, String) {
-    // The commands bound themselves with --timeout.
-    let limit = Duration::from_secs(u64::from(GUEST_WAIT_SECONDS) + 60);
-    let output = wait_output_for(guest, &background, EXIT_STATUS, limit);
-    let status = output
-        .lines()
-        .find_map(|l| l.strip_prefix(EXIT_STATUS))
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no exit status in {output:?}"));
-    // Release the subshell while the shell runs a foreground loop (see `Background`).
-    let Background { pid, release, .. } = background;
-    guest
-        .run_ok(
-            &format!("echo >{release}; while kill -0 {pid} 2>/dev/null; do sleep 0.2; done"),
-            COMMAND,
-        )
-        .unwrap();
-    (status, output)
+fn finish(guest: &mut QemuGuest, background: BackgroundCommand) -> (i32, String) {
+    let done = background.finish(guest, FINISH).unwrap();
+    (done.status, done.output)
 }
 
 /// Starts `ivshm guest wait` with `args` and returns once it printed its `self` line (MSI-X
 /// connected), so that doorbells sent from now on reach it.
-fn start_wait(guest: &mut QemuGuest, name: &str, id: u16, args: &str) -> Background {
-    let background = start_background(
-        guest,
-        name,
-        &format!("ivshm guest wait {args} --timeout {GUEST_WAIT_SECONDS}"),
-    );
-    wait_output(guest, &background, &format!("self id={id} vectors="));
+fn start_wait(guest: &mut QemuGuest, name: &str, id: u16, args: &str) -> BackgroundCommand {
+    let background = guest
+        .spawn_background(
+            name,
+            &format!("ivshm guest wait {args} --timeout {GUEST_WAIT_SECONDS}"),
+        )
+        .unwrap();
+    background
+        .wait_output(guest, &format!("self id={id} vectors="), COMMAND)
+        .unwrap();
     background
 }
 
@@ -254,14 +179,15 @@ fn guests_ring_each_other_and_the_host_through_vfio_and_sysfs() {
     );
 
     // 1,000 round trips between the guests, inside the guests; a lost doorbell fails the run.
-    let responder = start_background(
-        &mut b,
+    let responder = b.spawn_background(
         "bench-respond",
         &format!(
             "ivshm guest bench --respond --peer {id_a} --vector 2 --offset 0x8000 --timeout {GUEST_WAIT_SECONDS}"
         ),
-    );
-    wait_output(&mut b, &responder, &format!("self id={id_b}"));
+    ).unwrap();
+    responder
+        .wait_output(&mut b, &format!("self id={id_b}"), COMMAND)
+        .unwrap();
     let bench = a
         .run_ok(
             &format!(

@@ -68,6 +68,44 @@ fn plain_shared_memory_both_directions() {
     let seen = guest.finish_command(waiter, COMMAND).unwrap();
     assert_eq!((seen.output.as_str(), seen.status), ("seen\n", 0));
 
+    // `cmd &` as users type it: the job ends while the shell sits reading the console, and the
+    // shell (a child of `/init`, not PID 1) carries on, printing no job notices into outputs.
+    assert_eq!(
+        guest.run_ok("sleep 0.5 & echo started", COMMAND).unwrap(),
+        "started\n"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(guest.run_ok("echo alive", COMMAND).unwrap(), "alive\n");
+
+    // Background commands: output while running, then exit status and all output.
+    let background = guest
+        .spawn_background(
+            "smoke",
+            "echo ready; read -t 60 _ </dev/null; sleep 0.5; echo \"it's done\" >&2; exit 3",
+        )
+        .unwrap();
+    let seen = background
+        .wait_output(&mut guest, "ready", COMMAND)
+        .unwrap();
+    assert_eq!(seen, "ready\n");
+    assert_eq!(
+        guest.run_ok("echo meanwhile", COMMAND).unwrap(),
+        "meanwhile\n"
+    );
+    let done = background.finish(&mut guest, COMMAND).unwrap();
+    assert_eq!(
+        (done.output.as_str(), done.status),
+        ("ready\nit's done\n", 3)
+    );
+    // Waiting for output the command never printed fails once it ended.
+    let quiet = guest.spawn_background("quiet", "true").unwrap();
+    let missing = quiet.wait_output(&mut guest, "never", COMMAND).unwrap_err();
+    assert!(
+        missing.to_string().contains("ended with status 0"),
+        "{missing}"
+    );
+    assert_eq!(guest.run_ok("echo alive", COMMAND).unwrap(), "alive\n");
+
     let status = guest.poweroff(COMMAND).unwrap();
     assert!(status.success(), "QEMU exit status {status}");
 }

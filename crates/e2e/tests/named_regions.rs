@@ -5,11 +5,13 @@
 //! through a third VM's directory. Also: the directories hold only what each policy allows,
 //! `ivshm policy check` exit statuses, and `ivshm regions` on the control socket.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ivshm_e2e::host::run_to_completion;
 use ivshm_e2e::ivshm::{ivshm_command, read_shared};
-use ivshm_e2e::{require_e2e, HostProcess, IvshmListener, QemuGuest, ScratchDir, Stream};
+use ivshm_e2e::{
+    require_e2e, BackgroundCommand, HostProcess, IvshmListener, QemuGuest, ScratchDir, Stream,
+};
 
 const BOOT: Duration = Duration::from_secs(240);
 const HOST: Duration = Duration::from_secs(60);
@@ -42,93 +44,25 @@ qnx = """
 rules = ["allow shared"]
 "#;
 
-/// A command in the background of a guest's shell, as in `guest_vfio.rs`: output and a final
-/// `exit-status=<N>` line go to a file; the subshell then blocks on a FIFO until [`finish`]
-/// releases it (the shell is PID 1 and must not see a child end while it reads the console).
-struct Background {
-    pid: u32,
-    out: String,
-    release: String,
-}
+/// How long a background `ivshm guest wait` may take to end (it bounds itself).
+const FINISH: Duration = Duration::from_secs(GUEST_WAIT_SECONDS as u64 + 60);
 
-const EXIT_STATUS: &str = "exit-status=";
-
-fn start_background(guest: &mut QemuGuest, name: &str, command: &str) -> Background {
-    let out = format!("/tmp/{name}.out");
-    let release = format!("/tmp/{name}.release");
-    let pid = guest
-        .run_ok(
-            &format!(
-                "rm -f {release}; mkfifo {release}; \
-                 ( {command}; echo \"{EXIT_STATUS}$?\"; read _ <{release} ) >{out} 2>&1 & echo $!"
-            ),
-            COMMAND,
-        )
-        .unwrap();
-    let pid = pid
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("no pid from `{command}`: {pid:?}"));
-    Background { pid, out, release }
-}
-
-fn wait_output(
-    guest: &mut QemuGuest,
-    background: &Background,
-    needle: &str,
-    limit: Duration,
-) -> String {
-    let start = Instant::now();
-    loop {
-        let text = guest
-            .run(&format!("cat {}", background.out), COMMAND)
-            .unwrap()
-            .output;
-        if text.contains(needle) {
-            return text;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "guest {}: `{needle}` not in {} after {limit:?}: {text:?}\n{}",
-            guest.name(),
-            background.out,
-            guest.failure_context()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-fn finish(guest: &mut QemuGuest, background: Background) -> (i32, String) {
-    let limit = Duration::from_secs(u64::from(GUEST_WAIT_SECONDS) + 60);
-    let output = wait_output(guest, &background, EXIT_STATUS, limit);
-    let status = output
-        .lines()
-        .find_map(|l| l.strip_prefix(EXIT_STATUS))
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no exit status in {output:?}"));
-    let Background { pid, release, .. } = background;
-    guest
-        .run_ok(
-            &format!("echo >{release}; while kill -0 {pid} 2>/dev/null; do sleep 0.2; done"),
-            COMMAND,
-        )
-        .unwrap();
-    (status, output)
+fn finish(guest: &mut QemuGuest, background: BackgroundCommand) -> (i32, String) {
+    let done = background.finish(guest, FINISH).unwrap();
+    (done.status, done.output)
 }
 
 /// `ivshm guest wait --count 1` in the background, returned once it listens (MSI-X connected).
-fn start_wait(guest: &mut QemuGuest, name: &str, id: u16) -> Background {
-    let background = start_background(
-        guest,
-        name,
-        &format!("ivshm guest wait --count 1 --timeout {GUEST_WAIT_SECONDS}"),
-    );
-    wait_output(
-        guest,
-        &background,
-        &format!("self id={id} vectors="),
-        COMMAND,
-    );
+fn start_wait(guest: &mut QemuGuest, name: &str, id: u16) -> BackgroundCommand {
+    let background = guest
+        .spawn_background(
+            name,
+            &format!("ivshm guest wait --count 1 --timeout {GUEST_WAIT_SECONDS}"),
+        )
+        .unwrap();
+    background
+        .wait_output(guest, &format!("self id={id} vectors="), COMMAND)
+        .unwrap();
     background
 }
 

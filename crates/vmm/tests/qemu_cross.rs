@@ -126,16 +126,14 @@ fn kvm_test_vm_and_qemu_guest_share_a_server_region() {
     assert_eq!(shm.view().read_u32(0x200).unwrap(), FROM_QEMU);
 
     // KVM guest -> QEMU guest: QEMU's guest waits on its MSI-X vector through VFIO (in the
-    // foreground; once it printed its `self` line the vector is connected).
-    let seen = guest.console_text().len();
+    // background; once it printed its `self` line the vector is connected).
     let wait = guest
-        .start_command("ivshm guest wait --count 1 --timeout 120")
+        .spawn_background("wait", "ivshm guest wait --count 1 --timeout 120")
         .unwrap();
-    wait_until("QEMU's guest to wait for doorbells", || {
-        guest.console_text()[seen..].contains("self id=1 vectors=1")
-    });
+    wait.wait_output(&mut guest, "self id=1 vectors=1", STEP)
+        .unwrap();
     shm.view().write_u32(GO, 1).unwrap();
-    let waited = guest.finish_command(wait, STEP).unwrap();
+    let waited = wait.finish(&mut guest, STEP).unwrap();
     assert!(waited.success(), "{}", waited.output);
     assert!(
         waited.output.contains("doorbell vector=0"),
