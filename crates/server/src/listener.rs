@@ -36,6 +36,14 @@ pub enum ListenerError {
     /// The path exists and is not a socket.
     #[error("{0} exists and is not a socket; refusing to remove it")]
     NotASocket(PathBuf),
+    /// The directory that should hold the socket does not exist.
+    #[error("cannot create socket {path}: directory {dir} does not exist (create it first)")]
+    NoDirectory {
+        /// The socket path.
+        path: PathBuf,
+        /// Its missing directory.
+        dir: PathBuf,
+    },
     /// The socket group could not be resolved.
     #[error("socket group: {0}")]
     Group(#[from] GroupError),
@@ -72,6 +80,7 @@ impl Listener {
     pub fn bind(config: &ListenerConfig) -> Result<Listener, ListenerError> {
         let path = config.path.as_path();
         let gid = config.group.as_ref().map(|g| g.resolve()).transpose()?;
+        check_directory(path)?;
         remove_if_stale(path)?;
         let socket = socket_with(
             AddressFamily::UNIX,
@@ -167,15 +176,32 @@ fn set_owner_and_mode(path: &Path, mode: Mode, gid: Option<u32>) -> Result<(), L
     rustix::fs::chmod(path, mode).map_err(sys("changing mode of", path))
 }
 
+/// The directory of `path` (`.` for a bare name).
+fn directory_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Fails with [`ListenerError::NoDirectory`] when the socket's directory is missing (binding
+/// would otherwise report the temporary name it uses).
+fn check_directory(path: &Path) -> Result<(), ListenerError> {
+    let dir = directory_of(path);
+    match rustix::fs::stat(dir) {
+        Err(Errno::NOENT) => Err(ListenerError::NoDirectory {
+            path: path.to_path_buf(),
+            dir: dir.to_path_buf(),
+        }),
+        // Anything else (not a directory, no permission) is reported by bind with its path.
+        _ => Ok(()),
+    }
+}
+
 /// A fresh name next to `path`, or `None` if it would not fit in a socket address.
 fn temporary_name(path: &Path) -> Option<PathBuf> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".ivshm-{}-{n}.sock", std::process::id()));
+    let tmp = directory_of(path).join(format!(".ivshm-{}-{n}.sock", std::process::id()));
     // sun_path holds 108 bytes including the terminating NUL.
     (tmp.as_os_str().as_bytes().len() < 108).then_some(tmp)
 }
@@ -270,6 +296,17 @@ mod tests {
         ));
         assert_eq!(std::fs::read(&path).unwrap(), b"precious");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_missing_directory_is_named_in_the_error() {
+        let dir = test_path("nodir");
+        let path = dir.join("x.sock");
+        let err = Listener::bind(&ListenerConfig::new(&path)).unwrap_err();
+        assert!(matches!(&err, ListenerError::NoDirectory { dir: d, .. } if *d == dir));
+        let text = err.to_string();
+        assert!(text.contains(&*path.to_string_lossy()), "{text}");
+        assert!(text.contains("create it first"), "{text}");
     }
 
     #[test]
