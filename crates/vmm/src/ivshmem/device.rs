@@ -660,6 +660,15 @@ mod tests {
                 }
             )]
         );
+        // Doorbell decode: bits 31..16 peer, 15..0 vector (the spec's 16 bits, not QEMU's
+        // trapped-path `val & 0xff`): 0x101 is vector 257, which B does not have, so nothing
+        // rings; neither does an unknown peer.
+        a.write_bar(0, REG_DOORBELL, &((1u32 << 16) | 0x101).to_le_bytes());
+        a.write_bar(0, REG_DOORBELL, &(7u32 << 16).to_le_bytes());
+        for v in 0..2 {
+            assert_eq!(drain_eventfd(b.own_vector_fd(v).unwrap()).unwrap(), 0);
+        }
+        assert_eq!(a.trapped_doorbells(), 3);
         // Masked: goes to the PBA, delivered on unmask.
         b.write_bar(1, 28, &1u32.to_le_bytes());
         a.write_bar(0, REG_DOORBELL, &((1u32 << 16) | 1).to_le_bytes());

@@ -8,6 +8,10 @@
 //! | 1 | MSI-X table (offset 0) and PBA (offset 0x800), doorbell variant only |
 //! | 2 | the shared memory, 64-bit prefetchable; the VMM maps it as guest RAM |
 //!
+//! Doorbell (BAR0 + 12) decodes `peer << 16 | vector` with the spec's 16-bit vector; rings of
+//! unknown peers or vectors are ignored. QEMU's trapped path keeps only the low 8 bits of the
+//! vector (`0x101` rings vector 1 there, nothing here); in-range vectors behave the same.
+//!
 //! Two ways to run it:
 //! * **register callbacks** (any VMM): a guest write to Doorbell reaches
 //!   [`PciDevice::write_bar`](crate::pci::PciDevice::write_bar), which rings the target peer's eventfd; when an own vector's
