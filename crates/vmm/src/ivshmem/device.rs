@@ -724,6 +724,51 @@ mod tests {
         );
     }
 
+    /// The doorbell variant migrates its MSI-X table, pending bits and enable state with the
+    /// config space; the restored device delivers to the migrated message.
+    #[test]
+    fn doorbell_state_carries_msix() {
+        let bus = LocalDoorbellBus::new();
+        let mut m =
+            IvshmemDevice::new_doorbell(4096, 2, Box::new(bus.join(2).unwrap()), true).unwrap();
+        m.set_bar_addr(1, 0xc000_1000);
+        m.write_bar(1, 16, &0xfee0_0000u32.to_le_bytes());
+        m.write_bar(1, 24, &0x51u32.to_le_bytes());
+        let cap = m.msix_cap.unwrap();
+        m.write_config_register(cap / 4, 2, &0x8000u16.to_le_bytes());
+        ring_eventfd(m.own_vector_fd(1).unwrap()).unwrap();
+        m.vector_fired(1); // masked: pending
+        assert_eq!(read32(&mut m, 1, MSIX_PBA_OFFSET), 0b10);
+        let state = m.save_state().unwrap();
+
+        let target_bus = LocalDoorbellBus::new();
+        let mut n =
+            IvshmemDevice::new_doorbell(4096, 2, Box::new(target_bus.join(2).unwrap()), true)
+                .unwrap();
+        let rec = Recorder::default();
+        n.set_interrupt_backend(Box::new(rec.clone()));
+        n.restore_state(&state).unwrap();
+        assert_eq!(n.save_state().unwrap(), state);
+        assert_eq!(read32(&mut n, 1, 24), 0x51);
+        assert_eq!(read32(&mut n, 1, MSIX_PBA_OFFSET), 0b10);
+        assert_eq!(
+            n.bars().iter().find(|b| b.index == 1).unwrap().addr,
+            0xc000_1000
+        );
+        // Unmasking vector 1 on the destination delivers the migrated pending interrupt.
+        n.write_bar(1, 28, &0u32.to_le_bytes());
+        assert_eq!(
+            rec.0.lock().unwrap().as_slice(),
+            &[(
+                1,
+                MsixMessage {
+                    addr: 0xfee0_0000,
+                    data: 0x51
+                }
+            )]
+        );
+    }
+
     proptest::proptest! {
         /// Any guest access sequence (config, BAR0, BAR1; any width and offset) is handled
         /// without panicking, and the read-only identity and IVPosition never change.
