@@ -406,6 +406,45 @@ mod tests {
         assert_eq!(GuestShmMode::from_policy(&pci), (GuestShmMode::Pci, None));
     }
 
+    /// PCI mode: function 1C05:0001 with the 4 KiB factory page as BAR0 (32-bit memory),
+    /// INTA#; the factory page reads through BAR0. MMIO mode has no config space.
+    #[test]
+    fn pci_mode_config_space_and_bar0_factory_page() {
+        let reg = LocalRegionRegistry::new(64);
+        let mut d = GuestShmDevice::new(
+            GuestShmMode::Pci,
+            11,
+            Box::new(reg.factory(VmPolicy::parse_qnx("vdev shmem").unwrap())),
+            Box::new(BumpMapper(0xe000_0000)),
+        )
+        .unwrap();
+        assert_eq!(d.read_config_register(0), 0x0001_1c05);
+        assert_eq!(d.read_config_register(15) >> 8 & 0xff, 1, "INTA#");
+        d.write_config_register(4, 0, &[0xff; 4]);
+        assert_eq!(d.read_config_register(4), 0xffff_f000);
+        assert_eq!(d.read_config_register(5), 0, "only BAR0");
+        let mut b = [0u8; 8];
+        d.read_bar(0, 0, &mut b);
+        assert_eq!(u64::from_le_bytes(b), SIGNATURE);
+        d.read_bar(0, 0x10, &mut b[..4]);
+        assert_eq!(&b[..4], &11u32.to_le_bytes(), "vector");
+        d.write_bar(0, 0x1c, b"pci\0");
+        d.write_bar(0, 0x18, &1u32.to_le_bytes());
+        d.read_bar(0, 0x14, &mut b[..4]);
+        assert_eq!(&b[..4], &[0; 4], "GSS_OK");
+        d.read_bar(0, 0x8, &mut b);
+        assert_eq!(
+            u64::from_le_bytes(b),
+            0xe000_0000,
+            "shmem: the control page"
+        );
+        assert!(d.claims(0xe000_0000), "control page traps to the device");
+
+        let mut mmio = device(&reg, "vdev shmem");
+        assert_eq!(mmio.read_config_register(0), 0xffff_ffff);
+        assert!(mmio.bars().is_empty());
+    }
+
     #[test]
     fn factory_page_registers() {
         let reg = LocalRegionRegistry::new(64);
