@@ -2,16 +2,20 @@
 //!
 //! Status codes: the policy gives `GSS_ILLEGAL_NAME` or `GSS_NO_PERMISSION`; `find` of a
 //! missing region (or `create` with size 0) is `GSS_DOES_NOT_EXIST`; a region at its peer limit
-//! is `GSS_CLIENT_MAX` (with the region's facts); a size above the configured `max_size` or
-//! memory that cannot be created is `GSS_NOMEM`; anything else (a socket that cannot be bound, an unparsable request) is
+//! is `GSS_CLIENT_MAX` (with the region's facts); a size above the configured `max_size`, or one
+//! the memory cannot be created with ([`memory_status`]), is `GSS_NOMEM`; anything else (a
+//! backend that fails otherwise, a socket that cannot be bound, an unparsable request) is
 //! `GSS_UNKNOWN_FAILURE`.
 
+use ivshm_mem::BackendError;
 use ivshm_policy::GuestShmStatus;
 use ivshm_proto::factory::{FactoryRequest, FactoryResponse, RegionOffer, VERSION};
 
 use crate::named::{NamedRegionConfig, Origin};
 use crate::server::Server;
 use crate::vm_dirs::CreateError;
+use crate::ServerError;
+use rustix::io::Errno;
 
 impl Server {
     /// Answers one factory request from `vm`'s factory socket.
@@ -78,7 +82,7 @@ impl Server {
                         index
                     }
                     Err(CreateError::Memory(e)) => {
-                        return refusal(GuestShmStatus::NoMem, format!("region {host_name}: {e}"));
+                        return refusal(memory_status(&e), format!("region {host_name}: {e}"));
                     }
                     Err(e) => {
                         return refusal(
@@ -127,6 +131,27 @@ impl Server {
             message,
             region: Some(offer),
         }
+    }
+}
+
+/// The status for memory that could not be created: `GSS_NOMEM` when the size cannot be had
+/// (too large for a file, refused by the power-of-two or huge-page rules, or the system is out
+/// of memory or space), `GSS_UNKNOWN_FAILURE` for anything else (a missing backend directory,
+/// no permission, no file descriptors).
+fn memory_status(error: &ServerError) -> GuestShmStatus {
+    let ServerError::Memory { source, .. } = error else {
+        return GuestShmStatus::UnknownFailure;
+    };
+    match source {
+        BackendError::Size(_)
+        | BackendError::HugePageRounding { .. }
+        | BackendError::TooLarge(_) => GuestShmStatus::NoMem,
+        BackendError::Sys { errno, .. }
+            if [Errno::NOMEM, Errno::NOSPC, Errno::FBIG, Errno::INVAL].contains(errno) =>
+        {
+            GuestShmStatus::NoMem
+        }
+        _ => GuestShmStatus::UnknownFailure,
     }
 }
 
