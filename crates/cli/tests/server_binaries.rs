@@ -240,3 +240,93 @@ fn ivshm_serve_refuses_non_power_of_two_when_asked() {
     assert!(stderr.contains("not a power of two"), "{stderr}");
     assert!(!socket.exists());
 }
+
+/// Starts `ivshm serve` under `sh -c "ulimit -n LIMIT; exec ..."` (no limit when `None`) and
+/// streams every stderr line into a channel.
+fn spawn_serve_with_log(args: &[&str], fd_limit: Option<u32>) -> (Child, mpsc::Receiver<String>) {
+    let ulimit = fd_limit.map_or(String::new(), |n| format!("ulimit -n {n}; "));
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{ulimit}exec \"$0\" serve \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_ivshm"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+/// Receives lines until one contains `needle` (guarded); returns it.
+fn wait_line(rx: &mpsc::Receiver<String>, needle: &str) -> String {
+    loop {
+        let line = rx
+            .recv_timeout(GUARD)
+            .unwrap_or_else(|_| panic!("no line containing {needle:?}"));
+        if line.contains(needle) {
+            return line;
+        }
+    }
+}
+
+#[test]
+fn ivshm_serve_says_when_it_rounds_the_size_up() {
+    let socket = temp("pow2.sock");
+    let socket_arg = socket.to_string_lossy().to_string();
+    let (mut child, rx) = spawn_serve_with_log(&["--socket", &socket_arg, "--size", "3M"], None);
+    let line = wait_line(&rx, "not a power of two");
+    assert!(line.contains("rounded up to 4 MiB"), "{line}");
+    wait_line(&rx, "listening on");
+    let mut peer = Peer::connect(&socket);
+    peer.first_handshake(4 << 20, 1);
+    terminate(child.id());
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn ivshm_serve_out_of_fds_refuses_says_what_to_do_and_keeps_serving() {
+    let socket = temp("emfile.sock");
+    let socket_arg = socket.to_string_lossy().to_string();
+    let (mut child, rx) =
+        spawn_serve_with_log(&["--socket", &socket_arg, "--vectors", "2"], Some(24));
+    wait_line(&rx, "listening on");
+    let mut first = Peer::connect(&socket);
+    first.first_handshake(4 << 20, 2);
+    // Each peer costs the server 3 fds; within 24 fds some connection must be refused
+    // (closed before any message).
+    let mut peers = Vec::new();
+    let refused = (0..24).any(|_| {
+        let mut peer = Peer::connect(&socket);
+        let mut byte = [0u8; 1];
+        let n = rustix::net::recv(&peer.sock, &mut byte, rustix::net::RecvFlags::PEEK).unwrap();
+        if n.0 == 0 {
+            return true;
+        }
+        let (version, _) = peer.recv();
+        assert_eq!(version, 0);
+        peers.push(peer);
+        false
+    });
+    assert!(refused, "no connection was refused within the fd limit");
+    let line = wait_line(&rx, "out of file descriptors");
+    assert!(line.contains("open file limit 24"), "{line}");
+    assert!(line.contains("raise the hard limit"), "{line}");
+    // Once a peer leaves, a new one is served again.
+    peers.clear();
+    let mut again = Peer::connect(&socket);
+    let (version, fd) = again.recv();
+    assert_eq!((version, fd.is_some()), (0, false));
+    terminate(child.id());
+    assert!(child.wait().unwrap().success());
+    assert!(!socket.exists());
+}

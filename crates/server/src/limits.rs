@@ -62,6 +62,17 @@ pub fn describe_soft_limit() -> String {
     }
 }
 
+/// The log line for running out of fds while `peers` peers with `vectors` vectors each are
+/// connected: what happened, what it costs, and what to do about it.
+pub fn fd_exhaustion_message(peers: usize, vectors: usize, outcome: &str) -> String {
+    format!(
+        "out of file descriptors: {peers} peers connected, open file limit {}; {outcome}. \
+         Each peer costs the server 1 + {vectors} fds: raise the hard limit \
+         (`ulimit -Hn`, systemd `LimitNOFILE=`, /etc/security/limits.conf) and restart",
+        describe_soft_limit()
+    )
+}
+
 /// One spare fd (`/dev/null`), released to accept-and-close a connection when fds run out.
 #[derive(Debug)]
 pub struct ReserveFd {

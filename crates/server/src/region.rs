@@ -21,7 +21,7 @@ use rustix::io::Errno;
 use crate::config::RegionConfig;
 use crate::event_loop::{Poller, Token};
 use crate::ids::{lowest_free, IdAllocator, IdPolicy};
-use crate::limits::{describe_soft_limit, is_fd_exhaustion, ReserveFd};
+use crate::limits::{fd_exhaustion_message, is_fd_exhaustion, ReserveFd};
 use crate::listener::Listener;
 use crate::named::Origin;
 use crate::peer::{Peer, RemovalReason};
@@ -335,9 +335,8 @@ impl Region {
                 tracing::error!(
                     region = %self.name,
                     %errno,
-                    "out of file descriptors: {} peers connected, limit {}; refused a new peer",
-                    ctx.total_peers,
-                    describe_soft_limit()
+                    "{}",
+                    fd_exhaustion_message(ctx.total_peers, self.vectors, "refused a new peer")
                 );
                 true
             }
@@ -346,10 +345,12 @@ impl Region {
                 tracing::error!(
                     region = %self.name,
                     errno = %e,
-                    "out of file descriptors: {} peers connected, limit {}; \
-                     not accepting new peers until one leaves",
-                    ctx.total_peers,
-                    describe_soft_limit()
+                    "{}",
+                    fd_exhaustion_message(
+                        ctx.total_peers,
+                        self.vectors,
+                        "not accepting new peers until one leaves"
+                    )
                 );
                 for socket in &self.sockets {
                     let _ = ctx.poller.remove(socket.listener.fd());
@@ -412,9 +413,12 @@ impl Region {
                     tracing::error!(
                         region = %self.name,
                         %errno,
-                        "out of file descriptors: {} peers connected, limit {}; refusing peer {id}",
-                        ctx.total_peers,
-                        describe_soft_limit()
+                        "{}",
+                        fd_exhaustion_message(
+                            ctx.total_peers,
+                            self.vectors,
+                            &format!("refusing peer {id}")
+                        )
                     );
                 } else {
                     tracing::error!(region = %self.name, %errno, "eventfd failed; refusing peer {id}");

@@ -186,16 +186,7 @@ impl Server {
                         let Some(&index) = self.listener_owner.get(&key) else {
                             continue;
                         };
-                        let total_peers = self.peer_count();
-                        let mut ctx = LoopContext {
-                            poller: &self.poller,
-                            stats: &self.stats,
-                            connections: &mut self.connections,
-                            next_serial: &mut self.next_serial,
-                            reserve: &mut self.reserve,
-                            total_peers,
-                        };
-                        if let Some(region) = self.regions.get_mut(&index) {
+                        if let Some((region, mut ctx)) = self.region_with_context(index) {
                             region.accept_all(key, &mut ctx);
                         }
                     }
@@ -208,16 +199,7 @@ impl Server {
                             EventFlags::IN | EventFlags::RDHUP | EventFlags::HUP | EventFlags::ERR,
                         );
                         let writable = flags.contains(EventFlags::OUT);
-                        let total_peers = self.peer_count();
-                        let mut ctx = LoopContext {
-                            poller: &self.poller,
-                            stats: &self.stats,
-                            connections: &mut self.connections,
-                            next_serial: &mut self.next_serial,
-                            reserve: &mut self.reserve,
-                            total_peers,
-                        };
-                        if let Some(region) = self.regions.get_mut(&index) {
+                        if let Some((region, mut ctx)) = self.region_with_context(index) {
                             region.on_peer_event(id, readable, writable, &mut ctx);
                             touched.push(index);
                         }
@@ -236,6 +218,21 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// Region `index` and what the loop lends it while it handles an event.
+    fn region_with_context(&mut self, index: usize) -> Option<(&mut Region, LoopContext<'_>)> {
+        let total_peers = self.peer_count();
+        let region = self.regions.get_mut(&index)?;
+        let ctx = LoopContext {
+            poller: &self.poller,
+            stats: &self.stats,
+            connections: &mut self.connections,
+            next_serial: &mut self.next_serial,
+            reserve: &mut self.reserve,
+            total_peers,
+        };
+        Some((region, ctx))
     }
 
     /// Removes region `index` if it is empty and should not outlive its peers: detached ones,
