@@ -242,11 +242,6 @@ impl Region {
         self.peers.len() >= self.peer_limit
     }
 
-    /// Size in bytes.
-    pub(crate) fn size(&self) -> u64 {
-        self.memory.size()
-    }
-
     pub(crate) fn peer_count(&self) -> usize {
         self.peers.len()
     }

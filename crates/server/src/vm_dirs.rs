@@ -14,7 +14,7 @@ use crate::named::{
     guest_name_for, DirectoryConfig, NamedConfig, NamedRegionConfig, Origin, VmConfig,
     FACTORY_SOCKET,
 };
-use crate::region::{Region, RegionSocket, RegionSpec};
+use crate::region::{Region, RegionInfo, RegionSocket, RegionSpec};
 use crate::server::Server;
 use crate::ServerError;
 
@@ -197,16 +197,25 @@ impl Server {
         for wanted in self.configured_regions() {
             let name = wanted.name.to_string();
             if let Some(index) = self.find_region(&name) {
-                let size = self.regions.get(&index).map(Region::size).unwrap_or(0);
                 if let Some(region) = self.regions.get_mut(&index) {
                     region.origin = Origin::Config;
-                }
-                if size < wanted.size {
-                    changes.push(format!(
-                        "region {name} exists with {size} bytes; the configured {} bytes do not \
-                         apply until it is recreated",
-                        wanted.size
-                    ));
+                    let differences = settings_differences(&region.info(), &wanted);
+                    if !differences.is_empty() {
+                        changes.push(format!(
+                            "region {name} exists with {}; the configured {} do not apply until \
+                             it is recreated",
+                            differences
+                                .iter()
+                                .map(|d| d.0.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            differences
+                                .iter()
+                                .map(|d| d.1.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        ));
+                    }
                 }
                 continue;
             }
@@ -411,6 +420,40 @@ impl Server {
                 .map(|_| s.listener.path().to_path_buf())
         })
     }
+}
+
+/// How an existing region differs from its configuration: `(what it has, what is configured)`
+/// per setting, e.g. `("vectors=1", "vectors=16")`. A size differs only when the region is
+/// smaller than configured (sizes are rounded up).
+fn settings_differences(has: &RegionInfo, wanted: &NamedRegionConfig) -> Vec<(String, String)> {
+    let mut differences = Vec::new();
+    if has.size < wanted.size {
+        differences.push((
+            format!("{} bytes", has.size),
+            format!("{} bytes", wanted.size),
+        ));
+    }
+    let mut compare = |what: &str, has: String, wanted: String| {
+        if has != wanted {
+            differences.push((format!("{what}={has}"), format!("{what}={wanted}")));
+        }
+    };
+    compare(
+        "vectors",
+        has.vectors.to_string(),
+        wanted.vectors.to_string(),
+    );
+    compare(
+        "peer_limit",
+        has.peer_limit.to_string(),
+        wanted.peer_limit.to_string(),
+    );
+    compare(
+        "id_policy",
+        has.id_policy.to_string(),
+        wanted.id_policy.to_string(),
+    );
+    differences
 }
 
 /// What one VM directory should hold for one region.

@@ -866,3 +866,34 @@ vdev shmem
     assert_eq!(status(&crossing), GuestShmStatus::Ok);
     assert_eq!(crossing.region.unwrap().host_name, "guest0mem");
 }
+
+/// A reload keeps an existing region's size, vectors, limit and id policy, and says which
+/// configured settings wait until the region is recreated.
+#[test]
+fn reload_says_which_settings_of_an_existing_region_wait() {
+    let region = |size: u32, vectors: u32, limit: u32| {
+        format!(
+            "[[region]]\nname = \"fixed\"\nsize = {size}\nvectors = {vectors}\npeer_limit = {limit}\n[vm.vm0]\n"
+        )
+    };
+    let setup = Setup::new("settings", &region(4096, 1, 2));
+    setup.write_config(&region(8192, 2, 4));
+    let ControlResult::Reloaded { changes } = setup.control(&ControlRequest::Reload) else {
+        panic!("reload")
+    };
+    assert_eq!(
+        changes,
+        [
+            "region fixed exists with 4096 bytes, vectors=1, peer_limit=2; the configured 8192 \
+          bytes, vectors=2, peer_limit=4 do not apply until it is recreated"
+        ]
+    );
+    let fixed = &setup.regions()[0];
+    assert_eq!((fixed.size, fixed.vectors, fixed.peer_limit), (4096, 1, 2));
+    // A smaller configured size is met by the region as it is: nothing to say.
+    setup.write_config(&region(2048, 1, 2));
+    let ControlResult::Reloaded { changes } = setup.control(&ControlRequest::Reload) else {
+        panic!("reload")
+    };
+    assert_eq!(changes, ["nothing changed"]);
+}
