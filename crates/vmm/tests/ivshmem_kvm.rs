@@ -29,19 +29,34 @@ fn shared_region() -> Arc<Mapping> {
     Arc::new(Mapping::map_fd(fd.as_fd(), 0, SHM_SIZE).unwrap())
 }
 
-/// VM A (sender, id 0): wait until B is ready, write the payload, ring B vector 0,
-/// wait for B's reply interrupt, report its interrupt count.
-fn sender_program(peer: u16) -> Vec<u8> {
-    let mut a = Asm::new(PROGRAM_BASE);
-    ivshmem_guest_prologue(&mut a, 1);
+/// Guest code: spin until the receiver set the ready flag (word 0 of the region, at ESI).
+fn wait_for_ready_flag(a: &mut Asm) {
     a.label("wait_ready")
         .load_ind(Reg::Eax, Reg::Esi, 0)
         .cmp_imm(Reg::Eax, 1)
         .jcc(Cond::E, "ready")
         .pause()
         .jmp("wait_ready")
-        .label("ready")
-        .store_ind_imm(Reg::Esi, 0x100, PAYLOAD)
+        .label("ready");
+}
+
+/// Starts receiver B, then sender A, and waits until both exited with 0.
+fn run_receiver_then_sender(vm_a: &mut TestVm, vm_b: &mut TestVm) {
+    vm_b.start().unwrap();
+    vm_a.start().unwrap();
+    let code_a = vm_a.wait_exit(TIMEOUT);
+    let code_b = vm_b.wait_exit(TIMEOUT);
+    assert_eq!(code_b.unwrap(), 0, "B reports {:x?}", vm_b.reports());
+    assert_eq!(code_a.unwrap(), 0, "A reports {:x?}", vm_a.reports());
+}
+
+/// VM A (sender, id 0): wait until B is ready, write the payload, ring B vector 0,
+/// wait for B's reply interrupt, report its interrupt count.
+fn sender_program(peer: u16) -> Vec<u8> {
+    let mut a = Asm::new(PROGRAM_BASE);
+    ivshmem_guest_prologue(&mut a, 1);
+    wait_for_ready_flag(&mut a);
+    a.store_ind_imm(Reg::Esi, 0x100, PAYLOAD)
         .store_ind_imm(Reg::Ebx, REG_DOORBELL as u32, u32::from(peer) << 16)
         .mov_imm(Reg::Edi, 1)
         .wait_interrupts(IVSHMEM_VECTOR_BASE, Reg::Edi, "wait_reply")
@@ -96,13 +111,7 @@ fn doorbell_flow_with(
     let att_b = attach_ivshmem(&vm_b, dev_b, shm_b, path).unwrap();
     vm_a.load_program(&sender_program(1)).unwrap();
     vm_b.load_program(&receiver_program(0)).unwrap();
-    vm_b.start().unwrap();
-    vm_a.start().unwrap();
-
-    let code_a = vm_a.wait_exit(TIMEOUT);
-    let code_b = vm_b.wait_exit(TIMEOUT);
-    assert_eq!(code_b.unwrap(), 0, "B reports {:x?}", vm_b.reports());
-    assert_eq!(code_a.unwrap(), 0, "A reports {:x?}", vm_a.reports());
+    run_receiver_then_sender(&mut vm_a, &mut vm_b);
 
     // A: IVPosition 0, then one interrupt observed by its own handler.
     assert_eq!(vm_a.reports(), vec![0, 1]);
@@ -497,14 +506,8 @@ fn three_vector_flow(path: DoorbellPath) {
 
     let mut a = Asm::new(PROGRAM_BASE);
     ivshmem_guest_prologue(&mut a, 3);
-    a.label("wait_ready")
-        .load_ind(Reg::Eax, Reg::Esi, 0)
-        .cmp_imm(Reg::Eax, 1)
-        .jcc(Cond::E, "ready")
-        .pause()
-        .jmp("wait_ready")
-        .label("ready")
-        .store_ind_imm(Reg::Ebx, REG_DOORBELL as u32, (1 << 16) | 2)
+    wait_for_ready_flag(&mut a);
+    a.store_ind_imm(Reg::Ebx, REG_DOORBELL as u32, (1 << 16) | 2)
         .mov_imm(Reg::Edi, 1)
         .wait_interrupts(IVSHMEM_VECTOR_BASE + 1, Reg::Edi, "wait_v1");
     report_vector_counters(&mut a);
@@ -527,20 +530,7 @@ fn three_vector_flow(path: DoorbellPath) {
     assert_eq!(att_b.device.lock().unwrap().ioevents().len(), 6);
     vm_a.load_program(&a.finish().unwrap()).unwrap();
     vm_b.load_program(&b.finish().unwrap()).unwrap();
-    vm_b.start().unwrap();
-    vm_a.start().unwrap();
-    assert_eq!(
-        vm_b.wait_exit(TIMEOUT).unwrap(),
-        0,
-        "B {:x?}",
-        vm_b.reports()
-    );
-    assert_eq!(
-        vm_a.wait_exit(TIMEOUT).unwrap(),
-        0,
-        "A {:x?}",
-        vm_a.reports()
-    );
+    run_receiver_then_sender(&mut vm_a, &mut vm_b);
     // IVPosition, then the counters of vectors 0, 1, 2.
     assert_eq!(vm_b.reports(), vec![1, 0, 0, 1]);
     assert_eq!(vm_a.reports(), vec![0, 0, 1, 0]);
