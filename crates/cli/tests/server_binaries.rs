@@ -321,8 +321,9 @@ fn ivshm_serve_out_of_fds_refuses_says_what_to_do_and_keeps_serving() {
     let line = wait_line(&rx, "out of file descriptors");
     assert!(line.contains("open file limit 24"), "{line}");
     assert!(line.contains("raise the hard limit"), "{line}");
-    // Once a peer leaves, a new one is served again.
+    // Once a peer has left (the server logs it), a new one is served again.
     peers.clear();
+    wait_line(&rx, "left: closed its connection");
     let mut again = Peer::connect(&socket);
     let (version, fd) = again.recv();
     assert_eq!((version, fd.is_some()), (0, false));

@@ -15,6 +15,10 @@ use std::time::Duration;
 use ivshm_client::{ClientError, ConnectOptions, Event, Peer};
 use rustix::event::{poll, PollFd, PollFlags};
 
+#[path = "dropin/getopt.rs"]
+mod getopt;
+use getopt::Getopt;
+
 const DEFAULT_SOCKET: &str = "/tmp/ivshmem_socket";
 
 /// Parsed command line.
@@ -34,41 +38,18 @@ enum Parsed {
     Usage,
 }
 
-/// getopt("hvS:") semantics: clustered flags, `-S PATH` or `-SPATH`, `--` ends options;
-/// operands are ignored, as QEMU's getopt loop ignores them.
+/// getopt("hvS:") semantics ([`getopt`]).
 fn parse_args(args: &[String]) -> Parsed {
     let mut out = Args {
         verbose: false,
         socket: PathBuf::from(DEFAULT_SOCKET),
     };
-    let mut i = 0;
-    while i < args.len() {
-        let arg = &args[i];
-        i += 1;
-        if arg == "--" {
-            break;
-        }
-        let Some(flags) = arg.strip_prefix('-').filter(|f| !f.is_empty()) else {
-            continue;
-        };
-        for (pos, c) in flags.char_indices() {
-            match c {
-                'h' => return Parsed::Help,
-                'v' => out.verbose = true,
-                'S' => {
-                    let rest = &flags[pos + 1..];
-                    if !rest.is_empty() {
-                        out.socket = PathBuf::from(rest);
-                    } else if let Some(next) = args.get(i) {
-                        out.socket = PathBuf::from(next);
-                        i += 1;
-                    } else {
-                        return Parsed::Usage;
-                    }
-                    break;
-                }
-                _ => return Parsed::Usage,
-            }
+    for option in Getopt::new(args, "hvS:") {
+        match option {
+            Ok(('h', _)) => return Parsed::Help,
+            Ok(('v', _)) => out.verbose = true,
+            Ok(('S', Some(path))) => out.socket = PathBuf::from(path),
+            Ok(_) | Err(_) => return Parsed::Usage,
         }
     }
     Parsed::Run(out)

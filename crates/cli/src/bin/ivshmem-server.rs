@@ -23,6 +23,10 @@ use ivshm_server::pidfile::PidFile;
 use ivshm_server::signals::SignalPipes;
 use ivshm_server::{ListenerConfig, MemoryConfig, RegionConfig, Server, ServerConfig};
 
+#[path = "dropin/getopt.rs"]
+mod getopt;
+use getopt::Getopt;
+
 const DEFAULT_PID_FILE: &str = "/var/run/ivshmem-server.pid";
 const DEFAULT_SOCKET: &str = "/tmp/ivshmem_socket";
 const DEFAULT_SHM_NAME: &str = "ivshmem";
@@ -79,41 +83,21 @@ enum Parsed {
     Invalid(String),
 }
 
-/// getopt("hvFp:S:m:M:l:n:") semantics, then QEMU's checks.
+/// getopt("hvFp:S:m:M:l:n:") semantics ([`getopt`]), then QEMU's checks.
 fn parse_args(args: &[String]) -> Parsed {
     let mut out = Args::default();
-    let mut i = 0;
-    while i < args.len() {
-        let arg = &args[i];
-        i += 1;
-        if arg == "--" {
-            break;
-        }
-        let Some(flags) = arg.strip_prefix('-').filter(|f| !f.is_empty()) else {
-            continue; // an operand: ignored, as QEMU's loop ignores them
-        };
-        for (pos, c) in flags.char_indices() {
-            match c {
-                'h' => return Parsed::Help,
-                'v' => out.verbose = true,
-                'F' => out.foreground = true,
-                'p' | 'S' | 'm' | 'M' | 'l' | 'n' => {
-                    let rest = &flags[pos + c.len_utf8()..];
-                    let value = if !rest.is_empty() {
-                        rest.to_string()
-                    } else if let Some(next) = args.get(i) {
-                        i += 1;
-                        next.clone()
-                    } else {
-                        return Parsed::Usage(format!("option requires an argument -- '{c}'"));
-                    };
-                    if let Err(e) = apply_option(&mut out, c, &value) {
-                        return Parsed::Invalid(e);
-                    }
-                    break;
+    for option in Getopt::new(args, "hvFp:S:m:M:l:n:") {
+        match option {
+            Ok(('h', _)) => return Parsed::Help,
+            Ok(('v', _)) => out.verbose = true,
+            Ok(('F', _)) => out.foreground = true,
+            Ok((c, Some(value))) => {
+                if let Err(e) = apply_option(&mut out, c, &value) {
+                    return Parsed::Invalid(e);
                 }
-                other => return Parsed::Usage(format!("invalid option -- '{other}'")),
             }
+            Ok((_, None)) => {}
+            Err(e) => return Parsed::Usage(e.to_string()),
         }
     }
     if out.vectors > MAX_VECTORS {
