@@ -20,6 +20,9 @@ fn churn_of_joins_leaves_and_drops_leaks_no_fd() {
         let mut observer = RawPeer::connect(&path);
         let j = observer.handshake(4, &[]);
         drop(j);
+        // While the server runs: what it holds with one peer connected. A leak that only
+        // shutdown cleans up (fds of departed peers kept somewhere) shows up against this.
+        let serving_one_peer = open_fds();
         // A silent peer that will be dropped for not reading, holding queued eventfds.
         let silent = RawPeer::connect(&path);
         let mut next = 1u16;
@@ -59,6 +62,11 @@ fn churn_of_joins_leaves_and_drops_leaks_no_fd() {
         }
         assert!(silent_gone, "the silent peer should have been dropped");
         drop(silent);
+        assert_eq!(
+            open_fds(),
+            serving_one_peer,
+            "after the churn the running server holds more fds than for its one peer"
+        );
         drop(observer);
         let stats = server.shutdown().unwrap();
         assert_eq!(stats.peers_joined, 62);
