@@ -331,3 +331,27 @@ fn ivshm_serve_out_of_fds_refuses_says_what_to_do_and_keeps_serving() {
     assert!(child.wait().unwrap().success());
     assert!(!socket.exists());
 }
+
+#[test]
+fn ivshm_serve_cleans_up_on_sigint_too() {
+    let socket = temp("sigint.sock");
+    let pid_file = temp("sigint.pid");
+    let socket_arg = socket.to_string_lossy().to_string();
+    let pid_arg = pid_file.to_string_lossy().to_string();
+    let (mut child, rx) =
+        spawn_serve_with_log(&["--socket", &socket_arg, "--pidfile", &pid_arg], None);
+    wait_line(&rx, "listening on");
+    assert!(pid_file.exists() && socket.exists());
+    let mut peer = Peer::connect(&socket);
+    peer.first_handshake(4 << 20, 1);
+    kill_process(Pid::from_raw(child.id() as i32).unwrap(), Signal::INT).unwrap();
+    wait_exit(child.id());
+    assert!(child.wait().unwrap().success());
+    assert!(!socket.exists(), "socket removed on SIGINT");
+    assert!(!pid_file.exists(), "pid file removed on SIGINT");
+    // The peer sees its connection closed.
+    assert!(matches!(
+        peer.reader.receive(peer.sock.as_fd()).unwrap(),
+        Received::Closed
+    ));
+}
