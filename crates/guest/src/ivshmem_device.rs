@@ -219,8 +219,11 @@ impl IvshmemDevice {
                 found,
             }),
             Err(e) => {
-                if let Err(restore) = binding.restore() {
-                    tracing::warn!(error = %restore, "could not restore the driver binding after a failed open");
+                // Only undo this call's own binding: when the device was already on vfio-pci
+                // (e.g. another process holds it: group busy), unbinding would block until that
+                // process exits and then take the device away from it.
+                if let Err(undo) = binding.undo_own_change() {
+                    tracing::warn!(error = %undo, "could not undo the driver binding after a failed open");
                 }
                 Err(e)
             }

@@ -35,6 +35,18 @@ impl DriverBinding {
         self.changed
     }
 
+    /// Undoes what [`bind_to_vfio`] changed in this call, and nothing else: a function that was
+    /// already on `vfio-pci` (bound by an earlier process, which may still be using it) is left
+    /// alone, record included. For cleaning up after a failed open; to give the device back to
+    /// its original driver on request, use [`DriverBinding::restore`].
+    pub fn undo_own_change(self) -> Result<(), VfioError> {
+        if self.changed {
+            self.restore()
+        } else {
+            Ok(())
+        }
+    }
+
     /// Unbinds from `vfio-pci`, clears `driver_override` and rebinds the original driver (if
     /// there was one). The original driver is the one this binding saw, or, when the function
     /// was already on `vfio-pci`, the one recorded by the process that bound it (in
@@ -278,6 +290,26 @@ mod tests {
         assert!(
             read_record(&paths, f.address).is_none(),
             "the record is consumed"
+        );
+    }
+
+    #[test]
+    fn undoing_a_binding_made_by_another_process_touches_nothing() {
+        let (_tmp, paths, f) = setup(Some("vfio-pci"), Some(3), true);
+        write_record(&paths, f.address, None);
+        let binding = bind_to_vfio(&paths, &f, false).unwrap();
+        assert!(!binding.changed());
+        binding.undo_own_change().unwrap();
+        let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap();
+        assert_eq!(read(paths.pci_driver("vfio-pci").join("unbind")), "");
+        assert_eq!(
+            read(paths.pci_device(f.address).join("driver_override")),
+            "(null)\n"
+        );
+        assert_eq!(
+            read_record(&paths, f.address),
+            Some(None),
+            "the other process's record stays for its restore"
         );
     }
 
