@@ -10,11 +10,14 @@
 //!   [`crate::pci::PciDevice::ioevents`]; call [`KvmIoeventRegistry::sync`] after BAR moves
 //!   and peer changes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_irq_routing_entry, kvm_msi, KvmIrqRouting, KVM_IRQ_ROUTING_MSI};
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_msi, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -36,10 +39,19 @@ pub enum KvmWiringError {
     #[error("duplicating an eventfd: {0}")]
     Dup(#[from] std::io::Error),
     /// Ran out of GSIs.
-    #[error("no free GSI")]
+    #[error(
+        "no free GSI: GSIs {FIRST_MSI_GSI}..{MAX_GSI} are all in use; drop unused devices' \
+         interrupt backends (they release their GSIs) or use fewer vectors"
+    )]
     NoGsi,
+    /// A thread panicked while it held the router's state.
+    #[error("the GSI router's state is poisoned (a thread panicked while updating routes)")]
+    Poisoned,
+    /// The routing table could not be built (more entries than `KVM_SET_GSI_ROUTING` takes).
+    #[error("building the GSI routing table with {0} entries failed")]
+    RoutingTable(usize),
     /// Unsupported ioevent width.
-    #[error("ioevent length {0} not supported")]
+    #[error("ioevent length {0} not supported (KVM ioeventfds match 1, 2, 4 or 8 bytes)")]
     BadLength(u32),
 }
 
@@ -65,7 +77,8 @@ pub struct KvmGsiRouter {
 
 #[derive(Debug)]
 struct RouterState {
-    next_gsi: u32,
+    /// GSIs handed out and not yet released.
+    allocated: BTreeSet<u32>,
     routes: BTreeMap<u32, MsixMessage>,
 }
 
@@ -80,7 +93,7 @@ impl KvmGsiRouter {
         KvmGsiRouter {
             vm,
             state: Mutex::new(RouterState {
-                next_gsi: FIRST_MSI_GSI,
+                allocated: BTreeSet::new(),
                 routes: BTreeMap::new(),
             }),
         }
@@ -91,20 +104,27 @@ impl KvmGsiRouter {
         &self.vm
     }
 
-    /// Reserves a GSI.
+    /// Reserves the lowest free GSI at or above [`FIRST_MSI_GSI`].
     pub fn allocate_gsi(&self) -> Result<u32, KvmWiringError> {
-        let mut st = self.state.lock().map_err(|_| KvmWiringError::NoGsi)?;
-        if st.next_gsi >= MAX_GSI {
-            return Err(KvmWiringError::NoGsi);
-        }
-        let gsi = st.next_gsi;
-        st.next_gsi += 1;
+        let mut st = self.state.lock().map_err(|_| KvmWiringError::Poisoned)?;
+        let gsi = (FIRST_MSI_GSI..MAX_GSI)
+            .find(|g| !st.allocated.contains(g))
+            .ok_or(KvmWiringError::NoGsi)?;
+        st.allocated.insert(gsi);
         Ok(gsi)
+    }
+
+    /// Removes `gsi`'s route and makes it available again.
+    pub fn release_gsi(&self, gsi: u32) -> Result<(), KvmWiringError> {
+        self.set_route(gsi, None)?;
+        let mut st = self.state.lock().map_err(|_| KvmWiringError::Poisoned)?;
+        st.allocated.remove(&gsi);
+        Ok(())
     }
 
     /// Routes `gsi` to `message` (or removes its route) and installs the table.
     pub fn set_route(&self, gsi: u32, message: Option<MsixMessage>) -> Result<(), KvmWiringError> {
-        let mut st = self.state.lock().map_err(|_| KvmWiringError::NoGsi)?;
+        let mut st = self.state.lock().map_err(|_| KvmWiringError::Poisoned)?;
         let changed = match message {
             Some(m) => st.routes.insert(gsi, m) != Some(m),
             None => st.routes.remove(&gsi).is_some(),
@@ -112,22 +132,57 @@ impl KvmGsiRouter {
         if !changed {
             return Ok(());
         }
-        let mut table = KvmIrqRouting::new(0).map_err(|_| KvmWiringError::NoGsi)?;
-        for (&gsi, m) in &st.routes {
-            let mut entry = kvm_irq_routing_entry {
-                gsi,
-                type_: KVM_IRQ_ROUTING_MSI,
-                ..Default::default()
-            };
-            entry.u.msi.address_lo = m.addr as u32;
-            entry.u.msi.address_hi = (m.addr >> 32) as u32;
-            entry.u.msi.data = m.data;
-            table.push(entry).map_err(|_| KvmWiringError::NoGsi)?;
+        let entries = routing_entries(&st.routes);
+        let failed = |_| KvmWiringError::RoutingTable(entries.len());
+        let mut table = KvmIrqRouting::new(0).map_err(failed)?;
+        for entry in &entries {
+            table.push(*entry).map_err(failed)?;
         }
         self.vm
             .set_gsi_routing(&table)
             .map_err(kvm_err("KVM_SET_GSI_ROUTING"))
     }
+}
+
+/// The whole table `KVM_SET_GSI_ROUTING` gets: KVM's default x86 routes for the in-kernel
+/// irqchip (GSI 0..15 to the PIC and the IOAPIC, 16..23 to the IOAPIC — the table replaces
+/// them, and devices on INTx or an `intr` line still need them), then one MSI route per
+/// entry of `msi`.
+fn routing_entries(msi: &BTreeMap<u32, MsixMessage>) -> Vec<kvm_irq_routing_entry> {
+    let irqchip = |gsi: u32, chip: u32, pin: u32| {
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_IRQCHIP,
+            ..Default::default()
+        };
+        e.u.irqchip.irqchip = chip;
+        e.u.irqchip.pin = pin;
+        e
+    };
+    let mut out = Vec::with_capacity(40 + msi.len());
+    for gsi in 0..FIRST_MSI_GSI {
+        out.push(irqchip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+        if gsi < 16 {
+            let pic = if gsi < 8 {
+                KVM_IRQCHIP_PIC_MASTER
+            } else {
+                KVM_IRQCHIP_PIC_SLAVE
+            };
+            out.push(irqchip(gsi, pic, gsi % 8));
+        }
+    }
+    for (&gsi, m) in msi {
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_MSI,
+            ..Default::default()
+        };
+        e.u.msi.address_lo = m.addr as u32;
+        e.u.msi.address_hi = (m.addr >> 32) as u32;
+        e.u.msi.data = m.data;
+        out.push(e);
+    }
+    out
 }
 
 struct IrqfdVector {
@@ -235,7 +290,7 @@ impl Drop for KvmIrqfdInterrupts {
             if v.registered {
                 let _ = self.router.vm().unregister_irqfd(&v.eventfd, v.gsi);
             }
-            let _ = self.router.set_route(v.gsi, None);
+            let _ = self.router.release_gsi(v.gsi);
         }
     }
 }
@@ -433,6 +488,61 @@ mod tests {
 
     fn new_eventfd() -> OwnedFd {
         eventfd(0, EventfdFlags::CLOEXEC).unwrap()
+    }
+
+    #[test]
+    fn routing_table_keeps_the_irqchip_routes() {
+        let msg = MsixMessage {
+            addr: 0xfee0_0000,
+            data: 0x41,
+        };
+        let entries = routing_entries(&BTreeMap::from([(24, msg)]));
+        // 16 GSIs with IOAPIC + PIC, 8 with IOAPIC only, then the MSI route.
+        assert_eq!(entries.len(), 16 * 2 + 8 + 1);
+        let chip = |gsi: u32| -> Vec<(u32, u32)> {
+            entries
+                .iter()
+                .filter(|e| e.gsi == gsi && e.type_ == KVM_IRQ_ROUTING_IRQCHIP)
+                // SAFETY: IRQCHIP entries carry the `irqchip` member of the union.
+                .map(|e| unsafe { (e.u.irqchip.irqchip, e.u.irqchip.pin) })
+                .collect()
+        };
+        assert_eq!(
+            chip(5),
+            vec![(KVM_IRQCHIP_IOAPIC, 5), (KVM_IRQCHIP_PIC_MASTER, 5)]
+        );
+        assert_eq!(
+            chip(10),
+            vec![(KVM_IRQCHIP_IOAPIC, 10), (KVM_IRQCHIP_PIC_SLAVE, 2)]
+        );
+        assert_eq!(chip(20), vec![(KVM_IRQCHIP_IOAPIC, 20)]);
+        let last = entries.last().unwrap();
+        assert_eq!((last.gsi, last.type_), (24, KVM_IRQ_ROUTING_MSI));
+        // SAFETY: MSI entries carry the `msi` member of the union.
+        let (lo, data) = unsafe { (last.u.msi.address_lo, last.u.msi.data) };
+        assert_eq!((lo, data), (0xfee0_0000, 0x41));
+    }
+
+    #[test]
+    fn gsis_are_released_and_reused_and_kvm_takes_the_table() {
+        if !crate::testvmm::kvm_or_skip("gsis_are_released_and_reused_and_kvm_takes_the_table") {
+            return;
+        }
+        let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let router = KvmGsiRouter::new(vm);
+        let a = router.allocate_gsi().unwrap();
+        let b = router.allocate_gsi().unwrap();
+        assert_eq!((a, b), (FIRST_MSI_GSI, FIRST_MSI_GSI + 1));
+        let msg = MsixMessage {
+            addr: 0xfee0_0000,
+            data: 0x41,
+        };
+        router.set_route(a, Some(msg)).unwrap();
+        router.set_route(b, Some(msg)).unwrap();
+        router.release_gsi(a).unwrap();
+        assert_eq!(router.allocate_gsi().unwrap(), a, "released GSI reused");
+        assert_eq!(router.allocate_gsi().unwrap(), FIRST_MSI_GSI + 2);
     }
 
     #[test]
