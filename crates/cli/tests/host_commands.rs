@@ -273,3 +273,48 @@ fn ivshmem_client_retries_until_the_server_is_there_and_after_it_left() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn listen_with_reconnect_survives_a_server_restart() {
+    let path = socket_path("listen-reconnect");
+    let first = server(&path, 1);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ivshm"));
+    cmd.args([
+        "listen",
+        "--reconnect",
+        "--count",
+        "1",
+        "--timeout",
+        "60",
+        "--socket",
+    ])
+    .arg(&path);
+    let (mut child, rx) = spawn_lines(cmd);
+    assert_eq!(line(&rx), "self id=0 vectors=1 size=65536");
+    first.shutdown().unwrap();
+    assert_eq!(line(&rx), "server gone");
+    // A different server on the same path: the listener joins it and says what it got.
+    let _second = server(&path, 2);
+    assert_eq!(line(&rx), "reconnected");
+    assert_eq!(line(&rx), "self id=0 vectors=2 size=65536");
+    let _b = peer(&path);
+    // Only this join counts towards --count 1 (server gone / reconnected do not).
+    assert_eq!(line(&rx), "join peer=1 vectors=2");
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn listen_without_reconnect_fails_when_the_server_goes() {
+    let path = socket_path("listen-gone");
+    let s = server(&path, 1);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ivshm"));
+    cmd.args(["listen", "--timeout", "60", "--socket"])
+        .arg(&path)
+        .stderr(Stdio::piped());
+    let (mut child, rx) = spawn_lines(cmd);
+    assert_eq!(line(&rx), "self id=0 vectors=1 size=65536");
+    s.shutdown().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--reconnect"));
+}

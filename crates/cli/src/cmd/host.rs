@@ -91,6 +91,10 @@ pub struct ListenArgs {
     /// Fail (exit 1) if `--count` events did not arrive within this many seconds.
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<f64>,
+    /// Keep running when the server goes away: print `server gone`, reconnect when it is back,
+    /// then print `reconnected` and the `self`/`peer` lines of the new connection.
+    #[arg(long)]
+    reconnect: bool,
 }
 
 /// `ivshm read`.
@@ -138,7 +142,14 @@ pub fn run(c: HostCommand) -> anyhow::Result<()> {
 }
 
 fn connect(socket: &SocketArgs, timeout: Option<Duration>) -> anyhow::Result<Peer> {
-    let mut opts = ConnectOptions::default();
+    connect_with(socket, timeout, ConnectOptions::default())
+}
+
+fn connect_with(
+    socket: &SocketArgs,
+    timeout: Option<Duration>,
+    mut opts: ConnectOptions,
+) -> anyhow::Result<Peer> {
     if let Some(t) = timeout {
         opts.timeout = opts.timeout.min(t);
     }
@@ -202,15 +213,23 @@ fn notify(a: NotifyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn event_line(event: &Event) -> Option<String> {
+/// The line `ivshm listen` prints for an event.
+fn event_line(event: &Event) -> String {
     match event {
-        Event::Doorbell { vector } => Some(format!("doorbell vector={vector}")),
+        Event::Doorbell { vector } => format!("doorbell vector={vector}"),
         Event::Peer(PeerEvent::Joined { id, vectors }) => {
-            Some(format!("join peer={id} vectors={vectors}"))
+            format!("join peer={id} vectors={vectors}")
         }
-        Event::Peer(PeerEvent::Left { id }) => Some(format!("leave peer={id}")),
-        Event::ServerGone | Event::Reconnected { .. } => None,
+        Event::Peer(PeerEvent::Left { id }) => format!("leave peer={id}"),
+        Event::ServerGone => "server gone".to_string(),
+        Event::Reconnected { .. } => "reconnected".to_string(),
     }
+}
+
+/// Whether an event line counts towards `--count` (doorbells, joins and leaves do; the
+/// connection's own news does not).
+fn counts(event: &Event) -> bool {
+    matches!(event, Event::Doorbell { .. } | Event::Peer(_))
 }
 
 fn listen(a: ListenArgs) -> anyhow::Result<()> {
@@ -221,7 +240,11 @@ fn listen(a: ListenArgs) -> anyhow::Result<()> {
     };
     let start = Instant::now();
     let deadline = timeout.and_then(|t| start.checked_add(t));
-    let mut peer = connect(&a.socket, timeout)?;
+    let opts = ConnectOptions {
+        reconnect: a.reconnect,
+        ..ConnectOptions::default()
+    };
+    let mut peer = connect_with(&a.socket, timeout, opts)?;
     print_self_and_peers(&peer)?;
     let mut seen = 0u64;
     loop {
@@ -231,11 +254,16 @@ fn listen(a: ListenArgs) -> anyhow::Result<()> {
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let event = peer.wait(left).context("waiting for events")?;
         match event {
-            Some(Event::ServerGone) => bail!("the server closed the connection"),
+            Some(Event::ServerGone) if !a.reconnect => {
+                bail!("the server closed the connection (use --reconnect to wait for it)")
+            }
             Some(ev) => {
-                if let Some(text) = event_line(&ev) {
-                    line(format_args!("{text}"))?;
+                line(format_args!("{}", event_line(&ev)))?;
+                if counts(&ev) {
                     seen += 1;
+                }
+                if matches!(ev, Event::Reconnected { .. }) {
+                    print_self_and_peers(&peer)?;
                 }
             }
             None => {
