@@ -311,7 +311,7 @@ fn listen_without_reconnect_fails_when_the_server_goes() {
     cmd.args(["listen", "--timeout", "60", "--socket"])
         .arg(&path)
         .stderr(Stdio::piped());
-    let (mut child, rx) = spawn_lines(cmd);
+    let (child, rx) = spawn_lines(cmd);
     assert_eq!(line(&rx), "self id=0 vectors=1 size=65536");
     s.shutdown().unwrap();
     let out = child.wait_with_output().unwrap();
