@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{kill_process, Pid, Signal};
 
+use crate::orphan;
+
 /// How many lines of each stream failure messages show.
 const TAIL_LINES: usize = 30;
 
@@ -217,7 +219,7 @@ impl HostProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = crate::orphan::spawn(command).map_err(|source| HostError::Spawn {
+        let mut child = orphan::spawn(command).map_err(|source| HostError::Spawn {
             name: name.to_string(),
             command: description,
             source,
@@ -321,28 +323,27 @@ impl HostProcess {
     /// Waits up to `timeout` for the process to exit, then for its output to be fully read.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, HostError> {
         let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = self.exit_status {
-                break status;
-            }
-            let polled = self.child.try_wait().map_err(|source| HostError::Io {
-                name: self.name.clone(),
-                what: "waiting for exit".into(),
-                source,
-            })?;
-            if let Some(status) = polled {
+        let status = match self.exit_status {
+            Some(status) => status,
+            None => {
+                let polled = orphan::wait_until(&mut self.child, deadline).map_err(|source| {
+                    HostError::Io {
+                        name: self.name.clone(),
+                        what: "waiting for exit".into(),
+                        source,
+                    }
+                })?;
+                let Some(status) = polled else {
+                    return Err(HostError::Timeout {
+                        name: self.name.clone(),
+                        what: "the process to exit".into(),
+                        timeout,
+                        context: self.failure_context(),
+                    });
+                };
                 self.exit_status = Some(status);
-                break status;
+                status
             }
-            if Instant::now() >= deadline {
-                return Err(HostError::Timeout {
-                    name: self.name.clone(),
-                    what: "the process to exit".into(),
-                    timeout,
-                    context: self.failure_context(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
         };
         // Children that inherited the pipes could keep them open; do not wait forever.
         let rest = deadline
@@ -390,13 +391,11 @@ impl HostProcess {
 
 impl Drop for HostProcess {
     fn drop(&mut self) {
-        if self.exit_status.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        for reader in self.readers.drain(..) {
-            let _ = reader.join();
-        }
+        orphan::kill_and_join(
+            &mut self.child,
+            self.exit_status.is_some(),
+            &mut self.readers,
+        );
     }
 }
 

@@ -11,6 +11,7 @@
 //! - [`cpio`] and [`initramfs`]: the guest image and its `/init`.
 //! - [`console`] and [`qemu`]: starting guests and the shell protocol on the serial console.
 //! - [`background`]: guest commands running in the background while the test goes on.
+//! - [`guest_tool`]: the `ivshm guest` tool in VFIO guests (waits, rings, hex reads/writes).
 //! - [`pci`]: finding `ivshmem` devices in the guest and `devmem` access to their BARs.
 //! - [`host`]: host processes with captured output lines.
 //! - [`ivshm`]: the host `ivshm` server, listener, read and write.
@@ -22,6 +23,7 @@ pub mod background;
 pub mod binaries;
 pub mod console;
 pub mod cpio;
+pub mod guest_tool;
 pub mod host;
 pub mod initramfs;
 pub mod ivshm;

@@ -7,9 +7,11 @@
 
 use std::io;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command};
+use std::process::{Child, Command, ExitStatus};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rustix::process::{getpid, getppid, set_parent_process_death_signal, Signal};
 
@@ -72,6 +74,31 @@ pub fn spawn(command: Command) -> io::Result<Child> {
         .map_err(|_| io::Error::other("the spawner thread is gone"))?
 }
 
+/// Polls `child` until it exits (its status) or `deadline` passes (`None`).
+pub fn wait_until(child: &mut Child, deadline: Instant) -> io::Result<Option<ExitStatus>> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// For `Drop`: kills and reaps `child` unless it was reaped already (`reaped`), then joins
+/// the threads reading its output (they end when its pipes close).
+pub fn kill_and_join(child: &mut Child, reaped: bool, readers: &mut Vec<JoinHandle<()>>) {
+    if !reaped {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    for reader in readers.drain(..) {
+        let _ = reader.join();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +114,21 @@ mod tests {
         .join()
         .unwrap();
         // The spawning test thread has exited; the child was not killed with it.
-        assert_eq!(child.wait().unwrap().code(), Some(7));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = wait_until(&mut child, deadline).unwrap().unwrap();
+        assert_eq!(status.code(), Some(7));
+    }
+
+    #[test]
+    fn waiting_until_a_deadline_gives_up_and_kill_and_join_reaps() {
+        let mut command = Command::new("sleep");
+        command.arg("60");
+        let mut child = spawn(command).unwrap();
+        assert!(wait_until(&mut child, Instant::now()).unwrap().is_none());
+        let reader = std::thread::spawn(|| ());
+        let mut readers = vec![reader];
+        kill_and_join(&mut child, false, &mut readers);
+        assert!(readers.is_empty());
+        assert!(child.try_wait().unwrap().is_some(), "killed and reaped");
     }
 }

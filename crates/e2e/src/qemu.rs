@@ -611,26 +611,22 @@ impl QemuGuest {
             return Ok(status);
         }
         let deadline = Instant::now() + timeout;
-        loop {
-            let polled = self.child.try_wait().map_err(|source| QemuError::Io {
+        let polled =
+            orphan::wait_until(&mut self.child, deadline).map_err(|source| QemuError::Io {
                 guest: self.name.clone(),
                 what: "waiting for QEMU".into(),
                 source,
             })?;
-            if let Some(status) = polled {
-                self.exit_status = Some(status);
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                return Err(QemuError::Timeout {
-                    guest: self.name.clone(),
-                    what: "QEMU to exit".into(),
-                    timeout,
-                    context: self.failure_context(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let Some(status) = polled else {
+            return Err(QemuError::Timeout {
+                guest: self.name.clone(),
+                what: "QEMU to exit".into(),
+                timeout,
+                context: self.failure_context(),
+            });
+        };
+        self.exit_status = Some(status);
+        Ok(status)
     }
 
     /// A number not used before by this guest's commands (for unique names in the guest).
@@ -659,13 +655,11 @@ impl QemuGuest {
 
 impl Drop for QemuGuest {
     fn drop(&mut self) {
-        if self.exit_status.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        for reader in self.readers.drain(..) {
-            let _ = reader.join();
-        }
+        orphan::kill_and_join(
+            &mut self.child,
+            self.exit_status.is_some(),
+            &mut self.readers,
+        );
     }
 }
 

@@ -11,49 +11,26 @@
 
 use std::time::Duration;
 
+use ivshm_e2e::guest_tool::{
+    finish_wait, notify, read_hex, start_wait, vfio_doorbell_guest, write_hex,
+};
 use ivshm_e2e::host::run_to_completion;
 use ivshm_e2e::ivshm::{ivshm_command, read_shared};
 use ivshm_e2e::{require_e2e, IvshmListener, IvshmServer, QemuGuest, ScratchDir};
-use ivshm_e2e::{BackgroundCommand, HostProcess, Stream};
+use ivshm_e2e::{HostProcess, Stream};
 
 const BOOT: Duration = Duration::from_secs(240);
 const HOST: Duration = Duration::from_secs(60);
 const COMMAND: Duration = Duration::from_secs(60);
-/// Bound on every background `ivshm guest` command in the guests.
-const GUEST_WAIT_SECONDS: u32 = 120;
+/// Bound on every background `ivshm guest` command in the guests (they end themselves).
+const GUEST_WAIT: Duration = Duration::from_secs(120);
+const GUEST_WAIT_SECONDS: u64 = GUEST_WAIT.as_secs();
+/// How long such a command may take to end.
+const FINISH: Duration = Duration::from_secs(GUEST_WAIT_SECONDS + 60);
+/// Bound on 1,000 bench round trips under TCG.
+const BENCH: Duration = Duration::from_secs(600);
 const SIZE: u64 = 1 << 20;
 const VECTORS: u32 = 4;
-
-/// How long a background `ivshm guest` command may take to end (they bound themselves).
-const FINISH: Duration = Duration::from_secs(GUEST_WAIT_SECONDS as u64 + 60);
-
-fn finish(guest: &mut QemuGuest, background: BackgroundCommand) -> (i32, String) {
-    let done = background.finish(guest, FINISH).unwrap();
-    (done.status, done.output)
-}
-
-/// Starts `ivshm guest wait` with `args` and returns once it printed its `self` line (MSI-X
-/// connected), so that doorbells sent from now on reach it.
-fn start_wait(guest: &mut QemuGuest, name: &str, id: u16, args: &str) -> BackgroundCommand {
-    let background = guest
-        .spawn_background(
-            name,
-            &format!("ivshm guest wait {args} --timeout {GUEST_WAIT_SECONDS}"),
-        )
-        .unwrap();
-    background
-        .wait_output(guest, &format!("self id={id} vectors="), COMMAND)
-        .unwrap();
-    background
-}
-
-/// The `doorbell ...` lines of a `wait` output.
-fn doorbell_lines(output: &str) -> Vec<&str> {
-    output
-        .lines()
-        .filter(|l| l.starts_with("doorbell "))
-        .collect()
-}
 
 fn host_notify(socket: &std::path::Path, peer: u16, vector: u32) {
     let mut command = ivshm_command(["notify", "--socket"]).unwrap();
@@ -63,13 +40,20 @@ fn host_notify(socket: &std::path::Path, peer: u16, vector: u32) {
     run_to_completion("ivshm notify", command, HOST).unwrap();
 }
 
-fn vfio_guest(assets: &ivshm_e2e::GuestAssets, name: &str, socket: &std::path::Path) -> QemuGuest {
-    QemuGuest::builder(assets, name)
-        .with_vfio()
-        .with_ivshm_binary()
-        .ivshmem_doorbell(socket, VECTORS)
-        .spawn()
-        .unwrap()
+/// Runs 1,000 `ivshm guest bench` round trips from `guest` to `peer` on `vector` (flag at
+/// `offset`); returns the report, which must show no lost doorbell.
+fn bench_round_trips(guest: &mut QemuGuest, peer: u16, vector: u32, offset: u32) -> String {
+    let command = format!(
+        "ivshm guest bench --peer {peer} --vector {vector} --offset {offset:#x} --count 1000 \
+         --timeout {GUEST_WAIT_SECONDS}"
+    );
+    let bench = guest.run_ok(&command, BENCH).unwrap();
+    eprintln!("{} bench:\n{bench}", guest.name());
+    assert!(
+        bench.contains("doorbell round_trips=1000 lost=0"),
+        "{bench}"
+    );
+    bench
 }
 
 #[test]
@@ -83,9 +67,13 @@ fn guests_ring_each_other_and_the_host_through_vfio_and_sysfs() {
     let host_id = listener.id();
     assert_eq!(listener.vectors(), VECTORS);
 
-    let mut a = vfio_guest(&assets, "guest-vfio-a", &socket);
+    let mut a = vfio_doorbell_guest(&assets, "guest-vfio-a", &socket, VECTORS)
+        .spawn()
+        .unwrap();
     let (id_a, _) = listener.wait_join(HOST).unwrap();
-    let mut b = vfio_guest(&assets, "guest-vfio-b", &socket);
+    let mut b = vfio_doorbell_guest(&assets, "guest-vfio-b", &socket, VECTORS)
+        .spawn()
+        .unwrap();
     let (id_b, _) = listener.wait_join(HOST).unwrap();
     a.wait_ready(BOOT).unwrap();
     b.wait_ready(BOOT).unwrap();
@@ -103,52 +91,29 @@ fn guests_ring_each_other_and_the_host_through_vfio_and_sysfs() {
     assert!(info.contains("msix vectors=4"), "{info}");
 
     // A rings B on vector 2; B waits on all vectors and sees exactly vector 2.
-    let wait_b = start_wait(&mut b, "b-wait-1", id_b, "--count 1");
-    a.run_ok(
-        &format!("ivshm guest notify --peer {id_b} --vector 2"),
-        COMMAND,
-    )
-    .unwrap();
-    let (status, output) = finish(&mut b, wait_b);
-    assert_eq!(status, 0, "{output}");
-    assert_eq!(doorbell_lines(&output), ["doorbell vector=2"], "{output}");
+    let wait_b = start_wait(&mut b, "b-wait-1", id_b, "--count 1", GUEST_WAIT).unwrap();
+    notify(&mut a, id_b, 2, COMMAND).unwrap();
+    let doorbells = finish_wait(&mut b, wait_b, FINISH).unwrap();
+    assert_eq!(doorbells, ["doorbell vector=2"]);
 
     // B answers A on vector 1.
-    let wait_a = start_wait(&mut a, "a-wait-1", id_a, "--count 1");
-    b.run_ok(
-        &format!("ivshm guest notify --peer {id_a} --vector 1"),
-        COMMAND,
-    )
-    .unwrap();
-    let (status, output) = finish(&mut a, wait_a);
-    assert_eq!(status, 0, "{output}");
-    assert_eq!(doorbell_lines(&output), ["doorbell vector=1"], "{output}");
+    let wait_a = start_wait(&mut a, "a-wait-1", id_a, "--count 1", GUEST_WAIT).unwrap();
+    notify(&mut b, id_a, 1, COMMAND).unwrap();
+    let doorbells = finish_wait(&mut a, wait_a, FINISH).unwrap();
+    assert_eq!(doorbells, ["doorbell vector=1"]);
 
     // The host rings each guest.
     for (guest, id, vector) in [(&mut a, id_a, 3), (&mut b, id_b, 0)] {
-        let wait = start_wait(guest, "host-ring", id, "--count 1");
+        let wait = start_wait(guest, "host-ring", id, "--count 1", GUEST_WAIT).unwrap();
         host_notify(&socket, id, vector);
-        let (status, output) = finish(guest, wait);
-        assert_eq!(status, 0, "{output}");
-        assert_eq!(
-            doorbell_lines(&output),
-            [format!("doorbell vector={vector}")],
-            "{output}"
-        );
+        let doorbells = finish_wait(guest, wait, FINISH).unwrap();
+        assert_eq!(doorbells, [format!("doorbell vector={vector}")]);
     }
 
     // Each guest rings the host.
-    a.run_ok(
-        &format!("ivshm guest notify --peer {host_id} --vector 1"),
-        COMMAND,
-    )
-    .unwrap();
+    notify(&mut a, host_id, 1, COMMAND).unwrap();
     listener.wait_doorbell(1, HOST).unwrap();
-    b.run_ok(
-        &format!("ivshm guest notify --peer {host_id} --vector 2"),
-        COMMAND,
-    )
-    .unwrap();
+    notify(&mut b, host_id, 2, COMMAND).unwrap();
     listener.wait_doorbell(2, HOST).unwrap();
 
     // Out-of-range vectors are refused clearly.
@@ -164,50 +129,33 @@ fn guests_ring_each_other_and_the_host_through_vfio_and_sysfs() {
 
     // Data written by one guest is read by the other (and the host).
     let data = "00112233445566778899aabbccddeeff";
-    a.run_ok(
-        &format!("ivshm guest write --offset 0x1000 {data}"),
-        COMMAND,
-    )
-    .unwrap();
-    let read = b
-        .run_ok("ivshm guest read --offset 0x1000 --len 16", COMMAND)
-        .unwrap();
-    assert_eq!(read.trim(), data);
+    write_hex(&mut a, 0x1000, data, COMMAND).unwrap();
+    assert_eq!(read_hex(&mut b, 0x1000, 16, COMMAND).unwrap(), data);
     assert_eq!(
         read_shared(&socket, 0x1000, 16, HOST).unwrap(),
         (0u8..16).map(|i| i * 0x11).collect::<Vec<_>>()
     );
 
     // 1,000 round trips between the guests, inside the guests; a lost doorbell fails the run.
-    let responder = b.spawn_background(
-        "bench-respond",
-        &format!(
-            "ivshm guest bench --respond --peer {id_a} --vector 2 --offset 0x8000 --timeout {GUEST_WAIT_SECONDS}"
-        ),
-    ).unwrap();
+    let respond = format!(
+        "ivshm guest bench --respond --peer {id_a} --vector 2 --offset 0x8000 \
+         --timeout {GUEST_WAIT_SECONDS}"
+    );
+    let responder = b.spawn_background("bench-respond", &respond).unwrap();
     responder
         .wait_output(&mut b, &format!("self id={id_b}"), COMMAND)
         .unwrap();
-    let bench = a
-        .run_ok(
-            &format!(
-                "ivshm guest bench --peer {id_b} --vector 2 --offset 0x8000 --count 1000 --timeout {GUEST_WAIT_SECONDS}"
-            ),
-            Duration::from_secs(600),
-        )
-        .unwrap();
-    eprintln!("guest bench:\n{bench}");
-    assert!(
-        bench.contains("doorbell round_trips=1000 lost=0"),
-        "{bench}"
-    );
+    let bench = bench_round_trips(&mut a, id_b, 2, 0x8000);
     assert!(bench.contains("polling round_trips=1000"), "{bench}");
     assert!(bench.contains("ratio doorbell/polling="), "{bench}");
-    let (status, output) = finish(&mut b, responder);
-    assert_eq!(status, 0, "{output}");
+    let responded = responder.finish(&mut b, FINISH).unwrap();
+    assert_eq!(responded.status, 0, "{}", responded.output);
     assert!(
-        output.contains("responded doorbells=1001 polls=1000"),
-        "{output}"
+        responded
+            .output
+            .contains("responded doorbells=1001 polls=1000"),
+        "{}",
+        responded.output
     );
 
     // Guest ↔ host round trips: a host peer answers A with the same protocol.
@@ -236,19 +184,7 @@ fn guests_ring_each_other_and_the_host_through_vfio_and_sysfs() {
         .and_then(|id| id.parse().ok())
         .unwrap_or_else(|| panic!("no id in {self_line:?}"));
     listener.wait_join(HOST).unwrap();
-    let bench = a
-        .run_ok(
-            &format!(
-                "ivshm guest bench --peer {host_bench_id} --vector 3 --offset 0x9000 --count 1000 --timeout {GUEST_WAIT_SECONDS}"
-            ),
-            Duration::from_secs(600),
-        )
-        .unwrap();
-    eprintln!("guest ↔ host bench:\n{bench}");
-    assert!(
-        bench.contains("doorbell round_trips=1000 lost=0"),
-        "{bench}"
-    );
+    bench_round_trips(&mut a, host_bench_id, 3, 0x9000);
     host_responder.wait_success(HOST).unwrap();
     assert!(
         host_responder
@@ -308,15 +244,16 @@ fn guests_ring_each_other_and_the_host_through_vfio_and_sysfs() {
         "b-poll",
         id_b,
         "--mode sysfs --poll-offset 0x4000 --vector 1 --count 1",
-    );
+        GUEST_WAIT,
+    )
+    .unwrap();
     a.run_ok(
         &format!("ivshm guest notify --mode sysfs --peer {id_b} --vector 1 --poll-offset 0x4000"),
         COMMAND,
     )
     .unwrap();
-    let (status, output) = finish(&mut b, polled);
-    assert_eq!(status, 0, "{output}");
-    assert_eq!(doorbell_lines(&output), ["doorbell vector=1"], "{output}");
+    let doorbells = finish_wait(&mut b, polled, FINISH).unwrap();
+    assert_eq!(doorbells, ["doorbell vector=1"]);
 
     assert!(a.poweroff(COMMAND).unwrap().success());
     assert!(b.poweroff(COMMAND).unwrap().success());

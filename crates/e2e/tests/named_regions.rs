@@ -7,17 +7,20 @@
 
 use std::time::Duration;
 
+use ivshm_e2e::guest_tool::{
+    finish_wait, notify, read_hex, start_wait, vfio_doorbell_guest, write_hex,
+};
 use ivshm_e2e::host::run_to_completion;
 use ivshm_e2e::ivshm::{ivshm_command, read_shared};
-use ivshm_e2e::{
-    require_e2e, BackgroundCommand, HostProcess, IvshmListener, QemuGuest, ScratchDir, Stream,
-};
+use ivshm_e2e::{require_e2e, HostProcess, IvshmListener, ScratchDir, Stream};
 
 const BOOT: Duration = Duration::from_secs(240);
 const HOST: Duration = Duration::from_secs(60);
 const COMMAND: Duration = Duration::from_secs(60);
-/// Bound on every background `ivshm guest wait`.
-const GUEST_WAIT_SECONDS: u32 = 120;
+/// Bound on every background `ivshm guest wait` (it ends itself).
+const GUEST_WAIT: Duration = Duration::from_secs(120);
+/// How long such a command may take to end.
+const FINISH: Duration = Duration::from_secs(GUEST_WAIT.as_secs() + 60);
 const SIZE: u64 = 1 << 20;
 const VECTORS: u32 = 2;
 
@@ -43,35 +46,6 @@ qnx = """
 [vm.monitor]
 rules = ["allow shared"]
 "#;
-
-/// How long a background `ivshm guest wait` may take to end (it bounds itself).
-const FINISH: Duration = Duration::from_secs(GUEST_WAIT_SECONDS as u64 + 60);
-
-fn finish(guest: &mut QemuGuest, background: BackgroundCommand) -> (i32, String) {
-    let done = background.finish(guest, FINISH).unwrap();
-    (done.status, done.output)
-}
-
-/// `ivshm guest wait --count 1` in the background, returned once it listens (MSI-X connected).
-fn start_wait(guest: &mut QemuGuest, name: &str, id: u16) -> BackgroundCommand {
-    let background = guest
-        .spawn_background(
-            name,
-            &format!("ivshm guest wait --count 1 --timeout {GUEST_WAIT_SECONDS}"),
-        )
-        .unwrap();
-    background
-        .wait_output(guest, &format!("self id={id} vectors="), COMMAND)
-        .unwrap();
-    background
-}
-
-fn doorbell_lines(output: &str) -> Vec<&str> {
-    output
-        .lines()
-        .filter(|l| l.starts_with("doorbell "))
-        .collect()
-}
 
 fn listing(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -146,10 +120,7 @@ fn two_guests_in_different_vms_share_a_region_through_their_directories() {
     let host_id = listener.id();
 
     let guest = |name: &str, socket: std::path::PathBuf| {
-        QemuGuest::builder(&assets, name)
-            .with_vfio()
-            .with_ivshm_binary()
-            .ivshmem_doorbell(socket, VECTORS)
+        vfio_doorbell_guest(&assets, name, socket, VECTORS)
             .spawn()
             .unwrap()
     };
@@ -180,59 +151,26 @@ fn two_guests_in_different_vms_share_a_region_through_their_directories() {
 
     // Data both ways between the guests, and to the host.
     let data_a = "a0a1a2a3a4a5a6a7a8a9aaabacadaeaf";
-    a.run_ok(
-        &format!("ivshm guest write --offset 0x1000 {data_a}"),
-        COMMAND,
-    )
-    .unwrap();
-    let read = b
-        .run_ok("ivshm guest read --offset 0x1000 --len 16", COMMAND)
-        .unwrap();
-    // The first `ivshm guest` command in a guest logs its VFIO binding before the data.
-    assert_eq!(read.trim().lines().last(), Some(data_a), "{read}");
+    write_hex(&mut a, 0x1000, data_a, COMMAND).unwrap();
+    assert_eq!(read_hex(&mut b, 0x1000, 16, COMMAND).unwrap(), data_a);
     let data_b = "b0b1b2b3b4b5b6b7b8b9babbbcbdbebf";
-    b.run_ok(
-        &format!("ivshm guest write --offset 0x2000 {data_b}"),
-        COMMAND,
-    )
-    .unwrap();
-    let read = a
-        .run_ok("ivshm guest read --offset 0x2000 --len 16", COMMAND)
-        .unwrap();
-    assert_eq!(read.trim().lines().last(), Some(data_b), "{read}");
+    write_hex(&mut b, 0x2000, data_b, COMMAND).unwrap();
+    assert_eq!(read_hex(&mut a, 0x2000, 16, COMMAND).unwrap(), data_b);
     let host_view = read_shared(&host_socket, 0x1000, 16, HOST).unwrap();
     assert_eq!(ivshm_e2e::ivshm::encode_hex(&host_view), data_a);
 
     // Doorbells: A rings B, B rings A, each rings the host.
-    let wait_b = start_wait(&mut b, "b-wait", id_b);
-    a.run_ok(
-        &format!("ivshm guest notify --peer {id_b} --vector 1"),
-        COMMAND,
-    )
-    .unwrap();
-    let (status, output) = finish(&mut b, wait_b);
-    assert_eq!(status, 0, "{output}");
-    assert_eq!(doorbell_lines(&output), ["doorbell vector=1"], "{output}");
-    let wait_a = start_wait(&mut a, "a-wait", id_a);
-    b.run_ok(
-        &format!("ivshm guest notify --peer {id_a} --vector 0"),
-        COMMAND,
-    )
-    .unwrap();
-    let (status, output) = finish(&mut a, wait_a);
-    assert_eq!(status, 0, "{output}");
-    assert_eq!(doorbell_lines(&output), ["doorbell vector=0"], "{output}");
-    a.run_ok(
-        &format!("ivshm guest notify --peer {host_id} --vector 1"),
-        COMMAND,
-    )
-    .unwrap();
+    let wait_b = start_wait(&mut b, "b-wait", id_b, "--count 1", GUEST_WAIT).unwrap();
+    notify(&mut a, id_b, 1, COMMAND).unwrap();
+    let doorbells = finish_wait(&mut b, wait_b, FINISH).unwrap();
+    assert_eq!(doorbells, ["doorbell vector=1"]);
+    let wait_a = start_wait(&mut a, "a-wait", id_a, "--count 1", GUEST_WAIT).unwrap();
+    notify(&mut b, id_a, 0, COMMAND).unwrap();
+    let doorbells = finish_wait(&mut a, wait_a, FINISH).unwrap();
+    assert_eq!(doorbells, ["doorbell vector=0"]);
+    notify(&mut a, host_id, 1, COMMAND).unwrap();
     listener.wait_doorbell(1, HOST).unwrap();
-    b.run_ok(
-        &format!("ivshm guest notify --peer {host_id} --vector 0"),
-        COMMAND,
-    )
-    .unwrap();
+    notify(&mut b, host_id, 0, COMMAND).unwrap();
     listener.wait_doorbell(0, HOST).unwrap();
 
     assert!(a.poweroff(COMMAND).unwrap().success());

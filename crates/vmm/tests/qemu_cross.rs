@@ -11,7 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ivshm_client::{ConnectOptions, Peer};
-use ivshm_e2e::{require_e2e, QemuGuest, ScratchDir};
+use ivshm_e2e::guest_tool::{
+    finish_wait, notify, read_hex, start_wait, vfio_doorbell_guest, write_hex,
+};
+use ivshm_e2e::{require_e2e, ScratchDir};
 use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
 use ivshm_vmm::ivshmem::{IvshmemDevice, REG_DOORBELL};
 use ivshm_vmm::testvmm::asm::{Asm, Cond, Reg};
@@ -90,10 +93,7 @@ fn kvm_test_vm_and_qemu_guest_share_a_server_region() {
     let attached = attach_ivshmem(&vm, device, shm.clone(), DoorbellPath::Kvm).unwrap();
     vm.load_program(&kvm_program()).unwrap();
 
-    let mut guest = QemuGuest::builder(&assets, "vmm-cross")
-        .with_vfio()
-        .with_ivshm_binary()
-        .ivshmem_doorbell(&socket, 1)
+    let mut guest = vfio_doorbell_guest(&assets, "vmm-cross", &socket, 1)
         .spawn()
         .unwrap();
     // Our VMM learns about QEMU's peer and adds ioeventfds for its doorbell.
@@ -108,38 +108,19 @@ fn kvm_test_vm_and_qemu_guest_share_a_server_region() {
     wait_until("the KVM guest's write", || vm.reports().contains(&WRITTEN));
 
     // Data both ways.
-    let read = guest
-        .run_ok("ivshm guest read --offset 0x100 --len 4", STEP)
-        .unwrap();
-    // The tool's log lines share the output; the hex is the last line.
     assert_eq!(
-        read.lines().last().unwrap_or_default().trim(),
-        hex_le(FROM_KVM),
-        "{read}"
+        read_hex(&mut guest, 0x100, 4, STEP).unwrap(),
+        hex_le(FROM_KVM)
     );
-    guest
-        .run_ok(
-            &format!("ivshm guest write --offset 0x200 {}", hex_le(FROM_QEMU)),
-            STEP,
-        )
-        .unwrap();
+    write_hex(&mut guest, 0x200, &hex_le(FROM_QEMU), STEP).unwrap();
     assert_eq!(shm.view().read_u32(0x200).unwrap(), FROM_QEMU);
 
     // KVM guest -> QEMU guest: QEMU's guest waits on its MSI-X vector through VFIO (in the
     // background; once it printed its `self` line the vector is connected).
-    let wait = guest
-        .spawn_background("wait", "ivshm guest wait --count 1 --timeout 120")
-        .unwrap();
-    wait.wait_output(&mut guest, "self id=1 vectors=1", STEP)
-        .unwrap();
+    let wait = start_wait(&mut guest, "wait", 1, "--count 1", STEP).unwrap();
     shm.view().write_u32(GO, 1).unwrap();
-    let waited = wait.finish(&mut guest, STEP).unwrap();
-    assert!(waited.success(), "{}", waited.output);
-    assert!(
-        waited.output.contains("doorbell vector=0"),
-        "{}",
-        waited.output
-    );
+    let doorbells = finish_wait(&mut guest, wait, STEP).unwrap();
+    assert_eq!(doorbells, ["doorbell vector=0"]);
     assert_eq!(
         vm.mmio_exits_at(IVSHMEM_BAR0 + REG_DOORBELL),
         0,
@@ -147,9 +128,7 @@ fn kvm_test_vm_and_qemu_guest_share_a_server_region() {
     );
 
     // QEMU guest -> KVM guest: the KVM guest's own handler sees it.
-    guest
-        .run_ok("ivshm guest notify --peer 0 --vector 0", STEP)
-        .unwrap();
+    notify(&mut guest, 0, 0, STEP).unwrap();
     assert_eq!(
         vm.wait_exit(STEP).unwrap(),
         0,
