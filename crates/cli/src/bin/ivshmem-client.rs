@@ -15,9 +15,9 @@ use std::time::Duration;
 use ivshm_client::{ClientError, ConnectOptions, Event, Peer};
 use rustix::event::{poll, PollFd, PollFlags};
 
-#[path = "dropin/getopt.rs"]
-mod getopt;
-use getopt::Getopt;
+#[path = "dropin/mod.rs"]
+mod dropin;
+use dropin::getopt::Getopt;
 
 const DEFAULT_SOCKET: &str = "/tmp/ivshmem_socket";
 
@@ -38,7 +38,7 @@ enum Parsed {
     Usage,
 }
 
-/// getopt("hvS:") semantics ([`getopt`]).
+/// getopt("hvS:") semantics ([`dropin::getopt`]).
 fn parse_args(args: &[String]) -> Parsed {
     let mut out = Args {
         verbose: false,
@@ -299,13 +299,7 @@ fn main() {
 }
 
 fn init_logging(verbose: bool) {
-    let default = if verbose { "debug" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    dropin::init_logging(if verbose { "debug" } else { "warn" });
 }
 
 #[cfg(test)]

@@ -23,9 +23,9 @@ use ivshm_server::pidfile::PidFile;
 use ivshm_server::signals::SignalPipes;
 use ivshm_server::{ListenerConfig, MemoryConfig, RegionConfig, Server, ServerConfig};
 
-#[path = "dropin/getopt.rs"]
-mod getopt;
-use getopt::Getopt;
+#[path = "dropin/mod.rs"]
+mod dropin;
+use dropin::getopt::Getopt;
 
 const DEFAULT_PID_FILE: &str = "/var/run/ivshmem-server.pid";
 const DEFAULT_SOCKET: &str = "/tmp/ivshmem_socket";
@@ -83,7 +83,7 @@ enum Parsed {
     Invalid(String),
 }
 
-/// getopt("hvFp:S:m:M:l:n:") semantics ([`getopt`]), then QEMU's checks.
+/// getopt("hvFp:S:m:M:l:n:") semantics ([`dropin::getopt`]), then QEMU's checks.
 fn parse_args(args: &[String]) -> Parsed {
     let mut out = Args::default();
     for option in Getopt::new(args, "hvFp:S:m:M:l:n:") {
@@ -192,13 +192,7 @@ fn config(args: &Args) -> ServerConfig {
 }
 
 fn init_logging(verbose: bool) {
-    let default = if verbose { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    dropin::init_logging(if verbose { "debug" } else { "info" });
 }
 
 /// Serves in this process. In daemon mode, first becomes a session leader, and once serving
