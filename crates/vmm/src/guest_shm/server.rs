@@ -261,9 +261,28 @@ impl RegionConnection for ServerConnection {
                 .filter(|&i| mask & (1 << i) != 0)
                 .collect()
         };
+        let vector = self.idx as usize;
         for target in targets {
-            if let Err(e) = peer.notify(target, self.idx as usize) {
-                tracing::debug!(target, error = %e, "guest_shm: notify skipped");
+            let target_vectors = if target == peer.id() {
+                Some(peer.vectors())
+            } else {
+                peer.peer_vectors(target)
+            };
+            match target_vectors {
+                // Not attached: QNX ignores bits of absent clients too.
+                None => tracing::debug!(target, "guest_shm: notify of an absent client skipped"),
+                Some(n) if n <= vector => tracing::warn!(
+                    target,
+                    vectors = n,
+                    "guest_shm: client {target} has {n} vectors, so it cannot be told that \
+                     client {vector} notified it; configure the region with vectors = 16 \
+                     (one per possible sender)"
+                ),
+                Some(_) => {
+                    if let Err(e) = peer.notify(target, vector) {
+                        tracing::warn!(target, error = %e, "guest_shm: notify failed");
+                    }
+                }
             }
         }
     }
