@@ -13,7 +13,7 @@ use crate::handshake::HandshakeError;
 #[derive(Debug, Error)]
 pub enum ClientError {
     /// The socket could not be created or connected.
-    #[error("cannot connect to {path}: {source}")]
+    #[error("cannot connect to {path}: {source}{}", connect_hint(*.source))]
     Connect {
         /// The socket path.
         path: PathBuf,
@@ -64,9 +64,57 @@ pub enum ClientError {
     },
 }
 
+/// What a user can do about a failed connect.
+fn connect_hint(errno: Errno) -> &'static str {
+    match errno {
+        Errno::NOENT | Errno::CONNREFUSED => {
+            " (no ivshmem server listens there: start one, e.g. `ivshm serve --socket PATH`, \
+             or check the path)"
+        }
+        Errno::ACCESS | Errno::PERM => {
+            " (the socket's mode or group does not let this user connect: run as its owner or \
+             give the server a socket mode and group for this user)"
+        }
+        _ => "",
+    }
+}
+
 impl ClientError {
     /// Wraps a failed system call.
     pub(crate) fn sys(what: &'static str) -> impl FnOnce(Errno) -> ClientError {
         move |source| ClientError::Sys { what, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect_error(source: Errno) -> String {
+        ClientError::Connect {
+            path: PathBuf::from("/run/x.sock"),
+            source,
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn connect_errors_say_what_to_do() {
+        let missing = connect_error(Errno::NOENT);
+        assert!(
+            missing.starts_with("cannot connect to /run/x.sock: "),
+            "{missing}"
+        );
+        assert!(
+            missing.contains("no ivshmem server listens there"),
+            "{missing}"
+        );
+        assert!(connect_error(Errno::CONNREFUSED).contains("start one"));
+        assert!(connect_error(Errno::ACCESS).contains("mode or group"));
+        let other = connect_error(Errno::NOMEM);
+        assert!(
+            !other.contains("server") && !other.contains("mode or group"),
+            "{other}"
+        );
     }
 }
