@@ -64,6 +64,20 @@ pub enum SysfsError {
         /// Its size.
         size: u64,
     },
+    /// The kernel refuses the mapping because a driver has claimed the BAR (with
+    /// `CONFIG_IO_STRICT_DEVMEM`, as in Debian's kernel), e.g. `vfio-pci` while a process uses
+    /// the device through VFIO.
+    #[error(
+        "the kernel refuses to map {path} while the `{driver}` driver has claimed the BAR (e.g. another \
+         process uses the device through VFIO, such as a running `ivshm guest wait`): use the device \
+         from that process, or stop it (the BARs are released when it exits)"
+    )]
+    ClaimedByDriver {
+        /// The file.
+        path: PathBuf,
+        /// The bound driver.
+        driver: String,
+    },
     /// mmap failed.
     #[error("mapping {path} failed: {error}")]
     Map {
@@ -162,7 +176,21 @@ pub fn map_bar(
         },
     })?;
     Mapping::map_fd(rustix::fd::AsFd::as_fd(&fd), 0, len)
-        .map_err(|error| SysfsError::Map { path, error })
+        .map_err(|error| map_error(path, function.driver.as_deref(), error))
+}
+
+/// What a failed mmap of a `resourceN` file means: `EINVAL` on a function with a driver is the
+/// kernel's refusal to map a claimed BAR (`iomem_is_exclusive`).
+fn map_error(path: PathBuf, driver: Option<&str>, error: MapError) -> SysfsError {
+    match (driver, &error) {
+        (Some(driver), MapError::Mmap { errno, .. }) if *errno == Errno::INVAL => {
+            SysfsError::ClaimedByDriver {
+                path,
+                driver: driver.to_owned(),
+            }
+        }
+        _ => SysfsError::Map { path, error },
+    }
 }
 
 #[cfg(test)]
@@ -196,6 +224,38 @@ mod tests {
         ));
         let regs = map_bar(&paths, &function, 0, Some(4096)).unwrap();
         assert_eq!(regs.len(), 256);
+    }
+
+    #[test]
+    fn a_bar_claimed_by_a_driver_is_explained() {
+        let path = PathBuf::from("/sys/bus/pci/devices/0000:00:01.0/resource0");
+        let refused = || MapError::Mmap {
+            len: 256,
+            offset: 0,
+            errno: Errno::INVAL,
+        };
+        let claimed = map_error(path.clone(), Some("vfio-pci"), refused());
+        assert!(
+            matches!(&claimed, SysfsError::ClaimedByDriver { driver, .. } if driver == "vfio-pci"),
+            "{claimed}"
+        );
+        assert!(
+            claimed.to_string().contains("ivshm guest wait"),
+            "{claimed}"
+        );
+        assert!(matches!(
+            map_error(path.clone(), None, refused()),
+            SysfsError::Map { .. }
+        ));
+        let no_memory = MapError::Mmap {
+            len: 256,
+            offset: 0,
+            errno: Errno::NOMEM,
+        };
+        assert!(matches!(
+            map_error(path, Some("vfio-pci"), no_memory),
+            SysfsError::Map { .. }
+        ));
     }
 
     #[test]

@@ -87,7 +87,11 @@ pub enum VfioError {
         path: PathBuf,
     },
     /// Another process holds the group open (VFIO allows one user per group).
-    #[error("{path} is busy: another process has this device open through VFIO (only one may); wait for it to exit, or use the sysfs mode for memory access and ringing")]
+    #[error(
+        "{path} is busy: another process has this device open through VFIO (only one may, and while it \
+         does the kernel also refuses to map the BARs through sysfs). Ring and access memory from that \
+         process (in the library, share one IvshmemDevice between threads), or wait for it to exit"
+    )]
     GroupBusy {
         /// The group node.
         path: PathBuf,
