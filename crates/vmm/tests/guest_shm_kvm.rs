@@ -12,13 +12,15 @@ use ivshm_server::{config_file, ServerHandle};
 use ivshm_vmm::guest_shm::{Factory, GuestShmMode, LocalRegionRegistry, ServerFactory};
 use ivshm_vmm::testvmm::asm::{Asm, Cond, Reg};
 use ivshm_vmm::testvmm::guest::{GuestOps, PROGRAM_BASE};
-use ivshm_vmm::testvmm::{attach_guest_shm, kvm_or_skip, TestVm};
+use ivshm_vmm::testvmm::{attach_guest_shm, attach_guest_shm_on_ioapic_pin, kvm_or_skip, TestVm};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 const RAM: usize = 2 << 20;
 const VECTOR: u8 = 0x60;
 const PAYLOAD: u32 = 0x9e57_0042;
 const MMIO_LOC: u32 = 0x1b00_0000;
+/// The MMIO-mode `intr` line: IOAPIC input 20 (16..23 do not reach the PIC).
+const INTR_PIN: u32 = 20;
 
 fn policy(text: &str) -> VmPolicy {
     VmPolicy::parse_qnx(text).unwrap()
@@ -316,23 +318,32 @@ fn server_factory_status_codes_and_lowest_free_index() {
     assert_eq!(again.connection.idx(), 5);
 }
 
-/// MMIO mode (factory page at `loc`): a 17th client gets GSS_CLIENT_MAX, a find of a
-/// missing name GSS_DOES_NOT_EXIST, a legal create GSS_OK. `host` fills region "full" with
-/// 16 connections first; the guest's device uses `guest`.
+/// MMIO mode (factory page at `loc`, interrupt on IOAPIC input `intr`): a 17th client gets
+/// GSS_CLIENT_MAX, a find of a missing name GSS_DOES_NOT_EXIST, a legal create GSS_OK; then
+/// the guest's own handler sees a host client attach and notify it through the `intr` line.
+/// `host` fills region "full" with 16 connections first; the guest's device uses `guest`.
 fn mmio_mode_flow(mut host: Box<dyn Factory>, guest: Box<dyn Factory>) {
     let irq = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
-    let mut name = [0u8; 32];
-    name[..4].copy_from_slice(b"full");
+    let field = |s: &str| {
+        let mut n = [0u8; 32];
+        n[..s.len()].copy_from_slice(s.as_bytes());
+        n
+    };
     let held: Vec<_> = (0..16)
-        .map(|_| host.create_or_attach(&name, 1, irq.as_fd()).unwrap())
+        .map(|_| {
+            host.create_or_attach(&field("full"), 1, irq.as_fd())
+                .unwrap()
+        })
         .collect();
     let idx: Vec<u32> = held.iter().map(|a| a.connection.idx()).collect();
     assert_eq!(idx, (0..16).collect::<Vec<u32>>());
 
     let mut a = Asm::new(PROGRAM_BASE);
-    a.enable_lapic().mov_imm(Reg::Ebx, MMIO_LOC);
+    a.enable_lapic()
+        .route_ioapic_pin(INTR_PIN as u8, VECTOR)
+        .mov_imm(Reg::Ebx, MMIO_LOC);
     check_signature(&mut a);
-    a.load_ind(Reg::Eax, Reg::Ebx, 0x10).report(Reg::Eax); // vector
+    a.load_ind(Reg::Eax, Reg::Ebx, 0x10).report(Reg::Eax); // vector: the intr line
     create(&mut a, "full", 1);
     write_name(&mut a, "nothere");
     a.store_ind_imm(Reg::Ebx, 0x3c, 1) // find
@@ -344,15 +355,37 @@ fn mmio_mode_flow(mut host: Box<dyn Factory>, guest: Box<dyn Factory>) {
         .report(Reg::Eax) // idx
         .load_ind(Reg::Eax, Reg::Esi, 0)
         .report(Reg::Eax); // status: only me attached
-    a.exit(0);
+    wait_irq(&mut a, 1, "w_host_attach");
+    a.load_ind(Reg::Eax, Reg::Esi, 0).report(Reg::Eax);
+    wait_irq(&mut a, 2, "w_host_notify");
+    a.load_ind(Reg::Eax, Reg::Esi, 0).report(Reg::Eax).exit(0);
 
     let mut vm = TestVm::new(RAM).unwrap();
     let mode = GuestShmMode::Mmio {
         loc: u64::from(MMIO_LOC),
     };
-    let _att = attach_guest_shm(&vm, mode, VECTOR, guest).unwrap();
+    let _att = attach_guest_shm_on_ioapic_pin(&vm, mode, INTR_PIN, guest).unwrap();
+    // Another device's MSI route in the same VM (as an ivshmem device adds) must not cut
+    // the IOAPIC line off: the router keeps KVM's irqchip routes in its table.
+    let router = vm.gsi_router().clone();
+    let other = router.allocate_gsi().unwrap();
+    let msi = ivshm_vmm::pci::MsixMessage {
+        addr: 0xfee0_0000,
+        data: 0x41,
+    };
+    router.set_route(other, Some(msi)).unwrap();
     vm.load_program(&a.finish().unwrap()).unwrap();
     vm.start().unwrap();
+
+    // Once the guest created "mine", a host client attaches (idx 1), then notifies it.
+    wait_reports(&vm, 6);
+    let host_irq = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+    let mut mine = host
+        .create_or_attach(&field("mine"), 1, host_irq.as_fd())
+        .unwrap();
+    assert_eq!(mine.connection.idx(), 1);
+    wait_reports(&vm, 7);
+    mine.connection.notify(1 << 0);
     assert_eq!(
         vm.wait_exit(TIMEOUT).unwrap(),
         0,
@@ -362,14 +395,17 @@ fn mmio_mode_flow(mut host: Box<dyn Factory>, guest: Box<dyn Factory>) {
     assert_eq!(
         vm.reports(),
         vec![
-            u32::from(VECTOR),
+            INTR_PIN,
             GuestShmStatus::ClientMax.as_u32(),
             GuestShmStatus::DoesNotExist.as_u32(),
             GuestShmStatus::Ok.as_u32(),
-            0,
-            0x0001_0000,
+            0,           // idx
+            0x0001_0000, // only me
+            0x0003_0000, // the host client attached (interrupt on the intr line)
+            0x0003_0002, // it notified me
         ]
     );
+    router.release_gsi(other).unwrap();
 }
 
 #[test]

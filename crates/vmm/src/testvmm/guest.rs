@@ -51,6 +51,8 @@ pub const LAPIC_BASE: u32 = 0xfee0_0000;
 pub const LAPIC_SVR: u32 = LAPIC_BASE + 0xf0;
 /// LAPIC end-of-interrupt register.
 pub const LAPIC_EOI: u32 = LAPIC_BASE + 0xb0;
+/// In-kernel IOAPIC: index register (IOREGSEL); the data window (IOWIN) is at +0x10.
+pub const IOAPIC_BASE: u32 = 0xfec0_0000;
 /// MSI address targeting APIC ID 0, physical destination mode.
 pub const MSI_ADDRESS: u32 = 0xfee0_0000;
 
@@ -130,6 +132,9 @@ pub trait GuestOps {
     fn exit(&mut self, code: u32) -> &mut Self;
     /// Software-enables the local APIC (SVR = 0x1ff).
     fn enable_lapic(&mut self) -> &mut Self;
+    /// Routes IOAPIC input `pin` to IDT `vector` on APIC ID 0: fixed delivery, physical
+    /// destination, edge-triggered, active high, unmasked. Clobbers no register.
+    fn route_ioapic_pin(&mut self, pin: u8, vector: u8) -> &mut Self;
     /// Waits with `sti; hlt` until the counter of `vector` reaches the value in `target`
     /// (a register other than EAX). `label` must be unique in the program.
     fn wait_interrupts(&mut self, vector: u8, target: Reg, label: &str) -> &mut Self;
@@ -174,6 +179,14 @@ impl GuestOps for Asm {
 
     fn enable_lapic(&mut self) -> &mut Self {
         self.store_imm(LAPIC_SVR, 0x1ff)
+    }
+
+    fn route_ioapic_pin(&mut self, pin: u8, vector: u8) -> &mut Self {
+        let redirection = 0x10 + 2 * u32::from(pin);
+        self.store_imm(IOAPIC_BASE, redirection)
+            .store_imm(IOAPIC_BASE + 0x10, u32::from(vector))
+            .store_imm(IOAPIC_BASE, redirection + 1)
+            .store_imm(IOAPIC_BASE + 0x10, 0)
     }
 
     fn wait_interrupts(&mut self, vector: u8, target: Reg, label: &str) -> &mut Self {

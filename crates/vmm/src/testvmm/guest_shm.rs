@@ -82,6 +82,8 @@ pub struct AttachedGuestShm {
     pub device: Arc<Mutex<GuestShmDevice>>,
     router: Arc<KvmGsiRouter>,
     gsi: u32,
+    /// True when `gsi` came from the router (an MSI route), false for an IOAPIC pin.
+    msi_route: bool,
     irqfd: EventFd,
 }
 
@@ -96,8 +98,14 @@ impl std::fmt::Debug for AttachedGuestShm {
 impl Drop for AttachedGuestShm {
     fn drop(&mut self) {
         let _ = self.router.vm().unregister_irqfd(&self.irqfd, self.gsi);
-        let _ = self.router.set_route(self.gsi, None);
+        if self.msi_route {
+            let _ = self.router.release_gsi(self.gsi);
+        }
     }
+}
+
+fn wiring(e: crate::ivshmem::kvm::KvmWiringError) -> VmmError {
+    VmmError::GuestFailed(format!("guest_shm interrupt: {e}"))
 }
 
 /// Builds a `guest_shm` device on `factory` and plugs it in: PCI mode at device number 1
@@ -110,31 +118,52 @@ pub fn attach_guest_shm(
     vector: u8,
     factory: Box<dyn Factory>,
 ) -> Result<AttachedGuestShm, VmmError> {
+    let router = vm.gsi_router().clone();
+    let gsi = router.allocate_gsi().map_err(wiring)?;
+    let message = MsixMessage {
+        addr: u64::from(MSI_ADDRESS),
+        data: u32::from(vector),
+    };
+    if let Err(e) = router.set_route(gsi, Some(message)) {
+        let _ = router.release_gsi(gsi);
+        return Err(wiring(e));
+    }
+    plug(vm, mode, u32::from(vector), factory, gsi, true)
+}
+
+/// Like [`attach_guest_shm`], with the interrupt on the in-kernel IOAPIC's input `pin` (the
+/// QNX `intr` line; GSI = pin), which the factory page's `vector` reports. The guest routes
+/// the pin to an IDT vector itself ([`crate::testvmm::guest::GuestOps::route_ioapic_pin`]).
+/// Use pins 16..23: 0..15 also reach the (uninitialised) PIC.
+pub fn attach_guest_shm_on_ioapic_pin(
+    vm: &TestVm,
+    mode: GuestShmMode,
+    pin: u32,
+    factory: Box<dyn Factory>,
+) -> Result<AttachedGuestShm, VmmError> {
+    plug(vm, mode, pin, factory, pin, false)
+}
+
+fn plug(
+    vm: &TestVm,
+    mode: GuestShmMode,
+    factory_vector: u32,
+    factory: Box<dyn Factory>,
+    gsi: u32,
+    msi_route: bool,
+) -> Result<AttachedGuestShm, VmmError> {
+    let router = vm.gsi_router().clone();
     let mapper = TestVmRegionMapper {
         vm: vm.vm_fd().clone(),
         next_addr: GUEST_SHM_WINDOW,
         next_slot: FIRST_REGION_SLOT,
         windows: Vec::new(),
     };
-    let mut device = GuestShmDevice::new(mode, u32::from(vector), factory, Box::new(mapper))
+    let mut device = GuestShmDevice::new(mode, factory_vector, factory, Box::new(mapper))
         .map_err(|e| VmmError::GuestFailed(format!("guest_shm device: {e}")))?;
     if mode == GuestShmMode::Pci {
         device.set_bar_addr(0, GUEST_SHM_BAR0);
     }
-    let wiring = |e: crate::ivshmem::kvm::KvmWiringError| {
-        VmmError::GuestFailed(format!("guest_shm interrupt: {e}"))
-    };
-    let router = vm.gsi_router().clone();
-    let gsi = router.allocate_gsi().map_err(wiring)?;
-    router
-        .set_route(
-            gsi,
-            Some(MsixMessage {
-                addr: u64::from(MSI_ADDRESS),
-                data: u32::from(vector),
-            }),
-        )
-        .map_err(wiring)?;
     let irqfd = dup_eventfd(device.interrupt_fd().as_fd()).map_err(wiring)?;
     vm.vm_fd()
         .register_irqfd(&irqfd, gsi)
@@ -142,17 +171,19 @@ pub fn attach_guest_shm(
             op: "KVM_IRQFD",
             source,
         })?;
-    let device = Arc::new(Mutex::new(device));
-    if mode == GuestShmMode::Pci {
-        let pci: SharedPciDevice = device.clone();
-        vm.add_pci_device(pci, Vec::new(), false)?;
-    }
-    let handler: SharedMmioHandler = device.clone();
-    vm.add_mmio_handler(handler)?;
-    Ok(AttachedGuestShm {
-        device,
+    // From here on Drop unregisters the irqfd (and releases an MSI route's GSI).
+    let attached = AttachedGuestShm {
+        device: Arc::new(Mutex::new(device)),
         router,
         gsi,
+        msi_route,
         irqfd,
-    })
+    };
+    if mode == GuestShmMode::Pci {
+        let pci: SharedPciDevice = attached.device.clone();
+        vm.add_pci_device(pci, Vec::new(), false)?;
+    }
+    let handler: SharedMmioHandler = attached.device.clone();
+    vm.add_mmio_handler(handler)?;
+    Ok(attached)
 }

@@ -15,7 +15,10 @@ mod ivshmem;
 pub mod platform;
 mod vm;
 
-pub use guest_shm::{attach_guest_shm, AttachedGuestShm, GUEST_SHM_BAR0, GUEST_SHM_WINDOW};
+pub use guest_shm::{
+    attach_guest_shm, attach_guest_shm_on_ioapic_pin, AttachedGuestShm, GUEST_SHM_BAR0,
+    GUEST_SHM_WINDOW,
+};
 pub use ivshmem::{
     attach_ivshmem, ivshmem_guest_prologue, AttachedIvshmem, DoorbellPath, IVSHMEM_BAR0,
     IVSHMEM_BAR1, IVSHMEM_BAR2, IVSHMEM_DEVICE_NUMBER, IVSHMEM_VECTOR_BASE,
