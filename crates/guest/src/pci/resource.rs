@@ -121,22 +121,13 @@ pub fn parse_resource_file(text: &str) -> Result<Vec<Resource>, ResourceParseErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pci::fake::DOORBELL_RESOURCE;
     use proptest::prelude::*;
-
-    /// As read from a QEMU ivshmem-doorbell device (q35): BAR0 registers, BAR1 MSI-X, BAR2 memory.
-    const DOORBELL: &str = "\
-0x00000000fea00000 0x00000000fea000ff 0x0000000000040200
-0x00000000fea01000 0x00000000fea01fff 0x0000000000040200
-0x0000000200000000 0x00000002003fffff 0x000000000014220c
-0x0000000000000000 0x0000000000000000 0x0000000000000000
-0x0000000000000000 0x0000000000000000 0x0000000000000000
-0x0000000000000000 0x0000000000000000 0x0000000000000000
-0x0000000000000000 0x0000000000000000 0x0000000000000000
-";
 
     #[test]
     fn parses_a_real_doorbell_resource_file() {
-        let r = parse_resource_file(DOORBELL).unwrap();
+        // As read from a QEMU ivshmem-doorbell device (q35): BAR0 registers, BAR1 MSI-X, BAR2 memory.
+        let r = parse_resource_file(DOORBELL_RESOURCE).unwrap();
         assert_eq!(r.len(), 7);
         assert_eq!(r[0].size(), 256);
         assert!(r[0].is_memory());
