@@ -1,6 +1,7 @@
 //! `ivshm serve --config FILE` as operators run it: a real `SIGHUP` reloads the file without
 //! dropping connected peers and logs what happens to peers a change orphans; `intr`/`loc`/`sched`
-//! are reported once; a bad file stops the program with `FILE:LINE: OPTION: message`.
+//! are reported once; a bad file stops the program with `FILE:LINE: OPTION: message`; the
+//! control socket refuses users other than root unless its mode says otherwise.
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsFd, OwnedFd};
@@ -265,4 +266,57 @@ fn wait_exit(mut child: Child) -> std::process::ExitStatus {
         assert!(Instant::now() < deadline, "the server did not exit");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `ivshm stats` as the unprivileged user `nobody` (uid/gid 65534) through `setpriv`; `None`
+/// when this test cannot switch users (not root, or no `setpriv`).
+fn stats_as_nobody(control: &Path) -> Option<std::process::Output> {
+    if !rustix::process::geteuid().is_root() {
+        return None;
+    }
+    let output = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_ivshm"))
+        .args(["stats", "--control"])
+        .arg(control)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    Some(output)
+}
+
+#[test]
+fn the_control_socket_is_root_only_by_default() {
+    let dir = temp_dir("rootonly");
+    let config = dir.join("ivshm.toml");
+    let control = dir.join("root/control.sock");
+    for (mode_line, nobody_may) in [("", false), ("control_mode = \"0666\"\n", true)] {
+        let text = format!(
+            "root = {:?}\n{mode_line}[vm.vm0]\n",
+            dir.join("root").display().to_string()
+        );
+        std::fs::write(&config, text).unwrap();
+        let (child, lines, _) = serve(&config);
+        wait_line(&lines, &format!("listening on {}", control.display()));
+        let as_root = Command::new(env!("CARGO_BIN_EXE_ivshm"))
+            .args(["stats", "--control"])
+            .arg(&control)
+            .output()
+            .unwrap();
+        assert!(as_root.status.success(), "{as_root:?}");
+        assert!(String::from_utf8_lossy(&as_root.stdout).starts_with("joins=0 "));
+        match stats_as_nobody(&control) {
+            None => eprintln!("SKIPPED: cannot run a command as nobody here"),
+            Some(output) if nobody_may => assert!(output.status.success(), "{output:?}"),
+            Some(output) => {
+                assert!(!output.status.success(), "{output:?}");
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                assert!(stderr.contains("Permission denied"), "{stderr}");
+                assert!(stderr.contains("control socket"), "{stderr}");
+            }
+        }
+        signal(&child, Signal::TERM);
+        assert!(wait_exit(child).success());
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }
