@@ -321,8 +321,15 @@ impl JoinReport {
                 ),
                 _ => "n/a".into(),
             };
+            // The last joiner is told of N-1 peers: time per peer it learns about. Flat across
+            // rows means join time grows linearly with N, as protocol v0 dictates.
+            let per_existing = match u32::try_from(r.peers.saturating_sub(1)) {
+                Ok(others) if others > 0 => micros(r.last_join / others),
+                _ => "n/a".into(),
+            };
             out.push(format!(
-                "N={:<5} total {:>10.3} ms  per join {:>9}  last join {:>9}  growth {growth}",
+                "N={:<5} total {:>10.3} ms  per join {:>9}  last join {:>9} \
+                 ({per_existing} per existing peer)  growth {growth}",
                 r.peers,
                 r.total.as_secs_f64() * 1e3,
                 micros(r.per_join),
