@@ -29,13 +29,7 @@ const END: u32 = 0x5747_0002;
 fn pinger(rounds: u32) -> Vec<u8> {
     let mut a = Asm::new(PROGRAM_BASE);
     ivshmem_guest_prologue(&mut a, 1);
-    a.label("wait_ready")
-        .load_ind(Reg::Eax, Reg::Esi, 0)
-        .cmp_imm(Reg::Eax, 1)
-        .jcc(Cond::E, "ready")
-        .pause()
-        .jmp("wait_ready")
-        .label("ready")
+    a.spin_until_word(Reg::Esi, 0, 1, "wait_ready")
         .report_imm(START)
         .mov_imm(Reg::Edi, 0)
         .label("round")

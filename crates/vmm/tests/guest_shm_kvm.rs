@@ -126,13 +126,7 @@ fn program_b() -> Vec<u8> {
         .load_ind(Reg::Eax, Reg::Esi, 0x1000)
         .report(Reg::Eax)
         .store_ind_imm(Reg::Esi, 8, 1) // notify client 0
-        .label("spin")
-        .load_ind(Reg::Eax, Reg::Esi, 0x1004)
-        .cmp_imm(Reg::Eax, 1)
-        .jcc(Cond::E, "acked")
-        .pause()
-        .jmp("spin")
-        .label("acked")
+        .spin_until_word(Reg::Esi, 0x1004, 1, "spin") // A's ack
         .store_ind_imm(Reg::Esi, 0xc, 1)
         .load_ind(Reg::Eax, Reg::Esi, 4)
         .report(Reg::Eax)

@@ -11,7 +11,7 @@ use ivshm_mem::Mapping;
 use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
 use ivshm_vmm::ivshmem::{DoorbellLink, IvshmemDevice, LocalDoorbellBus, PeerChange, REG_DOORBELL};
 use ivshm_vmm::pci::PciDevice;
-use ivshm_vmm::testvmm::asm::{Asm, Cond, Reg};
+use ivshm_vmm::testvmm::asm::{Asm, Reg};
 use ivshm_vmm::testvmm::guest::{GuestOps, INTR_COUNTERS, PROGRAM_BASE};
 use ivshm_vmm::testvmm::{
     attach_ivshmem, ivshmem_guest_prologue, kvm_or_skip, DoorbellPath, TestVm, IVSHMEM_BAR0,
@@ -31,13 +31,7 @@ fn shared_region() -> Arc<Mapping> {
 
 /// Guest code: spin until the receiver set the ready flag (word 0 of the region, at ESI).
 fn wait_for_ready_flag(a: &mut Asm) {
-    a.label("wait_ready")
-        .load_ind(Reg::Eax, Reg::Esi, 0)
-        .cmp_imm(Reg::Eax, 1)
-        .jcc(Cond::E, "ready")
-        .pause()
-        .jmp("wait_ready")
-        .label("ready");
+    a.spin_until_word(Reg::Esi, 0, 1, "wait_ready");
 }
 
 /// Starts receiver B, then sender A, and waits until both exited with 0.
@@ -283,13 +277,7 @@ fn plain_shared_memory_between_two_vms() {
     let mut reader = Asm::new(PROGRAM_BASE);
     ivshmem_guest_prologue(&mut reader, 0);
     reader
-        .label("spin")
-        .load_ind(Reg::Eax, Reg::Esi, 0x204)
-        .cmp_imm(Reg::Eax, 1)
-        .jcc(Cond::E, "seen")
-        .pause()
-        .jmp("spin")
-        .label("seen")
+        .spin_until_word(Reg::Esi, 0x204, 1, "spin")
         .load_ind(Reg::Eax, Reg::Esi, 0x200)
         .report(Reg::Eax)
         .exit(0);

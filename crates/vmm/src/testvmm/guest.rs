@@ -132,6 +132,10 @@ pub trait GuestOps {
     fn exit(&mut self, code: u32) -> &mut Self;
     /// Software-enables the local APIC (SVR = 0x1ff).
     fn enable_lapic(&mut self) -> &mut Self;
+    /// Spins (with `pause`) until the `u32` at `[base + offset]` equals `value`: how a guest
+    /// waits for a flag another VM or the host writes in shared memory. Clobbers EAX.
+    /// `label` must be unique in the program.
+    fn spin_until_word(&mut self, base: Reg, offset: u32, value: u32, label: &str) -> &mut Self;
     /// Routes IOAPIC input `pin` to IDT `vector` on APIC ID 0: fixed delivery, physical
     /// destination, edge-triggered, active high, unmasked. Clobbers no register.
     fn route_ioapic_pin(&mut self, pin: u8, vector: u8) -> &mut Self;
@@ -179,6 +183,17 @@ impl GuestOps for Asm {
 
     fn enable_lapic(&mut self) -> &mut Self {
         self.store_imm(LAPIC_SVR, 0x1ff)
+    }
+
+    fn spin_until_word(&mut self, base: Reg, offset: u32, value: u32, label: &str) -> &mut Self {
+        let done = format!("{label}_done");
+        self.label(label)
+            .load_ind(Reg::Eax, base, offset)
+            .cmp_imm(Reg::Eax, value)
+            .jcc(Cond::E, &done)
+            .pause()
+            .jmp(label)
+            .label(&done)
     }
 
     fn route_ioapic_pin(&mut self, pin: u8, vector: u8) -> &mut Self {

@@ -82,9 +82,21 @@ pub struct AttachedGuestShm {
     pub device: Arc<Mutex<GuestShmDevice>>,
     router: Arc<KvmGsiRouter>,
     gsi: u32,
-    /// True when `gsi` came from the router (an MSI route), false for an IOAPIC pin.
-    msi_route: bool,
     irqfd: EventFd,
+    /// The MSI route's GSI, released after the irqfd is gone (None for an IOAPIC pin).
+    _msi_gsi: Option<GsiLease>,
+}
+
+/// A GSI from the VM's router, released (route removed) when dropped.
+struct GsiLease {
+    router: Arc<KvmGsiRouter>,
+    gsi: u32,
+}
+
+impl Drop for GsiLease {
+    fn drop(&mut self) {
+        let _ = self.router.release_gsi(self.gsi);
+    }
 }
 
 impl std::fmt::Debug for AttachedGuestShm {
@@ -98,9 +110,6 @@ impl std::fmt::Debug for AttachedGuestShm {
 impl Drop for AttachedGuestShm {
     fn drop(&mut self) {
         let _ = self.router.vm().unregister_irqfd(&self.irqfd, self.gsi);
-        if self.msi_route {
-            let _ = self.router.release_gsi(self.gsi);
-        }
     }
 }
 
@@ -119,16 +128,19 @@ pub fn attach_guest_shm(
     factory: Box<dyn Factory>,
 ) -> Result<AttachedGuestShm, VmmError> {
     let router = vm.gsi_router().clone();
-    let gsi = router.allocate_gsi().map_err(wiring)?;
+    let lease = GsiLease {
+        gsi: router.allocate_gsi().map_err(wiring)?,
+        router,
+    };
     let message = MsixMessage {
         addr: u64::from(MSI_ADDRESS),
         data: u32::from(vector),
     };
-    if let Err(e) = router.set_route(gsi, Some(message)) {
-        let _ = router.release_gsi(gsi);
-        return Err(wiring(e));
-    }
-    plug(vm, mode, u32::from(vector), factory, gsi, true)
+    lease
+        .router
+        .set_route(lease.gsi, Some(message))
+        .map_err(wiring)?;
+    plug(vm, mode, u32::from(vector), factory, lease.gsi, Some(lease))
 }
 
 /// Like [`attach_guest_shm`], with the interrupt on the in-kernel IOAPIC's input `pin` (the
@@ -141,7 +153,7 @@ pub fn attach_guest_shm_on_ioapic_pin(
     pin: u32,
     factory: Box<dyn Factory>,
 ) -> Result<AttachedGuestShm, VmmError> {
-    plug(vm, mode, pin, factory, pin, false)
+    plug(vm, mode, pin, factory, pin, None)
 }
 
 fn plug(
@@ -150,7 +162,7 @@ fn plug(
     factory_vector: u32,
     factory: Box<dyn Factory>,
     gsi: u32,
-    msi_route: bool,
+    msi_gsi: Option<GsiLease>,
 ) -> Result<AttachedGuestShm, VmmError> {
     let router = vm.gsi_router().clone();
     let mapper = TestVmRegionMapper {
@@ -171,13 +183,13 @@ fn plug(
             op: "KVM_IRQFD",
             source,
         })?;
-    // From here on Drop unregisters the irqfd (and releases an MSI route's GSI).
+    // From here on Drop unregisters the irqfd (then the lease releases an MSI route's GSI).
     let attached = AttachedGuestShm {
         device: Arc::new(Mutex::new(device)),
         router,
         gsi,
-        msi_route,
         irqfd,
+        _msi_gsi: msi_gsi,
     };
     if mode == GuestShmMode::Pci {
         let pci: SharedPciDevice = attached.device.clone();
