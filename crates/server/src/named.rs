@@ -99,7 +99,7 @@ pub struct DirectoryConfig {
     pub dir_mode: u32,
     /// Mode of the v0 and factory sockets (default 0660).
     pub socket_mode: u32,
-    /// Owner (uid) of the directory; unchanged if `None`.
+    /// Owner (uid) of the directory and its sockets; unchanged (root) if `None`.
     pub owner: Option<u32>,
     /// Group of the directory and its sockets; unchanged if `None`.
     pub group: Option<GroupSpec>,

@@ -104,7 +104,7 @@ impl Server {
         let dir = named.config.root.join(vm.name.as_str());
         make_vm_dir(&dir, &vm.directory)?;
         let factory = dir.join(FACTORY_SOCKET);
-        let listener = Listener::bind(&socket_config(&factory, &vm.directory))?;
+        let listener = bind_vm_socket(&factory, &vm.directory)?;
         let key = self
             .add_endpoint_listener(listener, Service::Factory(vm.name.to_string()))
             .map_err(ServerError::Epoll)?;
@@ -397,7 +397,7 @@ impl Server {
             return Ok(String::new());
         };
         let path = vm.dir.join(format!("{guest}.sock"));
-        let listener = Listener::bind(&socket_config(&path, &vm.config.directory))?;
+        let listener = bind_vm_socket(&path, &vm.config.directory)?;
         let key = self.allocate_listener_key(index);
         if let Some(region) = self.regions.get_mut(&index) {
             region.add_socket(
@@ -466,12 +466,19 @@ struct SocketPlan {
     existing: Option<(usize, String)>,
 }
 
-fn socket_config(path: &Path, directory: &DirectoryConfig) -> ListenerConfig {
-    ListenerConfig {
+/// Binds a socket in a VM directory with the directory's socket mode and group, owned by the
+/// directory's owner (so that a VMM running as that user can connect), if one is configured.
+fn bind_vm_socket(path: &Path, directory: &DirectoryConfig) -> Result<Listener, ServerError> {
+    let listener = Listener::bind(&ListenerConfig {
         path: path.to_path_buf(),
         mode: directory.socket_mode,
         group: directory.group.clone(),
+    })?;
+    if let Some(owner) = directory.owner {
+        rustix::fs::chown(path, Some(Uid::from_raw(owner)), None)
+            .map_err(|e| setup_error("changing owner of", path, e))?;
     }
+    Ok(listener)
 }
 
 fn setup_error(what: &str, path: &Path, errno: Errno) -> ServerError {

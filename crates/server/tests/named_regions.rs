@@ -897,3 +897,68 @@ fn reload_says_which_settings_of_an_existing_region_wait() {
     };
     assert_eq!(changes, ["nothing changed"]);
 }
+
+/// VM directories and their sockets get the configured owner, group and modes (a VM's own
+/// settings over `[defaults]`), at start, for sockets added later, and again on reload.
+#[test]
+fn vm_directories_and_sockets_are_owned_and_permissioned_as_configured() {
+    use std::os::unix::fs::MetadataExt;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED: changing owners needs root");
+        return;
+    }
+    let config = |vm1_dir_mode: &str| {
+        format!(
+            "[defaults]\nvectors = 1\ndir_mode = \"0750\"\nsocket_mode = \"0660\"\ngroup = \"nogroup\"\n\
+             [[region]]\nname = \"shared\"\nsize = 4096\n\
+             [vm.vm0]\n\
+             [vm.vm1]\nowner = 65534\ngroup = \"0\"\ndir_mode = {vm1_dir_mode:?}\nsocket_mode = \"0600\"\n"
+        )
+    };
+    let setup = Setup::new("owners", &config("0700"));
+    let meta = |path: PathBuf| std::fs::symlink_metadata(&path).unwrap();
+    let facts = |path: PathBuf| {
+        let m = meta(path);
+        (m.uid(), m.gid(), m.mode() & 0o7777)
+    };
+    assert_eq!(facts(setup.vm_dir("vm0")), (0, 65534, 0o750));
+    assert_eq!(
+        facts(setup.vm_dir("vm0").join("factory.sock")),
+        (0, 65534, 0o660)
+    );
+    assert_eq!(
+        facts(setup.vm_dir("vm0").join("shared.sock")),
+        (0, 65534, 0o660)
+    );
+    assert_eq!(facts(setup.vm_dir("vm1")), (65534, 0, 0o700));
+    // The VM's owner owns its sockets too, so a VMM running as that user can connect.
+    assert_eq!(
+        facts(setup.vm_dir("vm1").join("factory.sock")),
+        (65534, 0, 0o600)
+    );
+    // A socket made later follows the same rules.
+    assert_eq!(
+        status(&setup.create("vm1", "later", 4096)),
+        GuestShmStatus::Ok
+    );
+    assert_eq!(
+        facts(setup.vm_dir("vm1").join("later.sock")),
+        (65534, 0, 0o600)
+    );
+    assert_eq!(
+        facts(setup.vm_dir("vm0").join("later.sock")),
+        (0, 65534, 0o660)
+    );
+    // A reload applies a new directory mode.
+    setup.write_config(&config("0710"));
+    let ControlResult::Reloaded { changes } = setup.control(&ControlRequest::Reload) else {
+        panic!("reload")
+    };
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.starts_with("VM vm1: directory ownership and mode updated")),
+        "{changes:?}"
+    );
+    assert_eq!(facts(setup.vm_dir("vm1")), (65534, 0, 0o710));
+}
