@@ -13,6 +13,7 @@
 //! backend = "memfd"                    # "memfd", "shm" (ivshm-<name>), "dir" (with dir = ...)
 //! pow2 = "round-up"                    # "round-up", "refuse", "off"
 //! max_size = "1G"                      # factory creates above this get GSS_NOMEM
+//! persist = false                      # keep run-time regions after their last peer leaves
 //! dir_mode = "0750"                    # VM directories
 //! socket_mode = "0660"                 # sockets in VM directories
 //! group = "kvm"                        # group of VM directories and sockets
@@ -176,6 +177,7 @@ impl Ctx<'_> {
                 .unwrap_or_default(),
             pow2: d.pow2.map_or(Pow2Policy::RoundUp, |p| p.0),
             max_size: d.max_size.map_or(named.defaults.max_size, |s| s.0),
+            persist: d.persist.unwrap_or(named.defaults.persist),
         };
         let directory = DirectoryConfig {
             dir_mode: d.dir_mode.map_or(named.directory.dir_mode, |m| m.0),

@@ -71,7 +71,8 @@ impl Server {
                 Err(e) => return ControlResponse::error(e),
             }
         }
-        config.persist = create.persist;
+        // `--persist` keeps this region; without it the server's default decides.
+        config.persist |= create.persist;
         match self.create_named_region(&config, Origin::Control) {
             Ok(index) => {
                 for change in self.sync_sockets() {

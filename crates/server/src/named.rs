@@ -163,6 +163,9 @@ pub struct RegionDefaults {
     /// Largest size a factory `create` may ask for; larger requests get `GSS_NOMEM`.
     /// Default: what a `guest_shm` size register can describe (2³² − 1 pages).
     pub max_size: u64,
+    /// Keep regions made at run time (factory, control) after their last peer leaves. Default
+    /// `false`: they go with their last peer, as a QNX region goes with its last client.
+    pub persist: bool,
 }
 
 impl Default for RegionDefaults {
@@ -174,6 +177,7 @@ impl Default for RegionDefaults {
             backend: NamedBackend::Memfd,
             pow2: Pow2Policy::RoundUp,
             max_size: ivshm_policy::guest_shm::MAX_REGION_BYTES,
+            persist: false,
         }
     }
 }
@@ -237,7 +241,7 @@ impl NamedRegionConfig {
             id_policy: defaults.id_policy,
             backend: defaults.backend.clone(),
             pow2: defaults.pow2,
-            persist: false,
+            persist: defaults.persist,
         }
     }
 }

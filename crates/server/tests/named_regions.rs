@@ -962,3 +962,35 @@ fn vm_directories_and_sockets_are_owned_and_permissioned_as_configured() {
     );
     assert_eq!(facts(setup.vm_dir("vm1")), (65534, 0, 0o710));
 }
+
+/// `[defaults] persist = true` keeps every run-time region after its last peer leaves.
+#[test]
+fn run_time_regions_persist_when_the_defaults_say_so() {
+    let setup = Setup::new(
+        "persist",
+        "[defaults]\nvectors = 1\npersist = true\n[vm.vm0]\n",
+    );
+    assert_eq!(
+        status(&setup.create("vm0", "scratch", 4096)),
+        GuestShmStatus::Ok
+    );
+    setup.control(&ControlRequest::Create(CreateRegion {
+        name: "tool".into(),
+        size: 4096,
+        ..CreateRegion::default()
+    }));
+    for name in ["scratch", "tool"] {
+        let mut peer = RawPeer::connect(&setup.vm_dir("vm0").join(format!("{name}.sock")));
+        peer.handshake(1, &[]);
+        drop(peer);
+    }
+    // Without persist the regions would be gone once their peers are (same loop turn).
+    setup.wait_regions("both leaves", |r| r.iter().all(|r| r.peers.is_empty()));
+    let regions = setup.regions();
+    assert_eq!(regions.len(), 2, "{regions:?}");
+    assert!(regions.iter().all(|r| r.persist), "{regions:?}");
+    assert_eq!(
+        setup.listing("vm0"),
+        ["factory.sock", "scratch.sock", "tool.sock"]
+    );
+}

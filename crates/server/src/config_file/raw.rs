@@ -38,6 +38,7 @@ pub(super) struct RawDefaults {
     pub(super) keep_shm: Option<bool>,
     pub(super) pow2: Option<RawPow2>,
     pub(super) max_size: Option<RawSize>,
+    pub(super) persist: Option<bool>,
     pub(super) dir_mode: Option<RawMode>,
     pub(super) socket_mode: Option<RawMode>,
     pub(super) owner: Option<u32>,
