@@ -14,6 +14,7 @@
 //! pow2 = "round-up"                    # "round-up", "refuse", "off"
 //! max_size = "1G"                      # factory creates above this get GSS_NOMEM
 //! persist = false                      # keep run-time regions after their last peer leaves
+//! max_regions = 1024                   # run-time regions at once (factory beyond: GSS_NOMEM)
 //! dir_mode = "0750"                    # VM directories
 //! socket_mode = "0660"                 # sockets in VM directories
 //! group = "kvm"                        # group of VM directories and sockets
@@ -178,6 +179,7 @@ impl Ctx<'_> {
             pow2: d.pow2.map_or(Pow2Policy::RoundUp, |p| p.0),
             max_size: d.max_size.map_or(named.defaults.max_size, |s| s.0),
             persist: d.persist.unwrap_or(named.defaults.persist),
+            max_regions: d.max_regions.unwrap_or(named.defaults.max_regions),
         };
         let directory = DirectoryConfig {
             dir_mode: d.dir_mode.map_or(named.directory.dir_mode, |m| m.0),

@@ -2,8 +2,9 @@
 //!
 //! Status codes: the policy gives `GSS_ILLEGAL_NAME` or `GSS_NO_PERMISSION`; `find` of a
 //! missing region (or `create` with size 0) is `GSS_DOES_NOT_EXIST`; a region at its peer limit
-//! is `GSS_CLIENT_MAX` (with the region's facts); a size above the configured `max_size`, or one
-//! the memory cannot be created with ([`memory_status`]), is `GSS_NOMEM`; anything else (a
+//! is `GSS_CLIENT_MAX` (with the region's facts); a size above the configured `max_size`, one
+//! the memory cannot be created with ([`memory_status`]), or a create beyond `max_regions`
+//! run-time regions is `GSS_NOMEM`; anything else (a
 //! backend that fails otherwise, a socket that cannot be bound, an unparsable request) is
 //! `GSS_UNKNOWN_FAILURE`.
 
@@ -83,6 +84,9 @@ impl Server {
                     }
                     Err(CreateError::Memory(e)) => {
                         return refusal(memory_status(&e), format!("region {host_name}: {e}"));
+                    }
+                    Err(e @ CreateError::TooMany(_)) => {
+                        return refusal(GuestShmStatus::NoMem, format!("region {host_name}: {e}"));
                     }
                     Err(e) => {
                         return refusal(

@@ -166,7 +166,14 @@ pub struct RegionDefaults {
     /// Keep regions made at run time (factory, control) after their last peer leaves. Default
     /// `false`: they go with their last peer, as a QNX region goes with its last client.
     pub persist: bool,
+    /// Run-time regions (factory, control) the server holds at once, so that factory clients
+    /// cannot exhaust its memory and file descriptors; a factory `create` beyond it gets
+    /// `GSS_NOMEM`. Default [`DEFAULT_MAX_RUNTIME_REGIONS`].
+    pub max_regions: usize,
 }
+
+/// Default bound on run-time regions.
+pub const DEFAULT_MAX_RUNTIME_REGIONS: usize = 1024;
 
 impl Default for RegionDefaults {
     fn default() -> Self {
@@ -178,6 +185,7 @@ impl Default for RegionDefaults {
             pow2: Pow2Policy::RoundUp,
             max_size: ivshm_policy::guest_shm::MAX_REGION_BYTES,
             persist: false,
+            max_regions: DEFAULT_MAX_RUNTIME_REGIONS,
         }
     }
 }
@@ -197,6 +205,12 @@ pub enum Origin {
 }
 
 impl Origin {
+    /// Whether the region was made at run time (factory or control): it goes with its last
+    /// peer unless it persists, and counts against `max_regions`.
+    pub fn is_run_time(self) -> bool {
+        matches!(self, Origin::Factory | Origin::Control)
+    }
+
     /// `standalone`, `config`, `factory` or `control`.
     pub fn as_str(self) -> &'static str {
         match self {

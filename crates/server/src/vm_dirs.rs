@@ -43,6 +43,8 @@ pub(crate) struct Vm {
 pub(crate) enum CreateError {
     /// A region of that name exists.
     Exists,
+    /// The server holds its limit of run-time regions.
+    TooMany(usize),
     /// Bad numbers.
     Config(crate::ConfigError),
     /// The memory could not be created.
@@ -53,6 +55,11 @@ impl std::fmt::Display for CreateError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CreateError::Exists => f.write_str("a region of that name exists"),
+            CreateError::TooMany(limit) => write!(
+                f,
+                "the server holds its limit of {limit} run-time regions (max_regions); remove \
+                 one or raise the limit"
+            ),
             CreateError::Config(e) => e.fmt(f),
             CreateError::Memory(e) => e.fmt(f),
         }
@@ -269,6 +276,20 @@ impl Server {
         validate_named_region(config).map_err(CreateError::Config)?;
         if self.find_region(config.name.as_str()).is_some() {
             return Err(CreateError::Exists);
+        }
+        if origin.is_run_time() {
+            let limit = self
+                .named
+                .as_ref()
+                .map_or(0, |n| n.config.defaults.max_regions);
+            let held = self
+                .regions
+                .values()
+                .filter(|r| r.origin.is_run_time())
+                .count();
+            if held >= limit {
+                return Err(CreateError::TooMany(limit));
+            }
         }
         let spec = RegionSpec {
             name: config.name.to_string(),

@@ -994,3 +994,32 @@ fn run_time_regions_persist_when_the_defaults_say_so() {
         ["factory.sock", "scratch.sock", "tool.sock"]
     );
 }
+
+/// `max_regions` bounds the run-time regions (configured ones do not count): a factory create
+/// beyond it is `GSS_NOMEM`, a control create an error; removing one makes room.
+#[test]
+fn run_time_regions_are_bounded_by_max_regions() {
+    let setup = Setup::new(
+        "maxregions",
+        "[defaults]\nvectors = 1\nmax_regions = 2\n[[region]]\nname = \"configured\"\nsize = 4096\n[vm.vm0]\n",
+    );
+    assert_eq!(status(&setup.create("vm0", "a", 4096)), GuestShmStatus::Ok);
+    assert_eq!(status(&setup.create("vm0", "b", 4096)), GuestShmStatus::Ok);
+    let refused = setup.create("vm0", "c", 4096);
+    assert_eq!(status(&refused), GuestShmStatus::NoMem, "{refused:?}");
+    assert!(refused
+        .message
+        .contains("limit of 2 run-time regions (max_regions)"));
+    assert!(!setup.vm_dir("vm0").join("c.sock").exists());
+    // Attaching to an existing region is not creating one.
+    assert_eq!(status(&setup.create("vm0", "a", 4096)), GuestShmStatus::Ok);
+    let error = setup.control_error(&ControlRequest::Create(CreateRegion {
+        name: "d".into(),
+        size: 4096,
+        ..CreateRegion::default()
+    }));
+    assert!(error.contains("max_regions"), "{error}");
+    setup.control(&ControlRequest::Remove { name: "a".into() });
+    assert_eq!(status(&setup.create("vm0", "c", 4096)), GuestShmStatus::Ok);
+    assert_eq!(setup.regions().len(), 3);
+}

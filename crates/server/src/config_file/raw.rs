@@ -39,6 +39,7 @@ pub(super) struct RawDefaults {
     pub(super) pow2: Option<RawPow2>,
     pub(super) max_size: Option<RawSize>,
     pub(super) persist: Option<bool>,
+    pub(super) max_regions: Option<usize>,
     pub(super) dir_mode: Option<RawMode>,
     pub(super) socket_mode: Option<RawMode>,
     pub(super) owner: Option<u32>,
