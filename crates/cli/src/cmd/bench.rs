@@ -17,6 +17,7 @@ use ivshm_client::{ConnectOptions, Event, Peer, PeerEvent};
 use ivshm_proto::{MessageReader, Received};
 use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
+use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
 
 /// Benchmarks.
 #[derive(Subcommand, Debug)]
@@ -36,6 +37,23 @@ pub struct DoorbellArgs {
     /// Unmeasured round trips per variant first.
     #[arg(long, default_value_t = 1_000)]
     pub warmup: usize,
+    /// Where the pinging and ponging threads of both variants run: `same` (one CPU: the
+    /// software path without cross-CPU wake-ups, steadiest), `split` (two CPUs: adds the
+    /// cross-CPU wake-up, as between guests on different cores), `free` (the scheduler decides;
+    /// figures vary from run to run).
+    #[arg(long, value_enum, default_value_t = Placement::Same)]
+    pub placement: Placement,
+}
+
+/// Thread placement for `bench doorbell`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Placement {
+    /// Both threads on one CPU.
+    Same,
+    /// The pinging thread on one CPU, the ponging thread on another.
+    Split,
+    /// Not pinned.
+    Free,
 }
 
 /// `ivshm bench join`.
@@ -138,6 +156,9 @@ pub struct DoorbellReport {
     pub library: Summary,
     /// Raw eventfd ping-pong.
     pub raw: Summary,
+    /// The CPUs the pinging and the ponging threads of both variants were pinned to (`None`:
+    /// not pinned).
+    pub pinned: Option<(usize, usize)>,
 }
 
 fn micros(d: Duration) -> String {
@@ -173,7 +194,35 @@ impl DoorbellReport {
                 ratio(self.library.median, self.raw.median),
                 ratio(self.library.p99, self.raw.p99)
             ),
+            match self.pinned {
+                Some((ping, pong)) => format!(
+                    "both variants: pinging thread on CPU {ping}, ponging threads on CPU {pong}"
+                ),
+                None => "threads not pinned (the scheduler placed them)".to_string(),
+            },
         ]
+    }
+}
+
+/// The CPUs for the pinging and the ponging threads: the first one (twice) or the first two
+/// this thread may run on; `None` for `free`, or `split` with a single CPU.
+fn placement_cpus(placement: Placement) -> Option<(usize, usize)> {
+    let allowed = sched_getaffinity(None).ok()?;
+    let mut cpus = (0..CpuSet::MAX_CPU).filter(|&cpu| allowed.is_set(cpu));
+    match placement {
+        Placement::Free => None,
+        Placement::Same => cpus.next().map(|cpu| (cpu, cpu)),
+        Placement::Split => Some((cpus.next()?, cpus.next()?)),
+    }
+}
+
+/// Pins the calling thread to `cpu`. Best effort: without it the figures only vary more, as
+/// the scheduler moves the threads of one variant differently from the other's.
+fn pin_to(cpu: usize) {
+    let mut set = CpuSet::new();
+    set.set(cpu);
+    if let Err(e) = sched_setaffinity(None, &set) {
+        tracing::warn!("could not pin a benchmark thread to CPU {cpu}: {e}");
     }
 }
 
@@ -219,8 +268,19 @@ pub fn doorbell(a: &DoorbellArgs) -> anyhow::Result<DoorbellReport> {
         other => bail!("expected peer {pong_id} to join, got {other:?}"),
     }
     let total = a.warmup + a.rounds;
+    // The same placement for both variants, so neither gets a luckier one. The server thread
+    // (started above) is not pinned; it is idle while doorbells ring.
+    let pinned = placement_cpus(a.placement);
+    if pinned.is_none() && a.placement == Placement::Split {
+        bail!("--placement split needs two CPUs; this process may use only one");
+    }
+    let original_affinity = sched_getaffinity(None).ok();
+    let pong_cpu = pinned.map(|(_, pong)| pong);
     // The library ponger answers every doorbell; the raw ponger every eventfd read.
     let lib_thread = std::thread::spawn(move || -> anyhow::Result<()> {
+        if let Some(cpu) = pong_cpu {
+            pin_to(cpu);
+        }
         for _ in 0..total {
             next_doorbell(&mut ponger)?;
             ponger.notify(ping_id, 0)?;
@@ -233,6 +293,9 @@ pub fn doorbell(a: &DoorbellArgs) -> anyhow::Result<DoorbellReport> {
         let to_pong = to_pong.try_clone()?;
         let to_ping = to_ping.try_clone()?;
         std::thread::spawn(move || -> anyhow::Result<()> {
+            if let Some(cpu) = pong_cpu {
+                pin_to(cpu);
+            }
             for _ in 0..total {
                 read_eventfd(&to_pong)?;
                 write_eventfd(&to_ping)?;
@@ -254,6 +317,9 @@ pub fn doorbell(a: &DoorbellArgs) -> anyhow::Result<DoorbellReport> {
         measure.push(t.elapsed());
         Ok(())
     };
+    if let Some((ping, _)) = pinned {
+        pin_to(ping);
+    }
     let mut scratch = Vec::new();
     for _ in 0..a.warmup {
         lib_round(&mut scratch)?;
@@ -270,6 +336,10 @@ pub fn doorbell(a: &DoorbellArgs) -> anyhow::Result<DoorbellReport> {
             raw_round(&mut raw)?;
         }
     }
+    if let Some(set) = original_affinity {
+        // Undo the pinning of this thread; failing that only affects later figures.
+        let _ = sched_setaffinity(None, &set);
+    }
     lib_thread
         .join()
         .map_err(|_| anyhow::anyhow!("library ponger panicked"))??;
@@ -280,6 +350,7 @@ pub fn doorbell(a: &DoorbellArgs) -> anyhow::Result<DoorbellReport> {
         rounds: a.rounds,
         library: summarize(&mut lib),
         raw: summarize(&mut raw),
+        pinned,
     })
 }
 
@@ -469,8 +540,11 @@ mod tests {
         let r = doorbell(&DoorbellArgs {
             rounds: 30,
             warmup: 5,
+            placement: Placement::Same,
         })
         .unwrap();
+        let (ping, pong) = r.pinned.unwrap();
+        assert_eq!(ping, pong, "same placement: one CPU");
         assert_eq!(r.rounds, 30);
         let lines = r.lines();
         assert!(lines[3].starts_with("ratio library/raw"));
