@@ -12,7 +12,7 @@ use ivshm_mem::BackendError;
 use ivshm_policy::GuestShmStatus;
 use ivshm_proto::factory::{FactoryRequest, FactoryResponse, RegionOffer, VERSION};
 
-use crate::named::{NamedRegionConfig, Origin};
+use crate::named::{is_reserved_guest_name, NamedRegionConfig, Origin, FACTORY_SOCKET};
 use crate::server::Server;
 use crate::vm_dirs::CreateError;
 use crate::ServerError;
@@ -48,6 +48,15 @@ impl Server {
             return refusal(GuestShmStatus::UnknownFailure, format!("VM {vm} is gone"));
         };
         let decision = policy.decide(name);
+        if decision.is_allowed() && is_reserved_guest_name(&decision.guest_name) {
+            return refusal(
+                GuestShmStatus::IllegalName,
+                format!(
+                    "{name}: {}: the name is reserved (its socket would be the VM's {FACTORY_SOCKET})",
+                    GuestShmStatus::IllegalName
+                ),
+            );
+        }
         let Some(host_name) = decision.host_name.clone().filter(|_| decision.is_allowed()) else {
             return refusal(decision.status, decision.to_string());
         };

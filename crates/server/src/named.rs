@@ -27,6 +27,16 @@ pub const DEFAULT_ROOT: &str = "/run/ivshm";
 pub const CONTROL_SOCKET: &str = "control.sock";
 /// Name of the factory socket in a VM directory.
 pub const FACTORY_SOCKET: &str = "factory.sock";
+/// The one legal region name a VM cannot use: its socket would be the VM's [`FACTORY_SOCKET`].
+/// The factory answers `GSS_ILLEGAL_NAME` for it; a region with this host name gets no socket
+/// under this name.
+pub const RESERVED_GUEST_NAME: &str = "factory";
+
+/// Whether a VM cannot use `guest_name` (see [`RESERVED_GUEST_NAME`]).
+pub fn is_reserved_guest_name(guest_name: &str) -> bool {
+    guest_name == RESERVED_GUEST_NAME
+}
+
 /// Default mode of a VM directory.
 pub const DEFAULT_DIR_MODE: u32 = 0o750;
 /// Default mode of the sockets in a VM directory.
@@ -275,8 +285,8 @@ pub struct VmConfig {
 ///
 /// Candidates are the host name with `subst` reversed (for `subst m,p`: every occurrence of `p`
 /// replaced by `m`; for `subst ,p`: the host name without the prefix `p`), then the host name
-/// itself. The first candidate that is a legal name, that `subst` maps back to `host_name` and
-/// that the policy allows wins.
+/// itself. The first candidate that is a legal name (and not [`RESERVED_GUEST_NAME`]), that
+/// `subst` maps back to `host_name` and that the policy allows wins.
 pub fn guest_name_for(policy: &VmPolicy, host_name: &str) -> Option<String> {
     let mut candidates = Vec::new();
     if let Some(subst) = policy.subst() {
@@ -297,7 +307,8 @@ pub fn guest_name_for(policy: &VmPolicy, host_name: &str) -> Option<String> {
     }
     candidates.push(host_name.to_string());
     candidates.into_iter().find(|guest| {
-        RegionName::new(guest).is_ok()
+        !is_reserved_guest_name(guest)
+            && RegionName::new(guest).is_ok()
             && policy.host_name_of(guest) == host_name
             && policy.decide(guest).is_allowed()
     })

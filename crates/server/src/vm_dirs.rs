@@ -348,8 +348,7 @@ impl Server {
                 continue;
             }
             for (vm_name, vm) in &named.vms {
-                let wanted = guest_name_for(&vm.config.policy, region.name())
-                    .filter(|guest| format!("{guest}.sock") != FACTORY_SOCKET);
+                let wanted = guest_name_for(&vm.config.policy, region.name());
                 let existing = region.sockets().iter().find_map(|s| match &s.vm {
                     Some((v, guest)) if v == vm_name => Some((s.key, guest.clone())),
                     _ => None,

@@ -1023,3 +1023,29 @@ fn run_time_regions_are_bounded_by_max_regions() {
     assert_eq!(status(&setup.create("vm0", "c", 4096)), GuestShmStatus::Ok);
     assert_eq!(setup.regions().len(), 3);
 }
+
+/// A VM cannot use the name `factory` (its socket would be the VM's `factory.sock`): the
+/// factory says `GSS_ILLEGAL_NAME` and creates nothing; a host region of that name gets no
+/// socket called `factory.sock`, but a VM that sees it under another name gets that socket.
+#[test]
+fn the_name_factory_is_reserved() {
+    let setup = Setup::new(
+        "reserved",
+        "[defaults]\nvectors = 1\n[[region]]\nname = \"factory\"\nsize = 4096\n[vm.plain]\n[vm.renamed]\nqnx = \"subst fab,factory\"\n",
+    );
+    let refused = setup.create("plain", "factory", 4096);
+    assert_eq!(status(&refused), GuestShmStatus::IllegalName, "{refused:?}");
+    assert!(refused.message.contains("reserved"), "{refused:?}");
+    assert_eq!(
+        status(&setup.find("plain", "factory")),
+        GuestShmStatus::IllegalName
+    );
+    assert_eq!(setup.regions().len(), 1, "nothing was created");
+    assert_eq!(setup.listing("plain"), ["factory.sock"]);
+    assert_eq!(setup.listing("renamed"), ["fab.sock", "factory.sock"]);
+    // The factory socket is still the factory.
+    assert_eq!(
+        status(&setup.find("plain", "nothing")),
+        GuestShmStatus::DoesNotExist
+    );
+}

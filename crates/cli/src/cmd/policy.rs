@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use ivshm_policy::GuestShmStatus;
+use ivshm_server::named::{is_reserved_guest_name, FACTORY_SOCKET};
 
 #[derive(Subcommand, Debug)]
 pub enum PolicyCommand {
@@ -67,10 +68,17 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<(String, GuestShmStatus)> {
             )
         })?;
     let decision = vm.policy.decide(&args.name);
+    // The server's own rule on top of the policy: one name is its factory socket's.
+    let reserved = decision.is_allowed() && is_reserved_guest_name(&decision.guest_name);
+    let status = if reserved {
+        GuestShmStatus::IllegalName
+    } else {
+        decision.status
+    };
     let mut out = String::new();
-    let verdict = if decision.is_allowed() {
+    let verdict = if status.is_ok() {
         "allow"
-    } else if decision.status == GuestShmStatus::NoPermission {
+    } else if status == GuestShmStatus::NoPermission {
         "deny"
     } else {
         "illegal"
@@ -87,12 +95,13 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<(String, GuestShmStatus)> {
         (Some(rule), None) => out.push_str(&format!("rule: {rule}\n")),
         (None, None) => {}
     }
-    out.push_str(&format!(
-        "status: {} ({})\n",
-        decision.status,
-        decision.status.as_u32()
-    ));
-    Ok((out, decision.status))
+    if reserved {
+        out.push_str(&format!(
+            "reason: the name is reserved (its socket would be the VM's {FACTORY_SOCKET})\n"
+        ));
+    }
+    out.push_str(&format!("status: {} ({})\n", status, status.as_u32()));
+    Ok((out, status))
 }
 
 #[cfg(test)]
@@ -151,6 +160,22 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("VMs: vm0"), "{err}");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn the_factory_sockets_name_is_reported_illegal() {
+        let path = config("reserved", "[vm.open]\n");
+        let (text, status) = run_check(&path, "open", "factory");
+        assert_eq!(status, GuestShmStatus::IllegalName);
+        assert_eq!(
+            text,
+            "vm: open\nname: factory\ndecision: illegal\nhost name: factory\n\
+             rule: implicit allow * (no allow rules)\n\
+             reason: the name is reserved (its socket would be the VM's factory.sock)\n\
+             status: GSS_ILLEGAL_NAME (4)\n"
+        );
+        assert_eq!(run_check(&path, "open", "factory2").1, GuestShmStatus::Ok);
         std::fs::remove_file(path).unwrap();
     }
 }
