@@ -13,8 +13,8 @@ use ivshm_policy::GuestShmStatus;
 use ivshm_proto::factory::{FactoryRequest, FactoryResponse, RegionOffer, VERSION};
 
 use crate::named::{is_reserved_guest_name, NamedRegionConfig, Origin, FACTORY_SOCKET};
+use crate::region_lifecycle::CreateError;
 use crate::server::Server;
-use crate::vm_dirs::CreateError;
 use crate::ServerError;
 use rustix::io::Errno;
 

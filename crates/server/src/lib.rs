@@ -50,6 +50,7 @@ mod peer;
 pub mod pidfile;
 pub mod queue;
 mod region;
+mod region_lifecycle;
 mod server;
 pub mod signals;
 pub mod stats;
