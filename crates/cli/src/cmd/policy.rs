@@ -5,12 +5,13 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use ivshm_policy::GuestShmStatus;
-use ivshm_server::named::{is_reserved_guest_name, FACTORY_SOCKET};
+use ivshm_server::named::{guest_name_for, is_reserved_guest_name, FACTORY_SOCKET};
 
 #[derive(Subcommand, Debug)]
 pub enum PolicyCommand {
     /// Print the decision for NAME in VM's policy: allow/deny, the host name after subst, the
-    /// rule that decided, and the status a factory create would get (policy only). Exit status
+    /// rule that decided, the v0 socket the VM's directory has for it (when allowed), and the
+    /// status a factory create would get (policy only). Exit status
     /// 0 for GSS_OK, 10 + the status code otherwise (14 GSS_ILLEGAL_NAME, 15 GSS_NO_PERMISSION).
     Check(CheckArgs),
 }
@@ -95,6 +96,23 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<(String, GuestShmStatus)> {
         (Some(rule), None) => out.push_str(&format!("rule: {rule}\n")),
         (None, None) => {}
     }
+    if status.is_ok() {
+        // Where the VM's directory has the region's v0 socket (its name for the region may be
+        // another name that maps to the same host name).
+        let socket = decision
+            .host_name
+            .as_ref()
+            .and_then(|host| guest_name_for(&vm.policy, host.as_str()))
+            .map(|guest| {
+                named
+                    .root
+                    .join(vm.name.as_str())
+                    .join(format!("{guest}.sock"))
+                    .display()
+                    .to_string()
+            });
+        out.push_str(&format!("socket: {}\n", socket.as_deref().unwrap_or("-")));
+    }
     if reserved {
         out.push_str(&format!(
             "reason: the name is reserved (its socket would be the VM's {FACTORY_SOCKET})\n"
@@ -130,14 +148,16 @@ mod tests {
     fn reports_decision_host_name_rule_and_status() {
         let path = config(
             "report",
-            "[vm.vm0]\nrules = [\"deny pluto\", \"allow pluto*\"]\nsubst = \",guest0\"\n",
+            "root = \"/srv/ivshm\"\n[vm.vm0]\nrules = [\"deny pluto\", \"allow pluto*\"]\n\
+             subst = \",guest0\"\n",
         );
         let (text, status) = run_check(&path, "vm0", "plutoplanet");
         assert_eq!(status, GuestShmStatus::Ok);
         assert_eq!(
             text,
             "vm: vm0\nname: plutoplanet\ndecision: allow\nhost name: guest0plutoplanet\n\
-             rule: rule 2: allow pluto*\nstatus: GSS_OK (0)\n"
+             rule: rule 2: allow pluto*\nsocket: /srv/ivshm/vm0/plutoplanet.sock\n\
+             status: GSS_OK (0)\n"
         );
         let (text, status) = run_check(&path, "vm0", "pluto");
         assert_eq!(status, GuestShmStatus::NoPermission);
@@ -176,6 +196,20 @@ mod tests {
              status: GSS_ILLEGAL_NAME (4)\n"
         );
         assert_eq!(run_check(&path, "open", "factory2").1, GuestShmStatus::Ok);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// The socket is where the VM's directory has the region, under the VM's name for it,
+    /// which may differ from the name asked for when both map to the same host name.
+    #[test]
+    fn the_socket_line_names_the_vms_socket() {
+        let path = config("socket", "root = \"/r\"\n[vm.v]\nsubst = \"foo,guest1\"\n");
+        let (text, _) = run_check(&path, "v", "foomem");
+        assert!(text.contains("host name: guest1mem\n"), "{text}");
+        assert!(text.contains("socket: /r/v/foomem.sock\n"), "{text}");
+        let (text, _) = run_check(&path, "v", "guest1mem");
+        assert!(text.contains("host name: guest1mem\n"), "{text}");
+        assert!(text.contains("socket: /r/v/foomem.sock\n"), "{text}");
         std::fs::remove_file(path).unwrap();
     }
 }
