@@ -6,8 +6,9 @@
 //! vector 2; B answers A; the host rings each guest and each guest rings the host; 1,000
 //! ping-pong round trips between the guests with none lost (`ivshm guest bench`, inside the
 //! guests), and 1,000 between a guest and a host peer; data written by one guest is read by
-//! the other and by the host; restoring the driver binding; and the sysfs mode (memory,
-//! ringing, polling doorbells).
+//! the other and by the host; restoring the driver binding; a second command on a device a
+//! `wait` holds fails at once without disturbing it; and the sysfs mode (memory, ringing,
+//! polling doorbells).
 
 use std::time::Duration;
 
@@ -92,6 +93,35 @@ fn guests_ring_each_other_and_the_host_through_vfio_and_sysfs() {
 
     // A rings B on vector 2; B waits on all vectors and sees exactly vector 2.
     let wait_b = start_wait(&mut b, "b-wait-1", id_b, "--count 1", GUEST_WAIT).unwrap();
+    // While B's wait holds the device through VFIO, a second command in B fails at once and
+    // says why, in both modes, and leaves the wait's binding and interrupts alone.
+    let busy = b
+        .run(
+            &format!("ivshm guest notify --peer {id_a} --vector 0"),
+            COMMAND,
+        )
+        .unwrap();
+    assert!(
+        busy.status != 0
+            && busy
+                .output
+                .contains("is busy: another process has this device open"),
+        "{}",
+        busy.output
+    );
+    let claimed = b
+        .run(
+            &format!("ivshm guest notify --mode sysfs --peer {id_a} --vector 0"),
+            COMMAND,
+        )
+        .unwrap();
+    assert!(
+        claimed.status != 0 && claimed.output.contains("the kernel refuses to map"),
+        "{}",
+        claimed.output
+    );
+    let listed = b.run_ok("ivshm guest list", COMMAND).unwrap();
+    assert!(listed.contains("driver=vfio-pci"), "{listed}");
     notify(&mut a, id_b, 2, COMMAND).unwrap();
     let doorbells = finish_wait(&mut b, wait_b, FINISH).unwrap();
     assert_eq!(doorbells, ["doorbell vector=2"]);
