@@ -4,16 +4,17 @@
 //! control socket refuses users other than root unless its mode says otherwise.
 
 use std::io::{BufRead, BufReader};
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixStream;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ivshm_proto::fd_passing::{MessageReader, Received};
 use rustix::process::{kill_process, Pid, Signal};
+
+mod common;
+use common::Peer;
 
 /// Failure guard for every wait (never a timing assertion).
 const GUARD: Duration = Duration::from_secs(30);
@@ -77,29 +78,7 @@ fn listing(dir: &Path) -> Vec<String> {
     names
 }
 
-/// A raw v0 peer (one vector).
-struct Peer {
-    sock: UnixStream,
-    reader: MessageReader,
-}
-
 impl Peer {
-    fn connect(path: &Path) -> Peer {
-        let sock = UnixStream::connect(path).unwrap();
-        sock.set_read_timeout(Some(GUARD)).unwrap();
-        Peer {
-            sock,
-            reader: MessageReader::new(),
-        }
-    }
-
-    fn recv(&mut self) -> (i64, Option<OwnedFd>) {
-        match self.reader.receive(self.sock.as_fd()).unwrap() {
-            Received::Message { value, fd } => (value, fd),
-            other => panic!("no message: {other:?}"),
-        }
-    }
-
     /// The handshake of a peer joining a one-vector region that holds `others`: returns its id
     /// and its shm fd.
     fn handshake(&mut self, others: &[i64]) -> (i64, OwnedFd) {

@@ -2,16 +2,16 @@
 //! `ivshm serve`, each checked with a raw v0 peer and a clean SIGTERM shutdown.
 
 use std::io::{BufRead, BufReader};
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use ivshm_proto::fd_passing::{MessageReader, Received};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::process::{kill_process, pidfd_open, Pid, PidfdFlags, Signal};
+
+mod common;
+use common::{Peer, Received};
 
 /// Failure guard for every wait (never a timing assertion).
 const GUARD: Duration = Duration::from_secs(30);
@@ -58,28 +58,7 @@ fn terminate(pid: u32) {
     wait_exit(pid);
 }
 
-struct Peer {
-    sock: UnixStream,
-    reader: MessageReader,
-}
-
 impl Peer {
-    fn connect(path: &Path) -> Peer {
-        let sock = UnixStream::connect(path).unwrap();
-        sock.set_read_timeout(Some(GUARD)).unwrap();
-        Peer {
-            sock,
-            reader: MessageReader::new(),
-        }
-    }
-
-    fn recv(&mut self) -> (i64, Option<OwnedFd>) {
-        match self.reader.receive(self.sock.as_fd()).unwrap() {
-            Received::Message { value, fd } => (value, fd),
-            other => panic!("no message: {other:?}"),
-        }
-    }
-
     /// Checks the handshake of the first peer: 0, id 0, -1 + shm of `size`, 0 + fd × vectors.
     fn first_handshake(&mut self, size: u64, vectors: usize) {
         let (v, fd) = self.recv();
@@ -350,8 +329,5 @@ fn ivshm_serve_cleans_up_on_sigint_too() {
     assert!(!socket.exists(), "socket removed on SIGINT");
     assert!(!pid_file.exists(), "pid file removed on SIGINT");
     // The peer sees its connection closed.
-    assert!(matches!(
-        peer.reader.receive(peer.sock.as_fd()).unwrap(),
-        Received::Closed
-    ));
+    assert!(matches!(peer.receive(), Received::Closed));
 }
