@@ -1049,3 +1049,24 @@ fn the_name_factory_is_reserved() {
         GuestShmStatus::DoesNotExist
     );
 }
+
+/// A configured region removed over the control socket is created again by the next reload.
+#[test]
+fn a_removed_configured_region_comes_back_at_reload() {
+    let setup = Setup::new(
+        "comeback",
+        "[defaults]\nvectors = 1\n[[region]]\nname = \"kept\"\nsize = 4096\n[vm.vm0]\n",
+    );
+    setup.control(&ControlRequest::Remove {
+        name: "kept".into(),
+    });
+    assert_eq!(setup.listing("vm0"), ["factory.sock"]);
+    let ControlResult::Reloaded { changes } = setup.control(&ControlRequest::Reload) else {
+        panic!("reload")
+    };
+    assert!(
+        changes.iter().any(|c| c == "created region kept"),
+        "{changes:?}"
+    );
+    assert_eq!(setup.listing("vm0"), ["factory.sock", "kept.sock"]);
+}
