@@ -67,7 +67,7 @@ pub enum DoorbellError {
         /// Offset of the area.
         offset: usize,
         /// Vectors it must hold.
-        vectors: u16,
+        vectors: u32,
         /// Shared memory size.
         size: usize,
     },
@@ -250,14 +250,14 @@ impl PollDoorbells {
         offset: usize,
         vectors: u16,
     ) -> Result<PollDoorbells, DoorbellError> {
-        let bad = || DoorbellError::BadPollArea {
-            offset,
-            vectors,
-            size: memory.len(),
-        };
         let mut last_seen = Vec::with_capacity(usize::from(vectors));
-        for v in 0..usize::from(vectors) {
-            let counter = memory.atomic_u32(offset + 4 * v).map_err(|_| bad())?;
+        for v in 0..vectors {
+            let counter =
+                Self::counter(memory, offset, v).map_err(|_| DoorbellError::BadPollArea {
+                    offset,
+                    vectors: u32::from(vectors),
+                    size: memory.len(),
+                })?;
             last_seen.push(AtomicU32::new(counter.load(Ordering::Acquire)));
         }
         Ok(PollDoorbells { offset, last_seen })
@@ -273,13 +273,16 @@ impl PollDoorbells {
         offset: usize,
         vector: u16,
     ) -> Result<&'a AtomicU32, DoorbellError> {
-        memory
-            .atomic_u32(offset + 4 * usize::from(vector))
-            .map_err(|_| DoorbellError::BadPollArea {
-                offset,
-                vectors: vector + 1,
-                size: memory.len(),
-            })
+        let bad = || DoorbellError::BadPollArea {
+            offset,
+            vectors: u32::from(vector) + 1,
+            size: memory.len(),
+        };
+        // Offsets come from the user: no arithmetic that can overflow.
+        let at = offset
+            .checked_add(4 * usize::from(vector))
+            .ok_or_else(bad)?;
+        memory.atomic_u32(at).map_err(|_| bad())
     }
 
     /// Rings `vector` of a receiver whose area is at `offset` (increments its counter).
@@ -401,6 +404,24 @@ mod tests {
             vectors.wait(9, Duration::ZERO),
             Err(DoorbellError::VectorOutOfRange { .. })
         ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_polling_area_or_vector_is_an_error_never_a_panic(
+            offset in proptest::prelude::any::<usize>(),
+            vector in proptest::prelude::any::<u16>(),
+            vectors in 0u16..=u16::MAX,
+        ) {
+            let mut backing = vec![0u64; 64];
+            // SAFETY: `backing` outlives every use of the view in this test case.
+            let memory = unsafe { SharedView::from_raw_parts(backing.as_mut_ptr().cast(), 512) };
+            let in_bounds = offset
+                .checked_add(4 * usize::from(vector) + 4)
+                .is_some_and(|end| end <= 512 && offset % 4 == 0);
+            proptest::prop_assert_eq!(PollDoorbells::ring(memory, offset, vector).is_ok(), in_bounds);
+            let _ = PollDoorbells::new(memory, offset, vectors % 200);
+        }
     }
 
     #[test]
