@@ -406,6 +406,35 @@ fn sysfs_mode_shares_memory_and_rings_through_the_doorbell_register() {
         &["--mode", "sysfs", "--peer", "3", "--vector", "256"],
     ));
     assert!(err.contains("vector 256 cannot be rung"), "{err}");
+    // A polling area beyond the memory, or a refused vector: an error, nothing written.
+    let beyond = [
+        "--mode",
+        "sysfs",
+        "--peer",
+        "3",
+        "--vector",
+        "200",
+        "--poll-offset",
+        "0xffff",
+    ];
+    let err = failure(&sys.run("notify", &beyond));
+    assert!(
+        err.contains("polling area at offset 0xffff for 201 vector(s) does not fit"),
+        "{err}"
+    );
+    let refused = [
+        "--mode",
+        "sysfs",
+        "--peer",
+        "3",
+        "--vector",
+        "300",
+        "--poll-offset",
+        "0",
+    ];
+    let err = failure(&sys.run("notify", &refused));
+    assert!(err.contains("vector 300 cannot be rung"), "{err}");
+    assert_eq!(read_bytes(&dir.join("resource2"), 4 * 300, 4), [0; 4]);
     let err = failure(&sys.run(
         "read",
         &["--mode", "sysfs", "--offset", "0xfffe", "--len", "4"],

@@ -339,10 +339,11 @@ fn info(a: &InfoArgs) -> anyhow::Result<()> {
 
 fn notify(a: &NotifyArgs) -> anyhow::Result<()> {
     let device = a.device.open()?;
+    // The register write first: it validates the vector, so a refused one changes nothing.
+    device.notify(a.peer, a.vector)?;
     if let Some(offset) = a.poll_offset {
         PollDoorbells::ring(device.shared_memory(), offset, a.vector)?;
     }
-    device.notify(a.peer, a.vector)?;
     a.device.close(device)
 }
 
