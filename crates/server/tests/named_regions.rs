@@ -1070,3 +1070,68 @@ fn a_removed_configured_region_comes_back_at_reload() {
     );
     assert_eq!(setup.listing("vm0"), ["factory.sock", "kept.sock"]);
 }
+
+/// The shipped `examples/ivshm.toml` (with a temporary root) serves what its comments say.
+#[test]
+fn the_shipped_example_serves_what_it_says() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let text = std::fs::read_to_string(examples.join("ivshm.toml")).unwrap();
+    let body: String = text
+        .lines()
+        .filter(|line| !line.starts_with("root = "))
+        .map(|line| {
+            line.replace(
+                "qnx_file = \"vm-qnx.vdev\"",
+                &format!(
+                    "qnx_file = {:?}",
+                    examples.join("vm-qnx.vdev").display().to_string()
+                ),
+            ) + "\n"
+        })
+        .collect();
+    let setup = Setup::new("example", &body);
+    assert_eq!(setup.listing("vm0"), ["factory.sock", "mem.sock"]);
+    assert_eq!(setup.listing("vm1"), ["factory.sock", "mem.sock"]);
+    assert_eq!(
+        setup.listing("monitor"),
+        [
+            "factory.sock",
+            "guest0mem.sock",
+            "guest1mem.sock",
+            "telemetry.sock"
+        ]
+    );
+    assert_eq!(setup.listing("qnx"), ["factory.sock", "testbuf.sock"]);
+    let mut regions: Vec<(String, u64, u32, u32)> = setup
+        .regions()
+        .into_iter()
+        .map(|r| (r.name, r.size, r.vectors, r.peer_limit))
+        .collect();
+    regions.sort();
+    assert_eq!(
+        regions,
+        [
+            ("guest0mem".to_string(), 1 << 20, 16, 16),
+            ("guest1mem".to_string(), 1 << 20, 16, 16),
+            ("qnx-testbuf".to_string(), 64 << 10, 16, 16),
+            ("telemetry".to_string(), 1 << 20, 1, 4),
+        ]
+    );
+    // vm1's rules: secret names are refused, others may be created (as guest1<name>).
+    assert_eq!(
+        status(&setup.create("vm1", "secret-key", 4096)),
+        GuestShmStatus::NoPermission
+    );
+    let created = setup.create("vm1", "scratch", 4096);
+    assert_eq!(created.region.unwrap().host_name, "guest1scratch");
+    // The QNX guest: test* and pluto only, test-secret denied.
+    assert_eq!(
+        status(&setup.find("qnx", "test-secret")),
+        GuestShmStatus::NoPermission
+    );
+    assert_eq!(status(&setup.find("qnx", "testbuf")), GuestShmStatus::Ok);
+    assert_eq!(
+        status(&setup.create("qnx", "mars", 4096)),
+        GuestShmStatus::NoPermission
+    );
+}
