@@ -95,6 +95,15 @@ fn check_vector(vector: u16, vectors: u16) -> Result<usize, DoorbellError> {
     }
 }
 
+/// A timeout this long is as good as forever (and keeps `Instant` arithmetic in range).
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// `now + timeout`, capped at [`FOREVER`]: `Instant + Duration` panics on overflow, and
+/// timeouts come from users (`--timeout 1e19`).
+pub fn deadline_after(timeout: Duration) -> Instant {
+    Instant::now() + timeout.min(FOREVER)
+}
+
 fn timespec(timeout: Duration) -> Timespec {
     Timespec {
         tv_sec: timeout.as_secs().try_into().unwrap_or(i64::MAX),
@@ -123,7 +132,7 @@ pub fn take_eventfd(fd: BorrowedFd<'_>) -> Result<u64, DoorbellError> {
 /// consumes its count; `Ok(None)` when `timeout` passed first. Use it on the fd of
 /// [`VectorEventfds::fd`] or of a host peer's own vector.
 pub fn wait_eventfd(fd: BorrowedFd<'_>, timeout: Duration) -> Result<Option<u64>, DoorbellError> {
-    let deadline = Instant::now() + timeout;
+    let deadline = deadline_after(timeout);
     loop {
         let count = take_eventfd(fd)?;
         if count > 0 {
@@ -198,7 +207,7 @@ impl VectorEventfds {
 
     /// Waits until any vector is rung; returns every `(vector, count)` that was pending.
     pub fn wait_any(&self, timeout: Duration) -> Result<Vec<(u16, u64)>, DoorbellError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             let mut rung = Vec::new();
             for vector in 0..self.len() {
@@ -309,7 +318,7 @@ impl PollDoorbells {
         timeout: Duration,
         timeout_vector: Option<u16>,
     ) -> Result<Vec<(u16, u64)>, DoorbellError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let mut spins = 0u32;
         loop {
             let mut rung = Vec::new();
@@ -422,6 +431,15 @@ mod tests {
             proptest::prop_assert_eq!(PollDoorbells::ring(memory, offset, vector).is_ok(), in_bounds);
             let _ = PollDoorbells::new(memory, offset, vectors % 200);
         }
+    }
+
+    #[test]
+    fn huge_timeouts_are_capped_not_a_panic() {
+        let far = deadline_after(Duration::MAX);
+        assert!(far > Instant::now() + Duration::from_secs(365 * 24 * 60 * 60));
+        let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap();
+        rustix::io::write(&fd, &1u64.to_ne_bytes()).unwrap();
+        assert_eq!(wait_eventfd(fd.as_fd(), Duration::MAX).unwrap(), Some(1));
     }
 
     #[test]
