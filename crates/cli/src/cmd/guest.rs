@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use ivshm_guest::doorbell::wait_eventfd;
+use ivshm_guest::doorbell::{deadline_after, wait_eventfd};
 use ivshm_guest::pingpong::{self, PingPongConfig};
 use ivshm_guest::{
     find_devices, AccessMode, DeviceSelector, DoorbellError, FoundDevice, IvshmemDevice,
@@ -372,7 +372,7 @@ fn wait(a: &WaitArgs) -> anyhow::Result<()> {
         device.shared_memory().len()
     )?;
     out.flush()?;
-    let deadline = a.timeout.map(|t| Instant::now() + t);
+    let deadline = a.timeout.map(deadline_after);
     let mut lines = 0u64;
     while a.count.is_none_or(|k| lines < k) {
         // Without --timeout wait in long slices forever.
