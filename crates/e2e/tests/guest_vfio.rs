@@ -8,7 +8,9 @@
 //! guests), and 1,000 between a guest and a host peer; data written by one guest is read by
 //! the other and by the host; restoring the driver binding; a second command on a device a
 //! `wait` holds fails at once without disturbing it; and the sysfs mode (memory, ringing,
-//! polling doorbells).
+//! polling doorbells). A second test boots an `ivshmem-plain` guest without an IOMMU: sysfs by
+//! default, memory shared with the host file, and the real kernel's "no IOMMU group" and "no
+//! interrupts" cases explained.
 
 use std::time::Duration;
 
@@ -289,4 +291,76 @@ fn guests_ring_each_other_and_the_host_through_vfio_and_sysfs() {
     assert!(b.poweroff(COMMAND).unwrap().success());
     let status = server.stop(HOST).unwrap();
     assert!(status.success(), "ivshm serve exit status {status}");
+}
+
+/// `ivshmem-plain` on the default i440FX machine (no IOMMU, no server): `ivshm guest` picks the
+/// sysfs mode, shares memory with the host's backing file, and explains, with the real
+/// kernel, why neither VFIO nor waiting can work there.
+#[test]
+fn plain_device_without_iommu_uses_sysfs_and_explains_vfio() {
+    let assets = require_e2e!();
+    let dir = ScratchDir::new().unwrap();
+    let mem_path = dir.join("plain.mem");
+    let plain_size: u64 = 1 << 20;
+    let mut guest = QemuGuest::builder(&assets, "guest-plain")
+        .with_ivshm_binary()
+        .ivshmem_plain(&mem_path, plain_size)
+        .spawn()
+        .unwrap();
+    guest.wait_ready(BOOT).unwrap();
+
+    let list = guest.run_ok("ivshm guest list", COMMAND).unwrap();
+    assert!(
+        list.contains(&format!(
+            " 1af4:1110 ivshmem-plain driver=none iommu_group=none vectors=0 size={plain_size}"
+        )),
+        "{list}"
+    );
+    let info = guest.run_ok("ivshm guest info", COMMAND).unwrap();
+    assert!(
+        info.contains("msix none") && info.contains("\nid=0\n") && info.contains("mode=sysfs"),
+        "{info}"
+    );
+
+    // Default mode for a plain device is sysfs: the bytes land in the host's backing file.
+    guest
+        .run_ok("ivshm guest write --offset 0x2000 c0ffee", COMMAND)
+        .unwrap();
+    let host_bytes = std::fs::read(&mem_path).unwrap();
+    assert_eq!(&host_bytes[0x2000..0x2003], [0xc0, 0xff, 0xee]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&mem_path)
+        .and_then(|mut f| {
+            use std::io::{Seek, SeekFrom, Write};
+            f.seek(SeekFrom::Start(0x3000))?;
+            f.write_all(b"host")
+        })
+        .unwrap();
+    let read = guest
+        .run_ok("ivshm guest read --offset 0x3000 --len 4", COMMAND)
+        .unwrap();
+    assert_eq!(read.trim(), "686f7374");
+
+    // VFIO needs an IOMMU group: the error says how to get one.
+    let vfio = guest
+        .run("ivshm guest wait --mode vfio --timeout 5", COMMAND)
+        .unwrap();
+    assert!(
+        vfio.status != 0
+            && vfio.output.contains("has no IOMMU group")
+            && vfio.output.contains("intel_iommu=on")
+            && vfio.output.contains("-device intel-iommu"),
+        "{}",
+        vfio.output
+    );
+    // No interrupts without VFIO (and none at all on a plain device).
+    let wait = guest.run("ivshm guest wait --timeout 5", COMMAND).unwrap();
+    assert!(
+        wait.status != 0 && wait.output.contains("no interrupts"),
+        "{}",
+        wait.output
+    );
+
+    assert!(guest.poweroff(COMMAND).unwrap().success());
 }
