@@ -218,12 +218,24 @@ impl DeviceArgs {
         self.open_with(None)
     }
 
-    /// Closes the device, restoring the original driver if asked to.
-    fn close(&self, device: IvshmemDevice) -> anyhow::Result<()> {
-        if self.restore_driver {
-            device.close_and_restore_driver()?;
+    /// Closes the device after a command's `result`, restoring the original driver if
+    /// `--restore-driver` was given — also when the command failed (a timed-out `wait`, say).
+    /// Returns the command's error first.
+    fn close_after(&self, device: IvshmemDevice, result: anyhow::Result<()>) -> anyhow::Result<()> {
+        let closed = if self.restore_driver {
+            device
+                .close_and_restore_driver()
+                .context("restoring the original driver")
+        } else {
+            Ok(())
+        };
+        match (result, closed) {
+            (Err(error), Err(close_error)) => {
+                tracing::error!("{close_error:#}");
+                Err(error)
+            }
+            (result, closed) => result.and(closed),
         }
-        Ok(())
     }
 }
 
@@ -331,24 +343,37 @@ fn info(a: &InfoArgs) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    writeln!(out, "id={}", device.id()?)?;
-    writeln!(out, "size={}", device.shared_memory().len())?;
-    writeln!(out, "mode={}", device.mode())?;
-    a.device.close(device)
+    let result = (|| {
+        writeln!(out, "id={}", device.id()?)?;
+        writeln!(out, "size={}", device.shared_memory().len())?;
+        writeln!(out, "mode={}", device.mode())?;
+        Ok(())
+    })();
+    a.device.close_after(device, result)
 }
 
 fn notify(a: &NotifyArgs) -> anyhow::Result<()> {
     let device = a.device.open()?;
+    let result = ring(a, &device);
+    a.device.close_after(device, result)
+}
+
+fn ring(a: &NotifyArgs, device: &IvshmemDevice) -> anyhow::Result<()> {
     // The register write first: it validates the vector, so a refused one changes nothing.
     device.notify(a.peer, a.vector)?;
     if let Some(offset) = a.poll_offset {
         PollDoorbells::ring(device.shared_memory(), offset, a.vector)?;
     }
-    a.device.close(device)
+    Ok(())
 }
 
 fn wait(a: &WaitArgs) -> anyhow::Result<()> {
     let mut device = a.device.open()?;
+    let result = wait_for_doorbells(a, &mut device);
+    a.device.close_after(device, result)
+}
+
+fn wait_for_doorbells(a: &WaitArgs, device: &mut IvshmemDevice) -> anyhow::Result<()> {
     if let Some(offset) = a.poll_offset {
         device.set_poll_area(offset)?;
     }
@@ -407,7 +432,7 @@ fn wait(a: &WaitArgs) -> anyhow::Result<()> {
             }
         }
     }
-    a.device.close(device)
+    Ok(())
 }
 
 /// Checks that `len` bytes at `offset` lie inside `size` bytes of shared memory.
@@ -420,7 +445,11 @@ fn check_range(offset: usize, len: usize, size: usize) -> anyhow::Result<()> {
 
 fn read(a: &ReadArgs) -> anyhow::Result<()> {
     let device = a.device.open()?;
-    let memory = device.shared_memory();
+    let result = print_memory(a, device.shared_memory());
+    a.device.close_after(device, result)
+}
+
+fn print_memory(a: &ReadArgs, memory: ivshm_guest::SharedView<'_>) -> anyhow::Result<()> {
     check_range(a.offset, a.len, memory.len())?;
     let mut out = std::io::stdout().lock();
     // Bounded chunks: `--len` may be as large as the whole BAR.
@@ -441,7 +470,7 @@ fn read(a: &ReadArgs) -> anyhow::Result<()> {
         out.write_all(b"\n")?;
     }
     out.flush()?;
-    a.device.close(device)
+    Ok(())
 }
 
 fn write(a: &WriteArgs) -> anyhow::Result<()> {
@@ -450,9 +479,10 @@ fn write(a: &WriteArgs) -> anyhow::Result<()> {
         None => hex_decode(&a.data)?,
     };
     let device = a.device.open()?;
-    check_range(a.offset, data.len(), device.shared_memory().len())?;
-    device.shared_memory().write(a.offset, &data)?;
-    a.device.close(device)
+    let memory = device.shared_memory();
+    let result = check_range(a.offset, data.len(), memory.len())
+        .and_then(|()| Ok(memory.write(a.offset, &data)?));
+    a.device.close_after(device, result)
 }
 
 fn bench(a: &BenchArgs) -> anyhow::Result<()> {
@@ -460,15 +490,17 @@ fn bench(a: &BenchArgs) -> anyhow::Result<()> {
         return bench_host_peer(a, socket);
     }
     let device = a.device.open()?;
-    device.check_can_wait()?;
-    run_bench(
-        a,
-        device.id()?,
-        device.vectors(),
-        device.shared_memory(),
-        &device,
-    )?;
-    a.device.close(device)
+    let result = (|| {
+        device.check_can_wait()?;
+        run_bench(
+            a,
+            device.id()?,
+            device.vectors(),
+            device.shared_memory(),
+            &device,
+        )
+    })();
+    a.device.close_after(device, result)
 }
 
 /// The bench as a host peer: same protocol, doorbells are the server's eventfds.
