@@ -32,6 +32,9 @@
 //! * **Patterns** ([`fnmatch`](mod@fnmatch)): `allow`/`deny` take "the same syntax as shell file name
 //!   expansion": POSIX `fnmatch(pattern, name, 0)`, reproduced byte for byte from glibc in the C
 //!   locale (checked against `libc::fnmatch` by property tests), without exponential blow-up.
+//!   A pattern that can never match a legal name (a lone trailing `\`, or no bracket
+//!   expression and a literal such as the `\*` of a shell command line) is refused
+//!   ([`PatternError`]).
 //! * **Restrictions list** ([`rules`]): rules are tried in the order written, the first match
 //!   decides; after them comes an implicit `deny *` if any `allow` is present ("if you use the
 //!   allow option, the configuration will include an implicit deny* check at the end"), else an

@@ -8,6 +8,7 @@
 use std::ffi::CString;
 
 use ivshm_policy::fnmatch::fnmatch_bytes;
+use ivshm_policy::{Pattern, PatternError, RegionName};
 use proptest::prelude::*;
 
 /// `libc::fnmatch(pattern, name, 0) == 0`.
@@ -138,6 +139,26 @@ proptest! {
             picks.iter().map(|i| pattern[i.index(pattern.len())]).collect()
         };
         check(&pattern, &bytes)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4000))]
+
+    /// A pattern refused because it can never match indeed matches no legal region name, by
+    /// our fnmatch and by libc's.
+    #[test]
+    fn patterns_refused_as_never_matching_match_no_legal_name(
+        pattern in prop::collection::vec(prop::sample::select(b"ab-.*?\\:!".to_vec()), 1..8),
+        names in prop::collection::vec("[ab][ab.-]{0,6}", 1..8),
+    ) {
+        let Ok(text) = String::from_utf8(pattern.clone()) else { return Ok(()); };
+        if let Err(PatternError::NeverMatches { .. }) = Pattern::new(&text) {
+            for name in names.iter().filter(|n| RegionName::new(n).is_ok()) {
+                prop_assert!(!fnmatch_bytes(&pattern, name.as_bytes()), "{text:?} matched {name:?}");
+                prop_assert!(!libc_fnmatch(&pattern, name.as_bytes()), "libc: {text:?} matched {name:?}");
+            }
+        }
     }
 }
 

@@ -30,6 +30,25 @@ pub enum PatternError {
     /// The pattern ends in a lone `\`, which makes `fnmatch` fail for every name.
     #[error("pattern ends with a lone backslash and would never match")]
     TrailingBackslash,
+    /// The pattern has no bracket expression and a literal byte no region name contains
+    /// (see [`crate::name`]), so it can never match. Typically `\*` copied from a shell
+    /// command line, where QNX's documentation escapes the star to get it through the shell.
+    #[error(
+        "pattern can never match: it needs a literal {byte:?} ({}), and region names only \
+         contain A-Z a-z 0-9 _ . + -{}",
+        if *escaped { "escaped with a backslash" } else { "written as is" },
+        if *escaped && matches!(byte, '*' | '?') {
+            "; the backslash is only needed on a shell command line: write the wildcard bare"
+        } else {
+            ""
+        }
+    )]
+    NeverMatches {
+        /// The literal byte.
+        byte: char,
+        /// Whether it was written with a backslash.
+        escaped: bool,
+    },
 }
 
 /// A shell wildcard pattern (`fnpattern`), checked to be printable as one configuration token.
@@ -57,6 +76,9 @@ impl Pattern {
         if ends_with_lone_backslash(text.as_bytes()) {
             return Err(PatternError::TrailingBackslash);
         }
+        if let Some((byte, escaped)) = impossible_literal(text.as_bytes()) {
+            return Err(PatternError::NeverMatches { byte, escaped });
+        }
         Ok(Self(text.to_owned()))
     }
 
@@ -69,6 +91,34 @@ impl Pattern {
     pub fn matches(&self, name: &str) -> bool {
         super::fnmatch(&self.0, name)
     }
+}
+
+/// In a pattern without bracket expressions (no `[` at all, so every byte is a literal, an
+/// escaped literal, `*` or `?`), the first literal that no region name can contain, and whether
+/// it was escaped. Patterns with a `[` are not judged: a bracket expression may still match.
+fn impossible_literal(bytes: &[u8]) -> Option<(char, bool)> {
+    if bytes.contains(&b'[') {
+        return None;
+    }
+    let mut rest = bytes;
+    while let Some((&byte, after)) = rest.split_first() {
+        let (literal, escaped, after) = match byte {
+            b'*' | b'?' => {
+                rest = after;
+                continue;
+            }
+            b'\\' => match after.split_first() {
+                Some((&escaped, after)) => (escaped, true, after),
+                None => return None,
+            },
+            _ => (byte, false, after),
+        };
+        if !crate::name::is_name_byte(literal) {
+            return Some((char::from(literal), escaped));
+        }
+        rest = after;
+    }
+    None
 }
 
 /// Whether the text ends in an odd run of backslashes (the last one escapes nothing).

@@ -240,7 +240,45 @@ fn pattern_type_checks_writability() {
         Err(PatternError::ForbiddenByte { byte: '\0' })
     );
     assert_eq!(Pattern::new("ab\\"), Err(PatternError::TrailingBackslash));
-    assert!(Pattern::new("ab\\\\").is_ok());
+    // `test\*` from a shell command line matches only the name "test*", which cannot exist.
+    let shell = Pattern::new("test\\*").unwrap_err();
+    assert_eq!(
+        shell,
+        PatternError::NeverMatches {
+            byte: '*',
+            escaped: true
+        }
+    );
+    assert!(
+        shell.to_string().contains("write the wildcard bare"),
+        "{shell}"
+    );
+    assert_eq!(
+        Pattern::new("a:b*"),
+        Err(PatternError::NeverMatches {
+            byte: ':',
+            escaped: false
+        })
+    );
+    assert_eq!(
+        Pattern::new("\\\\*"),
+        Err(PatternError::NeverMatches {
+            byte: '\\',
+            escaped: true
+        })
+    );
+    // Escaped name bytes are fine, and bracket expressions are not judged.
+    assert!(Pattern::new("\\t\\e\\s\\t*").is_ok());
+    assert!(Pattern::new("test[\\*x]").is_ok());
+    assert!(Pattern::new("[!:]*").is_ok());
+    // An even run of backslashes ends in an escaped (literal) backslash, not a lone one.
+    assert_eq!(
+        Pattern::new("ab\\\\"),
+        Err(PatternError::NeverMatches {
+            byte: '\\',
+            escaped: true
+        })
+    );
     let long = "x".repeat(MAX_PATTERN_LEN + 1);
     assert_eq!(
         Pattern::new(&long),

@@ -144,6 +144,19 @@ fn every_error_names_file_line_and_option() {
         ("[vm.a]\ngroup = \"\"\n", 2, "vm.a.group", "empty group"),
         ("[vm.a]\nsubst = \",g\"\nrules = [\"allow x\", \"permit y\"]\n", 3, "vm.a.rules", "unknown keyword"),
         ("[vm.a]\nsubst = \"x\"\n", 2, "vm.a.subst", "no comma"),
+        // A pattern pasted from a shell command line (`allow test\*`) can never match.
+        (
+            "[vm.a]\nrules = ['allow test\\*']\n",
+            2,
+            "vm.a.rules",
+            "write the wildcard bare",
+        ),
+        (
+            "[vm.a]\nqnx = '''\nallow pluto\nallow test\\*\n'''\n",
+            4,
+            "vm.a.qnx: allow",
+            "write the wildcard bare",
+        ),
         ("[vm.a]\nloc = 4096\n", 2, "vm.a.loc", "loc needs intr"),
         ("[vm.a]\nintr = 3\nloc = 4097\n", 3, "vm.a.loc", "not aligned"),
         ("[vm.a]\nsched = 0\n", 2, "vm.a.sched", "1..=255"),
