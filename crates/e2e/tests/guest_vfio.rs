@@ -237,6 +237,20 @@ fn guests_ring_each_other_and_the_host_through_vfio_and_sysfs() {
     .unwrap();
     let listed = b.run_ok("ivshm guest list", COMMAND).unwrap();
     assert!(listed.contains("driver=none"), "{listed}");
+    // Also when the command fails: a wait that times out still gives the device back.
+    let timed_out = b
+        .run(
+            "ivshm guest wait --count 1 --timeout 1 --restore-driver",
+            COMMAND,
+        )
+        .unwrap();
+    assert!(
+        timed_out.status != 0 && timed_out.output.contains("timed out"),
+        "{}",
+        timed_out.output
+    );
+    let listed = b.run_ok("ivshm guest list", COMMAND).unwrap();
+    assert!(listed.contains("driver=none"), "{listed}");
 
     // sysfs mode: memory, own id, ringing the host, and a polled doorbell between the guests.
     let info = a.run_ok("ivshm guest info --mode sysfs", COMMAND).unwrap();
