@@ -150,7 +150,7 @@ impl IvshmemDevice {
         Self::open_found(found, options)
     }
 
-    /// Opens a device found by [`find_devices`].
+    /// Opens a device found by [`find_devices`](crate::find_devices).
     pub fn open_found(
         found: FoundDevice,
         options: &OpenOptions,

@@ -1,0 +1,129 @@
+//! ivshmem doorbells: the BAR0 register block, ringing a peer, and waiting for own vectors
+//! (MSI-X delivered to eventfds under VFIO, [`VectorEventfds`], or polling a counter in shared
+//! memory otherwise, [`PollDoorbells`]).
+
+mod eventfd;
+mod polling;
+
+pub use eventfd::{take_eventfd, wait_eventfd, VectorEventfds};
+pub use polling::PollDoorbells;
+
+use rustix::event::Timespec;
+use rustix::io::Errno;
+use std::time::{Duration, Instant};
+
+/// BAR0 offset of IntrMask (revision 0 only).
+pub const REG_INTR_MASK: usize = 0;
+/// BAR0 offset of IntrStatus (revision 0 only).
+pub const REG_INTR_STATUS: usize = 4;
+/// BAR0 offset of IVPosition: own peer ID (0 on ivshmem-plain).
+pub const REG_IV_POSITION: usize = 8;
+/// BAR0 offset of Doorbell: write `(peer << 16) | vector`.
+pub const REG_DOORBELL: usize = 12;
+/// Size of the ivshmem register block (BAR0).
+pub const REGISTER_BLOCK_SIZE: usize = 256;
+/// Largest vector a doorbell can name: QEMU decodes only the low 8 bits of the vector field, so a
+/// larger value would ring a different vector.
+pub const MAX_DOORBELL_VECTOR: u16 = 255;
+
+/// The value written to the Doorbell register to ring `vector` of `peer`.
+pub fn doorbell_value(peer: u16, vector: u16) -> u32 {
+    (u32::from(peer) << 16) | u32::from(vector)
+}
+
+/// Doorbell failures.
+#[derive(Debug, thiserror::Error)]
+pub enum DoorbellError {
+    /// A vector this device does not have.
+    #[error("vector {vector} is out of range: this device has {vectors} vector(s) (0..{vectors})")]
+    VectorOutOfRange {
+        /// The vector asked for.
+        vector: u16,
+        /// How many the device has.
+        vectors: u16,
+    },
+    /// A vector the Doorbell register cannot encode.
+    #[error("vector {vector} cannot be rung: QEMU's ivshmem decodes only vectors 0..={MAX_DOORBELL_VECTOR}")]
+    VectorTooLarge {
+        /// The vector asked for.
+        vector: u16,
+    },
+    /// Nothing arrived in time.
+    #[error("no doorbell on {} within {timeout:?}", vector.map_or("any vector".to_owned(), |v| format!("vector {v}")))]
+    Timeout {
+        /// The vector waited on (`None`: any).
+        vector: Option<u16>,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// The device was opened without interrupts and no polling area was configured.
+    #[error(
+        "this device has no interrupts in its access mode ({reason}); waiting needs the VFIO mode, or a \
+         polling area in shared memory agreed with the sender (set_poll_area / --poll-offset)"
+    )]
+    NoInterrupts {
+        /// Why (e.g. "sysfs mode").
+        reason: &'static str,
+    },
+    /// The polling area does not fit the shared memory.
+    #[error("polling area at offset {offset:#x} for {vectors} vector(s) does not fit in {size} bytes of shared memory (or is not 4-byte aligned)")]
+    BadPollArea {
+        /// Offset of the area.
+        offset: usize,
+        /// Vectors it must hold.
+        vectors: u32,
+        /// Shared memory size.
+        size: usize,
+    },
+    /// An eventfd operation failed.
+    #[error("eventfd {op} failed: {error}")]
+    Eventfd {
+        /// Which operation.
+        op: &'static str,
+        /// The OS error.
+        error: Errno,
+    },
+    /// Ringing a peer failed (e.g. a host peer's unknown target).
+    #[error("ringing failed: {0}")]
+    Ring(String),
+    /// Register access failed.
+    #[error("register access failed: {0}")]
+    Register(String),
+}
+
+fn check_vector(vector: u16, vectors: u16) -> Result<usize, DoorbellError> {
+    if vector < vectors {
+        Ok(usize::from(vector))
+    } else {
+        Err(DoorbellError::VectorOutOfRange { vector, vectors })
+    }
+}
+
+/// A timeout this long is as good as forever (and keeps `Instant` arithmetic in range).
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// `now + timeout`, with the timeout capped at 100 years: `Instant + Duration` panics on overflow, and
+/// timeouts come from users (`--timeout 1e19`).
+pub fn deadline_after(timeout: Duration) -> Instant {
+    Instant::now() + timeout.min(FOREVER)
+}
+
+fn timespec(timeout: Duration) -> Timespec {
+    Timespec {
+        tv_sec: timeout.as_secs().try_into().unwrap_or(i64::MAX),
+        tv_nsec: timeout.subsec_nanos().into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doorbell_value_encoding() {
+        assert_eq!(doorbell_value(0, 0), 0);
+        assert_eq!(doorbell_value(1, 2), 0x0001_0002);
+        assert_eq!(doorbell_value(0xffff, 0xff), 0xffff_00ff);
+        assert_eq!(doorbell_value(3, 0), 3 << 16);
+    }
+}
