@@ -1,19 +1,17 @@
-//! Logging set-up shared by all binaries: `tracing` to stderr, level from `-v` or `RUST_LOG`.
+//! Logging set-up shared by all binaries (`ivshm` and the drop-in programs): `tracing` to
+//! stderr, `RUST_LOG` if set, else the level the program asks for; colours only on a terminal.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global subscriber. `verbose` counts `-v` flags (0 = `quiet_level`, which is
-/// `info` for most commands; benchmarks pass `warn` so the in-process server's join and leave
-/// lines do not clutter their figures).
-pub fn init(verbose: u8, quiet_level: &str) {
-    let default = match verbose {
-        0 => quiet_level,
-        1 => "debug",
-        _ => "trace",
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+/// Installs the global subscriber with `default_level` unless `RUST_LOG` says otherwise.
+pub fn init(default_level: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }

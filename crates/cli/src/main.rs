@@ -49,7 +49,12 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(_) => "warn",
         _ => "info",
     };
-    logging::init(cli.verbose, quiet_level);
+    // -v debug, -vv trace.
+    logging::init(match cli.verbose {
+        0 => quiet_level,
+        1 => "debug",
+        _ => "trace",
+    });
     match cli.command {
         Command::Serve(args) => cmd::serve::run(args),
         Command::Host(c) => cmd::host::run(c),
