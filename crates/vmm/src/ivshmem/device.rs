@@ -128,6 +128,30 @@ fn identity() -> PciIdentity {
     }
 }
 
+/// QEMU's `master=on|off|auto` property: which device owns the region's contents for
+/// migration. `bool` converts to `On`/`Off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Master {
+    /// Not the master: the device cannot be migrated (QEMU adds a migration blocker).
+    #[default]
+    Off,
+    /// The master: migrates the region; with a server it must be the first peer (id 0).
+    On,
+    /// The master exactly when its id is 0 (always true for `ivshmem-plain`, whose
+    /// IVPosition is 0).
+    Auto,
+}
+
+impl From<bool> for Master {
+    fn from(on: bool) -> Master {
+        if on {
+            Master::On
+        } else {
+            Master::Off
+        }
+    }
+}
+
 impl IvshmemDevice {
     fn common(shm_size: u64, master: bool) -> Result<IvshmemDevice, IvshmemError> {
         if !shm_size.is_power_of_two() || shm_size < 4096 {
@@ -166,8 +190,11 @@ impl IvshmemDevice {
     }
 
     /// `ivshmem-plain`: shared memory of `shm_size` bytes, IVPosition 0, no interrupts.
-    pub fn new_plain(shm_size: u64, master: bool) -> Result<IvshmemDevice, IvshmemError> {
-        IvshmemDevice::common(shm_size, master)
+    pub fn new_plain(
+        shm_size: u64,
+        master: impl Into<Master>,
+    ) -> Result<IvshmemDevice, IvshmemError> {
+        IvshmemDevice::common(shm_size, master.into() != Master::Off)
     }
 
     /// `ivshmem-doorbell` with `vectors` MSI-X vectors, joined to peers through `link`.
@@ -176,14 +203,19 @@ impl IvshmemDevice {
         shm_size: u64,
         vectors: usize,
         link: Box<dyn DoorbellLink>,
-        master: bool,
+        master: impl Into<Master>,
     ) -> Result<IvshmemDevice, IvshmemError> {
         if vectors == 0 || vectors > MAX_VECTORS {
             return Err(IvshmemError::BadVectors(vectors));
         }
-        if master && link.own_id() != 0 {
-            return Err(IvshmemError::MasterNotFirst(link.own_id()));
-        }
+        let master = match master.into() {
+            Master::Off => false,
+            Master::Auto => link.own_id() == 0,
+            Master::On if link.own_id() != 0 => {
+                return Err(IvshmemError::MasterNotFirst(link.own_id()))
+            }
+            Master::On => true,
+        };
         let mut dev = IvshmemDevice::common(shm_size, master)?;
         dev.config.add_bar(PciBar {
             index: 1,
@@ -708,6 +740,19 @@ mod tests {
             IvshmemDevice::new_doorbell(4096, 1, Box::new(bus.join(1).unwrap()), true),
             Err(IvshmemError::MasterNotFirst(1))
         ));
+        // master=auto: the master exactly when the server gave it id 0.
+        let auto_second =
+            IvshmemDevice::new_doorbell(4096, 1, Box::new(bus.join(1).unwrap()), Master::Auto)
+                .unwrap();
+        assert!(!auto_second.is_master());
+        let empty = LocalDoorbellBus::new();
+        let auto_first =
+            IvshmemDevice::new_doorbell(4096, 1, Box::new(empty.join(1).unwrap()), Master::Auto)
+                .unwrap();
+        assert!(auto_first.is_master());
+        assert!(IvshmemDevice::new_plain(4096, Master::Auto)
+            .unwrap()
+            .is_master());
         let peer = IvshmemDevice::new_plain(4096, false).unwrap();
         assert!(matches!(peer.save_state(), Err(IvshmemError::NotMaster)));
         let mut m = IvshmemDevice::new_plain(4096, true).unwrap();

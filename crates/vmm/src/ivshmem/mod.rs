@@ -27,7 +27,7 @@ pub mod kvm;
 pub mod link;
 
 pub use device::{
-    InterruptBackend, IvshmemDevice, IvshmemError, IvshmemState, IVSHMEM_DEVICE_ID,
+    InterruptBackend, IvshmemDevice, IvshmemError, IvshmemState, Master, IVSHMEM_DEVICE_ID,
     IVSHMEM_REVISION, IVSHMEM_SUBSYSTEM_ID, IVSHMEM_VENDOR_ID, MSIX_BAR_SIZE, MSIX_PBA_OFFSET,
     REGISTERS_BAR_SIZE, REG_DOORBELL, REG_INTR_MASK, REG_INTR_STATUS, REG_IV_POSITION,
 };
