@@ -3,18 +3,17 @@
 //! are reported once; a bad file stops the program with `FILE:LINE: OPTION: message`; the
 //! control socket refuses users other than root unless its mode says otherwise.
 
-use std::io::{BufRead, BufReader};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::process::{kill_process, Pid, Signal};
 
 mod common;
-use common::Peer;
+use common::{stream_stderr, wait_line, Peer};
 
 /// Failure guard for every wait (never a timing assertion).
 const GUARD: Duration = Duration::from_secs(30);
@@ -38,30 +37,8 @@ fn serve(config: &Path) -> (Child, Receiver<String>, Arc<Mutex<Vec<String>>>) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let kept = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            kept.lock().unwrap().push(line.clone());
-            let _ = tx.send(line);
-        }
-    });
+    let (rx, log) = stream_stderr(&mut child);
     (child, rx, log)
-}
-
-/// Waits (with the guard) for a stderr line containing `needle`; returns it.
-fn wait_line(lines: &Receiver<String>, needle: &str) -> String {
-    let deadline = Instant::now() + GUARD;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains(needle) => return line,
-            Ok(_) => {}
-            Err(e) => panic!("no line containing {needle:?}: {e}"),
-        }
-    }
 }
 
 fn signal(child: &Child, signal: Signal) {

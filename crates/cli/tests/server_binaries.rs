@@ -11,7 +11,7 @@ use rustix::event::{poll, PollFd, PollFlags};
 use rustix::process::{kill_process, pidfd_open, Pid, PidfdFlags, Signal};
 
 mod common;
-use common::{Peer, Received};
+use common::{stream_stderr, wait_line, Peer, Received};
 
 /// Failure guard for every wait (never a timing assertion).
 const GUARD: Duration = Duration::from_secs(30);
@@ -236,26 +236,8 @@ fn spawn_serve_with_log(args: &[&str], fd_limit: Option<u32>) -> (Child, mpsc::R
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (rx, _log) = stream_stderr(&mut child);
     (child, rx)
-}
-
-/// Receives lines until one contains `needle` (guarded); returns it.
-fn wait_line(rx: &mpsc::Receiver<String>, needle: &str) -> String {
-    loop {
-        let line = rx
-            .recv_timeout(GUARD)
-            .unwrap_or_else(|_| panic!("no line containing {needle:?}"));
-        if line.contains(needle) {
-            return line;
-        }
-    }
 }
 
 #[test]

@@ -1,11 +1,13 @@
-//! Property: whatever the server sends, the handshake and the peer table never leak an fd.
+//! Property: whatever the server sends, the handshake and the peer table never panic and
+//! never leak an fd; a finished handshake refuses more messages; no more own vectors are kept
+//! than asked for.
 //!
 //! Its own test binary with a single test, so counting `/proc/self/fd` is not disturbed by
 //! other tests running in parallel.
 
 use std::os::fd::OwnedFd;
 
-use ivshm_client::handshake::{Handshake, Step};
+use ivshm_client::handshake::{Handshake, HandshakeError, Step};
 use proptest::prelude::*;
 use rustix::event::{eventfd, EventfdFlags};
 
@@ -45,9 +47,22 @@ proptest! {
                         let _ = ivshm_client::PeerTable::apply(t, value, fd);
                     }
                     None => match handshake.feed(value, fd) {
-                        Ok(Step::Complete(e)) => table = Some(e.table),
+                        Ok(Step::Complete(e)) => {
+                            prop_assert!(e.table.own_vector_count() <= 2);
+                            prop_assert_eq!(
+                                handshake.feed(0, None).unwrap_err(),
+                                HandshakeError::Finished
+                            );
+                            table = Some(e.table);
+                        }
                         Ok(Step::Continue) => {}
-                        Err(_) => break,
+                        Err(_) => {
+                            prop_assert_eq!(
+                                handshake.feed(0, None).unwrap_err(),
+                                HandshakeError::Finished
+                            );
+                            break;
+                        }
                     },
                 }
             }

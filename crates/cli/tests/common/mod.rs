@@ -1,10 +1,15 @@
-//! What the program tests share: a raw v0 peer that reads what the server sends.
+//! What the program tests share: a raw v0 peer that reads what the server sends, and the
+//! server's stderr read line by line.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::process::Child;
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ivshm_proto::fd_passing::MessageReader;
 pub use ivshm_proto::fd_passing::Received;
@@ -39,6 +44,35 @@ impl Peer {
         match self.receive() {
             Received::Message { value, fd } => (value, fd),
             other => panic!("no message: {other:?}"),
+        }
+    }
+}
+
+/// Reads the child's piped stderr on a thread: every line is kept in the returned log and sent
+/// on the channel.
+pub fn stream_stderr(child: &mut Child) -> (Receiver<String>, Arc<Mutex<Vec<String>>>) {
+    let stderr = child.stderr.take().expect("stderr must be piped");
+    let (tx, rx) = mpsc::channel();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let kept = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            kept.lock().unwrap().push(line.clone());
+            let _ = tx.send(line);
+        }
+    });
+    (rx, log)
+}
+
+/// Waits (at most [`READ_GUARD`]) for a line containing `needle`; returns it.
+pub fn wait_line(lines: &Receiver<String>, needle: &str) -> String {
+    let deadline = Instant::now() + READ_GUARD;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no line containing {needle:?}: {e}"),
         }
     }
 }
