@@ -1,13 +1,14 @@
 //! The built `ivshm` host commands and `ivshmem-client` against an in-process server.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use ivshm_client::{ConnectOptions, Event, Peer, PeerEvent};
 use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
+use ivshm_test_support::process::{HostProcess, Stream};
+use ivshm_test_support::WAIT_GUARD;
 
 const TEN_S: Option<Duration> = Some(Duration::from_secs(10));
 
@@ -50,29 +51,15 @@ fn next_event(p: &mut Peer) -> Event {
     p.wait(TEN_S).unwrap().expect("no event within 10 s")
 }
 
-/// Spawns a program and streams its stdout lines into a channel.
-fn spawn_lines(mut cmd: Command) -> (Child, Receiver<String>) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (child, rx)
+/// Starts a program (stdin a pipe) with its output captured line by line.
+fn spawn_lines(name: &str, mut cmd: Command) -> HostProcess {
+    cmd.env("RUST_LOG", "warn");
+    HostProcess::spawn_with_stdin(name, cmd).unwrap()
 }
 
-fn line(rx: &Receiver<String>) -> String {
-    rx.recv_timeout(Duration::from_secs(10))
-        .expect("no output line within 10 s")
+/// The next stdout line.
+fn line(p: &HostProcess) -> String {
+    p.next_line(Stream::Stdout, WAIT_GUARD).unwrap()
 }
 
 #[test]
@@ -135,20 +122,20 @@ fn listen_prints_doorbells_joins_and_leaves() {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ivshm"));
     cmd.args(["listen", "--count", "3", "--timeout", "20", "--socket"])
         .arg(&path);
-    let (mut child, rx) = spawn_lines(cmd);
-    assert_eq!(line(&rx), "self id=1 vectors=2 size=65536");
-    assert_eq!(line(&rx), "peer id=0 vectors=2");
+    let mut child = spawn_lines("ivshm listen", cmd);
+    assert_eq!(line(&child), "self id=1 vectors=2 size=65536");
+    assert_eq!(line(&child), "peer id=0 vectors=2");
     assert_eq!(
         next_event(&mut a),
         Event::Peer(PeerEvent::Joined { id: 1, vectors: 2 })
     );
     a.notify(1, 1).unwrap();
-    assert_eq!(line(&rx), "doorbell vector=1");
+    assert_eq!(line(&child), "doorbell vector=1");
     let b = peer(&path);
-    assert_eq!(line(&rx), "join peer=2 vectors=2");
+    assert_eq!(line(&child), "join peer=2 vectors=2");
     drop(b);
-    assert_eq!(line(&rx), "leave peer=2");
-    assert!(child.wait().unwrap().success());
+    assert_eq!(line(&child), "leave peer=2");
+    assert!(child.wait_exit(WAIT_GUARD).unwrap().success());
 }
 
 #[test]
@@ -210,68 +197,58 @@ fn ivshmem_client_dumps_rings_and_reports() {
     let _s = server(&path, 2);
     let mut a = peer(&path);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ivshmem-client"));
-    cmd.arg("-S").arg(&path).stdin(Stdio::piped());
-    let (mut child, rx) = spawn_lines(cmd);
-    let mut stdin = child.stdin.take().unwrap();
+    cmd.arg("-S").arg(&path);
+    let mut child = spawn_lines("ivshmem-client", cmd);
     // Help first, then the connection line (the prompt has no newline, so it prefixes it).
-    assert_eq!(line(&rx), "dump: dump peers (including us)");
+    assert_eq!(line(&child), "dump: dump peers (including us)");
     for _ in 0..3 {
-        line(&rx);
+        line(&child);
     }
-    assert!(line(&rx).starts_with("cmd> listen on server socket "));
+    assert!(line(&child).starts_with("cmd> listen on server socket "));
     assert_eq!(
         next_event(&mut a),
         Event::Peer(PeerEvent::Joined { id: 1, vectors: 2 })
     );
-    stdin.write_all(b"dump\n").unwrap();
-    assert_eq!(line(&rx), "our_id = 1");
-    assert!(line(&rx).starts_with("  vector 0 is enabled (fd="));
-    assert!(line(&rx).starts_with("  vector 1 is enabled (fd="));
-    assert_eq!(line(&rx), "peer_id = 0");
-    line(&rx);
-    line(&rx);
-    stdin.write_all(b"int 0 1;int 9 0\n").unwrap();
+    child.stdin().unwrap().write_all(b"dump\n").unwrap();
+    assert_eq!(line(&child), "our_id = 1");
+    assert!(line(&child).starts_with("  vector 0 is enabled (fd="));
+    assert!(line(&child).starts_with("  vector 1 is enabled (fd="));
+    assert_eq!(line(&child), "peer_id = 0");
+    line(&child);
+    line(&child);
+    child
+        .stdin()
+        .unwrap()
+        .write_all(b"int 0 1;int 9 0\n")
+        .unwrap();
     assert_eq!(next_event(&mut a), Event::Doorbell { vector: 1 });
-    assert_eq!(line(&rx), "cmd> cannot find peer_id = 9");
+    assert_eq!(line(&child), "cmd> cannot find peer_id = 9");
     a.notify(1, 0).unwrap();
     assert_eq!(
-        line(&rx),
+        line(&child),
         "cmd> receive notification from peer_id=1 vector=0"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 #[test]
 fn ivshmem_client_retries_until_the_server_is_there_and_after_it_left() {
     let path = socket_path("qemu-client-retry");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ivshmem-client"));
-    cmd.arg("-S")
-        .arg(&path)
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped());
-    let (mut child, rx) = spawn_lines(cmd);
-    let stderr = child.stderr.take().unwrap();
-    let (etx, erx) = channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if etx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    assert_eq!(line(&erx), "cannot connect to server, retry in 1 second");
+    cmd.arg("-S").arg(&path);
+    let child = spawn_lines("ivshmem-client", cmd);
+    assert_eq!(
+        child.next_line(Stream::Stderr, WAIT_GUARD).unwrap(),
+        "cannot connect to server, retry in 1 second"
+    );
     for _ in 0..4 {
-        line(&rx); // the help text
+        line(&child); // the help text
     }
     let first = server(&path, 1);
-    assert!(line(&rx).starts_with("cmd> listen on server socket "));
+    assert!(line(&child).starts_with("cmd> listen on server socket "));
     first.shutdown().unwrap();
-    assert_eq!(line(&rx), "disconnected from server");
+    assert_eq!(line(&child), "disconnected from server");
     let _second = server(&path, 1);
-    assert!(line(&rx).starts_with("listen on server socket "));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    assert!(line(&child).starts_with("listen on server socket "));
 }
 
 #[test]
@@ -289,18 +266,18 @@ fn listen_with_reconnect_survives_a_server_restart() {
         "--socket",
     ])
     .arg(&path);
-    let (mut child, rx) = spawn_lines(cmd);
-    assert_eq!(line(&rx), "self id=0 vectors=1 size=65536");
+    let mut child = spawn_lines("ivshm listen --reconnect", cmd);
+    assert_eq!(line(&child), "self id=0 vectors=1 size=65536");
     first.shutdown().unwrap();
-    assert_eq!(line(&rx), "server gone");
+    assert_eq!(line(&child), "server gone");
     // A different server on the same path: the listener joins it and says what it got.
     let _second = server(&path, 2);
-    assert_eq!(line(&rx), "reconnected");
-    assert_eq!(line(&rx), "self id=0 vectors=2 size=65536");
+    assert_eq!(line(&child), "reconnected");
+    assert_eq!(line(&child), "self id=0 vectors=2 size=65536");
     let _b = peer(&path);
     // Only this join counts towards --count 1 (server gone / reconnected do not).
-    assert_eq!(line(&rx), "join peer=1 vectors=2");
-    assert!(child.wait().unwrap().success());
+    assert_eq!(line(&child), "join peer=1 vectors=2");
+    assert!(child.wait_exit(WAIT_GUARD).unwrap().success());
 }
 
 #[test]
@@ -309,12 +286,11 @@ fn listen_without_reconnect_fails_when_the_server_goes() {
     let s = server(&path, 1);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ivshm"));
     cmd.args(["listen", "--timeout", "60", "--socket"])
-        .arg(&path)
-        .stderr(Stdio::piped());
-    let (child, rx) = spawn_lines(cmd);
-    assert_eq!(line(&rx), "self id=0 vectors=1 size=65536");
+        .arg(&path);
+    let mut child = spawn_lines("ivshm listen", cmd);
+    assert_eq!(line(&child), "self id=0 vectors=1 size=65536");
     s.shutdown().unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--reconnect"));
+    assert_eq!(child.wait_exit(WAIT_GUARD).unwrap().code(), Some(1));
+    let stderr = child.lines(Stream::Stderr).join("\n");
+    assert!(stderr.contains("--reconnect"), "{stderr}");
 }

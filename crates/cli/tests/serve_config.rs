@@ -5,18 +5,11 @@
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-use rustix::process::{kill_process, Pid, Signal};
-
-mod common;
-use common::{stream_stderr, wait_line, Peer};
-
-/// Failure guard for every wait (never a timing assertion).
-const GUARD: Duration = Duration::from_secs(30);
+use ivshm_test_support::process::{HostProcess, Signal, Stream};
+use ivshm_test_support::v0::RawPeer;
+use ivshm_test_support::WAIT_GUARD as GUARD;
 
 fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ivshm-serve-cfg-{tag}-{}", std::process::id()));
@@ -25,24 +18,18 @@ fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
-/// `ivshm serve --config FILE` with its stderr read line by line: every line is kept in the
-/// returned log and sent on the channel.
-fn serve(config: &Path) -> (Child, Receiver<String>, Arc<Mutex<Vec<String>>>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ivshm"))
-        .arg("serve")
-        .arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (rx, log) = stream_stderr(&mut child);
-    (child, rx, log)
+/// `ivshm serve --config FILE` with its output captured line by line.
+fn serve(config: &Path) -> HostProcess {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ivshm"));
+    command.arg("serve").arg("--config").arg(config);
+    HostProcess::spawn("ivshm serve --config", command).unwrap()
 }
 
-fn signal(child: &Child, signal: Signal) {
-    kill_process(Pid::from_raw(child.id() as i32).unwrap(), signal).unwrap();
+/// Waits (with the guard) for a stderr line containing `needle`; returns it.
+fn wait_line(server: &HostProcess, needle: &str) -> String {
+    server
+        .wait_line_containing(Stream::Stderr, needle, GUARD)
+        .unwrap()
 }
 
 /// Socket names in a directory, sorted.
@@ -53,29 +40,6 @@ fn listing(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
-}
-
-impl Peer {
-    /// The handshake of a peer joining a one-vector region that holds `others`: returns its id
-    /// and its shm fd.
-    fn handshake(&mut self, others: &[i64]) -> (i64, OwnedFd) {
-        assert_eq!(self.recv().0, 0, "version");
-        let (id, fd) = self.recv();
-        assert!(fd.is_none());
-        let (minus_one, shm) = self.recv();
-        assert_eq!(minus_one, -1);
-        for &other in others {
-            let (value, fd) = self.recv();
-            assert_eq!(
-                (value, fd.is_some()),
-                (other, true),
-                "peer {other}'s vector"
-            );
-        }
-        let (own, fd) = self.recv();
-        assert_eq!((own, fd.is_some()), (id, true), "own vector");
-        (id, shm.expect("shm fd"))
-    }
 }
 
 const BEFORE: &str = r#"
@@ -125,25 +89,26 @@ fn sighup_reloads_without_dropping_peers_and_reports_orphans() {
     let config = dir.join("ivshm.toml");
     let header = format!("root = {:?}\n", root.display().to_string());
     std::fs::write(&config, format!("{header}{BEFORE}")).unwrap();
-    let (child, lines, log) = serve(&config);
+    let mut server = serve(&config);
     wait_line(
-        &lines,
+        &server,
         &format!("listening on {}", root.join("control.sock").display()),
     );
     wait_line(
-        &lines,
+        &server,
         &format!("listening on {}", root.join("vm1/factory.sock").display()),
     );
     assert_eq!(listing(&root.join("vm0")), ["factory.sock", "mem.sock"]);
     assert_eq!(listing(&root.join("vm1")), ["factory.sock"]);
 
-    let mut first = Peer::connect(&root.join("vm0/mem.sock"));
-    let (first_id, first_shm) = first.handshake(&[]);
+    let mut first = RawPeer::connect(&root.join("vm0/mem.sock"));
+    let first_joined = first.handshake(1, &[]);
+    let (first_id, first_shm) = (first_joined.id, first_joined.shm);
 
     std::fs::write(&config, format!("{header}{AFTER}")).unwrap();
-    signal(&child, Signal::HUP);
+    server.signal(Signal::HUP);
     // The orphan report: the socket goes, the peer that joined through it stays.
-    let orphan = wait_line(&lines, "stay connected");
+    let orphan = wait_line(&server, "stay connected");
     assert!(
         orphan.contains("reload: VM vm0: removed socket"),
         "{orphan}"
@@ -153,7 +118,7 @@ fn sighup_reloads_without_dropping_peers_and_reports_orphans() {
         "{orphan}"
     );
     assert!(orphan.contains("region guest0mem"), "{orphan}");
-    wait_line(&lines, "reload: VM vm1: added socket");
+    wait_line(&server, "reload: VM vm1: added socket");
     // vm0's `subst ,guest0` maps every name it could ask for to `guest0...`: it cannot see `late`.
     assert_eq!(listing(&root.join("vm0")), ["factory.sock"]);
     assert_eq!(
@@ -163,26 +128,23 @@ fn sighup_reloads_without_dropping_peers_and_reports_orphans() {
 
     // The first peer was not dropped: a newcomer through vm1 meets it, shares its memory, and
     // the first peer is told about the newcomer.
-    let mut second = Peer::connect(&root.join("vm1/guest0mem.sock"));
-    let (second_id, second_shm) = second.handshake(&[first_id]);
+    let mut second = RawPeer::connect(&root.join("vm1/guest0mem.sock"));
+    let second_joined = second.handshake(1, &[first_id]);
     let inode = |fd: &OwnedFd| rustix::fs::fstat(fd).unwrap().st_ino;
-    assert_eq!(inode(&first_shm), inode(&second_shm));
-    let (joined, fd) = first.recv();
-    assert_eq!((joined, fd.is_some()), (second_id, true));
+    assert_eq!(inode(&first_shm), inode(&second_joined.shm));
+    first.expect_join(second_joined.id, 1);
 
     // A second SIGHUP with an unchanged file changes nothing; the placement warning stays one.
-    signal(&child, Signal::HUP);
-    wait_line(&lines, "reload: nothing changed");
+    server.signal(Signal::HUP);
+    wait_line(&server, "reload: nothing changed");
+    let log = server.lines(Stream::Stderr);
     let warnings = log
-        .lock()
-        .unwrap()
         .iter()
         .filter(|line| line.contains("cannot apply to QEMU guests"))
         .count();
-    assert_eq!(warnings, 1, "{:#?}", log.lock().unwrap());
+    assert_eq!(warnings, 1, "{log:#?}");
 
-    signal(&child, Signal::TERM);
-    let status = wait_exit(child);
+    let status = server.terminate(GUARD).unwrap();
     assert!(status.success(), "{status:?}");
     assert!(!root.join("vm0").exists() && !root.join("vm1").exists());
     let _ = std::fs::remove_dir_all(dir);
@@ -200,28 +162,16 @@ fn a_bad_file_stops_the_server_with_file_line_and_option() {
         ),
     )
     .unwrap();
-    let (child, lines, _) = serve(&config);
-    let line = wait_line(&lines, "permit");
+    let mut server = serve(&config);
+    let line = wait_line(&server, "permit");
     assert!(
         line.contains(&format!("{}:3: vm.vm0.rules: ", config.display())),
         "{line}"
     );
     assert!(line.contains("unknown keyword \"permit\""), "{line}");
-    assert!(!wait_exit(child).success());
+    assert!(!server.wait_exit(GUARD).unwrap().success());
     assert!(!dir.join("root").exists(), "nothing was set up");
     let _ = std::fs::remove_dir_all(dir);
-}
-
-/// Waits (with the guard) for the child to exit.
-fn wait_exit(mut child: Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + GUARD;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "the server did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// `ivshm stats` as the unprivileged user `nobody` (uid/gid 65534) through `setpriv`; `None`
@@ -252,8 +202,8 @@ fn the_control_socket_is_root_only_by_default() {
             dir.join("root").display().to_string()
         );
         std::fs::write(&config, text).unwrap();
-        let (child, lines, _) = serve(&config);
-        wait_line(&lines, &format!("listening on {}", control.display()));
+        let mut server = serve(&config);
+        wait_line(&server, &format!("listening on {}", control.display()));
         let as_root = Command::new(env!("CARGO_BIN_EXE_ivshm"))
             .args(["stats", "--control"])
             .arg(&control)
@@ -271,8 +221,7 @@ fn the_control_socket_is_root_only_by_default() {
                 assert!(stderr.contains("control socket"), "{stderr}");
             }
         }
-        signal(&child, Signal::TERM);
-        assert!(wait_exit(child).success());
+        assert!(server.terminate(GUARD).unwrap().success());
     }
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -8,12 +8,9 @@
 use std::os::fd::OwnedFd;
 
 use ivshm_client::handshake::{Handshake, HandshakeError, Step};
+use ivshm_test_support::fds::open_fds;
 use proptest::prelude::*;
 use rustix::event::{eventfd, EventfdFlags};
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
 
 fn efd() -> OwnedFd {
     eventfd(0, EventfdFlags::CLOEXEC).unwrap()

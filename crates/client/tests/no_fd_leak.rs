@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 use common::{socket_path, TEN_S};
 use ivshm_client::{ConnectOptions, Event, Peer, PeerEvent};
 use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
+use ivshm_test_support::fds::open_fds;
 
 /// The server releases a leaving peer's fds on its own thread: wait (bounded) for the count.
 fn wait_for_count(want: usize) {

@@ -13,10 +13,10 @@
 //! - [`background`]: guest commands running in the background while the test goes on.
 //! - [`guest_tool`]: the `ivshm guest` tool in VFIO guests (waits, rings, hex reads/writes).
 //! - [`pci`]: finding `ivshmem` devices in the guest and `devmem` access to their BARs.
-//! - [`host`]: host processes with captured output lines.
+//! - [`host`]: host processes with captured output lines (from `ivshm-test-support`).
 //! - [`ivshm`]: the host `ivshm` server, listener, read and write.
 //! - [`scratch`]: temporary directories and `/dev/shm` files removed on drop.
-//! - [`orphan`]: children are killed when the test process dies.
+//! - [`orphan`]: children are killed when the test process dies (from `ivshm-test-support`).
 
 pub mod assets;
 pub mod background;
@@ -24,14 +24,15 @@ pub mod binaries;
 pub mod console;
 pub mod cpio;
 pub mod guest_tool;
-pub mod host;
 pub mod initramfs;
 pub mod ivshm;
-pub mod orphan;
 pub mod pci;
 pub mod qemu;
 pub mod scratch;
 pub mod workspace;
+
+pub use ivshm_test_support::orphan;
+pub use ivshm_test_support::process as host;
 
 pub use assets::GuestAssets;
 pub use background::BackgroundCommand;

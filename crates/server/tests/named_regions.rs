@@ -11,13 +11,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{readable_now, ring, take, wait_readable, RawPeer, WAIT_LIMIT_SECS};
+use common::{readable_now, ring, take, wait_readable, RawPeer, WAIT_GUARD};
 use ivshm_policy::GuestShmStatus;
 use ivshm_proto::control::{ControlRequest, ControlResponse, ControlResult, CreateRegion};
 use ivshm_proto::factory::{decode_line, encode_line, FactoryRequest, FactoryResponse};
 use ivshm_server::{config_file, ServerHandle};
 
-const LIMIT: Duration = Duration::from_secs(WAIT_LIMIT_SECS as u64);
+const LIMIT: Duration = WAIT_GUARD;
 
 /// A server started from a configuration file in a fresh directory.
 struct Setup {

@@ -1,5 +1,6 @@
-//! A scripted fake v0 server for tests, built from `ivshm_proto`.
-#![allow(dead_code)]
+//! A scripted fake v0 server for tests, built from `ivshm_proto`; fd waits come from
+//! `ivshm-test-support`.
+#![allow(dead_code, unused_imports)]
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -8,7 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ivshm_proto::send_message_blocking;
-use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
+use rustix::event::{eventfd, EventfdFlags};
+
+pub use ivshm_test_support::fds::{wait_readable, wait_rung};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -66,35 +69,4 @@ pub fn greet(
     }
 }
 
-/// Reads an eventfd, waiting up to 10 s for it to be rung; returns its counter.
-pub fn wait_rung(fd: &OwnedFd) -> u64 {
-    let mut fds = [PollFd::new(fd, PollFlags::IN)];
-    let ten = Timespec {
-        tv_sec: 10,
-        tv_nsec: 0,
-    };
-    assert_eq!(
-        poll(&mut fds, Some(&ten)).unwrap(),
-        1,
-        "eventfd not rung in 10 s"
-    );
-    let mut buf = [0u8; 8];
-    assert_eq!(rustix::io::read(fd, &mut buf).unwrap(), 8);
-    u64::from_ne_bytes(buf)
-}
-
 pub const TEN_S: Option<Duration> = Some(Duration::from_secs(10));
-
-/// Waits up to 10 s for `fd` to become readable.
-pub fn wait_readable(fd: BorrowedFd<'_>) {
-    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
-    let ten = Timespec {
-        tv_sec: 10,
-        tv_nsec: 0,
-    };
-    assert_eq!(
-        poll(&mut fds, Some(&ten)).unwrap(),
-        1,
-        "fd not readable in 10 s"
-    );
-}

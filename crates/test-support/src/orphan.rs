@@ -25,7 +25,7 @@ fn spawner() -> io::Result<Sender<Request>> {
     }
     let (sender, receiver) = channel::<Request>();
     std::thread::Builder::new()
-        .name("e2e-spawner".into())
+        .name("test-spawner".into())
         .spawn(move || {
             for (mut command, reply) in receiver {
                 // The receiver may have given up; nothing to do then.

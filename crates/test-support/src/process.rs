@@ -1,20 +1,23 @@
-//! Host-side processes with captured output: each of stdout and stderr is read line by line
-//! by a thread, and tests wait for lines matching a predicate. Killed on drop.
+//! Child processes with captured output: each of stdout and stderr is read line by line by a
+//! thread, and tests wait for lines matching a predicate, for the next line, or for the exit.
+//! Every wait is bounded and fails with the last lines of both streams. Killed on drop, and
+//! when the test process dies ([`orphan`]).
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rustix::process::{kill_process, Pid, Signal};
+pub use rustix::process::Signal;
+use rustix::process::{kill_process, Pid};
 
 use crate::orphan;
 
 /// How many lines of each stream failure messages show.
 const TAIL_LINES: usize = 30;
 
-/// A host process failed or did not print what was expected.
+/// A child process failed or did not print what was expected.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     /// The program could not be started.
@@ -171,7 +174,7 @@ fn spawn_line_reader(
     buffer: Arc<LineBuffer>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
-        .name("e2e-host-lines".into())
+        .name("test-lines".into())
         .spawn(move || {
             let mut reader = BufReader::new(stream);
             let mut bytes = Vec::new();
@@ -203,6 +206,7 @@ pub enum Stream {
 pub struct HostProcess {
     name: String,
     child: Child,
+    stdin: Option<ChildStdin>,
     stdout: Arc<LineBuffer>,
     stderr: Arc<LineBuffer>,
     readers: Vec<JoinHandle<()>>,
@@ -212,11 +216,20 @@ pub struct HostProcess {
 impl HostProcess {
     /// Starts `command` with piped stdout and stderr (stdin is `/dev/null`); `name` is used
     /// in messages. The process is killed if the test process dies.
-    pub fn spawn(name: &str, mut command: Command) -> Result<Self, HostError> {
+    pub fn spawn(name: &str, command: Command) -> Result<Self, HostError> {
+        Self::spawn_with(name, command, Stdio::null())
+    }
+
+    /// As [`spawn`](Self::spawn), with stdin a pipe the test writes to ([`stdin`](Self::stdin)).
+    pub fn spawn_with_stdin(name: &str, command: Command) -> Result<Self, HostError> {
+        Self::spawn_with(name, command, Stdio::piped())
+    }
+
+    fn spawn_with(name: &str, mut command: Command, stdin: Stdio) -> Result<Self, HostError> {
         let description = format!("{command:?}");
-        eprintln!("e2e: {name}: starting {description}");
+        eprintln!("{name}: starting {description}");
         command
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = orphan::spawn(command).map_err(|source| HostError::Spawn {
@@ -229,6 +242,7 @@ impl HostProcess {
         let pipes = (child.stdout.take(), child.stderr.take());
         let mut process = Self {
             name: name.to_string(),
+            stdin: child.stdin.take(),
             child,
             stdout: Arc::clone(&stdout),
             stderr: Arc::clone(&stderr),
@@ -259,6 +273,28 @@ impl HostProcess {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The write end of its stdin, if it was started with
+    /// [`spawn_with_stdin`](Self::spawn_with_stdin) (`None` after [`close_stdin`](Self::close_stdin)).
+    pub fn stdin(&mut self) -> Option<&mut ChildStdin> {
+        self.stdin.as_mut()
+    }
+
+    /// Closes its stdin (the program reads end-of-file).
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Sends `signal` (ignored if the process has been reaped).
+    pub fn signal(&self, signal: Signal) {
+        if self.exit_status.is_some() {
+            return;
+        }
+        if let Some(pid) = i32::try_from(self.child.id()).ok().and_then(Pid::from_raw) {
+            // The process may have exited already; a wait tells.
+            let _ = kill_process(pid, signal);
+        }
     }
 
     fn buffer(&self, stream: Stream) -> &LineBuffer {
@@ -308,6 +344,27 @@ impl HostProcess {
                 context: self.failure_context(),
             }),
         }
+    }
+
+    /// The first line of `stream` not returned by an earlier wait: reads a stream in order when
+    /// every wait on it uses this.
+    pub fn next_line(&self, stream: Stream, timeout: Duration) -> Result<String, HostError> {
+        self.wait_line(stream, "the next line", timeout, |_| true)
+    }
+
+    /// [`wait_line`](Self::wait_line) for a line that contains `needle`.
+    pub fn wait_line_containing(
+        &self,
+        stream: Stream,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<String, HostError> {
+        self.wait_line(
+            stream,
+            &format!("a line containing {needle:?}"),
+            timeout,
+            |l| l.contains(needle),
+        )
     }
 
     /// [`wait_line`](Self::wait_line) on stdout for a line equal to `line`.
@@ -371,14 +428,7 @@ impl HostProcess {
     /// Sends SIGTERM and waits up to `timeout` for exit; kills with SIGKILL if it is still
     /// running then.
     pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus, HostError> {
-        if self.exit_status.is_none() {
-            if let Ok(raw) = i32::try_from(self.child.id()) {
-                if let Some(pid) = Pid::from_raw(raw) {
-                    // The process may have exited already; the wait below tells.
-                    let _ = kill_process(pid, Signal::TERM);
-                }
-            }
-        }
+        self.signal(Signal::TERM);
         match self.wait_exit(timeout) {
             Ok(status) => Ok(status),
             Err(_) => {

@@ -1,0 +1,25 @@
+//! `ivshm-test-support`: what the ivshm crates' tests share, in one place instead of a copy per
+//! test directory. Used only as a dev-dependency (and by the `ivshm-e2e` harness); never
+//! published.
+//!
+//! - [`v0`]: a raw protocol-version-0 peer that checks every message a server sends
+//!   ([`v0::RawPeer`]), the way QEMU's `ivshmem` device sees a server.
+//! - [`fds`]: waiting for an fd with a guard timeout, ringing and reading eventfds, counting
+//!   this process's open fds.
+//! - [`process`]: child processes whose stdout and stderr are captured line by line, with
+//!   waits for a line and for the exit (every wait bounded, failures show the last lines).
+//! - [`orphan`]: children that die with the test process.
+//!
+//! Every wait here has a failure guard ([`WAIT_GUARD`] unless the caller gives one): a test
+//! that hangs fails with a message instead; no wait is a timing assertion.
+
+use std::time::Duration;
+
+pub mod fds;
+pub mod orphan;
+pub mod process;
+pub mod v0;
+
+/// The failure guard of every wait that takes no timeout: long enough for a loaded 2-core
+/// machine, short enough that a hung test fails in reasonable time.
+pub const WAIT_GUARD: Duration = Duration::from_secs(30);
