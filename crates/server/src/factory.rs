@@ -159,7 +159,7 @@ fn memory_status(error: &ServerError) -> GuestShmStatus {
         BackendError::Size(_)
         | BackendError::HugePageRounding { .. }
         | BackendError::TooLarge(_) => GuestShmStatus::NoMem,
-        BackendError::Sys { errno, .. }
+        BackendError::Sys { errno, .. } | BackendError::Resize { errno, .. }
             if [Errno::NOMEM, Errno::NOSPC, Errno::FBIG, Errno::INVAL].contains(errno) =>
         {
             GuestShmStatus::NoMem

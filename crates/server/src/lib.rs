@@ -32,7 +32,8 @@
 //! Modules: [`config`] (what to serve), [`named`] (named regions and VMs), [`config_file`]
 //! (the TOML file), [`ids`] (id allocation), [`queue`] (a peer's
 //! outgoing messages), [`listener`] (socket creation and removal), [`group`] (`/etc/group`),
-//! [`limits`] (fd limits), [`signals`], [`pidfile`], [`stats`]; the loop, regions and peers are internal.
+//! [`limits`] (fd limits), [`signals`], [`pidfile`], [`stats`], [`observer`] (hooks for programs
+//! that report joins and leaves themselves); the loop, regions and peers are internal.
 
 pub mod config;
 pub mod config_file;
@@ -46,6 +47,7 @@ pub mod ids;
 pub mod limits;
 pub mod listener;
 pub mod named;
+pub mod observer;
 mod peer;
 pub mod pidfile;
 pub mod queue;
@@ -64,6 +66,7 @@ pub use group::GroupSpec;
 pub use handle::ServerHandle;
 pub use ids::IdPolicy;
 pub use named::{NamedConfig, NamedRegionConfig, VmConfig};
+pub use observer::Observer;
 pub use peer::RemovalReason;
 pub use region::RegionInfo;
 pub use server::{Control, ControlAction, Server};

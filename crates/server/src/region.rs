@@ -8,7 +8,7 @@
 //! Leaving: every remaining peer gets the id without an fd.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -24,6 +24,7 @@ use crate::ids::{lowest_free, IdAllocator, IdPolicy};
 use crate::limits::{fd_exhaustion_message, is_fd_exhaustion, ReserveFd};
 use crate::listener::Listener;
 use crate::named::Origin;
+use crate::observer::Observer;
 use crate::peer::{Peer, RemovalReason};
 use crate::queue::OutgoingQueue;
 use crate::stats::Stats;
@@ -39,6 +40,8 @@ pub(crate) struct LoopContext<'a> {
     pub(crate) reserve: &'a mut ReserveFd,
     /// Peers connected over all regions (for log lines).
     pub(crate) total_peers: usize,
+    /// Told about accepted connections, joins and removals.
+    pub(crate) observer: &'a mut dyn Observer,
 }
 
 /// Public facts about a region.
@@ -285,7 +288,10 @@ impl Region {
                 return;
             };
             match socket.listener.accept() {
-                Ok(Some(connection)) => self.join(connection, key, ctx),
+                Ok(Some(connection)) => {
+                    ctx.observer.accepted(&self.name, connection.as_fd());
+                    self.join(connection, key, ctx)
+                }
                 Ok(None) => return,
                 // `accept` needs a free fd before it even looks at the queue.
                 Err(e) if is_fd_exhaustion(e) => {
@@ -452,6 +458,7 @@ impl Region {
             ctx.stats.refused();
             return;
         }
+        ctx.observer.joined(&self.name, id, peer.socket());
 
         let mut failed = Vec::new();
         for other in self.peers.values_mut() {
@@ -535,6 +542,7 @@ impl Region {
             self.via.remove(&id);
             let _ = ctx.poller.remove(peer.socket());
             ctx.stats.removed(reason.is_drop());
+            ctx.observer.removed(&self.name, id, &reason);
             if reason.is_drop() {
                 tracing::warn!(region = %self.name, peer = id, peers = self.peers.len(), "dropped peer {id}: {reason}");
             } else {

@@ -13,6 +13,7 @@ use crate::endpoints::Endpoints;
 use crate::event_loop::{token_of, Poller, Token};
 use crate::limits::{raise_nofile_limit, ReserveFd};
 use crate::named::Origin;
+use crate::observer::{Observer, ObserverSlot};
 use crate::region::{LoopContext, Region, RegionInfo};
 use crate::stats::Stats;
 use crate::vm_dirs::Named;
@@ -61,6 +62,7 @@ pub struct Server {
     /// VM directories, factories, control socket.
     pub(crate) named: Option<Named>,
     pub(crate) endpoints: Endpoints,
+    observer: ObserverSlot,
 }
 
 impl Server {
@@ -85,6 +87,7 @@ impl Server {
             max_queued_messages: config.max_queued_messages,
             named: None,
             endpoints: Endpoints::default(),
+            observer: ObserverSlot::default(),
         };
         for region in &config.regions {
             let index = server.allocate_region_index();
@@ -115,6 +118,12 @@ impl Server {
         self.next_listener += 1;
         self.listener_owner.insert(key, region);
         key
+    }
+
+    /// Installs `observer`: the loop calls it as connections come and peers go (see
+    /// [`Observer`]).
+    pub fn set_observer(&mut self, observer: impl Observer + Send + 'static) {
+        self.observer.set(Box::new(observer));
     }
 
     /// The live counters.
@@ -162,6 +171,7 @@ impl Server {
             self.poller.wait(&mut events).map_err(ServerError::Epoll)?;
             let removed_before = self.removed_count();
             let mut touched: Vec<usize> = Vec::new();
+            let mut peers_or_listeners = false;
             for event in &events {
                 let flags = event.flags;
                 match token_of(event) {
@@ -183,6 +193,7 @@ impl Server {
                         }
                     }
                     Some(Token::Listener(key)) => {
+                        peers_or_listeners = true;
                         let Some(&index) = self.listener_owner.get(&key) else {
                             continue;
                         };
@@ -191,6 +202,7 @@ impl Server {
                         }
                     }
                     Some(Token::Peer(serial)) => {
+                        peers_or_listeners = true;
                         // A peer removed earlier in this batch has no entry any more.
                         let Some(&(index, id)) = self.connections.get(&serial) else {
                             continue;
@@ -217,6 +229,9 @@ impl Server {
                     self.reap(index);
                 }
             }
+            if peers_or_listeners {
+                self.observer.get().wakeup_handled();
+            }
         }
     }
 
@@ -231,6 +246,7 @@ impl Server {
             next_serial: &mut self.next_serial,
             reserve: &mut self.reserve,
             total_peers,
+            observer: self.observer.get(),
         };
         Some((region, ctx))
     }

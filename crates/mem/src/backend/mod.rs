@@ -54,6 +54,16 @@ pub enum BackendError {
         /// The error.
         errno: Errno,
     },
+    /// The object could not be given its size (`ftruncate`).
+    #[error("sizing {what} to {size} bytes: {errno}")]
+    Resize {
+        /// What was being sized.
+        what: String,
+        /// The size asked for.
+        size: u64,
+        /// The error.
+        errno: Errno,
+    },
     /// The size is not a multiple of the huge page size and cannot be rounded up.
     #[error(
         "size {size} bytes cannot be rounded up to a multiple of the {page}-byte huge page size"
@@ -173,8 +183,11 @@ pub fn create(
 
 /// Sets the size of `fd` to `size` bytes (`ftruncate`).
 pub(crate) fn set_size(fd: BorrowedFd<'_>, size: u64, what: &str) -> Result<(), BackendError> {
-    rustix::fs::ftruncate(fd, size)
-        .map_err(|e| BackendError::sys(format!("sizing {what} to {size} bytes"), e))
+    rustix::fs::ftruncate(fd, size).map_err(|errno| BackendError::Resize {
+        what: what.to_string(),
+        size,
+        errno,
+    })
 }
 
 /// The size `fstat` reports for `fd`.
