@@ -11,4 +11,6 @@ pub mod size;
 
 pub use backend::{BackendError, BackendKind, SharedMemory};
 pub use mapping::{MapError, Mapping, OutOfBounds, SharedView};
-pub use size::{apply_pow2_policy, format_size, parse_size, Pow2Error, Pow2Policy, SizeError};
+pub use size::{
+    apply_pow2_policy, format_size, parse_size, unit_shift, Pow2Error, Pow2Policy, SizeError,
+};

@@ -72,6 +72,16 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
         .ok_or_else(|| SizeError::Overflow(input.to_string()))
 }
 
+/// The power of two a unit letter stands for: `K` 10, `M` 20, `G` 30, `T` 40, `P` 50, `E` 60
+/// (either case); `None` for any other character.
+pub fn unit_shift(unit: char) -> Option<u32> {
+    let unit = unit.to_ascii_lowercase();
+    UNITS
+        .iter()
+        .find(|(c, _)| *c == unit)
+        .map(|&(_, shift)| shift)
+}
+
 /// Returns the power-of-two shift a suffix stands for, or `None` if it is not a size suffix.
 fn parse_suffix(suffix: &str) -> Option<u32> {
     let lower = suffix.to_ascii_lowercase();
@@ -79,8 +89,7 @@ fn parse_suffix(suffix: &str) -> Option<u32> {
         return Some(0);
     }
     let mut chars = lower.chars();
-    let unit = chars.next()?;
-    let shift = UNITS.iter().find(|(c, _)| *c == unit)?.1;
+    let shift = unit_shift(chars.next()?)?;
     match chars.as_str() {
         "" | "b" | "ib" => Some(shift),
         _ => None,

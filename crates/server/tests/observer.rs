@@ -1,0 +1,123 @@
+//! The loop's observer hooks: what they report, with the fds and ids the peers really have.
+
+mod common;
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use ivshm_server::{
+    Control, ControlAction, Observer, RegionConfig, RemovalReason, Server, ServerConfig,
+};
+use rustix::event::{eventfd, EventfdFlags};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    Accepted(String, RawFd),
+    Joined(String, u16, RawFd),
+    Removed(String, u16, RemovalReason),
+    Wakeup,
+}
+
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<Vec<Seen>>>);
+
+impl Recorder {
+    fn take(&self) -> Vec<Seen> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+impl Observer for Recorder {
+    fn accepted(&mut self, region: &str, socket: BorrowedFd<'_>) {
+        let seen = Seen::Accepted(region.into(), socket.as_raw_fd());
+        self.0.lock().unwrap().push(seen);
+    }
+    fn joined(&mut self, region: &str, id: u16, socket: BorrowedFd<'_>) {
+        let seen = Seen::Joined(region.into(), id, socket.as_raw_fd());
+        self.0.lock().unwrap().push(seen);
+    }
+    fn removed(&mut self, region: &str, id: u16, reason: &RemovalReason) {
+        let seen = Seen::Removed(region.into(), id, reason.clone());
+        self.0.lock().unwrap().push(seen);
+    }
+    fn wakeup_handled(&mut self) {
+        self.0.lock().unwrap().push(Seen::Wakeup);
+    }
+}
+
+/// The events recorded until the last one is a wake-up (the loop runs on another thread).
+fn until_wakeup(recorder: &Recorder) -> Vec<Seen> {
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT_GUARD;
+    while seen.last() != Some(&Seen::Wakeup) {
+        assert!(std::time::Instant::now() < deadline, "no wake-up: {seen:?}");
+        seen.extend(recorder.take());
+        std::thread::yield_now();
+    }
+    seen
+}
+
+#[test]
+fn observer_sees_accepts_joins_removals_and_wakeups_with_real_fds() {
+    let path = socket_path("observer");
+    let mut region = RegionConfig::new(&path);
+    region.name = "r".into();
+    let mut server = Server::new(ServerConfig::single(region)).unwrap();
+    let recorder = Recorder::default();
+    server.set_observer(recorder.clone());
+    let stop = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap());
+    let thread_stop = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let controls = [Control {
+            fd: thread_stop.as_fd(),
+            action: ControlAction::Stop,
+        }];
+        server.run_until(&controls).unwrap();
+    });
+
+    let mut a = RawPeer::connect(&path);
+    a.handshake(1, &[]);
+    let seen = until_wakeup(&recorder);
+    let [Seen::Accepted(region, fd), Seen::Joined(joined_region, 0, joined_fd), Seen::Wakeup] =
+        &seen[..]
+    else {
+        panic!("{seen:?}");
+    };
+    assert_eq!((region.as_str(), joined_region.as_str()), ("r", "r"));
+    assert_eq!(fd, joined_fd);
+    // The fd is the server's end of A's connection: the same socket pair (same inode).
+    let server_end = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+    let ours = std::fs::read_link(format!("/proc/self/fd/{}", a.sock.as_raw_fd())).unwrap();
+    assert!(
+        server_end.to_string_lossy().starts_with("socket:["),
+        "{server_end:?}"
+    );
+    assert_ne!(server_end, ours, "the server's end, not ours");
+
+    let mut b = RawPeer::connect(&path);
+    b.handshake(1, &[0]);
+    let seen = until_wakeup(&recorder);
+    assert!(
+        matches!(
+            &seen[..],
+            [Seen::Accepted(_, _), Seen::Joined(_, 1, _), Seen::Wakeup]
+        ),
+        "{seen:?}"
+    );
+    a.expect_join(1, 1);
+
+    drop(b);
+    let seen = until_wakeup(&recorder);
+    assert_eq!(
+        seen,
+        [
+            Seen::Removed("r".into(), 1, RemovalReason::Closed),
+            Seen::Wakeup
+        ]
+    );
+    a.expect_leave(1);
+
+    ring(&*stop);
+    thread.join().unwrap();
+}
