@@ -6,6 +6,8 @@
 mod cmd;
 mod logging;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -42,7 +44,11 @@ enum Command {
     Control(cmd::control::ControlCommand),
 }
 
-fn main() -> anyhow::Result<()> {
+/// Runs the command; an error is printed as its message and its causes on one line
+/// (`{:#}`), never with the backtrace anyhow captures when `RUST_BACKTRACE` or
+/// `RUST_LIB_BACKTRACE` is set: these are the user's errors (a bad file, a server that is
+/// not there), not the program's.
+fn main() -> ExitCode {
     let cli = Cli::parse();
     // Benchmarks run a server in-process: its info lines would bury the figures.
     let quiet_level = match cli.command {
@@ -55,12 +61,19 @@ fn main() -> anyhow::Result<()> {
         1 => "debug",
         _ => "trace",
     });
-    match cli.command {
+    let result = match cli.command {
         Command::Serve(args) => cmd::serve::run(args),
         Command::Host(c) => cmd::host::run(c),
         Command::Bench(c) => cmd::bench::run(c),
         Command::Guest(c) => cmd::guest::run(c),
         Command::Policy(c) => cmd::policy::run(c),
         Command::Control(c) => cmd::control::run(c),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }
