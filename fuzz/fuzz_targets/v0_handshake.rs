@@ -10,11 +10,15 @@
 //!   without an fd, and a completed handshake reports that id as its own;
 //! - once finished (complete or failed), the machine refuses further messages;
 //! - no peer ever holds more than the maximum of 64 vectors;
-//! - after the handshake, the table reports `Left` only for a peer it held;
+//! - after the handshake, every `Left` is of a peer the user knew of: listed by the table at
+//!   the start (or that arrived before our own first vector: there before us) or reported
+//!   `Joined` before (a peer whose vectors were still arriving is reported joined, then left);
+//!   every `Joined` is of a peer not known yet; the table lists exactly those peers;
 //! - no fd leaks: when everything is dropped, the process has as many open fds as before.
 
 #![no_main]
 
+use std::collections::BTreeSet;
 use std::os::fd::OwnedFd;
 
 use ivshm_client::handshake::Step;
@@ -74,25 +78,50 @@ fn run(data: &[u8]) {
     assert!(matches!(handshake.feed(0, None), Err(HandshakeError::Finished)));
 
     let mut table = established.table;
+    // The peers the user knows of: those the table lists at the start, then as its events
+    // say. A peer whose vectors were still arriving is reported joined, then left, when it
+    // goes: every `Left` must follow its presence or a `Joined` (in the same batch or earlier).
+    let mut known: BTreeSet<u16> = table.peer_ids().into_iter().collect();
     for (value, fd) in records {
-        let held = table.peer_ids();
+        // Before our own first vector, a peer's vectors are those of a peer that was there
+        // before us (QEMU's server sends them first): present, never reported as joining.
+        let before_own_vectors = table.own_vector_count() == 0;
         if let Ok(applied) = table.apply(value, fd) {
             for event in applied.events {
-                match event {
-                    PeerEvent::Joined { vectors, .. } => assert!(vectors <= MAX_VECTORS),
-                    PeerEvent::Left { id } => {
-                        assert!(held.contains(&id), "peer {id} left but was never there");
-                    }
-                }
+                observe(&mut known, event);
             }
+        }
+        if before_own_vectors {
+            known.extend(table.peer_ids());
         }
         assert!(table.own_vector_count() <= MAX_VECTORS);
         for id in table.peer_ids() {
             assert!(table.peer_vector_count(id).unwrap_or(0) <= MAX_VECTORS);
         }
+        assert_eq!(
+            table.peer_ids().into_iter().collect::<BTreeSet<u16>>(),
+            known,
+            "the table lists other peers than its events announced"
+        );
     }
     for event in table.end_of_burst() {
-        assert!(matches!(event, PeerEvent::Joined { vectors, .. } if vectors <= MAX_VECTORS));
+        assert!(matches!(event, PeerEvent::Joined { .. }), "{event:?}");
+        observe(&mut known, event);
+    }
+    assert_eq!(table.peer_ids().into_iter().collect::<BTreeSet<u16>>(), known);
+}
+
+/// Checks one event against the peers known so far and updates them: a join is of a peer not
+/// known yet with at most 64 vectors, a leave of a known peer.
+fn observe(known: &mut BTreeSet<u16>, event: PeerEvent) {
+    match event {
+        PeerEvent::Joined { id, vectors } => {
+            assert!(vectors <= MAX_VECTORS, "peer {id} joined with {vectors} vectors");
+            assert!(known.insert(id), "peer {id} joined twice");
+        }
+        PeerEvent::Left { id } => {
+            assert!(known.remove(&id), "peer {id} left but was never there");
+        }
     }
 }
 
