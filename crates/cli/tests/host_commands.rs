@@ -138,6 +138,45 @@ fn listen_prints_doorbells_joins_and_leaves() {
     assert!(child.wait_exit(WAIT_GUARD).unwrap().success());
 }
 
+/// A peer that joins while `listen` sets up its connection is told about once: in the `peer`
+/// lines, not again as a `join` (the server here is scripted so that peer 1's vector arrives
+/// in the same burst as our own: always inside the connect window).
+#[test]
+fn listen_tells_of_a_peer_that_joins_during_the_connect_window_once() {
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixListener;
+    let path = socket_path("listen-window");
+    let listener = UnixListener::bind(&path).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ivshm"));
+    cmd.args(["listen", "--count", "1", "--timeout", "20", "--socket"])
+        .arg(&path);
+    let mut child = spawn_lines("ivshm listen", cmd);
+    let (stream, _) = listener.accept().unwrap();
+    let send = |value: i64, fd: Option<std::os::fd::BorrowedFd<'_>>| {
+        ivshm_proto::send_message_blocking(stream.as_fd(), value, fd).unwrap()
+    };
+    let shm = rustix::fs::memfd_create("listen-window", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&shm, 4096).unwrap();
+    let eventfd = || rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+    let (own, other) = (eventfd(), eventfd());
+    send(0, None); // version
+    send(0, None); // our id
+    send(-1, Some(shm.as_fd()));
+    send(0, Some(own.as_fd())); // our vector: the connect window is open
+    send(1, Some(other.as_fd())); // peer 1 joins with as many vectors as we have
+    assert_eq!(line(&child), "self id=0 vectors=1 size=4096");
+    assert_eq!(line(&child), "peer id=1 vectors=1");
+    send(1, None); // peer 1 leaves: the one event of --count 1
+    assert_eq!(line(&child), "leave peer=1");
+    assert!(child.wait_exit(WAIT_GUARD).unwrap().success());
+    assert_eq!(
+        child.lines(Stream::Stdout).len(),
+        3,
+        "{:?}",
+        child.lines(Stream::Stdout)
+    );
+}
+
 #[test]
 fn listen_times_out_with_status_1() {
     let path = socket_path("listen-timeout");

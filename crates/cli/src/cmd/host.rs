@@ -4,6 +4,7 @@
 //! with QEMU's `ivshmem-client`), does its job and disconnects. Machine-readable output goes to
 //! stdout, flushed after every line.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -232,6 +233,29 @@ fn counts(event: &Event) -> bool {
     matches!(event, Event::Doorbell { .. } | Event::Peer(_))
 }
 
+/// The peers `ivshm listen` has told about (a `peer` line or a `join` line), so that each
+/// join and leave is printed once: a peer that joins while the connection is being set up is
+/// in the `peer` lines already and its queued `Joined` event is no news (nor is a `Left` of a
+/// peer that was never told about, one that came and went during the set-up).
+#[derive(Debug, Default)]
+struct ToldPeers(BTreeSet<u16>);
+
+impl ToldPeers {
+    /// The peers of the `peer` lines just printed for `peer`.
+    fn listed(peer: &Peer) -> ToldPeers {
+        ToldPeers(peer.peer_ids().into_iter().collect())
+    }
+
+    /// Whether `event` is news to print, remembering the peers it tells about.
+    fn is_news(&mut self, event: &Event) -> bool {
+        match event {
+            Event::Peer(PeerEvent::Joined { id, .. }) => self.0.insert(*id),
+            Event::Peer(PeerEvent::Left { id }) => self.0.remove(id),
+            _ => true,
+        }
+    }
+}
+
 fn listen(a: ListenArgs) -> anyhow::Result<()> {
     let timeout = match a.timeout {
         Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s)),
@@ -246,6 +270,7 @@ fn listen(a: ListenArgs) -> anyhow::Result<()> {
     };
     let mut peer = connect_with(&a.socket, timeout, opts)?;
     print_self_and_peers(&peer)?;
+    let mut told = ToldPeers::listed(&peer);
     let mut seen = 0u64;
     loop {
         if a.count.is_some_and(|k| seen >= k) {
@@ -257,15 +282,17 @@ fn listen(a: ListenArgs) -> anyhow::Result<()> {
             Some(Event::ServerGone) if !a.reconnect => {
                 bail!("the server closed the connection (use --reconnect to wait for it)")
             }
-            Some(ev) => {
+            Some(ev) if told.is_news(&ev) => {
                 line(format_args!("{}", event_line(&ev)))?;
                 if counts(&ev) {
                     seen += 1;
                 }
                 if matches!(ev, Event::Reconnected { .. }) {
                     print_self_and_peers(&peer)?;
+                    told = ToldPeers::listed(&peer);
                 }
             }
+            Some(ev) => tracing::debug!(?ev, "already told"),
             None => {
                 let secs = timeout.map(|t| t.as_secs_f64()).unwrap_or(0.0);
                 match a.count {
