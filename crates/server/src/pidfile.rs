@@ -1,8 +1,23 @@
 //! A pid file that is removed again when the server stops.
+//!
+//! A pid file often lives in a directory others can write (`/tmp`, a shared run directory), so
+//! nothing here follows a link planted at its path:
+//! - the pid is written to a fresh file of our own in the same directory, created relative to
+//!   a directory fd with `O_CREAT | O_EXCL | O_NOFOLLOW` (which never opens an existing entry,
+//!   a symlink included), then renamed over the path: `rename` replaces the directory entry
+//!   itself, so a symlink there is replaced and its target left untouched, and a reader sees
+//!   the old file or the whole new one, never a half-written one;
+//! - on drop the path is removed only if it still names our file (same device and inode,
+//!   looked up without following a link; the file is kept open meanwhile, so that no other
+//!   file can get its inode number), so a file someone put there since stays.
 
+use std::ffi::{OsStr, OsString};
 use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{AtFlags, Mode, OFlags, CWD};
+use rustix::io::Errno;
 use thiserror::Error;
 
 /// The pid file could not be written.
@@ -15,26 +30,57 @@ pub struct PidFileError {
     pub source: std::io::Error,
 }
 
-/// A written pid file; removed on drop if it still holds our pid.
+/// A written pid file; removed on drop if the path still names it.
 #[derive(Debug)]
 pub struct PidFile {
     path: PathBuf,
-    pid: u32,
+    /// The directory holding it (an `O_PATH` fd: names are looked up relative to it).
+    dir: OwnedFd,
+    /// Its name in `dir`.
+    name: OsString,
+    /// The file we wrote, held open so that its inode number stays its own.
+    _file: OwnedFd,
+    /// Its device and inode.
+    identity: (u64, u64),
 }
 
+/// Temporary names tried before giving up (each is taken only if some other file has it).
+const TEMPORARY_NAME_TRIES: u32 = 100;
+
 impl PidFile {
-    /// Writes this process's pid (and a newline) to `path`, replacing what was there.
+    /// Writes this process's pid (and a newline) to `path`, replacing what was there (a stale
+    /// pid file, or a symlink, which is replaced and never followed). `path` must end in a
+    /// file name; a directory there is an error.
     pub fn create(path: &Path) -> Result<PidFile, PidFileError> {
-        let pid = std::process::id();
-        let err = |source| PidFileError {
+        let err = |source: std::io::Error| PidFileError {
             path: path.to_path_buf(),
             source,
         };
-        let mut file = std::fs::File::create(path).map_err(err)?;
-        writeln!(file, "{pid}").map_err(err)?;
+        let name = path.file_name().ok_or_else(|| {
+            err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the path does not end in a file name",
+            ))
+        })?;
+        let dir_path = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let dir = rustix::fs::openat(
+            CWD,
+            dir_path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| err(e.into()))?;
+        let pid = std::process::id();
+        let (file, identity) = write_replacing(&dir, name, pid).map_err(err)?;
         Ok(PidFile {
             path: path.to_path_buf(),
-            pid,
+            dir,
+            name: name.to_os_string(),
+            _file: file,
+            identity,
         })
     }
 
@@ -44,13 +90,56 @@ impl PidFile {
     }
 }
 
+/// Writes `pid` into a new file in `dir` and renames it to `name`; returns the file and its
+/// device and inode.
+fn write_replacing(
+    dir: &OwnedFd,
+    name: &OsStr,
+    pid: u32,
+) -> std::io::Result<(OwnedFd, (u64, u64))> {
+    let (file, temporary) = create_temporary(dir, pid)?;
+    let written = (|| {
+        let stat = rustix::fs::fstat(&file)?;
+        let mut file = std::fs::File::from(file);
+        writeln!(file, "{pid}")?;
+        rustix::fs::renameat(dir, &temporary, dir, name)?;
+        Ok((OwnedFd::from(file), (stat.st_dev, stat.st_ino)))
+    })();
+    if written.is_err() {
+        let _ = rustix::fs::unlinkat(dir, &temporary, AtFlags::empty());
+    }
+    written
+}
+
+/// A new, empty file of our own in `dir` (never an existing entry), and its name.
+fn create_temporary(dir: &OwnedFd, pid: u32) -> std::io::Result<(OwnedFd, OsString)> {
+    for n in 0..TEMPORARY_NAME_TRIES {
+        let temporary = OsString::from(format!(".ivshm-pid-{pid}-{n}.tmp"));
+        match rustix::fs::openat(
+            dir,
+            &temporary,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        ) {
+            Ok(file) => return Ok((file, temporary)),
+            Err(Errno::EXIST) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AlreadyExists,
+        format!("{TEMPORARY_NAME_TRIES} temporary names next to it are all taken"),
+    ))
+}
+
 impl Drop for PidFile {
     fn drop(&mut self) {
-        let ours = std::fs::read_to_string(&self.path)
-            .map(|s| s.trim() == self.pid.to_string())
-            .unwrap_or(false);
+        let ours = rustix::fs::statat(&self.dir, &self.name, AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|stat| (stat.st_dev, stat.st_ino) == self.identity);
         if ours {
-            let _ = std::fs::remove_file(&self.path);
+            let _ = rustix::fs::unlinkat(&self.dir, &self.name, AtFlags::empty());
+        } else {
+            tracing::warn!(path = %self.path.display(), "the pid file is no longer ours; leaving it");
         }
     }
 }
@@ -59,20 +148,101 @@ impl Drop for PidFile {
 mod tests {
     use super::*;
 
-    #[test]
-    fn written_and_removed() {
-        let path = std::env::temp_dir().join(format!("ivshm-pid-{}", std::process::id()));
-        let pid = PidFile::create(&path).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&path).unwrap(),
-            format!("{}\n", std::process::id())
-        );
-        drop(pid);
-        assert!(!path.exists());
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ivshm-pid-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn own_pid_line() -> String {
+        format!("{}\n", std::process::id())
     }
 
     #[test]
-    fn unwritable_is_an_error() {
+    fn written_and_removed() {
+        let dir = scratch("plain");
+        let path = dir.join("pid");
+        let pid = PidFile::create(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), own_pid_line());
+        assert_eq!(entries(&dir), ["pid"], "no temporary file left behind");
+        drop(pid);
+        assert!(!path.exists());
+        std::fs::remove_dir(dir).unwrap();
+    }
+
+    #[test]
+    fn a_stale_pid_file_is_replaced() {
+        let dir = scratch("stale");
+        let path = dir.join("pid");
+        std::fs::write(&path, "1\n").unwrap();
+        let pid = PidFile::create(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), own_pid_line());
+        drop(pid);
+        assert!(!path.exists());
+        std::fs::remove_dir(dir).unwrap();
+    }
+
+    /// A symlink planted at the path is replaced by the pid file; the file it points to is
+    /// neither written nor removed, and a dangling link's target is not created.
+    #[test]
+    fn a_planted_symlink_is_replaced_never_followed() {
+        let dir = scratch("symlink");
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let path = dir.join("pid");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let pid = PidFile::create(&path).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), own_pid_line());
+        drop(pid);
+        assert!(!path.exists());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+
+        let absent = dir.join("absent");
+        std::os::unix::fs::symlink(&absent, &path).unwrap();
+        drop(PidFile::create(&path).unwrap());
+        assert!(!absent.exists(), "the dangling link's target was created");
+        assert_eq!(entries(&dir), ["victim"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// When the path names something else by the time the server stops (a link, another
+    /// file), that stays.
+    #[test]
+    fn only_our_own_file_is_removed() {
+        let dir = scratch("replaced");
+        let path = dir.join("pid");
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let pid = PidFile::create(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        drop(pid);
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_symlink());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unwritable_is_an_error_and_leaves_nothing() {
         assert!(PidFile::create(Path::new("/nonexistent/dir/pid")).is_err());
+        let dir = scratch("isdir");
+        std::fs::create_dir(dir.join("pid")).unwrap();
+        let err = PidFile::create(&dir.join("pid")).unwrap_err();
+        assert!(err.to_string().contains("pid"), "{err}");
+        assert_eq!(entries(&dir), ["pid"], "the temporary file is removed");
+        assert!(PidFile::create(Path::new("/")).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,0 +1,111 @@
+//! `ivshm serve --pidfile` and `ivshmem-server -p` with a symlink planted at the pid file's
+//! path: the link is replaced by the pid file, the file it points to stays untouched while the
+//! server runs and after it stopped, and the pid file goes on exit.
+
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+
+use ivshm_test_support::fds::readable_within;
+use ivshm_test_support::process::{HostProcess, Signal, Stream};
+use ivshm_test_support::WAIT_GUARD as GUARD;
+use rustix::process::{kill_process, pidfd_open, Pid, PidfdFlags};
+
+const PRECIOUS: &[u8] = b"precious: must stay as it is\n";
+
+/// A fresh directory with `victim` (a file with [`PRECIOUS`]) and `pid` (a symlink to it).
+fn planted(tag: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("ivshm-pidfile-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let victim = dir.join("victim");
+    std::fs::write(&victim, PRECIOUS).unwrap();
+    let pid = dir.join("pid");
+    std::os::unix::fs::symlink(&victim, &pid).unwrap();
+    (dir, victim, pid)
+}
+
+/// The pid file is a regular file (not the link) holding `pid`; the victim is untouched.
+fn assert_replaced(pid_file: &Path, victim: &Path, pid: u32) {
+    assert_eq!(
+        std::fs::read(victim).unwrap(),
+        PRECIOUS,
+        "the link was followed"
+    );
+    let meta = std::fs::symlink_metadata(pid_file).unwrap();
+    assert!(meta.is_file(), "the pid file is {meta:?}");
+    assert_eq!(
+        std::fs::read_to_string(pid_file).unwrap(),
+        format!("{pid}\n")
+    );
+}
+
+#[test]
+fn ivshm_serve_replaces_a_planted_pidfile_link_and_never_follows_it() {
+    let (dir, victim, pid_file) = planted("serve");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ivshm"));
+    command
+        .arg("serve")
+        .arg("--socket")
+        .arg(dir.join("s.sock"))
+        .arg("--pidfile")
+        .arg(&pid_file);
+    let mut server = HostProcess::spawn("ivshm serve", command).unwrap();
+    server
+        .wait_line_containing(Stream::Stderr, "listening on", GUARD)
+        .unwrap();
+    assert_replaced(&pid_file, &victim, server.pid());
+    assert!(server.terminate(GUARD).unwrap().success());
+    assert!(!pid_file.exists(), "the pid file is removed on exit");
+    assert_eq!(std::fs::read(&victim).unwrap(), PRECIOUS);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn ivshmem_server_daemon_replaces_a_planted_pidfile_link_and_never_follows_it() {
+    let (dir, victim, pid_file) = planted("dropin");
+    let child = Command::new(env!("CARGO_BIN_EXE_ivshmem-server"))
+        .arg("-S")
+        .arg(dir.join("s.sock"))
+        .arg("-p")
+        .arg(&pid_file)
+        .arg("-m")
+        .arg(&dir)
+        .args(["-l", "64K"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let output = rx
+        .recv_timeout(GUARD)
+        .expect("launcher did not exit")
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The launcher exits once the daemon has written its pid file.
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_replaced(&pid_file, &victim, pid);
+    let daemon = Pid::from_raw(pid as i32).unwrap();
+    let pidfd = pidfd_open(daemon, PidfdFlags::empty()).expect("the daemon is running");
+    kill_process(daemon, Signal::TERM).unwrap();
+    assert!(
+        readable_within(pidfd.as_fd(), GUARD),
+        "the daemon did not exit"
+    );
+    assert!(!pid_file.exists(), "the pid file is removed on exit");
+    assert_eq!(std::fs::read(&victim).unwrap(), PRECIOUS);
+    std::fs::remove_dir_all(dir).unwrap();
+}
