@@ -6,80 +6,16 @@ use std::time::Duration;
 
 use crate::qemu::{QemuError, QemuGuest};
 
-/// PCI vendor id of `ivshmem` devices (Red Hat / Qumranet).
-pub const IVSHMEM_VENDOR: u16 = 0x1af4;
-/// PCI device id of `ivshmem-plain` and `ivshmem-doorbell`.
-pub const IVSHMEM_DEVICE: u16 = 0x1110;
-
-/// Offsets of the `ivshmem` registers in BAR0.
-pub mod regs {
-    /// Interrupt mask (unused by MSI-X devices).
-    pub const INTR_MASK: u64 = 0;
-    /// Interrupt status.
-    pub const INTR_STATUS: u64 = 4;
-    /// The device's own peer id (read-only).
-    pub const IV_POSITION: u64 = 8;
-    /// Write `(peer << 16) | vector` to ring a peer.
-    pub const DOORBELL: u64 = 12;
-}
-
-/// One line of a sysfs `resource` file: a BAR's physical range and flags.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Bar {
-    /// First physical address (0 when the BAR is unused).
-    pub start: u64,
-    /// Last physical address.
-    pub end: u64,
-    /// The kernel's resource flags.
-    pub flags: u64,
-}
-
-impl Bar {
-    /// The size in bytes (0 when the BAR is unused).
-    pub fn size(&self) -> u64 {
-        if self.start == 0 && self.end == 0 {
-            0
-        } else {
-            self.end.wrapping_sub(self.start).wrapping_add(1)
-        }
-    }
-}
-
-/// A sysfs `resource` file could not be parsed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("bad sysfs resource line {line:?}")]
-pub struct ResourceParseError {
-    /// The offending line.
-    pub line: String,
-}
+use ivshm_proto::ivshmem::{self as abi, doorbell_value, REG_DOORBELL, REG_IV_POSITION};
+use ivshm_proto::pci_resource::parse_resource_file;
+/// One line of a sysfs `resource` file (a BAR's range and flags), as [`IvshmemDevice::bars`] returns.
+pub use ivshm_proto::pci_resource::Resource;
 
 fn parse_hex(text: &str) -> Option<u64> {
     let digits = text
         .strip_prefix("0x")
         .or_else(|| text.strip_prefix("0X"))?;
     u64::from_str_radix(digits, 16).ok()
-}
-
-/// Parses a sysfs `resource` file: one `0x<start> 0x<end> 0x<flags>` line per resource,
-/// BAR0 first.
-pub fn parse_resource(text: &str) -> Result<Vec<Bar>, ResourceParseError> {
-    text.lines()
-        .filter(|line| !line.trim().is_empty())
-        .map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let bad = || ResourceParseError {
-                line: line.to_string(),
-            };
-            let [start, end, flags] = fields.as_slice() else {
-                return Err(bad());
-            };
-            Ok(Bar {
-                start: parse_hex(start).ok_or_else(bad)?,
-                end: parse_hex(end).ok_or_else(bad)?,
-                flags: parse_hex(flags).ok_or_else(bad)?,
-            })
-        })
-        .collect()
 }
 
 /// Reads `width` bits (8, 16, 32 or 64) at physical address `address` with `devmem`.
@@ -113,7 +49,7 @@ pub struct IvshmemDevice {
     pub bdf: String,
     /// The resources from sysfs (at least three: BAR0 registers, BAR1 MSI-X for the doorbell
     /// variant, BAR2 memory); private so the length is always checked.
-    bars: Vec<Bar>,
+    bars: Vec<Resource>,
 }
 
 impl IvshmemDevice {
@@ -122,8 +58,10 @@ impl IvshmemDevice {
     pub fn discover(guest: &mut QemuGuest, timeout: Duration) -> Result<Vec<Self>, QemuError> {
         let list = format!(
             "for d in /sys/bus/pci/devices/*; do \
-             if [ \"$(cat $d/vendor)\" = {IVSHMEM_VENDOR:#06x} ] && [ \"$(cat $d/device)\" = {IVSHMEM_DEVICE:#06x} ]; \
-             then echo ${{d##*/}}; fi; done"
+             if [ \"$(cat $d/vendor)\" = {vendor:#06x} ] && [ \"$(cat $d/device)\" = {device:#06x} ]; \
+             then echo ${{d##*/}}; fi; done",
+            vendor = abi::VENDOR_ID,
+            device = abi::DEVICE_ID,
         );
         let output = guest.run_ok(&list, timeout)?;
         let mut bdfs: Vec<String> = output
@@ -137,7 +75,7 @@ impl IvshmemDevice {
             let command = format!("cat /sys/bus/pci/devices/{bdf}/resource");
             let text = guest.run_ok(&command, timeout)?;
             let bars =
-                parse_resource(&text).map_err(|_| guest.unexpected_output(&command, &text))?;
+                parse_resource_file(&text).map_err(|_| guest.unexpected_output(&command, &text))?;
             if bars.len() < 3 {
                 return Err(guest.unexpected_output(&command, &text));
             }
@@ -204,23 +142,23 @@ impl IvshmemDevice {
     }
 
     /// The resources from sysfs `resource`, BAR0 first.
-    pub fn bars(&self) -> &[Bar] {
+    pub fn bars(&self) -> &[Resource] {
         &self.bars
     }
 
     /// Physical address of BAR0 (the registers).
     pub fn registers(&self) -> u64 {
-        self.bars[0].start
+        self.bars[usize::from(abi::REGISTERS_BAR)].start
     }
 
     /// Physical address of BAR2 (the shared memory).
     pub fn shared_memory(&self) -> u64 {
-        self.bars[2].start
+        self.bars[usize::from(abi::SHARED_MEMORY_BAR)].start
     }
 
     /// Size of BAR2 in bytes.
     pub fn shared_memory_size(&self) -> u64 {
-        self.bars[2].size()
+        self.bars[usize::from(abi::SHARED_MEMORY_BAR)].size()
     }
 
     /// Reads the IVPosition register: the device's own peer id.
@@ -229,7 +167,7 @@ impl IvshmemDevice {
         guest: &mut QemuGuest,
         timeout: Duration,
     ) -> Result<u32, QemuError> {
-        let value = devmem_read(guest, self.registers() + regs::IV_POSITION, 32, timeout)?;
+        let value = devmem_read(guest, self.registers() + REG_IV_POSITION, 32, timeout)?;
         u32::try_from(value)
             .map_err(|_| guest.unexpected_output("devmem IVPosition", &format!("{value:#x}")))
     }
@@ -242,8 +180,8 @@ impl IvshmemDevice {
         vector: u16,
         timeout: Duration,
     ) -> Result<(), QemuError> {
-        let value = (u64::from(peer) << 16) | u64::from(vector);
-        devmem_write(guest, self.registers() + regs::DOORBELL, 32, value, timeout)
+        let value = u64::from(doorbell_value(peer, vector));
+        devmem_write(guest, self.registers() + REG_DOORBELL, 32, value, timeout)
     }
 
     /// Reads a 32-bit word of shared memory at byte `offset`.
@@ -329,47 +267,5 @@ impl IvshmemDevice {
             return Err(guest.unexpected_output(&command, &output));
         }
         Ok(bytes)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn parses_a_doorbell_device_resource_file() {
-        let text = "0x00000000febf1000 0x00000000febf10ff 0x0000000000040200\n\
-                    0x00000000febf2000 0x00000000febf2fff 0x0000000000040200\n\
-                    0x00000000fe000000 0x00000000fe0fffff 0x000000000014220c\n\
-                    0x0000000000000000 0x0000000000000000 0x0000000000000000\n";
-        let bars = parse_resource(text).unwrap();
-        assert_eq!(bars.len(), 4);
-        assert_eq!(bars[0].start, 0xfebf_1000);
-        assert_eq!(bars[0].size(), 256);
-        assert_eq!(bars[2].size(), 1 << 20);
-        assert_eq!(bars[3].size(), 0);
-    }
-
-    #[test]
-    fn rejects_malformed_lines() {
-        assert!(parse_resource("0x1 0x2\n").is_err());
-        assert!(parse_resource("1 2 3\n").is_err());
-        assert!(parse_resource("0x1 0x2 0xzz\n").is_err());
-    }
-
-    proptest! {
-        #[test]
-        fn round_trips_formatted_lines(bars in proptest::collection::vec((any::<u64>(), any::<u64>(), any::<u64>()), 0..14)) {
-            let text: String = bars.iter().map(|(s, e, f)| format!("{s:#018x} {e:#018x} {f:#018x}\n")).collect();
-            let parsed = parse_resource(&text).unwrap();
-            let expected: Vec<Bar> = bars.iter().map(|&(start, end, flags)| Bar { start, end, flags }).collect();
-            prop_assert_eq!(parsed, expected);
-        }
-
-        #[test]
-        fn never_panics_on_arbitrary_text(text in "\\PC*") {
-            let _ = parse_resource(&text);
-        }
     }
 }

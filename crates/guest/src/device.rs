@@ -1,20 +1,8 @@
 //! Which shared-memory devices exist, what kind each is, and picking one.
 
 use crate::pci::{self, DiscoveryError, PciAddress, PciFunction, SystemPaths};
+use ivshm_proto::{guest_shm, ivshmem, jailhouse};
 use std::fmt;
-
-/// QEMU ivshmem (Red Hat / Qumranet vendor ID).
-pub const IVSHMEM_VENDOR: u16 = 0x1af4;
-/// QEMU ivshmem device ID (plain and doorbell variants).
-pub const IVSHMEM_DEVICE: u16 = 0x1110;
-/// QNX `guest_shm` vendor ID (`PCI_VID_BlackBerry_QNX`).
-pub const QNX_VENDOR: u16 = 0x1c05;
-/// QNX `guest_shm` device ID (`PCI_DID_QNX_GUEST_SHM`).
-pub const QNX_GUEST_SHM_DEVICE: u16 = 0x0001;
-/// Jailhouse ivshmem v2 vendor ID (Siemens).
-pub const JAILHOUSE_VENDOR: u16 = 0x110a;
-/// Jailhouse ivshmem v2 device ID.
-pub const JAILHOUSE_IVSHMEM_V2_DEVICE: u16 = 0x4106;
 
 /// The kinds of shared-memory device this crate recognises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -33,10 +21,14 @@ impl DeviceKind {
     /// The kind for a vendor/device pair; `has_msix` tells ivshmem's two variants apart.
     pub fn classify(vendor: u16, device: u16, has_msix: bool) -> Option<DeviceKind> {
         match (vendor, device) {
-            (IVSHMEM_VENDOR, IVSHMEM_DEVICE) if has_msix => Some(DeviceKind::IvshmemDoorbell),
-            (IVSHMEM_VENDOR, IVSHMEM_DEVICE) => Some(DeviceKind::IvshmemPlain),
-            (QNX_VENDOR, QNX_GUEST_SHM_DEVICE) => Some(DeviceKind::QnxGuestShm),
-            (JAILHOUSE_VENDOR, JAILHOUSE_IVSHMEM_V2_DEVICE) => Some(DeviceKind::JailhouseIvshmemV2),
+            (ivshmem::VENDOR_ID, ivshmem::DEVICE_ID) if has_msix => {
+                Some(DeviceKind::IvshmemDoorbell)
+            }
+            (ivshmem::VENDOR_ID, ivshmem::DEVICE_ID) => Some(DeviceKind::IvshmemPlain),
+            (guest_shm::PCI_VENDOR_ID, guest_shm::PCI_DEVICE_ID) => Some(DeviceKind::QnxGuestShm),
+            (jailhouse::VENDOR_ID, jailhouse::IVSHMEM_V2_DEVICE_ID) => {
+                Some(DeviceKind::JailhouseIvshmemV2)
+            }
             _ => None,
         }
     }

@@ -15,6 +15,15 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+/// BAR0's length as a mapping length (0x100 fits every `usize`).
+const REGISTERS_LEN: usize = doorbell::REGISTERS_BAR_SIZE as usize;
+
+/// A BAR0 offset as an offset into the mapped registers; one that does not fit `usize` becomes
+/// `usize::MAX`, which the view's bounds check refuses.
+fn view_offset(offset: u64) -> usize {
+    usize::try_from(offset).unwrap_or(usize::MAX)
+}
+
 /// How the device's BARs and interrupts are reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccessMode {
@@ -182,12 +191,7 @@ impl IvshmemDevice {
             tracing::warn!(address = %found.function.address, %driver, "device is bound to a driver; mapping its BARs through sysfs anyway");
         }
         sysfs_access::enable_device(paths, &found.function)?;
-        let registers = sysfs_access::map_bar(
-            paths,
-            &found.function,
-            0,
-            Some(doorbell::REGISTER_BLOCK_SIZE),
-        )?;
+        let registers = sysfs_access::map_bar(paths, &found.function, 0, Some(REGISTERS_LEN))?;
         let shared = sysfs_access::map_bar(paths, &found.function, 2, None)?;
         let vectors = found.msix_vectors();
         Ok(IvshmemDevice {
@@ -241,7 +245,7 @@ impl IvshmemDevice {
             .ok_or(VfioError::NoIommuGroup { address })?;
         let vfio = VfioDevice::open(paths, address, group)?;
         let bar0 = vfio.region_info(VFIO_PCI_BAR0_REGION_INDEX)?;
-        let register_len = doorbell::REGISTER_BLOCK_SIZE as u64;
+        let register_len = doorbell::REGISTERS_BAR_SIZE;
         let registers = if bar0.is_mappable() && bar0.size >= register_len {
             Registers::Mapped(vfio.map_region(&bar0, register_len)?)
         } else if bar0.size >= register_len {
@@ -292,16 +296,16 @@ impl IvshmemDevice {
     }
 
     /// Reads a 32-bit register at `offset` in BAR0 (one 32-bit load).
-    pub fn read_register(&self, offset: usize) -> Result<u32, DoorbellError> {
+    pub fn read_register(&self, offset: u64) -> Result<u32, DoorbellError> {
         match &self.registers {
             Registers::Mapped(m) => m
                 .view()
-                .read_u32(offset)
+                .read_u32(view_offset(offset))
                 .map_err(|e| DoorbellError::Register(e.to_string())),
             Registers::VfioRegion(region) => {
                 let mut bytes = [0u8; 4];
                 self.vfio_device()?
-                    .read_region(region, offset as u64, &mut bytes)
+                    .read_region(region, offset, &mut bytes)
                     .map_err(|e| DoorbellError::Register(e.to_string()))?;
                 Ok(u32::from_le_bytes(bytes))
             }
@@ -309,15 +313,15 @@ impl IvshmemDevice {
     }
 
     /// Writes a 32-bit register at `offset` in BAR0 (one 32-bit store).
-    pub fn write_register(&self, offset: usize, value: u32) -> Result<(), DoorbellError> {
+    pub fn write_register(&self, offset: u64, value: u32) -> Result<(), DoorbellError> {
         match &self.registers {
             Registers::Mapped(m) => m
                 .view()
-                .write_u32(offset, value)
+                .write_u32(view_offset(offset), value)
                 .map_err(|e| DoorbellError::Register(e.to_string())),
             Registers::VfioRegion(region) => self
                 .vfio_device()?
-                .write_region(region, offset as u64, &value.to_le_bytes())
+                .write_region(region, offset, &value.to_le_bytes())
                 .map_err(|e| DoorbellError::Register(e.to_string())),
         }
     }

@@ -63,24 +63,23 @@
 //!   order); or `qnx = """..."""` holds a verbatim `vdev shmem` block instead of the fields.
 //!
 //! The other status codes (`GSS_NOMEM`, `GSS_CLIENT_MAX`, `GSS_DOES_NOT_EXIST`,
-//! `GSS_UNKNOWN_FAILURE`) depend on runtime state and are the server's to return; [`guest_shm`]
-//! holds the header's constants and register offsets for device models.
+//! `GSS_UNKNOWN_FAILURE`) depend on runtime state and are the server's to return. The header's
+//! constants, register offsets and status codes live in `ivshm_proto::guest_shm` (re-exported
+//! here as [`guest_shm`] and [`GuestShmStatus`]).
 
 pub mod fnmatch;
-pub mod guest_shm;
 pub mod name;
 mod number;
 pub mod options;
 pub mod rules;
-pub mod status;
 pub mod subst;
 pub mod vm;
 
 pub use fnmatch::{fnmatch, Pattern, PatternError};
+pub use ivshm_proto::guest_shm::{self, GuestShmStatus};
 pub use name::{NameError, RegionName};
 pub use number::NumberError;
 pub use options::{CreateOption, Interrupt, ParseError, VdevShmem};
 pub use rules::{ImplicitRule, Rule, RuleList, RuleMatch};
-pub use status::GuestShmStatus;
 pub use subst::{Subst, SubstError};
 pub use vm::{Decision, IllegalName, VmPolicy, VmPolicyConfig, VmPolicyError};

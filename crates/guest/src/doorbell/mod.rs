@@ -12,24 +12,11 @@ use rustix::event::Timespec;
 use rustix::io::Errno;
 use std::time::{Duration, Instant};
 
-/// BAR0 offset of IntrMask (revision 0 only).
-pub const REG_INTR_MASK: usize = 0;
-/// BAR0 offset of IntrStatus (revision 0 only).
-pub const REG_INTR_STATUS: usize = 4;
-/// BAR0 offset of IVPosition: own peer ID (0 on ivshmem-plain).
-pub const REG_IV_POSITION: usize = 8;
-/// BAR0 offset of Doorbell: write `(peer << 16) | vector`.
-pub const REG_DOORBELL: usize = 12;
-/// Size of the ivshmem register block (BAR0).
-pub const REGISTER_BLOCK_SIZE: usize = 256;
-/// Largest vector a doorbell can name: QEMU decodes only the low 8 bits of the vector field, so a
-/// larger value would ring a different vector.
-pub const MAX_DOORBELL_VECTOR: u16 = 255;
-
-/// The value written to the Doorbell register to ring `vector` of `peer`.
-pub fn doorbell_value(peer: u16, vector: u16) -> u32 {
-    (u32::from(peer) << 16) | u32::from(vector)
-}
+/// The register block and the Doorbell encoding, defined once in `ivshm_proto::ivshmem`.
+pub use ivshm_proto::ivshmem::{
+    doorbell_value, MAX_DOORBELL_VECTOR, REGISTERS_BAR_SIZE, REG_DOORBELL, REG_INTR_MASK,
+    REG_INTR_STATUS, REG_IV_POSITION,
+};
 
 /// Doorbell failures.
 #[derive(Debug, thiserror::Error)]
@@ -112,18 +99,5 @@ fn timespec(timeout: Duration) -> Timespec {
     Timespec {
         tv_sec: timeout.as_secs().try_into().unwrap_or(i64::MAX),
         tv_nsec: timeout.subsec_nanos().into(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn doorbell_value_encoding() {
-        assert_eq!(doorbell_value(0, 0), 0);
-        assert_eq!(doorbell_value(1, 2), 0x0001_0002);
-        assert_eq!(doorbell_value(0xffff, 0xff), 0xffff_00ff);
-        assert_eq!(doorbell_value(3, 0), 3 << 16);
     }
 }

@@ -5,14 +5,13 @@
 
 mod address;
 mod capability;
-mod resource;
 
 pub use address::{AddressParseError, PciAddress};
 pub use capability::{
     capabilities, find_msix, Capability, CapabilityError, MsixCapability, CAP_ID_MSIX,
     CAP_ID_VENDOR,
 };
-pub use resource::{
+pub use ivshm_proto::pci_resource::{
     parse_resource_file, Resource, ResourceParseError, IORESOURCE_IO, IORESOURCE_MEM,
     IORESOURCE_MEM_64, IORESOURCE_PREFETCH,
 };

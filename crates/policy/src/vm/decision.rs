@@ -4,7 +4,7 @@ use std::fmt;
 
 use crate::name::{NameError, RegionName};
 use crate::rules::RuleMatch;
-use crate::status::GuestShmStatus;
+use crate::GuestShmStatus;
 
 /// Why a name was refused as `GSS_ILLEGAL_NAME`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -67,8 +67,8 @@ use crate::guest_shm::{self, MAX_REGION_BYTES};
 use crate::name::{NameError, RegionName};
 use crate::options::{CreateOption, Interrupt, ParseError, VdevShmem};
 use crate::rules::RuleList;
-use crate::status::GuestShmStatus;
 use crate::subst::Subst;
+use crate::GuestShmStatus;
 
 pub use config::{CreateConfig, VmPolicyConfig};
 pub use decision::{Decision, IllegalName};

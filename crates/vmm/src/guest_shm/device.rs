@@ -4,8 +4,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use ivshm_mem::Mapping;
-use ivshm_policy::guest_shm::{self as gs, factory, MAX_NAME, PAGE_SIZE, SIGNATURE};
-use ivshm_policy::GuestShmStatus;
+use ivshm_proto::guest_shm::{self as gs, factory, GuestShmStatus, MAX_NAME, PAGE_SIZE, SIGNATURE};
 use rustix::event::{eventfd, EventfdFlags};
 
 use crate::guest_shm::{Attachment, Factory};

@@ -6,8 +6,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use ivshm_mem::Mapping;
-use ivshm_policy::guest_shm::{MAX_CLIENTS, PAGE_SIZE};
-use ivshm_policy::{GuestShmStatus, VmPolicy};
+use ivshm_policy::VmPolicy;
+use ivshm_proto::guest_shm::{GuestShmStatus, MAX_CLIENTS, PAGE_SIZE};
 
 use crate::guest_shm::{dup, Attachment, Factory, RegionConnection};
 use crate::ivshmem::link::ring_eventfd;

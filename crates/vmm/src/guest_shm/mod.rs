@@ -1,7 +1,7 @@
 //! The QNX hypervisor `guest_shm` device (`vdev shmem`), as QNX guests see it, on top of a
 //! region registry ([`Factory`]) that a server can provide.
 //!
-//! Guest view (QNX `guest_shm.h`, constants in [`ivshm_policy::guest_shm`]):
+//! Guest view (QNX `guest_shm.h`, constants in [`ivshm_proto::guest_shm`]):
 //!
 //! * a 4 KiB **factory page**: `signature` (u64, 0x4d534732474d5651), `shmem` (u64,
 //!   guest-physical address of the last attached region's control page), `vector` (u32,
@@ -28,7 +28,7 @@
 //! * A region is named by its *host* name: the [`Factory`] applies the VM's `vdev shmem`
 //!   policy ([`ivshm_policy::VmPolicy`]: allow/deny on the guest's name, then `subst`) before
 //!   looking it up, so `GSS_NO_PERMISSION` and `GSS_ILLEGAL_NAME` come from the policy.
-//! * Up to 16 connections per region ([`ivshm_policy::guest_shm::MAX_CLIENTS`]); a connection
+//! * Up to 16 connections per region ([`ivshm_proto::guest_shm::MAX_CLIENTS`]); a connection
 //!   gets the lowest free index, the bit it owns in every bitset. The 17th gets
 //!   `GSS_CLIENT_MAX`. Every create/attach is a new connection, even from the same factory.
 //! * The first creator chooses the size; later creates and finds attach with that size.
@@ -54,7 +54,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use ivshm_mem::Mapping;
-use ivshm_policy::GuestShmStatus;
+use ivshm_proto::guest_shm::GuestShmStatus;
 
 /// A successful create/attach.
 pub struct Attachment {

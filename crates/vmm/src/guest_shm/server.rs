@@ -22,9 +22,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ivshm_client::{ConnectOptions, Event, Peer};
-use ivshm_policy::guest_shm::{MAX_CLIENTS, PAGE_SIZE};
-use ivshm_policy::{GuestShmStatus, RegionName};
+use ivshm_policy::RegionName;
 use ivshm_proto::factory::{decode_line, encode_line, FactoryRequest, FactoryResponse};
+use ivshm_proto::guest_shm::{GuestShmStatus, MAX_CLIENTS, PAGE_SIZE};
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
 
 use crate::guest_shm::{dup, Attachment, Factory, RegionConnection};

@@ -10,28 +10,11 @@ use crate::pci::{
     PciDevice,
 };
 
-/// PCI vendor ID (Red Hat / Qumranet).
-pub const IVSHMEM_VENDOR_ID: u16 = 0x1af4;
-/// PCI device ID.
-pub const IVSHMEM_DEVICE_ID: u16 = 0x1110;
-/// Revision 1 (QEMU >= 2.6).
-pub const IVSHMEM_REVISION: u8 = 1;
-/// Subsystem ID QEMU reports (its default 0x1100 with vendor 0x1af4).
-pub const IVSHMEM_SUBSYSTEM_ID: u16 = 0x1100;
-/// BAR0 size.
-pub const REGISTERS_BAR_SIZE: u64 = 0x100;
-/// BAR1 size (MSI-X table + PBA).
-pub const MSIX_BAR_SIZE: u64 = 0x1000;
-/// PBA offset in BAR1.
-pub const MSIX_PBA_OFFSET: u64 = 0x800;
-/// IntrMask register offset.
-pub const REG_INTR_MASK: u64 = 0;
-/// IntrStatus register offset (read clears).
-pub const REG_INTR_STATUS: u64 = 4;
-/// IVPosition register offset (read-only).
-pub const REG_IV_POSITION: u64 = 8;
-/// Doorbell register offset (write-only: `peer << 16 | vector`).
-pub const REG_DOORBELL: u64 = 12;
+use ivshm_proto::ivshmem::{
+    self as abi, doorbell_target, MSIX_BAR_SIZE, MSIX_PBA_OFFSET, REGISTERS_BAR_SIZE, REG_DOORBELL,
+    REG_INTR_MASK, REG_INTR_STATUS, REG_IV_POSITION,
+};
+
 /// Most vectors the table can hold (one 4 KiB BAR: 0x800 / 16 bytes).
 const MAX_VECTORS: usize = 128;
 
@@ -116,14 +99,14 @@ impl std::fmt::Debug for IvshmemDevice {
 
 fn identity() -> PciIdentity {
     PciIdentity {
-        vendor_id: IVSHMEM_VENDOR_ID,
-        device_id: IVSHMEM_DEVICE_ID,
-        revision: IVSHMEM_REVISION,
-        class: 0x05,
-        subclass: 0x00,
+        vendor_id: abi::VENDOR_ID,
+        device_id: abi::DEVICE_ID,
+        revision: abi::REVISION,
+        class: abi::CLASS,
+        subclass: abi::SUBCLASS,
         prog_if: 0,
-        subsystem_vendor_id: IVSHMEM_VENDOR_ID,
-        subsystem_id: IVSHMEM_SUBSYSTEM_ID,
+        subsystem_vendor_id: abi::SUBSYSTEM_VENDOR_ID,
+        subsystem_id: abi::SUBSYSTEM_ID,
         interrupt_pin: 0,
     }
 }
@@ -402,8 +385,8 @@ impl IvshmemDevice {
 
     fn ring_doorbell(&mut self, value: u32) {
         self.trapped_doorbells += 1;
-        let peer = (value >> 16) as u16;
-        let vector = (value & 0xffff) as usize;
+        let (peer, vector) = doorbell_target(value);
+        let vector = usize::from(vector);
         let Some(link) = self.link.as_ref() else {
             return;
         };
@@ -456,7 +439,7 @@ impl IvshmemDevice {
                     out.push(IoEvent {
                         addr: bar0 + REG_DOORBELL,
                         len: 4,
-                        datamatch: (u64::from(peer) << 16) | vector as u64,
+                        datamatch: u64::from(abi::doorbell_value(peer, vector as u16)),
                         fd,
                     });
                 }

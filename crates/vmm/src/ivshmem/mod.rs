@@ -1,4 +1,4 @@
-//! The ivshmem PCI device (1af4:1110 rev 1) as QEMU's guests see it, in its two variants:
+//! The ivshmem PCI device (1af4:1110 rev 1, its ABI in `ivshm_proto::ivshmem`) as QEMU's guests see it, in its two variants:
 //! *plain* (a memory backend, no interrupts) and *doorbell* (a v0 peer of an ivshmem
 //! server, with MSI-X vectors and a Doorbell register).
 //!
@@ -26,9 +26,10 @@ mod device;
 pub mod kvm;
 pub mod link;
 
-pub use device::{
-    InterruptBackend, IvshmemDevice, IvshmemError, IvshmemState, Master, IVSHMEM_DEVICE_ID,
-    IVSHMEM_REVISION, IVSHMEM_SUBSYSTEM_ID, IVSHMEM_VENDOR_ID, MSIX_BAR_SIZE, MSIX_PBA_OFFSET,
-    REGISTERS_BAR_SIZE, REG_DOORBELL, REG_INTR_MASK, REG_INTR_STATUS, REG_IV_POSITION,
+pub use device::{InterruptBackend, IvshmemDevice, IvshmemError, IvshmemState, Master};
+/// The register layout, defined once in `ivshm_proto::ivshmem` (which also has the PCI IDs).
+pub use ivshm_proto::ivshmem::{
+    MSIX_BAR_SIZE, MSIX_PBA_OFFSET, REGISTERS_BAR_SIZE, REG_DOORBELL, REG_INTR_MASK,
+    REG_INTR_STATUS, REG_IV_POSITION,
 };
 pub use link::{DoorbellLink, LinkError, LocalDoorbellBus, LocalDoorbellLink, PeerChange};

@@ -2,7 +2,12 @@
 //!
 //! A guest finds the shmem vdev's 4 KiB *factory page* (PCI BAR0, or the `loc` address in MMIO
 //! mode), checks [`SIGNATURE`], writes a region name and then the size in pages to create or
-//! attach. The region's *control page* is followed by the data pages.
+//! attach. The region's *control page* is followed by the data pages. The answer to a request is
+//! a [`GuestShmStatus`] (`GSS_*`) in the factory page's `status` register.
+
+mod status;
+
+pub use status::GuestShmStatus;
 
 /// `GUEST_SHM_SIGNATURE`: the value of the factory page's `signature` register (ASCII
 /// `"QVMG2GSM"` read as a little-endian `u64`).
@@ -41,7 +46,7 @@ pub mod factory {
     pub const SHMEM: usize = 0x08;
     /// `uint32_t vector` (read only): interrupt number for this region.
     pub const VECTOR: usize = 0x10;
-    /// `uint32_t status` (read only): [`crate::GuestShmStatus`] of the last request.
+    /// `uint32_t status` (read only): [`GuestShmStatus`] of the last request.
     pub const STATUS: usize = 0x14;
     /// `uint32_t size`: requested size in pages; writing it creates or attaches.
     pub const SIZE: usize = 0x18;

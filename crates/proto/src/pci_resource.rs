@@ -1,5 +1,6 @@
-//! The sysfs `resource` file: one line per BAR/ROM/bridge window, three hex numbers each
-//! (`start end flags`), written by the kernel's `resource_show()`.
+//! The Linux sysfs `resource` file of a PCI function (`/sys/bus/pci/devices/*/resource`): one
+//! line per BAR/ROM/bridge window, three hex numbers each (`start end flags`), written by the
+//! kernel's `resource_show()`. Guests (`ivshm-guest`) and the end-to-end tests parse it here.
 
 /// `IORESOURCE_IO`: the region is in I/O port space.
 pub const IORESOURCE_IO: u64 = 0x0000_0100;
@@ -121,8 +122,18 @@ pub fn parse_resource_file(text: &str) -> Result<Vec<Resource>, ResourceParseErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pci::fake::DOORBELL_RESOURCE;
     use proptest::prelude::*;
+
+    /// As read from a QEMU ivshmem-doorbell device (q35).
+    const DOORBELL_RESOURCE: &str = "\
+0x00000000fea00000 0x00000000fea000ff 0x0000000000040200
+0x00000000fea01000 0x00000000fea01fff 0x0000000000040200
+0x0000000200000000 0x00000002003fffff 0x000000000014220c
+0x0000000000000000 0x0000000000000000 0x0000000000000000
+0x0000000000000000 0x0000000000000000 0x0000000000000000
+0x0000000000000000 0x0000000000000000 0x0000000000000000
+0x0000000000000000 0x0000000000000000 0x0000000000000000
+";
 
     #[test]
     fn parses_a_real_doorbell_resource_file() {

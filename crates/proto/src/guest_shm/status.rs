@@ -15,7 +15,7 @@ pub enum GuestShmStatus {
     /// `GSS_NOMEM`: not enough memory to create the region.
     NoMem = 2,
     /// `GSS_CLIENT_MAX`: the region already has the maximum number of clients
-    /// ([`crate::guest_shm::MAX_CLIENTS`]).
+    /// ([`super::MAX_CLIENTS`]).
     ClientMax = 3,
     /// `GSS_ILLEGAL_NAME`: the region name is not acceptable.
     IllegalName = 4,
