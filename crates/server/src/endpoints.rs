@@ -6,20 +6,16 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 
-use ivshm_policy::GuestShmStatus;
-use ivshm_proto::control::{ControlRequest, ControlResponse};
-use ivshm_proto::factory::{
-    decode_line, encode_line, FactoryRequest, FactoryResponse, LineBuffer, LineError, VERSION,
-};
+use ivshm_proto::factory::{LineBuffer, LineError};
 use rustix::event::epoll::EventFlags;
 use rustix::io::Errno;
 use rustix::net::{recv, send, RecvFlags, SendFlags};
 
-use crate::event_loop::Token;
-use crate::limits::is_fd_exhaustion;
+use crate::event_loop::{Poller, Token};
+use crate::limits::{is_fd_exhaustion, ReserveFd};
 use crate::listener::Listener;
-use crate::server::Server;
 
 /// Responses waiting beyond this many bytes mean the client does not read: it is dropped.
 pub const MAX_OUTPUT: usize = 1 << 20;
@@ -49,29 +45,67 @@ pub(crate) struct LineConnection {
 }
 
 #[derive(Debug)]
-pub(crate) enum Endpoint {
+enum Endpoint {
     Listener(Listener, Service),
     Connection(LineConnection),
 }
 
-/// Every factory and control socket and connection, by key (the [`Token::Aux`] payload).
-#[derive(Debug, Default)]
+/// What an endpoint key names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EndpointKind {
+    /// A factory or control socket.
+    Listener,
+    /// A connection to one.
+    Connection,
+}
+
+/// Every factory and control socket and connection, by key (the [`Token::Aux`] payload), and
+/// their place in the epoll set: the only code that adds them to it or takes them out.
+#[derive(Debug)]
 pub(crate) struct Endpoints {
+    poller: Arc<Poller>,
     map: HashMap<u64, Endpoint>,
     next: u64,
 }
 
 impl Endpoints {
-    fn insert(&mut self, endpoint: Endpoint) -> u64 {
-        let key = self.next;
-        self.next += 1;
-        self.map.insert(key, endpoint);
-        key
+    pub(crate) fn new(poller: Arc<Poller>) -> Self {
+        Endpoints {
+            poller,
+            map: HashMap::new(),
+            next: 0,
+        }
     }
 
-    /// Removes an endpoint (closing it).
-    pub(crate) fn remove(&mut self, key: u64) -> Option<Endpoint> {
-        self.map.remove(&key)
+    /// Watches a factory or control listener; returns its key.
+    pub(crate) fn add_listener(
+        &mut self,
+        listener: Listener,
+        service: Service,
+    ) -> Result<u64, Errno> {
+        let key = self.next;
+        self.poller.add(listener.fd(), Token::Aux(key))?;
+        self.next += 1;
+        self.map.insert(key, Endpoint::Listener(listener, service));
+        Ok(key)
+    }
+
+    /// Removes an endpoint (closing it; a listener's file goes with it).
+    pub(crate) fn remove(&mut self, key: u64) {
+        self.map.remove(&key);
+    }
+
+    /// Closes every socket and connection.
+    pub(crate) fn clear(&mut self) {
+        self.map.clear();
+    }
+
+    /// What `key` names, if it is here.
+    pub(crate) fn kind(&self, key: u64) -> Option<EndpointKind> {
+        self.map.get(&key).map(|e| match e {
+            Endpoint::Listener(..) => EndpointKind::Listener,
+            Endpoint::Connection(_) => EndpointKind::Connection,
+        })
     }
 
     fn connections_of(&self, service: &Service) -> usize {
@@ -88,37 +122,18 @@ impl Endpoints {
             Endpoint::Listener(..) => true,
         });
     }
-}
 
-impl Server {
-    /// Watches a factory or control listener; returns its key.
-    pub(crate) fn add_endpoint_listener(
-        &mut self,
-        listener: Listener,
-        service: Service,
-    ) -> Result<u64, Errno> {
-        let key = self.endpoints.next;
-        self.poller.add(listener.fd(), Token::Aux(key))?;
-        self.endpoints.insert(Endpoint::Listener(listener, service));
-        Ok(key)
-    }
-
-    pub(crate) fn on_endpoint_event(&mut self, key: u64, flags: EventFlags) {
-        match self.endpoints.map.get(&key) {
-            Some(Endpoint::Listener(..)) => self.accept_endpoint_connections(key),
-            Some(Endpoint::Connection(_)) => self.serve_connection(key, flags),
-            None => {}
-        }
-    }
-
-    fn accept_endpoint_connections(&mut self, key: u64) {
+    /// Accepts every connection waiting on listener `key` (beyond [`MAX_CONNECTIONS`] per
+    /// socket they are closed at once; out of fds, one is accepted into the reserve fd's slot
+    /// and closed).
+    pub(crate) fn accept_all(&mut self, key: u64, reserve: &mut ReserveFd) {
         loop {
-            let Some(Endpoint::Listener(listener, service)) = self.endpoints.map.get(&key) else {
+            let Some(Endpoint::Listener(listener, service)) = self.map.get(&key) else {
                 return;
             };
             let service = service.clone();
             match listener.accept() {
-                Ok(Some(fd)) if self.endpoints.connections_of(&service) >= MAX_CONNECTIONS => {
+                Ok(Some(fd)) if self.connections_of(&service) >= MAX_CONNECTIONS => {
                     drop(fd);
                     tracing::warn!(
                         ?service,
@@ -126,6 +141,12 @@ impl Server {
                     );
                 }
                 Ok(Some(fd)) => {
+                    let conn_key = self.next;
+                    if let Err(errno) = self.poller.add(fd.as_fd(), Token::Aux(conn_key)) {
+                        tracing::error!(%errno, "cannot watch a factory/control connection");
+                        continue;
+                    }
+                    self.next += 1;
                     let connection = LineConnection {
                         fd,
                         service,
@@ -134,23 +155,13 @@ impl Server {
                         writable_interest: false,
                         peer_closed: false,
                     };
-                    let conn_key = self.endpoints.insert(Endpoint::Connection(connection));
-                    let watched = match self.endpoints.map.get(&conn_key) {
-                        Some(Endpoint::Connection(c)) => {
-                            self.poller.add(c.fd.as_fd(), Token::Aux(conn_key))
-                        }
-                        _ => Err(Errno::INVAL),
-                    };
-                    if let Err(errno) = watched {
-                        tracing::error!(%errno, "cannot watch a factory/control connection");
-                        self.endpoints.remove(conn_key);
-                    }
+                    self.map.insert(conn_key, Endpoint::Connection(connection));
                 }
                 Ok(None) => return,
                 Err(errno) if is_fd_exhaustion(errno) => {
                     // Accept into the reserve fd's slot and close, so the listener does not
                     // stay readable forever.
-                    let refused = self.reserve.release_for(|| listener.accept());
+                    let refused = reserve.release_for(|| listener.accept());
                     tracing::error!(%errno, "out of file descriptors: refused a factory/control connection");
                     if !matches!(refused, Ok(Some(_))) {
                         return;
@@ -164,65 +175,62 @@ impl Server {
         }
     }
 
-    fn serve_connection(&mut self, key: u64, flags: EventFlags) {
-        let Some(Endpoint::Connection(mut connection)) = self.endpoints.map.remove(&key) else {
-            return;
-        };
-        if flags.intersects(EventFlags::IN | EventFlags::RDHUP | EventFlags::HUP | EventFlags::ERR)
-            && !connection.peer_closed
-        {
-            connection.read_available();
-            while let Some(line) = connection.input.next_line() {
-                let response = self.answer(&connection.service, line);
-                connection.output.extend_from_slice(&response);
+    /// Takes connection `key` out to serve it; [`restore`](Self::restore) puts it back.
+    pub(crate) fn take_connection(&mut self, key: u64) -> Option<LineConnection> {
+        match self.map.remove(&key) {
+            Some(Endpoint::Connection(connection)) => Some(connection),
+            Some(other) => {
+                self.map.insert(key, other);
+                None
             }
+            None => None,
         }
+    }
+
+    /// Writes what connection `key` has queued and puts it back, unless it is done (closed by
+    /// the client with nothing left to write), broken, or does not read its answers.
+    pub(crate) fn restore(&mut self, key: u64, mut connection: LineConnection) {
         match connection.flush(&self.poller, key) {
             Ok(()) if connection.output.len() > MAX_OUTPUT => {
                 tracing::warn!("dropping a factory/control client that does not read its answers");
             }
             Ok(()) if connection.peer_closed && connection.output.is_empty() => {}
             Ok(()) => {
-                self.endpoints
-                    .map
-                    .insert(key, Endpoint::Connection(connection));
+                self.map.insert(key, Endpoint::Connection(connection));
             }
             Err(errno) => tracing::debug!(%errno, "factory/control connection ended"),
-        }
-    }
-
-    /// The response line to one request line.
-    fn answer(&mut self, service: &Service, line: Result<Vec<u8>, LineError>) -> Vec<u8> {
-        match service {
-            Service::Factory(vm) => {
-                let response = match line.and_then(|l| decode_line::<FactoryRequest>(&l)) {
-                    Ok(request) => self.factory_request(vm, request),
-                    Err(error) => {
-                        self.stats.factory_request();
-                        self.stats.refusal(GuestShmStatus::UnknownFailure);
-                        FactoryResponse {
-                            version: VERSION,
-                            status: GuestShmStatus::UnknownFailure.qnx_name().to_string(),
-                            code: GuestShmStatus::UnknownFailure.as_u32(),
-                            message: error.to_string(),
-                            region: None,
-                        }
-                    }
-                };
-                encode_line(&response)
-            }
-            Service::Control => {
-                let response = match line.and_then(|l| decode_line::<ControlRequest>(&l)) {
-                    Ok(request) => self.control_request(request),
-                    Err(error) => ControlResponse::error(error.to_string()),
-                };
-                encode_line(&response)
-            }
         }
     }
 }
 
 impl LineConnection {
+    /// What it is connected to.
+    pub(crate) fn service(&self) -> &Service {
+        &self.service
+    }
+
+    /// Reads what the event `flags` say is there; false if nothing is to be read.
+    pub(crate) fn read(&mut self, flags: EventFlags) -> bool {
+        if self.peer_closed
+            || !flags
+                .intersects(EventFlags::IN | EventFlags::RDHUP | EventFlags::HUP | EventFlags::ERR)
+        {
+            return false;
+        }
+        self.read_available();
+        true
+    }
+
+    /// The next complete request line read.
+    pub(crate) fn next_request(&mut self) -> Option<Result<Vec<u8>, LineError>> {
+        self.input.next_line()
+    }
+
+    /// Queues a response (written by [`Endpoints::restore`]).
+    pub(crate) fn respond(&mut self, response: &[u8]) {
+        self.output.extend_from_slice(response);
+    }
+
     /// Reads what is there (bounded per event, so one client cannot starve the loop).
     fn read_available(&mut self) {
         let mut buf = [0u8; 4096];
@@ -244,7 +252,7 @@ impl LineConnection {
     }
 
     /// Writes what the socket takes; watches writability while something waits.
-    fn flush(&mut self, poller: &crate::event_loop::Poller, key: u64) -> Result<(), Errno> {
+    fn flush(&mut self, poller: &Poller, key: u64) -> Result<(), Errno> {
         while !self.output.is_empty() {
             match send(
                 &self.fd,

@@ -10,140 +10,165 @@
 
 use ivshm_mem::BackendError;
 use ivshm_policy::GuestShmStatus;
-use ivshm_proto::factory::{FactoryRequest, FactoryResponse, RegionOffer, VERSION};
-
-use crate::named::{is_reserved_guest_name, NamedRegionConfig, Origin, FACTORY_SOCKET};
-use crate::region_lifecycle::CreateError;
-use crate::server::Server;
-use crate::ServerError;
+use ivshm_proto::factory::{
+    decode_line, encode_line, FactoryRequest, FactoryResponse, LineError, RegionOffer, VERSION,
+};
 use rustix::io::Errno;
 
-impl Server {
-    /// Answers one factory request from `vm`'s factory socket.
-    pub(crate) fn factory_request(&mut self, vm: &str, request: FactoryRequest) -> FactoryResponse {
-        self.stats.factory_request();
-        let (name, size, create) = match request {
-            FactoryRequest::Create { name, size } => (name, size, true),
-            FactoryRequest::Find { name } => (name, 0, false),
-        };
-        let response = self.factory_decide(vm, &name, size, create);
-        let status =
-            GuestShmStatus::from_u32(response.code).unwrap_or(GuestShmStatus::UnknownFailure);
-        if status.is_ok() {
-            tracing::info!(vm, name, "factory: {}", response.message);
-        } else {
-            self.stats.refusal(status);
-            tracing::info!(vm, name, status = %status, "factory: {}", response.message);
-        }
-        response
-    }
+use crate::named::{is_reserved_guest_name, NamedRegionConfig, Origin, FACTORY_SOCKET};
+use crate::named_regions::NamedRegions;
+use crate::regions::{CreateError, Regions};
+use crate::stats::Stats;
 
-    fn factory_decide(&mut self, vm: &str, name: &str, size: u64, create: bool) -> FactoryResponse {
-        let Some(policy) = self
-            .named
-            .as_ref()
-            .and_then(|n| n.vms.get(vm))
-            .map(|v| v.config.policy.clone())
-        else {
-            return refusal(GuestShmStatus::UnknownFailure, format!("VM {vm} is gone"));
-        };
-        let decision = policy.decide(name);
-        if decision.is_allowed() && is_reserved_guest_name(&decision.guest_name) {
+/// The response line to one request line from `vm`'s factory socket.
+pub(crate) fn answer_line(
+    named: Option<&NamedRegions>,
+    regions: &mut Regions,
+    stats: &Stats,
+    vm: &str,
+    line: Result<Vec<u8>, LineError>,
+) -> Vec<u8> {
+    let response = match line.and_then(|l| decode_line::<FactoryRequest>(&l)) {
+        Ok(request) => answer(named, regions, stats, vm, request),
+        Err(error) => {
+            stats.factory_request();
+            stats.refusal(GuestShmStatus::UnknownFailure);
+            refusal(GuestShmStatus::UnknownFailure, error.to_string())
+        }
+    };
+    encode_line(&response)
+}
+
+/// Answers one factory request from `vm`'s factory socket.
+pub(crate) fn answer(
+    named: Option<&NamedRegions>,
+    regions: &mut Regions,
+    stats: &Stats,
+    vm: &str,
+    request: FactoryRequest,
+) -> FactoryResponse {
+    stats.factory_request();
+    let (name, size, create) = match request {
+        FactoryRequest::Create { name, size } => (name, size, true),
+        FactoryRequest::Find { name } => (name, 0, false),
+    };
+    let response = match named {
+        Some(named) => decide(named, regions, vm, &name, size, create),
+        None => refusal(GuestShmStatus::UnknownFailure, format!("VM {vm} is gone")),
+    };
+    let status = GuestShmStatus::from_u32(response.code).unwrap_or(GuestShmStatus::UnknownFailure);
+    if status.is_ok() {
+        tracing::info!(vm, name, "factory: {}", response.message);
+    } else {
+        stats.refusal(status);
+        tracing::info!(vm, name, status = %status, "factory: {}", response.message);
+    }
+    response
+}
+
+fn decide(
+    named: &NamedRegions,
+    regions: &mut Regions,
+    vm: &str,
+    name: &str,
+    size: u64,
+    create: bool,
+) -> FactoryResponse {
+    let Some(policy) = named.vms().get(vm).map(|v| &v.config().policy) else {
+        return refusal(GuestShmStatus::UnknownFailure, format!("VM {vm} is gone"));
+    };
+    let decision = policy.decide(name);
+    if decision.is_allowed() && is_reserved_guest_name(&decision.guest_name) {
+        return refusal(
+            GuestShmStatus::IllegalName,
+            format!(
+                "{name}: {}: the name is reserved (its socket would be the VM's {FACTORY_SOCKET})",
+                GuestShmStatus::IllegalName
+            ),
+        );
+    }
+    let Some(host_name) = decision.host_name.clone().filter(|_| decision.is_allowed()) else {
+        return refusal(decision.status, decision.to_string());
+    };
+    let id = match regions.find_named(host_name.as_str()) {
+        Some(id) => id,
+        None if !create || size == 0 => {
             return refusal(
-                GuestShmStatus::IllegalName,
-                format!(
-                    "{name}: {}: the name is reserved (its socket would be the VM's {FACTORY_SOCKET})",
-                    GuestShmStatus::IllegalName
-                ),
+                GuestShmStatus::DoesNotExist,
+                format!("no region {host_name} (guest name {name})"),
             );
         }
-        let Some(host_name) = decision.host_name.clone().filter(|_| decision.is_allowed()) else {
-            return refusal(decision.status, decision.to_string());
-        };
-        let index = match self.find_region(host_name.as_str()) {
-            Some(index) => index,
-            None if !create || size == 0 => {
+        None => {
+            let defaults = named.defaults();
+            if size > defaults.max_size {
                 return refusal(
-                    GuestShmStatus::DoesNotExist,
-                    format!("no region {host_name} (guest name {name})"),
+                    GuestShmStatus::NoMem,
+                    format!(
+                        "region {host_name}: {size} bytes is more than the {} bytes allowed",
+                        defaults.max_size
+                    ),
                 );
             }
-            None => {
-                let defaults = self
-                    .named
-                    .as_ref()
-                    .map(|n| n.config.defaults.clone())
-                    .unwrap_or_default();
-                if size > defaults.max_size {
-                    return refusal(
-                        GuestShmStatus::NoMem,
-                        format!(
-                            "region {host_name}: {size} bytes is more than the {} bytes allowed",
-                            defaults.max_size
-                        ),
-                    );
+            let config = NamedRegionConfig::with_defaults(host_name.clone(), size, defaults);
+            match named.create_region(regions, &config, Origin::Factory) {
+                Ok(id) => {
+                    for change in named.sync_sockets(regions) {
+                        tracing::info!("{change}");
+                    }
+                    id
                 }
-                let config = NamedRegionConfig::with_defaults(host_name.clone(), size, &defaults);
-                match self.create_named_region(&config, Origin::Factory) {
-                    Ok(index) => {
-                        for change in self.sync_sockets() {
-                            tracing::info!("{change}");
-                        }
-                        index
-                    }
-                    Err(CreateError::Memory(e)) => {
-                        return refusal(memory_status(&e), format!("region {host_name}: {e}"));
-                    }
-                    Err(e @ CreateError::TooMany(_)) => {
-                        return refusal(GuestShmStatus::NoMem, format!("region {host_name}: {e}"));
-                    }
-                    Err(e) => {
-                        return refusal(
-                            GuestShmStatus::UnknownFailure,
-                            format!("region {host_name}: {e}"),
-                        );
-                    }
+                Err(e) => {
+                    return refusal(create_status(&e), format!("region {host_name}: {e}"));
                 }
             }
-        };
-        let Some(socket) = self.socket_in(index, vm) else {
-            return refusal(
-                GuestShmStatus::UnknownFailure,
-                format!("region {host_name} has no socket in the directory of VM {vm}"),
-            );
-        };
-        let Some(region) = self.regions.get(&index) else {
-            return refusal(GuestShmStatus::UnknownFailure, "region vanished".into());
-        };
-        let info = region.info();
-        let offer = RegionOffer {
-            guest_name: decision.guest_name.clone(),
-            host_name: host_name.to_string(),
-            size: info.size,
-            vectors: u32::try_from(info.vectors).unwrap_or(u32::MAX),
-            peer_limit: u32::try_from(info.peer_limit).unwrap_or(u32::MAX),
-            id_policy: info.id_policy.to_string(),
-            peers: u32::try_from(region.peer_count()).unwrap_or(u32::MAX),
-            socket: socket.display().to_string(),
-        };
-        let (status, message) = if region.is_full() {
-            (
-                GuestShmStatus::ClientMax,
-                format!(
-                    "{decision}: region {host_name} has its limit of {} peer(s)",
-                    info.peer_limit
-                ),
-            )
-        } else {
-            (GuestShmStatus::Ok, decision.to_string())
-        };
-        FactoryResponse {
-            version: VERSION,
-            status: status.qnx_name().to_string(),
-            code: status.as_u32(),
-            message,
-            region: Some(offer),
         }
+    };
+    let Some(socket) = regions.socket_in(id, vm).map(|p| p.display().to_string()) else {
+        return refusal(
+            GuestShmStatus::UnknownFailure,
+            format!("region {host_name} has no socket in the directory of VM {vm}"),
+        );
+    };
+    let (Some(region), Some(info)) = (regions.get(id), regions.info(id)) else {
+        return refusal(GuestShmStatus::UnknownFailure, "region vanished".into());
+    };
+    let offer = RegionOffer {
+        guest_name: decision.guest_name.clone(),
+        host_name: host_name.to_string(),
+        size: info.size,
+        vectors: u32::try_from(info.vectors).unwrap_or(u32::MAX),
+        peer_limit: u32::try_from(info.peer_limit).unwrap_or(u32::MAX),
+        id_policy: info.id_policy.to_string(),
+        peers: u32::try_from(region.peer_count()).unwrap_or(u32::MAX),
+        socket,
+    };
+    let (status, message) = if region.is_full() {
+        (
+            GuestShmStatus::ClientMax,
+            format!(
+                "{decision}: region {host_name} has its limit of {} peer(s)",
+                info.peer_limit
+            ),
+        )
+    } else {
+        (GuestShmStatus::Ok, decision.to_string())
+    };
+    FactoryResponse {
+        version: VERSION,
+        status: status.qnx_name().to_string(),
+        code: status.as_u32(),
+        message,
+        region: Some(offer),
+    }
+}
+
+/// The status for a region that could not be created: `GSS_NOMEM` beyond `max_regions` or
+/// when its memory cannot be had ([`memory_status`]), `GSS_UNKNOWN_FAILURE` otherwise.
+fn create_status(error: &CreateError) -> GuestShmStatus {
+    match error {
+        CreateError::Memory(source) => memory_status(source),
+        CreateError::TooMany { .. } => GuestShmStatus::NoMem,
+        CreateError::Exists | CreateError::Config(_) => GuestShmStatus::UnknownFailure,
     }
 }
 
@@ -151,11 +176,8 @@ impl Server {
 /// (too large for a file, refused by the power-of-two or huge-page rules, or the system is out
 /// of memory or space), `GSS_UNKNOWN_FAILURE` for anything else (a missing backend directory,
 /// no permission, no file descriptors).
-fn memory_status(error: &ServerError) -> GuestShmStatus {
-    let ServerError::Memory { source, .. } = error else {
-        return GuestShmStatus::UnknownFailure;
-    };
-    match source {
+fn memory_status(error: &BackendError) -> GuestShmStatus {
+    match error {
         BackendError::Size(_)
         | BackendError::HugePageRounding { .. }
         | BackendError::TooLarge(_) => GuestShmStatus::NoMem,

@@ -2,7 +2,7 @@
 //!
 //! The lookup parses `/etc/group` itself (no NSS), so it works in static binaries.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use thiserror::Error;
@@ -36,7 +36,7 @@ impl FromStr for GroupSpec {
 }
 
 /// A group that cannot be resolved.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Error)]
 pub enum GroupError {
     /// Empty string.
     #[error("empty group")]
@@ -45,12 +45,13 @@ pub enum GroupError {
     #[error("group id {0} is out of range")]
     BadId(String),
     /// The group file could not be read.
-    #[error("cannot read {path}: {reason}")]
+    #[error("cannot read {}: {source}", path.display())]
     Unreadable {
         /// The file.
-        path: String,
+        path: PathBuf,
         /// Why.
-        reason: String,
+        #[source]
+        source: std::io::Error,
     },
     /// No such group.
     #[error("no group named {0:?} in /etc/group")]
@@ -68,11 +69,12 @@ impl GroupSpec {
         match self {
             GroupSpec::Id(id) => Ok(*id),
             GroupSpec::Name(name) => {
-                let text =
-                    std::fs::read_to_string(group_file).map_err(|e| GroupError::Unreadable {
-                        path: group_file.display().to_string(),
-                        reason: e.to_string(),
-                    })?;
+                let text = std::fs::read_to_string(group_file).map_err(|source| {
+                    GroupError::Unreadable {
+                        path: group_file.to_path_buf(),
+                        source,
+                    }
+                })?;
                 find_gid(&text, name).ok_or_else(|| GroupError::Unknown(name.clone()))
             }
         }
@@ -103,9 +105,12 @@ mod tests {
 
     #[test]
     fn parses_specs() {
-        assert_eq!("993".parse(), Ok(GroupSpec::Id(993)));
-        assert_eq!("kvm".parse(), Ok(GroupSpec::Name("kvm".into())));
-        assert_eq!("".parse::<GroupSpec>(), Err(GroupError::Empty));
+        assert_eq!("993".parse::<GroupSpec>().unwrap(), GroupSpec::Id(993));
+        assert_eq!(
+            "kvm".parse::<GroupSpec>().unwrap(),
+            GroupSpec::Name("kvm".into())
+        );
+        assert!(matches!("".parse::<GroupSpec>(), Err(GroupError::Empty)));
         assert!(matches!(
             "99999999999".parse::<GroupSpec>(),
             Err(GroupError::BadId(_))
@@ -128,7 +133,7 @@ mod tests {
 
     #[test]
     fn resolves_root_from_the_real_file() {
-        assert_eq!(GroupSpec::Name("root".into()).resolve(), Ok(0));
+        assert_eq!(GroupSpec::Name("root".into()).resolve().unwrap(), 0);
         assert!(matches!(
             GroupSpec::Name("no-such-group-ivshm".into()).resolve(),
             Err(GroupError::Unknown(_))

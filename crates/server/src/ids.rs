@@ -31,16 +31,19 @@ impl std::fmt::Display for IdPolicy {
     }
 }
 
+/// A word that names no id policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("id policy {0:?}: expected \"increasing\" or \"lowest-free\"")]
+pub struct UnknownIdPolicy(pub String);
+
 impl std::str::FromStr for IdPolicy {
-    type Err = String;
+    type Err = UnknownIdPolicy;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "increasing" => Ok(IdPolicy::Increasing),
             "lowest-free" => Ok(IdPolicy::LowestFree),
-            other => Err(format!(
-                "id policy {other:?}: expected \"increasing\" or \"lowest-free\""
-            )),
+            other => Err(UnknownIdPolicy(other.to_string())),
         }
     }
 }

@@ -30,10 +30,15 @@
 //! the signal pipes of [`signals::SignalPipes`]).
 //!
 //! Modules: [`config`] (what to serve), [`named`] (named regions and VMs), [`config_file`]
-//! (the TOML file), [`ids`] (id allocation), [`queue`] (a peer's
-//! outgoing messages), [`listener`] (socket creation and removal), [`group`] (`/etc/group`),
-//! [`limits`] (fd limits), [`signals`], [`pidfile`], [`stats`], [`observer`] (hooks for programs
-//! that report joins and leaves themselves); the loop, regions and peers are internal.
+//! (the TOML file), [`ids`] (id allocation), [`queue`] (a peer's outgoing messages),
+//! [`listener`] (socket creation and removal), [`group`] (`/etc/group`), [`limits`] (fd
+//! limits), [`signals`], [`pidfile`], [`stats`], [`observer`] (hooks for programs that report
+//! joins and leaves themselves). Internally each concern has one owner with
+//! private state, and the loop (`server`) only routes events to them: `regions` (every region
+//! and, through `listener_table`, its listening sockets and their epoll registration), `peer`
+//! (peer connections), `named_regions` and `vms` (the named configuration and the VMs),
+//! `vm_dir` (every path operation in the socket root and VM directories), `endpoints`
+//! (factory and control sockets), `factory` and `control` (answering their requests).
 
 pub mod config;
 pub mod config_file;
@@ -46,17 +51,20 @@ mod handle;
 pub mod ids;
 pub mod limits;
 pub mod listener;
+mod listener_table;
 pub mod named;
+mod named_regions;
 pub mod observer;
 mod peer;
 pub mod pidfile;
 pub mod queue;
 mod region;
-mod region_lifecycle;
+mod regions;
 mod server;
 pub mod signals;
 pub mod stats;
-mod vm_dirs;
+mod vm_dir;
+mod vms;
 
 use thiserror::Error;
 
@@ -71,6 +79,7 @@ pub use peer::RemovalReason;
 pub use region::RegionInfo;
 pub use server::{Control, ControlAction, Server};
 pub use stats::{Stats, StatsSnapshot};
+pub use vm_dir::DirError;
 
 /// Errors that stop a server from starting or running.
 #[derive(Debug, Error)]
@@ -99,6 +108,6 @@ pub enum ServerError {
     #[error("the server thread panicked")]
     Panicked,
     /// A VM directory or the socket root could not be set up.
-    #[error("{0}")]
-    Setup(String),
+    #[error(transparent)]
+    Directory(#[from] DirError),
 }

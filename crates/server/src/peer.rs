@@ -1,5 +1,7 @@
-//! One connected peer: its socket, id, eventfds and outgoing queue.
+//! One connected peer (its socket, id, eventfds and outgoing queue), and the table of every
+//! peer connection by serial with its place in the epoll set.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -9,6 +11,7 @@ use rustix::net::{recv, RecvFlags};
 
 use crate::event_loop::{Poller, Token};
 use crate::queue::{Flushed, OutgoingQueue, QueueFull};
+use crate::regions::RegionId;
 
 /// Why a peer went away.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +52,63 @@ impl fmt::Display for RemovalReason {
     }
 }
 
+/// Every peer connection by serial (its epoll token): the region and peer id it belongs to.
+///
+/// The only code that puts a peer socket into the epoll set or takes it out, so the table and
+/// the set agree by construction.
+#[derive(Debug)]
+pub(crate) struct Connections {
+    poller: Arc<Poller>,
+    owners: HashMap<u64, (RegionId, u16)>,
+    next_serial: u64,
+}
+
+impl Connections {
+    pub(crate) fn new(poller: Arc<Poller>) -> Self {
+        Connections {
+            poller,
+            owners: HashMap::new(),
+            next_serial: 0,
+        }
+    }
+
+    /// Makes `socket` peer `id` of `region` and watches it; returns the peer. Serials increase
+    /// with every join and are never reused (unlike peer ids).
+    pub(crate) fn add(
+        &mut self,
+        region: RegionId,
+        id: u16,
+        socket: OwnedFd,
+        eventfds: Vec<Arc<OwnedFd>>,
+        queue: OutgoingQueue,
+    ) -> Result<Peer, Errno> {
+        let serial = self.next_serial;
+        self.poller.add(socket.as_fd(), Token::Peer(serial))?;
+        self.next_serial += 1;
+        self.owners.insert(serial, (region, id));
+        Ok(Peer {
+            id,
+            serial,
+            socket,
+            eventfds,
+            queue,
+            writable_interest: false,
+        })
+    }
+
+    /// Forgets `peer` and stops watching its socket (closed when the peer is dropped).
+    pub(crate) fn remove(&mut self, peer: &Peer) {
+        self.owners.remove(&peer.serial);
+        let _ = self.poller.remove(peer.socket.as_fd());
+    }
+
+    /// The region and peer id of connection `serial` (`None` once it has gone, e.g. earlier in
+    /// the same batch of events).
+    pub(crate) fn owner(&self, serial: u64) -> Option<(RegionId, u16)> {
+        self.owners.get(&serial).copied()
+    }
+}
+
 /// A connected peer.
 #[derive(Debug)]
 pub(crate) struct Peer {
@@ -62,29 +122,9 @@ pub(crate) struct Peer {
 }
 
 impl Peer {
-    pub(crate) fn new(
-        id: u16,
-        serial: u64,
-        socket: OwnedFd,
-        eventfds: Vec<Arc<OwnedFd>>,
-        queue: OutgoingQueue,
-    ) -> Self {
-        Peer {
-            id,
-            serial,
-            socket,
-            eventfds,
-            queue,
-            writable_interest: false,
-        }
-    }
-
+    /// Its connection.
     pub(crate) fn socket(&self) -> BorrowedFd<'_> {
         self.socket.as_fd()
-    }
-
-    pub(crate) fn token(&self) -> Token {
-        Token::Peer(self.serial)
     }
 
     /// Looks at what arrived on the socket: `None` if nothing (spurious wake-up), else why the
@@ -105,7 +145,11 @@ impl Peer {
     }
 
     /// Sends what the socket takes and arms or disarms writability interest accordingly.
-    pub(crate) fn flush(&mut self, poller: &Poller, sent: &mut u64) -> Result<(), RemovalReason> {
+    pub(crate) fn flush(
+        &mut self,
+        connections: &Connections,
+        sent: &mut u64,
+    ) -> Result<(), RemovalReason> {
         let state = self
             .queue
             .flush(self.socket.as_fd(), sent)
@@ -116,8 +160,9 @@ impl Peer {
             })?;
         let want_writable = state == Flushed::WouldBlock;
         if want_writable != self.writable_interest {
-            poller
-                .set_writable_interest(self.socket.as_fd(), self.token(), want_writable)
+            connections
+                .poller
+                .set_writable_interest(self.socket.as_fd(), Token::Peer(self.serial), want_writable)
                 .map_err(RemovalReason::PollFailed)?;
             self.writable_interest = want_writable;
         }

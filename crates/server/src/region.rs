@@ -1,4 +1,5 @@
-//! A region: one shared-memory object, its vectors per peer, its listener and its peers.
+//! A region: one shared-memory object, its vectors per peer, its peers and its lifetime.
+//! Its sockets are in the [`ListenerTable`](crate::listener_table::ListenerTable).
 //!
 //! Joining follows QEMU's `ivshmem_server_handle_new_conn` message for message:
 //! to the new peer `0` (version), its id, `-1` + shm fd; to every existing peer the new id once
@@ -7,37 +8,30 @@
 //! then its own id once per vector with its own eventfds.
 //! Leaving: every remaining peer gets the id without an fd.
 
-use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use ivshm_mem::{format_size, SharedMemory};
+use ivshm_mem::{format_size, BackendError, SharedMemory};
 use ivshm_policy::GuestShmStatus;
 use ivshm_proto::v0::{PROTOCOL_VERSION, SHM_MARKER};
 use rustix::event::{eventfd, EventfdFlags};
 use rustix::io::Errno;
 
-use crate::config::RegionConfig;
-use crate::event_loop::{Poller, Token};
 use crate::ids::{lowest_free, IdAllocator, IdPolicy};
-use crate::limits::{fd_exhaustion_message, is_fd_exhaustion, ReserveFd};
-use crate::listener::Listener;
+use crate::limits::{fd_exhaustion_message, is_fd_exhaustion};
+use crate::listener_table::SocketKey;
 use crate::named::Origin;
 use crate::observer::Observer;
-use crate::peer::{Peer, RemovalReason};
+use crate::peer::{Connections, Peer, RemovalReason};
 use crate::queue::OutgoingQueue;
+use crate::regions::RegionId;
 use crate::stats::Stats;
-use crate::ServerError;
 
 /// What the loop lends a region while it handles an event.
 pub(crate) struct LoopContext<'a> {
-    pub(crate) poller: &'a Poller,
     pub(crate) stats: &'a Stats,
-    /// Peer connection serial → (region index, peer id).
-    pub(crate) connections: &'a mut HashMap<u64, (usize, u16)>,
-    pub(crate) next_serial: &'a mut u64,
-    pub(crate) reserve: &'a mut ReserveFd,
+    pub(crate) connections: &'a mut Connections,
     /// Peers connected over all regions (for log lines).
     pub(crate) total_peers: usize,
     /// Told about accepted connections, joins and removals.
@@ -63,16 +57,6 @@ pub struct RegionInfo {
     pub id_policy: IdPolicy,
 }
 
-/// A listening socket of a region: its own (standalone) or one in a VM's directory.
-#[derive(Debug)]
-pub(crate) struct RegionSocket {
-    /// Its key in the server's listener table (the epoll token).
-    pub(crate) key: usize,
-    /// The VM whose directory holds it, and the VM's name for the region.
-    pub(crate) vm: Option<(String, String)>,
-    pub(crate) listener: Listener,
-}
-
 /// How a region is set up, whatever made it.
 #[derive(Debug, Clone)]
 pub(crate) struct RegionSpec {
@@ -90,7 +74,7 @@ pub(crate) struct RegionSpec {
 /// A served region.
 #[derive(Debug)]
 pub(crate) struct Region {
-    index: usize,
+    id: RegionId,
     name: String,
     memory: SharedMemory,
     /// A duplicate of the memory fd that queued messages share.
@@ -101,70 +85,25 @@ pub(crate) struct Region {
     id_policy: IdPolicy,
     peer_limit: usize,
     peers: BTreeMap<u16, Peer>,
-    /// The socket key each peer joined through.
-    via: BTreeMap<u16, usize>,
-    sockets: Vec<RegionSocket>,
-    /// The listeners are out of the epoll set because fds ran out.
-    accept_paused: bool,
-    pub(crate) origin: Origin,
-    pub(crate) persist: bool,
+    /// The socket each peer joined through.
+    via: BTreeMap<u16, SocketKey>,
+    origin: Origin,
+    persist: bool,
     /// Removed: no sockets any more, dropped when its last peer leaves.
-    pub(crate) detached: bool,
+    detached: bool,
     /// Some peer joined once (a run-time region goes when its last peer leaves).
-    pub(crate) had_peers: bool,
+    had_peers: bool,
 }
 
 impl Region {
-    /// A standalone region: the memory and its own listener (key `key`).
+    /// A region with its memory and no peers (its sockets are added to the listener table).
     pub(crate) fn new(
-        index: usize,
-        config: &RegionConfig,
-        queue_limit: usize,
-        key: usize,
-    ) -> Result<Region, ServerError> {
-        let m = &config.memory;
-        let spec = RegionSpec {
-            name: config.name.clone(),
-            backend: m.backend.clone(),
-            size: m.size,
-            pow2: m.pow2,
-            vectors: config.vectors,
-            peer_limit: 1 << 16,
-            id_policy: IdPolicy::Increasing,
-            origin: Origin::Standalone,
-            persist: true,
-        };
-        let mut region = Region::with_memory(index, &spec, queue_limit)?;
-        let listener = Listener::bind(&config.listener)?;
-        region.sockets.push(RegionSocket {
-            key,
-            vm: None,
-            listener,
-        });
-        Ok(region)
-    }
-
-    /// A region without sockets yet (named regions get theirs in VM directories).
-    pub(crate) fn with_memory(
-        index: usize,
+        id: RegionId,
         spec: &RegionSpec,
         queue_limit: usize,
-    ) -> Result<Region, ServerError> {
-        let memory =
-            ivshm_mem::backend::create(&spec.backend, spec.size, spec.pow2).map_err(|source| {
-                ServerError::Memory {
-                    region: spec.name.clone(),
-                    source,
-                }
-            })?;
-        let shm_fd = Arc::new(
-            memory
-                .try_clone_fd()
-                .map_err(|source| ServerError::Memory {
-                    region: spec.name.clone(),
-                    source,
-                })?,
-        );
+    ) -> Result<Region, BackendError> {
+        let memory = ivshm_mem::backend::create(&spec.backend, spec.size, spec.pow2)?;
+        let shm_fd = Arc::new(memory.try_clone_fd()?);
         tracing::info!(
             region = %spec.name,
             size = memory.size(),
@@ -177,7 +116,7 @@ impl Region {
             spec.vectors
         );
         Ok(Region {
-            index,
+            id,
             name: spec.name.clone(),
             memory,
             shm_fd,
@@ -188,8 +127,6 @@ impl Region {
             peer_limit: spec.peer_limit,
             peers: BTreeMap::new(),
             via: BTreeMap::new(),
-            sockets: Vec::new(),
-            accept_paused: false,
             origin: spec.origin,
             persist: spec.persist,
             detached: false,
@@ -202,28 +139,47 @@ impl Region {
         &self.name
     }
 
-    /// Its sockets.
-    pub(crate) fn sockets(&self) -> &[RegionSocket] {
-        &self.sockets
+    /// Vectors per peer.
+    pub(crate) fn vectors(&self) -> usize {
+        self.vectors
     }
 
-    /// Adds a socket (already watched by the poller unless accepting is paused).
-    pub(crate) fn add_socket(&mut self, socket: RegionSocket, poller: &Poller) {
-        if !self.accept_paused {
-            if let Err(errno) = poller.add(socket.listener.fd(), Token::Listener(socket.key)) {
-                tracing::error!(region = %self.name, %errno, "cannot watch a socket");
-            }
-        }
-        self.sockets.push(socket);
+    /// Who made it.
+    pub(crate) fn origin(&self) -> Origin {
+        self.origin
     }
 
-    /// Removes the socket with `key` (its file goes with it); peers that joined through it
-    /// stay. Returns it.
-    pub(crate) fn remove_socket(&mut self, key: usize, poller: &Poller) -> Option<RegionSocket> {
-        let at = self.sockets.iter().position(|s| s.key == key)?;
-        let socket = self.sockets.remove(at);
-        let _ = poller.remove(socket.listener.fd());
-        Some(socket)
+    /// The configuration now owns it (a `[[region]]` or a VM's `create` names it).
+    pub(crate) fn adopt_as_configured(&mut self) {
+        self.origin = Origin::Config;
+    }
+
+    /// Whether it stays after its last peer leaves.
+    pub(crate) fn persists(&self) -> bool {
+        self.persist
+    }
+
+    /// Whether it was removed while peers were connected (it has no sockets any more and goes
+    /// with its last peer).
+    pub(crate) fn is_detached(&self) -> bool {
+        self.detached
+    }
+
+    /// Marks it removed: it goes when its last peer leaves.
+    pub(crate) fn detach(&mut self) {
+        self.detached = true;
+    }
+
+    /// Whether it should go now: it has no peers and is detached, or it was made at run time,
+    /// is not to persist, and its last peer has left.
+    pub(crate) fn is_done(&self) -> bool {
+        self.peers.is_empty()
+            && (self.detached || (self.origin.is_run_time() && !self.persist && self.had_peers))
+    }
+
+    /// A live named region (not standalone, not detached).
+    pub(crate) fn is_live_named(&self) -> bool {
+        self.origin != Origin::Standalone && !self.detached
     }
 
     /// Ids of the connected peers.
@@ -232,7 +188,7 @@ impl Region {
     }
 
     /// Ids of the peers that joined through socket `key`.
-    pub(crate) fn peers_via(&self, key: usize) -> Vec<u16> {
+    pub(crate) fn peers_via(&self, key: SocketKey) -> Vec<u16> {
         self.via
             .iter()
             .filter(|(_, &k)| k == key)
@@ -249,10 +205,11 @@ impl Region {
         self.peers.len()
     }
 
-    pub(crate) fn info(&self) -> RegionInfo {
+    /// Its facts, with `socket` its first socket's path (empty when it has none).
+    pub(crate) fn info(&self, socket: &std::path::Path) -> RegionInfo {
         RegionInfo {
             name: self.name.clone(),
-            socket: self.socket_path().to_path_buf(),
+            socket: socket.to_path_buf(),
             size: self.memory.size(),
             vectors: self.vectors,
             memory: self.memory.description().to_string(),
@@ -262,10 +219,10 @@ impl Region {
     }
 
     /// Logs the region and its peers (on `SIGHUP`).
-    pub(crate) fn log_status(&self) {
+    pub(crate) fn log_status(&self, sockets: usize) {
         tracing::info!(
             region = %self.name,
-            sockets = self.sockets.len(),
+            sockets,
             peers = self.peers.len(),
             origin = self.origin.as_str(),
             "{} of {}, {} vector(s) per peer",
@@ -278,111 +235,15 @@ impl Region {
         }
     }
 
-    /// Accepts every waiting connection on socket `key`.
-    pub(crate) fn accept_all(&mut self, key: usize, ctx: &mut LoopContext<'_>) {
-        if self.accept_paused {
-            return;
-        }
-        loop {
-            let Some(socket) = self.sockets.iter().find(|s| s.key == key) else {
-                return;
-            };
-            match socket.listener.accept() {
-                Ok(Some(connection)) => {
-                    ctx.observer.accepted(&self.name, connection.as_fd());
-                    self.join(connection, key, ctx)
-                }
-                Ok(None) => return,
-                // `accept` needs a free fd before it even looks at the queue.
-                Err(e) if is_fd_exhaustion(e) => {
-                    if !self.refuse_for_lack_of_fds(key, e, ctx) {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(region = %self.name, errno = %e, "accept failed");
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Out of fds at `accept`: accept a waiting connection into the reserve fd's slot and close
-    /// it. Returns true if one was refused (there may be more). If even that is impossible,
-    /// stops accepting until a peer leaves, so the loop does not spin on a readable listener.
-    fn refuse_for_lack_of_fds(
+    /// Gives a new connection (through socket `key`) an id, its eventfds and its handshake,
+    /// and tells the others. Returns how many peers were removed (others that could not take
+    /// the news).
+    pub(crate) fn join(
         &mut self,
-        key: usize,
-        errno: Errno,
+        socket: OwnedFd,
+        key: SocketKey,
         ctx: &mut LoopContext<'_>,
-    ) -> bool {
-        let Some(socket) = self.sockets.iter().find(|s| s.key == key) else {
-            return false;
-        };
-        let listener = &socket.listener;
-        let stats = ctx.stats;
-        // Counted before the close, so whoever sees the connection closed sees the count.
-        let result = ctx.reserve.release_for(|| {
-            listener.accept().map(|socket| {
-                let refused = socket.is_some();
-                if refused {
-                    stats.refused();
-                }
-                refused
-            })
-        });
-        match result {
-            Ok(true) => {
-                tracing::error!(
-                    region = %self.name,
-                    %errno,
-                    "{}",
-                    fd_exhaustion_message(ctx.total_peers, self.vectors, "refused a new peer")
-                );
-                true
-            }
-            Ok(false) => false,
-            Err(e) => {
-                tracing::error!(
-                    region = %self.name,
-                    errno = %e,
-                    "{}",
-                    fd_exhaustion_message(
-                        ctx.total_peers,
-                        self.vectors,
-                        "not accepting new peers until one leaves"
-                    )
-                );
-                for socket in &self.sockets {
-                    let _ = ctx.poller.remove(socket.listener.fd());
-                }
-                self.accept_paused = true;
-                false
-            }
-        }
-    }
-
-    /// True while accepting is paused for lack of fds.
-    pub(crate) fn accept_paused(&self) -> bool {
-        self.accept_paused
-    }
-
-    /// Watches the listener again after fds were freed.
-    pub(crate) fn resume_accepting(&mut self, poller: &Poller) {
-        if !self.accept_paused {
-            return;
-        }
-        for socket in &self.sockets {
-            if let Err(errno) = poller.add(socket.listener.fd(), Token::Listener(socket.key)) {
-                tracing::error!(region = %self.name, %errno, "cannot watch a socket again");
-            }
-        }
-        self.accept_paused = false;
-        tracing::info!(region = %self.name, "accepting new peers again");
-    }
-
-    /// Gives a new connection an id, its eventfds and its handshake, and tells the others.
-    fn join(&mut self, socket: OwnedFd, key: usize, ctx: &mut LoopContext<'_>) {
+    ) -> usize {
         if self.is_full() {
             // Accepted and closed at once: the peer sees its connection closed before any
             // message, as it would if the server were gone.
@@ -395,7 +256,7 @@ impl Region {
                 self.peer_limit,
                 GuestShmStatus::ClientMax
             );
-            return;
+            return 0;
         }
         let peers = &self.peers;
         let allocated = match self.id_policy {
@@ -405,7 +266,7 @@ impl Region {
         let Some(id) = allocated else {
             tracing::error!(region = %self.name, "no free peer id; refusing a new peer");
             ctx.stats.refused();
-            return;
+            return 0;
         };
         let eventfds = match self.create_eventfds() {
             Ok(fds) => fds,
@@ -425,7 +286,7 @@ impl Region {
                     tracing::error!(region = %self.name, %errno, "eventfd failed; refusing peer {id}");
                 }
                 ctx.stats.refused();
-                return;
+                return 0;
             }
         };
 
@@ -450,14 +311,14 @@ impl Region {
             (self.peers.len() * self.vectors) + eventfds.len() * (self.peers.len() + 1);
         ctx.stats.doorbell_fds(handed_out as u64);
 
-        let serial = *ctx.next_serial;
-        *ctx.next_serial += 1;
-        let peer = Peer::new(id, serial, socket, eventfds, queue);
-        if let Err(errno) = ctx.poller.add(peer.socket(), peer.token()) {
-            tracing::error!(region = %self.name, %errno, "cannot watch the socket of peer {id}; refusing it");
-            ctx.stats.refused();
-            return;
-        }
+        let peer = match ctx.connections.add(self.id, id, socket, eventfds, queue) {
+            Ok(peer) => peer,
+            Err(errno) => {
+                tracing::error!(region = %self.name, %errno, "cannot watch the socket of peer {id}; refusing it");
+                ctx.stats.refused();
+                return 0;
+            }
+        };
         ctx.observer.joined(&self.name, id, peer.socket());
 
         let mut failed = Vec::new();
@@ -469,7 +330,6 @@ impl Region {
                 }
             }
         }
-        ctx.connections.insert(serial, (self.index, id));
         self.peers.insert(id, peer);
         self.via.insert(id, key);
         self.had_peers = true;
@@ -481,7 +341,7 @@ impl Region {
             "peer {id} joined"
         );
         self.flush_all(ctx, &mut failed);
-        self.remove_all(failed, ctx);
+        self.remove_all(failed, ctx)
     }
 
     fn create_eventfds(&self) -> Result<Vec<Arc<OwnedFd>>, Errno> {
@@ -490,31 +350,31 @@ impl Region {
             .collect()
     }
 
-    /// Handles readiness of peer `id`'s socket.
+    /// Handles readiness of peer `id`'s socket. Returns how many peers were removed.
     pub(crate) fn on_peer_event(
         &mut self,
         id: u16,
         readable: bool,
         writable: bool,
         ctx: &mut LoopContext<'_>,
-    ) {
+    ) -> usize {
         let Some(peer) = self.peers.get_mut(&id) else {
-            return;
+            return 0;
         };
         if readable {
             if let Some(reason) = peer.check_input() {
-                self.remove_all(vec![(id, reason)], ctx);
-                return;
+                return self.remove_all(vec![(id, reason)], ctx);
             }
         }
         if writable {
             let mut sent = 0;
-            let result = peer.flush(ctx.poller, &mut sent);
+            let result = peer.flush(ctx.connections, &mut sent);
             ctx.stats.sent(sent);
             if let Err(reason) = result {
-                self.remove_all(vec![(id, reason)], ctx);
+                return self.remove_all(vec![(id, reason)], ctx);
             }
         }
+        0
     }
 
     /// Flushes every peer with something queued; failures are added to `failed`.
@@ -524,7 +384,7 @@ impl Region {
             if peer.queue.is_empty() {
                 continue;
             }
-            if let Err(reason) = peer.flush(ctx.poller, &mut sent) {
+            if let Err(reason) = peer.flush(ctx.connections, &mut sent) {
                 failed.push((peer.id, reason));
             }
         }
@@ -532,15 +392,21 @@ impl Region {
     }
 
     /// Removes peers, telling every remaining peer; peers that fail to take that news are
-    /// removed in turn (a worklist, so a cascade cannot recurse).
-    fn remove_all(&mut self, mut work: Vec<(u16, RemovalReason)>, ctx: &mut LoopContext<'_>) {
+    /// removed in turn (a worklist, so a cascade cannot recurse). Returns how many went (their
+    /// fds are closed).
+    fn remove_all(
+        &mut self,
+        mut work: Vec<(u16, RemovalReason)>,
+        ctx: &mut LoopContext<'_>,
+    ) -> usize {
+        let mut removed = 0;
         while let Some((id, reason)) = work.pop() {
             let Some(peer) = self.peers.remove(&id) else {
                 continue;
             };
-            ctx.connections.remove(&peer.serial);
+            ctx.connections.remove(&peer);
             self.via.remove(&id);
-            let _ = ctx.poller.remove(peer.socket());
+            removed += 1;
             ctx.stats.removed(reason.is_drop());
             ctx.observer.removed(&self.name, id, &reason);
             if reason.is_drop() {
@@ -556,13 +422,6 @@ impl Region {
             }
             self.flush_all(ctx, &mut work);
         }
-    }
-
-    /// The first socket's path (empty when it has none).
-    pub(crate) fn socket_path(&self) -> &Path {
-        self.sockets
-            .first()
-            .map(|s| s.listener.path())
-            .unwrap_or(Path::new(""))
+        removed
     }
 }

@@ -1,22 +1,32 @@
-//! The server: its regions and the one epoll loop that serves them all.
+//! The server: the owners of its state and the one epoll loop that dispatches to them.
+//!
+//! Each concern has one owner with private state: [`Regions`] (regions and their listening
+//! sockets), [`Connections`] (peer connections), [`NamedRegions`] (named regions' VMs and
+//! configuration), [`Endpoints`] (factory and control sockets and their connections). The
+//! loop here only routes events and requests to them.
 
-use std::collections::{BTreeMap, HashMap};
 use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use ivshm_proto::factory::LineError;
 use rustix::event::epoll::{Event, EventFlags};
 use rustix::io::Errno;
 
 use crate::config::ServerConfig;
-use crate::endpoints::Endpoints;
+use crate::control;
+use crate::endpoints::{EndpointKind, Endpoints, Service};
 use crate::event_loop::{token_of, Poller, Token};
+use crate::factory;
 use crate::limits::{raise_nofile_limit, ReserveFd};
+use crate::listener_table::SocketKey;
 use crate::named::Origin;
+use crate::named_regions::NamedRegions;
 use crate::observer::{Observer, ObserverSlot};
-use crate::region::{LoopContext, Region, RegionInfo};
+use crate::peer::Connections;
+use crate::region::RegionInfo;
+use crate::regions::{EventContext, RegionId, Regions};
 use crate::stats::Stats;
-use crate::vm_dirs::Named;
 use crate::ServerError;
 
 /// What readiness of a control fd means.
@@ -47,21 +57,19 @@ pub struct Control<'a> {
 /// objects that are not to be kept.
 #[derive(Debug)]
 pub struct Server {
-    pub(crate) poller: Poller,
-    /// Regions by index (indices are never reused).
-    pub(crate) regions: BTreeMap<usize, Region>,
-    next_region: usize,
-    /// Listener key → region index.
-    pub(crate) listener_owner: HashMap<usize, usize>,
-    next_listener: usize,
-    pub(crate) connections: HashMap<u64, (usize, u16)>,
-    next_serial: u64,
-    pub(crate) reserve: ReserveFd,
-    pub(crate) stats: Arc<Stats>,
-    pub(crate) max_queued_messages: usize,
-    /// VM directories, factories, control socket.
-    pub(crate) named: Option<Named>,
-    pub(crate) endpoints: Endpoints,
+    poller: Arc<Poller>,
+    /// Regions and their listening sockets.
+    regions: Regions,
+    /// Peer connections by serial.
+    connections: Connections,
+    /// Factory and control sockets and their connections.
+    endpoints: Endpoints,
+    /// VMs and the named configuration (`None` without named regions).
+    named: Option<NamedRegions>,
+    /// The spare fd used to refuse connections when fds run out.
+    reserve: ReserveFd,
+    stats: Arc<Stats>,
+    /// Told about accepted connections, joins, removals and wake-ups.
     observer: ObserverSlot,
 }
 
@@ -73,51 +81,28 @@ impl Server {
         config.validate()?;
         let limit = raise_nofile_limit();
         tracing::debug!(soft = ?limit.soft, hard = ?limit.hard, "open file limit");
-        let poller = Poller::new().map_err(ServerError::Epoll)?;
+        let poller = Arc::new(Poller::new().map_err(ServerError::Epoll)?);
         let mut server = Server {
+            regions: Regions::new(poller.clone(), config.max_queued_messages),
+            connections: Connections::new(poller.clone()),
+            endpoints: Endpoints::new(poller.clone()),
             poller,
-            regions: BTreeMap::new(),
-            next_region: 0,
-            listener_owner: HashMap::new(),
-            next_listener: 0,
-            connections: HashMap::new(),
-            next_serial: 0,
+            named: None,
             reserve: ReserveFd::new(),
             stats: Arc::new(Stats::default()),
-            max_queued_messages: config.max_queued_messages,
-            named: None,
-            endpoints: Endpoints::default(),
             observer: ObserverSlot::default(),
         };
         for region in &config.regions {
-            let index = server.allocate_region_index();
-            let key = server.allocate_listener_key(index);
-            let region = Region::new(index, region, config.max_queued_messages, key)?;
-            for socket in region.sockets() {
-                server
-                    .poller
-                    .add(socket.listener.fd(), Token::Listener(socket.key))
-                    .map_err(ServerError::Epoll)?;
-            }
-            server.regions.insert(index, region);
+            server.regions.add_standalone(region)?;
         }
         if let Some(named) = config.named {
-            server.setup_named(named)?;
+            server.named = Some(NamedRegions::setup(
+                named,
+                &mut server.regions,
+                &mut server.endpoints,
+            )?);
         }
         Ok(server)
-    }
-
-    pub(crate) fn allocate_region_index(&mut self) -> usize {
-        let index = self.next_region;
-        self.next_region += 1;
-        index
-    }
-
-    pub(crate) fn allocate_listener_key(&mut self, region: usize) -> usize {
-        let key = self.next_listener;
-        self.next_listener += 1;
-        self.listener_owner.insert(key, region);
-        key
     }
 
     /// Installs `observer`: the loop calls it as connections come and peers go (see
@@ -134,20 +119,24 @@ impl Server {
     /// The socket path of every standalone region, in configuration order.
     pub fn socket_paths(&self) -> Vec<PathBuf> {
         self.regions
-            .values()
-            .filter(|r| r.origin == Origin::Standalone)
-            .map(|r| r.socket_path().to_path_buf())
+            .iter()
+            .filter(|(_, r)| r.origin() == Origin::Standalone)
+            .filter_map(|(id, _)| self.regions.info(id))
+            .map(|info| info.socket)
             .collect()
     }
 
     /// Facts about every region, in creation order.
     pub fn regions(&self) -> Vec<RegionInfo> {
-        self.regions.values().map(Region::info).collect()
+        self.regions
+            .iter()
+            .filter_map(|(id, _)| self.regions.info(id))
+            .collect()
     }
 
     /// Peers connected now, over all regions.
     pub fn peer_count(&self) -> usize {
-        self.regions.values().map(Region::peer_count).sum()
+        self.regions.peer_count()
     }
 
     /// Serves until a [`ControlAction::Stop`] control becomes readable. Peer misbehaviour never
@@ -169,8 +158,9 @@ impl Server {
         let mut events: Vec<Event> = Vec::with_capacity(256);
         loop {
             self.poller.wait(&mut events).map_err(ServerError::Epoll)?;
-            let removed_before = self.removed_count();
-            let mut touched: Vec<usize> = Vec::new();
+            // Peers went away in this batch (their fds are closed), and from which regions.
+            let mut freed_fds = false;
+            let mut lost_peers: Vec<RegionId> = Vec::new();
             let mut peers_or_listeners = false;
             for event in &events {
                 let flags = event.flags;
@@ -194,39 +184,55 @@ impl Server {
                     }
                     Some(Token::Listener(key)) => {
                         peers_or_listeners = true;
-                        let Some(&index) = self.listener_owner.get(&key) else {
-                            continue;
+                        let mut ctx = EventContext {
+                            stats: &self.stats,
+                            connections: &mut self.connections,
+                            observer: self.observer.get(),
                         };
-                        if let Some((region, mut ctx)) = self.region_with_context(index) {
-                            region.accept_all(key, &mut ctx);
-                        }
+                        let removed =
+                            self.regions
+                                .accept_all(SocketKey(key), &mut ctx, &mut self.reserve);
+                        freed_fds |= removed > 0;
                     }
                     Some(Token::Peer(serial)) => {
                         peers_or_listeners = true;
                         // A peer removed earlier in this batch has no entry any more.
-                        let Some(&(index, id)) = self.connections.get(&serial) else {
+                        let Some(owner) = self.connections.owner(serial) else {
                             continue;
                         };
                         let readable = flags.intersects(
                             EventFlags::IN | EventFlags::RDHUP | EventFlags::HUP | EventFlags::ERR,
                         );
                         let writable = flags.contains(EventFlags::OUT);
-                        if let Some((region, mut ctx)) = self.region_with_context(index) {
-                            region.on_peer_event(id, readable, writable, &mut ctx);
-                            touched.push(index);
+                        let mut ctx = EventContext {
+                            stats: &self.stats,
+                            connections: &mut self.connections,
+                            observer: self.observer.get(),
+                        };
+                        let removed = self
+                            .regions
+                            .on_peer_event(owner, readable, writable, &mut ctx);
+                        if removed > 0 {
+                            freed_fds = true;
+                            lost_peers.push(owner.0);
                         }
                     }
-                    Some(Token::Aux(key)) => self.on_endpoint_event(key, flags),
+                    Some(Token::Aux(key)) => match self.endpoints.kind(key) {
+                        Some(EndpointKind::Listener) => {
+                            self.endpoints.accept_all(key, &mut self.reserve)
+                        }
+                        Some(EndpointKind::Connection) => self.serve_connection(key, flags),
+                        None => {}
+                    },
                     None => tracing::debug!("event with an unknown token"),
                 }
             }
-            // Peers that went away freed fds: listeners paused for lack of fds resume.
-            if self.removed_count() != removed_before {
-                for region in self.regions.values_mut().filter(|r| r.accept_paused()) {
-                    region.resume_accepting(&self.poller);
-                }
-                for index in touched {
-                    self.reap(index);
+            // Peers that went away freed fds: listeners paused for lack of fds resume, and
+            // regions that should not outlive their peers go.
+            if freed_fds {
+                self.regions.resume_accepting();
+                for id in lost_peers {
+                    self.regions.reap(id);
                 }
             }
             if peers_or_listeners {
@@ -235,54 +241,55 @@ impl Server {
         }
     }
 
-    /// Region `index` and what the loop lends it while it handles an event.
-    fn region_with_context(&mut self, index: usize) -> Option<(&mut Region, LoopContext<'_>)> {
-        let total_peers = self.peer_count();
-        let region = self.regions.get_mut(&index)?;
-        let ctx = LoopContext {
-            poller: &self.poller,
-            stats: &self.stats,
-            connections: &mut self.connections,
-            next_serial: &mut self.next_serial,
-            reserve: &mut self.reserve,
-            total_peers,
-            observer: self.observer.get(),
-        };
-        Some((region, ctx))
-    }
-
-    /// Removes region `index` if it is empty and should not outlive its peers: detached ones,
-    /// and run-time ones that are not to persist once their last peer has left.
-    pub(crate) fn reap(&mut self, index: usize) {
-        let Some(region) = self.regions.get(&index) else {
+    /// Reads factory or control connection `key` and answers every complete request line.
+    fn serve_connection(&mut self, key: u64, flags: EventFlags) {
+        let Some(mut connection) = self.endpoints.take_connection(key) else {
             return;
         };
-        let runtime = matches!(region.origin, Origin::Factory | Origin::Control);
-        let goes = region.peer_count() == 0
-            && (region.detached || (runtime && !region.persist && region.had_peers));
-        if goes {
-            tracing::info!(
-                region = %region.name(),
-                "removing region {}: its last peer left",
-                region.name()
-            );
-            self.drop_region(index);
-        }
-    }
-
-    /// Drops region `index` now (its sockets go with it).
-    pub(crate) fn drop_region(&mut self, index: usize) {
-        if let Some(region) = self.regions.remove(&index) {
-            for socket in region.sockets() {
-                self.listener_owner.remove(&socket.key);
-                let _ = self.poller.remove(socket.listener.fd());
+        if connection.read(flags) {
+            while let Some(line) = connection.next_request() {
+                let response = self.answer(connection.service(), line);
+                connection.respond(&response);
             }
         }
+        self.endpoints.restore(key, connection);
     }
 
-    fn removed_count(&self) -> u64 {
-        let s = self.stats.snapshot();
-        s.peers_left + s.peers_dropped
+    /// The response line to one request line on a factory or control socket.
+    fn answer(&mut self, service: &Service, line: Result<Vec<u8>, LineError>) -> Vec<u8> {
+        match service {
+            Service::Factory(vm) => factory::answer_line(
+                self.named.as_ref(),
+                &mut self.regions,
+                &self.stats,
+                vm,
+                line,
+            ),
+            Service::Control => control::answer_line(
+                control::Subject {
+                    named: self.named.as_mut(),
+                    regions: &mut self.regions,
+                    endpoints: &mut self.endpoints,
+                    stats: &self.stats,
+                },
+                line,
+            ),
+        }
+    }
+
+    /// Reloads (on `SIGHUP`) and logs the outcome.
+    fn reload_and_log(&mut self) {
+        let Some(named) = self.named.as_mut().filter(|n| n.has_source()) else {
+            return;
+        };
+        match named.reload(&mut self.regions, &mut self.endpoints) {
+            Ok(changes) => {
+                for change in changes {
+                    tracing::info!("reload: {change}");
+                }
+            }
+            Err(e) => tracing::error!("reload failed, nothing changed: {e}"),
+        }
     }
 
     fn log_status(&self) {
@@ -296,9 +303,7 @@ impl Server {
             messages = s.messages_sent,
             "status"
         );
-        for region in self.regions.values() {
-            region.log_status();
-        }
+        self.regions.log_status();
     }
 }
 
@@ -306,11 +311,9 @@ impl Drop for Server {
     /// Closes every socket and connection, then removes the VM directories if they are empty.
     fn drop(&mut self) {
         self.regions.clear();
-        self.endpoints = Endpoints::default();
+        self.endpoints.clear();
         if let Some(named) = &self.named {
-            for vm in named.vms.values() {
-                let _ = std::fs::remove_dir(&vm.dir);
-            }
+            named.remove_dirs();
         }
     }
 }

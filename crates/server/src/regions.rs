@@ -1,0 +1,479 @@
+//! Every region the server serves, by id, together with their listening sockets.
+//!
+//! The registry owns both the regions and the [`ListenerTable`], so the rule "every socket
+//! serves a region that exists, and a region's sockets go with it" holds by construction:
+//! sockets are added only for a region that is here, and dropping or retiring a region removes
+//! its sockets (files, table entries and epoll registrations) in the same call.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ivshm_mem::BackendError;
+use rustix::io::Errno;
+use thiserror::Error;
+
+use crate::config::{validate_named_region, ConfigError, RegionConfig};
+use crate::event_loop::Poller;
+use crate::ids::IdPolicy;
+use crate::limits::{fd_exhaustion_message, is_fd_exhaustion, ReserveFd};
+use crate::listener::Listener;
+use crate::listener_table::{ListenerTable, RegionSocket, SocketKey, VmSocket};
+use crate::named::{NamedRegionConfig, Origin};
+use crate::observer::Observer;
+use crate::peer::Connections;
+use crate::region::{LoopContext, Region, RegionInfo, RegionSpec};
+use crate::stats::Stats;
+use crate::ServerError;
+
+/// A region's id in the registry (never reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct RegionId(usize);
+
+/// Why a named region could not be created.
+#[derive(Debug, Error)]
+pub(crate) enum CreateError {
+    /// A region of that name exists.
+    #[error("a region of that name exists")]
+    Exists,
+    /// The server holds its limit of run-time regions.
+    #[error(
+        "the server holds its limit of {limit} run-time regions (max_regions); remove one or \
+         raise the limit"
+    )]
+    TooMany {
+        /// The limit (`max_regions`).
+        limit: usize,
+    },
+    /// The region's settings cannot work.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The region's memory could not be created.
+    #[error(transparent)]
+    Memory(#[from] BackendError),
+}
+
+/// Why a socket could not be added to a region.
+#[derive(Debug, Error)]
+pub(crate) enum AddSocketError {
+    /// The region is gone.
+    #[error("the region is gone")]
+    NoRegion,
+    /// The event loop could not watch the socket.
+    #[error("cannot watch the socket: {0}")]
+    Watch(#[source] Errno),
+}
+
+/// What became of a socket taken out of a region (its file is gone).
+#[derive(Debug)]
+pub(crate) struct RemovedSocket {
+    path: PathBuf,
+    region: String,
+    /// Peers that joined through it (they stay connected to the region).
+    peers: Vec<u16>,
+}
+
+impl fmt::Display for RemovedSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "removed socket {}", self.path.display())?;
+        if !self.peers.is_empty() {
+            write!(
+                f,
+                "; its {} connected peer(s) {:?} stay connected to region {} until they leave",
+                self.peers.len(),
+                self.peers,
+                self.region
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// What retiring a region did.
+#[derive(Debug)]
+pub(crate) enum Retired {
+    /// It had no peers: it is gone.
+    Removed {
+        /// Its name.
+        name: String,
+    },
+    /// Its sockets are gone; it goes when its connected peers leave.
+    Detached {
+        /// Its name.
+        name: String,
+        /// The peers connected to it.
+        peers: Vec<u16>,
+    },
+}
+
+impl fmt::Display for Retired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Retired::Removed { name } => write!(f, "removed region {name}"),
+            Retired::Detached { name, peers } => write!(
+                f,
+                "region {name} removed from every VM directory; it stays until its {} \
+                 connected peer(s) {peers:?} leave",
+                peers.len()
+            ),
+        }
+    }
+}
+
+/// What the loop lends the registry while it handles a peer or listener event.
+pub(crate) struct EventContext<'a> {
+    pub(crate) stats: &'a Stats,
+    pub(crate) connections: &'a mut Connections,
+    pub(crate) observer: &'a mut dyn Observer,
+}
+
+impl EventContext<'_> {
+    /// What a region gets, with the number of peers connected over all regions.
+    fn lend(&mut self, total_peers: usize) -> LoopContext<'_> {
+        LoopContext {
+            stats: self.stats,
+            connections: self.connections,
+            total_peers,
+            observer: self.observer,
+        }
+    }
+}
+
+/// Every region and its sockets.
+#[derive(Debug)]
+pub(crate) struct Regions {
+    regions: BTreeMap<RegionId, Region>,
+    next: usize,
+    listeners: ListenerTable,
+    /// Notifications a peer may have waiting beyond its handshake.
+    queue_limit: usize,
+}
+
+impl Regions {
+    /// No regions; sockets are watched by `poller`.
+    pub(crate) fn new(poller: Arc<Poller>, queue_limit: usize) -> Self {
+        Regions {
+            regions: BTreeMap::new(),
+            next: 0,
+            listeners: ListenerTable::new(poller),
+            queue_limit,
+        }
+    }
+
+    fn next_id(&mut self) -> RegionId {
+        let id = RegionId(self.next);
+        self.next += 1;
+        id
+    }
+
+    /// Creates a standalone region: its memory and its own socket.
+    pub(crate) fn add_standalone(&mut self, config: &RegionConfig) -> Result<(), ServerError> {
+        let m = &config.memory;
+        let spec = RegionSpec {
+            name: config.name.clone(),
+            backend: m.backend.clone(),
+            size: m.size,
+            pow2: m.pow2,
+            vectors: config.vectors,
+            peer_limit: 1 << 16,
+            id_policy: IdPolicy::Increasing,
+            origin: Origin::Standalone,
+            persist: true,
+        };
+        let id = self.next_id();
+        let region =
+            Region::new(id, &spec, self.queue_limit).map_err(|source| ServerError::Memory {
+                region: spec.name.clone(),
+                source,
+            })?;
+        let listener = Listener::bind(&config.listener)?;
+        self.listeners
+            .add(id, None, listener)
+            .map_err(ServerError::Epoll)?;
+        self.regions.insert(id, region);
+        Ok(())
+    }
+
+    /// Creates a named region (memory only: sockets are added for the VMs that may see it).
+    /// Run-time regions (factory, control) count against `max_run_time`.
+    pub(crate) fn create_named(
+        &mut self,
+        config: &NamedRegionConfig,
+        origin: Origin,
+        max_run_time: usize,
+    ) -> Result<RegionId, CreateError> {
+        validate_named_region(config)?;
+        if self.find_named(config.name.as_str()).is_some() {
+            return Err(CreateError::Exists);
+        }
+        if origin.is_run_time() {
+            let held = self
+                .regions
+                .values()
+                .filter(|r| r.origin().is_run_time())
+                .count();
+            if held >= max_run_time {
+                return Err(CreateError::TooMany {
+                    limit: max_run_time,
+                });
+            }
+        }
+        let spec = RegionSpec {
+            name: config.name.to_string(),
+            backend: config.backend.kind(config.name.as_str()),
+            size: config.size,
+            pow2: config.pow2,
+            vectors: config.vectors,
+            peer_limit: config.peer_limit,
+            id_policy: config.id_policy,
+            origin,
+            persist: config.persist,
+        };
+        let id = self.next_id();
+        let region = Region::new(id, &spec, self.queue_limit)?;
+        self.regions.insert(id, region);
+        Ok(id)
+    }
+
+    /// The live (not detached) named region called `name`.
+    pub(crate) fn find_named(&self, name: &str) -> Option<RegionId> {
+        self.regions
+            .iter()
+            .find(|(_, r)| r.is_live_named() && r.name() == name)
+            .map(|(&id, _)| id)
+    }
+
+    /// Region `id`.
+    pub(crate) fn get(&self, id: RegionId) -> Option<&Region> {
+        self.regions.get(&id)
+    }
+
+    /// Region `id`, to change its own settings (its peers change only through the loop).
+    pub(crate) fn get_mut(&mut self, id: RegionId) -> Option<&mut Region> {
+        self.regions.get_mut(&id)
+    }
+
+    /// Every region, in creation order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (RegionId, &Region)> {
+        self.regions.iter().map(|(&id, region)| (id, region))
+    }
+
+    /// Peers connected now, over all regions.
+    pub(crate) fn peer_count(&self) -> usize {
+        self.regions.values().map(Region::peer_count).sum()
+    }
+
+    /// Facts about region `id`; its socket is its first one.
+    pub(crate) fn info(&self, id: RegionId) -> Option<RegionInfo> {
+        let region = self.regions.get(&id)?;
+        let socket = self
+            .listeners
+            .of_region(id)
+            .next()
+            .map_or(Path::new(""), |(_, s)| s.path());
+        Some(region.info(socket))
+    }
+
+    /// Adds a socket in a VM directory to region `id` and watches it.
+    pub(crate) fn add_socket(
+        &mut self,
+        id: RegionId,
+        vm: VmSocket,
+        listener: Listener,
+    ) -> Result<SocketKey, AddSocketError> {
+        if !self.regions.contains_key(&id) {
+            return Err(AddSocketError::NoRegion);
+        }
+        self.listeners
+            .add(id, Some(vm), listener)
+            .map_err(AddSocketError::Watch)
+    }
+
+    /// Removes socket `key` (its file goes); peers that joined through it stay.
+    pub(crate) fn remove_socket(&mut self, key: SocketKey) -> Option<RemovedSocket> {
+        let socket = self.listeners.remove(key)?;
+        let region = self.regions.get(&socket.region());
+        Some(RemovedSocket {
+            path: socket.path().to_path_buf(),
+            region: region.map(|r| r.name().to_string()).unwrap_or_default(),
+            peers: region.map(|r| r.peers_via(key)).unwrap_or_default(),
+        })
+    }
+
+    /// Every socket, in the order they were added.
+    pub(crate) fn sockets(&self) -> impl Iterator<Item = (SocketKey, &RegionSocket)> {
+        self.listeners.iter()
+    }
+
+    /// The sockets of region `id`.
+    pub(crate) fn sockets_of(
+        &self,
+        id: RegionId,
+    ) -> impl Iterator<Item = (SocketKey, &RegionSocket)> {
+        self.listeners.of_region(id)
+    }
+
+    /// The socket of region `id` in `vm`'s directory.
+    pub(crate) fn socket_in(&self, id: RegionId, vm: &str) -> Option<&Path> {
+        self.listeners
+            .of_region(id)
+            .find(|(_, s)| s.is_in(vm))
+            .map(|(_, s)| s.path())
+    }
+
+    /// Drops region `id` now, with its sockets.
+    pub(crate) fn drop_region(&mut self, id: RegionId) {
+        self.listeners.remove_region(id);
+        self.regions.remove(&id);
+    }
+
+    /// Retires region `id`: removed now if it has no peers, else its sockets go and it goes when
+    /// its last peer leaves.
+    pub(crate) fn retire(&mut self, id: RegionId) -> Option<Retired> {
+        let region = self.regions.get_mut(&id)?;
+        let name = region.name().to_string();
+        let peers = region.peer_ids();
+        if peers.is_empty() {
+            self.drop_region(id);
+            return Some(Retired::Removed { name });
+        }
+        region.detach();
+        self.listeners.remove_region(id);
+        Some(Retired::Detached { name, peers })
+    }
+
+    /// Drops region `id` if it should not outlive its peers ([`Region::is_done`]).
+    pub(crate) fn reap(&mut self, id: RegionId) {
+        let Some(region) = self.regions.get(&id) else {
+            return;
+        };
+        if region.is_done() {
+            tracing::info!(
+                region = %region.name(),
+                "removing region {}: its last peer left",
+                region.name()
+            );
+            self.drop_region(id);
+        }
+    }
+
+    /// Accepts every connection waiting on socket `key` and lets its region join it. Out of
+    /// fds, a waiting connection is accepted into the reserve fd's slot and closed; if even
+    /// that fails, the region stops accepting until fds are freed ([`resume_accepting`]).
+    /// Returns how many peers were removed meanwhile.
+    ///
+    /// [`resume_accepting`]: Self::resume_accepting
+    pub(crate) fn accept_all(
+        &mut self,
+        key: SocketKey,
+        ctx: &mut EventContext<'_>,
+        reserve: &mut ReserveFd,
+    ) -> usize {
+        let Some(id) = self.listeners.get(key).map(RegionSocket::region) else {
+            return 0;
+        };
+        let mut removed = 0;
+        loop {
+            if self.listeners.is_paused(id) {
+                return removed;
+            }
+            match self.listeners.accept(key) {
+                Ok(Some(connection)) => removed += self.join(id, key, connection, ctx),
+                Ok(None) => return removed,
+                // `accept` needs a free fd before it even looks at the queue.
+                Err(errno) if is_fd_exhaustion(errno) => {
+                    let total_peers = self.peer_count();
+                    let Some(region) = self.regions.get(&id) else {
+                        return removed;
+                    };
+                    let (name, vectors) = (region.name().to_string(), region.vectors());
+                    let stats = ctx.stats;
+                    match self.listeners.refuse_one(key, reserve, || stats.refused()) {
+                        Ok(true) => tracing::error!(
+                            region = %name,
+                            %errno,
+                            "{}",
+                            fd_exhaustion_message(total_peers, vectors, "refused a new peer")
+                        ),
+                        Ok(false) => return removed,
+                        Err(e) => {
+                            tracing::error!(
+                                region = %name,
+                                errno = %e,
+                                "{}",
+                                fd_exhaustion_message(
+                                    total_peers,
+                                    vectors,
+                                    "not accepting new peers until one leaves"
+                                )
+                            );
+                            self.listeners.pause(id);
+                            return removed;
+                        }
+                    }
+                }
+                Err(errno) => {
+                    let name = self.regions.get(&id).map(|r| r.name().to_string());
+                    tracing::error!(region = name.unwrap_or_default(), %errno, "accept failed");
+                    return removed;
+                }
+            }
+        }
+    }
+
+    fn join(
+        &mut self,
+        id: RegionId,
+        key: SocketKey,
+        connection: OwnedFd,
+        ctx: &mut EventContext<'_>,
+    ) -> usize {
+        let total_peers = self.peer_count();
+        let Some(region) = self.regions.get_mut(&id) else {
+            return 0;
+        };
+        ctx.observer.accepted(region.name(), connection.as_fd());
+        region.join(connection, key, &mut ctx.lend(total_peers))
+    }
+
+    /// Handles readiness of peer `peer` of region `id`. Returns how many peers were removed.
+    pub(crate) fn on_peer_event(
+        &mut self,
+        (id, peer): (RegionId, u16),
+        readable: bool,
+        writable: bool,
+        ctx: &mut EventContext<'_>,
+    ) -> usize {
+        let total_peers = self.peer_count();
+        let Some(region) = self.regions.get_mut(&id) else {
+            return 0;
+        };
+        region.on_peer_event(peer, readable, writable, &mut ctx.lend(total_peers))
+    }
+
+    /// Fds were freed: regions that stopped accepting for lack of fds accept again.
+    pub(crate) fn resume_accepting(&mut self) {
+        for id in self.listeners.resume_all() {
+            if let Some(region) = self.regions.get(&id) {
+                tracing::info!(region = %region.name(), "accepting new peers again");
+            }
+        }
+    }
+
+    /// Drops every region and socket (peers are disconnected, socket files removed).
+    pub(crate) fn clear(&mut self) {
+        let ids: Vec<RegionId> = self.regions.keys().copied().collect();
+        for id in ids {
+            self.drop_region(id);
+        }
+    }
+
+    /// Logs every region and its peers.
+    pub(crate) fn log_status(&self) {
+        for (&id, region) in &self.regions {
+            region.log_status(self.listeners.of_region(id).count());
+        }
+    }
+}

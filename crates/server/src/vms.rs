@@ -1,0 +1,279 @@
+//! The VMs being served: each one's configuration, directory and factory socket, and keeping
+//! each directory in step with the regions its VM may see (one v0 socket per region, named by
+//! the VM's name for it).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::endpoints::{Endpoints, Service};
+use crate::listener_table::{SocketKey, VmSocket};
+use crate::named::{guest_name_for, VmConfig, FACTORY_SOCKET};
+use crate::regions::{AddSocketError, RegionId, Regions};
+use crate::vm_dir::{DirError, VmDirectory};
+use crate::ServerError;
+
+/// Why a region's socket could not be added to a VM directory.
+#[derive(Debug, Error)]
+enum VmSocketError {
+    /// The socket could not be bound in the directory.
+    #[error(transparent)]
+    Dir(#[from] DirError),
+    /// The region did not take it.
+    #[error(transparent)]
+    Region(#[from] AddSocketError),
+}
+
+/// A VM being served.
+#[derive(Debug)]
+pub(crate) struct Vm {
+    config: VmConfig,
+    dir: VmDirectory,
+    factory_key: u64,
+}
+
+impl Vm {
+    /// Its configuration.
+    pub(crate) fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Its directory.
+    pub(crate) fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Its factory socket.
+    pub(crate) fn factory(&self) -> PathBuf {
+        self.dir.file(FACTORY_SOCKET)
+    }
+}
+
+/// What one VM directory should hold for one region.
+struct SocketPlan {
+    region: RegionId,
+    vm: String,
+    /// The VM's name for the region, if it may see it.
+    wanted: Option<String>,
+    /// The socket it has now: key and guest name.
+    existing: Option<(SocketKey, String)>,
+}
+
+/// The VMs, by name, with their directories under the socket root.
+#[derive(Debug)]
+pub(crate) struct Vms {
+    root: PathBuf,
+    vms: BTreeMap<String, Vm>,
+    /// VMs whose `intr`/`loc`/`sched` were reported as not applying to QEMU guests.
+    placement_logged: BTreeSet<String>,
+}
+
+impl Vms {
+    /// No VMs yet; their directories go in `root` (which exists).
+    pub(crate) fn new(root: PathBuf) -> Self {
+        Vms {
+            root,
+            vms: BTreeMap::new(),
+            placement_logged: BTreeSet::new(),
+        }
+    }
+
+    /// VM `name`.
+    pub(crate) fn get(&self, name: &str) -> Option<&Vm> {
+        self.vms.get(name)
+    }
+
+    /// Every VM, by name.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&String, &Vm)> {
+        self.vms.iter()
+    }
+
+    /// Whether VM `name` is served.
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.vms.contains_key(name)
+    }
+
+    /// Makes a VM's directory and factory socket.
+    pub(crate) fn add(
+        &mut self,
+        vm: VmConfig,
+        endpoints: &mut Endpoints,
+    ) -> Result<(), ServerError> {
+        let dir = VmDirectory::create(&self.root, vm.name.as_str(), &vm.directory)?;
+        let listener = dir.bind(FACTORY_SOCKET, &vm.directory)?;
+        let factory_key = endpoints
+            .add_listener(listener, Service::Factory(vm.name.to_string()))
+            .map_err(ServerError::Epoll)?;
+        tracing::info!(vm = %vm.name, directory = %dir.path().display(), "VM directory ready");
+        self.log_placement_once(&vm);
+        self.vms.insert(
+            vm.name.to_string(),
+            Vm {
+                config: vm,
+                dir,
+                factory_key,
+            },
+        );
+        Ok(())
+    }
+
+    /// Applies a changed configuration of a served VM: directory ownership and mode, policy.
+    /// Returns what changed.
+    pub(crate) fn update(&mut self, vm: &VmConfig) -> Vec<String> {
+        let mut changes = Vec::new();
+        let Some(current) = self.vms.get_mut(vm.name.as_str()) else {
+            return changes;
+        };
+        if current.config.directory != vm.directory {
+            match current.dir.ensure(&vm.directory) {
+                Ok(()) => changes.push(format!(
+                    "VM {}: directory ownership and mode updated (existing sockets keep theirs)",
+                    vm.name
+                )),
+                Err(e) => changes.push(format!("VM {}: {e}", vm.name)),
+            }
+        }
+        if current.config.policy != vm.policy {
+            changes.push(format!("VM {}: policy updated", vm.name));
+        }
+        current.config = vm.clone();
+        self.log_placement_once(vm);
+        changes
+    }
+
+    /// Says once per VM that `intr`, `loc` and `sched` do not apply to QEMU guests.
+    fn log_placement_once(&mut self, vm: &VmConfig) {
+        let policy = &vm.policy;
+        if policy.intr().is_none() && policy.loc().is_none() && policy.sched().is_none() {
+            return;
+        }
+        if self.placement_logged.insert(vm.name.to_string()) {
+            tracing::warn!(
+                vm = %vm.name,
+                "intr/loc/sched are carried to guest_shm device models; they cannot apply to \
+                 QEMU guests, which join through the v0 sockets"
+            );
+        }
+    }
+
+    /// Removes VM `name`: its factory socket and connections, its region sockets (peers stay
+    /// connected) and its directory if empty. Returns what happened.
+    pub(crate) fn remove(
+        &mut self,
+        name: &str,
+        regions: &mut Regions,
+        endpoints: &mut Endpoints,
+    ) -> Vec<String> {
+        let mut changes = Vec::new();
+        let Some(vm) = self.vms.remove(name) else {
+            return changes;
+        };
+        endpoints.remove(vm.factory_key);
+        endpoints.close_connections_of(&Service::Factory(name.to_string()));
+        let keys: Vec<SocketKey> = regions
+            .sockets()
+            .filter(|(_, s)| s.is_in(name))
+            .map(|(key, _)| key)
+            .collect();
+        for key in keys {
+            changes.extend(regions.remove_socket(key).map(|r| r.to_string()));
+        }
+        vm.dir.remove_if_empty();
+        changes.push(format!(
+            "VM {name} removed: its directory's sockets are gone"
+        ));
+        changes
+    }
+
+    /// Makes every VM directory hold exactly the sockets of the regions its VM may see, named
+    /// by the VM's name for them. Returns what changed.
+    pub(crate) fn sync_sockets(&self, regions: &mut Regions) -> Vec<String> {
+        let mut changes = Vec::new();
+        let mut plan: Vec<SocketPlan> = Vec::new();
+        for (id, region) in regions.iter() {
+            if !region.is_live_named() {
+                continue;
+            }
+            for (vm_name, vm) in &self.vms {
+                let wanted = guest_name_for(&vm.config.policy, region.name());
+                let existing = regions.sockets_of(id).find_map(|(key, s)| match s.vm() {
+                    Some(v) if &v.vm == vm_name => Some((key, v.guest.clone())),
+                    _ => None,
+                });
+                plan.push(SocketPlan {
+                    region: id,
+                    vm: vm_name.clone(),
+                    wanted,
+                    existing,
+                });
+            }
+        }
+        // Sockets of VMs that are gone.
+        let stale: Vec<SocketKey> = regions
+            .sockets()
+            .filter(|(_, s)| s.vm().is_some_and(|v| !self.vms.contains_key(&v.vm)))
+            .map(|(key, _)| key)
+            .collect();
+        for key in stale {
+            changes.extend(regions.remove_socket(key).map(|r| r.to_string()));
+        }
+        for SocketPlan {
+            region,
+            vm,
+            wanted,
+            existing,
+        } in plan
+        {
+            if let Some((key, guest)) = &existing {
+                if wanted.as_ref() == Some(guest) {
+                    continue;
+                }
+                changes.extend(regions.remove_socket(*key).map(|r| format!("VM {vm}: {r}")));
+            }
+            if let Some(guest) = wanted {
+                match self.add_region_socket(regions, region, &vm, &guest) {
+                    Ok(path) => changes.push(format!("VM {vm}: added socket {path}")),
+                    Err(e) => {
+                        tracing::error!(vm = %vm, region = guest, "cannot add socket: {e}");
+                        changes.push(format!("VM {vm}: could not add socket {guest}: {e}"));
+                    }
+                }
+            }
+        }
+        changes
+    }
+
+    /// Binds `<guest>.sock` in `vm`'s directory for `region`. Returns its path.
+    fn add_region_socket(
+        &self,
+        regions: &mut Regions,
+        region: RegionId,
+        vm: &str,
+        guest: &str,
+    ) -> Result<String, VmSocketError> {
+        let Some(entry) = self.vms.get(vm) else {
+            return Ok(String::new());
+        };
+        let listener = entry
+            .dir
+            .bind(&format!("{guest}.sock"), &entry.config.directory)?;
+        let path = listener.path().display().to_string();
+        regions.add_socket(
+            region,
+            VmSocket {
+                vm: vm.to_string(),
+                guest: guest.to_string(),
+            },
+            listener,
+        )?;
+        Ok(path)
+    }
+
+    /// Removes every VM directory that is empty (when the server stops, after its sockets).
+    pub(crate) fn remove_dirs(&self) {
+        for vm in self.vms.values() {
+            vm.dir.remove_if_empty();
+        }
+    }
+}
