@@ -28,12 +28,14 @@ pub enum RemovalReason {
     ReadFailed(Errno),
     /// The event loop could not watch its socket.
     PollFailed(Errno),
+    /// The server removed every peer before stopping ([`Server::remove_all_peers`](crate::Server::remove_all_peers)).
+    ServerStopping,
 }
 
 impl RemovalReason {
-    /// True for every reason except a clean close.
+    /// True for every reason except a clean close and the server stopping.
     pub fn is_drop(&self) -> bool {
-        !matches!(self, RemovalReason::Closed)
+        !matches!(self, RemovalReason::Closed | RemovalReason::ServerStopping)
     }
 }
 
@@ -48,6 +50,7 @@ impl fmt::Display for RemovalReason {
             RemovalReason::SendFailed(e) => write!(f, "send failed: {e}"),
             RemovalReason::ReadFailed(e) => write!(f, "read failed: {e}"),
             RemovalReason::PollFailed(e) => write!(f, "could not watch its socket: {e}"),
+            RemovalReason::ServerStopping => write!(f, "the server is stopping"),
         }
     }
 }

@@ -377,6 +377,17 @@ impl Region {
         0
     }
 
+    /// Removes every peer, one at a time in join order, telling the remaining ones each time.
+    /// Returns how many went.
+    pub(crate) fn remove_in_join_order(&mut self, ctx: &mut LoopContext<'_>) -> usize {
+        let mut order: Vec<(u64, u16)> = self.peers.values().map(|p| (p.serial, p.id)).collect();
+        order.sort_unstable();
+        order
+            .into_iter()
+            .map(|(_, id)| self.remove_all(vec![(id, RemovalReason::ServerStopping)], ctx))
+            .sum()
+    }
+
     /// Flushes every peer with something queued; failures are added to `failed`.
     fn flush_all(&mut self, ctx: &mut LoopContext<'_>, failed: &mut Vec<(u16, RemovalReason)>) {
         let mut sent = 0;

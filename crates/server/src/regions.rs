@@ -462,6 +462,22 @@ impl Regions {
         }
     }
 
+    /// Closes every socket (their files go), then removes the peers of every region one at a
+    /// time in join order, each removal told to the peers still there (see
+    /// [`Server::remove_all_peers`](crate::Server::remove_all_peers)).
+    pub(crate) fn remove_all_peers(&mut self, ctx: &mut EventContext<'_>) {
+        let ids: Vec<RegionId> = self.regions.keys().copied().collect();
+        for &id in &ids {
+            self.listeners.remove_region(id);
+        }
+        for id in ids {
+            let total_peers = self.peer_count();
+            if let Some(region) = self.regions.get_mut(&id) {
+                region.remove_in_join_order(&mut ctx.lend(total_peers));
+            }
+        }
+    }
+
     /// Drops every region and socket (peers are disconnected, socket files removed).
     pub(crate) fn clear(&mut self) {
         let ids: Vec<RegionId> = self.regions.keys().copied().collect();

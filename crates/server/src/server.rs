@@ -111,6 +111,23 @@ impl Server {
         self.observer.set(Box::new(observer));
     }
 
+    /// Removes every peer of every region the way QEMU's `ivshmem-server` does when it stops:
+    /// one at a time in join order, each removal announced to the peers still there (the last
+    /// peer hears of every other's leave before its own connection closes). Without this,
+    /// dropping the server just closes every connection, so peers keep their doorbells to each
+    /// other. Messages that the sockets do not take at once are lost.
+    ///
+    /// The regions' listening sockets are closed and removed first, so a peer that reconnects
+    /// at once finds no socket, rather than a connection that is reset a moment later.
+    pub fn remove_all_peers(&mut self) {
+        let mut ctx = EventContext {
+            stats: &self.stats,
+            connections: &mut self.connections,
+            observer: self.observer.get(),
+        };
+        self.regions.remove_all_peers(&mut ctx);
+    }
+
     /// The live counters.
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()

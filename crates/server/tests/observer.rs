@@ -121,3 +121,51 @@ fn observer_sees_accepts_joins_removals_and_wakeups_with_real_fds() {
     ring(&*stop);
     thread.join().unwrap();
 }
+
+#[test]
+fn remove_all_peers_goes_in_join_order_and_tells_the_rest_like_qemu() {
+    let path = socket_path("remove-all");
+    let mut server = Server::new(ServerConfig::single(RegionConfig::new(&path))).unwrap();
+    let recorder = Recorder::default();
+    server.set_observer(recorder.clone());
+    let stop = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap());
+    let thread_stop = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let controls = [Control {
+            fd: thread_stop.as_fd(),
+            action: ControlAction::Stop,
+        }];
+        server.run_until(&controls).unwrap();
+        server.remove_all_peers();
+        server
+    });
+    let mut a = RawPeer::connect(&path);
+    a.handshake(1, &[]);
+    let mut b = RawPeer::connect(&path);
+    b.handshake(1, &[0]);
+    a.expect_join(1, 1);
+    let mut c = RawPeer::connect(&path);
+    c.handshake(1, &[0, 1]);
+    a.expect_join(2, 1);
+    b.expect_join(2, 1);
+
+    ring(&*stop);
+    let server = thread.join().unwrap();
+    assert_eq!(server.peer_count(), 0);
+    // A goes first and hears nothing; B hears of A; C of A, then B.
+    a.expect_closed();
+    b.expect_leave(0);
+    b.expect_closed();
+    c.expect_leave(0);
+    c.expect_leave(1);
+    c.expect_closed();
+    let removed: Vec<Seen> = recorder
+        .take()
+        .into_iter()
+        .filter(|s| matches!(s, Seen::Removed(..)))
+        .collect();
+    let stopping = |id| Seen::Removed("default".into(), id, RemovalReason::ServerStopping);
+    assert_eq!(removed, [stopping(0), stopping(1), stopping(2)]);
+    drop(server);
+    assert!(!path.exists());
+}
