@@ -236,14 +236,27 @@ fn ivshmem_client_dumps_rings_and_reports() {
     let _s = server(&path, 2);
     let mut a = peer(&path);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ivshmem-client"));
-    cmd.arg("-S").arg(&path);
+    cmd.arg("-v").arg("-S").arg(&path);
     let mut child = spawn_lines("ivshmem-client", cmd);
-    // Help first, then the connection line (the prompt has no newline, so it prefixes it).
+    // Help first, then the connection (the prompt has no newline, so it prefixes the line).
     assert_eq!(line(&child), "dump: dump peers (including us)");
     for _ in 0..3 {
         line(&child);
     }
-    assert!(line(&child).starts_with("cmd> listen on server socket "));
+    assert_eq!(
+        line(&child),
+        format!("cmd> connect to client {}", path.display())
+    );
+    assert_eq!(line(&child), "our_id=1");
+    assert!(line(&child).starts_with("shm_fd="));
+    assert!(line(&child).starts_with("listen on server socket "));
+    // Like QEMU's client, it reads the vectors after the handshake, one message at a time.
+    assert_eq!(line(&child), "new peer id = 0");
+    for (v, id) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+        let l = line(&child);
+        assert!(l.starts_with(&format!("  new vector {v} (fd=")), "{l}");
+        assert!(l.ends_with(&format!(") for peer id {id}")), "{l}");
+    }
     assert_eq!(
         next_event(&mut a),
         Event::Peer(PeerEvent::Joined { id: 1, vectors: 2 })
@@ -260,13 +273,12 @@ fn ivshmem_client_dumps_rings_and_reports() {
         .unwrap()
         .write_all(b"int 0 1;int 9 0\n")
         .unwrap();
+    assert!(line(&child).starts_with("cmd> notify peer 0 on vector 1, fd "));
     assert_eq!(next_event(&mut a), Event::Doorbell { vector: 1 });
-    assert_eq!(line(&child), "cmd> cannot find peer_id = 9");
+    assert_eq!(line(&child), "cannot find peer_id = 9");
     a.notify(1, 0).unwrap();
-    assert_eq!(
-        line(&child),
-        "cmd> receive notification from peer_id=1 vector=0"
-    );
+    assert!(line(&child).starts_with("cmd> received event on fd "));
+    assert_eq!(line(&child), "receive notification from peer_id=1 vector=0");
 }
 
 #[test]

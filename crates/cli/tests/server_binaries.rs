@@ -61,19 +61,25 @@ fn ivshmem_server_foreground_serves_and_stops_on_sigterm() {
     let shm_name = format!("ivshm-bin-fg-{}", std::process::id());
     let mut command = Command::new(env!("CARGO_BIN_EXE_ivshmem-server"));
     command
-        .args(["-F", "-S"])
+        .args(["-F", "-v", "-S"])
         .arg(&socket)
         .args(["-M", &shm_name, "-l3M", "-n", "2"]);
     let mut server = HostProcess::spawn("ivshmem-server -F", command).unwrap();
-    assert_eq!(wait_listening(&server), socket);
-    // 3 MiB is rounded up to 4 MiB (with a log line) for QEMU's power-of-two BAR.
+    let bind = format!("create & bind socket {}", socket.display());
+    server.wait_stdout_line(&bind, GUARD).unwrap();
+    // 3 MiB is rounded up to 4 MiB (silently, as QEMU does) for QEMU's power-of-two BAR.
     let _peer = first_peer(&socket, 4 << 20, 2);
+    server.wait_stdout_line("new peer id = 0", GUARD).unwrap();
     assert!(server.terminate(GUARD).unwrap().success());
     assert!(!socket.exists(), "socket removed on exit");
-    // Like QEMU's server, the shm object is kept.
-    let shm_path = PathBuf::from(format!("/dev/shm/{shm_name}"));
-    assert!(shm_path.exists());
-    rustix::shm::unlink(shm_name.as_str()).unwrap();
+    // Like QEMU 7.2's server, the shm object is removed at exit.
+    assert!(!PathBuf::from(format!("/dev/shm/{shm_name}")).exists());
+    let stdout = server.lines(Stream::Stdout);
+    assert_eq!(
+        stdout[stdout.len() - 3..],
+        ["server disconnected", "close server", "free peer 0"]
+    );
+    assert_eq!(server.lines(Stream::Stderr), Vec::<String>::new());
 }
 
 #[test]
@@ -81,7 +87,11 @@ fn ivshmem_server_daemonizes_after_it_listens_and_writes_its_pid_file() {
     let socket = temp("daemon.sock");
     let pid_file = temp("daemon.pid");
     let dir = temp("daemon-dir");
+    let output = temp("daemon.out");
     std::fs::create_dir_all(&dir).unwrap();
+    // Like QEMU's, the daemon keeps the launcher's stdout and stderr: a file here, since a pipe
+    // would stay open as long as the daemon runs.
+    let log = std::fs::File::create(&output).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_ivshmem-server"))
         .arg("-S")
         .arg(&socket)
@@ -91,22 +101,22 @@ fn ivshmem_server_daemonizes_after_it_listens_and_writes_its_pid_file() {
         .arg(&dir)
         .args(["-l", "1M"])
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
         .spawn()
         .unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
-    let output = rx
+    let launcher = rx
         .recv_timeout(GUARD)
         .expect("launcher did not exit")
         .unwrap();
     assert!(
-        output.status.success(),
+        launcher.status.success(),
         "{}",
-        String::from_utf8_lossy(&output.stderr)
+        std::fs::read_to_string(&output).unwrap()
     );
     // When the launcher has exited, the daemon serves and its pid file exists.
     let pid: u32 = std::fs::read_to_string(&pid_file)
@@ -115,14 +125,58 @@ fn ivshmem_server_daemonizes_after_it_listens_and_writes_its_pid_file() {
         .parse()
         .unwrap();
     let _peer = first_peer(&socket, 1 << 20, 1);
-    // A new session: the daemon leads its own.
+    // A new session: the daemon leads its own; and it kept the working directory.
     let daemon = Pid::from_raw(pid as i32).unwrap();
     assert_eq!(rustix::process::getsid(Some(daemon)).unwrap(), daemon);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+        std::env::current_dir().unwrap()
+    );
     terminate_daemon(pid);
     assert!(!socket.exists());
     assert!(!pid_file.exists());
     // The file in -m DIR was never visible by name.
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    std::fs::remove_dir(&dir).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&output).unwrap(),
+        "server disconnected\n"
+    );
+    std::fs::remove_file(&output).unwrap();
+}
+
+#[test]
+fn ivshmem_server_daemon_start_failures_are_the_launchers_exit_code() {
+    let dir = temp("daemon-fail");
+    std::fs::create_dir_all(&dir).unwrap();
+    let shm_name = format!("ivshm-bin-daemon-fail-{}", std::process::id());
+    let run = |pid_file: &Path, socket: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_ivshmem-server"))
+            .arg("-S")
+            .arg(socket)
+            .arg("-p")
+            .arg(pid_file)
+            .args(["-M", &shm_name])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // The pid file cannot be written: QEMU's launcher has exited 0 by then; ours says 1.
+    let socket = dir.join("sock");
+    let out = run(&dir.join("no/such/dir/pid"), &socket);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "cannot write pid file: No such file or directory\n"
+    );
+    assert!(!socket.exists());
+    assert!(!PathBuf::from(format!("/dev/shm/{shm_name}")).exists());
+    // The socket cannot be bound: QEMU fails before it forks, and so do we.
+    let out = run(&dir.join("pid"), &dir.join("no/such/dir/sock"));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "cannot bind\n");
+    assert!(!dir.join("pid").exists());
+    assert!(!PathBuf::from(format!("/dev/shm/{shm_name}")).exists());
     std::fs::remove_dir(&dir).unwrap();
 }
 

@@ -1,42 +1,63 @@
-//! `ivshmem-server`: drop-in replacement for QEMU's `contrib/ivshmem-server`.
+//! `ivshmem-server`: drop-in replacement for QEMU 7.2's `contrib/ivshmem-server`.
 //!
-//! Same flags, parsed like QEMU's `getopt("hvFp:S:m:M:l:n:")` (`-l4M` and `-l 4M`, clustered
-//! flags such as `-vF`, `--` ends options, operands are ignored), same defaults (socket
-//! `/tmp/ivshmem_socket`, POSIX shm `ivshmem`, 4 MiB, 1 vector, pid file
-//! `/var/run/ivshmem-server.pid` in daemon mode), same messages for bad arguments.
+//! What a script sees is QEMU's: the flags, parsed like its `getopt("hvFp:S:m:M:l:n:")`
+//! (`-l4M` and `-l 4M`, clustered `-vF`, `--` ends options, operands ignored) with its number
+//! rules ([`qemu_numbers`]: `-l 1.5M`, `-n 010`); the defaults (socket `/tmp/ivshmem_socket`,
+//! POSIX shm `ivshmem`, 4 MiB, 1 vector, pid file `/var/run/ivshmem-server.pid`); the messages
+//! and exit codes of bad arguments and failed start-ups (`cannot bind`, `cannot open shm file
+//! NAME: ...`); the `-v` lines on stdout (`Using POSIX shared memory: NAME`, `create & bind
+//! socket PATH`, `accept()=N`, `new peer id = N`, `peer->sock_fd=N`, `free peer N`, `close
+//! server`) with this process's real fd numbers; `server disconnected` on stdout when SIGTERM
+//! or SIGINT stops it; at the stop, peers removed in join order with each leave told to the
+//! others; the socket's mode from the umask; the POSIX shm object removed at exit and when the
+//! start-up fails (QEMU 7.2 does both), the `-m DIR` file unlinked at once.
 //!
-//! Daemon mode (the default, unless `-F`): the program starts itself again as a new session
-//! (`setsid`, working directory `/`, stdin/stdout/stderr on `/dev/null` once it is serving);
-//! the first process exits 0 only when the socket is listening and the pid file is written, so
-//! `ivshmem-server && qemu-system-...` is safe. Relative paths are made absolute first.
+//! Daemon mode (the default, unless `-F`): the program starts itself again as a new session,
+//! like QEMU's `daemon(1, 1)` keeping the working directory and stdout/stderr (so `server
+//! disconnected` still reaches them); the first process exits only when the socket listens and
+//! the pid file is written: 0, or 1 with the daemon's error (QEMU's has exited 0 by then).
 //!
-//! Unlike QEMU's program: sizes of 2 GiB and more work, a size that is not a power of two is
-//! rounded up with a log line (QEMU does it silently), send failures and peers that stop
-//! reading are handled, and the shm object is kept on exit exactly like QEMU (never removed).
+//! Deliberately different (each with its reason in `docs/cli.md`, "Drop-in programs"): no
+//! "example code" banner, sizes of 1 GiB and more served as asked, a stale socket reused,
+//! `-l 0` refused, peers that stop reading or write to the socket dropped while the others go
+//! on, SIGHUP stops it cleanly, the pid file removed at exit, fd numbers of its own layout.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use ivshm_mem::{BackendKind, Pow2Policy};
+use ivshm_mem::{BackendError, BackendKind, Pow2Policy};
+use ivshm_server::listener::ListenerError;
 use ivshm_server::pidfile::PidFile;
 use ivshm_server::signals::SignalPipes;
-use ivshm_server::{ListenerConfig, MemoryConfig, RegionConfig, Server, ServerConfig};
+use ivshm_server::{
+    Control, ControlAction, ListenerConfig, MemoryConfig, Observer, RegionConfig, RemovalReason,
+    Server, ServerConfig, ServerError,
+};
+use rustix::io::Errno;
 
 #[path = "dropin/mod.rs"]
 mod dropin;
+#[path = "dropin/qemu_numbers.rs"]
+mod qemu_numbers;
 use dropin::getopt::Getopt;
+use dropin::strerror;
 
 const DEFAULT_PID_FILE: &str = "/var/run/ivshmem-server.pid";
 const DEFAULT_SOCKET: &str = "/tmp/ivshmem_socket";
 const DEFAULT_SHM_NAME: &str = "ivshmem";
 const DEFAULT_SIZE: u64 = 4 * 1024 * 1024;
 const DEFAULT_VECTORS: u64 = 1;
-const MAX_VECTORS: u64 = 64;
+const MAX_VECTORS: u64 = ivshm_proto::v0::MAX_VECTORS as u64;
+/// `sizeof(struct sockaddr_un.sun_path)`: QEMU refuses longer paths.
+const SUN_PATH_LEN: usize = 108;
 /// Set in the environment of the re-executed daemon process.
 const DAEMON_CHILD_ENV: &str = "IVSHM_SERVER_DAEMON_CHILD";
-/// What the daemon process prints on stdout once it serves.
-const READY_LINE: &str = "ivshmem-server: ready";
+/// What the daemon process writes to its readiness pipe (its stdin) once it serves.
+const READY: &[u8] = b"ivshmem-server: ready\n";
 
 /// Where the memory comes from (`-M` and `-m` override each other; the last one wins).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +76,8 @@ struct Args {
     memory: Memory,
     size: u64,
     vectors: u64,
+    /// Warnings QEMU prints while it parses (a unit on a hexadecimal size).
+    warnings: Vec<String>,
 }
 
 impl Default for Args {
@@ -67,6 +90,7 @@ impl Default for Args {
             memory: Memory::Shm(DEFAULT_SHM_NAME.to_string()),
             size: DEFAULT_SIZE,
             vectors: DEFAULT_VECTORS,
+            warnings: Vec::new(),
         }
     }
 }
@@ -79,8 +103,11 @@ enum Parsed {
     Help,
     /// An unknown option or a missing argument: message, usage on stdout, exit 1.
     Usage(String),
-    /// A bad value: message, "Try '... -h'" on stderr, exit 1.
-    Invalid(String),
+    /// A bad value: message, "Try '... -h'" on stderr, exit 1 (after the warnings printed so far).
+    Invalid {
+        warnings: Vec<String>,
+        message: String,
+    },
 }
 
 /// getopt("hvFp:S:m:M:l:n:") semantics ([`dropin::getopt`]), then QEMU's checks.
@@ -92,19 +119,33 @@ fn parse_args(args: &[String]) -> Parsed {
             Ok(('v', _)) => out.verbose = true,
             Ok(('F', _)) => out.foreground = true,
             Ok((c, Some(value))) => {
-                if let Err(e) = apply_option(&mut out, c, &value) {
-                    return Parsed::Invalid(e);
+                if let Err(message) = apply_option(&mut out, c, &value) {
+                    return Parsed::Invalid {
+                        warnings: out.warnings,
+                        message,
+                    };
                 }
             }
             Ok((_, None)) => {}
             Err(e) => return Parsed::Usage(e.to_string()),
         }
     }
+    let invalid = |out: Args, message: &str| Parsed::Invalid {
+        warnings: out.warnings,
+        message: message.to_string(),
+    };
     if out.vectors > MAX_VECTORS {
-        return Parsed::Invalid(format!("too many requested vectors (max is {MAX_VECTORS})"));
+        return invalid(
+            out,
+            &format!("too many requested vectors (max is {MAX_VECTORS})"),
+        );
     }
     if out.verbose && !out.foreground {
-        return Parsed::Invalid("cannot use verbose in daemon mode".to_string());
+        return invalid(out, "cannot use verbose in daemon mode");
+    }
+    // QEMU serves a 1-byte object for 0 (and for multiples of 4 GiB): refused here.
+    if out.size == 0 {
+        return invalid(out, "the shared memory size (-l) must be greater than 0");
     }
     Parsed::Run(out)
 }
@@ -116,27 +157,18 @@ fn apply_option(out: &mut Args, option: char, value: &str) -> Result<(), String>
         'M' => out.memory = Memory::Shm(value.to_string()),
         'm' => out.memory = Memory::Dir(PathBuf::from(value)),
         'l' => {
-            out.size = ivshm_mem::parse_size(value)
-                .map_err(|e| format!("Parameter 'shm_size' expects a size: {e}"))?;
+            let size = qemu_numbers::parse_size(value).map_err(|e| e.message("shm_size", value))?;
+            if size.hex_with_unit {
+                out.warnings.push(qemu_numbers::hex_unit_warning(value));
+            }
+            out.size = size.bytes;
         }
-        'n' => out.vectors = parse_uint(value).ok_or("cannot parse n_vectors")?,
+        'n' => {
+            out.vectors = qemu_numbers::parse_uint_full(value).ok_or("cannot parse n_vectors")?
+        }
         _ => {}
     }
     Ok(())
-}
-
-/// QEMU's `parse_uint_full(s, &v, 0)`: decimal, `0x` hex or leading-`0` octal, nothing else.
-fn parse_uint(s: &str) -> Option<u64> {
-    if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        return u64::from_str_radix(hex, 16).ok();
-    }
-    if s.len() > 1 && s.starts_with('0') {
-        return u64::from_str_radix(&s[1..], 8).ok();
-    }
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok()
 }
 
 fn usage(progname: &str) -> String {
@@ -153,35 +185,43 @@ fn usage(progname: &str) -> String {
          \x20    default {DEFAULT_SHM_NAME}\n\
          \x20 -m <dir-name>: where to create shared memory\n\
          \x20 -l <size>: size of shared memory in bytes\n\
-         \x20    suffixes K, M, G and T can be used, e.g. 1K means 1024\n\
+         \x20    suffixes K, M and G can be used, e.g. 1K means 1024\n\
          \x20    default {DEFAULT_SIZE}\n\
          \x20 -n <nvectors>: number of vectors\n\
          \x20    default {DEFAULT_VECTORS}\n"
     )
 }
 
-/// Makes `path` absolute against the current directory (the daemon changes to `/`).
-fn absolute(path: &Path) -> PathBuf {
-    if path.is_absolute() {
-        return path.to_path_buf();
-    }
-    std::env::current_dir()
-        .map(|d| d.join(path))
-        .unwrap_or_else(|_| path.to_path_buf())
+/// Prints a line on stdout; a closed stdout is not an error (QEMU ignores it too).
+fn say(line: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_fmt(line);
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+}
+
+/// The mode QEMU's socket gets from `bind`: 0777 less the umask.
+fn socket_mode_from_umask() -> u32 {
+    use rustix::fs::Mode;
+    let umask = rustix::process::umask(Mode::empty());
+    rustix::process::umask(umask);
+    0o777 & !umask.bits()
 }
 
 fn config(args: &Args) -> ServerConfig {
     let backend = match &args.memory {
-        // QEMU's server never removes its shm object; neither do we.
+        // QEMU 7.2 removes the object when it stops (`shm_unlink` in ivshmem_server_close).
         Memory::Shm(name) => BackendKind::PosixShm {
             name: name.clone(),
-            keep: true,
+            keep: false,
         },
-        Memory::Dir(dir) => BackendKind::DirFile { dir: absolute(dir) },
+        Memory::Dir(dir) => BackendKind::DirFile { dir: dir.clone() },
     };
+    let mut listener = ListenerConfig::new(&args.socket);
+    listener.mode = socket_mode_from_umask();
     ServerConfig::single(RegionConfig {
         name: "default".to_string(),
-        listener: ListenerConfig::new(absolute(&args.socket)),
+        listener,
         memory: MemoryConfig {
             backend,
             size: args.size,
@@ -191,84 +231,255 @@ fn config(args: &Args) -> ServerConfig {
     })
 }
 
-fn init_logging(verbose: bool) {
-    dropin::init_logging(if verbose { "debug" } else { "info" });
+/// What `-v` prints about peers, in the order QEMU's loop prints it: per wake-up, `accept()=N`
+/// and `new peer id = N` for a connection, then `peer->sock_fd=N` for every peer in join order,
+/// each followed by `free peer N` if it left. QEMU accepts one connection per wake-up, so a
+/// second one accepted in the same wake-up starts a new listing.
+#[derive(Debug, Default)]
+struct PeerLines {
+    /// Peers in join order: id and socket fd.
+    peers: Vec<(u16, RawFd)>,
+    /// Peers removed since the last listing.
+    gone: Vec<u16>,
+    /// A connection was accepted since the last listing.
+    accepted: bool,
+    /// Something to list.
+    changed: bool,
 }
 
-/// Serves in this process. In daemon mode, first becomes a session leader, and once serving
-/// writes the pid file, prints the ready line and detaches stdio.
-fn serve(args: &Args, daemon: bool) -> anyhow::Result<()> {
-    use anyhow::Context;
-    if daemon {
-        rustix::process::setsid().context("setsid")?;
+impl PeerLines {
+    fn list(&mut self) {
+        let gone = std::mem::take(&mut self.gone);
+        self.peers.retain(|&(id, fd)| {
+            say(format_args!("peer->sock_fd={fd}"));
+            let left = gone.contains(&id);
+            if left {
+                say(format_args!("free peer {id}"));
+            }
+            !left
+        });
+        self.accepted = false;
+        self.changed = false;
     }
-    let config = config(args);
-    let signals = SignalPipes::install().context("installing signal handlers")?;
-    let mut server = Server::new(config)?;
-    let mut pid_file = None;
-    if daemon {
-        pid_file = Some(PidFile::create(&absolute(&args.pid_file))?);
-        rustix::process::chdir("/").context("chdir /")?;
-    }
-    for path in server.socket_paths() {
-        eprintln!("listening on {}", path.display());
-    }
-    if daemon {
-        let mut stdout = std::io::stdout();
-        writeln!(stdout, "{READY_LINE}")?;
-        stdout.flush()?;
-        let null = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/null")
-            .context("opening /dev/null")?;
-        rustix::stdio::dup2_stdin(&null).context("stdin to /dev/null")?;
-        rustix::stdio::dup2_stdout(&null).context("stdout to /dev/null")?;
-        rustix::stdio::dup2_stderr(&null).context("stderr to /dev/null")?;
-    }
-    server.run_until(&signals.controls())?;
-    drop(server);
-    drop(pid_file);
-    Ok(())
 }
 
-/// Starts the daemon (this program again, in a new session) and waits until it serves.
-fn spawn_daemon(progname: &str) -> ExitCode {
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
+/// The observer that prints [`PeerLines`] (shared with `main`, which prints the last ones).
+#[derive(Debug, Clone, Default)]
+struct Verbose(Arc<Mutex<PeerLines>>);
+
+impl Verbose {
+    fn lines(&self) -> std::sync::MutexGuard<'_, PeerLines> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Observer for Verbose {
+    fn accepted(&mut self, _region: &str, socket: BorrowedFd<'_>) {
+        let mut lines = self.lines();
+        if lines.accepted {
+            lines.list();
+        }
+        say(format_args!("accept()={}", socket.as_raw_fd()));
+        lines.accepted = true;
+        lines.changed = true;
+    }
+
+    fn joined(&mut self, _region: &str, id: u16, socket: BorrowedFd<'_>) {
+        say(format_args!("new peer id = {id}"));
+        self.lines().peers.push((id, socket.as_raw_fd()));
+    }
+
+    fn removed(&mut self, _region: &str, id: u16, _reason: &RemovalReason) {
+        let mut lines = self.lines();
+        lines.gone.push(id);
+        lines.changed = true;
+    }
+
+    fn wakeup_handled(&mut self) {
+        let mut lines = self.lines();
+        if lines.changed {
+            lines.list();
+        }
+    }
+}
+
+/// The errno QEMU's `bind` would have seen where ours refused the path.
+fn listener_errno(error: &ListenerError) -> Option<Errno> {
+    match error {
+        ListenerError::InUse(_) | ListenerError::NotASocket(_) => Some(Errno::ADDRINUSE),
+        ListenerError::NoDirectory { .. } => Some(Errno::NOENT),
+        ListenerError::Sys { errno, .. } => Some(*errno),
+        ListenerError::Group(_) => None,
+    }
+}
+
+/// Prints what QEMU prints when `ivshmem_server_start` fails at the same step.
+fn report_start_failure(args: &Args, progname: &str, error: &ServerError) {
+    let memory_name = match &args.memory {
+        Memory::Shm(name) => name.clone(),
+        Memory::Dir(dir) => dir.display().to_string(),
+    };
+    let socket = args.socket.display();
+    match error {
+        ServerError::Memory { source, .. } => match source {
+            BackendError::Resize { errno, .. } => {
+                eprintln!("ftruncate({memory_name}) failed: {}", strerror(*errno))
+            }
+            BackendError::Sys { errno, .. } => {
+                eprintln!("cannot open shm file {memory_name}: {}", strerror(*errno))
+            }
+            other => eprintln!("cannot open shm file {memory_name}: {other}"),
+        },
+        ServerError::Listener(e) => {
+            if args.verbose {
+                say(format_args!("create & bind socket {socket}"));
+                if args.socket.as_os_str().len() >= SUN_PATH_LEN {
+                    say(format_args!("could not copy unix socket path"));
+                } else if let Some(errno) = listener_errno(e) {
+                    say(format_args!(
+                        "cannot connect to {socket}: {}",
+                        strerror(errno)
+                    ));
+                }
+            }
+        }
+        other => {
+            eprintln!("{progname}: {other}");
+            return;
+        }
+    }
+    eprintln!("cannot bind");
+}
+
+/// The daemon's readiness pipe: its stdin, set up by [`spawn_daemon`].
+fn signal_ready() {
+    let stdin = std::io::stdin();
+    // The launcher may be gone; the daemon serves all the same.
+    let _ = rustix::io::write(stdin.as_fd(), READY);
+    if let Ok(null) = std::fs::File::open("/dev/null") {
+        let _ = rustix::stdio::dup2_stdin(&null);
+    }
+}
+
+/// Serves in this process until SIGTERM, SIGINT or SIGHUP. In daemon mode it is already the
+/// re-executed process: it becomes a session leader, and once serving writes the pid file and
+/// signals readiness.
+fn serve(args: &Args, progname: &str, daemon: bool) -> ExitCode {
+    if daemon {
+        if let Err(e) = rustix::process::setsid() {
+            eprintln!("cannot daemonize: {}", strerror(e));
+            return ExitCode::FAILURE;
+        }
+    }
+    let signals = match SignalPipes::install() {
+        Ok(signals) => signals,
         Err(e) => {
-            eprintln!("{progname}: cannot daemonize: {e}");
+            eprintln!("failed to add signal handler; sigaction: {e}");
             return ExitCode::FAILURE;
         }
     };
+    if args.verbose {
+        match &args.memory {
+            Memory::Shm(name) => say(format_args!("Using POSIX shared memory: {name}")),
+            Memory::Dir(dir) => say(format_args!(
+                "Using file-backed shared memory: {}",
+                dir.display()
+            )),
+        }
+    }
+    let mut server = match Server::new(config(args)) {
+        Ok(server) => server,
+        Err(e) => {
+            report_start_failure(args, progname, &e);
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.verbose {
+        say(format_args!(
+            "create & bind socket {}",
+            args.socket.display()
+        ));
+    }
+    let verbose = Verbose::default();
+    if args.verbose {
+        server.set_observer(verbose.clone());
+    }
+    let mut pid_file = None;
+    if daemon {
+        match PidFile::create(&args.pid_file) {
+            Ok(file) => pid_file = Some(file),
+            Err(e) => {
+                let why = match e.source.raw_os_error() {
+                    Some(code) => strerror(Errno::from_raw_os_error(code)),
+                    None => e.source.to_string(),
+                };
+                eprintln!("cannot write pid file: {why}");
+                return ExitCode::FAILURE;
+            }
+        }
+        signal_ready();
+    }
+    let stop = [
+        Control {
+            fd: signals.stop_fd(),
+            action: ControlAction::Stop,
+        },
+        Control {
+            fd: signals.status_fd(),
+            action: ControlAction::Stop,
+        },
+    ];
+    let result = server.run_until(&stop);
+    if let Err(e) = &result {
+        eprintln!("{progname}: {e}");
+    }
+    say(format_args!("server disconnected"));
+    if args.verbose {
+        say(format_args!("close server"));
+        for &(id, _) in &verbose.lines().peers {
+            say(format_args!("free peer {id}"));
+        }
+    }
+    server.remove_all_peers();
+    drop(server);
+    drop(pid_file);
+    ExitCode::SUCCESS
+}
+
+/// Starts the daemon (this program again, in a new session, with the same stdout and stderr)
+/// and waits until it serves: its stdin is a pipe it writes [`READY`] to.
+fn spawn_daemon(progname: &str) -> ExitCode {
+    let failed = |what: &dyn std::fmt::Display| {
+        eprintln!("cannot daemonize: {what}");
+        ExitCode::FAILURE
+    };
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return failed(&e),
+    };
+    let (ready_read, ready_write): (OwnedFd, OwnedFd) =
+        match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
+            Ok(pipe) => pipe,
+            Err(e) => return failed(&strerror(e)),
+        };
     let child = Command::new(exe)
+        .arg0(progname)
         .args(std::env::args_os().skip(1))
         .env(DAEMON_CHILD_ENV, "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stdin(Stdio::from(ready_write))
         .spawn();
     let mut child = match child {
         Ok(child) => child,
-        Err(e) => {
-            eprintln!("{progname}: cannot daemonize: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return failed(&e),
     };
-    // The daemon prints the ready line, then puts /dev/null on its stdout: EOF for us.
-    let ready = child
-        .stdout
-        .take()
-        .map(|out| {
-            BufReader::new(out)
-                .lines()
-                .map_while(Result::ok)
-                .any(|line| line == READY_LINE)
-        })
-        .unwrap_or(false);
-    if ready {
+    // The daemon writes the ready line, then puts /dev/null on its stdin: EOF for us (the
+    // Command's copy of the write end is gone with it).
+    let mut got = Vec::new();
+    let _ = std::fs::File::from(ready_read).read_to_end(&mut got);
+    if got == READY {
         return ExitCode::SUCCESS;
     }
+    // It failed (and said why on the stderr it shares with us).
     let _ = child.wait();
     ExitCode::FAILURE
 }
@@ -279,6 +490,7 @@ fn main() -> ExitCode {
         .first()
         .cloned()
         .unwrap_or_else(|| "ivshmem-server".to_string());
+    let daemon_child = std::env::var_os(DAEMON_CHILD_ENV).is_some();
     let args = match parse_args(argv.get(1..).unwrap_or(&[])) {
         Parsed::Run(args) => args,
         Parsed::Help => {
@@ -290,24 +502,26 @@ fn main() -> ExitCode {
             print!("{}", usage(&progname));
             return ExitCode::FAILURE;
         }
-        Parsed::Invalid(message) => {
+        Parsed::Invalid { warnings, message } => {
+            for warning in warnings {
+                eprintln!("{warning}");
+            }
             eprintln!("{message}");
             eprintln!("Try '{progname} -h' for more information.");
             return ExitCode::FAILURE;
         }
     };
-    let daemon_child = std::env::var_os(DAEMON_CHILD_ENV).is_some();
+    if !daemon_child {
+        for warning in &args.warnings {
+            eprintln!("{warning}");
+        }
+    }
+    // QEMU's program prints only its own lines: logs only when RUST_LOG asks for them.
+    dropin::init_logging("off");
     if !args.foreground && !daemon_child {
         return spawn_daemon(&progname);
     }
-    init_logging(args.verbose);
-    match serve(&args, daemon_child && !args.foreground) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("{progname}: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    serve(&args, &progname, daemon_child && !args.foreground)
 }
 
 #[cfg(test)]
@@ -324,6 +538,13 @@ mod tests {
         match parse(args) {
             Parsed::Run(a) => a,
             other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    fn invalid(message: &str) -> Parsed {
+        Parsed::Invalid {
+            warnings: Vec::new(),
+            message: message.to_string(),
         }
     }
 
@@ -345,10 +566,12 @@ mod tests {
         assert_eq!(run(&["-F", "-l", "4M"]).size, 4 << 20);
         assert_eq!(run(&["-Fl2G"]).size, 2 << 30);
         assert_eq!(run(&["-F", "-l", "5G"]).size, 5 << 30);
+        assert_eq!(run(&["-F", "-l", "1.5M"]).size, 3 << 19);
         assert_eq!(run(&["-Fn", "8"]).vectors, 8);
         assert_eq!(run(&["-F", "-n", "0"]).vectors, 0);
         assert_eq!(run(&["-F", "-n0x10"]).vectors, 16);
         assert_eq!(run(&["-F", "-n", "010"]).vectors, 8);
+        assert_eq!(run(&["-F", "-n", " +2"]).vectors, 2);
         assert_eq!(run(&["-F", "-S/tmp/x"]).socket, PathBuf::from("/tmp/x"));
         assert_eq!(run(&["-p", "/run/p"]).pid_file, PathBuf::from("/run/p"));
     }
@@ -383,35 +606,61 @@ mod tests {
             parse(&["-F", "-l"]),
             Parsed::Usage("option requires an argument -- 'l'".into())
         );
-        assert_eq!(
-            parse(&["-v"]),
-            Parsed::Invalid("cannot use verbose in daemon mode".into())
-        );
+        assert_eq!(parse(&["-v"]), invalid("cannot use verbose in daemon mode"));
         assert_eq!(
             parse(&["-F", "-n", "65"]),
-            Parsed::Invalid("too many requested vectors (max is 64)".into())
+            invalid("too many requested vectors (max is 64)")
+        );
+        assert_eq!(parse(&["-F", "-n", "x"]), invalid("cannot parse n_vectors"));
+        assert_eq!(
+            parse(&["-F", "-n", "-1"]),
+            invalid("cannot parse n_vectors")
         );
         assert_eq!(
-            parse(&["-F", "-n", "x"]),
-            Parsed::Invalid("cannot parse n_vectors".into())
+            parse(&["-F", "-l", "16E"]),
+            invalid("Value '16E' is out of range for parameter 'shm_size'")
         );
-        assert!(matches!(parse(&["-F", "-l", "4Q"]), Parsed::Invalid(_)));
+        assert!(
+            matches!(parse(&["-F", "-l", "4MiB"]), Parsed::Invalid { message, .. } if message.starts_with("Parameter 'shm_size' expects"))
+        );
     }
 
     #[test]
-    fn config_uses_kept_posix_shm_and_rounds_up() {
+    fn a_unit_on_a_hex_size_warns_like_qemu() {
+        let a = run(&["-F", "-l", "0x10K"]);
+        assert_eq!(a.size, 16 << 10);
+        assert_eq!(
+            a.warnings,
+            ["warning: Using a multiplier suffix on hex numbers is deprecated: 0x10K"]
+        );
+        // Printed before the error that stops the parse.
+        assert_eq!(
+            parse(&["-F", "-l", "0x10K", "-n", "x"]),
+            Parsed::Invalid {
+                warnings: vec![
+                    "warning: Using a multiplier suffix on hex numbers is deprecated: 0x10K".into()
+                ],
+                message: "cannot parse n_vectors".into()
+            }
+        );
+    }
+
+    #[test]
+    fn config_removes_the_shm_object_rounds_up_and_follows_the_umask() {
         let c = config(&run(&["-F", "-l", "3M", "-n", "2"]));
         let r = &c.regions[0];
         assert_eq!(
             r.memory.backend,
             BackendKind::PosixShm {
                 name: "ivshmem".into(),
-                keep: true
+                keep: false
             }
         );
         assert_eq!(r.memory.pow2, Pow2Policy::RoundUp);
         assert_eq!(r.vectors, 2);
-        assert!(r.listener.path.is_absolute());
+        let umask = rustix::process::umask(rustix::fs::Mode::empty());
+        rustix::process::umask(umask);
+        assert_eq!(r.listener.mode, 0o777 & !umask.bits());
     }
 
     proptest! {
