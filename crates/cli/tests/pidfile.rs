@@ -65,6 +65,10 @@ fn ivshm_serve_replaces_a_planted_pidfile_link_and_never_follows_it() {
 #[test]
 fn ivshmem_server_daemon_replaces_a_planted_pidfile_link_and_never_follows_it() {
     let (dir, victim, pid_file) = planted("dropin");
+    // The daemon keeps the launcher's stdout and stderr (as QEMU's does): a file, not a pipe
+    // that would stay open while it runs.
+    let log_path = dir.join("log");
+    let log = std::fs::File::create(&log_path).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_ivshmem-server"))
         .arg("-S")
         .arg(dir.join("s.sock"))
@@ -74,8 +78,8 @@ fn ivshmem_server_daemon_replaces_a_planted_pidfile_link_and_never_follows_it() 
         .arg(&dir)
         .args(["-l", "64K"])
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
         .spawn()
         .unwrap();
     let (tx, rx) = mpsc::channel();
@@ -89,7 +93,7 @@ fn ivshmem_server_daemon_replaces_a_planted_pidfile_link_and_never_follows_it() 
     assert!(
         output.status.success(),
         "{}",
-        String::from_utf8_lossy(&output.stderr)
+        std::fs::read_to_string(&log_path).unwrap()
     );
     // The launcher exits once the daemon has written its pid file.
     let pid: u32 = std::fs::read_to_string(&pid_file)

@@ -93,12 +93,19 @@ fn the_drop_in_programs_print_user_errors_without_a_backtrace() {
         &bad_size,
         &dir,
         1,
-        "Parameter 'shm_size' expects a size",
+        "Parameter 'shm_size' expects a non-negative number below 2^64",
     );
+    // QEMU's words (its -v adds the reason for the socket on stdout).
     let no_dir = ["-F", "-S", "s.sock", "-m", "missing-dir"];
-    assert_user_error(server, &no_dir, &dir, 1, "missing-dir");
+    assert_user_error(
+        server,
+        &no_dir,
+        &dir,
+        1,
+        "cannot open shm file missing-dir: No such file or directory\ncannot bind\n",
+    );
     let no_socket_dir = ["-F", "-S", "missing-dir/s.sock", "-m", "."];
-    assert_user_error(server, &no_socket_dir, &dir, 1, "missing-dir");
+    assert_user_error(server, &no_socket_dir, &dir, 1, "cannot bind\n");
     assert_user_error(client, &["-x"], &dir, 1, "-S <unix_sock_path>");
     let _ = std::fs::remove_dir_all(dir);
 }

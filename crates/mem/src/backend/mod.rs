@@ -30,7 +30,8 @@ pub enum BackendKind {
     PosixShm {
         /// The object name, with or without a leading `/` (as `shm_open` accepts).
         name: String,
-        /// Keep the object when the [`SharedMemory`] is dropped (QEMU's server never removes it).
+        /// Keep the object when the [`SharedMemory`] is dropped (QEMU 7.2's server removes it at
+        /// exit; older ones kept it).
         keep: bool,
     },
     /// An unlinked file in a directory, e.g. a hugetlbfs mount.
