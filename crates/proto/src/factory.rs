@@ -31,6 +31,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::guest_shm::GuestShmStatus;
+
 /// The protocol version every response carries.
 pub const VERSION: u32 = 1;
 
@@ -136,19 +138,89 @@ pub enum FactoryRequest {
 }
 
 /// The factory's answer.
+///
+/// On the wire the status is two fields, `"status"` (the `GSS_*` name) and `"code"` (its
+/// number); a response whose two do not name the same known status does not decode.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "WireResponse", try_from = "WireResponse")]
 pub struct FactoryResponse {
     /// [`VERSION`].
     pub version: u32,
-    /// The `GSS_*` name of the status, e.g. `"GSS_OK"`.
-    pub status: String,
-    /// The numeric status code (`GSS_OK` is 0).
-    pub code: u32,
+    /// The status.
+    pub status: GuestShmStatus,
     /// A sentence for humans.
     pub message: String,
     /// The region, when `status` is `GSS_OK` (and, for `GSS_CLIENT_MAX`, the full region).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<RegionOffer>,
+}
+
+impl FactoryResponse {
+    /// A response of this protocol [`VERSION`].
+    pub fn new(status: GuestShmStatus, message: String, region: Option<RegionOffer>) -> Self {
+        FactoryResponse {
+            version: VERSION,
+            status,
+            message,
+            region,
+        }
+    }
+
+    /// A refusal: `status` and why, no region.
+    pub fn refusal(status: GuestShmStatus, message: String) -> Self {
+        Self::new(status, message, None)
+    }
+}
+
+/// A [`FactoryResponse`] as it is written.
+#[derive(Serialize, Deserialize)]
+struct WireResponse {
+    version: u32,
+    status: String,
+    code: u32,
+    message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    region: Option<RegionOffer>,
+}
+
+/// A response whose `status` and `code` fields do not name one known status.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("status {status:?} with code {code} is not a GSS_* status")]
+pub struct UnknownStatus {
+    /// The `status` field.
+    pub status: String,
+    /// The `code` field.
+    pub code: u32,
+}
+
+impl From<FactoryResponse> for WireResponse {
+    fn from(response: FactoryResponse) -> Self {
+        WireResponse {
+            version: response.version,
+            status: response.status.qnx_name().to_string(),
+            code: response.status.as_u32(),
+            message: response.message,
+            region: response.region,
+        }
+    }
+}
+
+impl TryFrom<WireResponse> for FactoryResponse {
+    type Error = UnknownStatus;
+
+    fn try_from(wire: WireResponse) -> Result<Self, Self::Error> {
+        let status = GuestShmStatus::from_u32(wire.code)
+            .filter(|status| status.qnx_name() == wire.status)
+            .ok_or(UnknownStatus {
+                status: wire.status,
+                code: wire.code,
+            })?;
+        Ok(FactoryResponse {
+            version: wire.version,
+            status,
+            message: wire.message,
+            region: wire.region,
+        })
+    }
 }
 
 /// What a client needs to join a region.
@@ -200,11 +272,32 @@ mod tests {
     }
 
     #[test]
+    fn responses_have_the_documented_form() {
+        let refusal =
+            FactoryResponse::refusal(GuestShmStatus::DoesNotExist, "no region nope".into());
+        assert_eq!(
+            encode_line(&refusal),
+            b"{\"version\":1,\"status\":\"GSS_DOES_NOT_EXIST\",\"code\":6,\"message\":\"no region nope\"}\n"
+        );
+        assert_eq!(
+            decode_line::<FactoryResponse>(&encode_line(&refusal)).unwrap(),
+            refusal
+        );
+        // Name and number must agree on a known status.
+        for bad in [
+            br#"{"version":1,"status":"GSS_OK","code":6,"message":""}"#.as_slice(),
+            br#"{"version":1,"status":"GSS_MAYBE","code":7,"message":""}"#,
+            br#"{"version":1,"status":"GSS_OK","message":""}"#,
+        ] {
+            assert!(decode_line::<FactoryResponse>(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn responses_round_trip() {
         let response = FactoryResponse {
             version: VERSION,
-            status: "GSS_OK".into(),
-            code: 0,
+            status: GuestShmStatus::Ok,
             message: "created".into(),
             region: Some(RegionOffer {
                 guest_name: "mem".into(),

@@ -11,7 +11,7 @@
 use ivshm_mem::BackendError;
 use ivshm_policy::GuestShmStatus;
 use ivshm_proto::factory::{
-    decode_line, encode_line, FactoryRequest, FactoryResponse, LineError, RegionOffer, VERSION,
+    decode_line, encode_line, FactoryRequest, FactoryResponse, LineError, RegionOffer,
 };
 use rustix::io::Errno;
 
@@ -56,7 +56,7 @@ pub(crate) fn answer(
         Some(named) => decide(named, regions, vm, &name, size, create),
         None => refusal(GuestShmStatus::UnknownFailure, format!("VM {vm} is gone")),
     };
-    let status = GuestShmStatus::from_u32(response.code).unwrap_or(GuestShmStatus::UnknownFailure);
+    let status = response.status;
     if status.is_ok() {
         tracing::info!(vm, name, "factory: {}", response.message);
     } else {
@@ -153,13 +153,7 @@ fn decide(
     } else {
         (GuestShmStatus::Ok, decision.to_string())
     };
-    FactoryResponse {
-        version: VERSION,
-        status: status.qnx_name().to_string(),
-        code: status.as_u32(),
-        message,
-        region: Some(offer),
-    }
+    FactoryResponse::new(status, message, Some(offer))
 }
 
 /// The status for a region that could not be created: `GSS_NOMEM` beyond `max_regions` or
@@ -191,11 +185,5 @@ fn memory_status(error: &BackendError) -> GuestShmStatus {
 }
 
 fn refusal(status: GuestShmStatus, message: String) -> FactoryResponse {
-    FactoryResponse {
-        version: VERSION,
-        status: status.qnx_name().to_string(),
-        code: status.as_u32(),
-        message,
-        region: None,
-    }
+    FactoryResponse::refusal(status, message)
 }

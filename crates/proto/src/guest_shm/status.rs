@@ -69,6 +69,13 @@ impl GuestShmStatus {
         }
     }
 
+    /// The code with this QNX identifier (`"GSS_OK"`, ...), if there is one.
+    pub fn from_qnx_name(name: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|status| status.qnx_name() == name)
+    }
+
     /// A one-line explanation, after the header's documentation.
     pub const fn description(self) -> &'static str {
         match self {
@@ -104,6 +111,18 @@ impl From<GuestShmStatus> for u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn from_qnx_name_inverts_qnx_name() {
+        for status in GuestShmStatus::ALL {
+            assert_eq!(
+                GuestShmStatus::from_qnx_name(status.qnx_name()),
+                Some(status)
+            );
+        }
+        assert_eq!(GuestShmStatus::from_qnx_name("GSS_MAYBE"), None);
+        assert_eq!(GuestShmStatus::from_qnx_name("gss_ok"), None);
+    }
 
     #[test]
     fn values_follow_the_header_enum_order() {

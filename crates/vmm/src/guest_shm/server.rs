@@ -74,10 +74,8 @@ impl ServerFactory {
         interrupt: BorrowedFd<'_>,
     ) -> Result<Attachment, GuestShmStatus> {
         let response = self.request(&request)?;
-        let status =
-            GuestShmStatus::from_u32(response.code).unwrap_or(GuestShmStatus::UnknownFailure);
-        if status != GuestShmStatus::Ok {
-            return Err(status);
+        if response.status != GuestShmStatus::Ok {
+            return Err(response.status);
         }
         let offer = response.region.ok_or(GuestShmStatus::UnknownFailure)?;
         let opts = ConnectOptions {
