@@ -1,17 +1,63 @@
 //! Logging set-up shared by all binaries (`ivshm` and the drop-in programs): `tracing` to
 //! stderr, `RUST_LOG` if set, else the level the program asks for; colours only on a terminal.
+//!
+//! Under systemd, when stderr is the journal (`$JOURNAL_STREAM` names stderr's device and
+//! inode, as `systemd.exec(5)` says to check), lines carry no timestamps and no colours: the
+//! journal stamps every line itself.
 
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
+/// The variable systemd sets to `<device>:<inode>` of the journal stream it connected.
+const JOURNAL_STREAM_ENV: &str = "JOURNAL_STREAM";
+
 /// Installs the global subscriber with `default_level` unless `RUST_LOG` says otherwise.
 pub fn init(default_level: &str) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if stderr_is_journal() {
+        builder.with_ansi(false).without_time().try_init()
+    } else {
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
+    };
+}
+
+/// Whether stderr is the stream `$JOURNAL_STREAM` names.
+fn stderr_is_journal() -> bool {
+    let Some(value) = std::env::var_os(JOURNAL_STREAM_ENV) else {
+        return false;
+    };
+    let Ok(stat) = rustix::fs::fstat(std::io::stderr()) else {
+        return false;
+    };
+    journal_stream_matches(&value.to_string_lossy(), stat.st_dev, stat.st_ino)
+}
+
+/// Whether a `$JOURNAL_STREAM` value (`<device>:<inode>`, decimal) names `dev`/`ino`.
+fn journal_stream_matches(value: &str, dev: u64, ino: u64) -> bool {
+    let Some((d, i)) = value.split_once(':') else {
+        return false;
+    };
+    d.parse::<u64>() == Ok(dev) && i.parse::<u64>() == Ok(ino)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_stream_value_is_device_colon_inode() {
+        assert!(journal_stream_matches("8:12345", 8, 12345));
+        assert!(!journal_stream_matches("8:12345", 8, 1));
+        assert!(!journal_stream_matches("9:12345", 8, 12345));
+        assert!(!journal_stream_matches("", 8, 12345));
+        assert!(!journal_stream_matches("8", 8, 12345));
+        assert!(!journal_stream_matches("x:y", 8, 12345));
+    }
 }

@@ -8,7 +8,7 @@ mod logging;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -42,6 +42,9 @@ enum Command {
     Policy(cmd::policy::PolicyCommand),
     #[command(flatten)]
     Control(cmd::control::ControlCommand),
+    /// Write man pages or shell completions made from this program's flags (for packagers).
+    #[command(subcommand, hide = true)]
+    Generate(cmd::generate::GenerateCommand),
 }
 
 /// Runs the command; an error is printed as its message and its causes on one line
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Guest(c) => cmd::guest::run(c),
         Command::Policy(c) => cmd::policy::run(c),
         Command::Control(c) => cmd::control::run(c),
+        Command::Generate(c) => cmd::generate::run(c, Cli::command()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

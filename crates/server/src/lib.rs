@@ -33,7 +33,7 @@
 //! (the TOML file), [`ids`] (id allocation), [`queue`] (a peer's outgoing messages),
 //! [`listener`] (socket creation and removal), [`group`] (`/etc/group`), [`limits`] (fd
 //! limits), [`signals`], [`pidfile`], [`stats`], [`observer`] (hooks for programs that report
-//! joins and leaves themselves). Internally each concern has one owner with
+//! joins and leaves themselves), [`service_notify`] (systemd readiness). Internally each concern has one owner with
 //! private state, and the loop (`server`) only routes events to them: `regions` (every region
 //! and, through `listener_table`, its listening sockets and their epoll registration), `peer`
 //! (peer connections), `named_regions` and `vms` (the named configuration and the VMs),
@@ -61,6 +61,7 @@ pub mod queue;
 mod region;
 mod regions;
 mod server;
+pub mod service_notify;
 pub mod signals;
 pub mod stats;
 mod vm_dir;

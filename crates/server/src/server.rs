@@ -26,6 +26,7 @@ use crate::observer::{Observer, ObserverSlot};
 use crate::peer::Connections;
 use crate::region::RegionInfo;
 use crate::regions::{EventContext, RegionId, Regions};
+use crate::service_notify::ServiceNotifier;
 use crate::stats::Stats;
 use crate::ServerError;
 
@@ -71,6 +72,8 @@ pub struct Server {
     stats: Arc<Stats>,
     /// Told about accepted connections, joins, removals and wake-ups.
     observer: ObserverSlot,
+    /// The service manager to tell about reloads (`RELOADING=1`, then `READY=1`).
+    notifier: Option<ServiceNotifier>,
 }
 
 impl Server {
@@ -91,6 +94,7 @@ impl Server {
             reserve: ReserveFd::new(),
             stats: Arc::new(Stats::default()),
             observer: ObserverSlot::default(),
+            notifier: None,
         };
         for region in &config.regions {
             server.regions.add_standalone(region)?;
@@ -128,6 +132,18 @@ impl Server {
         self.regions.remove_all_peers(&mut ctx);
     }
 
+    /// Tells `notifier` (a service manager) about reloads from now on: `RELOADING=1` before
+    /// and `READY=1` after each [`ControlAction::Reload`]. Readiness and stopping are the
+    /// caller's to send (it knows when it is ready).
+    pub fn set_notifier(&mut self, notifier: ServiceNotifier) {
+        self.notifier = Some(notifier);
+    }
+
+    /// The notifier set by [`set_notifier`](Self::set_notifier).
+    pub fn notifier(&self) -> Option<&ServiceNotifier> {
+        self.notifier.as_ref()
+    }
+
     /// The live counters.
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()
@@ -149,6 +165,17 @@ impl Server {
             .iter()
             .filter_map(|(id, _)| self.regions.info(id))
             .collect()
+    }
+
+    /// A one-line summary for a service manager's status: regions, peers, VMs.
+    pub fn status_line(&self) -> String {
+        let vms = self.named.as_ref().map_or(0, |n| n.vms().iter().count());
+        format!(
+            "serving {} region(s), {} peer(s), {} VM director(ies)",
+            self.regions.iter().count(),
+            self.peer_count(),
+            vms
+        )
     }
 
     /// Peers connected now, over all regions.
@@ -194,8 +221,14 @@ impl Server {
                             }
                             ControlAction::LogStatus => self.log_status(),
                             ControlAction::Reload => {
+                                if let Some(notifier) = &self.notifier {
+                                    notifier.reloading();
+                                }
                                 self.reload_and_log();
                                 self.log_status();
+                                if let Some(notifier) = &self.notifier {
+                                    notifier.ready(&self.status_line());
+                                }
                             }
                         }
                     }

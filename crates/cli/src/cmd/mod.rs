@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod control;
+pub mod generate;
 pub mod guest;
 pub mod host;
 pub mod policy;

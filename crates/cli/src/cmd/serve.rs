@@ -7,6 +7,7 @@ use clap::{Args, ValueEnum};
 use ivshm_mem::{BackendKind, Pow2Policy};
 use ivshm_server::config::{DEFAULT_SIZE, DEFAULT_SOCKET_MODE, DEFAULT_SOCKET_PATH};
 use ivshm_server::pidfile::PidFile;
+use ivshm_server::service_notify::ServiceNotifier;
 use ivshm_server::signals::SignalPipes;
 use ivshm_server::{GroupSpec, ListenerConfig, MemoryConfig, RegionConfig, Server, ServerConfig};
 
@@ -142,6 +143,8 @@ impl ServeArgs {
 
 /// Runs the server until SIGINT or SIGTERM; then the socket, the pid file and (unless kept)
 /// the shm object are removed. SIGHUP re-reads `--config` (if given) and logs the status.
+/// With `$NOTIFY_SOCKET` set (systemd `Type=notify`), sends `READY=1` once the sockets are
+/// bound, `RELOADING=1`/`READY=1` around reloads and `STOPPING=1` at shutdown.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = match &args.config {
         Some(path) => ivshm_server::config_file::load(path)?,
@@ -169,9 +172,22 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             );
         }
     }
+    // Under systemd (Type=notify): ready now that every socket is bound and the pid file
+    // written; the server itself reports reloads.
+    match ServiceNotifier::from_env() {
+        Ok(Some(notifier)) => {
+            notifier.ready(&server.status_line());
+            server.set_notifier(notifier);
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("{e}; the service manager is not told when the server is ready"),
+    }
     server
         .run_until(&signals.controls())
         .context("server loop")?;
+    if let Some(notifier) = server.notifier() {
+        notifier.stopping();
+    }
     drop(server);
     drop(pidfile);
     Ok(())
