@@ -10,7 +10,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ivshm_proto::{MessageReader, Received};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
@@ -19,8 +19,8 @@ use rustix::net::{connect, socket_with, AddressFamily, SocketAddrUnix, SocketFla
 use crate::error::ClientError;
 use crate::events::PeerEvent;
 use crate::handshake::{Handshake, Step};
-use crate::peer::ConnectOptions;
-use crate::peer_table::PeerTable;
+use crate::options::ConnectOptions;
+use crate::peer_table::{MessageError, PeerTable};
 
 /// A connected, handshaken session.
 #[derive(Debug)]
@@ -32,6 +32,53 @@ pub(crate) struct Session {
     pub table: PeerTable,
     /// Joins/leaves seen while waiting for our own vectors (peers that came after us).
     pub early_events: Vec<PeerEvent>,
+}
+
+/// What [`Session::read_available`] read.
+#[derive(Debug, Default)]
+pub(crate) struct Read {
+    /// Joins and leaves.
+    pub events: Vec<PeerEvent>,
+    /// Own vectors that arrived (late, after the handshake): to be watched.
+    pub own_vectors: Vec<usize>,
+    /// The server closed the connection (or it broke).
+    pub closed: bool,
+}
+
+impl Session {
+    /// Reads every message the server has sent so far without blocking and applies it to the
+    /// peer table. Invalid messages are dropped with a warning, as QEMU's device does after
+    /// setup. When the connection ends, joins still short of vectors are reported.
+    pub(crate) fn read_available(&mut self) -> Read {
+        let mut read = Read::default();
+        loop {
+            match self.reader.receive(self.socket.as_fd()) {
+                Ok(Received::Message { value, fd }) => match self.table.apply(value, fd) {
+                    Ok(applied) => {
+                        read.events.extend(applied.events);
+                        read.own_vectors.extend(applied.own_vector);
+                    }
+                    // QEMU's device accepts this silently; with 0-vector peers it is normal.
+                    Err(e @ MessageError::UnknownPeerGone { .. }) => {
+                        tracing::debug!("ignoring server message {value}: {e}")
+                    }
+                    Err(e) => tracing::warn!("ignoring server message {value}: {e}"),
+                },
+                Ok(Received::WouldBlock) => return read,
+                Ok(Received::Closed) => {
+                    read.events.extend(self.table.end_of_burst());
+                    read.closed = true;
+                    return read;
+                }
+                Err(e) => {
+                    tracing::warn!("dropping the connection to the server: {e}");
+                    read.events.extend(self.table.end_of_burst());
+                    read.closed = true;
+                    return read;
+                }
+            }
+        }
+    }
 }
 
 /// Connects a non-blocking UNIX stream socket to `path`.
@@ -153,7 +200,3 @@ pub(crate) fn establish(path: &Path, opts: &ConnectOptions) -> Result<Session, C
         early_events,
     })
 }
-
-/// How long [`establish`] waits for more own vectors after the last one when no other peer
-/// tells it how many to expect, and how long a join short of vectors waits for more.
-pub(crate) const DEFAULT_SETTLE: Duration = Duration::from_millis(50);

@@ -43,13 +43,17 @@
 //! away ([`Event::ServerGone`]) reconnects with backoff and reports [`Event::Reconnected`]:
 //! the id, the shared memory and the peer table may all have changed (see [`reconnect`]).
 //!
-//! Modules, by concern:
-//! - [`handshake`]: the sans-I/O handshake state machine,
-//! - [`peer_table`]: ids → eventfds, and the rule that decides when a peer has joined,
-//! - `connection` / [`Peer`]: socket I/O, handshake with a deadline, mapping, doorbells,
-//! - [`events`]: what is reported and the epoll set it is waited on with,
+//! Modules, by concern (each depends only on those listed before it; no cycles):
+//! - [`events`]: what is reported ([`Event`], [`PeerEvent`]),
+//! - `options`: [`ConnectOptions`],
+//! - [`doorbell`]: ringing and draining eventfds,
+//! - `wait_set`: the epoll set a peer waits on,
 //! - [`reconnect`]: backoff and the retry timer,
-//! - [`doorbell`]: ringing and draining eventfds.
+//! - [`peer_table`]: ids → eventfds, and the rule that decides when a peer has joined,
+//! - [`handshake`]: the sans-I/O handshake state machine,
+//! - [`error`]: the error type, [`ClientError`],
+//! - `connection`: connecting and the handshake with a deadline, reading the socket,
+//! - `peer`: [`Peer`], which ties them together.
 
 pub mod doorbell;
 pub mod error;
@@ -59,11 +63,14 @@ pub mod peer_table;
 pub mod reconnect;
 
 mod connection;
+mod options;
 mod peer;
+mod wait_set;
 
 pub use connection::connect_socket;
 pub use error::ClientError;
 pub use events::{Event, PeerEvent};
 pub use handshake::{Handshake, HandshakeError};
-pub use peer::{ConnectOptions, Peer};
+pub use options::ConnectOptions;
+pub use peer::Peer;
 pub use peer_table::{MessageError, PeerTable};

@@ -6,47 +6,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ivshm_mem::Mapping;
-use ivshm_proto::v0::MAX_VECTORS;
 
-use crate::connection::{establish, Session, DEFAULT_SETTLE};
+use crate::connection::{establish, Session};
 use crate::doorbell;
 use crate::error::ClientError;
-use crate::events::{Event, Poller, Source};
+use crate::events::{Event, PeerEvent};
+use crate::options::ConnectOptions;
 use crate::reconnect::{Backoff, RetryTimer};
-
-/// How to connect.
-#[derive(Debug, Clone)]
-pub struct ConnectOptions {
-    /// Time allowed for connecting and the whole handshake (default 5 s).
-    pub timeout: Duration,
-    /// Most eventfds kept per peer, ours included; extra ones are closed with a warning
-    /// (default and maximum 64, QEMU's limit).
-    pub max_vectors: usize,
-    /// Reconnect when the server closes the socket (default false). See [`crate::reconnect`].
-    pub reconnect: bool,
-    /// First delay before reconnecting (default 100 ms); doubles after each failure.
-    pub reconnect_delay: Duration,
-    /// Longest delay between reconnect attempts (default 5 s).
-    pub reconnect_max_delay: Duration,
-    /// How long the socket must stay quiet after our first own vector before the handshake
-    /// counts as complete, when no other peer says how many vectors to expect; also how long
-    /// a peer that sent fewer vectors than we have waits before its join is reported
-    /// (default 50 ms). See [`crate::peer_table`] for the join rule.
-    pub settle: Duration,
-}
-
-impl Default for ConnectOptions {
-    fn default() -> Self {
-        ConnectOptions {
-            timeout: Duration::from_secs(5),
-            max_vectors: MAX_VECTORS,
-            reconnect: false,
-            reconnect_delay: Duration::from_millis(100),
-            reconnect_max_delay: Duration::from_secs(5),
-            settle: DEFAULT_SETTLE,
-        }
-    }
-}
+use crate::wait_set::{Source, WaitSet};
 
 /// One v0 connection to a server: our id, the shared memory, the peer table and the doorbells.
 ///
@@ -55,32 +22,32 @@ impl Default for ConnectOptions {
 /// whenever it is readable, call `wait(Some(Duration::ZERO))` until it returns `Ok(None)`.
 #[derive(Debug)]
 pub struct Peer {
-    pub(crate) path: PathBuf,
-    pub(crate) opts: ConnectOptions,
-    pub(crate) session: Session,
-    pub(crate) connected: bool,
-    pub(crate) poller: Poller,
-    pub(crate) timer: RetryTimer,
-    pub(crate) burst_timer: RetryTimer,
+    path: PathBuf,
+    opts: ConnectOptions,
+    session: Session,
+    connected: bool,
+    wait_set: WaitSet,
+    timer: RetryTimer,
+    burst_timer: RetryTimer,
     /// When pending joins are reported if no more vectors arrive.
-    pub(crate) burst_deadline: Option<Instant>,
-    pub(crate) backoff: Backoff,
-    pub(crate) queue: VecDeque<Event>,
+    burst_deadline: Option<Instant>,
+    backoff: Backoff,
+    queue: VecDeque<Event>,
     /// Reused buffer of ready sources.
-    pub(crate) ready: Vec<Source>,
+    ready: Vec<Source>,
 }
 
 impl Peer {
     /// Connects to the server at `socket` and completes the handshake within `opts.timeout`.
     pub fn connect(socket: &Path, opts: ConnectOptions) -> Result<Peer, ClientError> {
         let session = establish(socket, &opts)?;
-        let poller = Poller::new().map_err(ClientError::sys("epoll_create"))?;
+        let wait_set = WaitSet::new().map_err(ClientError::sys("epoll_create"))?;
         let timer = RetryTimer::new().map_err(ClientError::sys("timerfd_create"))?;
-        poller
+        wait_set
             .add(timer.fd(), Source::Timer)
             .map_err(ClientError::sys("epoll_ctl"))?;
         let burst_timer = RetryTimer::new().map_err(ClientError::sys("timerfd_create"))?;
-        poller
+        wait_set
             .add(burst_timer.fd(), Source::BurstTimer)
             .map_err(ClientError::sys("epoll_ctl"))?;
         let backoff = Backoff::new(opts.reconnect_delay, opts.reconnect_max_delay);
@@ -89,7 +56,7 @@ impl Peer {
             opts,
             session,
             connected: true,
-            poller,
+            wait_set,
             timer,
             burst_timer,
             burst_deadline: None,
@@ -102,14 +69,14 @@ impl Peer {
     }
 
     /// Puts the session's socket and own vectors into the epoll set and queues early events.
-    pub(crate) fn register_session(&mut self) -> Result<(), ClientError> {
+    fn register_session(&mut self) -> Result<(), ClientError> {
         let s = &mut self.session;
-        self.poller
+        self.wait_set
             .add(s.socket.as_fd(), Source::Socket)
             .map_err(ClientError::sys("epoll_ctl"))?;
         for (v, fd) in s.table.own_vectors() {
             doorbell::set_nonblocking(fd).map_err(ClientError::sys("fcntl"))?;
-            self.poller
+            self.wait_set
                 .add(fd, Source::Vector(v))
                 .map_err(ClientError::sys("epoll_ctl"))?;
         }
@@ -196,12 +163,214 @@ impl Peer {
     /// The epoll fd holding the socket, own vectors and reconnect timer: readable when
     /// `wait(Some(Duration::ZERO))` has something to do. It stays the same across reconnects.
     pub fn poll_fd(&self) -> BorrowedFd<'_> {
-        self.poller.fd()
+        self.wait_set.fd()
     }
 
     /// True while connected to the server.
     pub fn is_connected(&self) -> bool {
         self.connected
+    }
+}
+
+impl Peer {
+    /// The socket has no more data for now: give joins that are short of vectors a grace
+    /// period before reporting them (see [`crate::peer_table`]).
+    fn burst_ended_for_now(&mut self) -> Result<(), ClientError> {
+        if self.session.table.has_pending() {
+            self.burst_deadline = Some(Instant::now() + self.opts.settle);
+            self.burst_timer
+                .arm(self.opts.settle)
+                .map_err(ClientError::sys("timerfd_settime"))?;
+        } else {
+            self.burst_deadline = None;
+        }
+        Ok(())
+    }
+
+    /// Reports pending joins whose grace period is over.
+    fn finish_due_burst(&mut self) -> Vec<PeerEvent> {
+        match self.burst_deadline {
+            Some(d) if Instant::now() >= d => {
+                self.burst_deadline = None;
+                self.session.table.end_of_burst()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Reads every message the server has sent so far without blocking and returns the
+    /// joins and leaves they make.
+    ///
+    /// A join short of vectors is reported by the first call after its grace period
+    /// (`ConnectOptions::settle`); [`Peer::poll_fd`] becomes readable then.
+    ///
+    /// Invalid messages are dropped with a warning, as QEMU's device does after setup. When
+    /// the server has closed the socket it returns [`ClientError::ServerGone`] (every call
+    /// does until a reconnect; the peer table keeps what had arrived) and, if reconnecting is
+    /// enabled, schedules the first attempt (driven by [`Peer::wait`]).
+    pub fn process_server_messages(&mut self) -> Result<Vec<PeerEvent>, ClientError> {
+        if !self.connected {
+            return Err(ClientError::ServerGone);
+        }
+        let (mut events, gone) = self.drain_socket()?;
+        if gone {
+            self.server_gone(false)?;
+            return Err(ClientError::ServerGone);
+        }
+        events.extend(self.finish_due_burst());
+        Ok(events)
+    }
+
+    /// Reads the socket until it would block; returns the events and whether it closed.
+    fn drain_socket(&mut self) -> Result<(Vec<PeerEvent>, bool), ClientError> {
+        let read = self.session.read_available();
+        for v in read.own_vectors {
+            self.register_own_vector(v)?;
+        }
+        if !read.closed {
+            self.burst_ended_for_now()?;
+        }
+        Ok((read.events, read.closed))
+    }
+
+    fn register_own_vector(&mut self, v: usize) -> Result<(), ClientError> {
+        if let Some(fd) = self.session.table.own_vector(v) {
+            tracing::debug!("own vector {v} arrived after the handshake");
+            doorbell::set_nonblocking(fd).map_err(ClientError::sys("fcntl"))?;
+            self.wait_set
+                .add(fd, Source::Vector(v))
+                .map_err(ClientError::sys("epoll_ctl"))?;
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` (`None`: forever) for the next event. `Ok(None)`: nothing
+    /// happened in time. `Some(Duration::ZERO)` never blocks.
+    ///
+    /// Reconnect attempts (when enabled) happen inside this call and may block up to
+    /// `ConnectOptions::timeout` each.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<Event>, ClientError> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        loop {
+            if let Some(ev) = self.queue.pop_front() {
+                return Ok(Some(ev));
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let mut ready = std::mem::take(&mut self.ready);
+            let waited = self.wait_set.wait(left, &mut ready);
+            let handled = waited
+                .map_err(ClientError::sys("epoll_wait"))
+                .and_then(|()| ready.iter().try_for_each(|s| self.handle(*s)));
+            self.ready = ready;
+            handled?;
+            if self.queue.is_empty() && left.is_some_and(|l| l.is_zero()) {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn handle(&mut self, source: Source) -> Result<(), ClientError> {
+        match source {
+            Source::Socket if self.connected => {
+                let (events, gone) = self.drain_socket()?;
+                self.queue.extend(events.into_iter().map(Event::Peer));
+                if gone {
+                    self.server_gone(true)?;
+                }
+            }
+            Source::Socket => {}
+            Source::Timer => self.retry()?,
+            Source::BurstTimer => {
+                self.burst_timer
+                    .consume()
+                    .map_err(ClientError::sys("timerfd read"))?;
+                let events = self.finish_due_burst();
+                self.queue.extend(events.into_iter().map(Event::Peer));
+            }
+            Source::Vector(v) => {
+                if let Some(fd) = self.session.table.own_vector(v) {
+                    match doorbell::drain(fd) {
+                        Ok(Some(_)) => self.queue.push_back(Event::Doorbell { vector: v }),
+                        Ok(None) => {}
+                        Err(e) => return Err(ClientError::sys("eventfd read")(e)),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Peer {
+    /// The socket closed: stop watching it, report, and schedule a reconnect if enabled.
+    fn server_gone(&mut self, queue_event: bool) -> Result<(), ClientError> {
+        self.connected = false;
+        self.wait_set
+            .remove(self.session.socket.as_fd())
+            .map_err(ClientError::sys("epoll_ctl"))?;
+        if queue_event {
+            self.queue.push_back(Event::ServerGone);
+        }
+        tracing::info!(
+            "the server at {} closed the connection",
+            self.path.display()
+        );
+        if self.opts.reconnect {
+            self.backoff.reset();
+            let delay = self.backoff.next_delay();
+            self.timer
+                .arm(delay)
+                .map_err(ClientError::sys("timerfd_settime"))?;
+        }
+        Ok(())
+    }
+
+    /// Tries once to connect again now. On success the id, shared memory and peer table are
+    /// replaced (see [`crate::reconnect`]) and the new id is returned.
+    pub fn reconnect(&mut self) -> Result<u16, ClientError> {
+        let session = establish(&self.path, &self.opts)?;
+        // Forget the old connection: unregister its fds, then drop them.
+        let _ = self.wait_set.remove(self.session.socket.as_fd());
+        for (_, fd) in self.session.table.own_vectors() {
+            let _ = self.wait_set.remove(fd);
+        }
+        self.session = session;
+        self.connected = true;
+        self.timer
+            .disarm()
+            .map_err(ClientError::sys("timerfd_settime"))?;
+        self.backoff.reset();
+        self.register_session()?;
+        let id = self.id();
+        tracing::info!("reconnected to {} as peer {id}", self.path.display());
+        Ok(id)
+    }
+
+    /// The retry timer fired: try to reconnect, re-arm on failure.
+    fn retry(&mut self) -> Result<(), ClientError> {
+        self.timer
+            .consume()
+            .map_err(ClientError::sys("timerfd read"))?;
+        if self.connected || !self.opts.reconnect {
+            return Ok(());
+        }
+        // Events of the new session are queued by register_session after Reconnected.
+        let before = self.queue.len();
+        match self.reconnect() {
+            Ok(id) => {
+                let early: Vec<Event> = self.queue.drain(before..).collect();
+                self.queue.push_back(Event::Reconnected { id });
+                self.queue.extend(early);
+            }
+            Err(e) => {
+                let delay = self.backoff.next_delay();
+                tracing::debug!("reconnect failed ({e}); next attempt in {delay:?}");
+                self.timer
+                    .arm(delay)
+                    .map_err(ClientError::sys("timerfd_settime"))?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -1,9 +1,9 @@
 //! Reconnecting after the server went away: the retry schedule and its timer.
 //!
-//! When the server closes the socket, the peer reports [`Event::ServerGone`].
+//! When the server closes the socket, the peer reports [`Event::ServerGone`](crate::Event::ServerGone).
 //! With `ConnectOptions { reconnect: true, .. }` it then retries after `reconnect_delay`,
 //! doubling the delay after each failure up to `reconnect_max_delay`, and reports
-//! [`Event::Reconnected`] when a new handshake completed. The retries are driven by
+//! [`Event::Reconnected`](crate::Event::Reconnected) when a new handshake completed. The retries are driven by
 //! a timerfd inside the peer's epoll set, so a caller's own poll loop wakes up for them too.
 //!
 //! A reconnect is a new connection: **the id, the shared memory and the peer table may all
@@ -19,11 +19,6 @@ use rustix::time::{
     timerfd_create, timerfd_settime, Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags,
     Timespec,
 };
-
-use crate::connection::establish;
-use crate::error::ClientError;
-use crate::events::Event;
-use crate::peer::Peer;
 
 /// Exponential backoff between reconnect attempts.
 #[derive(Debug, Clone)]
@@ -118,79 +113,6 @@ impl RetryTimer {
             Ok(_) | Err(Errno::AGAIN) => Ok(()),
             Err(e) => Err(e),
         }
-    }
-}
-
-impl Peer {
-    /// The socket closed: stop watching it, report, and schedule a reconnect if enabled.
-    pub(crate) fn server_gone(&mut self, queue_event: bool) -> Result<(), ClientError> {
-        self.connected = false;
-        self.poller
-            .remove(self.session.socket.as_fd())
-            .map_err(ClientError::sys("epoll_ctl"))?;
-        if queue_event {
-            self.queue.push_back(Event::ServerGone);
-        }
-        tracing::info!(
-            "the server at {} closed the connection",
-            self.path.display()
-        );
-        if self.opts.reconnect {
-            self.backoff.reset();
-            let delay = self.backoff.next_delay();
-            self.timer
-                .arm(delay)
-                .map_err(ClientError::sys("timerfd_settime"))?;
-        }
-        Ok(())
-    }
-
-    /// Tries once to connect again now. On success the id, shared memory and peer table are
-    /// replaced (see [`crate::reconnect`]) and the new id is returned.
-    pub fn reconnect(&mut self) -> Result<u16, ClientError> {
-        let session = establish(&self.path, &self.opts)?;
-        // Forget the old connection: unregister its fds, then drop them.
-        let _ = self.poller.remove(self.session.socket.as_fd());
-        for (_, fd) in self.session.table.own_vectors() {
-            let _ = self.poller.remove(fd);
-        }
-        self.session = session;
-        self.connected = true;
-        self.timer
-            .disarm()
-            .map_err(ClientError::sys("timerfd_settime"))?;
-        self.backoff.reset();
-        self.register_session()?;
-        let id = self.id();
-        tracing::info!("reconnected to {} as peer {id}", self.path.display());
-        Ok(id)
-    }
-
-    /// The retry timer fired: try to reconnect, re-arm on failure.
-    pub(crate) fn retry(&mut self) -> Result<(), ClientError> {
-        self.timer
-            .consume()
-            .map_err(ClientError::sys("timerfd read"))?;
-        if self.connected || !self.opts.reconnect {
-            return Ok(());
-        }
-        // Events of the new session are queued by register_session after Reconnected.
-        let before = self.queue.len();
-        match self.reconnect() {
-            Ok(id) => {
-                let early: Vec<Event> = self.queue.drain(before..).collect();
-                self.queue.push_back(Event::Reconnected { id });
-                self.queue.extend(early);
-            }
-            Err(e) => {
-                let delay = self.backoff.next_delay();
-                tracing::debug!("reconnect failed ({e}); next attempt in {delay:?}");
-                self.timer
-                    .arm(delay)
-                    .map_err(ClientError::sys("timerfd_settime"))?;
-            }
-        }
-        Ok(())
     }
 }
 
