@@ -246,7 +246,7 @@ impl IvshmemDevice {
         let vfio = VfioDevice::open(paths, address, group)?;
         let bar0 = vfio.region_info(VFIO_PCI_BAR0_REGION_INDEX)?;
         let register_len = doorbell::REGISTERS_BAR_SIZE;
-        let registers = if bar0.is_mappable() && bar0.size >= register_len {
+        let registers = if vfio::ioctl::is_mappable(&bar0) && bar0.size >= register_len {
             Registers::Mapped(vfio.map_region(&bar0, register_len)?)
         } else if bar0.size >= register_len {
             tracing::debug!(
@@ -262,7 +262,7 @@ impl IvshmemDevice {
             .into());
         };
         let bar2 = vfio.region_info(VFIO_PCI_BAR2_REGION_INDEX)?;
-        if !bar2.is_mappable() || bar2.size == 0 {
+        if !vfio::ioctl::is_mappable(&bar2) || bar2.size == 0 {
             return Err(OpenError::NoSharedMemory { address });
         }
         let shared = vfio.map_region(&bar2, bar2.size)?;

@@ -1,148 +1,60 @@
-//! The VFIO ioctl structures and numbers this crate uses (from `<linux/vfio.h>`), with safe
-//! wrappers. Layouts are checked against the kernel's (via `vfio-bindings`) in the tests.
+//! The VFIO ioctls this crate uses (`<linux/vfio.h>`), with safe wrappers. The structures and
+//! constants are the kernel's, from `vfio-bindings`; the ioctl numbers are built from its
+//! `VFIO_TYPE` and `VFIO_BASE` (`_IO(VFIO_TYPE, VFIO_BASE + n)`, as the header defines them).
 
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use rustix::io::Errno;
 use rustix::ioctl::{opcode, Ioctl, IoctlOutput, Opcode};
 use std::ffi::{c_void, CStr};
+use vfio_bindings::bindings::vfio as k;
 
-/// `VFIO_API_VERSION`.
-pub const VFIO_API_VERSION: i32 = 0;
-/// `VFIO_TYPE1_IOMMU`.
-pub const VFIO_TYPE1_IOMMU: u32 = 1;
-/// `VFIO_TYPE1v2_IOMMU`.
-pub const VFIO_TYPE1V2_IOMMU: u32 = 3;
-/// `VFIO_GROUP_FLAGS_VIABLE`: every device in the group is bound to a VFIO driver (or none).
-pub const VFIO_GROUP_FLAGS_VIABLE: u32 = 1 << 0;
-/// `VFIO_GROUP_FLAGS_CONTAINER_SET`.
-pub const VFIO_GROUP_FLAGS_CONTAINER_SET: u32 = 1 << 1;
-/// `VFIO_DEVICE_FLAGS_PCI`.
-pub const VFIO_DEVICE_FLAGS_PCI: u32 = 1 << 1;
-/// `VFIO_REGION_INFO_FLAG_READ`.
-pub const VFIO_REGION_INFO_FLAG_READ: u32 = 1 << 0;
-/// `VFIO_REGION_INFO_FLAG_WRITE`.
-pub const VFIO_REGION_INFO_FLAG_WRITE: u32 = 1 << 1;
-/// `VFIO_REGION_INFO_FLAG_MMAP`.
-pub const VFIO_REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
-/// `VFIO_IRQ_SET_DATA_NONE`.
-pub const VFIO_IRQ_SET_DATA_NONE: u32 = 1 << 0;
-/// `VFIO_IRQ_SET_DATA_EVENTFD`.
-pub const VFIO_IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
-/// `VFIO_IRQ_SET_ACTION_TRIGGER`.
-pub const VFIO_IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
-/// `VFIO_PCI_BAR0_REGION_INDEX`.
-pub const VFIO_PCI_BAR0_REGION_INDEX: u32 = 0;
-/// `VFIO_PCI_BAR2_REGION_INDEX`.
-pub const VFIO_PCI_BAR2_REGION_INDEX: u32 = 2;
-/// `VFIO_PCI_CONFIG_REGION_INDEX`.
-pub const VFIO_PCI_CONFIG_REGION_INDEX: u32 = 7;
-/// `VFIO_PCI_MSIX_IRQ_INDEX`.
-pub const VFIO_PCI_MSIX_IRQ_INDEX: u32 = 2;
-
-/// `VFIO_TYPE` (the ioctl group, `';'`).
-const VFIO_TYPE: u8 = b';';
-/// `VFIO_BASE`.
-const VFIO_BASE: u8 = 100;
-
-const VFIO_GET_API_VERSION: Opcode = opcode::none(VFIO_TYPE, VFIO_BASE);
-const VFIO_CHECK_EXTENSION: Opcode = opcode::none(VFIO_TYPE, VFIO_BASE + 1);
-const VFIO_SET_IOMMU: Opcode = opcode::none(VFIO_TYPE, VFIO_BASE + 2);
-const VFIO_GROUP_GET_STATUS: Opcode = opcode::none(VFIO_TYPE, VFIO_BASE + 3);
-const VFIO_GROUP_SET_CONTAINER: Opcode = opcode::none(VFIO_TYPE, VFIO_BASE + 4);
-const VFIO_GROUP_GET_DEVICE_FD: Opcode = opcode::none(VFIO_TYPE, VFIO_BASE + 6);
-const VFIO_DEVICE_GET_INFO: Opcode = opcode::none(VFIO_TYPE, VFIO_BASE + 7);
-const VFIO_DEVICE_GET_REGION_INFO: Opcode = opcode::none(VFIO_TYPE, VFIO_BASE + 8);
-const VFIO_DEVICE_GET_IRQ_INFO: Opcode = opcode::none(VFIO_TYPE, VFIO_BASE + 9);
-const VFIO_DEVICE_SET_IRQS: Opcode = opcode::none(VFIO_TYPE, VFIO_BASE + 10);
+/// The kernel's VFIO constants this crate uses.
+pub use k::{
+    VFIO_TYPE1v2_IOMMU, VFIO_API_VERSION, VFIO_DEVICE_FLAGS_PCI, VFIO_GROUP_FLAGS_CONTAINER_SET,
+    VFIO_GROUP_FLAGS_VIABLE, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD,
+    VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX,
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, VFIO_TYPE1_IOMMU,
+};
 
 /// `struct vfio_group_status`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct GroupStatus {
-    /// Size of this structure.
-    pub argsz: u32,
-    /// `VFIO_GROUP_FLAGS_*`.
-    pub flags: u32,
-}
-
+pub type GroupStatus = k::vfio_group_status;
 /// `struct vfio_device_info`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DeviceInfo {
-    /// Size of this structure.
-    pub argsz: u32,
-    /// `VFIO_DEVICE_FLAGS_*`.
-    pub flags: u32,
-    /// Number of regions (BARs, ROM, config, ...).
-    pub num_regions: u32,
-    /// Number of interrupt indexes.
-    pub num_irqs: u32,
-    /// Offset of the first capability, if any.
-    pub cap_offset: u32,
-    /// Padding.
-    pub pad: u32,
-}
-
-/// `struct vfio_region_info`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RegionInfo {
-    /// Size of this structure.
-    pub argsz: u32,
-    /// `VFIO_REGION_INFO_FLAG_*`.
-    pub flags: u32,
-    /// Region index (`VFIO_PCI_*_REGION_INDEX`).
-    pub index: u32,
-    /// Offset of the first capability, if any.
-    pub cap_offset: u32,
-    /// Region size in bytes (0: the region does not exist).
-    pub size: u64,
-    /// Offset of the region within the device fd (for pread/pwrite/mmap).
-    pub offset: u64,
-}
-
-impl RegionInfo {
-    /// Whether the region may be mmapped through the device fd.
-    pub fn is_mappable(&self) -> bool {
-        self.flags & VFIO_REGION_INFO_FLAG_MMAP != 0
-    }
-}
-
+pub type DeviceInfo = k::vfio_device_info;
+/// `struct vfio_region_info`: a region's size, flags and offset within the device fd.
+pub type RegionInfo = k::vfio_region_info;
 /// `struct vfio_irq_info`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct IrqInfo {
-    /// Size of this structure.
-    pub argsz: u32,
-    /// `VFIO_IRQ_INFO_*`.
-    pub flags: u32,
-    /// Interrupt index (`VFIO_PCI_*_IRQ_INDEX`).
-    pub index: u32,
-    /// Number of interrupts at that index (MSI-X vectors for the MSI-X index).
-    pub count: u32,
+pub type IrqInfo = k::vfio_irq_info;
+
+/// `_IO(VFIO_TYPE, VFIO_BASE + n)`.
+const fn vfio_io(n: u8) -> Opcode {
+    // VFIO_BASE is 100: the sum fits the 8-bit ioctl number for every n used here (< 20).
+    opcode::none(k::VFIO_TYPE, k::VFIO_BASE as u8 + n)
 }
 
-/// The fixed part of `struct vfio_irq_set` (followed by `count` data elements).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct IrqSetHeader {
-    /// Size of the header plus data.
-    pub argsz: u32,
-    /// `VFIO_IRQ_SET_DATA_*` | `VFIO_IRQ_SET_ACTION_*`.
-    pub flags: u32,
-    /// Interrupt index.
-    pub index: u32,
-    /// First vector.
-    pub start: u32,
-    /// Number of vectors.
-    pub count: u32,
+const VFIO_GET_API_VERSION: Opcode = vfio_io(0);
+const VFIO_CHECK_EXTENSION: Opcode = vfio_io(1);
+const VFIO_SET_IOMMU: Opcode = vfio_io(2);
+const VFIO_GROUP_GET_STATUS: Opcode = vfio_io(3);
+const VFIO_GROUP_SET_CONTAINER: Opcode = vfio_io(4);
+const VFIO_GROUP_GET_DEVICE_FD: Opcode = vfio_io(6);
+const VFIO_DEVICE_GET_INFO: Opcode = vfio_io(7);
+const VFIO_DEVICE_GET_REGION_INFO: Opcode = vfio_io(8);
+const VFIO_DEVICE_GET_IRQ_INFO: Opcode = vfio_io(9);
+const VFIO_DEVICE_SET_IRQS: Opcode = vfio_io(10);
+
+/// Whether the region may be mmapped through the device fd.
+pub fn is_mappable(region: &RegionInfo) -> bool {
+    region.flags & VFIO_REGION_INFO_FLAG_MMAP != 0
 }
 
-const IRQ_SET_HEADER_WORDS: usize = std::mem::size_of::<IrqSetHeader>() / 4;
+/// 32-bit words in the fixed part of `struct vfio_irq_set` (before its `data` array).
+const IRQ_SET_HEADER_WORDS: usize = std::mem::size_of::<k::vfio_irq_set>() / 4;
 
 /// Builds a `vfio_irq_set` that connects vectors `start..start+fds.len()` of `index` to the
 /// given eventfds (`DATA_EVENTFD | ACTION_TRIGGER`); `-1` disconnects a vector. An empty `fds`
-/// with `DATA_NONE` disables the index. Returned as 32-bit words (the struct's alignment).
+/// with `DATA_NONE` disables the index. Returned as 32-bit words (the struct's alignment):
+/// `argsz`, `flags`, `index`, `start`, `count`, then the eventfds.
 pub fn irq_set_eventfds(index: u32, start: u32, fds: &[i32]) -> Vec<u32> {
     let (flags, count) = if fds.is_empty() {
         (VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, 0)
@@ -236,7 +148,7 @@ pub fn set_iommu(container: BorrowedFd<'_>, iommu_type: u32) -> Result<(), Errno
 pub fn group_status(group: BorrowedFd<'_>) -> Result<GroupStatus, Errno> {
     let mut status = GroupStatus {
         argsz: std::mem::size_of::<GroupStatus>() as u32,
-        flags: 0,
+        ..Default::default()
     };
     ioctl_struct(group, VFIO_GROUP_GET_STATUS, &mut status)?;
     Ok(status)
@@ -327,82 +239,17 @@ fn set_irqs_raw(device: BorrowedFd<'_>, irq_set: &mut [u32]) -> Result<(), Errno
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::mem::{offset_of, size_of};
-    use vfio_bindings::bindings::vfio as k;
+    use std::mem::offset_of;
 
     #[test]
-    fn struct_sizes_match_the_kernel() {
-        assert_eq!(size_of::<GroupStatus>(), size_of::<k::vfio_group_status>());
-        assert_eq!(size_of::<GroupStatus>(), 8);
-        assert_eq!(size_of::<DeviceInfo>(), size_of::<k::vfio_device_info>());
-        assert_eq!(size_of::<DeviceInfo>(), 24);
-        assert_eq!(size_of::<RegionInfo>(), size_of::<k::vfio_region_info>());
-        assert_eq!(size_of::<RegionInfo>(), 32);
-        assert_eq!(size_of::<IrqInfo>(), size_of::<k::vfio_irq_info>());
-        assert_eq!(size_of::<IrqInfo>(), 16);
-        assert_eq!(size_of::<IrqSetHeader>(), size_of::<k::vfio_irq_set>());
-        assert_eq!(size_of::<IrqSetHeader>(), 20);
-    }
-
-    #[test]
-    fn field_offsets_match_the_kernel() {
-        assert_eq!(
-            offset_of!(RegionInfo, size),
-            offset_of!(k::vfio_region_info, size)
-        );
-        assert_eq!(
-            offset_of!(RegionInfo, offset),
-            offset_of!(k::vfio_region_info, offset)
-        );
-        assert_eq!(
-            offset_of!(RegionInfo, cap_offset),
-            offset_of!(k::vfio_region_info, cap_offset)
-        );
-        assert_eq!(
-            offset_of!(DeviceInfo, num_irqs),
-            offset_of!(k::vfio_device_info, num_irqs)
-        );
-        assert_eq!(
-            offset_of!(DeviceInfo, cap_offset),
-            offset_of!(k::vfio_device_info, cap_offset)
-        );
-        assert_eq!(
-            offset_of!(IrqInfo, count),
-            offset_of!(k::vfio_irq_info, count)
-        );
-        assert_eq!(
-            offset_of!(IrqSetHeader, count),
-            offset_of!(k::vfio_irq_set, count)
-        );
+    fn irq_set_header_is_five_words_before_data() {
+        assert_eq!(IRQ_SET_HEADER_WORDS, 5);
+        assert_eq!(offset_of!(k::vfio_irq_set, argsz), 0);
+        assert_eq!(offset_of!(k::vfio_irq_set, flags), 4);
+        assert_eq!(offset_of!(k::vfio_irq_set, index), 8);
+        assert_eq!(offset_of!(k::vfio_irq_set, start), 12);
+        assert_eq!(offset_of!(k::vfio_irq_set, count), 16);
         assert_eq!(offset_of!(k::vfio_irq_set, data), 20);
-    }
-
-    #[test]
-    fn constants_match_the_kernel() {
-        assert_eq!(VFIO_API_VERSION as u32, k::VFIO_API_VERSION);
-        assert_eq!(VFIO_TYPE1_IOMMU, k::VFIO_TYPE1_IOMMU);
-        assert_eq!(VFIO_TYPE1V2_IOMMU, k::VFIO_TYPE1v2_IOMMU);
-        assert_eq!(VFIO_GROUP_FLAGS_VIABLE, k::VFIO_GROUP_FLAGS_VIABLE);
-        assert_eq!(
-            VFIO_GROUP_FLAGS_CONTAINER_SET,
-            k::VFIO_GROUP_FLAGS_CONTAINER_SET
-        );
-        assert_eq!(VFIO_DEVICE_FLAGS_PCI, k::VFIO_DEVICE_FLAGS_PCI);
-        assert_eq!(VFIO_REGION_INFO_FLAG_READ, k::VFIO_REGION_INFO_FLAG_READ);
-        assert_eq!(VFIO_REGION_INFO_FLAG_WRITE, k::VFIO_REGION_INFO_FLAG_WRITE);
-        assert_eq!(VFIO_REGION_INFO_FLAG_MMAP, k::VFIO_REGION_INFO_FLAG_MMAP);
-        assert_eq!(VFIO_IRQ_SET_DATA_NONE, k::VFIO_IRQ_SET_DATA_NONE);
-        assert_eq!(VFIO_IRQ_SET_DATA_EVENTFD, k::VFIO_IRQ_SET_DATA_EVENTFD);
-        assert_eq!(VFIO_IRQ_SET_ACTION_TRIGGER, k::VFIO_IRQ_SET_ACTION_TRIGGER);
-        assert_eq!(VFIO_PCI_BAR0_REGION_INDEX, k::VFIO_PCI_BAR0_REGION_INDEX);
-        assert_eq!(VFIO_PCI_BAR2_REGION_INDEX, k::VFIO_PCI_BAR2_REGION_INDEX);
-        assert_eq!(
-            VFIO_PCI_CONFIG_REGION_INDEX,
-            k::VFIO_PCI_CONFIG_REGION_INDEX
-        );
-        assert_eq!(VFIO_PCI_MSIX_IRQ_INDEX, k::VFIO_PCI_MSIX_IRQ_INDEX);
-        assert_eq!(VFIO_TYPE, k::VFIO_TYPE);
-        assert_eq!(u32::from(VFIO_BASE), k::VFIO_BASE);
     }
 
     #[test]
@@ -449,5 +296,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(set_irqs(&null, &mut bad), Err(Errno::INVAL));
+    }
+
+    #[test]
+    fn mappable_follows_the_mmap_flag() {
+        let mut region = RegionInfo::default();
+        assert!(!is_mappable(&region));
+        region.flags = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_MMAP;
+        assert!(is_mappable(&region));
     }
 }

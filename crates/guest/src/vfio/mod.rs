@@ -197,10 +197,10 @@ impl VfioDevice {
         })?;
         let version =
             ioctl::get_api_version(container.as_fd()).map_err(ioctl_err("VFIO_GET_API_VERSION"))?;
-        if version != ioctl::VFIO_API_VERSION {
+        if u32::try_from(version).ok() != Some(ioctl::VFIO_API_VERSION) {
             return Err(VfioError::ApiVersion(version));
         }
-        let iommu_type = [ioctl::VFIO_TYPE1V2_IOMMU, ioctl::VFIO_TYPE1_IOMMU]
+        let iommu_type = [ioctl::VFIO_TYPE1v2_IOMMU, ioctl::VFIO_TYPE1_IOMMU]
             .into_iter()
             .find(|t| ioctl::check_extension(container.as_fd(), *t).unwrap_or(false))
             .ok_or(VfioError::NoType1Iommu)?;
