@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ivshm_mem::Mapping;
-use ivshm_vmm::ivshmem::{IvshmemDevice, LocalDoorbellBus, REG_DOORBELL};
-use ivshm_vmm::testvmm::asm::{Asm, Cond, Reg};
-use ivshm_vmm::testvmm::guest::{GuestOps, PROGRAM_BASE};
-use ivshm_vmm::testvmm::{
+use ivshm_testvmm::asm::{Asm, Cond, Reg};
+use ivshm_testvmm::guest::{GuestOps, PROGRAM_BASE};
+use ivshm_testvmm::{
     attach_ivshmem, ivshmem_guest_prologue, kvm_available, DoorbellPath, TestVm, IVSHMEM_BAR0,
     IVSHMEM_VECTOR_BASE,
 };
+use ivshm_vmm::ivshmem::{IvshmemDevice, LocalDoorbellBus, REG_DOORBELL};
 
 const SHM_SIZE: usize = 1 << 20;
 const START: u32 = 0x5747_0001;

@@ -20,7 +20,9 @@ use ivshm_client::{ConnectOptions, Peer};
 use ivshm_mem::Mapping;
 use ivshm_policy::VmPolicy;
 use ivshm_vmm::adapters::{GuestShmMmio, PciBarMmio};
-use ivshm_vmm::guest_shm::{GuestShmDevice, GuestShmMode, LocalRegionRegistry, RegionWindowMapper};
+use ivshm_vmm::guest_shm::{
+    GuestShmDevice, GuestShmMode, KvmRegionWindows, LocalRegionRegistry, RegionWindowMapper,
+};
 use ivshm_vmm::ivshmem::kvm::{dup_eventfd, KvmGsiRouter, KvmIoeventRegistry, KvmIrqfdInterrupts};
 use ivshm_vmm::ivshmem::link::ring_eventfd;
 use ivshm_vmm::ivshmem::{DoorbellLink, IvshmemDevice, LocalDoorbellBus, REG_IV_POSITION};
@@ -38,12 +40,12 @@ const BAR1: u64 = 0xc000_1000;
 const BAR2: u64 = 0xd000_0000;
 /// The guest_shm factory page (`loc`) and where region windows go.
 const GUEST_SHM_LOC: u64 = 0x1b00_0000;
-const GUEST_SHM_WINDOWS: u64 = 0xe000_0000;
+const GUEST_SHM_WINDOWS: std::ops::Range<u64> = 0xe000_0000..0xf000_0000;
 /// KVM memory slots: 0 is guest RAM in a real VMM.
 const BAR2_SLOT: u32 = 1;
 const FIRST_WINDOW_SLOT: u32 = 8;
 
-/// Maps (or unmaps, with `memory_size` 0) host memory into the guest.
+/// Maps host memory into the guest (BAR2 here; `KvmRegionWindows` maps `guest_shm` regions).
 fn set_slot(
     vm: &VmFd,
     slot: u32,
@@ -107,23 +109,18 @@ fn wire_ivshmem(
     Ok((dev, ioevents))
 }
 
-/// Places `guest_shm` region windows in KVM slots: control page unbacked (it traps to the
-/// device through the bus), data pages mapped behind it.
-struct KvmWindowMapper {
-    vm: Arc<VmFd>,
+/// Places `guest_shm` region windows with [`KvmRegionWindows`] (control page unbacked, data
+/// pages in a KVM slot) and registers each control page on the bus, where it traps to the
+/// device.
+struct BusWindowMapper {
+    windows: KvmRegionWindows,
     io: Arc<Mutex<IoManager>>,
     device: Arc<Mutex<Option<GuestShmMmio>>>,
-    next_addr: u64,
-    next_slot: u32,
-    windows: Vec<(u64, u32, Arc<Mapping>)>,
 }
 
-impl RegionWindowMapper for KvmWindowMapper {
+impl RegionWindowMapper for BusWindowMapper {
     fn map_region(&mut self, memory: &Arc<Mapping>, pages: u32) -> Result<u64, String> {
-        let control = self.next_addr;
-        let data_len = u64::from(pages) * 4096;
-        set_slot(&self.vm, self.next_slot, control + 4096, memory, data_len)
-            .map_err(|e| e.to_string())?;
+        let control = self.windows.map_region(memory, pages)?;
         // The control page traps: register it on the bus for the device.
         let handler = self.device.lock().map_err(|e| e.to_string())?.take();
         if let Some(handler) = handler {
@@ -132,19 +129,11 @@ impl RegionWindowMapper for KvmWindowMapper {
             io.register_mmio(range, Arc::new(handler))
                 .map_err(|e| e.to_string())?;
         }
-        self.windows.push((control, self.next_slot, memory.clone()));
-        self.next_addr += data_len + 4096;
-        self.next_slot += 1;
         Ok(control)
     }
 
     fn unmap_region(&mut self, control_addr: u64) {
-        if let Some(i) = self.windows.iter().position(|w| w.0 == control_addr) {
-            let (addr, slot, memory) = self.windows.remove(i);
-            if let Err(e) = set_slot(&self.vm, slot, addr + 4096, &memory, 0) {
-                eprintln!("unmapping guest_shm window at {addr:#x}: {e}");
-            }
-        }
+        self.windows.unmap_region(control_addr);
     }
 }
 
@@ -229,13 +218,10 @@ fn main() -> Result<(), Error> {
     let registry = LocalRegionRegistry::new(256); // or ServerFactory::new(<vm>/factory.sock, ..)
     let io = Arc::new(Mutex::new(io));
     let handler_slot = Arc::new(Mutex::new(None));
-    let mapper = KvmWindowMapper {
-        vm: vm.clone(),
+    let mapper = BusWindowMapper {
+        windows: KvmRegionWindows::new(vm.clone(), GUEST_SHM_WINDOWS, FIRST_WINDOW_SLOT),
         io: io.clone(),
         device: handler_slot.clone(),
-        next_addr: GUEST_SHM_WINDOWS,
-        next_slot: FIRST_WINDOW_SLOT,
-        windows: Vec::new(),
     };
     let line = intr.unwrap_or(5);
     let gs = GuestShmDevice::new(

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use ivshm_policy::{GuestShmStatus, VmPolicy};
 use ivshm_server::{config_file, ServerHandle};
+use ivshm_testvmm::asm::{Asm, Cond, Reg};
+use ivshm_testvmm::guest::{GuestOps, PROGRAM_BASE};
+use ivshm_testvmm::{attach_guest_shm, attach_guest_shm_on_ioapic_pin, kvm_or_skip, TestVm};
 use ivshm_vmm::guest_shm::{Factory, GuestShmMode, LocalRegionRegistry, ServerFactory};
-use ivshm_vmm::testvmm::asm::{Asm, Cond, Reg};
-use ivshm_vmm::testvmm::guest::{GuestOps, PROGRAM_BASE};
-use ivshm_vmm::testvmm::{attach_guest_shm, attach_guest_shm_on_ioapic_pin, kvm_or_skip, TestVm};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 const RAM: usize = 2 << 20;

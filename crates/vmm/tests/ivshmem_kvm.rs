@@ -9,14 +9,15 @@ use std::time::Duration;
 use ivshm_client::{ConnectOptions, Peer};
 use ivshm_mem::Mapping;
 use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
-use ivshm_vmm::ivshmem::{DoorbellLink, IvshmemDevice, LocalDoorbellBus, PeerChange, REG_DOORBELL};
-use ivshm_vmm::pci::PciDevice;
-use ivshm_vmm::testvmm::asm::{Asm, Reg};
-use ivshm_vmm::testvmm::guest::{GuestOps, INTR_COUNTERS, PROGRAM_BASE};
-use ivshm_vmm::testvmm::{
+use ivshm_testvmm::asm::{Asm, Reg};
+use ivshm_testvmm::guest::{GuestOps, INTR_COUNTERS, PROGRAM_BASE};
+use ivshm_testvmm::{
     attach_ivshmem, ivshmem_guest_prologue, kvm_or_skip, DoorbellPath, TestVm, IVSHMEM_BAR0,
     IVSHMEM_VECTOR_BASE,
 };
+use ivshm_vmm::ivshmem::kvm::{KvmGsiRouter, FIRST_MSI_GSI};
+use ivshm_vmm::ivshmem::{DoorbellLink, IvshmemDevice, LocalDoorbellBus, PeerChange, REG_DOORBELL};
+use ivshm_vmm::pci::{MsixMessage, PciDevice};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 const SHM_SIZE: usize = 1 << 20;
@@ -200,7 +201,7 @@ fn msix_masking_and_bar0_relocation_on_kvm_path() {
     }
     const NEW_BAR0: u32 = 0xc000_2000;
     const NEW_BAR2: u32 = 0xd800_0000;
-    const VAR_BAR1: u32 = ivshm_vmm::testvmm::guest::VARS + 4;
+    const VAR_BAR1: u32 = ivshm_testvmm::guest::VARS + 4;
     let counter = INTR_COUNTERS + 4 * u32::from(IVSHMEM_VECTOR_BASE);
     let mut a = Asm::new(PROGRAM_BASE);
     ivshmem_guest_prologue(&mut a, 1);
@@ -541,4 +542,28 @@ fn three_vectors_each_reach_their_own_handler_via_register_callbacks() {
         return;
     }
     three_vector_flow(DoorbellPath::Trapped);
+}
+
+/// The GSI router hands out GSIs from FIRST_MSI_GSI, reuses released ones, and KVM accepts
+/// the routing table it builds.
+#[test]
+fn gsis_are_released_and_reused_and_kvm_takes_the_table() {
+    if !kvm_or_skip("gsis_are_released_and_reused_and_kvm_takes_the_table") {
+        return;
+    }
+    let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+    vm.create_irq_chip().unwrap();
+    let router = KvmGsiRouter::new(vm);
+    let a = router.allocate_gsi().unwrap();
+    let b = router.allocate_gsi().unwrap();
+    assert_eq!((a, b), (FIRST_MSI_GSI, FIRST_MSI_GSI + 1));
+    let msg = MsixMessage {
+        addr: 0xfee0_0000,
+        data: 0x41,
+    };
+    router.set_route(a, Some(msg)).unwrap();
+    router.set_route(b, Some(msg)).unwrap();
+    router.release_gsi(a).unwrap();
+    assert_eq!(router.allocate_gsi().unwrap(), a, "released GSI reused");
+    assert_eq!(router.allocate_gsi().unwrap(), FIRST_MSI_GSI + 2);
 }

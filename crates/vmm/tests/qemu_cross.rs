@@ -16,13 +16,13 @@ use ivshm_e2e::guest_tool::{
 };
 use ivshm_e2e::{require_e2e, ScratchDir};
 use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
-use ivshm_vmm::ivshmem::{IvshmemDevice, REG_DOORBELL};
-use ivshm_vmm::testvmm::asm::{Asm, Cond, Reg};
-use ivshm_vmm::testvmm::guest::{GuestOps, PROGRAM_BASE};
-use ivshm_vmm::testvmm::{
+use ivshm_testvmm::asm::{Asm, Cond, Reg};
+use ivshm_testvmm::guest::{GuestOps, PROGRAM_BASE};
+use ivshm_testvmm::{
     attach_ivshmem, ivshmem_guest_prologue, kvm_or_skip, DoorbellPath, TestVm, IVSHMEM_BAR0,
     IVSHMEM_VECTOR_BASE,
 };
+use ivshm_vmm::ivshmem::{IvshmemDevice, REG_DOORBELL};
 
 const BOOT: Duration = Duration::from_secs(300);
 const STEP: Duration = Duration::from_secs(90);

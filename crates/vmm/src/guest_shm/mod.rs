@@ -21,7 +21,8 @@
 //! the `loc` address, interrupt `intr`), see [`GuestShmDevice`].
 //!
 //! Factories: [`LocalFactory`] (in-process registry) and [`ServerFactory`] (the server's
-//! factory protocol, regions joined as v0 peers; see its module for the mapping).
+//! factory protocol, regions joined as v0 peers; see its module for the mapping). A KVM VMM
+//! places regions in guest memory with [`KvmRegionWindows`].
 //!
 //! # How QNX semantics map onto regions
 //!
@@ -43,10 +44,12 @@
 //! explicit own bit in `notify` signals oneself (here: it does; only `~0` excludes the caller).
 
 mod device;
+mod kvm;
 mod local;
 mod server;
 
 pub use device::{GuestShmDevice, GuestShmError, GuestShmMode, RegionWindowMapper};
+pub use kvm::KvmRegionWindows;
 pub use local::{LocalFactory, LocalRegionRegistry};
 pub use server::ServerFactory;
 

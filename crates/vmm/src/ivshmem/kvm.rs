@@ -524,28 +524,6 @@ mod tests {
     }
 
     #[test]
-    fn gsis_are_released_and_reused_and_kvm_takes_the_table() {
-        if !crate::testvmm::kvm_or_skip("gsis_are_released_and_reused_and_kvm_takes_the_table") {
-            return;
-        }
-        let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
-        vm.create_irq_chip().unwrap();
-        let router = KvmGsiRouter::new(vm);
-        let a = router.allocate_gsi().unwrap();
-        let b = router.allocate_gsi().unwrap();
-        assert_eq!((a, b), (FIRST_MSI_GSI, FIRST_MSI_GSI + 1));
-        let msg = MsixMessage {
-            addr: 0xfee0_0000,
-            data: 0x41,
-        };
-        router.set_route(a, Some(msg)).unwrap();
-        router.set_route(b, Some(msg)).unwrap();
-        router.release_gsi(a).unwrap();
-        assert_eq!(router.allocate_gsi().unwrap(), a, "released GSI reused");
-        assert_eq!(router.allocate_gsi().unwrap(), FIRST_MSI_GSI + 2);
-    }
-
-    #[test]
     fn same_open_file_tells_eventfds_apart() {
         let a = new_eventfd();
         let b = new_eventfd();

@@ -8,13 +8,13 @@ use std::thread::JoinHandle;
 use ivshm_mem::Mapping;
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
 
-use crate::ivshmem::kvm::{KvmIrqfdInterrupts, KvmMsiInjector};
-use crate::ivshmem::link::{drain_eventfd, ring_eventfd};
-use crate::ivshmem::IvshmemDevice;
-use crate::testvmm::asm::{Asm, Cond, Reg};
-use crate::testvmm::guest::{GuestOps, MSI_ADDRESS, VARS};
-use crate::testvmm::platform::SharedPciDevice;
-use crate::testvmm::vm::{TestVm, VmmError};
+use crate::asm::{Asm, Cond, Reg};
+use crate::guest::{GuestOps, MSI_ADDRESS, VARS};
+use crate::platform::SharedPciDevice;
+use crate::vm::{TestVm, VmmError};
+use ivshm_vmm::ivshmem::kvm::{KvmIrqfdInterrupts, KvmMsiInjector};
+use ivshm_vmm::ivshmem::link::{drain_eventfd, ring_eventfd};
+use ivshm_vmm::ivshmem::IvshmemDevice;
 
 /// Where the test VMM puts BAR0 (registers).
 pub const IVSHMEM_BAR0: u64 = 0xc000_0000;

@@ -24,7 +24,7 @@
 //! handler thus returns with interrupts disabled; test programs enable interrupts only in
 //! their `sti; hlt` waits ([`GuestOps::wait_interrupts`]), which re-enable them anyway.
 
-use crate::testvmm::asm::{Asm, AsmError, Cond, Reg};
+use crate::asm::{Asm, AsmError, Cond, Reg};
 
 /// GDT address.
 pub const GDT_BASE: u32 = 0x500;

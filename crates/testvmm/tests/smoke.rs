@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use ivshm_vmm::testvmm::asm::{Asm, Reg};
-use ivshm_vmm::testvmm::guest::{GuestOps, INTR_COUNTERS, PROGRAM_BASE};
-use ivshm_vmm::testvmm::{kvm_or_skip, TestVm};
+use ivshm_testvmm::asm::{Asm, Reg};
+use ivshm_testvmm::guest::{GuestOps, INTR_COUNTERS, PROGRAM_BASE};
+use ivshm_testvmm::{kvm_or_skip, TestVm};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 

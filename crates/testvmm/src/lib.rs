@@ -1,4 +1,5 @@
-//! A small VMM on KVM for tests (test support, not a product).
+//! `ivshm-testvmm`: a small VMM on KVM for `ivshm-vmm`'s tests, benchmarks and examples (test
+//! support, not a product; a dev-dependency only, never published).
 //!
 //! Each [`TestVm`] is a KVM VM with an in-kernel irqchip, memfd-backed RAM at guest
 //! address 0 and one vCPU on its own thread, started directly in flat 32-bit protected

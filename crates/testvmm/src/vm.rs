@@ -14,13 +14,13 @@ use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRI
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::ivshmem::kvm::KvmGsiRouter;
-use crate::testvmm::asm::AsmError;
-use crate::testvmm::guest::{
+use crate::asm::AsmError;
+use crate::guest::{
     boot_image, CODE_SELECTOR, DATA_SELECTOR, GDT_BASE, IDT_BASE, PORT_EXIT, PORT_REPORT,
     PROGRAM_BASE, STACK_TOP,
 };
-use crate::testvmm::platform::{PciPlatform, PlatformError, SharedPciDevice};
+use crate::platform::{PciPlatform, PlatformError, SharedPciDevice};
+use ivshm_vmm::ivshmem::kvm::KvmGsiRouter;
 
 /// Errors from the test VMM.
 #[derive(Debug, thiserror::Error)]
@@ -321,7 +321,7 @@ impl TestVm {
     /// Adds a handler for MMIO outside PCI BARs.
     pub fn add_mmio_handler(
         &self,
-        handler: crate::testvmm::platform::SharedMmioHandler,
+        handler: crate::platform::SharedMmioHandler,
     ) -> Result<(), VmmError> {
         self.platform
             .lock()

@@ -10,9 +10,9 @@ use ivshm_mem::Mapping;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 
-use crate::ivshmem::kvm::{KvmIoeventRegistry, KvmWiringError};
-use crate::pci::{BarKind, BarRelocation, PciBar, PciDevice};
-use crate::testvmm::guest::{PCI_CONFIG_ADDRESS, PCI_CONFIG_DATA};
+use crate::guest::{PCI_CONFIG_ADDRESS, PCI_CONFIG_DATA};
+use ivshm_vmm::ivshmem::kvm::{KvmIoeventRegistry, KvmWiringError};
+use ivshm_vmm::pci::{BarKind, BarRelocation, PciBar, PciDevice};
 
 /// A device shared between the vCPU thread and the test.
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
@@ -25,13 +25,13 @@ pub trait MmioHandler: Send {
     fn mmio_write(&mut self, addr: u64, data: &[u8]) -> bool;
 }
 
-impl MmioHandler for crate::guest_shm::GuestShmDevice {
+impl MmioHandler for ivshm_vmm::guest_shm::GuestShmDevice {
     fn mmio_read(&mut self, addr: u64, data: &mut [u8]) -> bool {
-        crate::guest_shm::GuestShmDevice::mmio_read(self, addr, data)
+        ivshm_vmm::guest_shm::GuestShmDevice::mmio_read(self, addr, data)
     }
 
     fn mmio_write(&mut self, addr: u64, data: &[u8]) -> bool {
-        crate::guest_shm::GuestShmDevice::mmio_write(self, addr, data)
+        ivshm_vmm::guest_shm::GuestShmDevice::mmio_write(self, addr, data)
     }
 }
 
