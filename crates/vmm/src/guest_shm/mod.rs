@@ -22,7 +22,7 @@
 //!
 //! Factories: [`LocalFactory`] (in-process registry) and [`ServerFactory`] (the server's
 //! factory protocol, regions joined as v0 peers; see its module for the mapping). A KVM VMM
-//! places regions in guest memory with [`KvmRegionWindows`].
+//! places regions in guest memory with `KvmRegionWindows` (feature `kvm`).
 //!
 //! # How QNX semantics map onto regions
 //!
@@ -44,11 +44,13 @@
 //! explicit own bit in `notify` signals oneself (here: it does; only `~0` excludes the caller).
 
 mod device;
+#[cfg(feature = "kvm")]
 mod kvm;
 mod local;
 mod server;
 
 pub use device::{GuestShmDevice, GuestShmError, GuestShmMode, RegionWindowMapper};
+#[cfg(feature = "kvm")]
 pub use kvm::KvmRegionWindows;
 pub use local::{LocalFactory, LocalRegionRegistry};
 pub use server::ServerFactory;

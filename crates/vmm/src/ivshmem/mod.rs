@@ -23,6 +23,7 @@
 
 mod client_link;
 mod device;
+#[cfg(feature = "kvm")]
 pub mod kvm;
 pub mod link;
 
