@@ -1,14 +1,12 @@
 //! `ivshm`: the main command-line program.
 //!
-//! Each group of subcommands lives in its own module under `cmd/`, which owns its clap
-//! argument types and its `run` function; this file only dispatches.
-
-mod cmd;
-mod logging;
+//! Each group of subcommands lives in its own module of the crate's library (`ivshm_cli::cmd`),
+//! which owns its clap argument types and its `run` function; this file only dispatches.
 
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use ivshm_cli::{cmd, logging};
 
 #[derive(Parser, Debug)]
 #[command(

@@ -12,5 +12,5 @@ pub mod size;
 pub use backend::{BackendError, BackendKind, SharedMemory};
 pub use mapping::{MapError, Mapping, OutOfBounds, SharedView};
 pub use size::{
-    apply_pow2_policy, format_size, parse_size, unit_shift, Pow2Error, Pow2Policy, SizeError,
+    apply_pow2_policy, format_size, parse_size, unit_shift, Pow2Error, Pow2Policy, Size, SizeError,
 };

@@ -1,8 +1,17 @@
-//! Sizes as users write them: `4194304`, `0x400000`, `4M`, `4MiB`, `4mb`, `1G`, `2T`.
+//! Sizes as users write them: `4194304`, `0x400000`, `0d983040`, `4M`, `4MiB`, `4mb`, `1G`.
 //!
-//! Like QEMU's `-l` option (`qemu_strtosz`), suffixes are powers of 1024 and case-insensitive:
-//! `K`, `M`, `G`, `T`, `P`, `E`, each optionally followed by `B` or `iB`; a lone `B` means bytes.
-//! Numbers are decimal or `0x` hexadecimal; the result is checked for overflow of `u64`.
+//! The one size grammar of every `ivshm` flag and configuration-file field ([`parse_size`],
+//! and [`Size`] for serde):
+//!
+//! - white space around the text is ignored;
+//! - a number: decimal digits, `0x`/`0X` and hexadecimal digits, or `0d`/`0D` and decimal
+//!   digits (the QNX notation for decimal); no sign, no fraction, no space inside;
+//! - then optionally a unit, in any case: `K`, `M`, `G`, `T`, `P` or `E` (powers of 1024, like
+//!   QEMU's `-l`), each optionally followed by `B` or `iB`; or `B` alone (bytes). After a
+//!   hexadecimal number `B` and `E` are hex digits, so `0x1E` is 30 bytes;
+//! - the result must fit in 64 bits.
+//!
+//! In a configuration file a size may also be a non-negative TOML integer.
 
 use thiserror::Error;
 
@@ -39,8 +48,12 @@ const UNITS: [(char, u32); 6] = [
     ('e', 60),
 ];
 
-/// Parses a size in bytes: plain decimal, `0x` hex, optional K/M/G/T/P/E suffix (powers of 1024,
-/// case-insensitive, optionally followed by `B` or `iB`), or a trailing `B` alone.
+/// Parses a size in bytes in the grammar of the [module](self): decimal, `0x` hex or `0d`
+/// decimal, then an optional K/M/G/T/P/E unit (powers of 1024, any case, optionally followed by
+/// `B` or `iB`) or a `B` alone.
+///
+/// Its error is an [`Error`](std::error::Error), so it serves as a clap `value_parser`
+/// directly.
 pub fn parse_size(input: &str) -> Result<u64, SizeError> {
     let text = input.trim();
     if text.is_empty() {
@@ -53,10 +66,14 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
                 .unwrap_or(hex.len());
             (&hex[..end], 16, &hex[end..])
         } else {
-            let end = text
+            let decimal = text
+                .strip_prefix("0d")
+                .or_else(|| text.strip_prefix("0D"))
+                .unwrap_or(text);
+            let end = decimal
                 .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(text.len());
-            (&text[..end], 10, &text[end..])
+                .unwrap_or(decimal.len());
+            (&decimal[..end], 10, &decimal[end..])
         };
     if digits.is_empty() {
         return Err(SizeError::NoDigits(input.to_string()));
@@ -93,6 +110,43 @@ fn parse_suffix(suffix: &str) -> Option<u32> {
     match chars.as_str() {
         "" | "b" | "ib" => Some(shift),
         _ => None,
+    }
+}
+
+/// A size in a configuration file: a non-negative integer, or a string in [`parse_size`]'s
+/// grammar. The one way every size field of a file is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Size(pub u64);
+
+struct SizeVisitor;
+
+impl serde::de::Visitor<'_> for SizeVisitor {
+    type Value = Size;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "a size in bytes: a non-negative integer, or a string such as \"1M\", \"960K\" or \"0xf0000\"",
+        )
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, size: u64) -> Result<Size, E> {
+        Ok(Size(size))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, size: i64) -> Result<Size, E> {
+        u64::try_from(size)
+            .map(Size)
+            .map_err(|_| E::custom(format!("size {size} is negative")))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Size, E> {
+        parse_size(text).map(Size).map_err(E::custom)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(SizeVisitor)
     }
 }
 
@@ -195,6 +249,12 @@ mod tests {
     #[test]
     fn plain_and_hex() {
         assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size(" 42 "), Ok(42));
+        assert_eq!(parse_size("0d983040"), Ok(983040));
+        assert_eq!(parse_size("0D16K"), Ok(16 << 10));
+        assert_eq!(parse_size("0x1E"), Ok(30));
+        assert!(matches!(parse_size("0d"), Err(SizeError::NoDigits(_))));
+        assert!(matches!(parse_size("0dx1"), Err(SizeError::NoDigits(_))));
         assert_eq!(parse_size("4194304"), Ok(4 << 20));
         assert_eq!(parse_size("0x400000"), Ok(4 << 20));
         assert_eq!(parse_size("0X10"), Ok(16));
@@ -249,6 +309,27 @@ mod tests {
             parse_size("18446744073709551616"),
             Err(SizeError::Overflow(_))
         ));
+    }
+
+    #[test]
+    fn sizes_deserialize_from_integers_and_strings_in_the_one_grammar() {
+        use serde::de::value::{Error, I64Deserializer, StrDeserializer, U64Deserializer};
+        use serde::Deserialize;
+        let text = |t: &str| Size::deserialize(StrDeserializer::<Error>::new(t));
+        assert_eq!(text("1M").unwrap(), Size(1 << 20));
+        assert_eq!(text("0d983040").unwrap(), Size(983040));
+        assert_eq!(text("0xf0000").unwrap(), Size(0xf0000));
+        assert_eq!(text("4MiB").unwrap(), Size(4 << 20));
+        let err = text("lots").unwrap_err().to_string();
+        assert!(err.contains("invalid size \"lots\""), "{err}");
+        assert_eq!(
+            Size::deserialize(U64Deserializer::<Error>::new(65536)).unwrap(),
+            Size(65536)
+        );
+        let err = Size::deserialize(I64Deserializer::<Error>::new(-1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("negative"), "{err}");
     }
 
     #[test]

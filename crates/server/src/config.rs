@@ -17,6 +17,25 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 /// Default bound on notifications queued for a peer beyond its handshake.
 pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 16 * 1024;
 
+/// A text that is not an octal file mode.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{0:?} is not an octal file mode (octal digits, at most 7777, e.g. 0750 or 600)")]
+pub struct FileModeError(pub String);
+
+/// Parses a file mode written in octal, as flags and the configuration file take it: octal
+/// digits with an optional `0o` prefix (`600`, `0660`, `0o750`), at most `7777`. The one mode
+/// parser.
+pub fn parse_file_mode(text: &str) -> Result<u32, FileModeError> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    if digits.is_empty() || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return Err(FileModeError(text.to_string()));
+    }
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|mode| *mode <= 0o7777)
+        .ok_or_else(|| FileModeError(text.to_string()))
+}
+
 /// The whole server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -240,5 +259,32 @@ mod tests {
         let mut bad = ok;
         bad.regions.clear();
         assert_eq!(bad.validate(), Err(ConfigError::NoRegions));
+    }
+
+    #[test]
+    fn file_modes_are_octal_up_to_7777() {
+        assert_eq!(parse_file_mode("600"), Ok(0o600));
+        assert_eq!(parse_file_mode("0660"), Ok(0o660));
+        assert_eq!(parse_file_mode("0o750"), Ok(0o750));
+        assert_eq!(parse_file_mode("7777"), Ok(0o7777));
+        for bad in [
+            "", "0o", "10000", "0999", "+600", "-1", "0x1ff", "rw-", " 600",
+        ] {
+            let err = parse_file_mode(bad).unwrap_err().to_string();
+            assert!(err.contains("not an octal file mode"), "{bad:?}: {err}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_mode_written_in_octal_parses_back(mode in 0u32..=0o7777, prefix in proptest::bool::ANY) {
+            let text = if prefix { format!("0o{mode:o}") } else { format!("{mode:04o}") };
+            proptest::prop_assert_eq!(parse_file_mode(&text), Ok(mode));
+        }
+
+        #[test]
+        fn never_panics(text in ".{0,12}") {
+            let _ = parse_file_mode(&text);
+        }
     }
 }

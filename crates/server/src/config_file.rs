@@ -21,7 +21,7 @@
 //!
 //! [[region]]                           # pre-created, lives as long as the server
 //! name = "shared"
-//! size = "1M"                          # integer bytes or "0xf0000", "960K", "1M"
+//! size = "1M"                          # integer bytes or a string: ivshm_mem::parse_size
 //!
 //! [vm.vm0]                             # directory <root>/vm0/
 //! rules = ["allow mem*", "deny *"]     # the policy as TOML fields ...

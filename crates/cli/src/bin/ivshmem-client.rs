@@ -31,10 +31,7 @@ use ivshm_proto::fd_passing::{FdPassingError, MessageReader, Received};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::io::Errno;
 
-#[path = "dropin/mod.rs"]
-mod dropin;
-use dropin::getopt::Getopt;
-use dropin::strerror;
+use ivshm_cli::dropin::{self, getopt::Getopt, strerror};
 
 const DEFAULT_SOCKET: &str = "/tmp/ivshmem_socket";
 /// QEMU's client keeps at most this many vectors per peer (`IVSHMEM_CLIENT_MAX_VECTORS`).

@@ -39,12 +39,7 @@ use ivshm_server::{
 };
 use rustix::io::Errno;
 
-#[path = "dropin/mod.rs"]
-mod dropin;
-#[path = "dropin/qemu_numbers.rs"]
-mod qemu_numbers;
-use dropin::getopt::Getopt;
-use dropin::strerror;
+use ivshm_cli::dropin::{self, getopt::Getopt, qemu_numbers, strerror};
 
 const DEFAULT_PID_FILE: &str = "/var/run/ivshmem-server.pid";
 const DEFAULT_SOCKET: &str = "/tmp/ivshmem_socket";

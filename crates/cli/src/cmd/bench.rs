@@ -5,6 +5,8 @@
 //!   ping-pong between two threads, measured in alternating blocks of the same run.
 //! - `join`: N peers (4 vectors each) join an in-process server one after the other; reports
 //!   the total, the time per join and how the per-join time grows with N.
+//! - the doorbell-versus-polling ping-pong of `ivshm guest bench` ([`run_pingpong`]), in a
+//!   guest or, with `--socket`, as a host peer ([`pingpong_as_host_peer`]).
 
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
@@ -14,6 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use ivshm_client::{ConnectOptions, Event, Peer, PeerEvent};
+use ivshm_guest::doorbell::wait_eventfd;
+use ivshm_guest::pingpong::{self, PingPongConfig};
+use ivshm_guest::DoorbellError;
 use ivshm_proto::{MessageReader, Received};
 use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
@@ -569,4 +574,119 @@ mod tests {
         assert_eq!(s.median, Duration::from_micros(51));
         assert_eq!(s.p99, Duration::from_micros(99));
     }
+}
+
+/// The ping-pong of `ivshm guest bench`, wherever it runs.
+#[derive(Args, Debug)]
+pub struct PingPongArgs {
+    /// The other side's peer ID.
+    #[arg(long)]
+    peer: u16,
+    /// Answer a pinger instead of driving (start this side first).
+    #[arg(long)]
+    respond: bool,
+    /// Round trips per phase.
+    #[arg(long, default_value_t = 1000)]
+    count: u32,
+    /// Vector rung in both directions.
+    #[arg(long, default_value_t = 0)]
+    vector: u16,
+    /// Offset of the 16-byte control block in shared memory (both sides must agree).
+    #[arg(long, value_parser = crate::args::offset, default_value = "0")]
+    offset: usize,
+    /// Longest wait for one step, in seconds (the responder's first wait too).
+    #[arg(long, value_parser = crate::args::seconds, default_value = "60")]
+    timeout: Duration,
+}
+
+/// The ping-pong as a host peer of the server at `socket`: same protocol, the doorbells are
+/// the server's eventfds.
+pub fn pingpong_as_host_peer(a: &PingPongArgs, socket: &Path) -> anyhow::Result<()> {
+    let peer = Peer::connect(socket, ConnectOptions::default())
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    let mapping = peer.map()?;
+    let vectors = u16::try_from(peer.vectors()).unwrap_or(u16::MAX);
+    let doorbells = HostPeerDoorbells::new(&peer)?;
+    run_pingpong(a, peer.id(), vectors, mapping.view(), &doorbells)
+}
+
+/// Ping-pong doorbells of a host peer: ring through the target's eventfd, wait on our own.
+struct HostPeerDoorbells<'a>(&'a Peer);
+
+impl<'a> HostPeerDoorbells<'a> {
+    /// Makes the peer's own vector eventfds non-blocking, as waiting on them needs.
+    fn new(peer: &'a Peer) -> anyhow::Result<HostPeerDoorbells<'a>> {
+        for vector in 0..peer.vectors() {
+            if let Some(fd) = peer.own_vector_fd(vector) {
+                ivshm_client::doorbell::set_nonblocking(fd).with_context(|| {
+                    format!("making the eventfd of own vector {vector} non-blocking")
+                })?;
+            }
+        }
+        Ok(HostPeerDoorbells(peer))
+    }
+}
+
+impl pingpong::Doorbells for HostPeerDoorbells<'_> {
+    fn ring(&self, peer: u16, vector: u16) -> Result<(), DoorbellError> {
+        self.0
+            .notify(peer, usize::from(vector))
+            .map_err(|e| DoorbellError::Ring(e.to_string()))
+    }
+
+    fn wait_rung(&self, vector: u16, timeout: Duration) -> Result<u64, DoorbellError> {
+        let vectors = u16::try_from(self.0.vectors()).unwrap_or(u16::MAX);
+        let fd = self
+            .0
+            .own_vector_fd(usize::from(vector))
+            .ok_or(DoorbellError::VectorOutOfRange { vector, vectors })?;
+        wait_eventfd(fd, timeout)?.ok_or(DoorbellError::Timeout {
+            vector: Some(vector),
+            timeout,
+        })
+    }
+}
+
+/// Prints `self ...`, then runs the responder or the pinger and prints its report.
+pub fn run_pingpong(
+    a: &PingPongArgs,
+    id: u16,
+    vectors: u16,
+    memory: ivshm_guest::SharedView<'_>,
+    doorbells: &impl pingpong::Doorbells,
+) -> anyhow::Result<()> {
+    let config = PingPongConfig {
+        peer: a.peer,
+        vector: a.vector,
+        round_trips: a.count,
+        timeout: a.timeout,
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "self id={id} vectors={vectors} size={}", memory.len())?;
+    out.flush()?;
+    if a.respond {
+        let report = pingpong::run_responder(memory, a.offset, doorbells, &config)?;
+        writeln!(
+            out,
+            "responded doorbells={} polls={}",
+            report.doorbells, report.polls
+        )?;
+    } else {
+        let report = pingpong::run_pinger(memory, a.offset, doorbells, &config)?;
+        writeln!(
+            out,
+            "doorbell round_trips={} lost=0 mean_ns={}",
+            report.doorbell_round_trips,
+            report.doorbell_mean().as_nanos()
+        )?;
+        writeln!(
+            out,
+            "polling round_trips={} mean_ns={}",
+            report.polling_round_trips,
+            report.polling_mean().as_nanos()
+        )?;
+        writeln!(out, "ratio doorbell/polling={:.2}", report.ratio())?;
+    }
+    out.flush()?;
+    Ok(())
 }

@@ -62,7 +62,7 @@ pub struct CreateArgs {
     /// The region's host name.
     pub name: String,
     /// Size: bytes, 0x hex, or K/M/G/T suffixes.
-    #[arg(long, value_parser = parse_size_arg)]
+    #[arg(long, value_parser = ivshm_mem::parse_size)]
     pub size: u64,
     /// Vectors per peer (default: the server's).
     #[arg(long)]
@@ -84,10 +84,6 @@ pub struct RemoveArgs {
     pub control: ControlArgs,
     /// The region's host name.
     pub name: String,
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    ivshm_mem::parse_size(s).map_err(|e| e.to_string())
 }
 
 pub fn run(c: ControlCommand) -> anyhow::Result<()> {

@@ -3,15 +3,16 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use ivshm_guest::doorbell::{deadline_after, wait_eventfd};
-use ivshm_guest::pingpong::{self, PingPongConfig};
+use ivshm_guest::doorbell::deadline_after;
 use ivshm_guest::{
     find_devices, AccessMode, DeviceSelector, DoorbellError, FoundDevice, IvshmemDevice,
     OpenOptions, PollDoorbells, SystemPaths,
 };
 use std::io::Write;
 
+use super::bench::{self, PingPongArgs};
 use super::host::{hex_decode, hex_encode};
+use crate::args;
 use std::time::{Duration, Instant};
 
 /// Inside a Linux guest: list, inspect and use ivshmem devices.
@@ -86,7 +87,7 @@ pub struct NotifyArgs {
     vector: u16,
     /// Also increment the receiver's polling counter for this vector at this shared-memory
     /// offset (for a receiver in sysfs mode, see `wait --poll-offset`).
-    #[arg(long, value_parser = parse_offset)]
+    #[arg(long, value_parser = args::offset)]
     poll_offset: Option<usize>,
 }
 
@@ -102,11 +103,11 @@ pub struct WaitArgs {
     #[arg(long)]
     count: Option<u64>,
     /// Exit 1 with an error if the count was not reached within this many seconds.
-    #[arg(long, value_parser = parse_seconds)]
+    #[arg(long, value_parser = args::seconds)]
     timeout: Option<Duration>,
     /// sysfs mode: poll 32-bit counters at this shared-memory offset (4 bytes per vector)
     /// instead of waiting for interrupts; senders use `notify --poll-offset`.
-    #[arg(long, value_parser = parse_offset)]
+    #[arg(long, value_parser = args::offset)]
     poll_offset: Option<usize>,
 }
 
@@ -116,10 +117,10 @@ pub struct ReadArgs {
     #[command(flatten)]
     device: DeviceArgs,
     /// Offset in shared memory.
-    #[arg(long, value_parser = parse_offset)]
+    #[arg(long, value_parser = args::offset)]
     offset: usize,
     /// Bytes to read.
-    #[arg(long, value_parser = parse_offset)]
+    #[arg(long, value_parser = args::offset)]
     len: usize,
     /// Write the raw bytes instead of hex.
     #[arg(long)]
@@ -134,7 +135,7 @@ pub struct WriteArgs {
     #[command(flatten)]
     device: DeviceArgs,
     /// Offset in shared memory.
-    #[arg(long, value_parser = parse_offset)]
+    #[arg(long, value_parser = args::offset)]
     offset: usize,
 }
 
@@ -143,24 +144,8 @@ pub struct WriteArgs {
 pub struct BenchArgs {
     #[command(flatten)]
     device: DeviceArgs,
-    /// The other side's peer ID.
-    #[arg(long)]
-    peer: u16,
-    /// Answer a pinger instead of driving (start this side first).
-    #[arg(long)]
-    respond: bool,
-    /// Round trips per phase.
-    #[arg(long, default_value_t = 1000)]
-    count: u32,
-    /// Vector rung in both directions.
-    #[arg(long, default_value_t = 0)]
-    vector: u16,
-    /// Offset of the 16-byte control block in shared memory (both sides must agree).
-    #[arg(long, value_parser = parse_offset, default_value = "0")]
-    offset: usize,
-    /// Longest wait for one step, in seconds (the responder's first wait too).
-    #[arg(long, value_parser = parse_seconds, default_value = "60")]
-    timeout: Duration,
+    #[command(flatten)]
+    pingpong: PingPongArgs,
     /// Run on the host instead, as a v0 peer of the server at this socket (the guest↔host
     /// bench: e.g. `--socket S --respond --peer GUEST` here, `bench --peer HOST` in the guest).
     #[arg(long)]
@@ -169,19 +154,6 @@ pub struct BenchArgs {
 
 fn parse_mode(s: &str) -> Result<AccessMode, String> {
     s.parse()
-}
-
-fn parse_offset(s: &str) -> Result<usize, String> {
-    let value = ivshm_mem::parse_size(s).map_err(|e| e.to_string())?;
-    usize::try_from(value).map_err(|_| format!("{s} is too large"))
-}
-
-fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let seconds: f64 = s
-        .parse()
-        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
-    Duration::try_from_secs_f64(seconds)
-        .map_err(|_| format!("`{s}` is not a valid number of seconds"))
 }
 
 impl DeviceArgs {
@@ -487,13 +459,13 @@ fn write(a: &WriteArgs) -> anyhow::Result<()> {
 
 fn bench(a: &BenchArgs) -> anyhow::Result<()> {
     if let Some(socket) = &a.socket {
-        return bench_host_peer(a, socket);
+        return bench::pingpong_as_host_peer(&a.pingpong, socket);
     }
     let device = a.device.open()?;
     let result = (|| {
         device.check_can_wait()?;
-        run_bench(
-            a,
+        bench::run_pingpong(
+            &a.pingpong,
             device.id()?,
             device.vectors(),
             device.shared_memory(),
@@ -501,97 +473,6 @@ fn bench(a: &BenchArgs) -> anyhow::Result<()> {
         )
     })();
     a.device.close_after(device, result)
-}
-
-/// The bench as a host peer: same protocol, doorbells are the server's eventfds.
-fn bench_host_peer(a: &BenchArgs, socket: &std::path::Path) -> anyhow::Result<()> {
-    let peer = ivshm_client::Peer::connect(socket, ivshm_client::ConnectOptions::default())
-        .with_context(|| format!("connecting to {}", socket.display()))?;
-    let mapping = peer.map()?;
-    let vectors = u16::try_from(peer.vectors()).unwrap_or(u16::MAX);
-    let doorbells = HostPeerDoorbells::new(&peer)?;
-    run_bench(a, peer.id(), vectors, mapping.view(), &doorbells)
-}
-
-/// Ping-pong doorbells of a host peer: ring through the target's eventfd, wait on our own.
-struct HostPeerDoorbells<'a>(&'a ivshm_client::Peer);
-
-impl<'a> HostPeerDoorbells<'a> {
-    /// Makes the peer's own vector eventfds non-blocking, as waiting on them needs.
-    fn new(peer: &'a ivshm_client::Peer) -> anyhow::Result<HostPeerDoorbells<'a>> {
-        for vector in 0..peer.vectors() {
-            if let Some(fd) = peer.own_vector_fd(vector) {
-                ivshm_client::doorbell::set_nonblocking(fd).with_context(|| {
-                    format!("making the eventfd of own vector {vector} non-blocking")
-                })?;
-            }
-        }
-        Ok(HostPeerDoorbells(peer))
-    }
-}
-
-impl pingpong::Doorbells for HostPeerDoorbells<'_> {
-    fn ring(&self, peer: u16, vector: u16) -> Result<(), DoorbellError> {
-        self.0
-            .notify(peer, usize::from(vector))
-            .map_err(|e| DoorbellError::Ring(e.to_string()))
-    }
-
-    fn wait_rung(&self, vector: u16, timeout: Duration) -> Result<u64, DoorbellError> {
-        let vectors = u16::try_from(self.0.vectors()).unwrap_or(u16::MAX);
-        let fd = self
-            .0
-            .own_vector_fd(usize::from(vector))
-            .ok_or(DoorbellError::VectorOutOfRange { vector, vectors })?;
-        wait_eventfd(fd, timeout)?.ok_or(DoorbellError::Timeout {
-            vector: Some(vector),
-            timeout,
-        })
-    }
-}
-
-/// Prints `self ...`, then runs the responder or the pinger and prints its report.
-fn run_bench(
-    a: &BenchArgs,
-    id: u16,
-    vectors: u16,
-    memory: ivshm_guest::SharedView<'_>,
-    doorbells: &impl pingpong::Doorbells,
-) -> anyhow::Result<()> {
-    let config = PingPongConfig {
-        peer: a.peer,
-        vector: a.vector,
-        round_trips: a.count,
-        timeout: a.timeout,
-    };
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "self id={id} vectors={vectors} size={}", memory.len())?;
-    out.flush()?;
-    if a.respond {
-        let report = pingpong::run_responder(memory, a.offset, doorbells, &config)?;
-        writeln!(
-            out,
-            "responded doorbells={} polls={}",
-            report.doorbells, report.polls
-        )?;
-    } else {
-        let report = pingpong::run_pinger(memory, a.offset, doorbells, &config)?;
-        writeln!(
-            out,
-            "doorbell round_trips={} lost=0 mean_ns={}",
-            report.doorbell_round_trips,
-            report.doorbell_mean().as_nanos()
-        )?;
-        writeln!(
-            out,
-            "polling round_trips={} mean_ns={}",
-            report.polling_round_trips,
-            report.polling_mean().as_nanos()
-        )?;
-        writeln!(out, "ratio doorbell/polling={:.2}", report.ratio())?;
-    }
-    out.flush()?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -605,14 +486,5 @@ mod tests {
         let err = check_range(8, 9, 16).unwrap_err().to_string();
         assert!(err.contains("beyond the 16-byte shared memory"), "{err}");
         assert!(check_range(usize::MAX, 2, 16).is_err());
-    }
-
-    #[test]
-    fn parses_seconds_and_offsets() {
-        assert_eq!(parse_seconds("1.5").unwrap(), Duration::from_millis(1500));
-        assert!(parse_seconds("-1").is_err());
-        assert!(parse_seconds("soon").is_err());
-        assert_eq!(parse_offset("4K").unwrap(), 4096);
-        assert_eq!(parse_offset("0x10").unwrap(), 16);
     }
 }

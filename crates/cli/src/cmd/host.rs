@@ -104,10 +104,10 @@ pub struct ReadArgs {
     #[command(flatten)]
     socket: SocketArgs,
     /// Where to start (bytes; K/M/G suffixes and 0x hex accepted).
-    #[arg(long, value_name = "O", value_parser = size_arg)]
+    #[arg(long, value_name = "O", value_parser = parse_size)]
     offset: u64,
     /// How many bytes.
-    #[arg(long, value_name = "L", value_parser = size_arg)]
+    #[arg(long, value_name = "L", value_parser = parse_size)]
     len: u64,
     /// Write the raw bytes instead of hex.
     #[arg(long)]
@@ -120,15 +120,11 @@ pub struct WriteArgs {
     #[command(flatten)]
     socket: SocketArgs,
     /// Where to start (bytes; K/M/G suffixes and 0x hex accepted).
-    #[arg(long, value_name = "O", value_parser = size_arg)]
+    #[arg(long, value_name = "O", value_parser = parse_size)]
     offset: u64,
     /// Hex bytes (`deadbeef`) or `@FILE` for a file's contents.
     #[arg(value_name = "HEX|@FILE")]
     data: String,
-}
-
-fn size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
 }
 
 /// Runs one host command.

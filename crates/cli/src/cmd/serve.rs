@@ -57,7 +57,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = DEFAULT_SOCKET_PATH)]
     pub socket: PathBuf,
     /// Size of the shared region: bytes, 0x hex, or K/M/G/T suffixes (powers of 1024).
-    #[arg(long, default_value = "4M", value_parser = parse_size_arg)]
+    #[arg(long, default_value = "4M", value_parser = ivshm_mem::parse_size)]
     pub size: u64,
     /// Interrupt vectors (eventfds) per peer, 1..=64.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -75,7 +75,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub keep_shm: bool,
     /// File mode of the socket, in octal.
-    #[arg(long, default_value = "600", value_parser = parse_octal_mode)]
+    #[arg(long, default_value = "600", value_parser = ivshm_server::config::parse_file_mode)]
     pub socket_mode: u32,
     /// Group of the socket: a numeric gid or a name from /etc/group.
     #[arg(long)]
@@ -86,18 +86,6 @@ pub struct ServeArgs {
     /// QEMU needs a power-of-two BAR: round-up, refuse, or off.
     #[arg(long, value_enum, default_value_t = Pow2Choice::RoundUp)]
     pub pow2: Pow2Choice,
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    ivshm_mem::parse_size(s).map_err(|e| e.to_string())
-}
-
-fn parse_octal_mode(s: &str) -> Result<u32, String> {
-    let digits = s.strip_prefix("0o").unwrap_or(s);
-    u32::from_str_radix(digits, 8)
-        .ok()
-        .filter(|m| *m <= 0o7777)
-        .ok_or_else(|| format!("{s:?} is not an octal file mode (e.g. 600 or 0660)"))
 }
 
 impl ServeArgs {

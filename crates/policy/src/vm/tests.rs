@@ -264,7 +264,7 @@ fn toml_errors() {
     assert!(err("create = [{ name = \"a\", size = 1, color = 2 }]").contains("unknown field"));
     assert!(err("rules = [\"allow a b\"]").contains("cannot appear"));
     assert!(err("create = [{ name = \"../x\", size = 1 }]").contains("starts with '.'"));
-    assert!(err("create = [{ name = \"x\", size = \"lots\" }]").contains("not a number"));
+    assert!(err("create = [{ name = \"x\", size = \"lots\" }]").contains("invalid size \"lots\""));
     assert!(err("create = [{ name = \"x\", size = 0 }]").contains("size 0"));
     assert!(err("create = [{ name = \"x\", size = -1 }]").contains("negative"));
     assert!(err("create = [{ name = \"x\", size = 1.5 }]").contains("a size in bytes"));

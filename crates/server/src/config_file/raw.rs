@@ -9,6 +9,7 @@ use ivshm_mem::Pow2Policy;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::config::parse_file_mode;
 use crate::ids::IdPolicy;
 
 #[derive(Debug, Deserialize)]
@@ -124,13 +125,7 @@ impl serde::de::Visitor<'_> for ModeVisitor {
     }
 
     fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<RawMode, E> {
-        let digits = text.strip_prefix("0o").unwrap_or(text);
-        let mode = u32::from_str_radix(digits, 8).map_err(|_| {
-            E::custom(format!(
-                "{text:?} is not an octal file mode (write it like \"0750\")"
-            ))
-        })?;
-        self.visit_i64(i64::from(mode))
+        parse_file_mode(text).map(RawMode).map_err(E::custom)
     }
 }
 
@@ -140,43 +135,8 @@ impl<'de> Deserialize<'de> for RawMode {
     }
 }
 
-/// A size: integer bytes or a string such as `"1M"`, `"960K"`, `"0xf0000"`.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct RawSize(pub(super) u64);
-
-struct SizeVisitor;
-
-impl serde::de::Visitor<'_> for SizeVisitor {
-    type Value = RawSize;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(
-            "a size in bytes: an integer, or a string such as \"1M\", \"960K\" or \"0xf0000\"",
-        )
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, size: i64) -> Result<RawSize, E> {
-        u64::try_from(size)
-            .map(RawSize)
-            .map_err(|_| E::custom(format!("size {size} is negative")))
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, size: u64) -> Result<RawSize, E> {
-        Ok(RawSize(size))
-    }
-
-    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<RawSize, E> {
-        ivshm_mem::parse_size(text)
-            .map(RawSize)
-            .map_err(|e| E::custom(format!("size {text:?}: {e}")))
-    }
-}
-
-impl<'de> Deserialize<'de> for RawSize {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(SizeVisitor)
-    }
-}
+/// A size: integer bytes or a string in the one size grammar ([`ivshm_mem::Size`]).
+pub(super) type RawSize = ivshm_mem::Size;
 
 /// `pow2 = "round-up" | "refuse" | "off"`.
 #[derive(Debug, Clone, Copy)]

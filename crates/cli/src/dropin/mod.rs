@@ -2,13 +2,11 @@
 //! command-line handling, the C library's error texts, and their logging set-up.
 
 pub mod getopt;
-
-#[path = "../../logging.rs"]
-mod logging;
+pub mod qemu_numbers;
 
 /// Installs the `tracing` subscriber on stderr: `RUST_LOG` if set, else `default_level`.
 pub fn init_logging(default_level: &str) {
-    logging::init(default_level);
+    crate::logging::init(default_level);
 }
 
 /// The C library's text for `errno` (`strerror`), as QEMU's programs print it: `No such file

@@ -1,0 +1,10 @@
+//! The code of the `ivshm`, `ivshmem-server` and `ivshmem-client` programs, as one library
+//! the three binaries link: [`cmd`] (the `ivshm` subcommands), [`args`] (value parsers their
+//! flags share), [`dropin`] (what the QEMU drop-ins share) and [`logging`] (one `tracing`
+//! set-up for all three). It is not a public
+//! API: the crate is not published, and its items serve the binaries and their tests.
+
+pub mod args;
+pub mod cmd;
+pub mod dropin;
+pub mod logging;
