@@ -10,156 +10,45 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::channel;
 use std::time::Duration;
 
-/// A fake `/sys` in a temporary directory, removed on drop.
-struct FakeSysfs {
-    root: PathBuf,
-}
+use ivshm_test_support::sysfs::{doorbell_resource, FakeFunction, FakeSysfs};
 
-/// BAR0 256 B, BAR1 4 KiB (MSI-X), BAR2 64 KiB: the resource file of an ivshmem-doorbell.
-const DOORBELL_RESOURCE: &str = "\
-0x00000000fea00000 0x00000000fea000ff 0x0000000000040200
-0x00000000fea01000 0x00000000fea01fff 0x0000000000040200
-0x0000000200000000 0x000000020000ffff 0x000000000014220c
-";
-/// BAR0 256 B, no BAR1, BAR2 1 MiB: ivshmem-plain.
-const PLAIN_RESOURCE: &str = "\
-0x00000000fea00000 0x00000000fea000ff 0x0000000000040200
-0x0000000000000000 0x0000000000000000 0x0000000000000000
-0x0000000200000000 0x00000002000fffff 0x000000000014220c
-";
+/// BAR2 of the fake devices: the size in their `resource` file and of their `resource2` file.
 const SHARED_SIZE: usize = 64 << 10;
-/// IVPosition of the fake doorbell device.
+/// IVPosition of the fake devices (in their `resource0` file).
 const OWN_ID: u32 = 7;
 
-/// One PCI function of the fake tree.
-struct Function<'a> {
-    address: &'a str,
-    vendor: u16,
-    device: u16,
-    resource: &'a str,
-    msix_vectors: u16,
-    driver: Option<&'a str>,
-    iommu_group: Option<u32>,
-}
-
-impl<'a> Function<'a> {
-    fn doorbell(address: &'a str) -> Function<'a> {
-        Function {
-            address,
-            vendor: 0x1af4,
-            device: 0x1110,
-            resource: DOORBELL_RESOURCE,
-            msix_vectors: 4,
-            driver: None,
-            iommu_group: None,
-        }
-    }
-
-    fn other(address: &'a str, vendor: u16, device: u16) -> Function<'a> {
-        Function {
-            vendor,
-            device,
-            resource: PLAIN_RESOURCE,
-            msix_vectors: 0,
-            ..Function::doorbell(address)
-        }
+/// An ivshmem-doorbell with 4 vectors and a [`SHARED_SIZE`] BAR2.
+fn doorbell(address: &str) -> FakeFunction<'_> {
+    FakeFunction {
+        resource: doorbell_resource(SHARED_SIZE as u64),
+        ..FakeFunction::doorbell(address)
     }
 }
 
-/// Config space with an MSI-X capability of `vectors` entries at 0x40 (none for 0).
-fn config_space(vendor: u16, device: u16, vectors: u16) -> Vec<u8> {
-    let mut c = vec![0u8; 256];
-    c[0..2].copy_from_slice(&vendor.to_le_bytes());
-    c[2..4].copy_from_slice(&device.to_le_bytes());
-    c[8] = 1;
-    if vectors > 0 {
-        c[6] = 0x10;
-        c[0x34] = 0x40;
-        c[0x40] = 0x11;
-        c[0x42..0x44].copy_from_slice(&(vectors - 1).to_le_bytes());
-        c[0x44..0x48].copy_from_slice(&1u32.to_le_bytes());
-        c[0x48..0x4c].copy_from_slice(&0x801u32.to_le_bytes());
-    }
-    c
-}
-
-impl FakeSysfs {
-    /// An empty tree with `bus/pci/devices` (and `drivers_probe`).
-    fn new() -> FakeSysfs {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let root = std::env::temp_dir().join(format!(
-            "ivshm-cli-guest-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(root.join("bus/pci/devices")).unwrap();
-        std::fs::write(root.join("bus/pci/drivers_probe"), "").unwrap();
-        FakeSysfs { root }
-    }
-
-    fn device_dir(&self, address: &str) -> PathBuf {
-        self.root.join("bus/pci/devices").join(address)
-    }
-
-    /// Registers a driver (its directory with `bind`/`unbind`), as loading its module does.
-    fn load_driver(&self, driver: &str) -> PathBuf {
-        let dir = self.root.join("bus/pci/drivers").join(driver);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("bind"), "").unwrap();
-        std::fs::write(dir.join("unbind"), "").unwrap();
-        dir
-    }
-
-    /// Adds a function with the files discovery reads, and regular files for BAR0 (IVPosition
-    /// = [`OWN_ID`]) and BAR2 ([`SHARED_SIZE`] zero bytes).
-    fn add(&self, f: &Function<'_>) -> PathBuf {
-        let dir = self.device_dir(f.address);
-        std::fs::create_dir_all(&dir).unwrap();
-        let write = |name: &str, text: String| std::fs::write(dir.join(name), text).unwrap();
-        write("vendor", format!("0x{:04x}\n", f.vendor));
-        write("device", format!("0x{:04x}\n", f.device));
-        write("class", "0x050000\n".into());
-        write("revision", "0x01\n".into());
-        write("subsystem_vendor", "0x1af4\n".into());
-        write("subsystem_device", "0x1100\n".into());
-        write("resource", f.resource.into());
-        write("enable", "0\n".into());
-        write("driver_override", "(null)\n".into());
-        std::fs::write(
-            dir.join("config"),
-            config_space(f.vendor, f.device, f.msix_vectors),
-        )
-        .unwrap();
-        let mut registers = vec![0u8; 256];
-        registers[8..12].copy_from_slice(&OWN_ID.to_le_bytes());
-        std::fs::write(dir.join("resource0"), registers).unwrap();
-        std::fs::write(dir.join("resource2"), vec![0u8; SHARED_SIZE]).unwrap();
-        if let Some(driver) = f.driver {
-            let driver_dir = self.load_driver(driver);
-            std::os::unix::fs::symlink(driver_dir, dir.join("driver")).unwrap();
-        }
-        if let Some(group) = f.iommu_group {
-            let group_dir = self
-                .root
-                .join("kernel/iommu_groups")
-                .join(group.to_string());
-            std::fs::create_dir_all(&group_dir).unwrap();
-            std::os::unix::fs::symlink(group_dir, dir.join("iommu_group")).unwrap();
-        }
-        dir
-    }
-
+/// The built `ivshm guest` commands against a fake tree.
+trait GuestCommands {
+    /// Adds a function with regular files for BAR0 (IVPosition = [`OWN_ID`]) and BAR2
+    /// ([`SHARED_SIZE`] zero bytes).
+    fn add_device(&self, f: &FakeFunction<'_>) -> PathBuf;
     /// `ivshm guest <subcommand> --sysfs <root> <args...>`.
+    fn command(&self, subcommand: &str, args: &[&str]) -> Command;
+    /// Runs [`command`](Self::command) to its end.
+    fn run(&self, subcommand: &str, args: &[&str]) -> Output;
+}
+
+impl GuestCommands for FakeSysfs {
+    fn add_device(&self, f: &FakeFunction<'_>) -> PathBuf {
+        self.add_with_bar_files(f, OWN_ID, SHARED_SIZE)
+    }
+
     fn command(&self, subcommand: &str, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_ivshm"));
         command
             .args(["guest", subcommand, "--sysfs"])
-            .arg(&self.root)
+            .arg(self.sysfs())
             .args(args)
             .env("RUST_LOG", "warn");
         command
@@ -167,12 +56,6 @@ impl FakeSysfs {
 
     fn run(&self, subcommand: &str, args: &[&str]) -> Output {
         self.command(subcommand, args).output().unwrap()
-    }
-}
-
-impl Drop for FakeSysfs {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 
@@ -204,15 +87,15 @@ fn read_bytes(path: &Path, offset: usize, len: usize) -> Vec<u8> {
 #[test]
 fn list_prints_every_recognised_device_and_marks_unsupported_ones() {
     let sys = FakeSysfs::new();
-    sys.add(&Function::other("0000:00:01.0", 0x8086, 0x29c0));
-    sys.add(&Function {
+    sys.add_device(&FakeFunction::other("0000:00:01.0", 0x8086, 0x29c0));
+    sys.add_device(&FakeFunction {
         driver: Some("vfio-pci"),
         iommu_group: Some(3),
-        ..Function::doorbell("0000:00:03.0")
+        ..doorbell("0000:00:03.0")
     });
-    sys.add(&Function::other("0000:00:04.0", 0x1af4, 0x1110));
-    sys.add(&Function::other("0000:00:05.0", 0x1c05, 0x0001));
-    sys.add(&Function::other("0000:00:06.0", 0x110a, 0x4106));
+    sys.add_device(&FakeFunction::other("0000:00:04.0", 0x1af4, 0x1110));
+    sys.add_device(&FakeFunction::other("0000:00:05.0", 0x1c05, 0x0001));
+    sys.add_device(&FakeFunction::other("0000:00:06.0", 0x110a, 0x4106));
     let out = stdout(&sys.run("list", &[]));
     assert_eq!(
         out.lines().collect::<Vec<_>>(),
@@ -247,9 +130,9 @@ fn list_prints_every_recognised_device_and_marks_unsupported_ones() {
 #[test]
 fn info_prints_pci_facts_and_the_peer_id() {
     let sys = FakeSysfs::new();
-    sys.add(&Function {
+    sys.add_device(&FakeFunction {
         iommu_group: Some(3),
-        ..Function::doorbell("0000:00:03.0")
+        ..doorbell("0000:00:03.0")
     });
     let facts = stdout(&sys.run("info", &["--no-open"]));
     let expected = [
@@ -289,7 +172,7 @@ fn info_prints_pci_facts_and_the_peer_id() {
 #[test]
 fn missing_devices_and_sysfs_are_explained() {
     let sys = FakeSysfs::new();
-    sys.add(&Function::other("0000:00:01.0", 0x8086, 0x29c0));
+    sys.add_device(&FakeFunction::other("0000:00:01.0", 0x8086, 0x29c0));
     let err = failure(&sys.run("info", &[]));
     assert!(
         err.contains("no ivshmem device found")
@@ -312,7 +195,7 @@ fn vfio_preconditions_fail_with_what_to_do() {
     // No IOMMU group: explain intel_iommu=on and the emulated IOMMU.
     let sys = FakeSysfs::new();
     sys.load_driver("vfio-pci");
-    sys.add(&Function::doorbell("0000:00:03.0"));
+    sys.add_device(&doorbell("0000:00:03.0"));
     let err = failure(&sys.run("wait", &["--timeout", "1"]));
     assert!(
         err.contains("has no IOMMU group")
@@ -324,9 +207,9 @@ fn vfio_preconditions_fail_with_what_to_do() {
 
     // An IOMMU group but vfio-pci not loaded: name the modules.
     let sys = FakeSysfs::new();
-    sys.add(&Function {
+    sys.add_device(&FakeFunction {
         iommu_group: Some(3),
-        ..Function::doorbell("0000:00:03.0")
+        ..doorbell("0000:00:03.0")
     });
     let err = failure(&sys.run("notify", &["--peer", "1", "--vector", "0"]));
     assert!(
@@ -338,10 +221,10 @@ fn vfio_preconditions_fail_with_what_to_do() {
     // Bound to another driver: refused (nothing written), naming the driver and --take-over.
     let sys = FakeSysfs::new();
     sys.load_driver("vfio-pci");
-    let dir = sys.add(&Function {
+    let dir = sys.add_device(&FakeFunction {
         iommu_group: Some(3),
         driver: Some("uio_pci_generic"),
-        ..Function::doorbell("0000:00:03.0")
+        ..doorbell("0000:00:03.0")
     });
     let err = failure(&sys.run("wait", &["--timeout", "1"]));
     assert!(
@@ -352,14 +235,14 @@ fn vfio_preconditions_fail_with_what_to_do() {
         std::fs::read_to_string(dir.join("driver_override")).unwrap(),
         "(null)\n"
     );
-    let unbind = sys.root.join("bus/pci/drivers/uio_pci_generic/unbind");
+    let unbind = sys.sysfs().join("bus/pci/drivers/uio_pci_generic/unbind");
     assert_eq!(std::fs::read_to_string(&unbind).unwrap(), "");
 }
 
 #[test]
 fn sysfs_mode_shares_memory_and_rings_through_the_doorbell_register() {
     let sys = FakeSysfs::new();
-    let dir = sys.add(&Function::doorbell("0000:00:03.0"));
+    let dir = sys.add_device(&doorbell("0000:00:03.0"));
     stdout(&sys.run(
         "write",
         &["--mode", "sysfs", "--offset", "0x100", "deadbeef"],
@@ -368,7 +251,7 @@ fn sysfs_mode_shares_memory_and_rings_through_the_doorbell_register() {
         read_bytes(&dir.join("resource2"), 0x100, 4),
         [0xde, 0xad, 0xbe, 0xef]
     );
-    let file = sys.root.join("payload");
+    let file = sys.sysfs().join("payload");
     std::fs::write(&file, b"from a file").unwrap();
     let at_file = format!("@{}", file.display());
     stdout(&sys.run("write", &["--mode", "sysfs", "--offset", "0x200", &at_file]));
@@ -449,7 +332,7 @@ fn sysfs_mode_shares_memory_and_rings_through_the_doorbell_register() {
 #[test]
 fn sysfs_mode_waits_by_polling_an_agreed_counter() {
     let sys = FakeSysfs::new();
-    sys.add(&Function::doorbell("0000:00:03.0"));
+    sys.add_device(&doorbell("0000:00:03.0"));
 
     // No interrupts and no polling area: explained.
     let err = failure(&sys.run("wait", &["--mode", "sysfs", "--timeout", "1"]));
@@ -551,15 +434,15 @@ fn sysfs_mode_waits_by_polling_an_agreed_counter() {
 fn no_permission_is_explained_in_both_modes() {
     let sys = FakeSysfs::new();
     sys.load_driver("vfio-pci");
-    sys.add(&Function {
+    sys.add_device(&FakeFunction {
         iommu_group: Some(3),
-        ..Function::doorbell("0000:00:03.0")
+        ..doorbell("0000:00:03.0")
     });
     // Root may write anything, so as root the commands run as `nobody`; otherwise the sysfs
     // files are made read-only for us.
     let as_root = rustix::process::getuid().is_root();
     if !as_root {
-        for entry in walk(&sys.root) {
+        for entry in walk(&sys.sysfs()) {
             let mut permissions = std::fs::metadata(&entry).unwrap().permissions();
             std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o444);
             std::fs::set_permissions(&entry, permissions).unwrap();

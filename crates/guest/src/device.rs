@@ -223,24 +223,21 @@ mod tests {
     use super::*;
     use crate::pci::fake::*;
 
-    fn add(paths: &SystemPaths, address: &str, vendor: u16, device: u16, vectors: u16) {
-        add_function(
-            paths,
-            &FakeFunction {
-                address,
-                vendor,
-                device,
-                class: 0x050000,
-                resource: if vectors > 0 {
-                    DOORBELL_RESOURCE
-                } else {
-                    PLAIN_RESOURCE
-                },
-                config: config_with_msix(vendor, device, vectors),
-                driver: None,
-                iommu_group: Some(3),
+    fn add(tmp: &FakeSysfs, address: &str, vendor: u16, device: u16, vectors: u16) {
+        tmp.add(&FakeFunction {
+            address,
+            vendor,
+            device,
+            class: 0x050000,
+            resource: if vectors > 0 {
+                doorbell_resource(4 << 20)
+            } else {
+                plain_resource(1 << 20)
             },
-        );
+            config: config_with_msix(vendor, device, vectors),
+            driver: None,
+            iommu_group: Some(3),
+        });
     }
 
     #[test]
@@ -268,13 +265,13 @@ mod tests {
 
     #[test]
     fn finds_and_selects_devices() {
-        let tmp = TempDir::new();
-        let paths = tmp.paths();
-        add(&paths, "0000:00:01.0", 0x8086, 0x29c0, 0);
-        add(&paths, "0000:00:03.0", 0x1af4, 0x1110, 4);
-        add(&paths, "0000:00:04.0", 0x1af4, 0x1110, 0);
-        add(&paths, "0000:00:05.0", 0x1c05, 0x0001, 0);
-        add(&paths, "0000:00:06.0", 0x110a, 0x4106, 1);
+        let tmp = FakeSysfs::new();
+        let paths = system_paths(&tmp);
+        add(&tmp, "0000:00:01.0", 0x8086, 0x29c0, 0);
+        add(&tmp, "0000:00:03.0", 0x1af4, 0x1110, 4);
+        add(&tmp, "0000:00:04.0", 0x1af4, 0x1110, 0);
+        add(&tmp, "0000:00:05.0", 0x1c05, 0x0001, 0);
+        add(&tmp, "0000:00:06.0", 0x110a, 0x4106, 1);
         let devices = find_devices(&paths).unwrap();
         let kinds: Vec<_> = devices
             .iter()
@@ -313,32 +310,29 @@ mod tests {
 
     #[test]
     fn only_device_and_no_device() {
-        let tmp = TempDir::new();
-        let paths = tmp.paths();
-        add(&paths, "0000:00:01.0", 0x8086, 0x29c0, 0);
+        let tmp = FakeSysfs::new();
+        let paths = system_paths(&tmp);
+        add(&tmp, "0000:00:01.0", 0x8086, 0x29c0, 0);
         assert!(matches!(
             find_device(&paths, DeviceSelector::Only),
             Err(SelectError::NoDevice { .. })
         ));
-        add(&paths, "0000:00:03.0", 0x1af4, 0x1110, 2);
-        add(&paths, "0000:00:05.0", 0x1c05, 0x0001, 0);
+        add(&tmp, "0000:00:03.0", 0x1af4, 0x1110, 2);
+        add(&tmp, "0000:00:05.0", 0x1c05, 0x0001, 0);
         let only = find_device(&paths, DeviceSelector::Only).unwrap();
         assert_eq!(only.function.address.to_string(), "0000:00:03.0");
     }
 
     #[test]
     fn doorbell_is_detected_from_bar1_when_config_is_truncated() {
-        let tmp = TempDir::new();
-        let paths = tmp.paths();
+        let tmp = FakeSysfs::new();
+        let paths = system_paths(&tmp);
         let mut config = config_with_msix(0x1af4, 0x1110, 4);
         config.truncate(64);
-        add_function(
-            &paths,
-            &FakeFunction {
-                config,
-                ..FakeFunction::doorbell("0000:00:03.0")
-            },
-        );
+        tmp.add(&FakeFunction {
+            config,
+            ..FakeFunction::doorbell("0000:00:03.0")
+        });
         assert_eq!(
             find_device(&paths, DeviceSelector::Only).unwrap().kind,
             DeviceKind::IvshmemDoorbell

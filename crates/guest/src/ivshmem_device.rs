@@ -461,26 +461,17 @@ mod tests {
 
     /// A fake doorbell device whose BARs are regular files: 256 bytes of registers with
     /// IVPosition = 7, and 64 KiB of shared memory.
-    fn fake_device(tmp: &TempDir, iommu_group: Option<u32>) -> SystemPaths {
-        let paths = tmp.paths();
-        let resource = "\
-0x00000000fea00000 0x00000000fea000ff 0x0000000000040200
-0x00000000fea01000 0x00000000fea01fff 0x0000000000040200
-0x0000000200000000 0x000000020000ffff 0x000000000014220c
-";
-        let dir = add_function(
-            &paths,
+    fn fake_device(tmp: &FakeSysfs, iommu_group: Option<u32>) -> SystemPaths {
+        tmp.add_with_bar_files(
             &FakeFunction {
-                resource,
+                resource: doorbell_resource(64 << 10),
                 iommu_group,
                 ..FakeFunction::doorbell("0000:00:03.0")
             },
+            7,
+            64 << 10,
         );
-        let mut registers = vec![0u8; 256];
-        registers[8..12].copy_from_slice(&7u32.to_le_bytes());
-        std::fs::write(dir.join("resource0"), registers).unwrap();
-        std::fs::write(dir.join("resource2"), vec![0u8; 64 << 10]).unwrap();
-        paths
+        system_paths(tmp)
     }
 
     fn sysfs_options(paths: SystemPaths) -> OpenOptions {
@@ -493,7 +484,7 @@ mod tests {
 
     #[test]
     fn sysfs_mode_reads_id_rings_and_shares_memory() {
-        let tmp = TempDir::new();
+        let tmp = FakeSysfs::new();
         let paths = fake_device(&tmp, None);
         let mut dev =
             IvshmemDevice::open(DeviceSelector::Only, &sysfs_options(paths.clone())).unwrap();
@@ -537,7 +528,7 @@ mod tests {
 
     #[test]
     fn vfio_mode_without_iommu_group_is_explained() {
-        let tmp = TempDir::new();
+        let tmp = FakeSysfs::new();
         let paths = fake_device(&tmp, None);
         let options = OpenOptions {
             paths,
@@ -559,7 +550,7 @@ mod tests {
 
     #[test]
     fn a_thread_waits_while_another_rings_through_the_polling_area() {
-        let tmp = TempDir::new();
+        let tmp = FakeSysfs::new();
         let paths = fake_device(&tmp, None);
         let mut dev = IvshmemDevice::open(DeviceSelector::Only, &sysfs_options(paths)).unwrap();
         dev.set_poll_area(0x2000).unwrap();

@@ -201,9 +201,9 @@ mod tests {
 
     #[test]
     fn enables_and_maps_resource_files() {
-        let tmp = TempDir::new();
-        let paths = tmp.paths();
-        let dir = add_function(&paths, &FakeFunction::plain("0000:00:04.0"));
+        let tmp = FakeSysfs::new();
+        let paths = system_paths(&tmp);
+        let dir = tmp.add(&FakeFunction::plain("0000:00:04.0"));
         // Regular files stand in for the BARs: 256 bytes of registers, 1 MiB of memory.
         std::fs::write(dir.join("resource0"), vec![0u8; 256]).unwrap();
         std::fs::write(dir.join("resource2"), vec![0u8; 1 << 20]).unwrap();
@@ -260,8 +260,8 @@ mod tests {
 
     #[test]
     fn memory_space_bit_is_read_from_config() {
-        let tmp = TempDir::new();
-        let dir = tmp.0.join("dev");
+        let tmp = FakeSysfs::new();
+        let dir = tmp.root().join("dev");
         std::fs::create_dir_all(&dir).unwrap();
         assert!(!memory_space_enabled(&dir), "no config file");
         let mut config = vec![0u8; 64];

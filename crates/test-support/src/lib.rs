@@ -9,6 +9,8 @@
 //! - [`process`]: child processes whose stdout and stderr are captured line by line, with
 //!   waits for a line and for the exit (every wait bounded, failures show the last lines).
 //! - [`orphan`]: children that die with the test process.
+//! - [`sysfs`]: a fake Linux sysfs tree (PCI functions, drivers, IOMMU groups) for guest-side
+//!   tests without a VM.
 //!
 //! Every wait here has a failure guard ([`WAIT_GUARD`] unless the caller gives one): a test
 //! that hangs fails with a message instead; no wait is a timing assertion.
@@ -18,6 +20,7 @@ use std::time::Duration;
 pub mod fds;
 pub mod orphan;
 pub mod process;
+pub mod sysfs;
 pub mod v0;
 
 /// The failure guard of every wait that takes no timeout: long enough for a loaded 2-core

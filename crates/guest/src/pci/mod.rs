@@ -252,140 +252,21 @@ pub fn read_ids(paths: &SystemPaths, address: PciAddress) -> Result<(u16, u16), 
 
 #[cfg(test)]
 pub(crate) mod fake {
-    //! A fake sysfs tree in a temporary directory, shaped like the kernel's.
+    //! The shared fake sysfs tree (`ivshm_test_support::sysfs`), seen through [`SystemPaths`].
 
-    use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    pub use ivshm_test_support::sysfs::{
+        config_with_msix, doorbell_resource, plain_resource, FakeFunction, FakeSysfs,
+    };
 
-    /// A temporary directory removed on drop.
-    pub struct TempDir(pub PathBuf);
+    use super::SystemPaths;
 
-    impl TempDir {
-        pub fn new() -> TempDir {
-            static NEXT: AtomicUsize = AtomicUsize::new(0);
-            let dir = std::env::temp_dir().join(format!(
-                "ivshm-guest-test-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
+    /// This crate's paths into `tree`.
+    pub fn system_paths(tree: &FakeSysfs) -> SystemPaths {
+        SystemPaths {
+            sysfs: tree.sysfs(),
+            dev_vfio: tree.dev_vfio(),
+            state_dir: tree.state_dir(),
         }
-
-        pub fn paths(&self) -> SystemPaths {
-            SystemPaths {
-                sysfs: self.0.join("sys"),
-                dev_vfio: self.0.join("dev/vfio"),
-                state_dir: self.0.join("run/ivshm-guest"),
-            }
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    /// Description of one fake function.
-    pub struct FakeFunction<'a> {
-        pub address: &'a str,
-        pub vendor: u16,
-        pub device: u16,
-        pub class: u32,
-        pub resource: &'a str,
-        pub config: Vec<u8>,
-        pub driver: Option<&'a str>,
-        pub iommu_group: Option<u32>,
-    }
-
-    impl<'a> FakeFunction<'a> {
-        /// An ivshmem-doorbell with 4 vectors and a 4 MiB BAR2, no driver, no IOMMU group.
-        pub fn doorbell(address: &'a str) -> FakeFunction<'a> {
-            FakeFunction {
-                address,
-                vendor: 0x1af4,
-                device: 0x1110,
-                class: 0x050000,
-                resource: DOORBELL_RESOURCE,
-                config: config_with_msix(0x1af4, 0x1110, 4),
-                driver: None,
-                iommu_group: None,
-            }
-        }
-
-        /// An ivshmem-plain (no MSI-X, no BAR1) with a 1 MiB BAR2.
-        pub fn plain(address: &'a str) -> FakeFunction<'a> {
-            FakeFunction {
-                resource: PLAIN_RESOURCE,
-                config: config_with_msix(0x1af4, 0x1110, 0),
-                ..FakeFunction::doorbell(address)
-            }
-        }
-    }
-
-    /// Creates the function's directory with the files discovery reads.
-    pub fn add_function(paths: &SystemPaths, f: &FakeFunction<'_>) -> PathBuf {
-        let dir = paths.pci_devices().join(f.address);
-        std::fs::create_dir_all(&dir).unwrap();
-        let write = |name: &str, text: String| std::fs::write(dir.join(name), text).unwrap();
-        write("vendor", format!("0x{:04x}\n", f.vendor));
-        write("device", format!("0x{:04x}\n", f.device));
-        write("class", format!("0x{:06x}\n", f.class));
-        write("revision", "0x01\n".into());
-        write("subsystem_vendor", "0x1af4\n".into());
-        write("subsystem_device", "0x1100\n".into());
-        write("resource", f.resource.into());
-        write("enable", "0\n".into());
-        write("driver_override", "(null)\n".into());
-        std::fs::write(dir.join("config"), &f.config).unwrap();
-        if let Some(driver) = f.driver {
-            let driver_dir = paths.pci_driver(driver);
-            std::fs::create_dir_all(&driver_dir).unwrap();
-            std::os::unix::fs::symlink(&driver_dir, dir.join("driver")).unwrap();
-        }
-        if let Some(group) = f.iommu_group {
-            let group_dir = paths
-                .sysfs
-                .join("kernel/iommu_groups")
-                .join(group.to_string());
-            std::fs::create_dir_all(&group_dir).unwrap();
-            std::os::unix::fs::symlink(&group_dir, dir.join("iommu_group")).unwrap();
-        }
-        dir
-    }
-
-    pub const DOORBELL_RESOURCE: &str = "\
-0x00000000fea00000 0x00000000fea000ff 0x0000000000040200
-0x00000000fea01000 0x00000000fea01fff 0x0000000000040200
-0x0000000200000000 0x00000002003fffff 0x000000000014220c
-0x0000000000000000 0x0000000000000000 0x0000000000000000
-0x0000000000000000 0x0000000000000000 0x0000000000000000
-0x0000000000000000 0x0000000000000000 0x0000000000000000
-0x0000000000000000 0x0000000000000000 0x0000000000000000
-";
-
-    pub const PLAIN_RESOURCE: &str = "\
-0x00000000fea00000 0x00000000fea000ff 0x0000000000040200
-0x0000000000000000 0x0000000000000000 0x0000000000000000
-0x0000000200000000 0x00000002000fffff 0x000000000014220c
-";
-
-    /// Config space with an MSI-X capability of `vectors` entries (or none for 0).
-    pub fn config_with_msix(vendor: u16, device: u16, vectors: u16) -> Vec<u8> {
-        let mut c = vec![0u8; 256];
-        c[0..2].copy_from_slice(&vendor.to_le_bytes());
-        c[2..4].copy_from_slice(&device.to_le_bytes());
-        c[8] = 1;
-        if vectors > 0 {
-            c[6] = 0x10;
-            c[0x34] = 0x40;
-            c[0x40] = CAP_ID_MSIX;
-            c[0x42..0x44].copy_from_slice(&(vectors - 1).to_le_bytes());
-            c[0x44..0x48].copy_from_slice(&1u32.to_le_bytes());
-            c[0x48..0x4c].copy_from_slice(&0x801u32.to_le_bytes());
-        }
-        c
     }
 }
 
@@ -396,29 +277,23 @@ mod tests {
 
     #[test]
     fn reads_a_function_from_a_fake_sysfs_tree() {
-        let tmp = TempDir::new();
-        let paths = tmp.paths();
-        add_function(
-            &paths,
-            &FakeFunction {
-                driver: Some("vfio-pci"),
-                iommu_group: Some(7),
-                ..FakeFunction::doorbell("0000:00:03.0")
-            },
-        );
-        add_function(
-            &paths,
-            &FakeFunction {
-                address: "0000:00:01.0",
-                vendor: 0x8086,
-                device: 0x29c0,
-                class: 0x060000,
-                resource: "",
-                config: config_with_msix(0x8086, 0x29c0, 0),
-                driver: None,
-                iommu_group: None,
-            },
-        );
+        let tmp = FakeSysfs::new();
+        let paths = system_paths(&tmp);
+        tmp.add(&FakeFunction {
+            driver: Some("vfio-pci"),
+            iommu_group: Some(7),
+            ..FakeFunction::doorbell("0000:00:03.0")
+        });
+        tmp.add(&FakeFunction {
+            address: "0000:00:01.0",
+            vendor: 0x8086,
+            device: 0x29c0,
+            class: 0x060000,
+            resource: String::new(),
+            config: config_with_msix(0x8086, 0x29c0, 0),
+            driver: None,
+            iommu_group: None,
+        });
         let addresses = list_addresses(&paths).unwrap();
         assert_eq!(
             addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
@@ -444,17 +319,14 @@ mod tests {
 
     #[test]
     fn truncated_config_is_remembered_not_fatal() {
-        let tmp = TempDir::new();
-        let paths = tmp.paths();
+        let tmp = FakeSysfs::new();
+        let paths = system_paths(&tmp);
         let mut config = config_with_msix(0x1af4, 0x1110, 2);
         config.truncate(64);
-        add_function(
-            &paths,
-            &FakeFunction {
-                config,
-                ..FakeFunction::doorbell("0000:00:04.0")
-            },
-        );
+        tmp.add(&FakeFunction {
+            config,
+            ..FakeFunction::doorbell("0000:00:04.0")
+        });
         let f = read_function(&paths, "00:04.0".parse().unwrap()).unwrap();
         assert_eq!(f.msix, None);
         assert!(matches!(
@@ -465,19 +337,18 @@ mod tests {
 
     #[test]
     fn bad_values_and_missing_bus_are_clear_errors() {
-        let tmp = TempDir::new();
-        let paths = tmp.paths();
+        let tmp = FakeSysfs::new();
+        let paths = system_paths(&tmp);
+        // A sysfs without a PCI bus.
+        std::fs::remove_dir_all(paths.pci_devices()).unwrap();
         assert!(matches!(
             list_addresses(&paths),
             Err(DiscoveryError::NoPciBus { .. })
         ));
-        let dir = add_function(
-            &paths,
-            &FakeFunction {
-                config: vec![],
-                ..FakeFunction::plain("0000:00:05.0")
-            },
-        );
+        let dir = tmp.add(&FakeFunction {
+            config: vec![],
+            ..FakeFunction::plain("0000:00:05.0")
+        });
         std::fs::write(dir.join("vendor"), "banana\n").unwrap();
         let err = read_function(&paths, "00:05.0".parse().unwrap()).unwrap_err();
         assert!(matches!(err, DiscoveryError::BadValue { .. }), "{err}");

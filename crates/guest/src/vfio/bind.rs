@@ -199,17 +199,14 @@ mod tests {
         driver: Option<&str>,
         group: Option<u32>,
         load_vfio: bool,
-    ) -> (TempDir, SystemPaths, PciFunction) {
-        let tmp = TempDir::new();
-        let paths = tmp.paths();
-        add_function(
-            &paths,
-            &FakeFunction {
-                driver,
-                iommu_group: group,
-                ..FakeFunction::doorbell("0000:00:03.0")
-            },
-        );
+    ) -> (FakeSysfs, SystemPaths, PciFunction) {
+        let tmp = FakeSysfs::new();
+        let paths = system_paths(&tmp);
+        tmp.add(&FakeFunction {
+            driver,
+            iommu_group: group,
+            ..FakeFunction::doorbell("0000:00:03.0")
+        });
         std::fs::write(paths.pci_drivers_probe(), "").unwrap();
         if load_vfio {
             let dir = paths.pci_driver(VFIO_PCI_DRIVER);
