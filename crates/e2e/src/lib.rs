@@ -26,6 +26,7 @@ pub mod cpio;
 pub mod guest_tool;
 pub mod initramfs;
 pub mod ivshm;
+pub mod libvirt;
 pub mod pci;
 pub mod qemu;
 pub mod scratch;

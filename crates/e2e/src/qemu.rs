@@ -16,9 +16,9 @@
 //! ```
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -224,21 +224,49 @@ impl GuestBuilder {
         self
     }
 
-    /// The QEMU command line (without the program) for the given initramfs.
-    fn qemu_arguments(&self, initramfs: &Path) -> Vec<String> {
+    /// The guest's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The guest kernel.
+    pub fn kernel(&self) -> &Path {
+        &self.assets.kernel
+    }
+
+    /// Guest RAM in MiB.
+    pub fn memory(&self) -> u32 {
+        self.memory_mib
+    }
+
+    /// The machine type.
+    pub fn machine_type(&self) -> Machine {
+        self.machine
+    }
+
+    /// The kernel command line: the serial console, quiet, no reboot on panic, what the machine
+    /// needs and the added arguments.
+    pub fn kernel_command_line(&self) -> String {
         let mut kernel_args = vec!["console=ttyS0", "panic=-1", "quiet", "loglevel=1"]
             .into_iter()
             .map(String::from)
             .collect::<Vec<_>>();
+        if self.machine == Machine::Q35Iommu {
+            kernel_args.push("intel_iommu=on".into());
+        }
+        kernel_args.extend(self.kernel_args.iter().cloned());
+        kernel_args.join(" ")
+    }
+
+    /// The QEMU command line (without the program) for the given initramfs.
+    fn qemu_arguments(&self, initramfs: &Path) -> Vec<String> {
         let mut args: Vec<String> = vec!["-accel".into(), "tcg".into()];
         match self.machine {
             Machine::Pc => args.extend(["-machine".into(), "pc".into()]),
             Machine::Q35Iommu => {
                 args.extend(["-machine", "q35", "-device", "intel-iommu"].map(String::from));
-                kernel_args.push("intel_iommu=on".into());
             }
         }
-        kernel_args.extend(self.kernel_args.iter().cloned());
         args.extend([
             "-m".to_string(),
             self.memory_mib.to_string(),
@@ -257,7 +285,7 @@ impl GuestBuilder {
             "-initrd".into(),
             initramfs.display().to_string(),
             "-append".into(),
-            kernel_args.join(" "),
+            self.kernel_command_line(),
         ]);
         for (index, device) in self.devices.iter().enumerate() {
             match device {
@@ -286,12 +314,18 @@ impl GuestBuilder {
     /// [`QemuGuest::wait_ready`]). Starting several guests and then waiting boots them in
     /// parallel.
     pub fn spawn(self) -> Result<QemuGuest, QemuError> {
+        let initramfs = self.build_initramfs()?;
+        QemuGuest::start(&self, &initramfs)
+    }
+
+    /// Builds (or finds cached) the guest's initramfs; returns its path. For a VM started by
+    /// something other than this builder (libvirt: [`crate::libvirt`]).
+    pub fn build_initramfs(&self) -> Result<PathBuf, QemuError> {
         let mut initramfs = self.initramfs.clone();
         if self.with_ivshm {
             initramfs.file("/bin/ivshm", binaries::static_ivshm()?, 0o755);
         }
-        let initramfs = initramfs.build(&self.assets.cache_dir)?;
-        QemuGuest::start(&self, &initramfs)
+        Ok(initramfs.build(&self.assets.cache_dir)?)
     }
 
     /// [`spawn`](Self::spawn) then [`QemuGuest::wait_ready`].
@@ -328,12 +362,35 @@ pub struct PendingCommand {
     command: String,
 }
 
+/// A virtual machine that this harness did not start itself (e.g. a libvirt domain), behind a
+/// [`QemuGuest`] made with [`QemuGuest::attach`].
+pub trait ExternalVm: std::fmt::Debug + Send {
+    /// Waits until the VM has ended or `deadline` passes (`Ok(None)`); returns how it ended.
+    fn wait_until(&mut self, deadline: Instant) -> std::io::Result<Option<ExitStatus>>;
+    /// Ends the VM at once and makes its console reach end of file (for drop).
+    fn kill(&mut self);
+}
+
+/// Where console input goes: QEMU's stdin, or a socket.
+pub trait ConsoleInput: Write + Send + std::fmt::Debug {}
+
+impl<T: Write + Send + std::fmt::Debug> ConsoleInput for T {}
+
+/// The process behind a guest.
+#[derive(Debug)]
+enum Vm {
+    /// QEMU, started by [`GuestBuilder::spawn`].
+    Qemu(Child),
+    /// Something else, attached with [`QemuGuest::attach`].
+    External(Box<dyn ExternalVm>),
+}
+
 /// A running QEMU guest with a busybox shell on its serial console. QEMU is killed on drop.
 #[derive(Debug)]
 pub struct QemuGuest {
     name: String,
-    child: Child,
-    stdin: ChildStdin,
+    vm: Vm,
+    stdin: Box<dyn ConsoleInput>,
     console: Arc<ConsoleBuffer>,
     qemu_stderr: Arc<ConsoleBuffer>,
     readers: Vec<JoinHandle<()>>,
@@ -369,6 +426,61 @@ impl QemuGuest {
         }
     }
 
+    /// Creates the serial log of guest `name`: its path and the open file.
+    fn create_log(name: &str) -> Result<(PathBuf, File), QemuError> {
+        let io = |what: &str| {
+            let guest = name.to_string();
+            let what = what.to_string();
+            move |source| QemuError::Io {
+                guest,
+                what,
+                source,
+            }
+        };
+        let log_dir = workspace::log_dir();
+        std::fs::create_dir_all(&log_dir).map_err(io("creating the log directory"))?;
+        let log_path = log_dir.join(format!("{name}-{}.log", unique_suffix()));
+        let log = File::create(&log_path).map_err(io("creating the serial log"))?;
+        Ok((log_path, log))
+    }
+
+    /// A guest whose VM was started elsewhere (`vm`), driven through its serial console:
+    /// `console_in` takes what is typed, `console_out` gives what it prints. Nothing is read
+    /// before this call, so attach before the guest boots (e.g. start it paused). The VM is
+    /// ended on drop like a QEMU this harness started.
+    pub fn attach(
+        name: &str,
+        vm: Box<dyn ExternalVm>,
+        console_in: Box<dyn ConsoleInput>,
+        console_out: impl Read + Send + 'static,
+    ) -> Result<Self, QemuError> {
+        let (log_path, log) = Self::create_log(name)?;
+        eprintln!("e2e: guest {name}: serial log {}", log_path.display());
+        let console = Arc::new(ConsoleBuffer::default());
+        let qemu_stderr = Arc::new(ConsoleBuffer::default());
+        let mut guest = Self {
+            name: name.to_string(),
+            vm: Vm::External(vm),
+            stdin: console_in,
+            console: Arc::clone(&console),
+            qemu_stderr,
+            readers: Vec::new(),
+            log_path,
+            cursor: 0,
+            next_command: 1,
+            exit_status: None,
+        };
+        let reader = console::spawn_reader(console_out, console, Some(log)).map_err(|source| {
+            QemuError::Io {
+                guest: name.to_string(),
+                what: "starting a reader".into(),
+                source,
+            }
+        })?;
+        guest.readers.push(reader);
+        Ok(guest)
+    }
+
     fn start(builder: &GuestBuilder, initramfs: &Path) -> Result<Self, QemuError> {
         let name = builder.name.clone();
         let io = |what: &str| {
@@ -380,10 +492,7 @@ impl QemuGuest {
                 source,
             }
         };
-        let log_dir = workspace::log_dir();
-        std::fs::create_dir_all(&log_dir).map_err(io("creating the log directory"))?;
-        let log_path = log_dir.join(format!("{}-{}.log", builder.name, unique_suffix()));
-        let log = File::create(&log_path).map_err(io("creating the serial log"))?;
+        let (log_path, log) = Self::create_log(&name)?;
         let stderr_log = log.try_clone().map_err(io("duplicating the serial log"))?;
 
         let args = builder.qemu_arguments(initramfs);
@@ -415,8 +524,8 @@ impl QemuGuest {
         let qemu_stderr = Arc::new(ConsoleBuffer::default());
         let mut guest = Self {
             name: name.clone(),
-            child,
-            stdin,
+            vm: Vm::Qemu(child),
+            stdin: Box::new(stdin),
             console: Arc::clone(&console),
             qemu_stderr: Arc::clone(&qemu_stderr),
             readers: Vec::new(),
@@ -611,12 +720,15 @@ impl QemuGuest {
             return Ok(status);
         }
         let deadline = Instant::now() + timeout;
-        let polled =
-            orphan::wait_until(&mut self.child, deadline).map_err(|source| QemuError::Io {
-                guest: self.name.clone(),
-                what: "waiting for QEMU".into(),
-                source,
-            })?;
+        let polled = match &mut self.vm {
+            Vm::Qemu(child) => orphan::wait_until(child, deadline),
+            Vm::External(vm) => vm.wait_until(deadline),
+        }
+        .map_err(|source| QemuError::Io {
+            guest: self.name.clone(),
+            what: "waiting for QEMU".into(),
+            source,
+        })?;
         let Some(status) = polled else {
             return Err(QemuError::Timeout {
                 guest: self.name.clone(),
@@ -655,11 +767,18 @@ impl QemuGuest {
 
 impl Drop for QemuGuest {
     fn drop(&mut self) {
-        orphan::kill_and_join(
-            &mut self.child,
-            self.exit_status.is_some(),
-            &mut self.readers,
-        );
+        let reaped = self.exit_status.is_some();
+        match &mut self.vm {
+            Vm::Qemu(child) => orphan::kill_and_join(child, reaped, &mut self.readers),
+            Vm::External(vm) => {
+                if !reaped {
+                    vm.kill();
+                }
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
+            }
+        }
     }
 }
 
