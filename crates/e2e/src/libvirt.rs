@@ -1,6 +1,6 @@
 //! libvirt end to end: test guests booted as libvirt domains (`virsh create`), with QEMU
 //! running as libvirt's unprivileged user and `<shmem>` devices, driven through the same
-//! serial-console shell as [`QemuGuest`](crate::qemu::QemuGuest).
+//! serial-console shell as [`QemuGuest`].
 //!
 //! [`Libvirt::shared`] uses the libvirt daemon that runs already (a service manager's), or
 //! starts `virtlogd` and `libvirtd` by hand and stops exactly those when the last user is
