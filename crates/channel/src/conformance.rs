@@ -1,0 +1,180 @@
+//! The conformance suite every [`Doorbell`] implementation runs (feature `conformance`).
+//!
+//! One suite, every implementation: the local eventfd doorbells run it in this crate's tests,
+//! other crates run it against theirs (e.g. a host peer of a real ivshm server). Each check
+//! panics with a message naming the broken rule.
+//!
+//! The suite needs two doorbells `a` and `b` of different peers that can ring each other, each
+//! with at least one vector, and for [`channel_round_trips`] two regions over the same memory.
+
+use std::time::{Duration, Instant};
+
+use crate::doorbell::Doorbell;
+use crate::{ChannelOptions, Region, Spin};
+
+/// Runs every doorbell check.
+pub fn run_all(a: &dyn Doorbell, b: &dyn Doorbell) {
+    ids_and_vectors(a, b);
+    ring_is_remembered_until_waited(a, b);
+    wait_times_out_without_a_ring(a);
+    rings_coalesce_and_are_consumed(a, b);
+    ring_from_another_thread_wakes_a_blocked_wait(a, b);
+    fd_is_readable_exactly_while_rung(a, b);
+    unknown_targets_are_errors(a, b);
+    huge_timeouts_do_not_panic(a, b);
+}
+
+/// Own ids differ and both have vectors.
+pub fn ids_and_vectors(a: &dyn Doorbell, b: &dyn Doorbell) {
+    assert_ne!(a.own_id(), b.own_id(), "two peers must have different ids");
+    assert!(
+        a.vectors() >= 1 && b.vectors() >= 1,
+        "every peer has a vector"
+    );
+}
+
+fn drain(d: &dyn Doorbell) {
+    while d.take(0).expect("take") {}
+}
+
+/// A ring made before the wait is not lost.
+pub fn ring_is_remembered_until_waited(a: &dyn Doorbell, b: &dyn Doorbell) {
+    drain(b);
+    a.ring(b.own_id(), 0).expect("ring");
+    assert!(
+        b.wait(0, Some(Duration::from_secs(10))).expect("wait"),
+        "a ring made before wait must make wait return true"
+    );
+}
+
+/// No ring: the wait returns false after about the timeout.
+pub fn wait_times_out_without_a_ring(a: &dyn Doorbell) {
+    drain(a);
+    let t = Instant::now();
+    assert!(
+        !a.wait(0, Some(Duration::from_millis(30))).expect("wait"),
+        "wait without a ring must time out"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(25),
+        "wait returned early"
+    );
+    assert!(
+        !a.wait(0, Some(Duration::ZERO)).expect("wait"),
+        "zero timeout"
+    );
+}
+
+/// Several rings are consumed by one wait (or take).
+pub fn rings_coalesce_and_are_consumed(a: &dyn Doorbell, b: &dyn Doorbell) {
+    drain(b);
+    for _ in 0..3 {
+        a.ring(b.own_id(), 0).expect("ring");
+    }
+    assert!(b.take(0).expect("take"), "take must see pending rings");
+    assert!(
+        !b.take(0).expect("take"),
+        "take must consume every pending ring"
+    );
+    assert!(!b.wait(0, Some(Duration::from_millis(5))).expect("wait"));
+}
+
+/// A thread blocked without a timeout wakes when another rings.
+pub fn ring_from_another_thread_wakes_a_blocked_wait(a: &dyn Doorbell, b: &dyn Doorbell) {
+    drain(b);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(20));
+            a.ring(b.own_id(), 0).expect("ring");
+        });
+        assert!(
+            b.wait(0, None).expect("wait"),
+            "blocked wait must wake on a ring"
+        );
+    });
+    // And the other way round.
+    drain(a);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(20));
+            b.ring(a.own_id(), 0).expect("ring");
+        });
+        assert!(a.wait(0, Some(Duration::from_secs(10))).expect("wait"));
+    });
+}
+
+/// The poll fd (when there is one) is readable while a ring is pending, not after `take`.
+pub fn fd_is_readable_exactly_while_rung(a: &dyn Doorbell, b: &dyn Doorbell) {
+    drain(b);
+    let Some(fd) = b.fd(0) else { return };
+    let readable = |fd| {
+        let mut fds = [rustix::event::PollFd::new(
+            &fd,
+            rustix::event::PollFlags::IN,
+        )];
+        rustix::event::poll(
+            &mut fds,
+            Some(&rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            }),
+        )
+        .expect("poll")
+            > 0
+    };
+    assert!(!readable(fd), "fd readable without a ring");
+    a.ring(b.own_id(), 0).expect("ring");
+    assert!(readable(fd), "fd not readable after a ring");
+    assert!(b.take(0).expect("take"));
+    assert!(!readable(fd), "fd still readable after take");
+}
+
+/// Ringing a vector or peer that does not exist is an error, and so is waiting on one.
+pub fn unknown_targets_are_errors(a: &dyn Doorbell, b: &dyn Doorbell) {
+    assert!(
+        a.ring(b.own_id(), u16::MAX).is_err(),
+        "ringing vector 65535"
+    );
+    assert!(
+        a.wait(a.vectors(), Some(Duration::ZERO)).is_err(),
+        "waiting on a missing vector"
+    );
+    if a.own_id() != u16::MAX && b.own_id() != u16::MAX {
+        assert!(a.ring(u16::MAX, 0).is_err(), "ringing peer 65535, unknown");
+    }
+}
+
+/// `Duration::MAX` is a valid timeout.
+pub fn huge_timeouts_do_not_panic(a: &dyn Doorbell, b: &dyn Doorbell) {
+    drain(b);
+    a.ring(b.own_id(), 0).expect("ring");
+    assert!(b.wait(0, Some(Duration::MAX)).expect("wait"));
+}
+
+/// A channel between the two regions exchanges messages with blocking waits (spin 0) in both
+/// directions: the doorbell wakes the channel's sleepers.
+pub fn channel_round_trips(a: &Region, b: &Region, name: &str) {
+    let opts = ChannelOptions {
+        spin: Spin::Never,
+        ..ChannelOptions::default()
+    };
+    let mut x = a.channel(name, opts).expect("open channel (creator)");
+    let mut y = b.channel(name, opts).expect("open channel (joiner)");
+    let long = Some(Duration::from_secs(20));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut buf = Vec::new();
+            for _ in 0..200 {
+                y.recv(&mut buf, long).expect("recv");
+                y.send(&buf, long).expect("echo");
+            }
+        });
+        let mut buf = Vec::new();
+        for i in 0..200u32 {
+            let m = i.to_le_bytes().repeat(1 + i as usize % 40);
+            x.send(&m, long).expect("send");
+            x.recv(&mut buf, long).expect("recv echo");
+            assert_eq!(buf, m, "echo {i}");
+        }
+    });
+}

@@ -1,0 +1,84 @@
+//! The doorbell a channel waits on and rings: a small trait over whatever delivers
+//! notifications between the peers of a region.
+//!
+//! Implementations:
+//! - [`crate::local::LocalDoorbell`]: eventfds made by [`crate::local::LocalBus`] (tests,
+//!   host-only use, several processes by fd inheritance);
+//! - a host peer of an ivshm server (`ivshm-client`'s `Peer`: own vectors are eventfds, peers'
+//!   vectors are eventfds the server handed over) implements it outside this crate;
+//! - a Linux guest's ivshmem device (`ivshm-guest`: Doorbell register writes, MSI-X eventfds
+//!   under VFIO, or a polling fallback without interrupts) likewise.
+//!
+//! Every implementation runs the same conformance suite (`conformance` feature,
+//! [`crate::conformance`]).
+//!
+//! Semantics (what the channel relies on):
+//! - `ring(peer, vector)` makes a `wait` on that peer's `vector` return, now or at its next
+//!   call: rings are remembered until consumed, and several rings may be coalesced into one.
+//! - `wait(vector, timeout)` returns `Ok(true)` once `vector` was rung (consuming the pending
+//!   rings) and `Ok(false)` when the timeout passed first. It may return `Ok(true)` spuriously.
+//!   `None` waits without a time limit. The channel calls it from one thread per vector at a
+//!   time (see [`crate::channel`]), so an implementation may block in a plain `read(2)`.
+//! - `fd(vector)`, when the implementation has one, becomes readable while `vector` has a
+//!   pending ring, for the caller's own poll loop; [`Doorbell::take`] consumes without blocking.
+
+use std::os::fd::BorrowedFd;
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// A doorbell failed.
+#[derive(Debug, Error)]
+pub enum DoorbellError {
+    /// The peer to ring is not known (never joined, or left).
+    #[error("peer {peer} is unknown to the doorbell")]
+    UnknownPeer {
+        /// The peer id.
+        peer: u16,
+    },
+    /// The vector does not exist (on that peer, or on us).
+    #[error("vector {vector} does not exist on peer {peer} ({vectors} vectors)")]
+    UnknownVector {
+        /// The peer id.
+        peer: u16,
+        /// The vector asked for.
+        vector: u16,
+        /// How many vectors the peer has.
+        vectors: u16,
+    },
+    /// A system call failed.
+    #[error("{op} failed: {errno}")]
+    Sys {
+        /// What was done.
+        op: &'static str,
+        /// The error.
+        errno: rustix::io::Errno,
+    },
+    /// An implementation's own error (e.g. the ivshm client's or the guest device's).
+    #[error("{0}")]
+    Other(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Delivers notifications between the peers of one region (see the module documentation for
+/// the exact semantics every implementation provides).
+pub trait Doorbell: Send + Sync + std::fmt::Debug {
+    /// Our own peer id in the region (what a guest reads from IVPosition).
+    fn own_id(&self) -> u16;
+
+    /// How many vectors we have (rings to us name one of `0..vectors()`).
+    fn vectors(&self) -> u16;
+
+    /// Rings vector `vector` of peer `peer` (our own id rings our own vector).
+    fn ring(&self, peer: u16, vector: u16) -> Result<(), DoorbellError>;
+
+    /// Waits until our vector `vector` is rung (`Ok(true)`, pending rings consumed) or
+    /// `timeout` passes (`Ok(false)`); `None` waits without a limit.
+    fn wait(&self, vector: u16, timeout: Option<Duration>) -> Result<bool, DoorbellError>;
+
+    /// Consumes pending rings of our vector `vector` without blocking: `Ok(true)` if there were.
+    fn take(&self, vector: u16) -> Result<bool, DoorbellError>;
+
+    /// A file descriptor that is readable while our vector `vector` has a pending ring, for the
+    /// caller's poll loop (`None`: this implementation polls memory and has none).
+    fn fd(&self, vector: u16) -> Option<BorrowedFd<'_>>;
+}
