@@ -122,7 +122,7 @@ pub const PAYLOAD_INLINE: u32 = 8;
 pub const PAYLOAD_ALIGNED: u32 = 64;
 
 /// Smallest ring size (data bytes).
-pub const RING_SIZE_MIN: u32 = 256;
+pub const RING_SIZE_MIN: u32 = 128;
 /// Largest ring size (data bytes).
 pub const RING_SIZE_MAX: u32 = 1 << 30;
 /// Fewest channels a region may have.

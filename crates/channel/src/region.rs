@@ -301,6 +301,13 @@ impl Region {
         Self::from_shm(Shm::model(len), None, doorbell, Some(format))
     }
 
+    /// Another peer's handle on the same model memory (`--cfg loom` only).
+    #[cfg(loom)]
+    #[doc(hidden)]
+    pub fn model_peer(&self, doorbell: Arc<dyn Doorbell>) -> Result<Region, RegionError> {
+        Self::from_shm(self.inner.shm.clone(), None, doorbell, None)
+    }
+
     fn from_shm(
         shm: Shm,
         memory: Option<Box<dyn RegionMemoryDebug>>,

@@ -184,6 +184,14 @@ mod model {
     }
 
     impl Shm {
+        /// Real memory is not modelled: a zeroed model region of the same length.
+        ///
+        /// # Safety
+        /// None needed (kept `unsafe` to match the real constructor).
+        pub(crate) unsafe fn new(_base: *mut u8, len: usize) -> Shm {
+            Shm::model(len)
+        }
+
         /// A zeroed model region of `len` bytes.
         pub(crate) fn model(len: usize) -> Shm {
             Shm {

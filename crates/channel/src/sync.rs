@@ -47,6 +47,7 @@ impl Deadline {
     /// In the model: always forever.
     #[cfg(loom)]
     pub(crate) fn remaining(&self) -> Option<Duration> {
+        let _ = self.0;
         None
     }
 
