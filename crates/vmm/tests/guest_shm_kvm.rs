@@ -3,18 +3,18 @@
 //! see each other attach and detach (interrupt on every status change, observed by the
 //! guest's own handler), and get the policy's and the registry's status codes.
 
+mod common;
+
 use std::os::fd::AsFd;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::{NamedServer, TIMEOUT};
 use ivshm_policy::{GuestShmStatus, VmPolicy};
-use ivshm_server::{config_file, ServerHandle};
 use ivshm_testvmm::asm::{Asm, Cond, Reg};
 use ivshm_testvmm::guest::{GuestOps, PROGRAM_BASE};
 use ivshm_testvmm::{attach_guest_shm, attach_guest_shm_on_ioapic_pin, kvm_or_skip, TestVm};
-use ivshm_vmm::guest_shm::{Factory, GuestShmMode, LocalRegionRegistry, ServerFactory};
+use ivshm_vmm::guest_shm::{Factory, GuestShmMode, LocalRegionRegistry};
 
-const TIMEOUT: Duration = Duration::from_secs(20);
 const RAM: usize = 2 << 20;
 const VECTOR: u8 = 0x60;
 const PAYLOAD: u32 = 0x9e57_0042;
@@ -206,49 +206,6 @@ fn qnx_flow_between_two_vms() {
     );
 }
 
-/// The real server with named regions: VM directories `vm0` (denies "secret*") and `vm1`,
-/// each with its `factory.sock`; regions default to 16 vectors, 16 peers, lowest-free ids.
-struct NamedServer {
-    base: PathBuf,
-    server: Option<ServerHandle>,
-}
-
-impl NamedServer {
-    fn start(tag: &str) -> NamedServer {
-        let base = std::env::temp_dir().join(format!("ivshm-vmm-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&base);
-        std::fs::create_dir_all(&base).unwrap();
-        let root = base.join("root");
-        let text = format!(
-            "root = {:?}\n[vm.vm0]\nrules = [\"deny secret*\", \"allow *\"]\n[vm.vm1]\n",
-            root.display().to_string()
-        );
-        let path = base.join("ivshm.toml");
-        std::fs::write(&path, &text).unwrap();
-        let config = config_file::parse(&text, &path).unwrap();
-        NamedServer {
-            server: Some(ServerHandle::spawn(config).unwrap()),
-            base,
-        }
-    }
-
-    fn factory(&self, vm: &str) -> ServerFactory {
-        ServerFactory::new(
-            self.base.join("root").join(vm).join("factory.sock"),
-            TIMEOUT,
-        )
-    }
-}
-
-impl Drop for NamedServer {
-    fn drop(&mut self) {
-        if let Some(s) = self.server.take() {
-            let _ = s.shutdown();
-        }
-        let _ = std::fs::remove_dir_all(&self.base);
-    }
-}
-
 /// The same flow with `ServerFactory` against `ivshm-server`'s factory sockets: the server
 /// applies each VM's policy, the connections are v0 peers on the region (notifications are
 /// doorbells on vector = sender's index).
@@ -262,54 +219,6 @@ fn qnx_flow_through_the_servers_factory() {
         Box::new(server.factory("vm0")),
         Box::new(server.factory("vm1")),
     );
-}
-
-/// Through the server's factory: 16 connections fill a region, the 17th gets
-/// `GSS_CLIENT_MAX`; a missing region `GSS_DOES_NOT_EXIST`; a denied name
-/// `GSS_NO_PERMISSION`; after one detach the freed index is reused.
-#[test]
-fn server_factory_status_codes_and_lowest_free_index() {
-    let server = NamedServer::start("gs-codes");
-    let mut f = server.factory("vm1");
-    let irq = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
-    let field = |s: &str| {
-        let mut n = [0u8; 32];
-        n[..s.len()].copy_from_slice(s.as_bytes());
-        n
-    };
-    let mut held: Vec<_> = (0..16)
-        .map(|_| f.create_or_attach(&field("full"), 1, irq.as_fd()).unwrap())
-        .collect();
-    let idx: Vec<u32> = held.iter().map(|a| a.connection.idx()).collect();
-    assert_eq!(idx, (0..16).collect::<Vec<u32>>());
-    let code =
-        |r: Result<ivshm_vmm::guest_shm::Attachment, GuestShmStatus>| r.map(|_| ()).unwrap_err();
-    assert_eq!(
-        code(f.create_or_attach(&field("full"), 1, irq.as_fd())),
-        GuestShmStatus::ClientMax
-    );
-    assert_eq!(
-        code(f.find(&field("nothere"), irq.as_fd())),
-        GuestShmStatus::DoesNotExist
-    );
-    let mut vm0 = server.factory("vm0");
-    assert_eq!(
-        code(vm0.create_or_attach(&field("secret"), 1, irq.as_fd())),
-        GuestShmStatus::NoPermission
-    );
-    // Free index 5; the next attach gets it.
-    held[5].connection.detach();
-    let deadline = Instant::now() + TIMEOUT;
-    let again = loop {
-        match f.find(&field("full"), irq.as_fd()) {
-            Ok(a) => break a,
-            Err(GuestShmStatus::ClientMax) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("find after detach: {e:?}"),
-        }
-    };
-    assert_eq!(again.connection.idx(), 5);
 }
 
 /// MMIO mode (factory page at `loc`, interrupt on IOAPIC input `intr`): a 17th client gets

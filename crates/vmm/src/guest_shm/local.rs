@@ -335,37 +335,4 @@ mod tests {
             "lowest free index"
         );
     }
-
-    #[test]
-    fn status_codes() {
-        let reg = LocalRegionRegistry::new(16);
-        let mut f = reg.factory(VmPolicy::parse_qnx("vdev shmem\n deny secret*").unwrap());
-        let i = efd();
-        let code = |r: Result<Attachment, GuestShmStatus>| r.map(|_| ()).unwrap_err();
-        assert_eq!(
-            code(f.create_or_attach(&name("secret"), 1, i.as_fd())),
-            GuestShmStatus::NoPermission
-        );
-        assert_eq!(
-            code(f.find(&name("nothere"), i.as_fd())),
-            GuestShmStatus::DoesNotExist
-        );
-        assert_eq!(
-            code(f.create_or_attach(&name("big"), 17, i.as_fd())),
-            GuestShmStatus::NoMem
-        );
-        assert_eq!(
-            code(f.create_or_attach(&name("../x"), 1, i.as_fd())),
-            GuestShmStatus::IllegalName
-        );
-        let held: Vec<Attachment> = (0..16)
-            .map(|_| f.create_or_attach(&name("full"), 1, i.as_fd()).unwrap())
-            .collect();
-        assert_eq!(
-            code(f.create_or_attach(&name("full"), 1, i.as_fd())),
-            GuestShmStatus::ClientMax
-        );
-        drop(held);
-        assert_eq!(reg.attached_mask("full"), 0, "last detach frees the region");
-    }
 }

@@ -211,32 +211,3 @@ impl Drop for LocalDoorbellLink {
         }
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn join_ring_leave() {
-        let bus = LocalDoorbellBus::new();
-        let mut a = bus.join(2).unwrap();
-        let b = bus.join(2).unwrap();
-        assert_eq!((a.own_id(), b.own_id()), (0, 1));
-        // b knew a at join time; a learns about b through an event.
-        assert_eq!(b.peer_ids(), vec![0]);
-        assert_eq!(a.peer_ids(), Vec::<u16>::new());
-        assert_eq!(
-            a.process_events().unwrap(),
-            vec![PeerChange::Joined { id: 1, vectors: 2 }]
-        );
-        ring_eventfd(a.peer_vector_fd(1, 1).unwrap()).unwrap();
-        assert_eq!(drain_eventfd(b.own_vector_fd(1).unwrap()).unwrap(), 1);
-        assert_eq!(drain_eventfd(b.own_vector_fd(0).unwrap()).unwrap(), 0);
-        drop(b);
-        assert_eq!(
-            a.process_events().unwrap(),
-            vec![PeerChange::Left { id: 1 }]
-        );
-        assert!(a.peer_vector_fd(1, 0).is_none());
-    }
-}

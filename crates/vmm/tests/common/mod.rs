@@ -1,0 +1,93 @@
+//! What the `ivshm-vmm` integration tests share: the two VMs' `vdev shmem` policies and a real
+//! in-process `ivshm-server` with named regions that serves them.
+
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ivshm_policy::VmPolicy;
+use ivshm_server::{config_file, ServerHandle};
+use ivshm_vmm::guest_shm::{LocalRegionRegistry, ServerFactory};
+
+/// Every factory request and region join must finish within this (a failure guard).
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Largest region a factory creates, in 4 KiB pages (larger: `GSS_NOMEM`).
+pub const MAX_PAGES: u32 = 256;
+
+/// The policy of VM `vm0`: everything but `secret*`.
+pub const VM0_POLICY: &str = "deny secret*\nallow *";
+/// The policy of VM `vm1`: everything, and region `premade` (2 pages) created at VM start.
+pub const VM1_POLICY: &str = "create premade,0x2000";
+
+/// The `vdev shmem` policy of `vm` (`vm0` or `vm1`).
+pub fn vm_policy(vm: &str) -> VmPolicy {
+    let text = match vm {
+        "vm0" => VM0_POLICY,
+        "vm1" => VM1_POLICY,
+        other => panic!("no VM {other}"),
+    };
+    VmPolicy::parse_qnx(text).unwrap()
+}
+
+/// The in-process registry with the same limits as [`NamedServer`].
+pub fn local_registry() -> LocalRegionRegistry {
+    LocalRegionRegistry::new(MAX_PAGES)
+}
+
+/// The real server with named regions: VM directories `vm0` and `vm1` with the policies above,
+/// each with its `factory.sock`; regions default to 16 vectors, 16 peers, lowest-free ids, and
+/// at most [`MAX_PAGES`] pages.
+pub struct NamedServer {
+    base: PathBuf,
+    server: Option<ServerHandle>,
+}
+
+impl NamedServer {
+    /// Starts a server in a fresh directory named after `tag`.
+    pub fn start(tag: &str) -> NamedServer {
+        let base = std::env::temp_dir().join(format!("ivshm-vmm-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let root = base.join("root");
+        let text = format!(
+            "root = {:?}\n[defaults]\nmax_size = {}\n\
+             [vm.vm0]\nqnx = \"\"\"\n{VM0_POLICY}\n\"\"\"\n\
+             [vm.vm1]\nqnx = \"\"\"\n{VM1_POLICY}\n\"\"\"\n",
+            root.display().to_string(),
+            u64::from(MAX_PAGES) * 4096,
+        );
+        let path = base.join("ivshm.toml");
+        std::fs::write(&path, &text).unwrap();
+        let config = config_file::parse(&text, &path).unwrap();
+        NamedServer {
+            server: Some(ServerHandle::spawn(config).unwrap()),
+            base,
+        }
+    }
+
+    /// The `factory.sock` of `vm`.
+    pub fn factory_socket(&self, vm: &str) -> PathBuf {
+        self.base.join("root").join(vm).join("factory.sock")
+    }
+
+    /// A factory for `vm`.
+    pub fn factory(&self, vm: &str) -> ServerFactory {
+        ServerFactory::new(self.factory_socket(vm), TIMEOUT)
+    }
+
+    /// A scratch path in the server's directory.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self.base.join(name)
+    }
+}
+
+impl Drop for NamedServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            let _ = s.shutdown();
+        }
+        let _ = std::fs::remove_dir_all(&self.base);
+    }
+}
