@@ -13,6 +13,8 @@
 //! - [`background`]: guest commands running in the background while the test goes on.
 //! - [`guest_tool`]: the `ivshm guest` tool in VFIO guests (waits, rings, hex reads/writes).
 //! - [`pci`]: finding `ivshmem` devices in the guest and `devmem` access to their BARs.
+//! - [`qemu_tools`]: QEMU 7.2's own `ivshmem-server` and `ivshmem-client` (reference programs);
+//!   [`require_qemu_tools!`] skips or fails.
 //! - [`host`]: host processes with captured output lines (from `ivshm-test-support`).
 //! - [`ivshm`]: the host `ivshm` server, listener, read and write.
 //! - [`scratch`]: temporary directories and `/dev/shm` files removed on drop.
@@ -29,6 +31,7 @@ pub mod ivshm;
 pub mod libvirt;
 pub mod pci;
 pub mod qemu;
+pub mod qemu_tools;
 pub mod scratch;
 pub mod workspace;
 
@@ -42,4 +45,5 @@ pub use host::{HostProcess, Stream};
 pub use ivshm::{IvshmListener, IvshmServer, ListenEvent};
 pub use pci::IvshmemDevice;
 pub use qemu::{boot_all, GuestBuilder, Machine, PendingCommand, QemuError, QemuGuest};
+pub use qemu_tools::QemuTools;
 pub use scratch::{ScratchDir, ShmFile};

@@ -3,7 +3,7 @@
 //! Every wait is bounded and fails with the last lines of both streams. Killed on drop, and
 //! when the test process dies ([`orphan`]).
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -84,6 +84,10 @@ struct Line {
 #[derive(Debug, Default)]
 struct LinesState {
     lines: Vec<Line>,
+    /// Everything read so far, a line not yet ended included (a prompt without a newline).
+    raw: Vec<u8>,
+    /// Where the line being read starts in `raw`.
+    line_start: usize,
     closed: bool,
 }
 
@@ -107,14 +111,63 @@ impl LineBuffer {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn push(&self, text: String) {
-        self.lock().lines.push(Line { text, taken: false });
+    /// Appends what was read; every line it ends becomes a [`Line`].
+    fn append(&self, bytes: &[u8]) {
+        let mut state = self.lock();
+        state.raw.extend_from_slice(bytes);
+        while let Some(end) = state.raw[state.line_start..]
+            .iter()
+            .position(|&b| b == b'\n')
+        {
+            let end = state.line_start + end;
+            let text = String::from_utf8_lossy(&state.raw[state.line_start..end])
+                .trim_end_matches('\r')
+                .to_string();
+            state.lines.push(Line { text, taken: false });
+            state.line_start = end + 1;
+        }
+        drop(state);
         self.changed.notify_all();
     }
 
     fn close(&self) {
-        self.lock().closed = true;
+        let mut state = self.lock();
+        if state.line_start < state.raw.len() {
+            let text = String::from_utf8_lossy(&state.raw[state.line_start..]).to_string();
+            state.lines.push(Line { text, taken: false });
+            state.line_start = state.raw.len();
+        }
+        state.closed = true;
+        drop(state);
         self.changed.notify_all();
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.lock().raw).into_owned()
+    }
+
+    /// Waits until everything read so far satisfies `wanted`; returns it.
+    fn wait_text(&self, timeout: Duration, wanted: &mut dyn FnMut(&str) -> bool) -> LineWait {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            let text = String::from_utf8_lossy(&state.raw);
+            if wanted(&text) {
+                return LineWait::Found(text.into_owned());
+            }
+            if state.closed {
+                return LineWait::Ended;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return LineWait::Timeout;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+        }
     }
 
     fn snapshot(&self) -> Vec<String> {
@@ -176,16 +229,14 @@ fn spawn_line_reader(
     std::thread::Builder::new()
         .name("test-lines".into())
         .spawn(move || {
-            let mut reader = BufReader::new(stream);
-            let mut bytes = Vec::new();
+            let mut stream = stream;
+            let mut chunk = [0u8; 4096];
             loop {
-                bytes.clear();
-                match reader.read_until(b'\n', &mut bytes) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let text = String::from_utf8_lossy(&bytes);
-                        buffer.push(text.trim_end_matches(['\n', '\r']).to_string());
-                    }
+                match stream.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => buffer.append(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
                 }
             }
             buffer.close();
@@ -307,6 +358,37 @@ impl HostProcess {
     /// All lines of `stream` captured so far (taken or not).
     pub fn lines(&self, stream: Stream) -> Vec<String> {
         self.buffer(stream).snapshot()
+    }
+
+    /// Everything `stream` has printed so far, as text, a last line without a newline (a prompt)
+    /// included.
+    pub fn output(&self, stream: Stream) -> String {
+        self.buffer(stream).text()
+    }
+
+    /// Waits until everything `stream` has printed so far satisfies `wanted` (e.g. holds a
+    /// prompt a number of times); returns that text.
+    pub fn wait_output(
+        &self,
+        stream: Stream,
+        what: &str,
+        timeout: Duration,
+        mut wanted: impl FnMut(&str) -> bool,
+    ) -> Result<String, HostError> {
+        match self.buffer(stream).wait_text(timeout, &mut wanted) {
+            LineWait::Found(text) => Ok(text),
+            LineWait::Timeout => Err(HostError::Timeout {
+                name: self.name.clone(),
+                what: what.to_string(),
+                timeout,
+                context: self.failure_context(),
+            }),
+            LineWait::Ended => Err(HostError::Ended {
+                name: self.name.clone(),
+                what: what.to_string(),
+                context: self.failure_context(),
+            }),
+        }
     }
 
     /// The last captured lines of both streams, for failure messages.
@@ -490,6 +572,27 @@ mod tests {
             process.wait_stdout_line("one", timeout),
             Err(HostError::Ended { .. })
         ));
+    }
+
+    #[test]
+    fn raw_output_keeps_a_line_without_newline() {
+        let process = HostProcess::spawn(
+            "sh",
+            shell("printf 'one\\ncmd> '; sleep 0.1; printf 'two\\n'"),
+        )
+        .unwrap();
+        let timeout = Duration::from_secs(30);
+        let text = process
+            .wait_output(Stream::Stdout, "the prompt", timeout, |t| {
+                t.ends_with("cmd> ")
+            })
+            .unwrap();
+        assert_eq!(text, "one\ncmd> ");
+        assert_eq!(
+            process.wait_stdout_line("cmd> two", timeout).unwrap(),
+            "cmd> two"
+        );
+        assert_eq!(process.output(Stream::Stdout), "one\ncmd> two\n");
     }
 
     #[test]

@@ -54,8 +54,8 @@ enum Parsed {
     Run(Args),
     /// `-h`: usage, exit 0.
     Help,
-    /// Bad option: usage, exit 1.
-    Usage,
+    /// Bad option: getopt's message, usage, exit 1.
+    Usage(String),
 }
 
 /// getopt("hvS:") semantics ([`dropin::getopt`]).
@@ -69,7 +69,8 @@ fn parse_args(args: &[String]) -> Parsed {
             Ok(('h', _)) => return Parsed::Help,
             Ok(('v', _)) => out.verbose = true,
             Ok(('S', Some(path))) => out.socket = PathBuf::from(path),
-            Ok(_) | Err(_) => return Parsed::Usage,
+            Ok((c, _)) => return Parsed::Usage(format!("invalid option -- '{c}'")),
+            Err(e) => return Parsed::Usage(e.to_string()),
         }
     }
     Parsed::Run(out)
@@ -551,7 +552,8 @@ fn main() {
             eprint!("{}", usage(name));
             std::process::exit(0);
         }
-        Parsed::Usage => {
+        Parsed::Usage(message) => {
+            eprintln!("{name}: {message}");
             eprint!("{}", usage(name));
             std::process::exit(1);
         }
@@ -610,8 +612,14 @@ mod tests {
             })
         );
         assert_eq!(parse_args(&s(&["-h"])), Parsed::Help);
-        assert_eq!(parse_args(&s(&["-x"])), Parsed::Usage);
-        assert_eq!(parse_args(&s(&["-S"])), Parsed::Usage);
+        assert_eq!(
+            parse_args(&s(&["-x"])),
+            Parsed::Usage("invalid option -- 'x'".into())
+        );
+        assert_eq!(
+            parse_args(&s(&["-S"])),
+            Parsed::Usage("option requires an argument -- 'S'".into())
+        );
     }
 
     #[test]
