@@ -6,14 +6,13 @@
 //!
 //! The VFIO path with a real kernel is covered by `crates/e2e/tests/guest_vfio.rs`.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::mpsc::channel;
-use std::time::Duration;
+use std::process::{Command, Output};
 
+use ivshm_test_support::process::{HostProcess, Stream};
 use ivshm_test_support::sysfs::{doorbell_resource, FakeFunction, FakeSysfs};
+use ivshm_test_support::WAIT_GUARD;
 
 /// BAR2 of the fake devices: the size in their `resource` file and of their `resource2` file.
 const SHARED_SIZE: usize = 64 << 10;
@@ -377,35 +376,22 @@ fn sysfs_mode_waits_by_polling_an_agreed_counter() {
     );
 
     // A waiting process sees each polled doorbell from another process, on the right vector.
-    let mut waiter = sys
-        .command(
-            "wait",
-            &[
-                "--mode",
-                "sysfs",
-                "--poll-offset",
-                "0x1000",
-                "--count",
-                "2",
-                "--timeout",
-                "60",
-            ],
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, lines) = channel();
-    let out = waiter.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            if tx.send(line.unwrap()).is_err() {
-                break;
-            }
-        }
-    });
-    let limit = Duration::from_secs(30);
+    let command = sys.command(
+        "wait",
+        &[
+            "--mode",
+            "sysfs",
+            "--poll-offset",
+            "0x1000",
+            "--count",
+            "2",
+            "--timeout",
+            "60",
+        ],
+    );
+    let mut waiter = HostProcess::spawn("ivshm guest wait", command).unwrap();
     assert_eq!(
-        lines.recv_timeout(limit).unwrap(),
+        waiter.next_line(Stream::Stdout, WAIT_GUARD).unwrap(),
         format!("self id={OWN_ID} vectors=4 size=65536")
     );
     for vector in ["3", "1"] {
@@ -423,11 +409,11 @@ fn sysfs_mode_waits_by_polling_an_agreed_counter() {
             ],
         ));
         assert_eq!(
-            lines.recv_timeout(limit).unwrap(),
+            waiter.next_line(Stream::Stdout, WAIT_GUARD).unwrap(),
             format!("doorbell vector={vector}")
         );
     }
-    assert!(waiter.wait().unwrap().success());
+    assert!(waiter.wait_exit(WAIT_GUARD).unwrap().success());
 }
 
 #[test]

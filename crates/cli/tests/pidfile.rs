@@ -2,15 +2,13 @@
 //! path: the link is replaced by the pid file, the file it points to stays untouched while the
 //! server runs and after it stopped, and the pid file goes on exit.
 
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::time::Instant;
 
-use ivshm_test_support::fds::readable_within;
-use ivshm_test_support::process::{HostProcess, Signal, Stream};
+use ivshm_test_support::orphan;
+use ivshm_test_support::process::{terminate_pid, HostProcess, Stream};
 use ivshm_test_support::WAIT_GUARD as GUARD;
-use rustix::process::{kill_process, pidfd_open, Pid, PidfdFlags};
 
 const PRECIOUS: &[u8] = b"precious: must stay as it is\n";
 
@@ -69,7 +67,7 @@ fn ivshmem_server_daemon_replaces_a_planted_pidfile_link_and_never_follows_it() 
     // that would stay open while it runs.
     let log_path = dir.join("log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_ivshmem-server"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ivshmem-server"))
         .arg("-S")
         .arg(dir.join("s.sock"))
         .arg("-p")
@@ -82,16 +80,11 @@ fn ivshmem_server_daemon_replaces_a_planted_pidfile_link_and_never_follows_it() 
         .stderr(log)
         .spawn()
         .unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let output = rx
-        .recv_timeout(GUARD)
-        .expect("launcher did not exit")
-        .unwrap();
+    let status = orphan::wait_until(&mut child, Instant::now() + GUARD)
+        .unwrap()
+        .expect("launcher did not exit");
     assert!(
-        output.status.success(),
+        status.success(),
         "{}",
         std::fs::read_to_string(&log_path).unwrap()
     );
@@ -102,13 +95,7 @@ fn ivshmem_server_daemon_replaces_a_planted_pidfile_link_and_never_follows_it() 
         .parse()
         .unwrap();
     assert_replaced(&pid_file, &victim, pid);
-    let daemon = Pid::from_raw(pid as i32).unwrap();
-    let pidfd = pidfd_open(daemon, PidfdFlags::empty()).expect("the daemon is running");
-    kill_process(daemon, Signal::TERM).unwrap();
-    assert!(
-        readable_within(pidfd.as_fd(), GUARD),
-        "the daemon did not exit"
-    );
+    terminate_pid(pid, GUARD);
     assert!(!pid_file.exists(), "the pid file is removed on exit");
     assert_eq!(std::fs::read(&victim).unwrap(), PRECIOUS);
     std::fs::remove_dir_all(dir).unwrap();

@@ -1,16 +1,15 @@
 //! The server programs as users run them: `ivshmem-server` (foreground and daemon) and
 //! `ivshm serve`, each checked with a raw v0 peer and a clean SIGTERM shutdown.
 
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::time::Instant;
 
-use ivshm_test_support::fds::readable_within;
-use ivshm_test_support::process::{HostProcess, Signal, Stream};
+use ivshm_test_support::orphan;
+use ivshm_test_support::process::{terminate_pid, HostProcess, Signal, Stream};
 use ivshm_test_support::v0::{RawPeer, Received};
 use ivshm_test_support::WAIT_GUARD as GUARD;
-use rustix::process::{kill_process, pidfd_open, Pid, PidfdFlags};
+use rustix::process::Pid;
 
 fn temp(tag: &str) -> PathBuf {
     std::env::temp_dir().join(format!("ivshm-bin-{tag}-{}", std::process::id()))
@@ -31,18 +30,6 @@ fn wait_line(server: &HostProcess, needle: &str) -> String {
     server
         .wait_line_containing(Stream::Stderr, needle, GUARD)
         .unwrap()
-}
-
-/// Sends SIGTERM to process `pid` (not our child: a daemon) and waits (with the guard) for it
-/// to exit.
-fn terminate_daemon(pid: u32) {
-    let pid = Pid::from_raw(pid as i32).unwrap();
-    let pidfd = pidfd_open(pid, PidfdFlags::empty()).expect("the daemon is running");
-    kill_process(pid, Signal::TERM).unwrap();
-    assert!(
-        readable_within(pidfd.as_fd(), GUARD),
-        "the daemon did not exit"
-    );
 }
 
 /// Connects to `socket` and checks the handshake of the first peer: 0, id 0, -1 + shm of
@@ -92,7 +79,7 @@ fn ivshmem_server_daemonizes_after_it_listens_and_writes_its_pid_file() {
     // Like QEMU's, the daemon keeps the launcher's stdout and stderr: a file here, since a pipe
     // would stay open as long as the daemon runs.
     let log = std::fs::File::create(&output).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_ivshmem-server"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ivshmem-server"))
         .arg("-S")
         .arg(&socket)
         .arg("-p")
@@ -105,16 +92,11 @@ fn ivshmem_server_daemonizes_after_it_listens_and_writes_its_pid_file() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let launcher = rx
-        .recv_timeout(GUARD)
-        .expect("launcher did not exit")
-        .unwrap();
+    let status = orphan::wait_until(&mut child, Instant::now() + GUARD)
+        .unwrap()
+        .expect("launcher did not exit");
     assert!(
-        launcher.status.success(),
+        status.success(),
         "{}",
         std::fs::read_to_string(&output).unwrap()
     );
@@ -132,7 +114,7 @@ fn ivshmem_server_daemonizes_after_it_listens_and_writes_its_pid_file() {
         std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
         std::env::current_dir().unwrap()
     );
-    terminate_daemon(pid);
+    terminate_pid(pid, GUARD);
     assert!(!socket.exists());
     assert!(!pid_file.exists());
     // The file in -m DIR was never visible by name.

@@ -531,6 +531,23 @@ impl Drop for HostProcess {
     }
 }
 
+/// Sends SIGTERM to process `pid`, which need not be a child of this one (a daemon), and
+/// waits up to `timeout` for it to exit (through a pidfd). Panics if it was not running or
+/// did not exit in time.
+pub fn terminate_pid(pid: u32, timeout: Duration) {
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .expect("a process id");
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+        .expect("the process is running");
+    kill_process(pid, Signal::TERM).expect("sending SIGTERM");
+    assert!(
+        crate::fds::readable_within(std::os::fd::AsFd::as_fd(&pidfd), timeout),
+        "process {pid:?} did not exit within {timeout:?}"
+    );
+}
+
 /// Runs `command` to completion within `timeout` and returns its stdout lines; fails (with
 /// its output) on a non-zero exit.
 pub fn run_to_completion(
