@@ -43,7 +43,7 @@ pub use background::BackgroundCommand;
 pub use console::CommandOutput;
 pub use host::{HostProcess, Stream};
 pub use ivshm::{IvshmListener, IvshmServer, ListenEvent};
-pub use pci::IvshmemDevice;
+pub use pci::ShellDevice;
 pub use qemu::{boot_all, GuestBuilder, Machine, PendingCommand, QemuError, QemuGuest};
 pub use qemu_tools::QemuTools;
 pub use scratch::{ScratchDir, ShmFile};

@@ -8,7 +8,7 @@ use crate::qemu::{QemuError, QemuGuest};
 
 use ivshm_proto::ivshmem::{self as abi, doorbell_value, REG_DOORBELL, REG_IV_POSITION};
 use ivshm_proto::pci_resource::parse_resource_file;
-/// One line of a sysfs `resource` file (a BAR's range and flags), as [`IvshmemDevice::bars`] returns.
+/// One line of a sysfs `resource` file (a BAR's range and flags), as [`ShellDevice::bars`] returns.
 pub use ivshm_proto::pci_resource::Resource;
 
 fn parse_hex(text: &str) -> Option<u64> {
@@ -42,9 +42,11 @@ pub fn devmem_write(
     Ok(())
 }
 
-/// An `ivshmem` PCI device as seen from inside a guest.
+/// An `ivshmem` PCI device inside a QEMU guest, reached through the guest's shell: found in
+/// its sysfs, registers and memory accessed with busybox `devmem` (for a guest program's view,
+/// run `ivshm guest` there, which uses `ivshm_guest::MappedDevice`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IvshmemDevice {
+pub struct ShellDevice {
     /// The PCI address, e.g. `0000:00:04.0`.
     pub bdf: String,
     /// The resources from sysfs (at least three: BAR0 registers, BAR1 MSI-X for the doorbell
@@ -52,7 +54,7 @@ pub struct IvshmemDevice {
     bars: Vec<Resource>,
 }
 
-impl IvshmemDevice {
+impl ShellDevice {
     /// Lists every `ivshmem` device (vendor `0x1af4`, device `0x1110`) in the guest's sysfs,
     /// sorted by address, without enabling them (e.g. before binding to `vfio-pci`).
     pub fn discover(guest: &mut QemuGuest, timeout: Duration) -> Result<Vec<Self>, QemuError> {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ivshm_e2e::{require_e2e, IvshmemDevice, QemuGuest, ShmFile};
+use ivshm_e2e::{require_e2e, QemuGuest, ShellDevice, ShmFile};
 
 const BOOT: Duration = Duration::from_secs(240);
 const COMMAND: Duration = Duration::from_secs(60);
@@ -32,7 +32,7 @@ fn plain_shared_memory_both_directions() {
     let version = guest.run_ok("/bin/ivshm --version", COMMAND).unwrap();
     assert!(version.starts_with("ivshm "), "{version}");
 
-    let device = IvshmemDevice::find_one(&mut guest, COMMAND).unwrap();
+    let device = ShellDevice::find_one(&mut guest, COMMAND).unwrap();
     assert_eq!(device.shared_memory_size(), SIZE);
 
     // Guest → host.
@@ -134,7 +134,7 @@ fn vfio_modules_load_and_bind_the_device() {
             "{module} not loaded:\n{modules}"
         );
     }
-    let mut devices = IvshmemDevice::discover(&mut guest, COMMAND).unwrap();
+    let mut devices = ShellDevice::discover(&mut guest, COMMAND).unwrap();
     assert_eq!(devices.len(), 1);
     let device = devices.remove(0);
     let group = device.bind_vfio(&mut guest, COMMAND).unwrap();

@@ -17,7 +17,7 @@ use ivshm_e2e::host::run_to_completion;
 use ivshm_e2e::ivshm::{ivshm_command, read_shared, write_shared};
 use ivshm_e2e::libvirt::{self, Libvirt, LibvirtGuest};
 use ivshm_e2e::{
-    require_e2e, HostProcess, IvshmListener, IvshmemDevice, QemuGuest, ScratchDir, Stream,
+    require_e2e, HostProcess, IvshmListener, QemuGuest, ScratchDir, ShellDevice, Stream,
 };
 
 const BOOT: Duration = Duration::from_secs(240);
@@ -86,7 +86,7 @@ fn host_writes(host_socket: &Path, listener: &IvshmListener) {
 /// IVPosition is the id the host peer saw join; the guest rings the host peer, reads what
 /// the host wrote and writes [`FROM_GUEST`].
 fn guest_side(guest: &mut QemuGuest, listener: &IvshmListener, joined_id: u16) {
-    let device = IvshmemDevice::find_one(guest, STEP).unwrap();
+    let device = ShellDevice::find_one(guest, STEP).unwrap();
     let position = device.read_ivposition(guest, STEP).unwrap();
     assert_eq!(position, u32::from(joined_id), "IVPosition");
     device.ring_doorbell(guest, listener.id(), 1, STEP).unwrap();

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use ivshm_e2e::ivshm::{read_shared, write_shared};
-use ivshm_e2e::{require_e2e, IvshmListener, IvshmServer, IvshmemDevice, QemuGuest, ScratchDir};
+use ivshm_e2e::{require_e2e, IvshmListener, IvshmServer, QemuGuest, ScratchDir, ShellDevice};
 
 const BOOT: Duration = Duration::from_secs(240);
 const HOST: Duration = Duration::from_secs(60);
@@ -46,8 +46,8 @@ fn two_guests_and_a_host_peer_share_memory_and_ring_the_host() {
 
     guest_a.wait_ready(BOOT).unwrap();
     guest_b.wait_ready(BOOT).unwrap();
-    let device_a = IvshmemDevice::find_one(&mut guest_a, COMMAND).unwrap();
-    let device_b = IvshmemDevice::find_one(&mut guest_b, COMMAND).unwrap();
+    let device_a = ShellDevice::find_one(&mut guest_a, COMMAND).unwrap();
+    let device_b = ShellDevice::find_one(&mut guest_b, COMMAND).unwrap();
     assert_eq!(device_a.shared_memory_size(), SIZE);
     assert_eq!(device_b.shared_memory_size(), SIZE);
 

@@ -38,7 +38,7 @@ pub const CONTROL_BLOCK_SIZE: usize = 16;
 /// Most round trips per phase (sequence numbers must stay below the flag and markers).
 pub const MAX_ROUND_TRIPS: u32 = POLLING_FLAG - 1;
 
-/// Ringing a peer and waiting for own doorbells; implemented by [`crate::IvshmemDevice`].
+/// Ringing a peer and waiting for own doorbells; implemented by [`crate::MappedDevice`].
 pub trait Doorbells {
     /// Rings `vector` of `peer`.
     fn ring(&self, peer: u16, vector: u16) -> Result<(), DoorbellError>;
@@ -46,7 +46,7 @@ pub trait Doorbells {
     fn wait_rung(&self, vector: u16, timeout: Duration) -> Result<u64, DoorbellError>;
 }
 
-impl Doorbells for crate::IvshmemDevice {
+impl Doorbells for crate::MappedDevice {
     fn ring(&self, peer: u16, vector: u16) -> Result<(), DoorbellError> {
         self.notify(peer, vector)
     }

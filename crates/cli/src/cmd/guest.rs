@@ -5,7 +5,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use ivshm_guest::doorbell::deadline_after;
 use ivshm_guest::{
-    find_devices, AccessMode, DeviceSelector, DoorbellError, FoundDevice, IvshmemDevice,
+    find_devices, AccessMode, DeviceSelector, DoorbellError, FoundDevice, MappedDevice,
     OpenOptions, PollDoorbells, SystemPaths,
 };
 use std::io::Write;
@@ -175,25 +175,25 @@ impl DeviceArgs {
         Ok(ivshm_guest::find_device(&self.paths(), self.selector()?)?)
     }
 
-    fn open_with(&self, mode: Option<AccessMode>) -> anyhow::Result<IvshmemDevice> {
+    fn open_with(&self, mode: Option<AccessMode>) -> anyhow::Result<MappedDevice> {
         let options = OpenOptions {
             paths: self.paths(),
             mode: mode.or(self.mode),
             take_over_driver: self.take_over,
         };
-        let device = IvshmemDevice::open_found(self.find()?, &options)?;
+        let device = MappedDevice::open_found(self.find()?, &options)?;
         tracing::debug!(?device, "opened");
         Ok(device)
     }
 
-    fn open(&self) -> anyhow::Result<IvshmemDevice> {
+    fn open(&self) -> anyhow::Result<MappedDevice> {
         self.open_with(None)
     }
 
     /// Closes the device after a command's `result`, restoring the original driver if
     /// `--restore-driver` was given — also when the command failed (a timed-out `wait`, say).
     /// Returns the command's error first.
-    fn close_after(&self, device: IvshmemDevice, result: anyhow::Result<()>) -> anyhow::Result<()> {
+    fn close_after(&self, device: MappedDevice, result: anyhow::Result<()>) -> anyhow::Result<()> {
         let closed = if self.restore_driver {
             device
                 .close_and_restore_driver()
@@ -330,7 +330,7 @@ fn notify(a: &NotifyArgs) -> anyhow::Result<()> {
     a.device.close_after(device, result)
 }
 
-fn ring(a: &NotifyArgs, device: &IvshmemDevice) -> anyhow::Result<()> {
+fn ring(a: &NotifyArgs, device: &MappedDevice) -> anyhow::Result<()> {
     // The register write first: it validates the vector, so a refused one changes nothing.
     device.notify(a.peer, a.vector)?;
     if let Some(offset) = a.poll_offset {
@@ -345,7 +345,7 @@ fn wait(a: &WaitArgs) -> anyhow::Result<()> {
     a.device.close_after(device, result)
 }
 
-fn wait_for_doorbells(a: &WaitArgs, device: &mut IvshmemDevice) -> anyhow::Result<()> {
+fn wait_for_doorbells(a: &WaitArgs, device: &mut MappedDevice) -> anyhow::Result<()> {
     if let Some(offset) = a.poll_offset {
         device.set_poll_area(offset)?;
     }

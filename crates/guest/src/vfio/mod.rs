@@ -90,7 +90,7 @@ pub enum VfioError {
     #[error(
         "{path} is busy: another process has this device open through VFIO (only one may, and while it \
          does the kernel also refuses to map the BARs through sysfs). Ring and access memory from that \
-         process (in the library, share one IvshmemDevice between threads), or wait for it to exit"
+         process (in the library, share one MappedDevice between threads), or wait for it to exit"
     )]
     GroupBusy {
         /// The group node.

@@ -46,7 +46,7 @@ pub mod factory {
     pub const SHMEM: usize = 0x08;
     /// `uint32_t vector` (read only): interrupt number for this region.
     pub const VECTOR: usize = 0x10;
-    /// `uint32_t status` (read only): [`GuestShmStatus`] of the last request.
+    /// `uint32_t status` (read only): [`GuestShmStatus`](super::GuestShmStatus) of the last request.
     pub const STATUS: usize = 0x14;
     /// `uint32_t size`: requested size in pages; writing it creates or attaches.
     pub const SIZE: usize = 0x18;

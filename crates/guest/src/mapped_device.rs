@@ -1,7 +1,7 @@
-//! An open ivshmem device ([`IvshmemDevice`]): opening it in one of the two [`AccessMode`]s,
+//! An open ivshmem device ([`MappedDevice`]): opening it in one of the two [`AccessMode`]s,
 //! its registers, shared memory, doorbells and the driver binding.
 
-use crate::device::{find_device, DeviceKind, DeviceSelector, FoundDevice, SelectError};
+use crate::discovery::{find_device, DeviceKind, DeviceSelector, FoundDevice, SelectError};
 use crate::doorbell::{self, doorbell_value, DoorbellError, PollDoorbells, VectorEventfds};
 use crate::pci::{PciAddress, SystemPaths};
 use crate::sysfs_access::{self, SysfsError};
@@ -67,7 +67,7 @@ impl fmt::Display for AccessMode {
     }
 }
 
-/// Options for [`IvshmemDevice::open`].
+/// Options for [`MappedDevice::open`].
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
     /// Where sysfs and `/dev/vfio` are.
@@ -75,7 +75,7 @@ pub struct OpenOptions {
     /// Access mode; `None` picks [`AccessMode::default_for`] the device kind.
     pub mode: Option<AccessMode>,
     /// VFIO mode: unbind another driver that owns the device (remembered, so that
-    /// [`IvshmemDevice::close_and_restore_driver`] can rebind it). Without it such a device is refused.
+    /// [`MappedDevice::close_and_restore_driver`] can rebind it). Without it such a device is refused.
     pub take_over_driver: bool,
 }
 
@@ -118,13 +118,15 @@ enum Waiter<'a> {
     Poll(&'a PollDoorbells),
 }
 
-/// An open ivshmem device: shared memory, registers and doorbells.
+/// An ivshmem device opened and mapped from the guest's user space (the guest side; the device
+/// model a VMM runs is `ivshm_vmm::ivshmem::IvshmemDevice`): shared memory, registers and
+/// doorbells.
 ///
-/// It is `Send` and `Sync`: one thread may [`wait`](IvshmemDevice::wait) while others
-/// [`notify`](IvshmemDevice::notify) and use the memory. Only one process can hold a device
+/// It is `Send` and `Sync`: one thread may [`wait`](MappedDevice::wait) while others
+/// [`notify`](MappedDevice::notify) and use the memory. Only one process can hold a device
 /// through VFIO at a time, so sharing the device between threads is how a program both waits
 /// and rings in VFIO mode.
-pub struct IvshmemDevice {
+pub struct MappedDevice {
     found: FoundDevice,
     mode: AccessMode,
     // Drop order matters: mappings and eventfds go first, then the VFIO fds.
@@ -137,9 +139,9 @@ pub struct IvshmemDevice {
     binding: Option<DriverBinding>,
 }
 
-impl fmt::Debug for IvshmemDevice {
+impl fmt::Debug for MappedDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IvshmemDevice")
+        f.debug_struct("MappedDevice")
             .field("address", &self.found.function.address)
             .field("kind", &self.found.kind)
             .field("mode", &self.mode)
@@ -149,12 +151,12 @@ impl fmt::Debug for IvshmemDevice {
     }
 }
 
-impl IvshmemDevice {
+impl MappedDevice {
     /// Finds the device named by `selector` and opens it.
     pub fn open(
         selector: DeviceSelector,
         options: &OpenOptions,
-    ) -> Result<IvshmemDevice, OpenError> {
+    ) -> Result<MappedDevice, OpenError> {
         let found = find_device(&options.paths, selector)?;
         Self::open_found(found, options)
     }
@@ -163,7 +165,7 @@ impl IvshmemDevice {
     pub fn open_found(
         found: FoundDevice,
         options: &OpenOptions,
-    ) -> Result<IvshmemDevice, OpenError> {
+    ) -> Result<MappedDevice, OpenError> {
         if !found.kind.is_supported() {
             return Err(SelectError::Unsupported {
                 address: found.function.address,
@@ -185,7 +187,7 @@ impl IvshmemDevice {
         }
     }
 
-    fn open_sysfs(found: FoundDevice, options: &OpenOptions) -> Result<IvshmemDevice, OpenError> {
+    fn open_sysfs(found: FoundDevice, options: &OpenOptions) -> Result<MappedDevice, OpenError> {
         let paths = &options.paths;
         if let Some(driver) = &found.function.driver {
             tracing::warn!(address = %found.function.address, %driver, "device is bound to a driver; mapping its BARs through sysfs anyway");
@@ -194,7 +196,7 @@ impl IvshmemDevice {
         let registers = sysfs_access::map_bar(paths, &found.function, 0, Some(REGISTERS_LEN))?;
         let shared = sysfs_access::map_bar(paths, &found.function, 2, None)?;
         let vectors = found.msix_vectors();
-        Ok(IvshmemDevice {
+        Ok(MappedDevice {
             found,
             mode: AccessMode::Sysfs,
             shared,
@@ -207,11 +209,11 @@ impl IvshmemDevice {
         })
     }
 
-    fn open_vfio(found: FoundDevice, options: &OpenOptions) -> Result<IvshmemDevice, OpenError> {
+    fn open_vfio(found: FoundDevice, options: &OpenOptions) -> Result<MappedDevice, OpenError> {
         let paths = &options.paths;
         let binding = vfio::bind_to_vfio(paths, &found.function, options.take_over_driver)?;
         match Self::open_vfio_bound(&found, paths) {
-            Ok((vfio, shared, registers, eventfds)) => Ok(IvshmemDevice {
+            Ok((vfio, shared, registers, eventfds)) => Ok(MappedDevice {
                 mode: AccessMode::Vfio,
                 shared,
                 registers,
@@ -357,7 +359,7 @@ impl IvshmemDevice {
         self.vectors
     }
 
-    /// Sysfs mode: use the polling area at `offset` in shared memory for [`IvshmemDevice::wait`]
+    /// Sysfs mode: use the polling area at `offset` in shared memory for [`MappedDevice::wait`]
     /// (see [`PollDoorbells`]). At least one counter is set up even on a device without MSI-X.
     pub fn set_poll_area(&mut self, offset: usize) -> Result<(), DoorbellError> {
         self.poll = Some(PollDoorbells::new(
@@ -371,7 +373,7 @@ impl IvshmemDevice {
         Ok(())
     }
 
-    /// What [`IvshmemDevice::wait`] waits on: the vectors' eventfds when there are any, else
+    /// What [`MappedDevice::wait`] waits on: the vectors' eventfds when there are any, else
     /// the polling area; an error saying why neither is there.
     fn waiter(&self) -> Result<Waiter<'_>, DoorbellError> {
         match (&self.eventfds, &self.poll) {
@@ -386,7 +388,7 @@ impl IvshmemDevice {
         }
     }
 
-    /// Whether [`IvshmemDevice::wait`] can work: `Err(NoInterrupts)` in sysfs mode without a
+    /// Whether [`MappedDevice::wait`] can work: `Err(NoInterrupts)` in sysfs mode without a
     /// polling area, or on a device without vectors.
     pub fn check_can_wait(&self) -> Result<(), DoorbellError> {
         self.waiter().map(drop)
@@ -394,7 +396,7 @@ impl IvshmemDevice {
 
     /// Waits until own `vector` is rung; returns the count of doorbells (coalesced). VFIO mode:
     /// sleeps on the vector's eventfd. Sysfs mode: polls the polling area (see
-    /// [`IvshmemDevice::set_poll_area`]), or fails with [`DoorbellError::NoInterrupts`] without one.
+    /// [`MappedDevice::set_poll_area`]), or fails with [`DoorbellError::NoInterrupts`] without one.
     pub fn wait(&self, vector: u16, timeout: Duration) -> Result<u64, DoorbellError> {
         match self.waiter()? {
             Waiter::Eventfds(fds) => fds.wait(vector, timeout),
@@ -431,7 +433,7 @@ impl IvshmemDevice {
     /// earlier process, see [`DriverBinding::restore`]) changed it.
     /// Simply dropping the device leaves it bound to `vfio-pci`.
     pub fn close_and_restore_driver(self) -> Result<(), VfioError> {
-        let IvshmemDevice {
+        let MappedDevice {
             shared,
             registers,
             eventfds,
@@ -487,7 +489,7 @@ mod tests {
         let tmp = FakeSysfs::new();
         let paths = fake_device(&tmp, None);
         let mut dev =
-            IvshmemDevice::open(DeviceSelector::Only, &sysfs_options(paths.clone())).unwrap();
+            MappedDevice::open(DeviceSelector::Only, &sysfs_options(paths.clone())).unwrap();
         assert_eq!(dev.mode(), AccessMode::Sysfs);
         assert_eq!(dev.info().kind, DeviceKind::IvshmemDoorbell);
         assert_eq!(dev.id().unwrap(), 7);
@@ -535,7 +537,7 @@ mod tests {
             mode: None,
             take_over_driver: false,
         };
-        let err = IvshmemDevice::open(DeviceSelector::Only, &options).unwrap_err();
+        let err = MappedDevice::open(DeviceSelector::Only, &options).unwrap_err();
         assert!(
             matches!(err, OpenError::Vfio(VfioError::NoIommuGroup { .. })),
             "{err}"
@@ -545,14 +547,14 @@ mod tests {
     #[test]
     fn a_device_can_be_shared_between_threads() {
         fn send_and_sync<T: Send + Sync>() {}
-        send_and_sync::<IvshmemDevice>();
+        send_and_sync::<MappedDevice>();
     }
 
     #[test]
     fn a_thread_waits_while_another_rings_through_the_polling_area() {
         let tmp = FakeSysfs::new();
         let paths = fake_device(&tmp, None);
-        let mut dev = IvshmemDevice::open(DeviceSelector::Only, &sysfs_options(paths)).unwrap();
+        let mut dev = MappedDevice::open(DeviceSelector::Only, &sysfs_options(paths)).unwrap();
         dev.set_poll_area(0x2000).unwrap();
         let dev = &dev;
         std::thread::scope(|s| {
