@@ -300,15 +300,11 @@ impl MappedDevice {
     /// Reads a 32-bit register at `offset` in BAR0 (one 32-bit load).
     pub fn read_register(&self, offset: u64) -> Result<u32, DoorbellError> {
         match &self.registers {
-            Registers::Mapped(m) => m
-                .view()
-                .read_u32(view_offset(offset))
-                .map_err(|e| DoorbellError::Register(e.to_string())),
+            Registers::Mapped(m) => Ok(m.view().read_u32(view_offset(offset))?),
             Registers::VfioRegion(region) => {
                 let mut bytes = [0u8; 4];
                 self.vfio_device()?
-                    .read_region(region, offset, &mut bytes)
-                    .map_err(|e| DoorbellError::Register(e.to_string()))?;
+                    .read_region(region, offset, &mut bytes)?;
                 Ok(u32::from_le_bytes(bytes))
             }
         }
@@ -317,31 +313,23 @@ impl MappedDevice {
     /// Writes a 32-bit register at `offset` in BAR0 (one 32-bit store).
     pub fn write_register(&self, offset: u64, value: u32) -> Result<(), DoorbellError> {
         match &self.registers {
-            Registers::Mapped(m) => m
-                .view()
-                .write_u32(view_offset(offset), value)
-                .map_err(|e| DoorbellError::Register(e.to_string())),
-            Registers::VfioRegion(region) => self
-                .vfio_device()?
-                .write_region(region, offset, &value.to_le_bytes())
-                .map_err(|e| DoorbellError::Register(e.to_string())),
+            Registers::Mapped(m) => Ok(m.view().write_u32(view_offset(offset), value)?),
+            Registers::VfioRegion(region) => {
+                Ok(self
+                    .vfio_device()?
+                    .write_region(region, offset, &value.to_le_bytes())?)
+            }
         }
     }
 
     fn vfio_device(&self) -> Result<&VfioDevice, DoorbellError> {
-        self.vfio
-            .as_ref()
-            .ok_or_else(|| DoorbellError::Register("no VFIO device open".into()))
+        self.vfio.as_ref().ok_or(DoorbellError::VfioClosed)
     }
 
     /// Own peer ID (the IVPosition register; 0 on ivshmem-plain).
     pub fn id(&self) -> Result<u16, DoorbellError> {
         let value = self.read_register(doorbell::REG_IV_POSITION)?;
-        u16::try_from(value).map_err(|_| {
-            DoorbellError::Register(format!(
-                "IVPosition reads {value:#x}, not a peer ID (setup incomplete?)"
-            ))
-        })
+        u16::try_from(value).map_err(|_| DoorbellError::BadIvPosition(value))
     }
 
     /// Rings `vector` of peer `peer` (one 32-bit store of `(peer << 16) | vector` to BAR0+12).
@@ -500,6 +488,30 @@ mod tests {
         assert!(matches!(
             dev.notify(3, 256),
             Err(DoorbellError::VectorTooLarge { vector: 256 })
+        ));
+        // Register errors keep their cause.
+        for offset in [256, 2, u64::MAX] {
+            let err = dev.read_register(offset).unwrap_err();
+            assert!(
+                matches!(err, DoorbellError::RegisterOutOfBounds(ref e) if e.size == 256),
+                "{err}"
+            );
+            assert!(std::error::Error::source(&err).is_some(), "{err}");
+            assert!(dev.write_register(offset, 0).is_err());
+        }
+        // IVPosition (offset 8) overwritten in place, as a device before setup might read.
+        std::os::unix::fs::FileExt::write_all_at(
+            &std::fs::OpenOptions::new()
+                .write(true)
+                .open(paths.pci_device(dev.address()).join("resource0"))
+                .unwrap(),
+            &0x1_0000u32.to_le_bytes(),
+            8,
+        )
+        .unwrap();
+        assert!(matches!(
+            dev.id(),
+            Err(DoorbellError::BadIvPosition(0x1_0000))
         ));
 
         dev.shared_memory().write(100, b"shared").unwrap();

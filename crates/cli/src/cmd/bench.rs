@@ -631,7 +631,7 @@ impl pingpong::Doorbells for HostPeerDoorbells<'_> {
     fn ring(&self, peer: u16, vector: u16) -> Result<(), DoorbellError> {
         self.0
             .notify(peer, usize::from(vector))
-            .map_err(|e| DoorbellError::Ring(e.to_string()))
+            .map_err(|e| DoorbellError::Ring(Box::new(e)))
     }
 
     fn wait_rung(&self, vector: u16, timeout: Duration) -> Result<u64, DoorbellError> {

@@ -70,12 +70,22 @@ pub enum DoorbellError {
         /// The OS error.
         error: Errno,
     },
-    /// Ringing a peer failed (e.g. a host peer's unknown target).
+    /// Ringing a peer through something other than the Doorbell register failed (e.g. a host
+    /// peer's unknown target), with that ringer's error.
     #[error("ringing failed: {0}")]
-    Ring(String),
-    /// Register access failed.
+    Ring(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// A register offset outside the mapped register block (or misaligned).
     #[error("register access failed: {0}")]
-    Register(String),
+    RegisterOutOfBounds(#[from] ivshm_mem::OutOfBounds),
+    /// A register access through the VFIO device failed.
+    #[error("register access failed: {0}")]
+    RegisterVfio(#[from] crate::vfio::VfioError),
+    /// The registers are reached through VFIO, and the device's VFIO file is closed.
+    #[error("register access failed: the device's VFIO file is closed")]
+    VfioClosed,
+    /// IVPosition holds no peer ID (a doorbell device before the server's setup completed).
+    #[error("IVPosition reads {0:#x}, not a peer ID (setup incomplete?)")]
+    BadIvPosition(u32),
 }
 
 fn check_vector(vector: u16, vectors: u16) -> Result<usize, DoorbellError> {
