@@ -2,7 +2,8 @@
 //! the three binaries link: [`cmd`] (the `ivshm` subcommands), [`args`] (value parsers their
 //! flags share), [`dropin`] (what the QEMU drop-ins share) and [`logging`] (one `tracing`
 //! set-up for all three). It is not a public
-//! API: the crate is not published, and its items serve the binaries and their tests.
+//! API: its items serve the binaries and their tests (the crate is published so that
+//! `cargo install ivshm-cli` installs the programs).
 
 pub mod args;
 pub mod cmd;

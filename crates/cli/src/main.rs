@@ -40,6 +40,9 @@ enum Command {
     Policy(cmd::policy::PolicyCommand),
     #[command(flatten)]
     Control(cmd::control::ControlCommand),
+    /// Check a libvirt domain's <shmem> devices against the running server (paths,
+    /// permissions of libvirt's QEMU user, <msi vectors>, model, size) before virsh start.
+    Doctor(cmd::doctor::DoctorArgs),
     /// Write man pages or shell completions made from this program's flags (for packagers).
     #[command(subcommand, hide = true)]
     Generate(cmd::generate::GenerateCommand),
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Command::Guest(c) => cmd::guest::run(c),
         Command::Policy(c) => cmd::policy::run(c),
         Command::Control(c) => cmd::control::run(c),
+        Command::Doctor(args) => cmd::doctor::run(args),
         Command::Generate(c) => cmd::generate::run(c, Cli::command()),
     };
     match result {

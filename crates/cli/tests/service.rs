@@ -406,3 +406,35 @@ fn default_service_config_runs_with_only_cap_chown() {
     assert!(!socket.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn policy_check_warns_when_the_group_cannot_reach_a_vm_directory() {
+    let dir = temp_dir("reach");
+    let config = dir.join("ivshm.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "root = {:?}\n[defaults]\ngroup = \"nogroup\"\n[vm.shut]\ndir_mode = \"0700\"\n\
+             rules = [\"allow *\"]\n[vm.open]\nrules = [\"allow *\"]\n",
+            dir.join("root").display().to_string()
+        ),
+    )
+    .unwrap();
+    let check = |vm: &str| {
+        let output = ivshm()
+            .args(["policy", "check", "--config"])
+            .arg(&config)
+            .args(["--vm", vm, "anything"])
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        String::from_utf8(output.stderr).unwrap()
+    };
+    let warning = check("shut");
+    assert!(
+        warning.contains("warning: VM shut: dir_mode 0700 keeps group nogroup out of "),
+        "{warning}"
+    );
+    assert!(!check("open").contains("VM open: dir_mode"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -429,14 +429,15 @@ impl Domain {
 }
 
 impl ExternalVm for Domain {
-    /// The domain ends when its QEMU process does (libvirt does not pass QEMU's exit status
-    /// on: an end is reported as status 0).
+    /// The domain ends when its QEMU process has exited and libvirt has let the transient
+    /// domain go (after restoring the files it relabelled). libvirt does not pass QEMU's exit
+    /// status on: an end is reported as status 0.
     fn wait_until(&mut self, deadline: Instant) -> std::io::Result<Option<ExitStatus>> {
         loop {
-            let alive = match self.qemu_pid {
-                Some(pid) => Path::new(&format!("/proc/{pid}")).exists(),
-                None => virsh(&["domstate", &self.name]).is_ok(),
-            };
+            let qemu_alive = self
+                .qemu_pid
+                .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+            let alive = qemu_alive || virsh(&["domstate", &self.name]).is_ok();
             if !alive {
                 return Ok(Some(ExitStatus::from_raw(0)));
             }

@@ -69,6 +69,24 @@ fn assert_runs_as_libvirt_qemu(booted: &LibvirtGuest) {
     );
 }
 
+/// `ivshm doctor` on the domain's XML (QEMU's user from the real `/etc/libvirt/qemu.conf`):
+/// nothing will fail and QEMU's user can connect.
+fn doctor_passes(booted: &LibvirtGuest, dir: &Path, control: &Path) {
+    let xml = dir.join("doctor.xml");
+    std::fs::write(&xml, &booted.xml).unwrap();
+    let mut command = ivshm_command(["doctor", "--domain"]).unwrap();
+    command.arg(&xml).arg("--control").arg(control);
+    let mut doctor = HostProcess::spawn("ivshm doctor", command).unwrap();
+    let status = doctor.wait_exit(HOST).unwrap();
+    let out = doctor.lines(Stream::Stdout).join("\n");
+    assert!(status.success(), "{out}");
+    assert!(
+        out.contains("ok: libvirt's QEMU (user libvirt-qemu) can connect to "),
+        "{out}"
+    );
+    assert!(out.ends_with("summary: nothing here will fail"), "{out}");
+}
+
 /// What the host writes before the guest boots, at 0x1000.
 const FROM_HOST: &[u8; 24] = b"host->guest via libvirt\0";
 /// What the guest writes, at 0x2000.
@@ -153,6 +171,7 @@ fn single_socket_with_socket_group_as_the_readme_says() {
     let (joined, vectors) = listener.wait_join(HOST).unwrap();
     assert_eq!(vectors, 2);
     guest_side(&mut booted.guest, &listener, joined);
+    doctor_passes(&booted, dir.path(), &root.join("no-control.sock"));
 
     assert!(booted.guest.poweroff(STEP).unwrap().success());
     listener.wait_leave(joined, HOST).unwrap();
@@ -210,6 +229,7 @@ fn named_regions_of_the_shipped_example_with_the_libvirt_group() {
     let (joined, vectors) = listener.wait_join(HOST).unwrap();
     assert_eq!((joined, vectors), (1, 16));
     guest_side(&mut booted.guest, &listener, joined);
+    doctor_passes(&booted, dir.path(), &control);
 
     // The control socket sees the guest in guest0mem, joined through vm0's mem.sock.
     let mut vms = ivshm_command(["vms", "--control"]).unwrap();

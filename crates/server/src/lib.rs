@@ -29,7 +29,7 @@
 //! or drive the loop yourself with [`Server::new`] and [`Server::run_until`] (the binaries pass
 //! the signal pipes of [`signals::SignalPipes`]).
 //!
-//! Modules: [`config`] (what to serve), [`named`] (named regions and VMs), [`config_file`]
+//! Modules: [`access`] (who can reach a socket), [`config`] (what to serve), [`named`] (named regions and VMs), [`config_file`]
 //! (the TOML file), [`ids`] (id allocation), [`queue`] (a peer's outgoing messages),
 //! [`listener`] (socket creation and removal), [`group`] (`/etc/group`), [`limits`] (fd
 //! limits), [`signals`], [`pidfile`], [`stats`], [`observer`] (hooks for programs that report
@@ -40,6 +40,7 @@
 //! `vm_dir` (every path operation in the socket root and VM directories), `endpoints`
 //! (factory and control sockets), `factory` and `control` (answering their requests).
 
+pub mod access;
 pub mod config;
 pub mod config_file;
 mod control;

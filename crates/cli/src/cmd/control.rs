@@ -194,7 +194,8 @@ fn region_line(r: &RegionReport) -> String {
         flags.push_str(" detached");
     }
     format!(
-        "region {} size={} backend={} vectors={} peers={}/{} ids={} origin={} peer-ids=[{}]{flags}\n",
+        "region {} size={} backend={} vectors={} peers={}/{} ids={} origin={} peer-ids=[{}]{flags} \
+         (QEMU: vectors={}, libvirt: <msi vectors='{}'>, or more)\n",
         r.name,
         r.size,
         r.backend,
@@ -203,7 +204,9 @@ fn region_line(r: &RegionReport) -> String {
         r.peer_limit,
         r.id_policy,
         r.origin,
-        ids(&r.peers)
+        ids(&r.peers),
+        r.vectors,
+        r.vectors
     )
 }
 
@@ -308,7 +311,10 @@ mod tests {
         );
         let text = typed(&control, "region create b --size 4096 --persist", false);
         assert!(text.starts_with("created region b size=4096 "), "{text}");
-        assert!(text.ends_with(" persist\n"), "{text}");
+        assert!(
+            text.ends_with(" persist (QEMU: vectors=1, libvirt: <msi vectors='1'>, or more)\n"),
+            "{text}"
+        );
 
         let ControlResult::Regions { regions } = json("regions") else {
             panic!("regions")
@@ -378,7 +384,8 @@ mod tests {
         assert_eq!(
             render(&created),
             "created region scratch size=65536 backend=memfd vectors=1 peers=0/16 \
-             ids=lowest-free origin=control peer-ids=[] persist\n"
+             ids=lowest-free origin=control peer-ids=[] persist (QEMU: vectors=1, libvirt: \
+             <msi vectors='1'>, or more)\n"
         );
         let regions = request_result(&control, &ControlRequest::Regions).unwrap();
         assert!(render(&regions).starts_with("region scratch size=65536 "));
@@ -431,7 +438,8 @@ mod tests {
                 regions: vec![region]
             }),
             "region guest0mem size=1048576 backend=memfd vectors=16 peers=2/16 ids=lowest-free \
-             origin=config peer-ids=[0,2]\n"
+             origin=config peer-ids=[0,2] (QEMU: vectors=16, libvirt: <msi vectors='16'>, \
+             or more)\n"
         );
         let mut stats = StatsReport::default();
         stats.refusals.insert("GSS_CLIENT_MAX".into(), 1);

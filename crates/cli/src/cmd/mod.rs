@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod control;
+pub mod doctor;
 pub mod generate;
 pub mod guest;
 pub mod host;

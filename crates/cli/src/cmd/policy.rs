@@ -42,6 +42,16 @@ pub fn run(c: PolicyCommand) -> anyhow::Result<()> {
         PolicyCommand::Check(args) => {
             let (text, status) = check(&args)?;
             print!("{text}");
+            // Who cannot reach this VM's directory (stderr: stdout and the exit status stay
+            // the policy's answer).
+            if let Some(named) = ivshm_server::config_file::load(&args.config)?.named {
+                let prefix = format!("VM {}:", args.vm);
+                for warning in access_warnings(&named) {
+                    if warning.starts_with(&prefix) {
+                        eprintln!("warning: {warning}");
+                    }
+                }
+            }
             let code = exit_status(status);
             if code != 0 {
                 std::process::exit(code);
@@ -49,6 +59,15 @@ pub fn run(c: PolicyCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Who will not reach the VM directories of `named`: the configured group, and libvirt's QEMU
+/// when libvirt is installed (its user and group from `/etc/libvirt/qemu.conf`).
+pub fn access_warnings(named: &ivshm_server::NamedConfig) -> Vec<String> {
+    let qemu = ivshm_server::access::Identity::libvirt_qemu(std::path::Path::new(
+        ivshm_server::access::LIBVIRT_QEMU_CONF,
+    ));
+    ivshm_server::access::vm_directory_warnings(named, qemu.as_ref())
 }
 
 /// The report `ivshm policy check` prints, and the status.

@@ -146,6 +146,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         eprintln!("listening on {}", path.display());
     }
     if let Some(named) = named {
+        for warning in super::policy::access_warnings(&named) {
+            tracing::warn!("{warning}");
+        }
         if let Some(control) = &named.control {
             eprintln!("listening on {}", control.path.display());
         }
