@@ -40,8 +40,8 @@ enum Command {
     Policy(cmd::policy::PolicyCommand),
     #[command(flatten)]
     Control(cmd::control::ControlCommand),
-    /// Check a libvirt domain's <shmem> devices against the running server (paths,
-    /// permissions of libvirt's QEMU user, <msi vectors>, model, size) before virsh start.
+    /// Check a libvirt domain's `<shmem>` devices against the running server (paths,
+    /// permissions of libvirt's QEMU user, `<msi vectors>`, model, size) before virsh start.
     Doctor(cmd::doctor::DoctorArgs),
     /// Write man pages or shell completions made from this program's flags (for packagers).
     #[command(subcommand, hide = true)]

@@ -186,7 +186,7 @@ pub fn conf_string(text: &str, key: &str) -> Option<String> {
             let value = rest.strip_prefix('=')?.trim();
             Some(value.trim_matches('"').to_string())
         })
-        .last()
+        .next_back()
 }
 
 /// Why an identity cannot reach a path.
