@@ -3,7 +3,7 @@
 //! Every message is exactly 8 bytes, a little-endian signed 64-bit integer, optionally carrying
 //! one file descriptor. Only the server sends; anything a peer writes (or EOF) makes the server
 //! drop that peer. The meaning of a message depends on its value and on whether an fd came with
-//! it (see `docs/specs/ivshmem-spec.rst` in QEMU and `shared/reference/ivshmem-facts.md`):
+//! it (QEMU's `docs/specs/ivshmem-spec.rst`, and its `contrib/ivshmem-server` for the order):
 //!
 //! | value | fd | meaning |
 //! |---|---|---|
