@@ -1,7 +1,10 @@
-//! File descriptors in tests: bounded waits for readability, eventfd doorbells, fd counts.
+//! File descriptors in tests: bounded waits for readability and for a listening UNIX socket,
+//! eventfd doorbells, fd counts.
 
 use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
 use std::time::Duration;
+use std::time::Instant;
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
@@ -59,6 +62,38 @@ pub fn take(fd: impl AsFd) -> u64 {
 pub fn wait_rung(fd: impl AsFd) -> u64 {
     wait_readable(fd.as_fd());
     take(fd)
+}
+
+/// Waits (at most [`WAIT_GUARD`]) until a UNIX socket listens at `path`, so a client that
+/// connects next is accepted. QEMU's server binds `path`, then listens: `/proc/net/unix` lists
+/// the socket under `path`, with the flag `__SO_ACCEPTCON` once it listens. `ivshm`'s server
+/// listens under a temporary name and renames it to `path` (so it is not listed under `path`):
+/// there, a socket file at `path` is enough.
+pub fn wait_listening(path: &Path) {
+    let wanted = path.to_string_lossy();
+    let deadline = Instant::now() + WAIT_GUARD;
+    loop {
+        let table = std::fs::read_to_string("/proc/net/unix").unwrap();
+        let mut listed = table.lines().skip(1).filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.len() >= 8 && fields[7] == wanted)
+                .then(|| u32::from_str_radix(fields[3], 16).is_ok_and(|f| f & 0x10000 != 0))
+        });
+        let is_socket = std::fs::symlink_metadata(path)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+        let listening = match listed.next() {
+            Some(accepting) => accepting,
+            None => is_socket,
+        };
+        if is_socket && listening {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on {wanted} after {WAIT_GUARD:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 /// Number of open fds of this process.
