@@ -6,6 +6,8 @@
 //!   (`SCM_RIGHTS`) over a UNIX stream socket, robust to partial reads and writes.
 //! - [`factory`]: the factory protocol of a VM directory's `factory.sock` (create or find a named
 //!   region) and the JSON-lines framing it shares with [`control`], the server's control socket.
+//! - [`socket_path`]: how long a UNIX socket path may be (`sun_path`), checked wherever a
+//!   socket path is taken.
 //!
 //! The device ABIs, each fact defined once for device models, guests and tests:
 //!
@@ -24,9 +26,11 @@ pub mod guest_shm;
 pub mod ivshmem;
 pub mod jailhouse;
 pub mod pci_resource;
+pub mod socket_path;
 pub mod v0;
 
 pub use fd_passing::{
     send_message, send_message_blocking, FdPassingError, MessageReader, Received, SendProgress,
 };
+pub use socket_path::{check_socket_path, SocketPathTooLong, MAX_SOCKET_PATH};
 pub use v0::{decode, encode, Message, ProtocolError};

@@ -1,12 +1,13 @@
 //! What a server serves: its regions, and for each the socket, memory and vectors.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ivshm_mem::{BackendKind, Pow2Policy};
+use ivshm_proto::socket_path::{check_socket_path, SocketPathTooLong, MAX_SOCKET_PATH};
 use thiserror::Error;
 
 use crate::group::GroupSpec;
-use crate::named::{NamedConfig, NamedRegionConfig};
+use crate::named::{longest_socket_path, NamedConfig, NamedRegionConfig};
 
 /// QEMU's default socket path.
 pub const DEFAULT_SOCKET_PATH: &str = "/tmp/ivshmem_socket";
@@ -89,10 +90,14 @@ fn validate_named(named: &NamedConfig) -> Result<(), ConfigError> {
             return Err(ConfigError::DuplicateRegion(r.name.to_string()));
         }
     }
+    if let Some(control) = &named.control {
+        check_socket_path(&control.path)?;
+    }
     for (i, vm) in named.vms.iter().enumerate() {
         if named.vms[..i].iter().any(|o| o.name == vm.name) {
             return Err(ConfigError::DuplicateVm(vm.name.to_string()));
         }
+        check_vm_directory(&named.root.join(vm.name.as_str()))?;
         for mode in [vm.directory.dir_mode, vm.directory.socket_mode] {
             if mode & !0o7777 != 0 {
                 return Err(ConfigError::Mode(mode));
@@ -155,6 +160,7 @@ impl RegionConfig {
         if self.listener.mode & !0o7777 != 0 {
             return Err(ConfigError::Mode(self.listener.mode));
         }
+        check_socket_path(&self.listener.path)?;
         Ok(())
     }
 }
@@ -232,6 +238,38 @@ pub enum ConfigError {
     /// Two VMs with one name.
     #[error("VM {0:?} is configured twice")]
     DuplicateVm(String),
+    /// A socket path (a region's, the control socket's) does not fit in a socket address.
+    #[error(transparent)]
+    SocketPath(#[from] SocketPathTooLong),
+    /// A VM directory whose path leaves too little room for its sockets' names.
+    #[error(
+        "VM directory {} is {len} bytes long: a region socket in it (a name of up to {} bytes \
+         and \".sock\") could be {longest} bytes, more than the {MAX_SOCKET_PATH} bytes of a \
+         UNIX socket path (sun_path): use a shorter root or VM name",
+        dir.display(),
+        ivshm_policy::name::MAX_NAME_LEN
+    )]
+    VmDirectoryTooLong {
+        /// The directory.
+        dir: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+        /// The longest socket path in it.
+        longest: usize,
+    },
+}
+
+/// Fails when VM directory `dir` cannot hold a socket for every region name.
+pub fn check_vm_directory(dir: &Path) -> Result<(), ConfigError> {
+    let longest = longest_socket_path(dir);
+    if longest > MAX_SOCKET_PATH {
+        return Err(ConfigError::VmDirectoryTooLong {
+            dir: dir.to_path_buf(),
+            len: dir.as_os_str().len(),
+            longest,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -255,6 +293,12 @@ mod tests {
         assert!(matches!(
             bad.validate(),
             Err(ConfigError::DuplicateSocket(_))
+        ));
+        let mut bad = ok.clone();
+        bad.regions[0].listener.path = PathBuf::from(format!("/{}", "s".repeat(107)));
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::SocketPath(SocketPathTooLong { len: 108, .. }))
         ));
         let mut bad = ok;
         bad.regions.clear();

@@ -55,12 +55,13 @@ use ivshm_policy::{RegionName, VmPolicy, VmPolicyConfig, VmPolicyError};
 use thiserror::Error;
 use toml::Spanned;
 
-use crate::config::{ConfigError, ServerConfig, DEFAULT_MAX_QUEUED_MESSAGES};
+use crate::config::{check_vm_directory, ConfigError, ServerConfig, DEFAULT_MAX_QUEUED_MESSAGES};
 use crate::group::GroupSpec;
 use crate::named::{
     ControlConfig, DirectoryConfig, NamedBackend, NamedConfig, NamedRegionConfig, RegionDefaults,
     VmConfig, CONTROL_SOCKET, DEFAULT_ROOT,
 };
+use ivshm_proto::socket_path::check_socket_path;
 use raw::{RawFile, RawRegion, RawVm};
 
 /// A configuration file that cannot be used.
@@ -148,13 +149,24 @@ impl Ctx<'_> {
         let root = raw.root.unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
         let mut named = NamedConfig::new(&root);
         named.source = Some(self.path.to_path_buf());
-        let mut control =
-            ControlConfig::new(raw.control.unwrap_or_else(|| root.join(CONTROL_SOCKET)));
+        let mut control = ControlConfig::new(
+            raw.control
+                .clone()
+                .unwrap_or_else(|| root.join(CONTROL_SOCKET)),
+        );
         if let Some(mode) = raw.control_mode {
             control.mode = mode.0;
         }
         if let Some(group) = &raw.control_group {
             control.group = Some(self.group(group, "control_group")?);
+        }
+        if let Err(e) = check_socket_path(&control.path) {
+            let option = if raw.control.is_some() {
+                "control"
+            } else {
+                "root"
+            };
+            return Err(self.error(None, Some(option.to_string()), e.to_string()));
         }
         let max_queued_messages = match &raw.max_queued_messages {
             Some(bound) if *bound.get_ref() == 0 => {
@@ -277,6 +289,9 @@ impl Ctx<'_> {
                 format!("VM name (a directory name): {e}"),
             )
         })?;
+        if let Err(e) = check_vm_directory(&root.join(name)) {
+            return Err(self.at(spanned.span(), &option, e.to_string()));
+        }
         if root.join(name) == control.path {
             return Err(self.at(
                 spanned.span(),

@@ -5,11 +5,12 @@
 //! - The socket is bound under a temporary name in the same directory, given its mode and group,
 //!   then renamed into place, so nobody can connect while it still has the default permissions.
 //!   If the temporary name would be too long for a socket address, it binds the final path and
-//!   changes its mode right after.
+//!   changes its mode right after. A final path too long for a socket address
+//!   ([`MAX_SOCKET_PATH`]) is an error before anything is created: bound under a short name and
+//!   renamed, it would be a socket no client can connect to.
 //! - On drop, the path is removed only if it is still our socket (same device and inode).
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -20,6 +21,8 @@ use rustix::net::{
     SocketType,
 };
 use thiserror::Error;
+
+use ivshm_proto::socket_path::{check_socket_path, SocketPathTooLong};
 
 use crate::config::ListenerConfig;
 use crate::group::GroupError;
@@ -44,6 +47,9 @@ pub enum ListenerError {
         /// Its missing directory.
         dir: PathBuf,
     },
+    /// The path does not fit in a socket address.
+    #[error(transparent)]
+    PathTooLong(#[from] SocketPathTooLong),
     /// The socket group could not be resolved.
     #[error("socket group: {0}")]
     Group(#[from] GroupError),
@@ -79,6 +85,7 @@ impl Listener {
     /// Binds and listens according to `config`.
     pub fn bind(config: &ListenerConfig) -> Result<Listener, ListenerError> {
         let path = config.path.as_path();
+        check_socket_path(path)?;
         let gid = config.group.as_ref().map(|g| g.resolve()).transpose()?;
         check_directory(path)?;
         remove_if_stale(path)?;
@@ -202,8 +209,7 @@ fn temporary_name(path: &Path) -> Option<PathBuf> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let tmp = directory_of(path).join(format!(".ivshm-{}-{n}.sock", std::process::id()));
-    // sun_path holds 108 bytes including the terminating NUL.
-    (tmp.as_os_str().as_bytes().len() < 108).then_some(tmp)
+    check_socket_path(&tmp).is_ok().then_some(tmp)
 }
 
 /// Removes `path` if it is a socket nobody listens on; errors if it is live or not a socket.
@@ -307,6 +313,35 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains(&*path.to_string_lossy()), "{text}");
         assert!(text.contains("create it first"), "{text}");
+    }
+
+    /// A path longer than a socket address holds is refused up front, even when the temporary
+    /// name it would be bound under is short enough: nothing is created.
+    #[test]
+    fn a_path_too_long_for_a_socket_address_is_refused() {
+        let dir = test_path("long");
+        std::fs::create_dir_all(&dir).unwrap();
+        let name = "s".repeat(ivshm_proto::MAX_SOCKET_PATH + 1 - dir.as_os_str().len());
+        let path = dir.join(name);
+        assert_eq!(path.as_os_str().len(), ivshm_proto::MAX_SOCKET_PATH + 2);
+        let err = Listener::bind(&ListenerConfig::new(&path)).unwrap_err();
+        assert!(
+            matches!(&err, ListenerError::PathTooLong(e) if e.len == 109),
+            "{err}"
+        );
+        assert!(err.to_string().contains("at most 107 bytes"), "{err}");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "nothing created"
+        );
+        let fits = dir.join("s".repeat(ivshm_proto::MAX_SOCKET_PATH - 1 - dir.as_os_str().len()));
+        assert_eq!(fits.as_os_str().len(), ivshm_proto::MAX_SOCKET_PATH);
+        let l = Listener::bind(&ListenerConfig::new(&fits)).unwrap();
+        let _c = std::os::unix::net::UnixStream::connect(&fits).unwrap();
+        assert!(l.accept().unwrap().is_some());
+        drop(l);
+        std::fs::remove_dir(dir).unwrap();
     }
 
     #[test]

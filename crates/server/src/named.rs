@@ -13,9 +13,10 @@
 //! maps (through its `subst`) to the region's host name; the socket is named by that guest name
 //! ([`guest_name_for`]). Sockets appear and disappear as regions are created and removed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ivshm_mem::{BackendKind, Pow2Policy};
+use ivshm_policy::name::MAX_NAME_LEN;
 use ivshm_policy::{RegionName, VmPolicy};
 
 use crate::group::GroupSpec;
@@ -35,6 +36,21 @@ pub const RESERVED_GUEST_NAME: &str = "factory";
 /// Whether a VM cannot use `guest_name` (see [`RESERVED_GUEST_NAME`]).
 pub fn is_reserved_guest_name(guest_name: &str) -> bool {
     guest_name == RESERVED_GUEST_NAME
+}
+
+/// What follows the VM's name for a region in its socket's file name.
+const REGION_SOCKET_SUFFIX: &str = ".sock";
+
+/// The file name of a region's socket in a VM directory: the VM's name for the region, `.sock`.
+pub fn region_socket_name(guest_name: &str) -> String {
+    format!("{guest_name}{REGION_SOCKET_SUFFIX}")
+}
+
+/// The length in bytes of the longest socket path VM directory `dir` can hold: a region socket
+/// with a name of the most bytes a region name may have ([`MAX_NAME_LEN`]; the factory socket's
+/// name is shorter). It must fit in a socket address ([`ivshm_proto::MAX_SOCKET_PATH`]).
+pub fn longest_socket_path(dir: &Path) -> usize {
+    dir.as_os_str().len() + 1 + MAX_NAME_LEN + REGION_SOCKET_SUFFIX.len()
 }
 
 /// Default mode of a VM directory.

@@ -558,6 +558,11 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // Retrying could never help a path no socket address can hold.
+    if let Err(e) = ivshm_proto::check_socket_path(&args.socket) {
+        eprintln!("{name}: {e}");
+        std::process::exit(1);
+    }
     // QEMU's program prints only its own lines: logs only when RUST_LOG asks for them.
     dropin::init_logging("off");
     out(CMDLINE_HELP);

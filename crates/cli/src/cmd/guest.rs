@@ -148,7 +148,7 @@ pub struct BenchArgs {
     pingpong: PingPongArgs,
     /// Run on the host instead, as a v0 peer of the server at this socket (the guest↔host
     /// bench: e.g. `--socket S --respond --peer GUEST` here, `bench --peer HOST` in the guest).
-    #[arg(long)]
+    #[arg(long, value_parser = super::values::socket_path)]
     socket: Option<std::path::PathBuf>,
 }
 

@@ -14,6 +14,8 @@ use clap::{Args, Subcommand};
 use ivshm_client::{ConnectOptions, Event, Peer, PeerEvent};
 use ivshm_mem::parse_size;
 
+use super::values;
+
 /// The socket path QEMU's programs use by default.
 pub const DEFAULT_SOCKET: &str = "/tmp/ivshmem_socket";
 
@@ -36,7 +38,7 @@ pub enum HostCommand {
 #[derive(Args, Debug)]
 pub struct SocketArgs {
     /// The server's UNIX socket.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET, value_parser = values::socket_path)]
     pub socket: PathBuf,
 }
 

@@ -8,3 +8,4 @@ pub mod guest;
 pub mod host;
 pub mod policy;
 pub mod serve;
+pub mod values;

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use ivshm_policy::GuestShmStatus;
-use ivshm_server::named::{guest_name_for, is_reserved_guest_name, FACTORY_SOCKET};
+use ivshm_server::named::{
+    guest_name_for, is_reserved_guest_name, region_socket_name, FACTORY_SOCKET,
+};
 
 #[derive(Subcommand, Debug)]
 pub enum PolicyCommand {
@@ -126,7 +128,7 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<(String, GuestShmStatus)> {
                 named
                     .root
                     .join(vm.name.as_str())
-                    .join(format!("{guest}.sock"))
+                    .join(region_socket_name(&guest))
                     .display()
                     .to_string()
             });

@@ -307,3 +307,40 @@ fn qnx_file_errors_name_that_file_and_line() {
         .contains("excludes"));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Every socket the server may bind must fit in a socket address: the control socket, and in
+/// each VM directory a region socket with the longest region name (31 bytes + `.sock`).
+#[test]
+fn socket_paths_too_long_for_a_socket_address_are_refused_at_load() {
+    // root + "/" + 31-byte VM name + "/" + 31-byte region name + ".sock": 107 bytes with a
+    // 38-byte root fits, 108 with a 39-byte one does not.
+    let vm = "v".repeat(31);
+    let fits = format!("root = \"/{}\"\n\n[vm.{vm}]\n", "r".repeat(37));
+    assert_eq!(parse_ok(&fits).vms.len(), 1);
+    let err = parse_err(&format!("root = \"/{}\"\n\n[vm.{vm}]\n", "r".repeat(38)));
+    assert_eq!(err.line, Some(3), "{err}");
+    assert_eq!(err.option.as_deref(), Some(&*format!("vm.{vm}")), "{err}");
+    assert!(
+        err.message
+            .contains("is 71 bytes long: a region socket in it (a name of up to 31 bytes"),
+        "{err}"
+    );
+    assert!(
+        err.message
+            .contains("could be 108 bytes, more than the 107"),
+        "{err}"
+    );
+
+    let long_root = format!("/{}", "r".repeat(100));
+    let err = parse_err(&format!("root = \"{long_root}\"\n"));
+    assert_eq!(err.option.as_deref(), Some("root"), "{err}");
+    assert!(
+        err.message.contains("/control.sock is 114 bytes long"),
+        "{err}"
+    );
+    let err = parse_err(&format!(
+        "root = \"/r\"\ncontrol = \"{long_root}/c.sock\"\n"
+    ));
+    assert_eq!(err.option.as_deref(), Some("control"), "{err}");
+    assert!(err.message.contains("at most 107 bytes"), "{err}");
+}
