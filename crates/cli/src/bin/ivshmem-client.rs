@@ -38,8 +38,6 @@ const DEFAULT_SOCKET: &str = "/tmp/ivshmem_socket";
 const MAX_VECTORS: usize = ivshm_proto::v0::MAX_VECTORS;
 /// QEMU reads stdin into a 128-byte buffer, one byte kept for the terminating NUL.
 const STDIN_READ: usize = 127;
-/// `sizeof(struct sockaddr_un.sun_path)`: QEMU refuses longer paths.
-const SUN_PATH_LEN: usize = 108;
 
 /// Parsed command line.
 #[derive(Debug, PartialEq, Eq)]
@@ -239,7 +237,7 @@ impl Client {
             verbose,
             format_args!("connect to client {}", path.display()),
         );
-        if path.as_os_str().len() >= SUN_PATH_LEN {
+        if ivshm_proto::check_socket_path(path).is_err() {
             debug(verbose, format_args!("could not copy unix socket path"));
             return Err(Failed);
         }
@@ -558,11 +556,6 @@ fn main() {
             std::process::exit(1);
         }
     };
-    // Retrying could never help a path no socket address can hold.
-    if let Err(e) = ivshm_proto::check_socket_path(&args.socket) {
-        eprintln!("{name}: {e}");
-        std::process::exit(1);
-    }
     // QEMU's program prints only its own lines: logs only when RUST_LOG asks for them.
     dropin::init_logging("off");
     out(CMDLINE_HELP);

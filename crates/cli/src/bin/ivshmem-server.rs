@@ -34,8 +34,8 @@ use ivshm_server::listener::ListenerError;
 use ivshm_server::pidfile::PidFile;
 use ivshm_server::signals::SignalPipes;
 use ivshm_server::{
-    Control, ControlAction, ListenerConfig, MemoryConfig, Observer, RegionConfig, RemovalReason,
-    Server, ServerConfig, ServerError,
+    ConfigError, Control, ControlAction, ListenerConfig, MemoryConfig, Observer, RegionConfig,
+    RemovalReason, Server, ServerConfig, ServerError,
 };
 use rustix::io::Errno;
 
@@ -47,8 +47,6 @@ const DEFAULT_SHM_NAME: &str = "ivshmem";
 const DEFAULT_SIZE: u64 = 4 * 1024 * 1024;
 const DEFAULT_VECTORS: u64 = 1;
 const MAX_VECTORS: u64 = ivshm_proto::v0::MAX_VECTORS as u64;
-/// `sizeof(struct sockaddr_un.sun_path)`: QEMU refuses longer paths.
-const SUN_PATH_LEN: usize = 108;
 /// Set in the environment of the re-executed daemon process.
 const DAEMON_CHILD_ENV: &str = "IVSHM_SERVER_DAEMON_CHILD";
 /// What the daemon process writes to its readiness pipe (its stdin) once it serves.
@@ -304,7 +302,7 @@ fn listener_errno(error: &ListenerError) -> Option<Errno> {
         ListenerError::InUse(_) | ListenerError::NotASocket(_) => Some(Errno::ADDRINUSE),
         ListenerError::NoDirectory { .. } => Some(Errno::NOENT),
         ListenerError::Sys { errno, .. } => Some(*errno),
-        ListenerError::Group(_) => None,
+        ListenerError::Group(_) | ListenerError::PathTooLong(_) => None,
     }
 }
 
@@ -325,12 +323,19 @@ fn report_start_failure(args: &Args, progname: &str, error: &ServerError) {
             }
             other => eprintln!("cannot open shm file {memory_name}: {other}"),
         },
+        // A path longer than a socket address holds is refused before anything is created (by
+        // the configuration's check, or the listener's); QEMU refuses it when it binds.
+        ServerError::Config(ConfigError::SocketPath(_))
+        | ServerError::Listener(ListenerError::PathTooLong(_)) => {
+            if args.verbose {
+                say(format_args!("create & bind socket {socket}"));
+                say(format_args!("could not copy unix socket path"));
+            }
+        }
         ServerError::Listener(e) => {
             if args.verbose {
                 say(format_args!("create & bind socket {socket}"));
-                if args.socket.as_os_str().len() >= SUN_PATH_LEN {
-                    say(format_args!("could not copy unix socket path"));
-                } else if let Some(errno) = listener_errno(e) {
+                if let Some(errno) = listener_errno(e) {
                     say(format_args!(
                         "cannot connect to {socket}: {}",
                         strerror(errno)
