@@ -159,6 +159,22 @@ pub struct RegionReport {
     pub peers: Vec<u16>,
     /// Its v0 sockets.
     pub sockets: Vec<String>,
+    /// This region's counters (the server-wide ones, counted for this region only), and its
+    /// queue depths now. Absent from older servers.
+    #[serde(default)]
+    pub counters: RegionCounters,
+}
+
+/// A region's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionCounters {
+    /// Its counters, as [`StatsReport`] has them for the server (`factory_requests` is 0:
+    /// factory requests belong to VMs, not regions).
+    pub stats: StatsReport,
+    /// Messages queued for its peers now, in total.
+    pub queued_messages: u64,
+    /// The longest queue of one of its peers now.
+    pub max_peer_queue: u64,
 }
 
 /// One VM.
@@ -206,6 +222,10 @@ pub struct StatsReport {
     pub factory_requests: u64,
     /// Refusals (of v0 connections and factory requests) by `GSS_*` name.
     pub refusals: BTreeMap<String, u64>,
+    /// Peers removed, by reason (`closed`, `sent_data`, `stopped_reading`, `send_failed`,
+    /// `read_failed`, `poll_failed`, `server_stopping`). Absent from older servers.
+    #[serde(default)]
+    pub removals: BTreeMap<String, u64>,
 }
 
 #[cfg(test)]

@@ -3,14 +3,15 @@
 
 use ivshm_policy::{GuestShmStatus, RegionName};
 use ivshm_proto::control::{
-    ControlRequest, ControlResponse, ControlResult, CreateRegion, RegionReport, StatsReport,
-    VmRegionReport, VmReport,
+    ControlRequest, ControlResponse, ControlResult, CreateRegion, RegionCounters, RegionReport,
+    StatsReport, VmRegionReport, VmReport,
 };
 use ivshm_proto::factory::{decode_line, encode_line, LineError};
 
 use crate::endpoints::Endpoints;
 use crate::named::{NamedRegionConfig, Origin};
 use crate::named_regions::{NamedRegions, ReloadError};
+use crate::peer::RemovalReason;
 use crate::regions::{RegionId, Regions};
 use crate::stats::Stats;
 
@@ -159,7 +160,8 @@ fn vm_reports(named: &NamedRegions, regions: &Regions) -> Vec<VmReport> {
         .collect()
 }
 
-fn stats_report(stats: &Stats) -> StatsReport {
+/// The control protocol's form of counters.
+pub(crate) fn stats_report(stats: &Stats) -> StatsReport {
     let s = stats.snapshot();
     StatsReport {
         joins: s.peers_joined,
@@ -174,12 +176,19 @@ fn stats_report(stats: &Stats) -> StatsReport {
             .filter(|st| !st.is_ok())
             .map(|st| (st.qnx_name().to_string(), s.refusals_with(*st)))
             .collect(),
+        removals: RemovalReason::LABELS
+            .iter()
+            .zip(s.removals)
+            .map(|(label, n)| (label.to_string(), n))
+            .collect(),
     }
 }
 
-fn region_report(regions: &Regions, id: RegionId) -> Option<RegionReport> {
+/// The control protocol's report of region `id`.
+pub(crate) fn region_report(regions: &Regions, id: RegionId) -> Option<RegionReport> {
     let region = regions.get(id)?;
     let info = regions.info(id)?;
+    let (queued_messages, max_peer_queue) = region.queue_depths();
     Some(RegionReport {
         name: info.name,
         size: info.size,
@@ -195,5 +204,10 @@ fn region_report(regions: &Regions, id: RegionId) -> Option<RegionReport> {
             .sockets_of(id)
             .map(|(_, s)| s.path().display().to_string())
             .collect(),
+        counters: RegionCounters {
+            stats: stats_report(region.counters()),
+            queued_messages,
+            max_peer_queue,
+        },
     })
 }

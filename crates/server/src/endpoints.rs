@@ -1,4 +1,5 @@
-//! Factory and control sockets and their connections: JSON lines served from the same loop.
+//! Factory and control sockets and their connections: JSON lines served from the same loop;
+//! and the optional HTTP metrics listener (TCP) and its connections ([`crate::metrics`]).
 //!
 //! A connection is read until `EAGAIN`; every complete line is answered at once (responses are
 //! queued and written as the socket takes them). A client that sends more than it reads is
@@ -7,15 +8,17 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Instant;
 
 use ivshm_proto::factory::{LineBuffer, LineError};
 use rustix::event::epoll::EventFlags;
 use rustix::io::Errno;
-use rustix::net::{recv, send, RecvFlags, SendFlags};
+use rustix::net::{recv, send, RecvFlags, SendFlags, SocketFlags};
 
 use crate::event_loop::{Poller, Token};
 use crate::limits::{is_fd_exhaustion, ReserveFd};
 use crate::listener::Listener;
+use crate::metrics::{self, RequestReader};
 
 /// Responses waiting beyond this many bytes mean the client does not read: it is dropped.
 pub const MAX_OUTPUT: usize = 1 << 20;
@@ -30,6 +33,8 @@ pub(crate) enum Service {
     Factory(String),
     /// The control socket.
     Control,
+    /// The HTTP metrics listener.
+    Metrics,
 }
 
 /// An accepted factory or control connection.
@@ -42,11 +47,19 @@ pub(crate) struct LineConnection {
     writable_interest: bool,
     /// The client closed its end: close once everything is written.
     peer_closed: bool,
+    /// Answered (HTTP): close once everything is written.
+    done: bool,
+    /// When it was accepted (metrics connections time out).
+    accepted: Instant,
+    /// The HTTP request being read (metrics connections).
+    http: RequestReader,
 }
 
 #[derive(Debug)]
 enum Endpoint {
     Listener(Listener, Service),
+    /// The metrics listener (TCP).
+    MetricsListener(OwnedFd),
     Connection(LineConnection),
 }
 
@@ -77,6 +90,32 @@ impl Endpoints {
         }
     }
 
+    /// Watches the metrics listener (a non-blocking TCP socket); returns its key.
+    pub(crate) fn add_metrics_listener(&mut self, fd: OwnedFd) -> Result<u64, Errno> {
+        let key = self.next;
+        self.poller.add(fd.as_fd(), Token::Aux(key))?;
+        self.next += 1;
+        self.map.insert(key, Endpoint::MetricsListener(fd));
+        Ok(key)
+    }
+
+    /// Closes metrics connections older than [`metrics::REQUEST_TIMEOUT`] (called as the loop
+    /// goes round, so a client that never finishes its request holds nothing for long).
+    pub(crate) fn expire_metrics_connections(&mut self) {
+        let now = Instant::now();
+        self.map.retain(|_, endpoint| match endpoint {
+            Endpoint::Connection(c) if c.service == Service::Metrics => {
+                now.duration_since(c.accepted) < metrics::REQUEST_TIMEOUT
+            }
+            _ => true,
+        });
+    }
+
+    /// Whether a metrics connection is open (the loop then wakes up to expire it).
+    pub(crate) fn has_metrics_connections(&self) -> bool {
+        self.connections_of(&Service::Metrics) > 0
+    }
+
     /// Watches a factory or control listener; returns its key.
     pub(crate) fn add_listener(
         &mut self,
@@ -103,7 +142,7 @@ impl Endpoints {
     /// What `key` names, if it is here.
     pub(crate) fn kind(&self, key: u64) -> Option<EndpointKind> {
         self.map.get(&key).map(|e| match e {
-            Endpoint::Listener(..) => EndpointKind::Listener,
+            Endpoint::Listener(..) | Endpoint::MetricsListener(_) => EndpointKind::Listener,
             Endpoint::Connection(_) => EndpointKind::Connection,
         })
     }
@@ -119,7 +158,7 @@ impl Endpoints {
     pub(crate) fn close_connections_of(&mut self, service: &Service) {
         self.map.retain(|_, endpoint| match endpoint {
             Endpoint::Connection(c) => &c.service != service,
-            Endpoint::Listener(..) => true,
+            Endpoint::Listener(..) | Endpoint::MetricsListener(_) => true,
         });
     }
 
@@ -128,11 +167,39 @@ impl Endpoints {
     /// and closed).
     pub(crate) fn accept_all(&mut self, key: u64, reserve: &mut ReserveFd) {
         loop {
-            let Some(Endpoint::Listener(listener, service)) = self.map.get(&key) else {
-                return;
+            let (accepted, service) = match self.map.get(&key) {
+                Some(Endpoint::Listener(listener, service)) => (listener.accept(), service.clone()),
+                Some(Endpoint::MetricsListener(fd)) => (
+                    match rustix::net::accept_with(fd, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)
+                    {
+                        Ok(fd) => Ok(Some(fd)),
+                        Err(Errno::AGAIN) => Ok(None),
+                        Err(e) => Err(e),
+                    },
+                    Service::Metrics,
+                ),
+                _ => return,
             };
-            let service = service.clone();
-            match listener.accept() {
+            if service == Service::Metrics
+                && matches!(accepted, Ok(Some(_)))
+                && self.connections_of(&service) >= metrics::MAX_CONNECTIONS
+            {
+                // The oldest metrics connection makes room: a client that holds connections
+                // open cannot lock the scrapers out.
+                if let Some(oldest) = self
+                    .map
+                    .iter()
+                    .filter(|(_, e)| matches!(e, Endpoint::Connection(c) if c.service == Service::Metrics))
+                    .min_by_key(|(_, e)| match e {
+                        Endpoint::Connection(c) => c.accepted,
+                        _ => Instant::now(),
+                    })
+                    .map(|(k, _)| *k)
+                {
+                    self.map.remove(&oldest);
+                }
+            }
+            match accepted {
                 Ok(Some(fd)) if self.connections_of(&service) >= MAX_CONNECTIONS => {
                     drop(fd);
                     tracing::warn!(
@@ -154,6 +221,9 @@ impl Endpoints {
                         output: Vec::new(),
                         writable_interest: false,
                         peer_closed: false,
+                        done: false,
+                        accepted: Instant::now(),
+                        http: RequestReader::default(),
                     };
                     self.map.insert(conn_key, Endpoint::Connection(connection));
                 }
@@ -161,7 +231,13 @@ impl Endpoints {
                 Err(errno) if is_fd_exhaustion(errno) => {
                     // Accept into the reserve fd's slot and close, so the listener does not
                     // stay readable forever.
-                    let refused = reserve.release_for(|| listener.accept());
+                    let refused = reserve.release_for(|| match self.map.get(&key) {
+                        Some(Endpoint::Listener(listener, _)) => listener.accept(),
+                        Some(Endpoint::MetricsListener(fd)) => {
+                            rustix::net::accept_with(fd, SocketFlags::CLOEXEC).map(Some)
+                        }
+                        _ => Ok(None),
+                    });
                     tracing::error!(%errno, "out of file descriptors: refused a factory/control connection");
                     if !matches!(refused, Ok(Some(_))) {
                         return;
@@ -194,7 +270,8 @@ impl Endpoints {
             Ok(()) if connection.output.len() > MAX_OUTPUT => {
                 tracing::warn!("dropping a factory/control client that does not read its answers");
             }
-            Ok(()) if connection.peer_closed && connection.output.is_empty() => {}
+            Ok(())
+                if (connection.peer_closed || connection.done) && connection.output.is_empty() => {}
             Ok(()) => {
                 self.map.insert(key, Endpoint::Connection(connection));
             }
@@ -229,6 +306,22 @@ impl LineConnection {
     /// Queues a response (written by [`Endpoints::restore`]).
     pub(crate) fn respond(&mut self, response: &[u8]) {
         self.output.extend_from_slice(response);
+    }
+
+    /// The HTTP request of a metrics connection.
+    pub(crate) fn http(&mut self) -> &mut RequestReader {
+        &mut self.http
+    }
+
+    /// Queues the last response: the connection closes once it is written.
+    pub(crate) fn respond_and_close(&mut self, response: &[u8]) {
+        self.output.extend_from_slice(response);
+        self.done = true;
+    }
+
+    /// Whether the last response is queued.
+    pub(crate) fn is_done(&self) -> bool {
+        self.done
     }
 
     /// Reads what is there (bounded per event, so one client cannot starve the loop).

@@ -92,10 +92,19 @@ impl Poller {
         epoll::delete(&self.epoll, fd)
     }
 
-    /// Waits (no timeout) for events; `EINTR` returns an empty list.
-    pub(crate) fn wait(&self, events: &mut Vec<Event>) -> Result<(), Errno> {
+    /// Waits for events, at most `timeout` (none: until one comes); `EINTR` and the timeout
+    /// return an empty list.
+    pub(crate) fn wait(
+        &self,
+        events: &mut Vec<Event>,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<(), Errno> {
         events.clear();
-        match epoll::wait(&self.epoll, spare_capacity(events), None) {
+        let timespec = timeout.map(|t| rustix::time::Timespec {
+            tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(t.subsec_nanos()),
+        });
+        match epoll::wait(&self.epoll, spare_capacity(events), timespec.as_ref()) {
             Ok(_) | Err(Errno::INTR) => Ok(()),
             Err(e) => Err(e),
         }

@@ -53,6 +53,7 @@ pub mod ids;
 pub mod limits;
 pub mod listener;
 mod listener_table;
+pub mod metrics;
 pub mod named;
 mod named_regions;
 pub mod observer;
@@ -100,6 +101,14 @@ pub enum ServerError {
     /// A listening socket could not be set up.
     #[error(transparent)]
     Listener(#[from] listener::ListenerError),
+    /// The metrics listener could not be opened.
+    #[error("metrics listener on {address}: {source}")]
+    Metrics {
+        /// The address asked for.
+        address: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The event loop failed.
     #[error("event loop: {0}")]
     Epoll(rustix::io::Errno),

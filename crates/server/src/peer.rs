@@ -33,6 +33,30 @@ pub enum RemovalReason {
 }
 
 impl RemovalReason {
+    /// The metric label of every reason, in [`index`](Self::index) order.
+    pub const LABELS: [&'static str; 7] = [
+        "closed",
+        "sent_data",
+        "stopped_reading",
+        "send_failed",
+        "read_failed",
+        "poll_failed",
+        "server_stopping",
+    ];
+
+    /// The reason's position in [`LABELS`](Self::LABELS).
+    pub fn index(&self) -> usize {
+        match self {
+            RemovalReason::Closed => 0,
+            RemovalReason::SentData => 1,
+            RemovalReason::StoppedReading(_) => 2,
+            RemovalReason::SendFailed(_) => 3,
+            RemovalReason::ReadFailed(_) => 4,
+            RemovalReason::PollFailed(_) => 5,
+            RemovalReason::ServerStopping => 6,
+        }
+    }
+
     /// True for every reason except a clean close and the server stopping.
     pub fn is_drop(&self) -> bool {
         !matches!(self, RemovalReason::Closed | RemovalReason::ServerStopping)

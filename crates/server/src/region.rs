@@ -93,6 +93,8 @@ pub(crate) struct Region {
     detached: bool,
     /// Some peer joined once (a run-time region goes when its last peer leaves).
     had_peers: bool,
+    /// This region's share of the server's counters (the same events, counted here too).
+    counters: Stats,
 }
 
 impl Region {
@@ -131,6 +133,26 @@ impl Region {
             persist: spec.persist,
             detached: false,
             had_peers: false,
+            counters: Stats::default(),
+        })
+    }
+
+    /// Counts an event in the server's counters and in this region's.
+    fn count(&self, ctx: &LoopContext<'_>, event: impl Fn(&Stats)) {
+        event(ctx.stats);
+        event(&self.counters);
+    }
+
+    /// This region's counters.
+    pub(crate) fn counters(&self) -> &Stats {
+        &self.counters
+    }
+
+    /// Messages queued for its peers now: the total and the longest queue.
+    pub(crate) fn queue_depths(&self) -> (u64, u64) {
+        self.peers.values().fold((0, 0), |(total, longest), peer| {
+            let len = peer.queue.len() as u64;
+            (total + len, longest.max(len))
         })
     }
 
@@ -248,7 +270,7 @@ impl Region {
             // Accepted and closed at once: the peer sees its connection closed before any
             // message, as it would if the server were gone.
             drop(socket);
-            ctx.stats.refused_with(GuestShmStatus::ClientMax);
+            self.count(ctx, |s| s.refused_with(GuestShmStatus::ClientMax));
             tracing::warn!(
                 region = %self.name,
                 peers = self.peers.len(),
@@ -265,7 +287,7 @@ impl Region {
         };
         let Some(id) = allocated else {
             tracing::error!(region = %self.name, "no free peer id; refusing a new peer");
-            ctx.stats.refused();
+            self.count(ctx, |s| s.refused());
             return 0;
         };
         let eventfds = match self.create_eventfds() {
@@ -285,7 +307,7 @@ impl Region {
                 } else {
                     tracing::error!(region = %self.name, %errno, "eventfd failed; refusing peer {id}");
                 }
-                ctx.stats.refused();
+                self.count(ctx, |s| s.refused());
                 return 0;
             }
         };
@@ -309,13 +331,13 @@ impl Region {
         // The others' doorbells to the new peer, its own, and its doorbells to every other.
         let handed_out =
             (self.peers.len() * self.vectors) + eventfds.len() * (self.peers.len() + 1);
-        ctx.stats.doorbell_fds(handed_out as u64);
+        self.count(ctx, |s| s.doorbell_fds(handed_out as u64));
 
         let peer = match ctx.connections.add(self.id, id, socket, eventfds, queue) {
             Ok(peer) => peer,
             Err(errno) => {
                 tracing::error!(region = %self.name, %errno, "cannot watch the socket of peer {id}; refusing it");
-                ctx.stats.refused();
+                self.count(ctx, |s| s.refused());
                 return 0;
             }
         };
@@ -333,7 +355,7 @@ impl Region {
         self.peers.insert(id, peer);
         self.via.insert(id, key);
         self.had_peers = true;
-        ctx.stats.joined();
+        self.count(ctx, |s| s.joined());
         tracing::info!(
             region = %self.name,
             peer = id,
@@ -369,7 +391,7 @@ impl Region {
         if writable {
             let mut sent = 0;
             let result = peer.flush(ctx.connections, &mut sent);
-            ctx.stats.sent(sent);
+            self.count(ctx, |s| s.sent(sent));
             if let Err(reason) = result {
                 return self.remove_all(vec![(id, reason)], ctx);
             }
@@ -399,7 +421,7 @@ impl Region {
                 failed.push((peer.id, reason));
             }
         }
-        ctx.stats.sent(sent);
+        self.count(ctx, |s| s.sent(sent));
     }
 
     /// Removes peers, telling every remaining peer; peers that fail to take that news are
@@ -418,7 +440,7 @@ impl Region {
             ctx.connections.remove(&peer);
             self.via.remove(&id);
             removed += 1;
-            ctx.stats.removed(reason.is_drop());
+            self.count(ctx, |s| s.removed(&reason));
             ctx.observer.removed(&self.name, id, &reason);
             if reason.is_drop() {
                 tracing::warn!(region = %self.name, peer = id, peers = self.peers.len(), "dropped peer {id}: {reason}");

@@ -20,6 +20,7 @@ use crate::event_loop::{token_of, Poller, Token};
 use crate::factory;
 use crate::limits::{raise_nofile_limit, ReserveFd};
 use crate::listener_table::SocketKey;
+use crate::metrics;
 use crate::named::Origin;
 use crate::named_regions::NamedRegions;
 use crate::observer::{Observer, ObserverSlot};
@@ -201,7 +202,15 @@ impl Server {
     fn serve(&mut self, controls: &[Control<'_>]) -> Result<(), ServerError> {
         let mut events: Vec<Event> = Vec::with_capacity(256);
         loop {
-            self.poller.wait(&mut events).map_err(ServerError::Epoll)?;
+            // Metrics connections time out: wake up to close them even when nothing happens.
+            let timeout = self
+                .endpoints
+                .has_metrics_connections()
+                .then_some(std::time::Duration::from_secs(1));
+            self.poller
+                .wait(&mut events, timeout)
+                .map_err(ServerError::Epoll)?;
+            self.endpoints.expire_metrics_connections();
             // Peers went away in this batch (their fds are closed), and from which regions.
             let mut freed_fds = false;
             let mut lost_peers: Vec<RegionId> = Vec::new();
@@ -291,11 +300,61 @@ impl Server {
         }
     }
 
+    /// Opens the HTTP metrics listener on `address` (`GET /metrics`, see [`crate::metrics`]),
+    /// served by this loop; returns the address it listens on (port 0 picks a free one).
+    pub fn listen_metrics(
+        &mut self,
+        address: std::net::SocketAddr,
+    ) -> Result<std::net::SocketAddr, ServerError> {
+        let listener =
+            std::net::TcpListener::bind(address).map_err(|source| ServerError::Metrics {
+                address: address.to_string(),
+                source,
+            })?;
+        let bound = listener
+            .local_addr()
+            .and_then(|a| listener.set_nonblocking(true).map(|()| a))
+            .map_err(|source| ServerError::Metrics {
+                address: address.to_string(),
+                source,
+            })?;
+        self.endpoints
+            .add_metrics_listener(std::os::fd::OwnedFd::from(listener))
+            .map_err(ServerError::Epoll)?;
+        tracing::info!("metrics on http://{bound}/metrics");
+        Ok(bound)
+    }
+
+    /// The metrics text (Prometheus exposition format) now.
+    pub fn metrics_text(&self) -> String {
+        let regions: Vec<_> = self
+            .regions
+            .iter()
+            .filter_map(|(id, _)| control::region_report(&self.regions, id))
+            .collect();
+        metrics::render_prometheus(&control::stats_report(&self.stats), &regions)
+    }
+
     /// Reads factory or control connection `key` and answers every complete request line.
     fn serve_connection(&mut self, key: u64, flags: EventFlags) {
         let Some(mut connection) = self.endpoints.take_connection(key) else {
             return;
         };
+        if *connection.service() == Service::Metrics {
+            if connection.read(flags) {
+                while let Some(line) = connection.next_request() {
+                    if connection.is_done() {
+                        break;
+                    }
+                    if let Some(request) = connection.http().push(line.map_err(|_| ())) {
+                        let response = metrics::response(&request, || self.metrics_text());
+                        connection.respond_and_close(&response);
+                    }
+                }
+            }
+            self.endpoints.restore(key, connection);
+            return;
+        }
         if connection.read(flags) {
             while let Some(line) = connection.next_request() {
                 let response = self.answer(connection.service(), line);
@@ -315,6 +374,8 @@ impl Server {
                 vm,
                 line,
             ),
+            // Metrics connections are answered in serve_connection.
+            Service::Metrics => Vec::new(),
             Service::Control => control::answer_line(
                 control::Subject {
                     named: self.named.as_mut(),

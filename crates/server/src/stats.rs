@@ -4,6 +4,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ivshm_policy::GuestShmStatus;
 
+use crate::peer::RemovalReason;
+
 /// Live counters (shared with [`ServerHandle`](crate::ServerHandle) through an `Arc`).
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -17,7 +19,12 @@ pub struct Stats {
     factory_requests: AtomicU64,
     /// Refusals by `GSS_*` status, indexed by the status code.
     refusals: [AtomicU64; REFUSAL_KINDS],
+    /// Removals by reason, indexed by [`RemovalReason::index`].
+    removals: [AtomicU64; REMOVAL_KINDS],
 }
+
+/// How many removal reasons are counted ([`RemovalReason::LABELS`]).
+pub const REMOVAL_KINDS: usize = RemovalReason::LABELS.len();
 
 /// How many status codes refusals are counted by (`GSS_OK` through `GSS_DOES_NOT_EXIST`).
 pub const REFUSAL_KINDS: usize = GuestShmStatus::ALL.len();
@@ -45,6 +52,9 @@ pub struct StatsSnapshot {
     /// ([`GuestShmStatus::as_u32`]). v0 connections refused at a region's peer limit count as
     /// `GSS_CLIENT_MAX`, those refused for lack of fds or ids as `GSS_UNKNOWN_FAILURE`.
     pub refusals: [u64; REFUSAL_KINDS],
+    /// Peers removed, by reason ([`RemovalReason::LABELS`] order): leaves, drops and the
+    /// server stopping.
+    pub removals: [u64; REMOVAL_KINDS],
 }
 
 impl StatsSnapshot {
@@ -63,8 +73,11 @@ impl Stats {
         self.connected.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn removed(&self, dropped: bool) {
-        if dropped {
+    pub(crate) fn removed(&self, reason: &RemovalReason) {
+        if let Some(counter) = self.removals.get(reason.index()) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        if reason.is_drop() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         } else {
             self.left.fetch_add(1, Ordering::Relaxed);
@@ -118,6 +131,7 @@ impl Stats {
             doorbell_fds: self.doorbell_fds.load(Ordering::Relaxed),
             factory_requests: self.factory_requests.load(Ordering::Relaxed),
             refusals: std::array::from_fn(|i| self.refusals[i].load(Ordering::Relaxed)),
+            removals: std::array::from_fn(|i| self.removals[i].load(Ordering::Relaxed)),
         }
     }
 }

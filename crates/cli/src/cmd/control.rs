@@ -31,8 +31,9 @@ pub enum ControlCommand {
     Region(RegionCommand),
     /// List the VMs, the regions each sees (its name -> host name) and their peers.
     Vms(ControlArgs),
-    /// Counters: joins, leaves, drops, doorbell fds handed out, refusals by status code.
-    Stats(ControlArgs),
+    /// Counters: joins, leaves, drops, doorbell fds handed out, refusals by status code,
+    /// removals by reason; with --format prometheus, server-wide and per region.
+    Stats(StatsArgs),
     /// Re-read the server's configuration file without dropping connected peers; prints one
     /// line per change (what happens to peers a change would orphan included).
     Reload(ControlArgs),
@@ -55,6 +56,28 @@ pub struct ControlArgs {
     /// Print the server's JSON answer (its `result` object) instead of lines.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How `ivshm stats` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatsFormat {
+    /// `key=value` lines.
+    Lines,
+    /// The server's JSON answer (as --json).
+    Json,
+    /// The Prometheus text exposition format, server-wide and per region (what
+    /// `ivshm serve --metrics` serves at /metrics).
+    Prometheus,
+}
+
+/// `ivshm stats` flags.
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// Output form.
+    #[arg(long, value_enum, default_value_t = StatsFormat::Lines)]
+    pub format: StatsFormat,
 }
 
 #[derive(Args, Debug)]
@@ -98,7 +121,13 @@ pub fn execute(c: ControlCommand) -> anyhow::Result<String> {
     let (args, request) = match c {
         ControlCommand::Regions(a) => (a, ControlRequest::Regions),
         ControlCommand::Vms(a) => (a, ControlRequest::Vms),
-        ControlCommand::Stats(a) => (a, ControlRequest::Stats),
+        ControlCommand::Stats(a) if a.format == StatsFormat::Prometheus => {
+            return prometheus(&a.control.control);
+        }
+        ControlCommand::Stats(mut a) => {
+            a.control.json |= a.format == StatsFormat::Json;
+            (a.control, ControlRequest::Stats)
+        }
         ControlCommand::Reload(a) => (a, ControlRequest::Reload),
         ControlCommand::Region(RegionCommand::Create(a)) => (
             a.control,
@@ -117,6 +146,18 @@ pub fn execute(c: ControlCommand) -> anyhow::Result<String> {
     };
     let result = request_result(&args.control, &request)?;
     output(&result, args.json)
+}
+
+/// The server's counters and regions in the Prometheus text format.
+pub fn prometheus(control: &Path) -> anyhow::Result<String> {
+    let ControlResult::Stats { stats } = request_result(control, &ControlRequest::Stats)? else {
+        bail!("the server answered the stats request with something else");
+    };
+    let ControlResult::Regions { regions } = request_result(control, &ControlRequest::Regions)?
+    else {
+        bail!("the server answered the regions request with something else");
+    };
+    Ok(ivshm_server::metrics::render_prometheus(&stats, &regions))
 }
 
 /// What a command prints for `result`: [`render`]ed lines, or with `--json` the result as
@@ -242,6 +283,10 @@ fn stats_lines(s: &StatsReport) -> String {
     );
     let refusals: Vec<String> = s.refusals.iter().map(|(k, v)| format!("{k}={v}")).collect();
     out.push_str(&format!("refusals {}\n", refusals.join(" ")));
+    if !s.removals.is_empty() {
+        let removals: Vec<String> = s.removals.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        out.push_str(&format!("removals {}\n", removals.join(" ")));
+    }
     out
 }
 
@@ -434,6 +479,7 @@ mod tests {
             detached: false,
             peers: vec![0, 2],
             sockets: vec![],
+            counters: Default::default(),
         };
         assert_eq!(
             render(&ControlResult::Regions {

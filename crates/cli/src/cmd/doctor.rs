@@ -605,6 +605,7 @@ mod tests {
                 detached: false,
                 peers: vec![],
                 sockets: vec![],
+                counters: Default::default(),
             }],
             ..ServerView::default()
         };

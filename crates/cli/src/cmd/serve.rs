@@ -81,6 +81,10 @@ pub struct ServeArgs {
     /// Group of the socket: a numeric gid or a name from /etc/group.
     #[arg(long)]
     pub socket_group: Option<String>,
+    /// Serve metrics over HTTP at ADDR (e.g. 127.0.0.1:9464): GET /metrics answers in the
+    /// Prometheus text format, server-wide and per region. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Write the server's pid here (removed on exit).
     #[arg(long)]
     pub pidfile: Option<PathBuf>,
@@ -142,7 +146,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let named = config.named.clone();
     let signals = SignalPipes::install().context("installing signal handlers")?;
     let mut server = Server::new(config).context("starting the server")?;
+    let metrics = args
+        .metrics
+        .map(|address| server.listen_metrics(address))
+        .transpose()?;
     let pidfile = args.pidfile.as_deref().map(PidFile::create).transpose()?;
+    if let Some(address) = metrics {
+        eprintln!("metrics on http://{address}/metrics");
+    }
     for path in server.socket_paths() {
         eprintln!("listening on {}", path.display());
     }
