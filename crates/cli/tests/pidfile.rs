@@ -3,11 +3,9 @@
 //! server runs and after it stopped, and the pid file goes on exit.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::process::Command;
 
-use ivshm_test_support::orphan;
-use ivshm_test_support::process::{terminate_pid, HostProcess, Stream};
+use ivshm_test_support::process::{start_daemon, terminate_pid, HostProcess, Stream};
 use ivshm_test_support::WAIT_GUARD as GUARD;
 
 const PRECIOUS: &[u8] = b"precious: must stay as it is\n";
@@ -63,37 +61,17 @@ fn ivshm_serve_replaces_a_planted_pidfile_link_and_never_follows_it() {
 #[test]
 fn ivshmem_server_daemon_replaces_a_planted_pidfile_link_and_never_follows_it() {
     let (dir, victim, pid_file) = planted("dropin");
-    // The daemon keeps the launcher's stdout and stderr (as QEMU's does): a file, not a pipe
-    // that would stay open while it runs.
-    let log_path = dir.join("log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ivshmem-server"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ivshmem-server"));
+    command
         .arg("-S")
         .arg(dir.join("s.sock"))
         .arg("-p")
         .arg(&pid_file)
         .arg("-m")
         .arg(&dir)
-        .args(["-l", "64K"])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let status = orphan::wait_until(&mut child, Instant::now() + GUARD)
-        .unwrap()
-        .expect("launcher did not exit");
-    assert!(
-        status.success(),
-        "{}",
-        std::fs::read_to_string(&log_path).unwrap()
-    );
+        .args(["-l", "64K"]);
     // The launcher exits once the daemon has written its pid file.
-    let pid: u32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = start_daemon(command, &dir.join("log"), &pid_file, GUARD);
     assert_replaced(&pid_file, &victim, pid);
     terminate_pid(pid, GUARD);
     assert!(!pid_file.exists(), "the pid file is removed on exit");

@@ -3,10 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
-use ivshm_test_support::orphan;
-use ivshm_test_support::process::{terminate_pid, HostProcess, Signal, Stream};
+use ivshm_test_support::process::{start_daemon, terminate_pid, HostProcess, Signal, Stream};
 use ivshm_test_support::v0::{RawPeer, Received};
 use ivshm_test_support::WAIT_GUARD as GUARD;
 use rustix::process::Pid;
@@ -76,36 +74,18 @@ fn ivshmem_server_daemonizes_after_it_listens_and_writes_its_pid_file() {
     let dir = temp("daemon-dir");
     let output = temp("daemon.out");
     std::fs::create_dir_all(&dir).unwrap();
-    // Like QEMU's, the daemon keeps the launcher's stdout and stderr: a file here, since a pipe
-    // would stay open as long as the daemon runs.
-    let log = std::fs::File::create(&output).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ivshmem-server"))
+    // Like QEMU's, the daemon keeps the launcher's stdout and stderr (a file here).
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ivshmem-server"));
+    command
         .arg("-S")
         .arg(&socket)
         .arg("-p")
         .arg(&pid_file)
         .arg("-m")
         .arg(&dir)
-        .args(["-l", "1M"])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let status = orphan::wait_until(&mut child, Instant::now() + GUARD)
-        .unwrap()
-        .expect("launcher did not exit");
-    assert!(
-        status.success(),
-        "{}",
-        std::fs::read_to_string(&output).unwrap()
-    );
+        .args(["-l", "1M"]);
     // When the launcher has exited, the daemon serves and its pid file exists.
-    let pid: u32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = start_daemon(command, &output, &pid_file, GUARD);
     let _peer = first_peer(&socket, 1 << 20, 1);
     // A new session: the daemon leads its own; and it kept the working directory.
     let daemon = Pid::from_raw(pid as i32).unwrap();

@@ -71,6 +71,23 @@ pub fn cache_dir() -> PathBuf {
     }
 }
 
+/// What a test does with something it needs: `Ok(Some(found))`; or, when it is missing,
+/// `Ok(None)` after a loud `SKIPPED: <test>: <error>` line, unless `IVSHM_E2E=1` makes the
+/// error the result.
+pub fn skip_unless_required<T, E: std::fmt::Display>(
+    test_name: &str,
+    found: Result<T, E>,
+) -> Result<Option<T>, E> {
+    match found {
+        Ok(found) => Ok(Some(found)),
+        Err(err) if e2e_required() => Err(err),
+        Err(err) => {
+            eprintln!("SKIPPED: {test_name}: {err} (set {E2E_ENV}=1 to make this an error)");
+            Ok(None)
+        }
+    }
+}
+
 fn require_file(what: &'static str, path: PathBuf) -> Result<PathBuf, AssetsError> {
     if path.is_file() {
         Ok(path)
@@ -113,14 +130,7 @@ impl GuestAssets {
     /// `SKIPPED:` line when something is missing and `IVSHM_E2E` is not `1`, and the error when
     /// something is missing and `IVSHM_E2E=1`.
     pub fn for_test(test_name: &str) -> Result<Option<Self>, AssetsError> {
-        match Self::locate() {
-            Ok(assets) => Ok(Some(assets)),
-            Err(err) if e2e_required() => Err(err),
-            Err(err) => {
-                eprintln!("SKIPPED: {test_name}: {err} (set {E2E_ENV}=1 to make this an error)");
-                Ok(None)
-            }
-        }
+        skip_unless_required(test_name, Self::locate())
     }
 
     /// The path of module `name` (without `.ko`) in the cache.

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::assets::{e2e_required, E2E_ENV};
+use crate::assets::skip_unless_required;
 use crate::workspace;
 
 /// The environment variable naming the directory that holds the two programs.
@@ -89,14 +89,7 @@ impl QemuTools {
     /// `SKIPPED:` line when they are missing and `IVSHM_E2E` is not `1`, and the error when
     /// they are missing and `IVSHM_E2E=1`.
     pub fn for_test(test_name: &str) -> Result<Option<Self>, MissingTool> {
-        match Self::locate() {
-            Ok(tools) => Ok(Some(tools)),
-            Err(err) if e2e_required() => Err(err),
-            Err(err) => {
-                eprintln!("SKIPPED: {test_name}: {err} (set {E2E_ENV}=1 to make this an error)");
-                Ok(None)
-            }
-        }
+        skip_unless_required(test_name, Self::locate())
     }
 
     /// A command that runs QEMU's `program` with its stdout line-buffered (`stdbuf -oL`): its C

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use common::*;
@@ -58,11 +58,16 @@ fn until_wakeup(recorder: &Recorder) -> Vec<Seen> {
     seen
 }
 
-#[test]
-fn observer_sees_accepts_joins_removals_and_wakeups_with_real_fds() {
-    let path = socket_path("observer");
-    let mut region = RegionConfig::new(&path);
-    region.name = "r".into();
+/// A server for region `name` at `path`, observed by the returned recorder, running on a
+/// thread until the returned eventfd is rung; the thread then calls `after` and hands the
+/// server back.
+fn run_observed(
+    path: &std::path::Path,
+    name: &str,
+    after: fn(&mut Server),
+) -> (Recorder, Arc<OwnedFd>, std::thread::JoinHandle<Server>) {
+    let mut region = RegionConfig::new(path);
+    region.name = name.into();
     let mut server = Server::new(ServerConfig::single(region)).unwrap();
     let recorder = Recorder::default();
     server.set_observer(recorder.clone());
@@ -74,7 +79,16 @@ fn observer_sees_accepts_joins_removals_and_wakeups_with_real_fds() {
             action: ControlAction::Stop,
         }];
         server.run_until(&controls).unwrap();
+        after(&mut server);
+        server
     });
+    (recorder, stop, thread)
+}
+
+#[test]
+fn observer_sees_accepts_joins_removals_and_wakeups_with_real_fds() {
+    let path = socket_path("observer");
+    let (recorder, stop, thread) = run_observed(&path, "r", |_| {});
 
     let mut a = RawPeer::connect(&path);
     a.handshake(1, &[]);
@@ -125,20 +139,7 @@ fn observer_sees_accepts_joins_removals_and_wakeups_with_real_fds() {
 #[test]
 fn remove_all_peers_goes_in_join_order_and_tells_the_rest_like_qemu() {
     let path = socket_path("remove-all");
-    let mut server = Server::new(ServerConfig::single(RegionConfig::new(&path))).unwrap();
-    let recorder = Recorder::default();
-    server.set_observer(recorder.clone());
-    let stop = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap());
-    let thread_stop = stop.clone();
-    let thread = std::thread::spawn(move || {
-        let controls = [Control {
-            fd: thread_stop.as_fd(),
-            action: ControlAction::Stop,
-        }];
-        server.run_until(&controls).unwrap();
-        server.remove_all_peers();
-        server
-    });
+    let (recorder, stop, thread) = run_observed(&path, "default", Server::remove_all_peers);
     let mut a = RawPeer::connect(&path);
     a.handshake(1, &[]);
     let mut b = RawPeer::connect(&path);

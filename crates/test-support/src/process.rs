@@ -146,14 +146,18 @@ impl LineBuffer {
         String::from_utf8_lossy(&self.lock().raw).into_owned()
     }
 
-    /// Waits until everything read so far satisfies `wanted`; returns it.
-    fn wait_text(&self, timeout: Duration, wanted: &mut dyn FnMut(&str) -> bool) -> LineWait {
+    /// Waits until `found` finds something in the state (checked now and after every change),
+    /// or the stream ends, or `timeout` passes.
+    fn wait_for(
+        &self,
+        timeout: Duration,
+        mut found: impl FnMut(&mut LinesState) -> Option<String>,
+    ) -> LineWait {
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
         loop {
-            let text = String::from_utf8_lossy(&state.raw);
-            if wanted(&text) {
-                return LineWait::Found(text.into_owned());
+            if let Some(text) = found(&mut state) {
+                return LineWait::Found(text);
             }
             if state.closed {
                 return LineWait::Ended;
@@ -168,6 +172,14 @@ impl LineBuffer {
                 .map(|(guard, _)| guard)
                 .unwrap_or_else(|poisoned| poisoned.into_inner().0);
         }
+    }
+
+    /// Waits until everything read so far satisfies `wanted`; returns it.
+    fn wait_text(&self, timeout: Duration, wanted: &mut dyn FnMut(&str) -> bool) -> LineWait {
+        self.wait_for(timeout, |state| {
+            let text = String::from_utf8_lossy(&state.raw);
+            wanted(&text).then(|| text.into_owned())
+        })
     }
 
     fn snapshot(&self) -> Vec<String> {
@@ -181,26 +193,14 @@ impl LineBuffer {
 
     /// Waits for the first line not yet taken that satisfies `wanted`, and takes it.
     fn take_matching(&self, timeout: Duration, wanted: &mut dyn FnMut(&str) -> bool) -> LineWait {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.lock();
-        loop {
-            if let Some(line) = state.lines.iter_mut().find(|l| !l.taken && wanted(&l.text)) {
-                line.taken = true;
-                return LineWait::Found(line.text.clone());
-            }
-            if state.closed {
-                return LineWait::Ended;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return LineWait::Timeout;
-            }
-            state = self
-                .changed
-                .wait_timeout(state, deadline - now)
-                .map(|(guard, _)| guard)
-                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
-        }
+        self.wait_for(timeout, |state| {
+            let line = state
+                .lines
+                .iter_mut()
+                .find(|l| !l.taken && wanted(&l.text))?;
+            line.taken = true;
+            Some(line.text.clone())
+        })
     }
 
     /// Waits until the stream has ended.
@@ -375,7 +375,13 @@ impl HostProcess {
         timeout: Duration,
         mut wanted: impl FnMut(&str) -> bool,
     ) -> Result<String, HostError> {
-        match self.buffer(stream).wait_text(timeout, &mut wanted) {
+        let waited = self.buffer(stream).wait_text(timeout, &mut wanted);
+        self.waited(waited, what, timeout)
+    }
+
+    /// A wait's outcome as a result: what was found, or the error naming `what`.
+    fn waited(&self, wait: LineWait, what: &str, timeout: Duration) -> Result<String, HostError> {
+        match wait {
             LineWait::Found(text) => Ok(text),
             LineWait::Timeout => Err(HostError::Timeout {
                 name: self.name.clone(),
@@ -412,20 +418,8 @@ impl HostProcess {
         timeout: Duration,
         mut wanted: impl FnMut(&str) -> bool,
     ) -> Result<String, HostError> {
-        match self.buffer(stream).take_matching(timeout, &mut wanted) {
-            LineWait::Found(line) => Ok(line),
-            LineWait::Timeout => Err(HostError::Timeout {
-                name: self.name.clone(),
-                what: what.to_string(),
-                timeout,
-                context: self.failure_context(),
-            }),
-            LineWait::Ended => Err(HostError::Ended {
-                name: self.name.clone(),
-                what: what.to_string(),
-                context: self.failure_context(),
-            }),
-        }
+        let waited = self.buffer(stream).take_matching(timeout, &mut wanted);
+        self.waited(waited, what, timeout)
     }
 
     /// The first line of `stream` not returned by an earlier wait: reads a stream in order when
@@ -546,6 +540,38 @@ pub fn terminate_pid(pid: u32, timeout: Duration) {
         crate::fds::readable_within(std::os::fd::AsFd::as_fd(&pidfd), timeout),
         "process {pid:?} did not exit within {timeout:?}"
     );
+}
+
+/// Starts a program that daemonizes: `command` runs with stdin `/dev/null` and stdout and
+/// stderr in the file `log` (a daemon that keeps them would hold a pipe open); its launcher
+/// must exit successfully within `timeout` (else this panics with the log), leaving the
+/// daemon's pid in `pid_file`. Returns that pid.
+pub fn start_daemon(
+    mut command: Command,
+    log: &std::path::Path,
+    pid_file: &std::path::Path,
+    timeout: Duration,
+) -> u32 {
+    let file = std::fs::File::create(log).expect("creating the log file");
+    let mut launcher = command
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("duplicating the log file"))
+        .stderr(file)
+        .spawn()
+        .expect("starting the launcher");
+    let status = orphan::wait_until(&mut launcher, Instant::now() + timeout)
+        .expect("waiting for the launcher")
+        .expect("the launcher did not exit");
+    let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+    assert!(
+        status.success(),
+        "the launcher failed ({status}):\n{}",
+        log_text()
+    );
+    std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {}:\n{}", pid_file.display(), log_text()))
 }
 
 /// Runs `command` to completion within `timeout` and returns its stdout lines; fails (with
