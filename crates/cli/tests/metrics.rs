@@ -157,6 +157,20 @@ fn scraped_metrics_count_what_happened_per_region_and_in_total() {
     rustix::net::send(&writer.sock, b"x", rustix::net::SendFlags::NOSIGNAL).unwrap();
     in_b.expect_leave(1);
 
+    // The log has one line per join, refusal and removal, with region, VM and peer id.
+    for needle in [
+        "peer 0 joined region=a vm=vm0 peer=0 ",
+        "refused a peer: the region has its limit of 1 peer(s) (GSS_CLIENT_MAX) region=a vm=vm0 peer=- ",
+        "dropped peer 1: sent data",
+    ] {
+        let line = server
+            .wait_line_containing(Stream::Stderr, needle, GUARD)
+            .unwrap();
+        if needle.starts_with("dropped") {
+            assert!(line.contains("region=b vm=vm0 peer=1 "), "{line}");
+        }
+    }
+
     let samples = parse_exposition(&scrape(&address));
     let get = |series: &str| {
         *samples

@@ -87,6 +87,9 @@ pub(crate) struct Region {
     peers: BTreeMap<u16, Peer>,
     /// The socket each peer joined through.
     via: BTreeMap<u16, SocketKey>,
+    /// The VM whose directory each peer joined through (`-` for a standalone socket), for
+    /// log lines.
+    via_vm: BTreeMap<u16, String>,
     origin: Origin,
     persist: bool,
     /// Removed: no sockets any more, dropped when its last peer leaves.
@@ -129,6 +132,7 @@ impl Region {
             peer_limit: spec.peer_limit,
             peers: BTreeMap::new(),
             via: BTreeMap::new(),
+            via_vm: BTreeMap::new(),
             origin: spec.origin,
             persist: spec.persist,
             detached: false,
@@ -257,13 +261,15 @@ impl Region {
         }
     }
 
-    /// Gives a new connection (through socket `key`) an id, its eventfds and its handshake,
-    /// and tells the others. Returns how many peers were removed (others that could not take
-    /// the news).
+    /// Gives a new connection (through socket `key`, in the directory of VM `vm`, `-` for a
+    /// standalone socket) an id, its eventfds and its handshake, and tells the others. Returns
+    /// how many peers were removed (others that could not take the news). Joins, leaves and
+    /// refusals are logged one line each, with the region, the VM and the peer id.
     pub(crate) fn join(
         &mut self,
         socket: OwnedFd,
         key: SocketKey,
+        vm: &str,
         ctx: &mut LoopContext<'_>,
     ) -> usize {
         if self.is_full() {
@@ -273,6 +279,8 @@ impl Region {
             self.count(ctx, |s| s.refused_with(GuestShmStatus::ClientMax));
             tracing::warn!(
                 region = %self.name,
+                vm = %vm,
+                peer = %"-",
                 peers = self.peers.len(),
                 "refused a peer: the region has its limit of {} peer(s) ({})",
                 self.peer_limit,
@@ -286,7 +294,7 @@ impl Region {
             IdPolicy::LowestFree => lowest_free(self.peer_limit, |i| peers.contains_key(&i)),
         };
         let Some(id) = allocated else {
-            tracing::error!(region = %self.name, "no free peer id; refusing a new peer");
+            tracing::error!(region = %self.name, vm = %vm, peer = %"-", "no free peer id; refusing a new peer");
             self.count(ctx, |s| s.refused());
             return 0;
         };
@@ -296,6 +304,8 @@ impl Region {
                 if is_fd_exhaustion(errno) {
                     tracing::error!(
                         region = %self.name,
+                        vm = %vm,
+                        peer = id,
                         %errno,
                         "{}",
                         fd_exhaustion_message(
@@ -305,7 +315,7 @@ impl Region {
                         )
                     );
                 } else {
-                    tracing::error!(region = %self.name, %errno, "eventfd failed; refusing peer {id}");
+                    tracing::error!(region = %self.name, vm = %vm, peer = id, %errno, "eventfd failed; refusing peer {id}");
                 }
                 self.count(ctx, |s| s.refused());
                 return 0;
@@ -354,10 +364,12 @@ impl Region {
         }
         self.peers.insert(id, peer);
         self.via.insert(id, key);
+        self.via_vm.insert(id, vm.to_string());
         self.had_peers = true;
         self.count(ctx, |s| s.joined());
         tracing::info!(
             region = %self.name,
+            vm = %vm,
             peer = id,
             peers = self.peers.len(),
             "peer {id} joined"
@@ -439,13 +451,14 @@ impl Region {
             };
             ctx.connections.remove(&peer);
             self.via.remove(&id);
+            let vm = self.via_vm.remove(&id).unwrap_or_else(|| "-".into());
             removed += 1;
             self.count(ctx, |s| s.removed(&reason));
             ctx.observer.removed(&self.name, id, &reason);
             if reason.is_drop() {
-                tracing::warn!(region = %self.name, peer = id, peers = self.peers.len(), "dropped peer {id}: {reason}");
+                tracing::warn!(region = %self.name, vm = %vm, peer = id, peers = self.peers.len(), "dropped peer {id}: {reason}");
             } else {
-                tracing::info!(region = %self.name, peer = id, peers = self.peers.len(), "peer {id} left: {reason}");
+                tracing::info!(region = %self.name, vm = %vm, peer = id, peers = self.peers.len(), "peer {id} left: {reason}");
             }
             drop(peer);
             for other in self.peers.values_mut() {

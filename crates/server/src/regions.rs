@@ -390,9 +390,21 @@ impl Regions {
                     };
                     let (name, vectors) = (region.name().to_string(), region.vectors());
                     let stats = ctx.stats;
-                    match self.listeners.refuse_one(key, reserve, || stats.refused()) {
+                    let counters = region.counters();
+                    let vm = self
+                        .listeners
+                        .get(key)
+                        .and_then(|s| s.vm())
+                        .map_or_else(|| "-".to_string(), |s| s.vm.clone());
+                    let refused = || {
+                        stats.refused();
+                        counters.refused();
+                    };
+                    match self.listeners.refuse_one(key, reserve, refused) {
                         Ok(true) => tracing::error!(
                             region = %name,
+                            vm = %vm,
+                            peer = %"-",
                             %errno,
                             "{}",
                             fd_exhaustion_message(total_peers, vectors, "refused a new peer")
@@ -435,7 +447,12 @@ impl Regions {
             return 0;
         };
         ctx.observer.accepted(region.name(), connection.as_fd());
-        region.join(connection, key, &mut ctx.lend(total_peers))
+        let vm = self
+            .listeners
+            .get(key)
+            .and_then(|s| s.vm())
+            .map_or("-", |s| s.vm.as_str());
+        region.join(connection, key, vm, &mut ctx.lend(total_peers))
     }
 
     /// Handles readiness of peer `peer` of region `id`. Returns how many peers were removed.
