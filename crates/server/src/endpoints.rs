@@ -129,6 +129,17 @@ impl Endpoints {
         Ok(key)
     }
 
+    /// The file name and identity (device, inode as bound) of listener `key`'s socket.
+    pub(crate) fn listener_file(&self, key: u64) -> Option<(String, (u64, u64))> {
+        match self.map.get(&key) {
+            Some(Endpoint::Listener(listener, _)) => Some((
+                listener.path().file_name()?.to_str()?.to_string(),
+                listener.identity(),
+            )),
+            _ => None,
+        }
+    }
+
     /// Removes an endpoint (closing it; a listener's file goes with it).
     pub(crate) fn remove(&mut self, key: u64) {
         self.map.remove(&key);

@@ -136,6 +136,12 @@ impl Listener {
         &self.path
     }
 
+    /// The socket file's device and inode when it was bound: the file is this listener's only
+    /// while they match.
+    pub fn identity(&self) -> (u64, u64) {
+        self.identity
+    }
+
     /// The listening socket (for the event loop).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.socket.as_fd()

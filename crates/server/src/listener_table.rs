@@ -61,6 +61,11 @@ impl RegionSocket {
     pub(crate) fn path(&self) -> &Path {
         self.listener.path()
     }
+
+    /// Device and inode of the socket file as bound.
+    pub(crate) fn identity(&self) -> (u64, u64) {
+        self.listener.identity()
+    }
 }
 
 /// Every region socket, by key, and its epoll registration.

@@ -222,7 +222,7 @@ impl NamedRegions {
         // New and changed VMs.
         for vm in &new.vms {
             if self.vms.contains(vm.name.as_str()) {
-                changes.extend(self.vms.update(vm));
+                changes.extend(self.vms.update(vm, regions, endpoints));
             } else {
                 match self.vms.add(vm.clone(), endpoints) {
                     Ok(()) => changes.push(format!("VM {} added", vm.name)),

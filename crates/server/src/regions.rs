@@ -308,6 +308,18 @@ impl Regions {
     }
 
     /// The sockets of region `id`.
+    /// The sockets in `vm`'s directory: file name and identity (device, inode) as bound.
+    pub(crate) fn vm_socket_files(&self, vm: &str) -> Vec<(String, (u64, u64))> {
+        self.listeners
+            .iter()
+            .filter(|(_, s)| s.is_in(vm))
+            .filter_map(|(_, s)| {
+                let name = s.path().file_name()?.to_str()?.to_string();
+                Some((name, s.identity()))
+            })
+            .collect()
+    }
+
     pub(crate) fn sockets_of(
         &self,
         id: RegionId,

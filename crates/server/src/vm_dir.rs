@@ -47,6 +47,12 @@ pub enum DirError {
         #[source]
         source: Errno,
     },
+    /// A socket's name no longer names the socket the server bound (replaced or a link).
+    #[error("{} is no longer the socket the server bound; left alone", path.display())]
+    Replaced {
+        /// The path.
+        path: PathBuf,
+    },
     /// The VM directory's path exists and is not a directory.
     #[error("{} exists and is not a directory", path.display())]
     NotADirectory {
@@ -201,6 +207,74 @@ impl VmDirectory {
                 .map_err(|source| DirError::Owner { path, source })?;
         }
         Ok(listener)
+    }
+
+    /// Gives the existing socket `name` in the directory the socket mode, group and owner of
+    /// `config` (a reload that changed them), provided the file is still the socket bound as
+    /// `identity` (device, inode). Safe against a planted link or a swapped file: the
+    /// directory is opened without following a link, the name is opened `O_PATH|O_NOFOLLOW`
+    /// relative to it and checked (a socket, the same inode), and the changes go to that open
+    /// file through `/proc/self/fd` — never to whatever the name points at by then.
+    pub(crate) fn restamp(
+        &self,
+        name: &str,
+        identity: (u64, u64),
+        config: &DirectoryConfig,
+    ) -> Result<(), DirError> {
+        use rustix::fs::{FileType, OFlags};
+        use std::os::fd::AsRawFd;
+        let path = self.file(name);
+        let owner_error = |source| DirError::Owner {
+            path: path.clone(),
+            source,
+        };
+        let dir = rustix::fs::open(
+            &self.path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|source| DirError::Create {
+            path: self.path.clone(),
+            source,
+        })?;
+        let file = rustix::fs::openat(
+            &dir,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(owner_error)?;
+        let stat = rustix::fs::fstat(&file).map_err(owner_error)?;
+        if FileType::from_raw_mode(stat.st_mode) != FileType::Socket
+            || (stat.st_dev, stat.st_ino) != identity
+        {
+            return Err(DirError::Replaced { path: path.clone() });
+        }
+        let gid = config
+            .group
+            .as_ref()
+            .map(|g| g.resolve())
+            .transpose()
+            .map_err(|source| DirError::Group {
+                path: path.clone(),
+                source,
+            })?;
+        // The open file itself, whatever the name points at now.
+        let by_fd = format!("/proc/self/fd/{}", file.as_raw_fd());
+        if config.owner.is_some() || gid.is_some() {
+            rustix::fs::chown(
+                by_fd.as_str(),
+                config.owner.map(Uid::from_raw),
+                gid.map(Gid::from_raw),
+            )
+            .map_err(owner_error)?;
+        }
+        rustix::fs::chmod(by_fd.as_str(), Mode::from_raw_mode(config.socket_mode)).map_err(
+            |source| DirError::Mode {
+                path: path.clone(),
+                source,
+            },
+        )
     }
 
     /// Removes the directory if it is empty (its sockets are gone).

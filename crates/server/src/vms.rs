@@ -118,19 +118,45 @@ impl Vms {
         Ok(())
     }
 
-    /// Applies a changed configuration of a served VM: directory ownership and mode, policy.
-    /// Returns what changed.
-    pub(crate) fn update(&mut self, vm: &VmConfig) -> Vec<String> {
+    /// Applies a changed configuration of a served VM: directory ownership and mode, the
+    /// owner, group and mode of the sockets already in it (region sockets in `regions`, the
+    /// factory socket in `endpoints`), policy. Returns what changed; a socket that could not
+    /// be brought in line is named, with what to do.
+    pub(crate) fn update(
+        &mut self,
+        vm: &VmConfig,
+        regions: &Regions,
+        endpoints: &Endpoints,
+    ) -> Vec<String> {
         let mut changes = Vec::new();
         let Some(current) = self.vms.get_mut(vm.name.as_str()) else {
             return changes;
         };
         if current.config.directory != vm.directory {
             match current.dir.ensure(&vm.directory) {
-                Ok(()) => changes.push(format!(
-                    "VM {}: directory ownership and mode updated (existing sockets keep theirs)",
-                    vm.name
-                )),
+                Ok(()) => {
+                    let mut files = regions.vm_socket_files(vm.name.as_str());
+                    files.extend(endpoints.listener_file(current.factory_key));
+                    let mut failed = Vec::new();
+                    for (name, identity) in &files {
+                        if let Err(e) = current.dir.restamp(name, *identity, &vm.directory) {
+                            failed.push(e.to_string());
+                        }
+                    }
+                    changes.push(format!(
+                        "VM {}: directory and its {} socket(s) updated to the new ownership and \
+                         mode",
+                        vm.name,
+                        files.len() - failed.len()
+                    ));
+                    for failure in failed {
+                        changes.push(format!(
+                            "VM {}: {failure}; a restart of the server gives it the new \
+                             ownership and mode",
+                            vm.name
+                        ));
+                    }
+                }
                 Err(e) => changes.push(format!("VM {}: {e}", vm.name)),
             }
         }

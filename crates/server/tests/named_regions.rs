@@ -900,19 +900,21 @@ fn reload_says_which_settings_of_an_existing_region_wait() {
 /// settings over `[defaults]`), at start, for sockets added later, and again on reload.
 #[test]
 fn vm_directories_and_sockets_are_owned_and_permissioned_as_configured() {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     if !rustix::process::geteuid().is_root() {
         eprintln!("SKIPPED: changing owners needs root");
         return;
     }
-    let config = |vm1_dir_mode: &str| {
+    let config_with = |vm1_dir_mode: &str, vm1_group: &str, vm1_socket_mode: &str| {
         format!(
             "[defaults]\nvectors = 1\ndir_mode = \"0750\"\nsocket_mode = \"0660\"\ngroup = \"nogroup\"\n\
              [[region]]\nname = \"shared\"\nsize = 4096\n\
              [vm.vm0]\n\
-             [vm.vm1]\nowner = 65534\ngroup = \"0\"\ndir_mode = {vm1_dir_mode:?}\nsocket_mode = \"0600\"\n"
+             [vm.vm1]\nowner = 65534\ngroup = {vm1_group:?}\ndir_mode = {vm1_dir_mode:?}\n\
+             socket_mode = {vm1_socket_mode:?}\n"
         )
     };
+    let config = |vm1_dir_mode: &str| config_with(vm1_dir_mode, "0", "0600");
     let setup = Setup::new("owners", &config("0700"));
     let meta = |path: PathBuf| std::fs::symlink_metadata(&path).unwrap();
     let facts = |path: PathBuf| {
@@ -955,10 +957,60 @@ fn vm_directories_and_sockets_are_owned_and_permissioned_as_configured() {
     assert!(
         changes
             .iter()
-            .any(|c| c.starts_with("VM vm1: directory ownership and mode updated")),
+            .any(|c| c
+                == "VM vm1: directory and its 3 socket(s) updated to the new ownership and mode"),
         "{changes:?}"
     );
     assert_eq!(facts(setup.vm_dir("vm1")), (65534, 0, 0o710));
+    // A reload that changes the group and socket mode brings the existing sockets in line
+    // (the factory's and the regions'), not only the directory.
+    setup.write_config(&config_with("0750", "nogroup", "0660"));
+    let ControlResult::Reloaded { changes } = setup.control(&ControlRequest::Reload) else {
+        panic!("reload")
+    };
+    assert!(
+        changes
+            .iter()
+            .any(|c| c
+                == "VM vm1: directory and its 3 socket(s) updated to the new ownership and mode"),
+        "{changes:?}"
+    );
+    for socket in ["factory.sock", "shared.sock", "later.sock"] {
+        assert_eq!(
+            facts(setup.vm_dir("vm1").join(socket)),
+            (65534, 65534, 0o660),
+            "{socket}"
+        );
+    }
+    assert_eq!(facts(setup.vm_dir("vm1")), (65534, 65534, 0o750));
+    // A socket swapped for a link to a root file is left alone, and so is the file; the
+    // reload says which socket and that a restart fixes it.
+    let victim = setup.vm_dir("vm0").parent().unwrap().join("victim");
+    std::fs::write(&victim, b"root's").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let later = setup.vm_dir("vm1").join("later.sock");
+    std::fs::remove_file(&later).unwrap();
+    std::os::unix::fs::symlink(&victim, &later).unwrap();
+    setup.write_config(&config_with("0750", "0", "0640"));
+    let ControlResult::Reloaded { changes } = setup.control(&ControlRequest::Reload) else {
+        panic!("reload")
+    };
+    assert!(
+        changes.iter().any(
+            |c| c.contains("later.sock is no longer the socket the server bound")
+                && c.contains("a restart of the server gives it the new ownership and mode")
+        ),
+        "{changes:?}"
+    );
+    assert_eq!(
+        facts(victim.clone()),
+        (0, 0, 0o600),
+        "the link's target is untouched"
+    );
+    assert_eq!(
+        facts(setup.vm_dir("vm1").join("factory.sock")),
+        (65534, 0, 0o640)
+    );
 }
 
 /// `[defaults] persist = true` keeps every run-time region after its last peer leaves.
