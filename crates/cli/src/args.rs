@@ -1,11 +1,20 @@
-//! Value parsers shared by the subcommands' flags, each defined once: sizes and offsets in
-//! [`ivshm_mem::parse_size`]'s grammar, seconds, and octal file modes as the server's
-//! configuration file reads them ([`ivshm_server::config::parse_file_mode`]).
+//! Value parsers shared by the subcommands' flags, one per concept, each defined once: sizes
+//! and offsets in [`ivshm_mem::parse_size`]'s grammar, seconds, socket paths, and octal file
+//! modes as the server's configuration file reads them
+//! ([`ivshm_server::config::parse_file_mode`]).
 //!
-//! Sizes take `value_parser = ivshm_mem::parse_size` directly; this module adds the ones that
-//! need a conversion on top.
+//! Sizes take `value_parser = ivshm_mem::parse_size` directly and bounded counts clap's
+//! ranged integer parsers (`value_parser!(u64).range(..)`); this module adds the ones that need
+//! a check or a conversion on top. Every parser refuses a bad value while the command line is
+//! parsed (exit status 2 with clap's message naming the flag), so no command meets a value it
+//! cannot use: no value of any flag may make a program panic.
 
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// The longest duration a flag takes: 100 years, in seconds. Longer waits are as good as
+/// forever, and deadlines far beyond it overflow the clock (`Instant + Duration` panics).
+pub const MAX_SECONDS: u64 = 100 * 365 * 24 * 60 * 60;
 
 /// An offset or length in memory: a size ([`ivshm_mem::parse_size`]) that fits in `usize`.
 pub fn offset(s: &str) -> Result<usize, String> {
@@ -13,13 +22,32 @@ pub fn offset(s: &str) -> Result<usize, String> {
     usize::try_from(value).map_err(|_| format!("{s} is too large"))
 }
 
-/// A duration in seconds, fractions allowed (`0.5`, `60`).
+/// A duration in seconds, fractions allowed (`0.5`, `60`, `1e3`): a finite, non-negative
+/// number of at most [`MAX_SECONDS`].
 pub fn seconds(s: &str) -> Result<Duration, String> {
     let seconds: f64 = s
+        .trim()
         .parse()
         .map_err(|_| format!("`{s}` is not a number of seconds"))?;
-    Duration::try_from_secs_f64(seconds)
-        .map_err(|_| format!("`{s}` is not a valid number of seconds"))
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!(
+            "`{s}` is not a number of seconds: a finite number from 0 is needed"
+        ));
+    }
+    if seconds > MAX_SECONDS as f64 {
+        return Err(format!(
+            "{s} seconds is longer than the longest wait, {MAX_SECONDS} seconds (100 years)"
+        ));
+    }
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{s}` seconds: {e}"))
+}
+
+/// A UNIX socket path: at most [`ivshm_proto::MAX_SOCKET_PATH`] bytes, what a socket address
+/// holds (a longer one can be neither listened on nor connected to).
+pub fn socket_path(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    ivshm_proto::check_socket_path(&path).map_err(|e| e.to_string())?;
+    Ok(path)
 }
 
 #[cfg(test)]
@@ -29,10 +57,39 @@ mod tests {
     #[test]
     fn parses_seconds_and_offsets() {
         assert_eq!(seconds("1.5").unwrap(), Duration::from_millis(1500));
-        assert!(seconds("-1").is_err());
+        assert_eq!(seconds("0").unwrap(), Duration::ZERO);
+        assert_eq!(seconds("-0").unwrap(), Duration::ZERO);
+        assert_eq!(seconds("1e3").unwrap(), Duration::from_secs(1000));
+        assert_eq!(
+            seconds(&MAX_SECONDS.to_string()).unwrap(),
+            Duration::from_secs(MAX_SECONDS)
+        );
         assert!(seconds("soon").is_err());
+        for bad in [
+            "-1",
+            "NaN",
+            "nan",
+            "inf",
+            "-inf",
+            "1e300",
+            "2e19",
+            "18446744073709551615",
+        ] {
+            let err = seconds(bad).unwrap_err();
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+        assert!(seconds("3153600001").unwrap_err().contains("100 years"));
         assert_eq!(offset("4K").unwrap(), 4096);
         assert_eq!(offset("0x10").unwrap(), 16);
         assert!(offset("lots").is_err());
+    }
+
+    #[test]
+    fn socket_paths_fit_in_a_socket_address() {
+        let longest = format!("/{}", "s".repeat(106));
+        assert_eq!(socket_path(&longest), Ok(PathBuf::from(&longest)));
+        let err = socket_path(&format!("{longest}s")).unwrap_err();
+        assert!(err.contains("is 108 bytes long"), "{err}");
+        assert!(err.contains("at most 107 bytes"), "{err}");
     }
 }

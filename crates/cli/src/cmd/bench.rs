@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use clap::builder::RangedU64ValueParser;
 use clap::{Args, Subcommand};
 use ivshm_client::{ConnectOptions, Event, Peer, PeerEvent};
 use ivshm_guest::doorbell::wait_eventfd;
@@ -33,14 +34,29 @@ pub enum BenchCommand {
     Join(JoinArgs),
 }
 
+/// Most round trips per variant of `bench doorbell`, measured or warm-up (each measured one
+/// keeps a 16-byte sample; a million take about a minute).
+pub const MAX_ROUNDS: u64 = 1_000_000;
+
+/// Most peers in one row of `bench join`: every id of a region (ids are 16 bits).
+pub const MAX_JOIN_PEERS: u64 = 1 << 16;
+
 /// `ivshm bench doorbell`.
 #[derive(Args, Debug, Clone)]
 pub struct DoorbellArgs {
-    /// Measured round trips per variant.
-    #[arg(long, default_value_t = 20_000)]
+    /// Measured round trips per variant (1 to 1000000).
+    #[arg(
+        long,
+        default_value_t = 20_000,
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_ROUNDS)
+    )]
     pub rounds: usize,
-    /// Unmeasured round trips per variant first.
-    #[arg(long, default_value_t = 1_000)]
+    /// Unmeasured round trips per variant first (0 to 1000000).
+    #[arg(
+        long,
+        default_value_t = 1_000,
+        value_parser = RangedU64ValueParser::<usize>::new().range(0..=MAX_ROUNDS)
+    )]
     pub warmup: usize,
     /// Where the pinging and ponging threads of both variants run: `same` (one CPU: the
     /// software path without cross-CPU wake-ups, steadiest), `split` (two CPUs: adds the
@@ -64,11 +80,21 @@ pub enum Placement {
 /// `ivshm bench join`.
 #[derive(Args, Debug, Clone)]
 pub struct JoinArgs {
-    /// Peer counts to time, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "10,100,500")]
+    /// Peer counts to time, comma-separated (each 1 to 65536).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "10,100,500",
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_JOIN_PEERS)
+    )]
     pub peers: Vec<usize>,
-    /// Vectors per peer.
-    #[arg(long, default_value_t = 4)]
+    /// Vectors per peer (1 to 64).
+    #[arg(
+        long,
+        default_value_t = 4,
+        value_parser = RangedU64ValueParser::<usize>::new()
+            .range(1..=ivshm_proto::v0::MAX_VECTORS as u64)
+    )]
     pub vectors: usize,
 }
 
@@ -272,7 +298,10 @@ pub fn doorbell(a: &DoorbellArgs) -> anyhow::Result<DoorbellReport> {
         Some(Event::Peer(PeerEvent::Joined { id, .. })) if id == pong_id => {}
         other => bail!("expected peer {pong_id} to join, got {other:?}"),
     }
-    let total = a.warmup + a.rounds;
+    let total = a
+        .warmup
+        .checked_add(a.rounds)
+        .context("--warmup + --rounds overflows")?;
     // The same placement for both variants, so neither gets a luckier one. The server thread
     // (started above) is not pinned; it is idle while doorbells ring.
     let pinned = placement_cpus(a.placement);

@@ -14,7 +14,7 @@ use ivshm_proto::control::{
 };
 use ivshm_proto::factory::{decode_line, encode_line, MAX_LINE};
 
-use super::values;
+use crate::args;
 
 /// The control socket's default path.
 pub const DEFAULT_CONTROL: &str = "/run/ivshm/control.sock";
@@ -51,7 +51,7 @@ pub enum RegionCommand {
 #[derive(Args, Debug)]
 pub struct ControlArgs {
     /// The server's control socket.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL, value_parser = values::socket_path)]
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL, value_parser = args::socket_path)]
     pub control: PathBuf,
     /// Print the server's JSON answer (its `result` object) instead of lines.
     #[arg(long)]

@@ -27,7 +27,12 @@ pub struct DoctorArgs {
     #[arg(long, value_name = "FILE")]
     pub domain: PathBuf,
     /// The control socket of the named-regions server.
-    #[arg(long, value_name = "PATH", default_value = "/run/ivshm/control.sock")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = super::control::DEFAULT_CONTROL,
+        value_parser = crate::args::socket_path
+    )]
     pub control: PathBuf,
     /// libvirt's QEMU configuration, for the user and group QEMU runs as.
     #[arg(long, value_name = "FILE", default_value = access::LIBVIRT_QEMU_CONF)]
@@ -431,7 +436,7 @@ fn server_view(control: &Path) -> ServerView {
             control_error: None,
         },
         (Err(e), _) | (_, Err(e)) => ServerView {
-            control_error: Some(format!("{e:#}")),
+            control_error: Some(crate::report::one_line(&e)),
             ..ServerView::default()
         },
         _ => ServerView {

@@ -148,7 +148,7 @@ pub struct BenchArgs {
     pingpong: PingPongArgs,
     /// Run on the host instead, as a v0 peer of the server at this socket (the guest↔host
     /// bench: e.g. `--socket S --respond --peer GUEST` here, `bench --peer HOST` in the guest).
-    #[arg(long, value_parser = super::values::socket_path)]
+    #[arg(long, value_parser = args::socket_path)]
     socket: Option<std::path::PathBuf>,
 }
 
@@ -203,7 +203,7 @@ impl DeviceArgs {
         };
         match (result, closed) {
             (Err(error), Err(close_error)) => {
-                tracing::error!("{close_error:#}");
+                tracing::error!("{}", crate::report::one_line(&close_error));
                 Err(error)
             }
             (result, closed) => result.and(closed),
@@ -311,7 +311,10 @@ fn info(a: &InfoArgs) -> anyhow::Result<()> {
         Ok(device) => device,
         Err(error) => {
             writeln!(out, "id=unknown")?;
-            tracing::warn!("cannot map the device to read its id: {error:#}");
+            tracing::warn!(
+                "cannot map the device to read its id: {}",
+                crate::report::one_line(&error)
+            );
             return Ok(());
         }
     };

@@ -14,7 +14,7 @@ use clap::{Args, Subcommand};
 use ivshm_client::{ConnectOptions, Event, Peer, PeerEvent};
 use ivshm_mem::parse_size;
 
-use super::values;
+use crate::args;
 
 /// The socket path QEMU's programs use by default.
 pub const DEFAULT_SOCKET: &str = "/tmp/ivshmem_socket";
@@ -38,7 +38,7 @@ pub enum HostCommand {
 #[derive(Args, Debug)]
 pub struct SocketArgs {
     /// The server's UNIX socket.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET, value_parser = values::socket_path)]
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET, value_parser = args::socket_path)]
     pub socket: PathBuf,
 }
 
@@ -92,8 +92,8 @@ pub struct ListenArgs {
     #[arg(long, value_name = "K")]
     count: Option<u64>,
     /// Fail (exit 1) if `--count` events did not arrive within this many seconds.
-    #[arg(long, value_name = "SECONDS")]
-    timeout: Option<f64>,
+    #[arg(long, value_name = "SECONDS", value_parser = args::seconds)]
+    timeout: Option<Duration>,
     /// Keep running when the server goes away: print `server gone`, reconnect when it is back,
     /// then print `reconnected` and the `self`/`peer` lines of the new connection.
     #[arg(long)]
@@ -255,11 +255,7 @@ impl ToldPeers {
 }
 
 fn listen(a: ListenArgs) -> anyhow::Result<()> {
-    let timeout = match a.timeout {
-        Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s)),
-        Some(s) => bail!("invalid --timeout {s}: expected a non-negative number of seconds"),
-        None => None,
-    };
+    let timeout = a.timeout;
     let start = Instant::now();
     let deadline = timeout.and_then(|t| start.checked_add(t));
     let opts = ConnectOptions {

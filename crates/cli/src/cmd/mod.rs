@@ -8,4 +8,3 @@ pub mod guest;
 pub mod host;
 pub mod policy;
 pub mod serve;
-pub mod values;

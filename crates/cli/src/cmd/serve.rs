@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use super::values;
+use crate::args;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use ivshm_mem::{BackendKind, Pow2Policy};
@@ -55,7 +55,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = FLAG_MODE_OPTIONS)]
     pub config: Option<PathBuf>,
     /// UNIX socket QEMU's ivshmem-doorbell chardev connects to.
-    #[arg(long, default_value = DEFAULT_SOCKET_PATH, value_parser = values::socket_path)]
+    #[arg(long, default_value = DEFAULT_SOCKET_PATH, value_parser = args::socket_path)]
     pub socket: PathBuf,
     /// Size of the shared region: bytes, 0x hex, or K/M/G/T suffixes (powers of 1024).
     #[arg(long, default_value = "4M", value_parser = ivshm_mem::parse_size)]
