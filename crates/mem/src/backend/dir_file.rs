@@ -3,12 +3,17 @@
 //! The file is created with `O_TMPFILE` (never visible by name) or, where the filesystem does not
 //! support that, as `DIR/ivshmem.XXXXXX` with `O_EXCL` and unlinked at once. On hugetlbfs the
 //! size must be a multiple of the huge page size: it is rounded up, with a log line.
+//!
+//! The directory may be one others can write (a shared hugetlbfs mount): it is opened once and
+//! everything else is relative to its fd, the named fallback never follows a link
+//! (`O_CREAT | O_EXCL | O_NOFOLLOW`), and a file that still has a name after the unlink
+//! (someone linked it elsewhere first) is refused.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rustix::fs::{Mode, OFlags, CWD};
+use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
 use super::{set_size, BackendError, SharedMemory};
@@ -70,9 +75,15 @@ pub fn round_up_to_multiple(size: u64, unit: u64) -> Option<u64> {
 
 fn create_unlinked(dir: &Path) -> Result<OwnedFd, BackendError> {
     let mode = Mode::RUSR | Mode::WUSR;
-    match rustix::fs::openat(
-        CWD,
+    let dir_fd = rustix::fs::open(
         dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| BackendError::sys(format!("opening directory {}", dir.display()), e))?;
+    match rustix::fs::openat(
+        &dir_fd,
+        ".",
         OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
         mode,
     ) {
@@ -86,11 +97,15 @@ fn create_unlinked(dir: &Path) -> Result<OwnedFd, BackendError> {
             ))
         }
     }
-    create_named_then_unlink(dir, mode)
+    create_named_then_unlink(&dir_fd, dir, mode)
 }
 
 /// mkstemp-style fallback: `DIR/ivshmem.<unique>` with `O_EXCL`, unlinked immediately.
-fn create_named_then_unlink(dir: &Path, mode: Mode) -> Result<OwnedFd, BackendError> {
+fn create_named_then_unlink(
+    dir_fd: &OwnedFd,
+    dir: &Path,
+    mode: Mode,
+) -> Result<OwnedFd, BackendError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     for _ in 0..100 {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -98,16 +113,29 @@ fn create_named_then_unlink(dir: &Path, mode: Mode) -> Result<OwnedFd, BackendEr
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let path = dir.join(format!("ivshmem.{}.{n}.{nanos:x}", std::process::id()));
+        let name = format!("ivshmem.{}.{n}.{nanos:x}", std::process::id());
+        let path = dir.join(&name);
         match rustix::fs::openat(
-            CWD,
-            &path,
-            OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::CLOEXEC,
+            dir_fd,
+            name.as_str(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::RDWR | OFlags::CLOEXEC,
             mode,
         ) {
             Ok(fd) => {
-                rustix::fs::unlink(&path)
+                rustix::fs::unlinkat(dir_fd, name.as_str(), AtFlags::empty())
                     .map_err(|e| BackendError::sys(format!("unlinking {}", path.display()), e))?;
+                let links = rustix::fs::fstat(&fd)
+                    .map_err(|e| BackendError::sys("fstat", e))?
+                    .st_nlink;
+                if links != 0 {
+                    return Err(BackendError::sys(
+                        format!(
+                            "{} was linked elsewhere before it was unlinked; refusing it",
+                            path.display()
+                        ),
+                        Errno::EXIST,
+                    ));
+                }
                 return Ok(fd);
             }
             Err(Errno::EXIST) => continue,
@@ -143,7 +171,9 @@ mod tests {
     #[test]
     fn fallback_leaves_no_name() {
         let dir = temp_dir("named");
-        let fd = create_named_then_unlink(&dir, Mode::RUSR | Mode::WUSR).unwrap();
+        let dir_fd =
+            rustix::fs::open(&dir, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        let fd = create_named_then_unlink(&dir_fd, &dir, Mode::RUSR | Mode::WUSR).unwrap();
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
         drop(fd);
         std::fs::remove_dir(&dir).unwrap();

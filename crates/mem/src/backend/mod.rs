@@ -75,6 +75,35 @@ pub enum BackendError {
         /// The huge page size.
         page: u64,
     },
+    /// A symbolic link is where the POSIX shm object should be.
+    #[error(
+        "POSIX shm object {name:?} is a symbolic link; refusing to follow it (anyone can write \
+         to /dev/shm): remove it"
+    )]
+    ShmLink {
+        /// The object's name.
+        name: String,
+    },
+    /// The POSIX shm object's name is taken by something that is not a regular file.
+    #[error("POSIX shm object {name:?} exists and is not a regular file; refusing to use it")]
+    ShmNotRegular {
+        /// The object's name.
+        name: String,
+    },
+    /// The POSIX shm object exists and belongs to another user.
+    #[error(
+        "POSIX shm object {name:?} exists and is owned by uid {uid}, not by this process's \
+         user (uid {euid}): its owner could read and write the region; remove it or choose \
+         another name"
+    )]
+    ShmForeign {
+        /// The object's name.
+        name: String,
+        /// Its owner.
+        uid: u32,
+        /// This process's effective uid.
+        euid: u32,
+    },
     /// The size does not fit in `off_t`.
     #[error("size {0} bytes is larger than the largest file size ({max})", max = i64::MAX)]
     TooLarge(u64),
@@ -95,7 +124,8 @@ impl BackendError {
 pub struct SharedMemory {
     fd: OwnedFd,
     size: u64,
-    shm_name_to_remove: Option<String>,
+    /// The POSIX shm object to remove on drop, and its identity.
+    shm_to_remove: Option<(String, posix_shm::ObjectId)>,
     description: String,
 }
 
@@ -104,13 +134,13 @@ impl SharedMemory {
         SharedMemory {
             fd,
             size,
-            shm_name_to_remove: None,
+            shm_to_remove: None,
             description,
         }
     }
 
-    pub(crate) fn remove_shm_on_drop(mut self, name: String) -> Self {
-        self.shm_name_to_remove = Some(name);
+    pub(crate) fn remove_shm_on_drop(mut self, object: String, id: posix_shm::ObjectId) -> Self {
+        self.shm_to_remove = Some((object, id));
         self
     }
 
@@ -144,9 +174,13 @@ impl SharedMemory {
 
 impl Drop for SharedMemory {
     fn drop(&mut self) {
-        if let Some(name) = self.shm_name_to_remove.take() {
-            match rustix::shm::unlink(name.as_str()) {
-                Ok(()) => tracing::info!(name = %name, "removed POSIX shm object"),
+        if let Some((name, id)) = self.shm_to_remove.take() {
+            match posix_shm::remove(&name, id) {
+                Ok(true) => tracing::info!(name = %name, "removed POSIX shm object"),
+                Ok(false) => tracing::warn!(
+                    name = %name,
+                    "POSIX shm object was replaced by another file; leaving that one"
+                ),
                 Err(errno) => {
                     tracing::warn!(name = %name, %errno, "could not remove POSIX shm object")
                 }
