@@ -44,6 +44,7 @@ pub mod access;
 pub mod config;
 pub mod config_file;
 mod control;
+mod dir_fd;
 mod endpoints;
 mod event_loop;
 mod factory;

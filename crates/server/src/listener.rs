@@ -1,20 +1,26 @@
-//! A region's listening UNIX socket: safe creation with a mode and group, safe removal.
+//! A region's listening UNIX socket: safe creation with a mode, owner and group, safe removal.
 //!
-//! - A stale socket file (nobody listening: `connect` says `ECONNREFUSED`) is removed; a live
-//!   one (another server) or a path that is not a socket is an error, never removed.
-//! - The socket is bound under a temporary name in the same directory, given its mode and group,
-//!   then renamed into place, so nobody can connect while it still has the default permissions.
-//!   If the temporary name would be too long for a socket address, it binds the final path and
-//!   changes its mode right after. A final path too long for a socket address
-//!   ([`MAX_SOCKET_PATH`]) is an error before anything is created: bound under a short name and
-//!   renamed, it would be a socket no client can connect to.
-//! - On drop, the path is removed only if it is still our socket (same device and inode).
+//! - The socket is bound in a private staging directory next to its final name (made by the
+//!   server, mode 0700: [`Staging`]), given its owner, group and mode there and made listening,
+//!   then renamed into place. So nobody can connect while it still has the default permissions,
+//!   and nothing the server changes the owner or mode of can be swapped for a link: the
+//!   directory holding the socket may belong to someone else (a VM's directory belongs to the
+//!   VM's user), and the server only ever renames into it and removes names from it.
+//! - Something already at the final name is examined without following it: a stale socket
+//!   (nobody listening: `connect` through an `O_PATH` handle says `ECONNREFUSED`) is replaced;
+//!   a live one (another server) or anything that is not a socket (a file, a link, a
+//!   directory) is an error, never removed.
+//! - A final path too long for a socket address
+//!   ([`ivshm_proto::MAX_SOCKET_PATH`]) is an error before
+//!   anything is created: it would be a socket no client can connect to.
+//! - On drop, the name is removed only if it is still our socket (same device and inode).
+//!
+//! Every call is relative to the directory's fd ([`crate::dir_fd`]).
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use rustix::fs::{FileType, Gid, Mode};
+use rustix::fs::FileType;
 use rustix::io::Errno;
 use rustix::net::{
     accept_with, bind, connect, listen, socket_with, AddressFamily, SocketAddrUnix, SocketFlags,
@@ -25,6 +31,10 @@ use thiserror::Error;
 use ivshm_proto::socket_path::{check_socket_path, SocketPathTooLong};
 
 use crate::config::ListenerConfig;
+use crate::dir_fd::{
+    file_name, file_type, identity, path_of_handle, set_staged_owner_and_mode, Dir, Identity,
+    OwnerOrMode, Staging, STAGED,
+};
 use crate::group::GroupError;
 
 /// How many connections may wait to be accepted.
@@ -73,12 +83,25 @@ fn sys<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(Errno) -> Listener
     }
 }
 
-/// A bound, listening, non-blocking UNIX stream socket that removes its path on drop.
+/// Who may connect to a socket: its mode, and the owner and group to give it (unchanged when
+/// `None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SocketPerms {
+    pub(crate) mode: u32,
+    pub(crate) owner: Option<u32>,
+    pub(crate) group: Option<u32>,
+}
+
+/// A bound, listening, non-blocking UNIX stream socket that removes its name on drop.
 #[derive(Debug)]
 pub struct Listener {
     socket: OwnedFd,
+    /// The directory holding it.
+    dir: Dir,
+    /// Its name there.
+    name: PathBuf,
     path: PathBuf,
-    identity: (u64, u64),
+    identity: Identity,
 }
 
 impl Listener {
@@ -87,47 +110,64 @@ impl Listener {
         let path = config.path.as_path();
         check_socket_path(path)?;
         let gid = config.group.as_ref().map(|g| g.resolve()).transpose()?;
-        check_directory(path)?;
-        remove_if_stale(path)?;
+        let dir_path = directory_of(path);
+        let name = file_name(path).ok_or_else(|| sys("socket name of", path)(Errno::INVAL))?;
+        let dir = match Dir::open(dir_path) {
+            Ok(dir) => dir,
+            Err(Errno::NOENT) => {
+                return Err(ListenerError::NoDirectory {
+                    path: path.to_path_buf(),
+                    dir: dir_path.to_path_buf(),
+                })
+            }
+            Err(e) => return Err(sys("opening the directory of", path)(e)),
+        };
+        let perms = SocketPerms {
+            mode: config.mode,
+            owner: None,
+            group: gid,
+        };
+        Listener::bind_in(&dir, Path::new(name), &perms)
+    }
+
+    /// Binds and listens on `name` in `dir` with `perms` (see the module docs for how).
+    pub(crate) fn bind_in(
+        dir: &Dir,
+        name: &Path,
+        perms: &SocketPerms,
+    ) -> Result<Listener, ListenerError> {
+        let path = dir.join(name);
+        check_socket_path(&path)?;
+        let staging = Staging::new(dir).map_err(sys("making a staging directory for", &path))?;
         let socket = socket_with(
             AddressFamily::UNIX,
             SocketType::STREAM,
             SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
             None,
         )
-        .map_err(sys("creating socket for", path))?;
-        let mode = Mode::from_raw_mode(config.mode);
-        match temporary_name(path)
-            .and_then(|tmp| SocketAddrUnix::new(tmp.as_path()).ok().map(|a| (tmp, a)))
-        {
-            Some((tmp, addr)) => {
-                bind(&socket, &addr).map_err(sys("binding", &tmp))?;
-                let prepared = set_owner_and_mode(&tmp, mode, gid)
-                    .and_then(|()| listen(&socket, BACKLOG).map_err(sys("listening on", &tmp)))
-                    .and_then(|()| {
-                        rustix::fs::rename(&tmp, path).map_err(sys("renaming socket to", path))
-                    });
-                if let Err(e) = prepared {
-                    let _ = rustix::fs::unlink(&tmp);
-                    return Err(e);
-                }
-            }
-            None => {
-                let addr = SocketAddrUnix::new(path).map_err(sys("socket address", path))?;
-                bind(&socket, &addr).map_err(sys("binding", path))?;
-                let prepared = set_owner_and_mode(path, mode, gid)
-                    .and_then(|()| listen(&socket, BACKLOG).map_err(sys("listening on", path)));
-                if let Err(e) = prepared {
-                    let _ = rustix::fs::unlink(path);
-                    return Err(e);
-                }
-            }
-        }
-        let stat = rustix::fs::lstat(path).map_err(sys("stat", path))?;
+        .map_err(sys("creating socket for", &path))?;
+        let staged = staging.dir().kernel_path(STAGED);
+        let addr = SocketAddrUnix::new(staged.as_path()).map_err(sys("socket address", &path))?;
+        bind(&socket, &addr).map_err(sys("binding", &path))?;
+        set_staged_owner_and_mode(&staging, STAGED, perms.owner, perms.group, perms.mode).map_err(
+            |e| match e {
+                OwnerOrMode::Owner(errno) => sys("changing owner and group of", &path)(errno),
+                OwnerOrMode::Mode(errno) => sys("changing mode of", &path)(errno),
+            },
+        )?;
+        listen(&socket, BACKLOG).map_err(sys("listening on", &path))?;
+        let stat = staging
+            .dir()
+            .entry(STAGED)
+            .map_err(sys("stat", &path))?
+            .ok_or_else(|| sys("stat", &path)(Errno::NOENT))?;
+        place(staging.dir(), dir, name, &path)?;
         Ok(Listener {
             socket,
-            path: path.to_path_buf(),
-            identity: (stat.st_dev, stat.st_ino),
+            dir: dir.clone(),
+            name: name.to_path_buf(),
+            path,
+            identity: identity(&stat),
         })
     }
 
@@ -163,71 +203,75 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        match rustix::fs::lstat(&self.path) {
-            Ok(stat) if (stat.st_dev, stat.st_ino) == self.identity => {
-                match rustix::fs::unlink(&self.path) {
-                    Ok(()) => tracing::debug!(path = %self.path.display(), "removed socket"),
-                    Err(errno) => {
-                        tracing::warn!(path = %self.path.display(), %errno, "could not remove socket")
-                    }
+        match self.dir.unlink_if(&self.name, self.identity) {
+            Ok(true) => tracing::debug!(path = %self.path.display(), "removed socket"),
+            Ok(false) => {
+                if let Ok(Some(_)) = self.dir.entry(&self.name) {
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        "socket path now belongs to something else; leaving it"
+                    );
                 }
             }
-            Ok(_) => tracing::warn!(
-                path = %self.path.display(),
-                "socket path now belongs to something else; leaving it"
-            ),
-            Err(_) => {}
+            Err(errno) => {
+                tracing::warn!(path = %self.path.display(), %errno, "could not remove socket")
+            }
         }
     }
 }
 
-fn set_owner_and_mode(path: &Path, mode: Mode, gid: Option<u32>) -> Result<(), ListenerError> {
-    if let Some(gid) = gid {
-        let gid = Gid::from_raw(gid);
-        rustix::fs::chown(path, None, Some(gid)).map_err(sys("changing group of", path))?;
+/// Moves the prepared socket from `staging` to `name` in `dir`: a new name, or over a stale
+/// socket; a live socket or anything else there is an error (and stays).
+fn place(staging: &Dir, dir: &Dir, name: &Path, path: &Path) -> Result<(), ListenerError> {
+    // Someone may create or remove the name between the look and the move: look again.
+    for _ in 0..8 {
+        let Some(stat) = dir.entry(name).map_err(sys("stat", path))? else {
+            match staging.move_new(STAGED, dir, name) {
+                Ok(()) => return Ok(()),
+                Err(Errno::EXIST) => continue,
+                Err(e) => return Err(sys("renaming socket to", path)(e)),
+            }
+        };
+        if file_type(&stat) != FileType::Socket {
+            return Err(ListenerError::NotASocket(path.to_path_buf()));
+        }
+        match probe(dir, name, path)? {
+            Probe::Live => return Err(ListenerError::InUse(path.to_path_buf())),
+            Probe::Gone => continue,
+            Probe::Stale => {
+                tracing::info!(path = %path.display(), "replacing stale socket (nobody listens on it)");
+                return staging
+                    .move_over(STAGED, dir, name)
+                    .map_err(sys("renaming socket to", path));
+            }
+        }
     }
-    rustix::fs::chmod(path, mode).map_err(sys("changing mode of", path))
+    Err(sys("renaming socket to", path)(Errno::AGAIN))
 }
 
-/// The directory of `path` (`.` for a bare name).
-fn directory_of(path: &Path) -> &Path {
-    path.parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
+/// What a probe connection found at a socket's name.
+enum Probe {
+    /// Someone listens on it.
+    Live,
+    /// Nobody listens on it.
+    Stale,
+    /// The name is gone or is no socket any more.
+    Gone,
 }
 
-/// Fails with [`ListenerError::NoDirectory`] when the socket's directory is missing (binding
-/// would otherwise report the temporary name it uses).
-fn check_directory(path: &Path) -> Result<(), ListenerError> {
-    let dir = directory_of(path);
-    match rustix::fs::stat(dir) {
-        Err(Errno::NOENT) => Err(ListenerError::NoDirectory {
-            path: path.to_path_buf(),
-            dir: dir.to_path_buf(),
-        }),
-        // Anything else (not a directory, no permission) is reported by bind with its path.
-        _ => Ok(()),
-    }
-}
-
-/// A fresh name next to `path`, or `None` if it would not fit in a socket address.
-fn temporary_name(path: &Path) -> Option<PathBuf> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = directory_of(path).join(format!(".ivshm-{}-{n}.sock", std::process::id()));
-    check_socket_path(&tmp).is_ok().then_some(tmp)
-}
-
-/// Removes `path` if it is a socket nobody listens on; errors if it is live or not a socket.
-fn remove_if_stale(path: &Path) -> Result<(), ListenerError> {
-    let stat = match rustix::fs::lstat(path) {
-        Ok(stat) => stat,
-        Err(Errno::NOENT) => return Ok(()),
-        Err(e) => return Err(sys("stat", path)(e)),
+/// Connects to socket `name` in `dir` through an `O_PATH` handle on that very file (a
+/// connect by path would follow a link put there meanwhile).
+fn probe(dir: &Dir, name: &Path, path: &Path) -> Result<Probe, ListenerError> {
+    let handle = match dir.open_entry(name) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(Probe::Gone),
+        Err(e) => return Err(sys("opening", path)(e)),
     };
-    if FileType::from_raw_mode(stat.st_mode) != FileType::Socket {
-        return Err(ListenerError::NotASocket(path.to_path_buf()));
+    let stat = rustix::fs::fstat(&handle).map_err(sys("stat", path))?;
+    if file_type(&stat) != FileType::Socket {
+        return Ok(Probe::Gone);
     }
+    let target = path_of_handle(handle.as_fd(), path);
     let probe = socket_with(
         AddressFamily::UNIX,
         SocketType::STREAM,
@@ -235,17 +279,21 @@ fn remove_if_stale(path: &Path) -> Result<(), ListenerError> {
         None,
     )
     .map_err(sys("creating socket for", path))?;
-    let addr = SocketAddrUnix::new(path).map_err(sys("socket address", path))?;
+    let addr = SocketAddrUnix::new(target.as_path()).map_err(sys("socket address", path))?;
     match connect(&probe, &addr) {
-        Err(Errno::CONNREFUSED) => {
-            tracing::info!(path = %path.display(), "removing stale socket (nobody listens on it)");
-            rustix::fs::unlink(path).map_err(sys("removing stale socket", path))
-        }
-        Err(Errno::NOENT) => Ok(()),
+        Err(Errno::CONNREFUSED) => Ok(Probe::Stale),
+        Err(Errno::NOENT) => Ok(Probe::Gone),
         // Connected, or the backlog is full (EAGAIN): someone is listening.
-        Ok(()) | Err(Errno::AGAIN) => Err(ListenerError::InUse(path.to_path_buf())),
+        Ok(()) | Err(Errno::AGAIN) => Ok(Probe::Live),
         Err(e) => Err(sys("probing", path)(e)),
     }
+}
+
+/// The directory of `path` (`.` for a bare name).
+fn directory_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use crate::listener::Listener;
 use crate::named::{NamedConfig, NamedRegionConfig, Origin, RegionDefaults};
 use crate::region::RegionInfo;
 use crate::regions::{CreateError, RegionId, Regions};
-use crate::vm_dir::{absolute_root, make_root};
+use crate::vm_dir::{absolute_root, DirError, SocketRoot};
 use crate::vms::Vms;
 use crate::ServerError;
 
@@ -42,6 +42,9 @@ pub(crate) enum ReloadError {
         /// The file.
         path: PathBuf,
     },
+    /// The socket root is no longer safe to work in.
+    #[error(transparent)]
+    Root(#[from] DirError),
 }
 
 /// Named regions, VMs and the control socket of a running server.
@@ -60,7 +63,8 @@ impl NamedRegions {
         endpoints: &mut Endpoints,
     ) -> Result<NamedRegions, ServerError> {
         // Factory answers carry absolute socket paths.
-        config.root = make_root(&config.root)?;
+        let root = SocketRoot::open(&config.root)?;
+        config.root = root.path().to_path_buf();
         if let Some(control) = &config.control {
             let listener = Listener::bind(&ListenerConfig {
                 path: control.path.clone(),
@@ -73,7 +77,7 @@ impl NamedRegions {
                 .map_err(ServerError::Epoll)?;
         }
         let mut named = NamedRegions {
-            vms: Vms::new(config.root.clone()),
+            vms: Vms::new(root),
             config,
         };
         for vm in named.config.vms.clone() {
@@ -199,6 +203,7 @@ impl NamedRegions {
         };
         new.source = Some(path);
         new.root = absolute_root(&new.root);
+        self.vms.root().recheck()?;
         let mut changes = Vec::new();
         if new.root != self.config.root {
             changes.push(format!(

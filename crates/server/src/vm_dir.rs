@@ -1,20 +1,34 @@
-//! Every file-system operation on the socket root and the VM directories in it: making them
-//! with their owner, group and mode, binding sockets in them, removing them. The rest of the
-//! server names files in a VM directory only through [`VmDirectory`].
+//! Every file-system operation on the socket root and the VM directories in it: checking the
+//! root, making the VM directories with their owner, group and mode, binding sockets in them,
+//! removing them. The rest of the server names files in a VM directory only through
+//! [`VmDirectory`].
 //!
-//! VM directories are owned by (or writable for) the users running the VMs; keeping the path
-//! operations here keeps the place to defend against planted links and races small.
+//! The design (`docs/security.md` has the threat model):
+//!
+//! - **The root belongs to the server.** It is opened once, refusing a symbolic link, and must
+//!   be owned by the server's user and not writable by its group or others; its parent
+//!   directories must be owned by root or the server's user and not writable by others unless
+//!   sticky. Checked at start and again on every reload (which also notices a root replaced
+//!   since start). So nobody else can create, rename or replace a VM directory.
+//! - **A VM directory may belong to the VM's user** (`owner`): that user can put anything in it
+//!   at any time. The server opens it through the root's fd with `O_NOFOLLOW` (a link is
+//!   refused with an error that names it), changes its owner and mode through that fd, and in
+//!   it only renames prepared sockets into place and removes names
+//!   ([`Listener::bind_in`]): sockets get their owner, group and mode in a private staging
+//!   directory first. No call in a VM directory follows a link or changes a file's owner or
+//!   mode by name.
 
 use std::io;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{Gid, Mode, Uid};
+use rustix::fs::{FileType, Stat};
 use rustix::io::Errno;
 use thiserror::Error;
 
-use crate::config::ListenerConfig;
+use crate::dir_fd::{file_type, identity, set_handle_owner_and_mode, Dir, Identity, OwnerOrMode};
 use crate::group::GroupError;
-use crate::listener::{Listener, ListenerError};
+use crate::listener::{Listener, ListenerError, SocketPerms};
 use crate::named::DirectoryConfig;
 
 /// The socket root or a VM directory cannot be set up.
@@ -47,15 +61,73 @@ pub enum DirError {
         #[source]
         source: Errno,
     },
-    /// A socket's name no longer names the socket the server bound (replaced or a link).
-    #[error("{} is no longer the socket the server bound; left alone", path.display())]
-    Replaced {
-        /// The path.
+    /// Opening the socket root or a VM directory failed.
+    #[error("opening {}: {source}", path.display())]
+    Open {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Errno,
+    },
+    /// The socket root or a VM directory is a symbolic link.
+    #[error(
+        "{} is a symbolic link; refusing to follow it (the server would create sockets and \
+         change owners and modes wherever it points): replace it with a directory",
+        path.display()
+    )]
+    Symlink {
+        /// The link.
         path: PathBuf,
     },
     /// The VM directory's path exists and is not a directory.
     #[error("{} exists and is not a directory", path.display())]
     NotADirectory {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The socket root (or one of its parents) belongs to another user.
+    #[error(
+        "{} is owned by uid {uid}, not by {expected}: its owner could replace the server's \
+         directories with links; make it {expected}'s or choose another root",
+        path.display()
+    )]
+    Owner {
+        /// The directory.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+        /// Who should own it.
+        expected: String,
+    },
+    /// The socket root (or one of its parents) is writable by others.
+    #[error(
+        "{} is writable by its group or others (mode {mode:04o}): they could replace the \
+         server's directories with links; remove the write permission (chmod go-w){sticky}",
+        path.display(),
+        sticky = if *.parent { " or make it sticky (chmod +t)" } else { "" }
+    )]
+    Writable {
+        /// The directory.
+        path: PathBuf,
+        /// Its mode.
+        mode: u32,
+        /// Whether it is a parent of the root (a sticky parent is safe).
+        parent: bool,
+    },
+    /// The socket root is not the directory the server started with.
+    #[error(
+        "{} is no longer the directory the server started with (it was removed or replaced); \
+         restart the server",
+        path.display()
+    )]
+    RootReplaced {
+        /// The socket root.
+        path: PathBuf,
+    },
+    /// A socket's name no longer names the socket the server bound (replaced or a link).
+    #[error("{} is no longer the socket the server bound; left alone", path.display())]
+    Replaced {
         /// The path.
         path: PathBuf,
     },
@@ -68,10 +140,10 @@ pub enum DirError {
         #[source]
         source: GroupError,
     },
-    /// Changing the owner of a directory or socket failed.
+    /// Changing the owner of a directory failed.
     #[error("changing owner of {}: {source}", path.display())]
-    Owner {
-        /// The directory or socket.
+    ChangeOwner {
+        /// The directory.
         path: PathBuf,
         /// Why.
         #[source]
@@ -91,164 +163,290 @@ pub enum DirError {
     Socket(#[from] ListenerError),
 }
 
-/// Makes `root` absolute (against the working directory), creating it with mode 0755 if it
-/// does not exist. Returns the absolute path.
-pub(crate) fn make_root(root: &Path) -> Result<PathBuf, DirError> {
-    let root = std::path::absolute(root).map_err(|source| DirError::Absolute {
-        path: root.to_path_buf(),
-        source,
-    })?;
-    if root.is_dir() {
-        return Ok(root);
-    }
-    std::fs::create_dir_all(&root).map_err(|source| DirError::CreateRoot {
-        path: root.clone(),
-        source,
-    })?;
-    rustix::fs::chmod(&root, Mode::from_raw_mode(0o755)).map_err(|source| DirError::Mode {
-        path: root.clone(),
-        source,
-    })?;
-    Ok(root)
-}
-
 /// `root` made absolute, if it can be (for comparing a reloaded root with the one in use).
 pub(crate) fn absolute_root(root: &Path) -> PathBuf {
     std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf())
 }
 
-/// A VM's directory `<root>/<vm>/`.
+/// The socket root, held open and checked (see the module docs).
+#[derive(Debug)]
+pub(crate) struct SocketRoot {
+    dir: Dir,
+    id: Identity,
+}
+
+impl SocketRoot {
+    /// Makes `root` absolute (against the working directory), creates it with mode 0755 if it
+    /// does not exist, opens it and checks it and its parents.
+    pub(crate) fn open(root: &Path) -> Result<SocketRoot, DirError> {
+        let root = std::path::absolute(root).map_err(|source| DirError::Absolute {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        if let Some(parent) = root.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| DirError::CreateRoot {
+                path: root.clone(),
+                source,
+            })?;
+            check_parents(parent)?;
+        }
+        let created = match rustix::fs::mkdir(&root, rustix::fs::Mode::from_raw_mode(0o755)) {
+            Ok(()) => true,
+            Err(Errno::EXIST) => false,
+            Err(source) => {
+                return Err(DirError::CreateRoot {
+                    path: root,
+                    source: source.into(),
+                })
+            }
+        };
+        let dir = open_dir(&root, Dir::open_no_link(&root))?;
+        if created {
+            // The umask may have left group or other write bits.
+            dir.set_owner_and_mode(None, None, 0o755)
+                .map_err(|e| owner_or_mode_error(&root, e))?;
+        }
+        let stat = dir.stat().map_err(|source| DirError::Open {
+            path: root.clone(),
+            source,
+        })?;
+        check_own(&root, &stat)?;
+        Ok(SocketRoot {
+            id: identity(&stat),
+            dir,
+        })
+    }
+
+    /// The root's absolute path.
+    pub(crate) fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Checks the root again (on reload): the same directory as at start, still the server's
+    /// and not writable by others, parents included.
+    pub(crate) fn recheck(&self) -> Result<(), DirError> {
+        let path = self.dir.path();
+        if let Some(parent) = path.parent() {
+            check_parents(parent)?;
+        }
+        let now = open_dir(path, Dir::open_no_link(path))?;
+        let stat = now.stat().map_err(|source| DirError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if identity(&stat) != self.id {
+            return Err(DirError::RootReplaced {
+                path: path.to_path_buf(),
+            });
+        }
+        check_own(path, &stat)
+    }
+
+    /// Removes VM directory `dir` if it is empty (its sockets are gone).
+    fn remove_if_empty(&self, dir: &VmDirectory) {
+        let _ = self.dir.remove_dir_if(&dir.name, dir.id);
+    }
+}
+
+/// Opens a directory, turning `ELOOP` into [`DirError::Symlink`] and `ENOTDIR` into
+/// [`DirError::NotADirectory`].
+fn open_dir(path: &Path, opened: Result<Dir, Errno>) -> Result<Dir, DirError> {
+    opened.map_err(|source| match source {
+        Errno::LOOP => DirError::Symlink {
+            path: path.to_path_buf(),
+        },
+        Errno::NOTDIR => DirError::NotADirectory {
+            path: path.to_path_buf(),
+        },
+        source => DirError::Open {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
+}
+
+fn owner_or_mode_error(path: &Path, e: OwnerOrMode) -> DirError {
+    match e {
+        OwnerOrMode::Owner(source) => DirError::ChangeOwner {
+            path: path.to_path_buf(),
+            source,
+        },
+        OwnerOrMode::Mode(source) => DirError::Mode {
+            path: path.to_path_buf(),
+            source,
+        },
+    }
+}
+
+/// The server's own directory: owned by its user, not writable by group or others.
+fn check_own(path: &Path, stat: &Stat) -> Result<(), DirError> {
+    let euid = rustix::process::geteuid().as_raw();
+    if stat.st_uid != euid {
+        return Err(DirError::Owner {
+            path: path.to_path_buf(),
+            uid: stat.st_uid,
+            expected: format!("the server's user (uid {euid})"),
+        });
+    }
+    if stat.st_mode & 0o022 != 0 {
+        return Err(DirError::Writable {
+            path: path.to_path_buf(),
+            mode: stat.st_mode & 0o7777,
+            parent: false,
+        });
+    }
+    Ok(())
+}
+
+/// Every directory the root's path goes through (following links as the kernel does, and the
+/// directories the links themselves are in): owned by root or the server's user, and not
+/// writable by group or others unless sticky (like `/tmp`, where nobody can rename another's
+/// entries).
+fn check_parents(parent: &Path) -> Result<(), DirError> {
+    let euid = rustix::process::geteuid().as_raw();
+    let mut checked = std::collections::BTreeSet::new();
+    // Each prefix of the path as written, resolved: covers the directories links live in and
+    // the ones they lead to.
+    for prefix in parent.ancestors() {
+        let Ok(real) = std::fs::canonicalize(prefix) else {
+            continue;
+        };
+        for dir in real.ancestors() {
+            if !checked.insert(dir.to_path_buf()) {
+                continue;
+            }
+            let stat = rustix::fs::stat(dir).map_err(|source| DirError::Open {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            if stat.st_uid != 0 && stat.st_uid != euid {
+                return Err(DirError::Owner {
+                    path: dir.to_path_buf(),
+                    uid: stat.st_uid,
+                    expected: format!("root or the server's user (uid {euid})"),
+                });
+            }
+            let sticky = stat.st_mode & 0o1000 != 0;
+            if stat.st_mode & 0o022 != 0 && !sticky {
+                return Err(DirError::Writable {
+                    path: dir.to_path_buf(),
+                    mode: stat.st_mode & 0o7777,
+                    parent: true,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A VM's directory `<root>/<vm>/`, held open.
 #[derive(Debug)]
 pub(crate) struct VmDirectory {
-    path: PathBuf,
+    name: String,
+    dir: Dir,
+    id: Identity,
 }
 
 impl VmDirectory {
-    /// Makes (or reuses) the directory of VM `name` under `root` and gives it the mode, owner
-    /// and group of `config`.
+    /// Makes (or reuses) the directory of VM `name` in `root` and gives it the mode, owner and
+    /// group of `config`. A link (or anything but a directory) at its name is an error.
     pub(crate) fn create(
-        root: &Path,
+        root: &SocketRoot,
         name: &str,
         config: &DirectoryConfig,
     ) -> Result<VmDirectory, DirError> {
-        let dir = VmDirectory {
-            path: root.join(name),
+        let path = root.dir.join(name);
+        root.dir
+            .make_child(name, 0o700)
+            .map_err(|source| DirError::Create {
+                path: path.clone(),
+                source,
+            })?;
+        let dir = open_dir(&path, root.dir.open_child(name))?;
+        let stat = dir.stat().map_err(|source| DirError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        if file_type(&stat) != FileType::Directory {
+            return Err(DirError::NotADirectory { path });
+        }
+        let vm_dir = VmDirectory {
+            name: name.to_string(),
+            dir,
+            id: identity(&stat),
         };
-        dir.ensure(config)?;
-        Ok(dir)
+        vm_dir.ensure(config)?;
+        Ok(vm_dir)
     }
 
-    /// Makes the directory if it is missing and gives it the mode, owner and group of `config`
-    /// (sockets in it keep theirs).
+    /// Gives the directory the mode, owner and group of `config` (sockets in it keep theirs).
     pub(crate) fn ensure(&self, config: &DirectoryConfig) -> Result<(), DirError> {
-        let path = &self.path;
-        match rustix::fs::mkdir(path, Mode::from_raw_mode(0o700)) {
-            Ok(()) | Err(Errno::EXIST) => {}
-            Err(source) => {
-                return Err(DirError::Create {
-                    path: path.clone(),
-                    source,
-                })
-            }
-        }
-        if !path.is_dir() {
-            return Err(DirError::NotADirectory { path: path.clone() });
-        }
+        let path = self.dir.path();
         let gid = config
             .group
             .as_ref()
             .map(|g| g.resolve())
             .transpose()
             .map_err(|source| DirError::Group {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 source,
             })?;
-        if config.owner.is_some() || gid.is_some() {
-            rustix::fs::chown(
-                path,
-                config.owner.map(Uid::from_raw),
-                gid.map(Gid::from_raw),
-            )
-            .map_err(|source| DirError::Owner {
-                path: path.clone(),
-                source,
-            })?;
-        }
-        rustix::fs::chmod(path, Mode::from_raw_mode(config.dir_mode)).map_err(|source| {
-            DirError::Mode {
-                path: path.clone(),
-                source,
-            }
-        })
+        self.dir
+            .set_owner_and_mode(config.owner, gid, config.dir_mode)
+            .map_err(|e| owner_or_mode_error(path, e))
     }
 
     /// The directory.
     pub(crate) fn path(&self) -> &Path {
-        &self.path
+        self.dir.path()
     }
 
     /// The path of file `name` in the directory.
     pub(crate) fn file(&self, name: &str) -> PathBuf {
-        self.path.join(name)
+        self.dir.join(name)
     }
 
     /// Binds socket `name` in the directory with the directory's socket mode and group, owned
     /// by the directory's owner (so that a VMM running as that user can connect), if one is
     /// configured.
     pub(crate) fn bind(&self, name: &str, config: &DirectoryConfig) -> Result<Listener, DirError> {
-        let path = self.file(name);
-        let listener = Listener::bind(&ListenerConfig {
-            path: path.clone(),
+        let group = config
+            .group
+            .as_ref()
+            .map(|g| g.resolve())
+            .transpose()
+            .map_err(ListenerError::from)?;
+        let perms = SocketPerms {
             mode: config.socket_mode,
-            group: config.group.clone(),
-        })?;
-        if let Some(owner) = config.owner {
-            rustix::fs::chown(&path, Some(Uid::from_raw(owner)), None)
-                .map_err(|source| DirError::Owner { path, source })?;
-        }
-        Ok(listener)
+            owner: config.owner,
+            group,
+        };
+        Ok(Listener::bind_in(&self.dir, Path::new(name), &perms)?)
     }
 
     /// Gives the existing socket `name` in the directory the socket mode, group and owner of
     /// `config` (a reload that changed them), provided the file is still the socket bound as
-    /// `identity` (device, inode). Safe against a planted link or a swapped file: the
-    /// directory is opened without following a link, the name is opened `O_PATH|O_NOFOLLOW`
-    /// relative to it and checked (a socket, the same inode), and the changes go to that open
-    /// file through `/proc/self/fd` — never to whatever the name points at by then.
+    /// `identity` (device, inode). Safe against a planted link or a swapped file: the name is
+    /// opened `O_PATH|O_NOFOLLOW` relative to the directory's fd and checked (a socket, the
+    /// same inode), and the changes go to that open file — never to whatever the name points
+    /// at by then.
     pub(crate) fn restamp(
         &self,
         name: &str,
-        identity: (u64, u64),
+        identity: Identity,
         config: &DirectoryConfig,
     ) -> Result<(), DirError> {
-        use rustix::fs::{FileType, OFlags};
-        use std::os::fd::AsRawFd;
         let path = self.file(name);
-        let owner_error = |source| DirError::Owner {
+        let file = self.dir.open_entry(name).map_err(|source| DirError::Open {
             path: path.clone(),
             source,
-        };
-        let dir = rustix::fs::open(
-            &self.path,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|source| DirError::Create {
-            path: self.path.clone(),
+        })?;
+        let stat = rustix::fs::fstat(&file).map_err(|source| DirError::Open {
+            path: path.clone(),
             source,
         })?;
-        let file = rustix::fs::openat(
-            &dir,
-            name,
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(owner_error)?;
-        let stat = rustix::fs::fstat(&file).map_err(owner_error)?;
-        if FileType::from_raw_mode(stat.st_mode) != FileType::Socket
-            || (stat.st_dev, stat.st_ino) != identity
-        {
-            return Err(DirError::Replaced { path: path.clone() });
+        if file_type(&stat) != FileType::Socket || crate::dir_fd::identity(&stat) != identity {
+            return Err(DirError::Replaced { path });
         }
         let gid = config
             .group
@@ -259,26 +457,12 @@ impl VmDirectory {
                 path: path.clone(),
                 source,
             })?;
-        // The open file itself, whatever the name points at now.
-        let by_fd = format!("/proc/self/fd/{}", file.as_raw_fd());
-        if config.owner.is_some() || gid.is_some() {
-            rustix::fs::chown(
-                by_fd.as_str(),
-                config.owner.map(Uid::from_raw),
-                gid.map(Gid::from_raw),
-            )
-            .map_err(owner_error)?;
-        }
-        rustix::fs::chmod(by_fd.as_str(), Mode::from_raw_mode(config.socket_mode)).map_err(
-            |source| DirError::Mode {
-                path: path.clone(),
-                source,
-            },
-        )
+        set_handle_owner_and_mode(file.as_fd(), config.owner, gid, config.socket_mode)
+            .map_err(|e| owner_or_mode_error(&path, e))
     }
 
     /// Removes the directory if it is empty (its sockets are gone).
-    pub(crate) fn remove_if_empty(&self) {
-        let _ = std::fs::remove_dir(&self.path);
+    pub(crate) fn remove_if_empty(&self, root: &SocketRoot) {
+        root.remove_if_empty(self);
     }
 }

@@ -11,7 +11,7 @@ use crate::endpoints::{Endpoints, Service};
 use crate::listener_table::{SocketKey, VmSocket};
 use crate::named::{guest_name_for, VmConfig, FACTORY_SOCKET};
 use crate::regions::{AddSocketError, RegionId, Regions};
-use crate::vm_dir::{DirError, VmDirectory};
+use crate::vm_dir::{DirError, SocketRoot, VmDirectory};
 use crate::ServerError;
 
 /// Why a region's socket could not be added to a VM directory.
@@ -63,20 +63,25 @@ struct SocketPlan {
 /// The VMs, by name, with their directories under the socket root.
 #[derive(Debug)]
 pub(crate) struct Vms {
-    root: PathBuf,
+    root: SocketRoot,
     vms: BTreeMap<String, Vm>,
     /// VMs whose `intr`/`loc`/`sched` were reported as not applying to QEMU guests.
     placement_logged: BTreeSet<String>,
 }
 
 impl Vms {
-    /// No VMs yet; their directories go in `root` (which exists).
-    pub(crate) fn new(root: PathBuf) -> Self {
+    /// No VMs yet; their directories go in `root`.
+    pub(crate) fn new(root: SocketRoot) -> Self {
         Vms {
             root,
             vms: BTreeMap::new(),
             placement_logged: BTreeSet::new(),
         }
+    }
+
+    /// The socket root.
+    pub(crate) fn root(&self) -> &SocketRoot {
+        &self.root
     }
 
     /// VM `name`.
@@ -205,7 +210,7 @@ impl Vms {
         for key in keys {
             changes.extend(regions.remove_socket(key).map(|r| r.to_string()));
         }
-        vm.dir.remove_if_empty();
+        vm.dir.remove_if_empty(&self.root);
         changes.push(format!(
             "VM {name} removed: its directory's sockets are gone"
         ));
@@ -299,7 +304,7 @@ impl Vms {
     /// Removes every VM directory that is empty (when the server stops, after its sockets).
     pub(crate) fn remove_dirs(&self) {
         for vm in self.vms.values() {
-            vm.dir.remove_if_empty();
+            vm.dir.remove_if_empty(&self.root);
         }
     }
 }

@@ -11,6 +11,8 @@
 //! - [`orphan`]: children that die with the test process.
 //! - [`sysfs`]: a fake Linux sysfs tree (PCI functions, drivers, IOMMU groups) for guest-side
 //!   tests without a VM.
+//! - [`users`]: threads that act as an unprivileged user (the attacker of the server's
+//!   hardening tests, or an in-process server that must not be root).
 //!
 //! Every wait here has a failure guard ([`WAIT_GUARD`] unless the caller gives one): a test
 //! that hangs fails with a message instead; no wait is a timing assertion.
@@ -21,6 +23,7 @@ pub mod fds;
 pub mod orphan;
 pub mod process;
 pub mod sysfs;
+pub mod users;
 pub mod v0;
 
 /// The failure guard of every wait that takes no timeout: long enough for a loaded 2-core
