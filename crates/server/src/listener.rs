@@ -1,7 +1,7 @@
 //! A region's listening UNIX socket: safe creation with a mode, owner and group, safe removal.
 //!
 //! - The socket is bound in a private staging directory next to its final name (made by the
-//!   server, mode 0700: [`Staging`]), given its owner, group and mode there and made listening,
+//!   server, mode 0700), given its owner, group and mode there and made listening,
 //!   then renamed into place. So nobody can connect while it still has the default permissions,
 //!   and nothing the server changes the owner or mode of can be swapped for a link: the
 //!   directory holding the socket may belong to someone else (a VM's directory belongs to the
@@ -15,7 +15,7 @@
 //!   anything is created: it would be a socket no client can connect to.
 //! - On drop, the name is removed only if it is still our socket (same device and inode).
 //!
-//! Every call is relative to the directory's fd ([`crate::dir_fd`]).
+//! Every call is relative to the directory's fd (the private module `dir_fd`).
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
