@@ -160,6 +160,9 @@ impl Dir {
         group: Option<u32>,
         mode: u32,
     ) -> Result<(), OwnerOrMode> {
+        // The mode first: once the directory is another user's, changing its mode would need
+        // CAP_FOWNER (a service may have only CAP_CHOWN).
+        rustix::fs::fchmod(&*self.fd, Mode::from_raw_mode(mode)).map_err(OwnerOrMode::Mode)?;
         if owner.is_some() || group.is_some() {
             rustix::fs::fchown(
                 &*self.fd,
@@ -168,7 +171,7 @@ impl Dir {
             )
             .map_err(OwnerOrMode::Owner)?;
         }
-        rustix::fs::fchmod(&*self.fd, Mode::from_raw_mode(mode)).map_err(OwnerOrMode::Mode)
+        Ok(())
     }
 
     /// A path that names entry `name` through this directory's fd, for `bind` and `connect`
@@ -336,6 +339,9 @@ pub(crate) fn set_staged_owner_and_mode(
     mode: u32,
 ) -> Result<(), OwnerOrMode> {
     let fd = staging.dir.fd();
+    // The mode first (see `Dir::set_owner_and_mode`).
+    rustix::fs::chmodat(fd, name, Mode::from_raw_mode(mode), AtFlags::empty())
+        .map_err(OwnerOrMode::Mode)?;
     if owner.is_some() || group.is_some() {
         rustix::fs::chownat(
             fd,
@@ -346,8 +352,7 @@ pub(crate) fn set_staged_owner_and_mode(
         )
         .map_err(OwnerOrMode::Owner)?;
     }
-    rustix::fs::chmodat(fd, name, Mode::from_raw_mode(mode), AtFlags::empty())
-        .map_err(OwnerOrMode::Mode)
+    Ok(())
 }
 
 /// Changes the owner and group (those that are `Some`) and the mode of the file behind `fd`,
@@ -359,6 +364,12 @@ pub(crate) fn set_handle_owner_and_mode(
     group: Option<u32>,
     mode: u32,
 ) -> Result<(), OwnerOrMode> {
+    if !proc_fd_available() {
+        return Err(OwnerOrMode::Mode(Errno::OPNOTSUPP));
+    }
+    let by_fd = Path::new("/proc/self/fd").join(fd.as_raw_fd().to_string());
+    // The mode first (see `Dir::set_owner_and_mode`).
+    rustix::fs::chmod(&by_fd, Mode::from_raw_mode(mode)).map_err(OwnerOrMode::Mode)?;
     if owner.is_some() || group.is_some() {
         rustix::fs::chownat(
             fd,
@@ -369,11 +380,7 @@ pub(crate) fn set_handle_owner_and_mode(
         )
         .map_err(OwnerOrMode::Owner)?;
     }
-    if !proc_fd_available() {
-        return Err(OwnerOrMode::Mode(Errno::OPNOTSUPP));
-    }
-    let by_fd = Path::new("/proc/self/fd").join(fd.as_raw_fd().to_string());
-    rustix::fs::chmod(&by_fd, Mode::from_raw_mode(mode)).map_err(OwnerOrMode::Mode)
+    Ok(())
 }
 
 /// The last component of `path` as a name in its directory (`None` for `/`, `..` or empty).
