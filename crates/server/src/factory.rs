@@ -78,7 +78,9 @@ fn decide(
         return refusal(GuestShmStatus::UnknownFailure, format!("VM {vm} is gone"));
     };
     let decision = policy.decide(name);
-    if decision.is_allowed() && is_reserved_guest_name(&decision.guest_name) {
+    // A name check, made before the rules as QNX checks a name's legality before its
+    // restrictions list: whatever the rules say, no rule can make the name usable.
+    if is_reserved_guest_name(&decision.guest_name) {
         return refusal(
             GuestShmStatus::IllegalName,
             format!(

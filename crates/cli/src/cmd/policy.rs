@@ -91,7 +91,7 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<(String, GuestShmStatus)> {
         })?;
     let decision = vm.policy.decide(&args.name);
     // The server's own rule on top of the policy: one name is its factory socket's.
-    let reserved = decision.is_allowed() && is_reserved_guest_name(&decision.guest_name);
+    let reserved = is_reserved_guest_name(&decision.guest_name);
     let status = if reserved {
         GuestShmStatus::IllegalName
     } else {
@@ -217,6 +217,25 @@ mod tests {
              status: GSS_ILLEGAL_NAME (4)\n"
         );
         assert_eq!(run_check(&path, "open", "factory2").1, GuestShmStatus::Ok);
+        std::fs::remove_file(path).unwrap();
+        // Whatever the rules say: a name check comes before them.
+        let path = config(
+            "reserved-rules",
+            "[vm.closed]
+rules = [\"deny *\"]
+[vm.listed]
+rules = [\"allow mem*\"]
+",
+        );
+        for vm in ["closed", "listed"] {
+            let (text, status) = run_check(&path, vm, "factory");
+            assert_eq!(status, GuestShmStatus::IllegalName, "{vm}: {text}");
+            assert!(text.contains("decision: illegal\n"), "{vm}: {text}");
+            assert!(
+                text.contains("reason: the name is reserved"),
+                "{vm}: {text}"
+            );
+        }
         std::fs::remove_file(path).unwrap();
     }
 
