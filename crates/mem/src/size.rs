@@ -214,10 +214,11 @@ pub enum Pow2Error {
     NotPowerOfTwo {
         /// The size asked for.
         size: u64,
-        /// The next power of two, or 0 if there is none in 64 bits.
+        /// The next power of two.
         next: u64,
     },
-    /// Rounding up would overflow 64 bits.
+    /// There is no power of two at or above the size in 64 bits (whatever the policy: the
+    /// size could not be rounded up, nor be named a next power of two).
     #[error("size {0} bytes cannot be rounded up to a power of two within 64 bits")]
     TooLarge(u64),
 }
@@ -232,12 +233,9 @@ pub fn apply_pow2_policy(size: u64, policy: Pow2Policy) -> Result<u64, Pow2Error
         return Ok(size);
     }
     match (policy, size.checked_next_power_of_two()) {
+        (_, None) => Err(Pow2Error::TooLarge(size)),
         (Pow2Policy::RoundUp, Some(next)) => Ok(next),
-        (Pow2Policy::RoundUp, None) => Err(Pow2Error::TooLarge(size)),
-        (_, next) => Err(Pow2Error::NotPowerOfTwo {
-            size,
-            next: next.unwrap_or(0),
-        }),
+        (_, Some(next)) => Err(Pow2Error::NotPowerOfTwo { size, next }),
     }
 }
 
@@ -348,6 +346,11 @@ mod tests {
         assert_eq!(apply_pow2_policy(5 << 30, Pow2Policy::RoundUp), Ok(8 << 30));
         assert_eq!(
             apply_pow2_policy(u64::MAX, Pow2Policy::RoundUp),
+            Err(Pow2Error::TooLarge(u64::MAX))
+        );
+        // Refused too: no "next power of two: 0".
+        assert_eq!(
+            apply_pow2_policy(u64::MAX, Pow2Policy::Refuse),
             Err(Pow2Error::TooLarge(u64::MAX))
         );
         assert_eq!("round-up".parse(), Ok(Pow2Policy::RoundUp));
