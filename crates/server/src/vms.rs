@@ -9,7 +9,7 @@ use thiserror::Error;
 
 use crate::endpoints::{Endpoints, Service};
 use crate::listener_table::{SocketKey, VmSocket};
-use crate::named::{guest_name_for, VmConfig, FACTORY_SOCKET};
+use crate::named::{guest_name_for, region_socket_name, VmConfig, FACTORY_SOCKET};
 use crate::regions::{AddSocketError, RegionId, Regions};
 use crate::vm_dir::{DirError, SocketRoot, VmDirectory};
 use crate::ServerError;
@@ -288,7 +288,7 @@ impl Vms {
         };
         let listener = entry
             .dir
-            .bind(&format!("{guest}.sock"), &entry.config.directory)?;
+            .bind(&region_socket_name(guest), &entry.config.directory)?;
         let path = listener.path().display().to_string();
         regions.add_socket(
             region,
