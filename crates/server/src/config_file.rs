@@ -29,10 +29,10 @@
 //! create = [{ name = "mem", size = "0xf0000" }]
 //!
 //! [vm.vm1]
-//! qnx = """                            # ... or a verbatim QNX vdev shmem block
+//! qnx = '''                            # ... or a verbatim QNX vdev shmem block
 //!     subst ,guest1
 //!     create mem,0xf0000
-//! """
+//! '''
 //!
 //! [vm.vm2]
 //! qnx_file = "vm2.vdev"                # ... or one in a file (relative to this file)
@@ -109,7 +109,8 @@ pub fn parse(text: &str, path: &Path) -> Result<ServerConfig, FileConfigError> {
         let option = e
             .span()
             .and_then(|span| location::option_at(text, span.start));
-        ctx.error(e.span(), option, e.message().trim())
+        let message = e.message().trim();
+        ctx.error(e.span(), option, with_escape_hint(message))
     })?;
     let config = ctx.build(raw)?;
     // Every check in `build` names its line; this only guards against one missed there.
@@ -117,6 +118,32 @@ pub fn parse(text: &str, path: &Path) -> Result<ServerConfig, FileConfigError> {
         .validate()
         .map_err(|e| ctx.error(None, None, e.to_string()))?;
     Ok(config)
+}
+
+/// TOML's error `message`, with what to do when it is about a backslash escape: text with
+/// backslashes, typically a QNX block pasted into `qnx = """..."""`, belongs in a literal
+/// string.
+fn with_escape_hint(message: &str) -> String {
+    let escape = ["escaped value", "unicode value digits"];
+    if escape.iter().any(|e| message.contains(e)) {
+        format!(
+            "{message} (between \" or \"\"\" a backslash starts an escape: write text with \
+             backslashes, such as a pasted QNX block, as a literal string: qnx = '''...''' \
+             keeps every backslash as it is)"
+        )
+    } else {
+        message.to_string()
+    }
+}
+
+/// The error the policy's own reader gives for `key = value` alone, if any.
+fn policy_field_error(key: &str, value: toml::Value) -> Result<(), String> {
+    let mut one = toml::Table::new();
+    one.insert(key.to_string(), value);
+    toml::Value::Table(one)
+        .try_into::<VmPolicyConfig>()
+        .map(drop)
+        .map_err(|e| e.message().trim().to_string())
 }
 
 /// The file being read, for errors.
@@ -404,7 +431,7 @@ impl Ctx<'_> {
             let option = format!("vm.{name}.qnx_file");
             if let Some(field) = fields
                 .first()
-                .map(|(f, _)| *f)
+                .map(|f| f.key)
                 .or(vm.qnx.as_ref().map(|_| "qnx"))
             {
                 return Err(self.at(
@@ -417,7 +444,7 @@ impl Ctx<'_> {
         }
         if let Some(qnx) = &vm.qnx {
             let option = format!("vm.{name}.qnx");
-            if let Some((field, _)) = fields.first() {
+            if let Some(field) = fields.first().map(|f| f.key) {
                 return Err(self.at(
                     qnx.span(),
                     &option,
@@ -439,17 +466,20 @@ impl Ctx<'_> {
             });
         }
         let mut table = toml::Table::new();
-        for (field, value) in &fields {
-            let mut one = toml::Table::new();
-            one.insert(field.to_string(), value.get_ref().clone());
-            if let Err(e) = toml::Value::Table(one).try_into::<VmPolicyConfig>() {
-                return Err(self.at(
-                    value.span(),
-                    &format!("vm.{name}.{field}"),
-                    e.message().trim(),
-                ));
+        for field in &fields {
+            let option = format!("vm.{name}.{}", field.key);
+            // Each element of a list alone first, so that an error names the element's line
+            // (in a multi-line `rules = [...]`, not the line of `rules =`).
+            for element in field.elements {
+                let alone = toml::Value::Array(vec![element.get_ref().clone()]);
+                if let Err(message) = policy_field_error(field.key, alone) {
+                    return Err(self.at(element.span(), &option, message));
+                }
             }
-            table.insert(field.to_string(), value.get_ref().clone());
+            if let Err(message) = policy_field_error(field.key, field.value.clone()) {
+                return Err(self.at(field.span.clone(), &option, message));
+            }
+            table.insert(field.key.to_string(), field.value.clone());
         }
         let config: VmPolicyConfig =
             toml::Value::Table(table)
@@ -467,11 +497,22 @@ impl Ctx<'_> {
                 VmPolicyError::BadSched => "sched",
                 VmPolicyError::Parse(_) | VmPolicyError::QnxWithFields => "qnx",
             };
-            let span = fields
-                .iter()
-                .find(|(f, _)| *f == field)
-                .map_or(vm_span, |(_, value)| value.span());
-            self.at(span, &format!("vm.{name}.{field}"), e.to_string())
+            let field_span = fields.iter().find(|f| f.key == field).map(|f| {
+                // An error about one `create` entry: that entry's line.
+                let entry = match &e {
+                    VmPolicyError::IllegalCreateName { name, .. }
+                    | VmPolicyError::BadCreateSize { name, .. } => f.elements.iter().find(|e| {
+                        e.get_ref().get("name").and_then(toml::Value::as_str) == Some(name.as_str())
+                    }),
+                    _ => None,
+                };
+                entry.map_or(f.span.clone(), |entry| entry.span())
+            });
+            self.at(
+                field_span.unwrap_or(vm_span),
+                &format!("vm.{name}.{field}"),
+                e.to_string(),
+            )
         })
     }
 

@@ -956,6 +956,39 @@ fn the_name_factory_is_reserved() {
     );
 }
 
+/// The reserved name is an illegal name whatever the VM's rules say (a name check, made before
+/// the rules, as QNX checks a name's legality before its restrictions list): never
+/// `GSS_NO_PERMISSION` because a rule happens to deny it.
+#[test]
+fn the_name_factory_is_illegal_whatever_the_rules() {
+    let setup = Setup::new(
+        "reserved-rules",
+        "[defaults]\nvectors = 1\n[vm.closed]\nrules = [\"deny *\"]\n\
+         [vm.listed]\nrules = [\"allow mem*\"]\n[vm.denied]\nrules = [\"deny fact*\"]\n",
+    );
+    // Each VM's rules deny this other name: it gets what the rules say.
+    for (vm, denied) in [
+        ("closed", "other"),
+        ("listed", "other"),
+        ("denied", "factory2"),
+    ] {
+        for response in [setup.create(vm, "factory", 4096), setup.find(vm, "factory")] {
+            assert_eq!(
+                status(&response),
+                GuestShmStatus::IllegalName,
+                "{vm}: {response:?}"
+            );
+            assert!(response.message.contains("reserved"), "{vm}: {response:?}");
+        }
+        assert_eq!(
+            status(&setup.create(vm, denied, 4096)),
+            GuestShmStatus::NoPermission,
+            "{vm}"
+        );
+    }
+    assert!(setup.regions().is_empty());
+}
+
 /// A configured region removed over the control socket is created again by the next reload.
 #[test]
 fn a_removed_configured_region_comes_back_at_reload() {
@@ -1049,4 +1082,50 @@ fn the_shipped_example_serves_what_it_says() {
         status(&setup.create("qnx", "mars", 4096)),
         GuestShmStatus::NoPermission
     );
+}
+
+/// An error about a region names it once: "region x: ...", never "region x: region x: ..."
+/// (the control socket and the factory add the prefix; the errors under it do not).
+#[test]
+fn control_and_factory_errors_name_the_region_once() {
+    let setup = Setup::new(
+        "prefix",
+        "[defaults]\nvectors = 1\npow2 = \"refuse\"\nmax_regions = 1\n[vm.vm0]\n",
+    );
+    let create = |name: &str, size: u64, vectors: Option<u32>| {
+        setup.control_error(&ControlRequest::Create(CreateRegion {
+            name: name.into(),
+            size,
+            vectors,
+            ..CreateRegion::default()
+        }))
+    };
+    let pow2 = create("x", 3000, None);
+    assert!(
+        pow2.starts_with("region x: size 3000 bytes is not a power of two"),
+        "{pow2}"
+    );
+    let vectors = create("x", 4096, Some(99));
+    assert_eq!(
+        vectors,
+        "region x: 99 vectors per peer: at most 64 are supported"
+    );
+    let factory = setup.create("vm0", "y", 3000);
+    assert_eq!(status(&factory), GuestShmStatus::NoMem, "{factory:?}");
+    setup.control(&ControlRequest::Create(CreateRegion {
+        name: "z".into(),
+        size: 4096,
+        ..CreateRegion::default()
+    }));
+    let exists = create("z", 4096, None);
+    let too_many = create("w", 4096, None);
+    for (text, name) in [
+        (&pow2, "x"),
+        (&vectors, "x"),
+        (&factory.message, "y"),
+        (&exists, "z"),
+        (&too_many, "w"),
+    ] {
+        assert_eq!(text.matches(&format!("region {name}")).count(), 1, "{text}");
+    }
 }

@@ -47,14 +47,15 @@
 //! `create`. Sizes accept the QNX notations (`"0xf0000"`, `"960K"`) or a plain integer.
 //!
 //! Or paste the option lines of a QNX `vdev shmem` block verbatim (then no other policy field
-//! may be given, and `subst` applies only to `create` lines after it, as on QNX):
+//! may be given, and `subst` applies only to `create` lines after it, as on QNX), in a literal
+//! string (`'''`), where a backslash stays a backslash as in the QNX file:
 //!
 //! ```toml
-//! qnx = """
+//! qnx = '''
 //!     allow test*
 //!     subst ,guest0
 //!     create mem,0xf0000
-//! """
+//! '''
 //! ```
 
 mod config;
@@ -119,7 +120,7 @@ pub enum VmPolicyError {
     #[error("sched priority must be in 1..=255")]
     BadSched,
     /// The TOML form has `qnx` next to other policy fields.
-    #[error("qnx = \"\"\"...\"\"\" excludes rules, subst, create, loc, intr and sched: write them in the block")]
+    #[error("qnx = '''...''' excludes rules, subst, create, loc, intr and sched: write them in the block")]
     QnxWithFields,
 }
 

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::Range;
 use std::path::PathBuf;
 
 use ivshm_mem::Pow2Policy;
@@ -70,12 +71,23 @@ pub(super) struct RawVm {
     pub(super) group: Option<Spanned<String>>,
     pub(super) qnx: Option<Spanned<String>>,
     pub(super) qnx_file: Option<Spanned<PathBuf>>,
-    pub(super) rules: Option<Spanned<toml::Value>>,
+    pub(super) rules: Option<Spanned<Vec<Spanned<toml::Value>>>>,
     pub(super) subst: Option<Spanned<toml::Value>>,
-    pub(super) create: Option<Spanned<toml::Value>>,
+    pub(super) create: Option<Spanned<Vec<Spanned<toml::Value>>>>,
     pub(super) loc: Option<Spanned<toml::Value>>,
     pub(super) intr: Option<Spanned<toml::Value>>,
     pub(super) sched: Option<Spanned<toml::Value>>,
+}
+
+/// One policy field of a VM's TOML form as written: its key, where its value is, the value,
+/// and for a list (`rules`, `create`) where each element is, so that an error about one
+/// element names its own line.
+#[derive(Debug)]
+pub(super) struct PolicyField<'a> {
+    pub(super) key: &'static str,
+    pub(super) span: Range<usize>,
+    pub(super) value: toml::Value,
+    pub(super) elements: &'a [Spanned<toml::Value>],
 }
 
 impl RawVm {
@@ -83,17 +95,41 @@ impl RawVm {
     /// (`qnx` and `qnx_file` excluded).
     ///
     /// [`VmPolicyConfig`]: ivshm_policy::VmPolicyConfig
-    pub(super) fn policy_fields(&self) -> Vec<(&'static str, &Spanned<toml::Value>)> {
+    pub(super) fn policy_fields(&self) -> Vec<PolicyField<'_>> {
+        fn list<'a>(
+            key: &'static str,
+            field: &'a Option<Spanned<Vec<Spanned<toml::Value>>>>,
+        ) -> Option<PolicyField<'a>> {
+            field.as_ref().map(|list| PolicyField {
+                key,
+                span: list.span(),
+                value: toml::Value::Array(
+                    list.get_ref().iter().map(|e| e.get_ref().clone()).collect(),
+                ),
+                elements: list.get_ref(),
+            })
+        }
+        fn one<'a>(
+            key: &'static str,
+            field: &Option<Spanned<toml::Value>>,
+        ) -> Option<PolicyField<'a>> {
+            field.as_ref().map(|value| PolicyField {
+                key,
+                span: value.span(),
+                value: value.get_ref().clone(),
+                elements: &[],
+            })
+        }
         [
-            ("rules", &self.rules),
-            ("subst", &self.subst),
-            ("create", &self.create),
-            ("loc", &self.loc),
-            ("intr", &self.intr),
-            ("sched", &self.sched),
+            list("rules", &self.rules),
+            one("subst", &self.subst),
+            list("create", &self.create),
+            one("loc", &self.loc),
+            one("intr", &self.intr),
+            one("sched", &self.sched),
         ]
         .into_iter()
-        .filter_map(|(key, value)| value.as_ref().map(|value| (key, value)))
+        .flatten()
         .collect()
     }
 }

@@ -344,3 +344,48 @@ fn socket_paths_too_long_for_a_socket_address_are_refused_at_load() {
     assert_eq!(err.option.as_deref(), Some("control"), "{err}");
     assert!(err.message.contains("at most 107 bytes"), "{err}");
 }
+
+/// A QNX block with a backslash pasted into `qnx = """..."""`: TOML's escape error at the
+/// backslash's line says to use `'''`; between `'''` the block reaches the QNX parser as
+/// written (whose own error then explains `test\*`).
+#[test]
+fn a_backslash_in_a_basic_string_block_recommends_a_literal_string() {
+    let basic = "[vm.a]\nqnx = \"\"\"\nallow pluto\nallow test\\*\n\"\"\"\n";
+    let e = parse_err(basic);
+    assert_eq!(e.line, Some(4), "{e}");
+    assert!(e.message.contains("missing escaped value"), "{e}");
+    assert!(e.message.contains("qnx = '''...'''"), "{e}");
+    let e = parse_err("[vm.a]\nsubst = \"\\u12\"\n");
+    assert!(e.message.contains("'''"), "{e}");
+    let literal = basic.replace("\"\"\"", "'''");
+    let e = parse_err(&literal);
+    assert_eq!(e.line, Some(4), "{e}");
+    assert!(e.message.contains("write the wildcard bare"), "{e}");
+    assert!(!e.message.contains("'''"), "{e}");
+    // Other TOML errors get no such advice.
+    assert!(!parse_err("[vm.a]\nrules = [\n").message.contains("'''"));
+}
+
+/// An error about one element of a multi-line list names the element's line, not the line
+/// of `rules =` or `create =`.
+#[test]
+fn errors_in_multi_line_lists_name_the_elements_line() {
+    let rules = "[vm.a]\nrules = [\n  \"allow x\",\n  \"bogus y\",\n  \"deny z\",\n]\n";
+    let e = parse_err(rules);
+    assert_eq!(e.line, Some(4), "{e}");
+    assert_eq!(e.option.as_deref(), Some("vm.a.rules"), "{e}");
+    assert!(e.message.contains("bogus"), "{e}");
+    let create = "[vm.a]\ncreate = [\n  { name = \"ok\", size = 4096 },\n  \
+                  { name = \"bad\", size = \"12Q\" },\n]\n";
+    let e = parse_err(create);
+    assert_eq!(e.line, Some(4), "{e}");
+    assert_eq!(e.option.as_deref(), Some("vm.a.create"), "{e}");
+    let zero = "[vm.a]\ncreate = [\n  { name = \"ok\", size = 4096 },\n  \
+                { name = \"empty\", size = 0 },\n]\n";
+    let e = parse_err(zero);
+    assert_eq!(e.line, Some(4), "{e}");
+    assert!(e.message.contains("empty"), "{e}");
+    // A list that is not a list is still refused at its line.
+    let e = parse_err("[vm.a]\n\nrules = \"allow x\"\n");
+    assert_eq!(e.line, Some(3), "{e}");
+}
