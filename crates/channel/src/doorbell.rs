@@ -9,8 +9,8 @@
 //! - a Linux guest's ivshmem device (`ivshm-guest`: Doorbell register writes, MSI-X eventfds
 //!   under VFIO, or a polling fallback without interrupts) likewise.
 //!
-//! Every implementation runs the same conformance suite (`conformance` feature,
-//! [`crate::conformance`]).
+//! Every implementation runs the same conformance suite (module `conformance`, behind the
+//! `conformance` feature).
 //!
 //! Semantics (what the channel relies on):
 //! - `ring(peer, vector)` makes a `wait` on that peer's `vector` return, now or at its next

@@ -116,9 +116,8 @@ pub(crate) struct RegionInner {
     pub(crate) geo: Geometry,
     pub(crate) doorbell: Arc<dyn Doorbell>,
     hubs: Vec<Hub>,
-    /// Keeps the memory mapped (the address is in `shm`).
-    #[allow(dead_code)]
-    memory: Option<Box<dyn RegionMemoryDebug>>,
+    /// Keeps the memory mapped (the address is in `shm`); only its drop matters.
+    _memory: Option<Box<dyn RegionMemoryDebug>>,
 }
 
 /// `RegionMemory` objects kept alive by a region.
@@ -330,7 +329,7 @@ impl Region {
                 geo,
                 doorbell,
                 hubs,
-                memory,
+                _memory: memory,
             }),
         })
     }
@@ -632,8 +631,7 @@ impl RegionInner {
         let _unlock = DirLock { shm, word };
         let attached = |o| {
             shm.load(entry + o, Ordering::Acquire)
-                .map(|w| side_parts(w).0 == SIDE_ATTACHED)
-                .unwrap_or(true)
+                .map_or(true, |w| side_parts(w).0 == SIDE_ATTACHED)
         };
         if !attached(E_SIDE_A) && !attached(E_SIDE_B) {
             let _ = shm.store(entry + E_STATE, STATE_FREE, Ordering::Release);

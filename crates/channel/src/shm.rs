@@ -142,7 +142,7 @@ mod real {
             // exists). A concurrent writer can only make us copy arbitrary byte values, all
             // valid `u8`s; the source is not read again.
             unsafe {
-                std::ptr::copy_nonoverlapping(self.base.add(offset), dst.as_mut_ptr(), dst.len())
+                std::ptr::copy_nonoverlapping(self.base.add(offset), dst.as_mut_ptr(), dst.len());
             };
             Ok(())
         }
@@ -154,7 +154,7 @@ mod real {
             // SAFETY: the destination range is inside the mapping (`check`) and writable;
             // `src` is the caller's private memory and cannot overlap it.
             unsafe {
-                std::ptr::copy_nonoverlapping(src.as_ptr(), self.base.add(offset), src.len())
+                std::ptr::copy_nonoverlapping(src.as_ptr(), self.base.add(offset), src.len());
             };
             Ok(())
         }
@@ -317,9 +317,9 @@ mod tests {
         let mut b = [0u8; 4];
         shm.read(4, &mut b).unwrap();
         assert_eq!(b, [1, 2, 3, 4]);
-        assert!(shm.load(62, Ordering::Relaxed).is_err());
-        assert!(shm.load(2, Ordering::Relaxed).is_err());
-        assert!(shm.load(64, Ordering::Relaxed).is_err());
+        shm.load(62, Ordering::Relaxed).unwrap_err();
+        shm.load(2, Ordering::Relaxed).unwrap_err();
+        shm.load(64, Ordering::Relaxed).unwrap_err();
         assert!(shm.read(60, &mut [0; 5]).is_err());
         assert!(shm.write(usize::MAX, &[1]).is_err());
         shm.write(60, &[9; 4]).unwrap();

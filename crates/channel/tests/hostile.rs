@@ -91,7 +91,7 @@ proptest! {
             };
             match r {
                 Ok(_) | Err(ChannelError::WouldBlock | ChannelError::Timeout) => {
-                    prop_assert!(!corrupt[endpoint], "a failed endpoint must stay failed")
+                    prop_assert!(!corrupt[endpoint], "a failed endpoint must stay failed");
                 }
                 Err(ChannelError::ChannelCorrupt { .. }) => corrupt[endpoint] = true,
                 Err(

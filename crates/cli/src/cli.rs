@@ -73,13 +73,13 @@ impl Cli {
     /// Runs the subcommand.
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
-            Command::Serve(args) => cmd::serve::run(args),
+            Command::Serve(args) => cmd::serve::run(&args),
             Command::Host(c) => cmd::host::run(c),
             Command::Bench(c) => cmd::bench::run(c),
             Command::Guest(c) => cmd::guest::run(c),
             Command::Policy(c) => cmd::policy::run(c),
             Command::Control(c) => cmd::control::run(c),
-            Command::Doctor(args) => cmd::doctor::run(args),
+            Command::Doctor(args) => cmd::doctor::run(&args),
             Command::Generate(c) => cmd::generate::run(c, Cli::command()),
         }
     }

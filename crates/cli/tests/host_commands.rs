@@ -153,7 +153,7 @@ fn listen_tells_of_a_peer_that_joins_during_the_connect_window_once() {
     let mut child = spawn_lines("ivshm listen", cmd);
     let (stream, _) = listener.accept().unwrap();
     let send = |value: i64, fd: Option<std::os::fd::BorrowedFd<'_>>| {
-        ivshm_proto::send_message_blocking(stream.as_fd(), value, fd).unwrap()
+        ivshm_proto::send_message_blocking(stream.as_fd(), value, fd).unwrap();
     };
     let shm = rustix::fs::memfd_create("listen-window", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
     rustix::fs::ftruncate(&shm, 4096).unwrap();

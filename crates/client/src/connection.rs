@@ -60,7 +60,7 @@ impl Session {
                     }
                     // QEMU's device accepts this silently; with 0-vector peers it is normal.
                     Err(e @ MessageError::UnknownPeerGone { .. }) => {
-                        tracing::debug!("ignoring server message {value}: {e}")
+                        tracing::debug!("ignoring server message {value}: {e}");
                     }
                     Err(e) => tracing::warn!("ignoring server message {value}: {e}"),
                 },

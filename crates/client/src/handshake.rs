@@ -257,7 +257,7 @@ mod tests {
     #[test]
     fn finished_machine_refuses_more() {
         let mut h = Handshake::default();
-        assert!(h.feed(9, None).is_err());
+        h.feed(9, None).unwrap_err();
         assert_eq!(h.feed(0, None).unwrap_err(), HandshakeError::Finished);
     }
 

@@ -3,15 +3,19 @@
 
 mod common;
 
-use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
-use common::*;
+use common::{socket_path, TEN_S};
 use ivshm_client::{ClientError, ConnectOptions, Event, HandshakeError, Peer, PeerEvent};
 use ivshm_mem::Mapping;
+use ivshm_proto::send_message_blocking;
 use ivshm_proto::v0::ProtocolError;
+use ivshm_test_support::fds::{wait_readable, wait_rung};
+use rustix::event::{eventfd, EventfdFlags};
 
 /// Runs `script` on the first accepted connection in a thread while the test connects.
 fn with_server<F>(tag: &str, script: F) -> (std::path::PathBuf, thread::JoinHandle<()>)
@@ -365,4 +369,51 @@ fn a_join_split_by_a_pause_is_reported_once_complete() {
     );
     tx.send(()).unwrap();
     server.join().unwrap();
+}
+
+// The scripted fake v0 server, built from `ivshm_proto`.
+
+/// Listens on `path` (replacing a stale socket).
+fn listen(path: &Path) -> UnixListener {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).unwrap()
+}
+
+/// A non-blocking eventfd.
+fn efd() -> OwnedFd {
+    eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap()
+}
+
+/// A memfd of `size` bytes.
+fn memfd(size: u64) -> OwnedFd {
+    let fd = rustix::fs::memfd_create("fake-ivshm", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&fd, size).unwrap();
+    fd
+}
+
+/// Sends one message with an optional fd.
+fn send(stream: &UnixStream, value: i64, fd: Option<BorrowedFd<'_>>) {
+    send_message_blocking(stream.as_fd(), value, fd).unwrap();
+}
+
+/// The messages QEMU's server sends a new peer `id`: version, id, shm, the others' vectors,
+/// then its own. Returns the own eventfds (the server side keeps copies).
+fn greet(
+    stream: &UnixStream,
+    id: u16,
+    shm: &OwnedFd,
+    others: &[(u16, &[OwnedFd])],
+    own: &[OwnedFd],
+) {
+    send(stream, 0, None);
+    send(stream, i64::from(id), None);
+    send(stream, -1, Some(shm.as_fd()));
+    for (pid, fds) in others {
+        for fd in fds.iter() {
+            send(stream, i64::from(*pid), Some(fd.as_fd()));
+        }
+    }
+    for fd in own {
+        send(stream, i64::from(id), Some(fd.as_fd()));
+    }
 }

@@ -83,8 +83,7 @@ impl ConsoleBuffer {
             state = self
                 .changed
                 .wait_timeout(state, deadline - now)
-                .map(|(guard, _)| guard)
-                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+                .map_or_else(|poisoned| poisoned.into_inner().0, |(guard, _)| guard);
         }
     }
 }

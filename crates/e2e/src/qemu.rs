@@ -586,8 +586,7 @@ impl QemuGuest {
             WaitFailure::Closed => {
                 let status = self
                     .wait_exit(Duration::from_secs(5))
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|_| "status unknown".into());
+                    .map_or_else(|_| "status unknown".into(), |s| s.to_string());
                 QemuError::Exited {
                     guest: self.name.clone(),
                     what: what.to_string(),

@@ -57,11 +57,9 @@ pub fn tools_dir() -> PathBuf {
 
 fn executable(program: &'static str, dir: &Path) -> Result<PathBuf, MissingTool> {
     let path = dir.join(program);
-    let runnable = std::fs::metadata(&path)
-        .map(|m| {
-            m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
-        })
-        .unwrap_or(false);
+    let runnable = std::fs::metadata(&path).is_ok_and(|m| {
+        m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+    });
     if runnable {
         Ok(path)
     } else {
@@ -76,8 +74,7 @@ impl QemuTools {
         let server = executable(SERVER, &dir)?;
         let client = executable(CLIENT, &dir)?;
         let version = std::fs::read_to_string(dir.join("version"))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_else(|_| "unknown".to_string());
+            .map_or_else(|_| "unknown".to_string(), |v| v.trim().to_string());
         Ok(Self {
             server,
             client,

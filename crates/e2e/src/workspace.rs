@@ -37,6 +37,5 @@ pub fn log_dir() -> PathBuf {
 pub fn cargo() -> PathBuf {
     std::env::var_os("CARGO")
         .filter(|c| !c.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("cargo"))
+        .map_or_else(|| PathBuf::from("cargo"), PathBuf::from)
 }

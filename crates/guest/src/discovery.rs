@@ -349,8 +349,10 @@ mod tests {
             "00:03.0".parse::<DeviceSelector>().unwrap(),
             DeviceSelector::Address("0000:00:03.0".parse().unwrap())
         );
-        assert!("99999999999999999999999".parse::<DeviceSelector>().is_err());
-        assert!("eth0".parse::<DeviceSelector>().is_err());
+        "99999999999999999999999"
+            .parse::<DeviceSelector>()
+            .unwrap_err();
+        "eth0".parse::<DeviceSelector>().unwrap_err();
     }
 
     proptest::proptest! {

@@ -587,6 +587,6 @@ mod tests {
             AccessMode::Sysfs
         );
         assert_eq!("sysfs".parse::<AccessMode>().unwrap(), AccessMode::Sysfs);
-        assert!("uio".parse::<AccessMode>().is_err());
+        "uio".parse::<AccessMode>().unwrap_err();
     }
 }

@@ -95,10 +95,7 @@ pub enum SysfsError {
 pub fn enable_device(paths: &SystemPaths, function: &PciFunction) -> Result<(), SysfsError> {
     let dir = paths.pci_device(function.address);
     let path = dir.join("enable");
-    if std::fs::read_to_string(&path)
-        .map(|t| t.trim() != "0")
-        .unwrap_or(false)
-    {
+    if std::fs::read_to_string(&path).is_ok_and(|t| t.trim() != "0") {
         return Ok(());
     }
     let result = std::fs::OpenOptions::new()

@@ -356,7 +356,7 @@ mod tests {
         assert_eq!("round-up".parse(), Ok(Pow2Policy::RoundUp));
         assert_eq!("refuse".parse(), Ok(Pow2Policy::Refuse));
         assert_eq!("off".parse(), Ok(Pow2Policy::Off));
-        assert!("up".parse::<Pow2Policy>().is_err());
+        "up".parse::<Pow2Policy>().unwrap_err();
     }
 
     #[test]

@@ -191,11 +191,13 @@ impl RuleList {
             .iter()
             .enumerate()
             .find(|(_, rule)| rule.matches(name))
-            .map(|(index, rule)| RuleMatch::Explicit {
-                index,
-                rule: rule.clone(),
-            })
-            .unwrap_or_else(|| RuleMatch::Implicit(self.implicit_rule()))
+            .map_or_else(
+                || RuleMatch::Implicit(self.implicit_rule()),
+                |(index, rule)| RuleMatch::Explicit {
+                    index,
+                    rule: rule.clone(),
+                },
+            )
     }
 
     /// Whether the guest may create or attach to a region called `name`.

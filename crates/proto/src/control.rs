@@ -252,8 +252,8 @@ mod tests {
             parse(r#"{"op":"remove","name":"a"}"#),
             Ok(ControlRequest::Remove { name: "a".into() })
         );
-        assert!(parse(r#"{"op":"remove","name":"a","x":1}"#).is_err());
-        assert!(parse(r#"{"op":"explode"}"#).is_err());
+        parse(r#"{"op":"remove","name":"a","x":1}"#).unwrap_err();
+        parse(r#"{"op":"explode"}"#).unwrap_err();
         assert_eq!(
             encode_line(&ControlRequest::Stats),
             b"{\"op\":\"stats\"}\n".to_vec()

@@ -266,9 +266,9 @@ mod tests {
         );
         let find: FactoryRequest = decode_line(b"{\"op\":\"find\",\"name\":\"x\"}\n").unwrap();
         assert_eq!(find, FactoryRequest::Find { name: "x".into() });
-        assert!(decode_line::<FactoryRequest>(br#"{"op":"find","name":"x","extra":1}"#).is_err());
-        assert!(decode_line::<FactoryRequest>(br#"{"op":"destroy","name":"x"}"#).is_err());
-        assert!(decode_line::<FactoryRequest>(br#"{"op":"create","name":"x","size":-1}"#).is_err());
+        decode_line::<FactoryRequest>(br#"{"op":"find","name":"x","extra":1}"#).unwrap_err();
+        decode_line::<FactoryRequest>(br#"{"op":"destroy","name":"x"}"#).unwrap_err();
+        decode_line::<FactoryRequest>(br#"{"op":"create","name":"x","size":-1}"#).unwrap_err();
     }
 
     #[test]

@@ -44,9 +44,15 @@ pub enum Message {
     /// `-1` with an fd: the shared memory.
     SharedMemory,
     /// `id` with an fd: one more interrupt eventfd of peer `id` (ours when `id` is our own id).
-    PeerVector { id: u16 },
+    PeerVector {
+        /// The peer.
+        id: u16,
+    },
     /// `id` without an fd: peer `id` has gone.
-    PeerGone { id: u16 },
+    PeerGone {
+        /// The peer.
+        id: u16,
+    },
 }
 
 /// A message that breaks protocol version 0.
@@ -57,7 +63,10 @@ pub enum ProtocolError {
     UnsupportedVersion(i64),
     /// A message that should not carry an fd did.
     #[error("message {value} unexpectedly carried a file descriptor")]
-    UnexpectedFd { value: i64 },
+    UnexpectedFd {
+        /// The message's value.
+        value: i64,
+    },
     /// The second message (own id) was not a peer id.
     #[error("server sent invalid own peer id {0}")]
     InvalidOwnId(i64),

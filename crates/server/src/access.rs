@@ -323,8 +323,7 @@ pub fn vm_directory_warnings(named: &NamedConfig, qemu: Option<&Identity>) -> Ve
         let connects = qemu.is_root() || qemu.bits_for(owner, dir_gid, d.socket_mode) & 0o2 != 0;
         let above = above_root
             .as_deref()
-            .map(|parent| can_enter(parent, qemu))
-            .unwrap_or(Ok(()));
+            .map_or(Ok(()), |parent| can_enter(parent, qemu));
         if let Err(blocked) = above {
             if blocked.meta.is_some() {
                 warnings.push(format!(

@@ -526,8 +526,7 @@ impl Ctx<'_> {
         let path = self
             .path
             .parent()
-            .map(|dir| dir.join(file.get_ref()))
-            .unwrap_or_else(|| file.get_ref().clone());
+            .map_or_else(|| file.get_ref().clone(), |dir| dir.join(file.get_ref()));
         let block = std::fs::read_to_string(&path)
             .map_err(|e| self.at(file.span(), option, format!("{}: {e}", path.display())))?;
         VmPolicy::parse_qnx(&block).map_err(|e| match e {

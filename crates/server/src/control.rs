@@ -66,7 +66,7 @@ pub(crate) fn answer(subject: Subject<'_>, request: ControlRequest) -> ControlRe
             }
         },
         ControlRequest::Create(create) => match named {
-            Some(named) => create_region(named, regions, create),
+            Some(named) => create_region(named, regions, &create),
             None => ControlResponse::error("this server has no named regions"),
         },
         ControlRequest::Remove { name } => match regions.find_named(&name) {
@@ -97,7 +97,7 @@ pub(crate) fn reload(
 fn create_region(
     named: &NamedRegions,
     regions: &mut Regions,
-    create: CreateRegion,
+    create: &CreateRegion,
 ) -> ControlResponse {
     let name = match RegionName::new(&create.name) {
         Ok(name) => name,

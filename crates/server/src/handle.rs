@@ -72,8 +72,7 @@ impl ServerHandle {
     pub fn socket_path(&self) -> &Path {
         self.regions
             .first()
-            .map(|r| r.socket.as_path())
-            .unwrap_or(Path::new(""))
+            .map_or(Path::new(""), |r| r.socket.as_path())
     }
 
     /// Facts about every region.

@@ -144,7 +144,7 @@ mod tests {
         assert_eq!(lowest_free(usize::MAX, |i| i < 65535), Some(65535));
         assert_eq!("lowest-free".parse(), Ok(IdPolicy::LowestFree));
         assert_eq!("increasing".parse(), Ok(IdPolicy::Increasing));
-        assert!("random".parse::<IdPolicy>().is_err());
+        "random".parse::<IdPolicy>().unwrap_err();
     }
 
     proptest! {

@@ -236,13 +236,13 @@ mod tests {
 
     #[test]
     fn unwritable_is_an_error_and_leaves_nothing() {
-        assert!(PidFile::create(Path::new("/nonexistent/dir/pid")).is_err());
+        PidFile::create(Path::new("/nonexistent/dir/pid")).unwrap_err();
         let dir = scratch("isdir");
         std::fs::create_dir(dir.join("pid")).unwrap();
         let err = PidFile::create(&dir.join("pid")).unwrap_err();
         assert!(err.to_string().contains("pid"), "{err}");
         assert_eq!(entries(&dir), ["pid"], "the temporary file is removed");
-        assert!(PidFile::create(Path::new("/")).is_err());
+        PidFile::create(Path::new("/")).unwrap_err();
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

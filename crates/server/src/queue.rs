@@ -136,8 +136,8 @@ mod tests {
         for v in 0..10 {
             q.push_handshake(v, None);
         }
-        assert!(q.push(1, None).is_ok());
-        assert!(q.push(2, None).is_ok());
+        q.push(1, None).unwrap();
+        q.push(2, None).unwrap();
         assert_eq!(q.push(3, None), Err(QueueFull { limit: 2 }));
         assert_eq!(q.len(), 12);
     }
@@ -185,6 +185,6 @@ mod tests {
         let mut q = OutgoingQueue::new(4);
         q.push(1, None).unwrap();
         let mut sent = 0;
-        assert!(q.flush(a.as_fd(), &mut sent).is_err());
+        q.flush(a.as_fd(), &mut sent).unwrap_err();
     }
 }

@@ -278,7 +278,7 @@ impl Server {
                     }
                     Some(Token::Aux(key)) => match self.endpoints.kind(key) {
                         Some(EndpointKind::Listener) => {
-                            self.endpoints.accept_all(key, &mut self.reserve)
+                            self.endpoints.accept_all(key, &mut self.reserve);
                         }
                         Some(EndpointKind::Connection) => self.serve_connection(key, flags),
                         None => {}

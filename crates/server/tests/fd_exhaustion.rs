@@ -6,7 +6,9 @@ mod common;
 
 use std::os::fd::AsFd;
 
-use common::*;
+use common::start_server;
+use ivshm_test_support::fds::wait_readable;
+use ivshm_test_support::v0::RawPeer;
 use rustix::net::{recv, RecvFlags};
 use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
 

@@ -1,10 +1,10 @@
 //! No fd leaks: the server runs in-process, so `/proc/self/fd` counts both sides.
 //! (Its own test binary: other tests running in parallel would change the count.)
 
-mod common;
-
-use common::*;
 use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
+use ivshm_test_support::fds::open_fds;
+use ivshm_test_support::socket_path;
+use ivshm_test_support::v0::RawPeer;
 
 #[test]
 fn churn_of_joins_leaves_and_drops_leaks_no_fd() {

@@ -1,14 +1,14 @@
 //! The loop's observer hooks: what they report, with the fds and ids the peers really have.
 
-mod common;
-
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
-use common::*;
 use ivshm_server::{
     Control, ControlAction, Observer, RegionConfig, RemovalReason, Server, ServerConfig,
 };
+use ivshm_test_support::fds::ring;
+use ivshm_test_support::v0::RawPeer;
+use ivshm_test_support::{socket_path, WAIT_GUARD};
 use rustix::event::{eventfd, EventfdFlags};
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,9 +4,12 @@ mod common;
 
 use std::os::fd::AsFd;
 
-use common::*;
+use common::start_server;
 use ivshm_mem::Mapping;
 use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
+use ivshm_test_support::fds::{readable_now, ring, take, wait_readable};
+use ivshm_test_support::socket_path;
+use ivshm_test_support::v0::RawPeer;
 
 #[test]
 fn ids_count_up_from_zero_and_handshakes_follow_qemus_order() {

@@ -29,3 +29,15 @@ pub mod v0;
 /// The failure guard of every wait that takes no timeout: long enough for a loaded 2-core
 /// machine, short enough that a hung test fails in reasonable time.
 pub const WAIT_GUARD: Duration = Duration::from_secs(30);
+
+/// A UNIX socket path no other caller in this process gets:
+/// `$TMPDIR/ivshm-test-<tag>-<pid>-<n>.sock` (not created; a stale file from an earlier run of
+/// the same pid is removed).
+pub fn socket_path(tag: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path =
+        std::env::temp_dir().join(format!("ivshm-test-{tag}-{}-{n}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}

@@ -169,8 +169,7 @@ impl LineBuffer {
             state = self
                 .changed
                 .wait_timeout(state, deadline - now)
-                .map(|(guard, _)| guard)
-                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+                .map_or_else(|poisoned| poisoned.into_inner().0, |(guard, _)| guard);
         }
     }
 
@@ -215,8 +214,7 @@ impl LineBuffer {
             state = self
                 .changed
                 .wait_timeout(state, deadline - now)
-                .map(|(guard, _)| guard)
-                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+                .map_or_else(|poisoned| poisoned.into_inner().0, |(guard, _)| guard);
         }
         true
     }

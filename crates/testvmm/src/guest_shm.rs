@@ -58,10 +58,6 @@ impl Drop for AttachedGuestShm {
     }
 }
 
-fn wiring(e: ivshm_vmm::ivshmem::kvm::KvmWiringError) -> VmmError {
-    VmmError::GuestFailed(format!("guest_shm interrupt: {e}"))
-}
-
 /// Builds a `guest_shm` device on `factory` and plugs it in: PCI mode at device number 1
 /// with BAR0 at [`GUEST_SHM_BAR0`], or MMIO mode at `loc`. Its interrupt is an irqfd on a
 /// GSI routed as an MSI to IDT vector `vector` (which the factory page's `vector` reports),
@@ -74,7 +70,7 @@ pub fn attach_guest_shm(
 ) -> Result<AttachedGuestShm, VmmError> {
     let router = vm.gsi_router().clone();
     let lease = GsiLease {
-        gsi: router.allocate_gsi().map_err(wiring)?,
+        gsi: router.allocate_gsi().map_err(VmmError::GuestShmInterrupt)?,
         router,
     };
     let message = MsixMessage {
@@ -84,7 +80,7 @@ pub fn attach_guest_shm(
     lease
         .router
         .set_route(lease.gsi, Some(message))
-        .map_err(wiring)?;
+        .map_err(VmmError::GuestShmInterrupt)?;
     plug(vm, mode, u32::from(vector), factory, lease.gsi, Some(lease))
 }
 
@@ -120,7 +116,7 @@ fn plug(
     if mode == GuestShmMode::Pci {
         device.set_bar_addr(0, GUEST_SHM_BAR0);
     }
-    let irqfd = dup_eventfd(device.interrupt_fd().as_fd()).map_err(wiring)?;
+    let irqfd = dup_eventfd(device.interrupt_fd().as_fd()).map_err(VmmError::GuestShmInterrupt)?;
     vm.vm_fd()
         .register_irqfd(&irqfd, gsi)
         .map_err(|source| VmmError::Kvm {

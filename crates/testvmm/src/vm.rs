@@ -62,6 +62,9 @@ pub enum VmmError {
     /// The guest stopped abnormally.
     #[error("guest failed: {0}")]
     GuestFailed(String),
+    /// Wiring a `guest_shm` device's interrupt into KVM failed.
+    #[error("guest_shm interrupt: {0}")]
+    GuestShmInterrupt(#[source] ivshm_vmm::ivshmem::kvm::KvmWiringError),
     /// The VM was already started.
     #[error("VM already started")]
     AlreadyStarted,
@@ -341,10 +344,7 @@ impl TestVm {
 
     /// MMIO exits seen at `addr` so far.
     pub fn mmio_exits_at(&self, addr: u64) -> u64 {
-        self.platform
-            .lock()
-            .map(|p| p.mmio_exits_at(addr))
-            .unwrap_or(0)
+        self.platform.lock().map_or(0, |p| p.mmio_exits_at(addr))
     }
 
     /// Starts the vCPU thread.
@@ -472,10 +472,7 @@ fn run_vcpu(mut vcpu: VcpuFd, platform: &Mutex<PciPlatform>, shared: &VmShared) 
                 }
             }
             VcpuExit::IoIn(port, data) => {
-                let handled = platform
-                    .lock()
-                    .map(|mut p| p.pio_read(port, data))
-                    .unwrap_or(false);
+                let handled = platform.lock().is_ok_and(|mut p| p.pio_read(port, data));
                 if !handled {
                     data.fill(0xff);
                 }
@@ -496,7 +493,7 @@ fn run_vcpu(mut vcpu: VcpuFd, platform: &Mutex<PciPlatform>, shared: &VmShared) 
                 return;
             }
             VcpuExit::Shutdown => {
-                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                let rip = vcpu.get_regs().map_or(0, |r| r.rip);
                 shared.finish(GuestExit::Failed(format!(
                     "shutdown (triple fault) near rip {rip:#x}"
                 )));
@@ -516,7 +513,7 @@ fn run_vcpu(mut vcpu: VcpuFd, platform: &Mutex<PciPlatform>, shared: &VmShared) 
                         &internal.data[..n]
                     );
                 }
-                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                let rip = vcpu.get_regs().map_or(0, |r| r.rip);
                 shared.finish(GuestExit::Failed(format!(
                     "unexpected exit {what} at rip {rip:#x}"
                 )));

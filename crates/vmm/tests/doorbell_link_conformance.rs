@@ -6,16 +6,14 @@
 //! itself and of the peers it knows, joins and leaves reported through `event_fd` and
 //! `process_events`, and a ring of one peer's vector reaching exactly that eventfd.
 
-mod common;
-
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use common::TIMEOUT;
 use ivshm_client::{ConnectOptions, Peer};
 use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
 use ivshm_test_support::fds::{readable_now, take, wait_readable, wait_rung};
+use ivshm_test_support::WAIT_GUARD as TIMEOUT;
 use ivshm_vmm::ivshmem::link::ring_eventfd;
 use ivshm_vmm::ivshmem::{DoorbellLink, LocalDoorbellBus, PeerChange};
 

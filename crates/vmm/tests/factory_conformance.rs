@@ -17,7 +17,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Instant;
 
-use common::{local_registry, vm_policy, NamedServer, MAX_PAGES, TIMEOUT};
+use common::{NamedServer, MAX_PAGES, TIMEOUT, VM0_POLICY, VM1_POLICY};
+use ivshm_policy::VmPolicy;
 use ivshm_proto::guest_shm::GuestShmStatus;
 use ivshm_test_support::fds::wait_rung;
 use ivshm_vmm::guest_shm::{Attachment, Factory, LocalRegionRegistry, ServerFactory};
@@ -31,11 +32,21 @@ trait Implementation {
     fn factory(&self, vm: &str) -> Box<dyn Factory>;
 }
 
+/// The `vdev shmem` policy of `vm`, as the server has it.
+fn vm_policy(vm: &str) -> VmPolicy {
+    let text = match vm {
+        "vm0" => VM0_POLICY,
+        "vm1" => VM1_POLICY,
+        other => panic!("no VM {other}"),
+    };
+    VmPolicy::parse_qnx(text).unwrap()
+}
+
 struct Local(LocalRegionRegistry);
 
 impl Implementation for Local {
     fn start(_tag: &str) -> Self {
-        Local(local_registry())
+        Local(LocalRegionRegistry::new(MAX_PAGES))
     }
 
     fn factory(&self, vm: &str) -> Box<dyn Factory> {
@@ -485,7 +496,7 @@ mod server_factory {
         );
         held.push(create(vm1.as_mut(), "race", 1).unwrap());
         // A factory that answers one request with the stale line.
-        let path = imp.0.scratch("stale-factory.sock");
+        let path = ivshm_test_support::socket_path("stale-factory");
         let listener = UnixListener::bind(&path).unwrap();
         let replay = std::thread::spawn(move || {
             let (stream, _) = listener.accept().unwrap();

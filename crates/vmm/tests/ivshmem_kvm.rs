@@ -83,7 +83,7 @@ fn doorbell_flow(path: DoorbellPath) {
     let bus = LocalDoorbellBus::new();
     let link_a = bus.join(1).unwrap();
     let link_b = bus.join(1).unwrap();
-    doorbell_flow_with(path, Box::new(link_a), Box::new(link_b), shm.clone(), shm);
+    doorbell_flow_with(path, Box::new(link_a), Box::new(link_b), &shm, shm.clone());
 }
 
 /// Runs sender A (peer 0) and receiver B (peer 1) on links that A joined first.
@@ -91,7 +91,7 @@ fn doorbell_flow_with(
     path: DoorbellPath,
     link_a: Box<dyn DoorbellLink>,
     link_b: Box<dyn DoorbellLink>,
-    shm_a: Arc<Mapping>,
+    shm_a: &Arc<Mapping>,
     shm_b: Arc<Mapping>,
 ) {
     assert_eq!((link_a.own_id(), link_b.own_id()), (0, 1));
@@ -187,7 +187,7 @@ fn doorbell_through_ivshm_server() {
         a.process_events().unwrap();
         std::thread::sleep(Duration::from_millis(5));
     }
-    doorbell_flow_with(DoorbellPath::Kvm, a, Box::new(b), shm_a, shm_b);
+    doorbell_flow_with(DoorbellPath::Kvm, a, Box::new(b), &shm_a, shm_b);
     server.shutdown().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

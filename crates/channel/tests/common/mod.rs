@@ -1,5 +1,4 @@
 //! Shared set-up for the channel tests.
-#![allow(dead_code)]
 
 use std::sync::Arc;
 

@@ -526,7 +526,7 @@ fn serve(client: &mut Client, stdin_open: &mut bool) {
                 debug(
                     verbose,
                     format_args!("ivshmem_client_handle_server_msg() failed"),
-                )
+                );
             })
         } else {
             Ok(())

@@ -157,7 +157,7 @@ fn apply_option(out: &mut Args, option: char, value: &str) -> Result<(), String>
             out.size = size.bytes;
         }
         'n' => {
-            out.vectors = qemu_numbers::parse_uint_full(value).ok_or("cannot parse n_vectors")?
+            out.vectors = qemu_numbers::parse_uint_full(value).ok_or("cannot parse n_vectors")?;
         }
         _ => {}
     }
@@ -316,10 +316,10 @@ fn report_start_failure(args: &Args, progname: &str, error: &ServerError) {
     match error {
         ServerError::Memory { source, .. } => match source {
             BackendError::Resize { errno, .. } => {
-                eprintln!("ftruncate({memory_name}) failed: {}", strerror(*errno))
+                eprintln!("ftruncate({memory_name}) failed: {}", strerror(*errno));
             }
             BackendError::Sys { errno, .. } => {
-                eprintln!("cannot open shm file {memory_name}: {}", strerror(*errno))
+                eprintln!("cannot open shm file {memory_name}: {}", strerror(*errno));
             }
             other => eprintln!("cannot open shm file {memory_name}: {other}"),
         },

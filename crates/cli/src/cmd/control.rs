@@ -22,6 +22,7 @@ pub const DEFAULT_CONTROL: &str = "/run/ivshm/control.sock";
 /// How long to wait for the server's answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// `ivshm control ...`: talk to a running server's control socket.
 #[derive(Subcommand, Debug)]
 pub enum ControlCommand {
     /// List the server's regions: size, backend, vectors, peers, limit, id policy, origin.
@@ -39,6 +40,7 @@ pub enum ControlCommand {
     Reload(ControlArgs),
 }
 
+/// `ivshm control region ...`.
 #[derive(Subcommand, Debug)]
 pub enum RegionCommand {
     /// Create a region (by host name); it goes when its last peer leaves unless --persist.
@@ -73,6 +75,7 @@ pub enum StatsFormat {
 /// `ivshm stats` flags.
 #[derive(Args, Debug)]
 pub struct StatsArgs {
+    /// The socket.
     #[command(flatten)]
     pub control: ControlArgs,
     /// Output form.
@@ -80,8 +83,10 @@ pub struct StatsArgs {
     pub format: StatsFormat,
 }
 
+/// `ivshm control region create`.
 #[derive(Args, Debug)]
 pub struct CreateArgs {
+    /// The socket and the output form.
     #[command(flatten)]
     pub control: ControlArgs,
     /// The region's host name.
@@ -103,14 +108,17 @@ pub struct CreateArgs {
     pub persist: bool,
 }
 
+/// `ivshm control region remove`.
 #[derive(Args, Debug)]
 pub struct RemoveArgs {
+    /// The socket and the output form.
     #[command(flatten)]
     pub control: ControlArgs,
     /// The region's host name.
     pub name: String,
 }
 
+/// Runs the command and prints what it answers.
 pub fn run(c: ControlCommand) -> anyhow::Result<()> {
     print!("{}", execute(c)?);
     Ok(())
@@ -460,7 +468,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.to_string(), "no region named \"scratch\"");
-        assert!(request(&root.join("nope.sock"), &ControlRequest::Stats).is_err());
+        request(&root.join("nope.sock"), &ControlRequest::Stats).unwrap_err();
         server.shutdown().unwrap();
         let _ = std::fs::remove_dir_all(root);
     }

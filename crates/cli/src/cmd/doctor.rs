@@ -507,8 +507,8 @@ pub fn report(args: &DoctorArgs) -> anyhow::Result<(String, bool)> {
 }
 
 /// Runs `ivshm doctor`: exit status 0 when nothing will fail, 2 when something will.
-pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
-    let (text, failing) = report(&args)?;
+pub fn run(args: &DoctorArgs) -> anyhow::Result<()> {
+    let (text, failing) = report(args)?;
     print!("{text}");
     if failing {
         std::process::exit(2);

@@ -132,11 +132,11 @@ pub struct WriteArgs {
 /// Runs one host command.
 pub fn run(c: HostCommand) -> anyhow::Result<()> {
     match c {
-        HostCommand::Peers(a) => peers(a),
-        HostCommand::Notify(a) => notify(a),
-        HostCommand::Listen(a) => listen(a),
-        HostCommand::Read(a) => read(a),
-        HostCommand::Write(a) => write(a),
+        HostCommand::Peers(a) => peers(&a),
+        HostCommand::Notify(a) => notify(&a),
+        HostCommand::Listen(a) => listen(&a),
+        HostCommand::Read(a) => read(&a),
+        HostCommand::Write(a) => write(&a),
     }
 }
 
@@ -183,12 +183,12 @@ fn print_self_and_peers(peer: &Peer) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn peers(a: PeersArgs) -> anyhow::Result<()> {
+fn peers(a: &PeersArgs) -> anyhow::Result<()> {
     let peer = connect(&a.socket, None)?;
     print_self_and_peers(&peer)
 }
 
-fn notify(a: NotifyArgs) -> anyhow::Result<()> {
+fn notify(a: &NotifyArgs) -> anyhow::Result<()> {
     let peer = connect(&a.socket, None)?;
     let vectors = if a.peer == peer.id() {
         peer.vectors()
@@ -254,7 +254,7 @@ impl ToldPeers {
     }
 }
 
-fn listen(a: ListenArgs) -> anyhow::Result<()> {
+fn listen(a: &ListenArgs) -> anyhow::Result<()> {
     let timeout = a.timeout;
     let start = Instant::now();
     let deadline = timeout.and_then(|t| start.checked_add(t));
@@ -288,7 +288,7 @@ fn listen(a: ListenArgs) -> anyhow::Result<()> {
             }
             Some(ev) => tracing::debug!(?ev, "already told"),
             None => {
-                let secs = timeout.map(|t| t.as_secs_f64()).unwrap_or(0.0);
+                let secs = timeout.map_or(0.0, |t| t.as_secs_f64());
                 match a.count {
                     Some(k) => bail!("timed out after {secs} s: {seen} of {k} events arrived"),
                     None => bail!("timed out after {secs} s"),
@@ -309,7 +309,7 @@ fn region_range(offset: u64, len: u64, size: u64) -> anyhow::Result<(usize, usiz
     Ok((usize::try_from(offset)?, usize::try_from(len)?))
 }
 
-fn read(a: ReadArgs) -> anyhow::Result<()> {
+fn read(a: &ReadArgs) -> anyhow::Result<()> {
     let peer = connect(&a.socket, None)?;
     let (offset, len) = region_range(a.offset, a.len, peer.shm_size())?;
     let mapping = peer.map().context("mapping the shared region")?;
@@ -334,7 +334,7 @@ fn read(a: ReadArgs) -> anyhow::Result<()> {
     out.flush().context("writing to stdout")
 }
 
-fn write(a: WriteArgs) -> anyhow::Result<()> {
+fn write(a: &WriteArgs) -> anyhow::Result<()> {
     let data = match a.data.strip_prefix('@') {
         Some(file) => std::fs::read(file).with_context(|| format!("reading {file}"))?,
         None => hex_decode(&a.data)?,
@@ -394,21 +394,21 @@ mod tests {
         assert_eq!(hex_decode("DEad000f").unwrap(), vec![0xde, 0xad, 0, 0xf]);
         assert_eq!(hex_decode("0x01").unwrap(), vec![1]);
         assert_eq!(hex_decode("").unwrap(), Vec::<u8>::new());
-        assert!(hex_decode("abc").is_err());
-        assert!(hex_decode("zz").is_err());
+        hex_decode("abc").unwrap_err();
+        hex_decode("zz").unwrap_err();
     }
 
     #[test]
     fn ranges_are_checked() {
         assert_eq!(region_range(4, 4, 8).unwrap(), (4, 4));
-        assert!(region_range(4, 5, 8).is_err());
-        assert!(region_range(u64::MAX, 2, 8).is_err());
+        region_range(4, 5, 8).unwrap_err();
+        region_range(u64::MAX, 2, 8).unwrap_err();
     }
 
     #[test]
     fn vector_arg_parses() {
         assert_eq!("all".parse::<VectorArg>().unwrap(), VectorArg::All);
         assert_eq!("3".parse::<VectorArg>().unwrap(), VectorArg::One(3));
-        assert!("x".parse::<VectorArg>().is_err());
+        "x".parse::<VectorArg>().unwrap_err();
     }
 }

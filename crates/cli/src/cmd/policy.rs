@@ -9,6 +9,7 @@ use ivshm_server::named::{
     guest_name_for, is_reserved_guest_name, region_socket_name, FACTORY_SOCKET,
 };
 
+/// `ivshm policy ...`: what a VM's `vdev shmem` policy decides, without a server.
 #[derive(Subcommand, Debug)]
 pub enum PolicyCommand {
     /// Print the decision for NAME in VM's policy: allow/deny, the host name after subst, the
@@ -18,6 +19,7 @@ pub enum PolicyCommand {
     Check(CheckArgs),
 }
 
+/// `ivshm policy check`.
 #[derive(Args, Debug)]
 pub struct CheckArgs {
     /// The server's configuration file.
@@ -39,6 +41,7 @@ pub fn exit_status(status: GuestShmStatus) -> i32 {
     }
 }
 
+/// Runs the command: prints the decision and exits with its status.
 pub fn run(c: PolicyCommand) -> anyhow::Result<()> {
     match c {
         PolicyCommand::Check(args) => {

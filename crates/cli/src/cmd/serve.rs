@@ -48,6 +48,7 @@ const FLAG_MODE_OPTIONS: [&str; 10] = [
     "pow2",
 ];
 
+/// `ivshm serve`: one region from flags, or named regions from a configuration file.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Serve named regions, per-VM directories, factories and a control socket as FILE (TOML)
@@ -138,7 +139,7 @@ impl ServeArgs {
 /// the shm object are removed. SIGHUP re-reads `--config` (if given) and logs the status.
 /// With `$NOTIFY_SOCKET` set (systemd `Type=notify`), sends `READY=1` once the sockets are
 /// bound, `RELOADING=1`/`READY=1` around reloads and `STOPPING=1` at shutdown.
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let config = match &args.config {
         Some(path) => ivshm_server::config_file::load(path)?,
         None => args.to_config()?,
@@ -270,17 +271,20 @@ mod tests {
     fn config_replaces_the_single_region_flags() {
         let a = parse(&["--config", "/etc/ivshm.toml", "--pidfile", "/tmp/p"]).unwrap();
         assert_eq!(a.config, Some(PathBuf::from("/etc/ivshm.toml")));
-        assert!(parse(&["--config", "/etc/ivshm.toml", "--socket", "/tmp/s"]).is_err());
-        assert!(parse(&["--config", "/etc/ivshm.toml", "--size", "1M"]).is_err());
+        parse(&["--config", "/etc/ivshm.toml", "--socket", "/tmp/s"]).unwrap_err();
+        parse(&["--config", "/etc/ivshm.toml", "--size", "1M"]).unwrap_err();
     }
 
     #[test]
     fn bad_values_are_rejected() {
-        assert!(parse(&["--vectors", "0"]).is_err());
-        assert!(parse(&["--vectors", "65"]).is_err());
-        assert!(parse(&["--size", "4X"]).is_err());
-        assert!(parse(&["--socket-mode", "999"]).is_err());
-        assert!(parse(&["--pow2", "sometimes"]).is_err());
-        assert!(parse(&["--backend", "dir"]).unwrap().to_config().is_err());
+        parse(&["--vectors", "0"]).unwrap_err();
+        parse(&["--vectors", "65"]).unwrap_err();
+        parse(&["--size", "4X"]).unwrap_err();
+        parse(&["--socket-mode", "999"]).unwrap_err();
+        parse(&["--pow2", "sometimes"]).unwrap_err();
+        parse(&["--backend", "dir"])
+            .unwrap()
+            .to_config()
+            .unwrap_err();
     }
 }

@@ -182,7 +182,7 @@ impl Drop for SharedMemory {
                     "POSIX shm object was replaced by another file; leaving that one"
                 ),
                 Err(errno) => {
-                    tracing::warn!(name = %name, %errno, "could not remove POSIX shm object")
+                    tracing::warn!(name = %name, %errno, "could not remove POSIX shm object");
                 }
             }
         }

@@ -269,6 +269,6 @@ mod tests {
 
     #[test]
     fn bad_name_is_an_error() {
-        assert!(create("a/b", 4096, false).is_err());
+        create("a/b", 4096, false).unwrap_err();
     }
 }

@@ -79,7 +79,6 @@ mod tests {
     use std::mem::{offset_of, size_of};
 
     /// `struct guest_shm_factory` as the header declares it.
-    #[allow(dead_code)]
     #[repr(C)]
     struct GuestShmFactory {
         signature: u64,
@@ -92,7 +91,6 @@ mod tests {
     }
 
     /// `struct guest_shm_control` as the header declares it.
-    #[allow(dead_code)]
     #[repr(C)]
     struct GuestShmControl {
         status: u32,

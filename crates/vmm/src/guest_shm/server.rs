@@ -70,10 +70,10 @@ impl ServerFactory {
 
     fn attach(
         &self,
-        request: FactoryRequest,
+        request: &FactoryRequest,
         interrupt: BorrowedFd<'_>,
     ) -> Result<Attachment, GuestShmStatus> {
-        let response = self.request(&request)?;
+        let response = self.request(request)?;
         if response.status != GuestShmStatus::Ok {
             return Err(response.status);
         }
@@ -119,7 +119,7 @@ impl Factory for ServerFactory {
             name: guest_name(name)?,
             size: u64::from(pages) * PAGE_SIZE as u64,
         };
-        self.attach(request, interrupt)
+        self.attach(&request, interrupt)
     }
 
     fn find(
@@ -130,7 +130,7 @@ impl Factory for ServerFactory {
         let request = FactoryRequest::Find {
             name: guest_name(name)?,
         };
-        self.attach(request, interrupt)
+        self.attach(&request, interrupt)
     }
 }
 

@@ -1,14 +1,11 @@
-//! What the `ivshm-vmm` integration tests share: the two VMs' `vdev shmem` policies and a real
-//! in-process `ivshm-server` with named regions that serves them.
-
-#![allow(dead_code)] // each test binary uses its own part
+//! What the `ivshm-vmm` integration tests share: a real in-process `ivshm-server` with named
+//! regions for two VMs.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ivshm_policy::VmPolicy;
 use ivshm_server::{config_file, ServerHandle};
-use ivshm_vmm::guest_shm::{LocalRegionRegistry, ServerFactory};
+use ivshm_vmm::guest_shm::ServerFactory;
 
 /// Every factory request and region join must finish within this (a failure guard).
 pub const TIMEOUT: Duration = Duration::from_secs(20);
@@ -20,21 +17,6 @@ pub const MAX_PAGES: u32 = 256;
 pub const VM0_POLICY: &str = "deny secret*\nallow *";
 /// The policy of VM `vm1`: everything, and region `premade` (2 pages) created at VM start.
 pub const VM1_POLICY: &str = "create premade,0x2000";
-
-/// The `vdev shmem` policy of `vm` (`vm0` or `vm1`).
-pub fn vm_policy(vm: &str) -> VmPolicy {
-    let text = match vm {
-        "vm0" => VM0_POLICY,
-        "vm1" => VM1_POLICY,
-        other => panic!("no VM {other}"),
-    };
-    VmPolicy::parse_qnx(text).unwrap()
-}
-
-/// The in-process registry with the same limits as [`NamedServer`].
-pub fn local_registry() -> LocalRegionRegistry {
-    LocalRegionRegistry::new(MAX_PAGES)
-}
 
 /// The real server with named regions: VM directories `vm0` and `vm1` with the policies above,
 /// each with its `factory.sock`; regions default to 16 vectors, 16 peers, lowest-free ids, and
@@ -75,11 +57,6 @@ impl NamedServer {
     /// A factory for `vm`.
     pub fn factory(&self, vm: &str) -> ServerFactory {
         ServerFactory::new(self.factory_socket(vm), TIMEOUT)
-    }
-
-    /// A scratch path in the server's directory.
-    pub fn scratch(&self, name: &str) -> PathBuf {
-        self.base.join(name)
     }
 }
 

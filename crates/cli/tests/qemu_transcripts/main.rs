@@ -4,6 +4,7 @@
 //! with ours), compared line for line; and the flags, start-up failures and exit codes of each
 //! program against QEMU's. Skipped (loudly) without the QEMU programs unless `IVSHM_E2E=1`.
 
+mod peers;
 mod transcript;
 
 use std::process::ExitStatus;

@@ -2,17 +2,16 @@
 //! sockets of two VMs' directories, lowest-free ids and a peer limit), next to our `ivshm`
 //! host commands: what QEMU's debug client sees of joins, leaves, doorbells in both directions,
 //! a refusal at the peer limit and the id reuse after it. Skipped (loudly) without QEMU's
-//! programs unless `IVSHM_E2E=1`.
-
-mod transcript;
+//! programs unless `IVSHM_E2E=1`. (A module of the `qemu_transcripts` test binary: it shares
+//! the QEMU-program harness in `transcript.rs`.)
 
 use std::path::Path;
 use std::process::Command;
 
+use crate::transcript::*;
 use ivshm_e2e::require_qemu_tools;
 use ivshm_test_support::process::{HostProcess, Stream};
 use ivshm_test_support::WAIT_GUARD;
-use transcript::*;
 
 fn ivshm(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_ivshm"))

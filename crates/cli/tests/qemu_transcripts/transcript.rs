@@ -11,7 +11,6 @@
 //!
 //! Every wait is on something the programs print or do (a prompt, a line, a listening socket,
 //! the eventfds a client holds), bounded by [`WAIT_GUARD`]; none is a timing assertion.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
