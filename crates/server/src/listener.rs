@@ -214,7 +214,7 @@ impl Drop for Listener {
                 }
             }
             Err(errno) => {
-                tracing::warn!(path = %self.path.display(), %errno, "could not remove socket")
+                tracing::warn!(path = %self.path.display(), %errno, "could not remove socket");
             }
         }
     }

@@ -6,17 +6,18 @@
 //!
 //! `docs/security.md` lists which line of the threat model each test proves.
 
-mod common;
+mod named_server;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use common::named::{status, Setup};
 use ivshm_policy::GuestShmStatus;
-use ivshm_proto::control::ControlRequest;
+use ivshm_proto::control::{ControlRequest, ControlResponse};
+use ivshm_proto::factory::{decode_line, encode_line};
 use ivshm_test_support::users::{can_switch_users, spawn_as, NOBODY_UID, NOGROUP_GID};
+use named_server::{exchange, status, Setup};
 
 /// A file the attacker wants: its owner, group, mode and contents.
 #[derive(Debug, PartialEq, Eq)]
@@ -217,4 +218,18 @@ fn a_reload_checks_the_socket_root_again() {
     std::fs::set_permissions(&setup.root, std::fs::Permissions::from_mode(0o755)).unwrap();
     setup.control(&ControlRequest::Reload);
     assert!(setup.vm_dir("vm1").join("factory.sock").exists());
+}
+
+/// What only these tests ask of the shared set-up.
+impl Setup {
+    /// The directory holding the root and the configuration file.
+    fn base(&self) -> &Path {
+        self.config.parent().unwrap()
+    }
+
+    /// The response to a control request, whatever it says.
+    fn control_response(&self, request: &ControlRequest) -> ControlResponse {
+        let line = exchange(&self.root.join("control.sock"), &encode_line(request));
+        decode_line(&line).unwrap()
+    }
 }

@@ -1,20 +1,22 @@
 //! Named regions through the factory, the control socket and the QEMU-facing v0 sockets of the
 //! per-VM directories, against an in-process server started from a TOML file.
 
-mod common;
+mod named_server;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::named::{exchange, status, Setup};
-use common::{readable_now, ring, take, wait_readable, RawPeer, WAIT_GUARD};
 use ivshm_policy::GuestShmStatus;
 use ivshm_proto::control::{ControlRequest, ControlResult, CreateRegion};
 use ivshm_proto::factory::{decode_line, encode_line, FactoryRequest, FactoryResponse};
+use ivshm_test_support::fds::{readable_now, ring, take, wait_readable};
+use ivshm_test_support::v0::RawPeer;
+use ivshm_test_support::WAIT_GUARD;
+use named_server::{exchange, status, Setup};
 
 const LIMIT: Duration = WAIT_GUARD;
 
@@ -1127,5 +1129,52 @@ fn control_and_factory_errors_name_the_region_once() {
         (&too_many, "w"),
     ] {
         assert_eq!(text.matches(&format!("region {name}")).count(), 1, "{text}");
+    }
+}
+
+/// What only these tests ask of the shared set-up.
+impl Setup {
+    /// Socket names in a VM's directory, sorted.
+    fn listing(&self, vm: &str) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.vm_dir(vm))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn find(&self, vm: &str, name: &str) -> FactoryResponse {
+        self.factory(vm, &FactoryRequest::Find { name: name.into() })
+    }
+
+    fn regions(&self) -> Vec<ivshm_proto::control::RegionReport> {
+        match self.control(&ControlRequest::Regions) {
+            ControlResult::Regions { regions } => regions,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn stats(&self) -> ivshm_proto::control::StatsReport {
+        match self.control(&ControlRequest::Stats) {
+            ControlResult::Stats { stats } => stats,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Polls the region list until `condition` holds (fails after the guard timeout).
+    fn wait_regions(
+        &self,
+        what: &str,
+        condition: impl Fn(&[ivshm_proto::control::RegionReport]) -> bool,
+    ) {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if condition(&self.regions()) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }

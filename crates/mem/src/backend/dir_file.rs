@@ -111,8 +111,7 @@ fn create_named_then_unlink(
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
+            .map_or(0, |d| d.subsec_nanos());
         let name = format!("ivshmem.{}.{n}.{nanos:x}", std::process::id());
         let path = dir.join(&name);
         match rustix::fs::openat(
@@ -181,7 +180,7 @@ mod tests {
 
     #[test]
     fn missing_dir_is_an_error() {
-        assert!(create(Path::new("/nonexistent/ivshm"), 4096).is_err());
+        create(Path::new("/nonexistent/ivshm"), 4096).unwrap_err();
     }
 
     #[test]

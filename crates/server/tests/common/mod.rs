@@ -11,5 +11,3 @@ pub fn start_server(tag: &str, vectors: usize, size: u64) -> ServerHandle {
     region.memory.size = size;
     ServerHandle::spawn(ServerConfig::single(region)).unwrap()
 }
-
-pub mod named;

@@ -5,14 +5,14 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ivshm_policy::GuestShmStatus;
 use ivshm_proto::control::{ControlRequest, ControlResponse, ControlResult};
 use ivshm_proto::factory::{decode_line, encode_line, FactoryRequest, FactoryResponse};
 use ivshm_server::{config_file, ServerHandle};
 
-use super::WAIT_GUARD;
+use ivshm_test_support::WAIT_GUARD;
 
 const LIMIT: Duration = WAIT_GUARD;
 
@@ -49,11 +49,6 @@ impl Setup {
         }
     }
 
-    /// The directory holding the root and the configuration file.
-    pub fn base(&self) -> &Path {
-        self.config.parent().unwrap()
-    }
-
     /// Starts the server from the configuration file.
     pub fn start(&mut self) -> Result<(), ivshm_server::ServerError> {
         let loaded = config_file::load(&self.config).unwrap();
@@ -68,16 +63,6 @@ impl Setup {
 
     pub fn vm_dir(&self, vm: &str) -> PathBuf {
         self.root.join(vm)
-    }
-
-    /// Socket names in a VM's directory, sorted.
-    pub fn listing(&self, vm: &str) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.vm_dir(vm))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
     }
 
     pub fn factory(&self, vm: &str, request: &FactoryRequest) -> FactoryResponse {
@@ -95,10 +80,6 @@ impl Setup {
         )
     }
 
-    pub fn find(&self, vm: &str, name: &str) -> FactoryResponse {
-        self.factory(vm, &FactoryRequest::Find { name: name.into() })
-    }
-
     pub fn control(&self, request: &ControlRequest) -> ControlResult {
         let line = exchange(&self.root.join("control.sock"), &encode_line(request));
         let response: ControlResponse = decode_line(&line).unwrap();
@@ -111,47 +92,11 @@ impl Setup {
         response.result.unwrap()
     }
 
-    /// The response to a control request, whatever it says.
-    pub fn control_response(&self, request: &ControlRequest) -> ControlResponse {
-        let line = exchange(&self.root.join("control.sock"), &encode_line(request));
-        decode_line(&line).unwrap()
-    }
-
     pub fn control_error(&self, request: &ControlRequest) -> String {
         let line = exchange(&self.root.join("control.sock"), &encode_line(request));
         let response: ControlResponse = decode_line(&line).unwrap();
         assert!(!response.ok);
         response.error.unwrap()
-    }
-
-    pub fn regions(&self) -> Vec<ivshm_proto::control::RegionReport> {
-        match self.control(&ControlRequest::Regions) {
-            ControlResult::Regions { regions } => regions,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    pub fn stats(&self) -> ivshm_proto::control::StatsReport {
-        match self.control(&ControlRequest::Stats) {
-            ControlResult::Stats { stats } => stats,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    /// Polls the region list until `condition` holds (fails after the guard timeout).
-    pub fn wait_regions(
-        &self,
-        what: &str,
-        condition: impl Fn(&[ivshm_proto::control::RegionReport]) -> bool,
-    ) {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            if condition(&self.regions()) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
     }
 }
 
