@@ -244,13 +244,21 @@ impl GuestBuilder {
         self.machine
     }
 
-    /// The kernel command line: the serial console, quiet, no reboot on panic, what the machine
-    /// needs and the added arguments.
+    /// The kernel command line: the serial console, quiet, no reboot on panic, no IO-APIC
+    /// timer check (under TCG on a loaded host the check can fail and panic the boot: "timer
+    /// doesn't work through Interrupt-remapped IO-APIC"), what the machine needs and the added
+    /// arguments.
     pub fn kernel_command_line(&self) -> String {
-        let mut kernel_args = vec!["console=ttyS0", "panic=-1", "quiet", "loglevel=1"]
-            .into_iter()
-            .map(String::from)
-            .collect::<Vec<_>>();
+        let mut kernel_args = vec![
+            "console=ttyS0",
+            "panic=-1",
+            "quiet",
+            "loglevel=1",
+            "no_timer_check",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
         if self.machine == Machine::Q35Iommu {
             kernel_args.push("intel_iommu=on".into());
         }
