@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use ivshm_mem::Mapping;
-use kvm_bindings::kvm_userspace_memory_region;
+
 use kvm_ioctls::VmFd;
 
 use crate::guest::{PCI_CONFIG_ADDRESS, PCI_CONFIG_DATA};
-use ivshm_vmm::ivshmem::kvm::{KvmIoeventRegistry, KvmWiringError};
+use ivshm_vmm::ivshmem::kvm::{set_memory_slot, KvmIoeventRegistry, KvmWiringError};
 use ivshm_vmm::pci::{BarKind, BarRelocation, PciBar, PciDevice};
 
 /// A device shared between the vCPU thread and the test.
@@ -41,15 +41,7 @@ pub type SharedMmioHandler = Arc<Mutex<dyn MmioHandler>>;
 /// Errors from the platform.
 #[derive(Debug, thiserror::Error)]
 pub enum PlatformError {
-    /// A KVM call failed.
-    #[error("KVM {op}: {source}")]
-    Kvm {
-        /// What was attempted.
-        op: &'static str,
-        /// The error.
-        source: kvm_ioctls::Error,
-    },
-    /// ioeventfd wiring failed.
+    /// KVM wiring (a memory slot, ioeventfds) failed.
     #[error(transparent)]
     Wiring(#[from] KvmWiringError),
     /// Too many devices for bus 0.
@@ -93,10 +85,6 @@ impl std::fmt::Debug for PciPlatform {
             .field("devices", &self.devices.len())
             .finish_non_exhaustive()
     }
-}
-
-fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PlatformError {
-    move |source| PlatformError::Kvm { op, source }
 }
 
 impl PciPlatform {
@@ -157,19 +145,11 @@ impl PciPlatform {
     }
 
     fn map_ram_bar(&self, rb: &mut RamBar, addr: u64, size: u64) -> Result<(), PlatformError> {
-        let region = kvm_userspace_memory_region {
-            slot: rb.slot,
-            flags: 0,
-            guest_phys_addr: addr,
-            memory_size: if addr == 0 { 0 } else { size },
-            userspace_addr: rb.mapping.view().as_ptr() as u64,
-        };
-        // SAFETY: the host range is a live MAP_SHARED mapping of at least `size` bytes
-        // (checked in add_device), kept alive by the Arc in `rb` while the platform exists;
-        // the platform is only dropped after the vCPU stopped (TestVm::drop), so no guest
-        // access reaches the range after it is unmapped.
-        unsafe { self.vm.set_user_memory_region(region) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        let size = if addr == 0 { 0 } else { size };
+        // SAFETY: the mapping is kept alive by the Arc in `rb` while the platform exists; the
+        // platform is only dropped after the vCPU stopped (TestVm::drop), so no guest access
+        // reaches the range after it is unmapped.
+        unsafe { set_memory_slot(&self.vm, rb.slot, addr, &rb.mapping, size) }?;
         rb.guest_addr = addr;
         Ok(())
     }

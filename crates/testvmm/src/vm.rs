@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ivshm_mem::{Mapping, SharedView};
-use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_segment, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -20,7 +20,7 @@ use crate::guest::{
     PROGRAM_BASE, STACK_TOP,
 };
 use crate::platform::{PciPlatform, PlatformError, SharedPciDevice};
-use ivshm_vmm::ivshmem::kvm::KvmGsiRouter;
+use ivshm_vmm::ivshmem::kvm::{set_memory_slot, KvmGsiRouter};
 
 /// Errors from the test VMM.
 #[derive(Debug, thiserror::Error)]
@@ -217,18 +217,11 @@ impl TestVm {
             source,
         })?;
         let ram = Mapping::map_fd(memfd.as_fd(), 0, ram_size)?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: ram_size as u64,
-            userspace_addr: ram.view().as_ptr() as u64,
-        };
-        // SAFETY: `ram` is a live shared mapping of `ram_size` bytes owned by the TestVm; its
-        // Drop stops the vCPU before `ram` (the last field) is unmapped, so no guest access
-        // reaches the range afterwards (KVM itself tolerates unmapped slot memory).
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        // SAFETY: `ram` is owned by the TestVm; its Drop stops the vCPU before `ram` (the last
+        // field) is unmapped, so no guest access reaches the range afterwards (KVM itself
+        // tolerates unmapped slot memory).
+        unsafe { set_memory_slot(&vm, 0, 0, &ram, ram_size as u64) }
+            .map_err(|e| VmmError::Platform(e.into()))?;
 
         let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let cpuid = kvm

@@ -23,11 +23,12 @@ use ivshm_vmm::adapters::{GuestShmMmio, PciBarMmio};
 use ivshm_vmm::guest_shm::{
     GuestShmDevice, GuestShmMode, KvmRegionWindows, LocalRegionRegistry, RegionWindowMapper,
 };
-use ivshm_vmm::ivshmem::kvm::{dup_eventfd, KvmGsiRouter, KvmIoeventRegistry, KvmIrqfdInterrupts};
+use ivshm_vmm::ivshmem::kvm::{
+    dup_eventfd, set_memory_slot, KvmGsiRouter, KvmIoeventRegistry, KvmIrqfdInterrupts,
+};
 use ivshm_vmm::ivshmem::link::ring_eventfd;
 use ivshm_vmm::ivshmem::{DoorbellLink, IvshmemDevice, LocalDoorbellBus, REG_IV_POSITION};
 use ivshm_vmm::pci::PciDevice;
-use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_device::bus::{MmioAddress, MmioRange};
 use vm_device::device_manager::{IoManager, MmioManager};
@@ -44,27 +45,6 @@ const GUEST_SHM_WINDOWS: std::ops::Range<u64> = 0xe000_0000..0xf000_0000;
 /// KVM memory slots: 0 is guest RAM in a real VMM.
 const BAR2_SLOT: u32 = 1;
 const FIRST_WINDOW_SLOT: u32 = 8;
-
-/// Maps host memory into the guest (BAR2 here; `KvmRegionWindows` maps `guest_shm` regions).
-fn set_slot(
-    vm: &VmFd,
-    slot: u32,
-    guest_addr: u64,
-    memory: &Mapping,
-    size: u64,
-) -> Result<(), Error> {
-    let region = kvm_userspace_memory_region {
-        slot,
-        flags: 0,
-        guest_phys_addr: guest_addr,
-        memory_size: size,
-        userspace_addr: memory.view().as_ptr() as u64,
-    };
-    // SAFETY: `memory` is a live shared mapping of at least `size` bytes, and every caller
-    // keeps it alive (an Arc) for as long as the slot exists.
-    unsafe { vm.set_user_memory_region(region) }?;
-    Ok(())
-}
 
 /// ivshmem-doorbell: returns the device (for the VMM's exit handlers) and the
 /// ioeventfd registry (re-sync it after BAR moves and peer changes).
@@ -90,7 +70,8 @@ fn wire_ivshmem(
     let mut ioevents = KvmIoeventRegistry::new(vm.clone());
     ioevents.sync(&dev.ioevents())?;
     // BAR2 is the shared memory itself.
-    set_slot(vm, BAR2_SLOT, BAR2, shm, size)?;
+    // SAFETY: `shm` is an Arc the caller keeps (in `main`) for as long as the VM exists.
+    unsafe { set_memory_slot(vm, BAR2_SLOT, BAR2, shm, size) }?;
     // BAR0 and BAR1 trap: the bus forwards them to the device.
     let dev = Arc::new(Mutex::new(dev));
     io.register_mmio(

@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use ivshm_mem::Mapping;
 use ivshm_proto::guest_shm::PAGE_SIZE;
-use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 
 use crate::guest_shm::RegionWindowMapper;
+use crate::ivshmem::kvm::set_memory_slot;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -63,18 +63,9 @@ impl KvmRegionWindows {
 
     /// Maps `size` bytes of `memory` at `addr` in `slot` (size 0 removes the slot).
     fn set_slot(&self, slot: u32, addr: u64, memory: &Mapping, size: u64) -> Result<(), String> {
-        let region = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: addr,
-            memory_size: size,
-            userspace_addr: memory.view().as_ptr() as u64,
-        };
-        // SAFETY: `memory` is a live shared mapping of at least `size` bytes (map_region checks
-        // it); the mapper keeps an Arc to it in `windows` for as long as the slot exists, and
-        // removes the slot (size 0) before it lets go of the Arc.
-        unsafe { self.vm.set_user_memory_region(region) }
-            .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION slot {slot}: {e}"))
+        // SAFETY: the mapper keeps an Arc to `memory` in `windows` for as long as the slot
+        // exists, and removes the slot (size 0) before it lets go of the Arc.
+        unsafe { set_memory_slot(&self.vm, slot, addr, memory, size) }.map_err(|e| e.to_string())
     }
 
     fn remove(&self, window: &Window) {
@@ -87,9 +78,6 @@ impl KvmRegionWindows {
 impl RegionWindowMapper for KvmRegionWindows {
     fn map_region(&mut self, memory: &Arc<Mapping>, pages: u32) -> Result<u64, String> {
         let data_len = u64::from(pages) * PAGE;
-        if usize::try_from(data_len).map_or(true, |len| len > memory.len()) {
-            return Err("region mapping shorter than its size".into());
-        }
         let control = self.next_addr;
         let end = control
             .checked_add(PAGE + data_len)

@@ -53,10 +53,51 @@ pub enum KvmWiringError {
     /// Unsupported ioevent width.
     #[error("ioevent length {0} not supported (KVM ioeventfds match 1, 2, 4 or 8 bytes)")]
     BadLength(u32),
+    /// A memory slot larger than the mapping behind it.
+    #[error("a KVM memory slot of {size} bytes over a mapping of {mapping} bytes")]
+    SlotTooLarge {
+        /// The slot's size.
+        size: u64,
+        /// The mapping's length.
+        mapping: usize,
+    },
 }
 
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmWiringError {
     move |source| KvmWiringError::Kvm { op, source }
+}
+
+/// Maps the first `size` bytes of `memory` into the guest at `guest_addr` as KVM memory slot
+/// `slot` (`KVM_SET_USER_MEMORY_REGION`); `size` 0 removes the slot. Guest RAM, a BAR backed by
+/// memory (ivshmem's BAR2) and `guest_shm` region windows are all mapped this way.
+///
+/// # Safety
+///
+/// From this call until the slot is removed (or the VM is destroyed) the guest reads and
+/// writes `memory`: the caller keeps the mapping alive that long (e.g. holds its `Arc`).
+pub unsafe fn set_memory_slot(
+    vm: &VmFd,
+    slot: u32,
+    guest_addr: u64,
+    memory: &ivshm_mem::Mapping,
+    size: u64,
+) -> Result<(), KvmWiringError> {
+    if usize::try_from(size).map_or(true, |len| len > memory.len()) {
+        return Err(KvmWiringError::SlotTooLarge {
+            size,
+            mapping: memory.len(),
+        });
+    }
+    let region = kvm_bindings::kvm_userspace_memory_region {
+        slot,
+        flags: 0,
+        guest_phys_addr: guest_addr,
+        memory_size: size,
+        userspace_addr: memory.view().as_ptr() as u64,
+    };
+    // SAFETY: the range is `size` bytes of a live mapping (checked above); the caller keeps it
+    // mapped while the slot exists (this function's contract).
+    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
 }
 
 /// Duplicates an eventfd descriptor into an owned [`EventFd`].
