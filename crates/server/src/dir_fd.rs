@@ -205,6 +205,26 @@ impl Dir {
         rustix::fs::renameat(&*self.fd, from, &*target.fd, to)
     }
 
+    /// Creates regular file `name` with `mode` (less the umask), open for writing; `Ok(None)`
+    /// if an entry of that name exists (`O_CREAT | O_EXCL | O_NOFOLLOW`: never an existing
+    /// file, nor what a link there points to).
+    pub(crate) fn create_new_file(
+        &self,
+        name: impl AsRef<Path>,
+        mode: u32,
+    ) -> Result<Option<OwnedFd>, Errno> {
+        match rustix::fs::openat(
+            &*self.fd,
+            name.as_ref(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(mode),
+        ) {
+            Ok(file) => Ok(Some(file)),
+            Err(Errno::EXIST) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Opens entry `name` with `O_PATH | O_NOFOLLOW`: a handle on that very file (or link),
     /// which no rename can redirect.
     pub(crate) fn open_entry(&self, name: impl AsRef<Path>) -> Result<OwnedFd, Errno> {

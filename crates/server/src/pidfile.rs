@@ -16,9 +16,9 @@ use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, Mode, OFlags, CWD};
-use rustix::io::Errno;
 use thiserror::Error;
+
+use crate::dir_fd::{identity, Dir, Identity};
 
 /// The pid file could not be written.
 #[derive(Debug, Error)]
@@ -34,14 +34,14 @@ pub struct PidFileError {
 #[derive(Debug)]
 pub struct PidFile {
     path: PathBuf,
-    /// The directory holding it (an `O_PATH` fd: names are looked up relative to it).
-    dir: OwnedFd,
+    /// The directory holding it.
+    dir: Dir,
     /// Its name in `dir`.
     name: OsString,
     /// The file we wrote, held open so that its inode number stays its own.
     _file: OwnedFd,
     /// Its device and inode.
-    identity: (u64, u64),
+    identity: Identity,
 }
 
 /// Temporary names tried before giving up (each is taken only if some other file has it).
@@ -66,13 +66,8 @@ impl PidFile {
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        let dir = rustix::fs::openat(
-            CWD,
-            dir_path,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| err(e.into()))?;
+        // The directory is the administrator's choice (its path may have links).
+        let dir = Dir::open(dir_path).map_err(|e| err(e.into()))?;
         let pid = std::process::id();
         let (file, identity) = write_replacing(&dir, name, pid).map_err(err)?;
         Ok(PidFile {
@@ -92,37 +87,28 @@ impl PidFile {
 
 /// Writes `pid` into a new file in `dir` and renames it to `name`; returns the file and its
 /// device and inode.
-fn write_replacing(
-    dir: &OwnedFd,
-    name: &OsStr,
-    pid: u32,
-) -> std::io::Result<(OwnedFd, (u64, u64))> {
+fn write_replacing(dir: &Dir, name: &OsStr, pid: u32) -> std::io::Result<(OwnedFd, Identity)> {
     let (file, temporary) = create_temporary(dir, pid)?;
     let written = (|| {
         let stat = rustix::fs::fstat(&file)?;
         let mut file = std::fs::File::from(file);
         writeln!(file, "{pid}")?;
-        rustix::fs::renameat(dir, &temporary, dir, name)?;
-        Ok((OwnedFd::from(file), (stat.st_dev, stat.st_ino)))
+        dir.move_over(&temporary, dir, Path::new(name))?;
+        Ok((OwnedFd::from(file), identity(&stat)))
     })();
     if written.is_err() {
-        let _ = rustix::fs::unlinkat(dir, &temporary, AtFlags::empty());
+        let _ = dir.unlink(&temporary);
     }
     written
 }
 
 /// A new, empty file of our own in `dir` (never an existing entry), and its name.
-fn create_temporary(dir: &OwnedFd, pid: u32) -> std::io::Result<(OwnedFd, OsString)> {
+fn create_temporary(dir: &Dir, pid: u32) -> std::io::Result<(OwnedFd, String)> {
     for n in 0..TEMPORARY_NAME_TRIES {
-        let temporary = OsString::from(format!(".ivshm-pid-{pid}-{n}.tmp"));
-        match rustix::fs::openat(
-            dir,
-            &temporary,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o644),
-        ) {
-            Ok(file) => return Ok((file, temporary)),
-            Err(Errno::EXIST) => continue,
+        let temporary = format!(".ivshm-pid-{pid}-{n}.tmp");
+        match dir.create_new_file(&temporary, 0o644) {
+            Ok(Some(file)) => return Ok((file, temporary)),
+            Ok(None) => continue,
             Err(e) => return Err(e.into()),
         }
     }
@@ -134,11 +120,7 @@ fn create_temporary(dir: &OwnedFd, pid: u32) -> std::io::Result<(OwnedFd, OsStri
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        let ours = rustix::fs::statat(&self.dir, &self.name, AtFlags::SYMLINK_NOFOLLOW)
-            .is_ok_and(|stat| (stat.st_dev, stat.st_ino) == self.identity);
-        if ours {
-            let _ = rustix::fs::unlinkat(&self.dir, &self.name, AtFlags::empty());
-        } else {
+        if !matches!(self.dir.unlink_if(&self.name, self.identity), Ok(true)) {
             tracing::warn!(path = %self.path.display(), "the pid file is no longer ours; leaving it");
         }
     }
