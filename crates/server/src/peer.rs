@@ -1,7 +1,7 @@
 //! One connected peer (its socket, id, eventfds and outgoing queue), and the table of every
 //! peer connection by serial with its place in the epoll set.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use rustix::io::Errno;
 use rustix::net::{recv, RecvFlags};
 
 use crate::event_loop::{Poller, Token};
+use crate::inflight::SendBuffers;
 use crate::queue::{Flushed, OutgoingQueue, QueueFull};
 use crate::regions::RegionId;
 
@@ -22,6 +23,12 @@ pub enum RemovalReason {
     SentData,
     /// Its outgoing queue overflowed: it stopped reading.
     StoppedReading(QueueFull),
+    /// The server ran out of fds in flight (`ETOOMANYREFS`) and this peer held the most
+    /// messages unread (each may carry an fd).
+    HeldFds {
+        /// Its unread messages.
+        unread: usize,
+    },
     /// Sending to it failed.
     SendFailed(Errno),
     /// Reading its socket failed.
@@ -34,10 +41,11 @@ pub enum RemovalReason {
 
 impl RemovalReason {
     /// The metric label of every reason, in [`index`](Self::index) order.
-    pub const LABELS: [&'static str; 7] = [
+    pub const LABELS: [&'static str; 8] = [
         "closed",
         "sent_data",
         "stopped_reading",
+        "held_fds",
         "send_failed",
         "read_failed",
         "poll_failed",
@@ -50,10 +58,11 @@ impl RemovalReason {
             RemovalReason::Closed => 0,
             RemovalReason::SentData => 1,
             RemovalReason::StoppedReading(_) => 2,
-            RemovalReason::SendFailed(_) => 3,
-            RemovalReason::ReadFailed(_) => 4,
-            RemovalReason::PollFailed(_) => 5,
-            RemovalReason::ServerStopping => 6,
+            RemovalReason::HeldFds { .. } => 3,
+            RemovalReason::SendFailed(_) => 4,
+            RemovalReason::ReadFailed(_) => 5,
+            RemovalReason::PollFailed(_) => 6,
+            RemovalReason::ServerStopping => 7,
         }
     }
 
@@ -71,6 +80,11 @@ impl fmt::Display for RemovalReason {
                 write!(f, "sent data (peers must not write to the server socket)")
             }
             RemovalReason::StoppedReading(full) => write!(f, "{full}"),
+            RemovalReason::HeldFds { unread } => write!(
+                f,
+                "it held {unread} messages (with their fds) unread when the server ran out of \
+                 fds in flight (ETOOMANYREFS)"
+            ),
             RemovalReason::SendFailed(e) => write!(f, "send failed: {e}"),
             RemovalReason::ReadFailed(e) => write!(f, "read failed: {e}"),
             RemovalReason::PollFailed(e) => write!(f, "could not watch its socket: {e}"),
@@ -88,6 +102,10 @@ pub(crate) struct Connections {
     poller: Arc<Poller>,
     owners: HashMap<u64, (RegionId, u16)>,
     next_serial: u64,
+    /// Send buffer sizes for peer sockets (the bound on what a peer can leave unread).
+    buffers: SendBuffers,
+    /// Connections whose last send was refused with `ETOOMANYREFS` (by serial).
+    starved: BTreeSet<u64>,
 }
 
 impl Connections {
@@ -96,7 +114,23 @@ impl Connections {
             poller,
             owners: HashMap::new(),
             next_serial: 0,
+            buffers: SendBuffers::calibrate(),
+            starved: BTreeSet::new(),
         }
+    }
+
+    /// The connections whose last send was refused for lack of fds in flight, with their
+    /// region and peer id.
+    pub(crate) fn starved(&self) -> Vec<(RegionId, u16)> {
+        self.starved
+            .iter()
+            .filter_map(|serial| self.owners.get(serial).copied())
+            .collect()
+    }
+
+    /// Whether some connection waits for fds in flight to be freed.
+    pub(crate) fn has_starved(&self) -> bool {
+        !self.starved.is_empty()
     }
 
     /// Makes `socket` peer `id` of `region` and watches it; returns the peer. Serials increase
@@ -110,6 +144,14 @@ impl Connections {
         queue: OutgoingQueue,
     ) -> Result<Peer, Errno> {
         let serial = self.next_serial;
+        // Gated: no fd until it has read its first messages (see `inflight`).
+        let gated = match self.buffers.start(socket.as_fd()) {
+            Ok(()) => self.buffers.gate_works(),
+            Err(errno) => {
+                tracing::warn!(%errno, "cannot size a peer socket's send buffer");
+                false
+            }
+        };
         self.poller.add(socket.as_fd(), Token::Peer(serial))?;
         self.next_serial += 1;
         self.owners.insert(serial, (region, id));
@@ -120,12 +162,14 @@ impl Connections {
             eventfds,
             queue,
             writable_interest: false,
+            gated,
         })
     }
 
     /// Forgets `peer` and stops watching its socket (closed when the peer is dropped).
     pub(crate) fn remove(&mut self, peer: &Peer) {
         self.owners.remove(&peer.serial);
+        self.starved.remove(&peer.serial);
         let _ = self.poller.remove(peer.socket.as_fd());
     }
 
@@ -146,6 +190,8 @@ pub(crate) struct Peer {
     pub(crate) eventfds: Vec<Arc<OwnedFd>>,
     pub(crate) queue: OutgoingQueue,
     writable_interest: bool,
+    /// It has not read its first messages yet: it gets no fds.
+    gated: bool,
 }
 
 impl Peer {
@@ -171,21 +217,47 @@ impl Peer {
         }
     }
 
+    /// How many messages it has not read yet (at most).
+    pub(crate) fn unread(&self, connections: &Connections) -> usize {
+        connections
+            .buffers
+            .unread_messages(self.socket.as_fd())
+            .unwrap_or(0)
+    }
+
+    /// Its socket became writable: if it was gated, it has read its first messages, so it may
+    /// be sent fds from now on (up to the cap of its send buffer).
+    pub(crate) fn on_writable(&mut self, connections: &Connections) {
+        if self.gated {
+            self.gated = false;
+            if let Err(errno) = connections.buffers.open(self.socket.as_fd()) {
+                tracing::warn!(%errno, "cannot size a peer socket's send buffer");
+            }
+        }
+    }
+
     /// Sends what the socket takes and arms or disarms writability interest accordingly.
+    /// A send refused with `ETOOMANYREFS` leaves the message queued and the connection marked
+    /// starved in `connections` (the loop frees fds and retries, see `Regions::relieve`).
     pub(crate) fn flush(
         &mut self,
-        connections: &Connections,
+        connections: &mut Connections,
         sent: &mut u64,
     ) -> Result<(), RemovalReason> {
         let state = self
             .queue
-            .flush(self.socket.as_fd(), sent)
+            .flush(self.socket.as_fd(), sent, !self.gated)
             .map_err(|e| match e {
                 // The peer has closed its end: a leave, not a fault.
                 Errno::PIPE | Errno::CONNRESET => RemovalReason::Closed,
                 e => RemovalReason::SendFailed(e),
             })?;
-        let want_writable = state == Flushed::WouldBlock;
+        if state == Flushed::TooManyRefs {
+            connections.starved.insert(self.serial);
+        } else {
+            connections.starved.remove(&self.serial);
+        }
+        let want_writable = matches!(state, Flushed::WouldBlock | Flushed::Gated);
         if want_writable != self.writable_interest {
             connections
                 .poller

@@ -36,6 +36,12 @@ pub enum Flushed {
     Empty,
     /// The socket is full; wait for it to become writable.
     WouldBlock,
+    /// The next message carries an fd and fds may not be sent yet (the peer has not read its
+    /// first messages); wait for the socket to become writable.
+    Gated,
+    /// The kernel refused the next message's fd (`ETOOMANYREFS`: the sending user has as many
+    /// fds in flight as its `RLIMIT_NOFILE`); the message stays queued.
+    TooManyRefs,
 }
 
 /// Outgoing messages of one peer.
@@ -91,15 +97,26 @@ impl OutgoingQueue {
         self.items.is_empty()
     }
 
-    /// Sends as much as the socket takes. `sent` is increased by the number of whole messages
-    /// that went out. A send error other than `EAGAIN` is returned (the peer must be dropped).
-    pub fn flush(&mut self, socket: BorrowedFd<'_>, sent: &mut u64) -> Result<Flushed, Errno> {
+    /// Sends as much as the socket takes; with `fds_allowed` false it stops before the first
+    /// message that carries an fd. `sent` is increased by the number of whole messages that
+    /// went out. A send error other than `EAGAIN` and `ETOOMANYREFS` is returned (the peer must
+    /// be dropped).
+    pub fn flush(
+        &mut self,
+        socket: BorrowedFd<'_>,
+        sent: &mut u64,
+        fds_allowed: bool,
+    ) -> Result<Flushed, Errno> {
         while let Some(front) = self.items.front() {
             let fd = front.fd.as_ref().map(|f| f.as_fd());
+            if fd.is_some() && !fds_allowed && self.offset == 0 {
+                return Ok(Flushed::Gated);
+            }
             match send_message(socket, &front.bytes, self.offset, fd) {
                 Ok(0) => return Err(Errno::PIPE),
                 Ok(n) => self.offset += n,
                 Err(Errno::AGAIN) => return Ok(Flushed::WouldBlock),
+                Err(Errno::TOOMANYREFS) => return Ok(Flushed::TooManyRefs),
                 Err(e) => return Err(e),
             }
             if self.offset >= MESSAGE_LEN {
@@ -153,7 +170,7 @@ mod tests {
         loop {
             q.push(n, Some(efd.clone())).unwrap();
             n += 1;
-            if q.flush(a.as_fd(), &mut sent).unwrap() == Flushed::WouldBlock {
+            if q.flush(a.as_fd(), &mut sent, true).unwrap() == Flushed::WouldBlock {
                 break;
             }
         }
@@ -169,7 +186,7 @@ mod tests {
                     expected += 1;
                 }
                 Received::WouldBlock => {
-                    q.flush(a.as_fd(), &mut sent).unwrap();
+                    q.flush(a.as_fd(), &mut sent, true).unwrap();
                 }
                 Received::Closed => panic!("closed"),
             }
@@ -185,6 +202,6 @@ mod tests {
         let mut q = OutgoingQueue::new(4);
         q.push(1, None).unwrap();
         let mut sent = 0;
-        q.flush(a.as_fd(), &mut sent).unwrap_err();
+        q.flush(a.as_fd(), &mut sent, true).unwrap_err();
     }
 }

@@ -401,6 +401,7 @@ impl Region {
             }
         }
         if writable {
+            peer.on_writable(ctx.connections);
             let mut sent = 0;
             let result = peer.flush(ctx.connections, &mut sent);
             self.count(ctx, |s| s.sent(sent));
@@ -420,6 +421,40 @@ impl Region {
             .into_iter()
             .map(|(_, id)| self.remove_all(vec![(id, RemovalReason::ServerStopping)], ctx))
             .sum()
+    }
+
+    /// How many messages each peer has not read yet (at most).
+    pub(crate) fn unread_by_peer<'a>(
+        &'a self,
+        connections: &'a Connections,
+    ) -> impl Iterator<Item = (u16, usize)> + 'a {
+        self.peers
+            .values()
+            .map(move |peer| (peer.id, peer.unread(connections)))
+    }
+
+    /// Drops peer `id` for `reason`, telling the others. Returns how many peers went.
+    pub(crate) fn drop_peer(
+        &mut self,
+        id: u16,
+        reason: RemovalReason,
+        ctx: &mut LoopContext<'_>,
+    ) -> usize {
+        self.remove_all(vec![(id, reason)], ctx)
+    }
+
+    /// Sends what peer `id` has queued (again). Returns how many peers were removed.
+    pub(crate) fn flush_peer(&mut self, id: u16, ctx: &mut LoopContext<'_>) -> usize {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return 0;
+        };
+        let mut sent = 0;
+        let result = peer.flush(ctx.connections, &mut sent);
+        self.count(ctx, |s| s.sent(sent));
+        match result {
+            Ok(()) => 0,
+            Err(reason) => self.remove_all(vec![(id, reason)], ctx),
+        }
     }
 
     /// Flushes every peer with something queued; failures are added to `failed`.

@@ -18,12 +18,13 @@ use thiserror::Error;
 use crate::config::{validate_named_region, ConfigError, RegionConfig};
 use crate::event_loop::Poller;
 use crate::ids::IdPolicy;
+use crate::inflight::MAX_UNREAD;
 use crate::limits::{fd_exhaustion_message, is_fd_exhaustion, ReserveFd};
 use crate::listener::Listener;
 use crate::listener_table::{ListenerTable, RegionSocket, SocketKey, VmSocket};
 use crate::named::{NamedRegionConfig, Origin};
 use crate::observer::Observer;
-use crate::peer::Connections;
+use crate::peer::{Connections, RemovalReason};
 use crate::region::{LoopContext, Region, RegionInfo, RegionSpec};
 use crate::stats::Stats;
 use crate::ServerError;
@@ -480,6 +481,41 @@ impl Regions {
             return 0;
         };
         region.on_peer_event(peer, readable, writable, &mut ctx.lend(total_peers))
+    }
+
+    /// Some sends were refused with `ETOOMANYREFS` (the server's user has as many fds in flight
+    /// as its open-file limit): drops the peer holding the most messages unread (at least
+    /// half of what a peer may hold: a peer that has stopped reading), then sends the refused
+    /// messages again. Those that are still refused wait for the next try (the loop retries
+    /// while some are waiting): the peers they are for are not at fault and stay. Returns how
+    /// many peers were removed.
+    pub(crate) fn relieve_fds_in_flight(&mut self, ctx: &mut EventContext<'_>) -> usize {
+        if !ctx.connections.has_starved() {
+            return 0;
+        }
+        let mut worst: Option<(usize, RegionId, u16)> = None;
+        for (&region, r) in &self.regions {
+            for (id, unread) in r.unread_by_peer(ctx.connections) {
+                if unread >= MAX_UNREAD / 2 && worst.is_none_or(|(most, _, _)| unread > most) {
+                    worst = Some((unread, region, id));
+                }
+            }
+        }
+        let total_peers = self.peer_count();
+        let mut removed = 0;
+        if let Some((unread, region, id)) = worst {
+            if let Some(r) = self.regions.get_mut(&region) {
+                let reason = RemovalReason::HeldFds { unread };
+                removed += r.drop_peer(id, reason, &mut ctx.lend(total_peers));
+            }
+        }
+        for (region, id) in ctx.connections.starved() {
+            let total_peers = self.peer_count();
+            if let Some(r) = self.regions.get_mut(&region) {
+                removed += r.flush_peer(id, &mut ctx.lend(total_peers));
+            }
+        }
+        removed
     }
 
     /// Fds were freed: regions that stopped accepting for lack of fds accept again.

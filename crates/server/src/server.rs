@@ -8,6 +8,7 @@
 use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ivshm_proto::factory::LineError;
 use rustix::event::epoll::{Event, EventFlags};
@@ -30,6 +31,10 @@ use crate::regions::{EventContext, RegionId, Regions};
 use crate::service_notify::ServiceNotifier;
 use crate::stats::Stats;
 use crate::ServerError;
+
+/// How often sends refused with `ETOOMANYREFS` are tried again (the peers they are for wait;
+/// each try first drops the peer holding the most unread fds).
+pub(crate) const FDS_IN_FLIGHT_RETRY: Duration = Duration::from_millis(100);
 
 /// What readiness of a control fd means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,18 +207,13 @@ impl Server {
     fn serve(&mut self, controls: &[Control<'_>]) -> Result<(), ServerError> {
         let mut events: Vec<Event> = Vec::with_capacity(256);
         loop {
-            // Metrics connections time out: wake up to close them even when nothing happens.
-            let timeout = self
-                .endpoints
-                .has_metrics_connections()
-                .then_some(std::time::Duration::from_secs(1));
             self.poller
-                .wait(&mut events, timeout)
+                .wait(&mut events, self.next_wakeup())
                 .map_err(ServerError::Epoll)?;
             self.endpoints.expire_metrics_connections();
-            // Peers went away in this batch (their fds are closed), and from which regions.
-            let mut freed_fds = false;
             let mut lost_peers: Vec<RegionId> = Vec::new();
+            let mut freed_fds = self.relieve_fds_in_flight();
+            // Peers went away in this batch (their fds are closed), and from which regions.
             let mut peers_or_listeners = false;
             for event in &events {
                 let flags = event.flags;
@@ -286,9 +286,12 @@ impl Server {
                     None => tracing::debug!("event with an unknown token"),
                 }
             }
+            // Sends refused for lack of fds in flight in this batch: make room, try again.
+            freed_fds |= self.relieve_fds_in_flight();
             // Peers that went away freed fds: listeners paused for lack of fds resume, and
             // regions that should not outlive their peers go.
             if freed_fds {
+                lost_peers.extend(self.regions.iter().map(|(id, _)| id));
                 self.regions.resume_accepting();
                 for id in lost_peers {
                     self.regions.reap(id);
@@ -298,6 +301,35 @@ impl Server {
                 self.observer.get().wakeup_handled();
             }
         }
+    }
+
+    /// How long the loop may sleep: until a metrics connection may time out (1 s), until the
+    /// next retry of sends refused for lack of fds in flight ([`FDS_IN_FLIGHT_RETRY`]); no
+    /// limit when nothing waits.
+    fn next_wakeup(&self) -> Option<Duration> {
+        let metrics = self
+            .endpoints
+            .has_metrics_connections()
+            .then_some(Duration::from_secs(1));
+        let starved = self
+            .connections
+            .has_starved()
+            .then_some(FDS_IN_FLIGHT_RETRY);
+        metrics.into_iter().chain(starved).min()
+    }
+
+    /// Drops the worst holder of unread fds and retries refused sends, if any were refused.
+    /// Returns whether peers were removed.
+    fn relieve_fds_in_flight(&mut self) -> bool {
+        if !self.connections.has_starved() {
+            return false;
+        }
+        let mut ctx = EventContext {
+            stats: &self.stats,
+            connections: &mut self.connections,
+            observer: self.observer.get(),
+        };
+        self.regions.relieve_fds_in_flight(&mut ctx) > 0
     }
 
     /// Opens the HTTP metrics listener on `address` (`GET /metrics`, see [`crate::metrics`]),
