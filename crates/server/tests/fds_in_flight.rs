@@ -12,10 +12,11 @@ mod common;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use common::{ring, take, wait_readable, RawPeer};
 use ivshm_proto::Received;
 use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
+use ivshm_test_support::fds::{ring, take, wait_readable};
 use ivshm_test_support::users::{can_switch_users, run_as, NOBODY_UID, NOGROUP_GID};
+use ivshm_test_support::v0::RawPeer;
 use rustix::process::{setrlimit, Resource, Rlimit};
 
 const VECTORS: usize = 4;
