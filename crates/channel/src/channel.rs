@@ -343,9 +343,10 @@ impl Sender {
             });
         }
         end.peer_alive()?;
-        let deadline = Deadline::after(timeout);
+        // The clock is read only once we have to wait (not on the fast path).
+        let mut deadline = None;
         let budget = end.spin.budget();
-        let (mut started, mut turns) = (None, 0);
+        let (mut started, mut turns, mut looks) = (None, 0, 0u32);
         loop {
             match self.ring.try_send(end.shm(), msg) {
                 Ok(Some(notify)) => {
@@ -357,23 +358,38 @@ impl Sender {
                 Ok(None) => {}
                 Err(c) => return Err(end.fail(c)),
             }
-            end.peer_alive()?;
             let len = msg.len() as u32;
-            if timeout == Some(Duration::ZERO) {
-                if self
-                    .ring
-                    .arm_space(end.shm(), len)
-                    .map_err(|c| end.fail(c))?
-                {
-                    continue;
+            // These checks cost loads and a clock read: while spinning, every 16th look only.
+            looks = looks.wrapping_add(1);
+            let full = looks % 16 == 1;
+            if full {
+                end.peer_alive()?;
+                if timeout == Some(Duration::ZERO) {
+                    if self
+                        .ring
+                        .arm_space(end.shm(), len)
+                        .map_err(|c| end.fail(c))?
+                    {
+                        continue;
+                    }
+                    return Err(ChannelError::WouldBlock);
                 }
-                return Err(ChannelError::WouldBlock);
-            }
-            if deadline.expired() {
-                return Err(ChannelError::Timeout);
+                if deadline
+                    .get_or_insert_with(|| Deadline::after(timeout))
+                    .expired()
+                {
+                    return Err(ChannelError::Timeout);
+                }
             }
             if keep_spinning(budget, &mut started, &mut turns) {
                 continue;
+            }
+            let deadline = *deadline.get_or_insert_with(|| Deadline::after(timeout));
+            if !full {
+                end.peer_alive()?;
+                if deadline.expired() {
+                    return Err(ChannelError::Timeout);
+                }
             }
             end.check_own()?;
             let ring = &mut self.ring;
@@ -466,34 +482,62 @@ impl Receiver {
         Ok(())
     }
 
+    /// When the peer closed or left: the last record it published, or the error.
+    fn closed_or_gone(&self) -> Result<Option<Result<Record, ChannelError>>, ChannelError> {
+        let end = &*self.end;
+        match end.peer_alive() {
+            Ok(()) => Ok(None),
+            // The peer publishes before it closes: look once more after seeing it closed.
+            Err(e) => Ok(Some(
+                match self.ring.peek(end.shm()).map_err(|c| end.fail(c))? {
+                    Some(r) => Ok(r),
+                    None => Err(e),
+                },
+            )),
+        }
+    }
+
     fn next_record(&mut self, timeout: Option<Duration>) -> Result<Record, ChannelError> {
         let end = &*self.end;
         end.check_failed()?;
-        let deadline = Deadline::after(timeout);
+        let mut deadline = None;
         let budget = end.spin.budget();
-        let (mut started, mut turns) = (None, 0);
+        let (mut started, mut turns, mut looks) = (None, 0, 0u32);
         loop {
             if let Some(r) = self.ring.peek(end.shm()).map_err(|c| end.fail(c))? {
                 return Ok(r);
             }
-            if let Err(e) = end.peer_alive() {
-                // The peer publishes before it closes: look once more after seeing it closed.
-                return match self.ring.peek(end.shm()).map_err(|c| end.fail(c))? {
-                    Some(r) => Ok(r),
-                    None => Err(e),
-                };
-            }
-            if timeout == Some(Duration::ZERO) {
-                if self.ring.arm_data(end.shm()).map_err(|c| end.fail(c))? {
-                    continue;
+            // These checks cost loads and a clock read: while spinning, every 16th look only.
+            looks = looks.wrapping_add(1);
+            let full = looks % 16 == 1;
+            if full {
+                if let Some(r) = self.closed_or_gone()? {
+                    return r;
                 }
-                return Err(ChannelError::WouldBlock);
-            }
-            if deadline.expired() {
-                return Err(ChannelError::Timeout);
+                if timeout == Some(Duration::ZERO) {
+                    if self.ring.arm_data(end.shm()).map_err(|c| end.fail(c))? {
+                        continue;
+                    }
+                    return Err(ChannelError::WouldBlock);
+                }
+                if deadline
+                    .get_or_insert_with(|| Deadline::after(timeout))
+                    .expired()
+                {
+                    return Err(ChannelError::Timeout);
+                }
             }
             if keep_spinning(budget, &mut started, &mut turns) {
                 continue;
+            }
+            let deadline = *deadline.get_or_insert_with(|| Deadline::after(timeout));
+            if !full {
+                if let Some(r) = self.closed_or_gone()? {
+                    return r;
+                }
+                if deadline.expired() {
+                    return Err(ChannelError::Timeout);
+                }
             }
             end.check_own()?;
             let ring = &self.ring;

@@ -55,6 +55,7 @@
 //! - `connection`: connecting and the handshake with a deadline, reading the socket,
 //! - `peer`: [`Peer`], which ties them together.
 
+pub mod channel_doorbell;
 pub mod doorbell;
 pub mod error;
 pub mod events;
@@ -67,6 +68,7 @@ mod options;
 mod peer;
 mod wait_set;
 
+pub use channel_doorbell::PeerDoorbell;
 pub use connection::connect_socket;
 pub use error::ClientError;
 pub use events::{Event, PeerEvent};

@@ -3,6 +3,7 @@
 //! - `doorbell`: two host peers (two threads) on an in-process `ivshm-server` ping-pong a
 //!   doorbell through `ivshm-client` (`Peer::notify` + `Peer::wait`), next to a raw eventfd
 //!   ping-pong between two threads, measured in alternating blocks of the same run.
+//! - `channel`: `ivshm-channel` against its floors (see `bench_channel`).
 //! - `join`: N peers (4 vectors each) join an in-process server one after the other; reports
 //!   the total, the time per join and how the per-join time grows with N.
 //! - the doorbell-versus-polling ping-pong of `ivshm guest bench` ([`run_pingpong`]), in a
@@ -32,6 +33,8 @@ pub enum BenchCommand {
     Doorbell(DoorbellArgs),
     /// Time N peers joining an in-process server, for several N.
     Join(JoinArgs),
+    /// ivshm-channel round trips and throughput versus the hardware's and kernel's floors.
+    Channel(super::bench_channel::ChannelArgs),
 }
 
 /// Most round trips per variant of `bench doorbell`, measured or warm-up (each measured one
@@ -109,6 +112,10 @@ pub fn run(c: BenchCommand) -> anyhow::Result<()> {
             let report = join(&a)?;
             print_lines(&report.lines())
         }
+        BenchCommand::Channel(a) => {
+            let report = super::bench_channel::channel(&a)?;
+            print_lines(&report.lines())
+        }
     }
 }
 
@@ -163,7 +170,7 @@ pub struct Summary {
     pub p99: Duration,
 }
 
-fn summarize(samples: &mut [Duration]) -> Summary {
+pub(crate) fn summarize(samples: &mut [Duration]) -> Summary {
     samples.sort_unstable();
     let at = |q: f64| -> Duration {
         if samples.is_empty() {
@@ -192,11 +199,11 @@ pub struct DoorbellReport {
     pub pinned: Option<(usize, usize)>,
 }
 
-fn micros(d: Duration) -> String {
+pub(crate) fn micros(d: Duration) -> String {
     format!("{:.2} µs", d.as_secs_f64() * 1e6)
 }
 
-fn ratio(a: Duration, b: Duration) -> String {
+pub(crate) fn ratio(a: Duration, b: Duration) -> String {
     if b.is_zero() {
         return "n/a".into();
     }
@@ -237,7 +244,7 @@ impl DoorbellReport {
 
 /// The CPUs for the pinging and the ponging threads: the first one (twice) or the first two
 /// this thread may run on; `None` for `free`, or `split` with a single CPU.
-fn placement_cpus(placement: Placement) -> Option<(usize, usize)> {
+pub(crate) fn placement_cpus(placement: Placement) -> Option<(usize, usize)> {
     let allowed = sched_getaffinity(None).ok()?;
     let mut cpus = (0..CpuSet::MAX_CPU).filter(|&cpu| allowed.is_set(cpu));
     match placement {
@@ -249,7 +256,7 @@ fn placement_cpus(placement: Placement) -> Option<(usize, usize)> {
 
 /// Pins the calling thread to `cpu`. Best effort: without it the figures only vary more, as
 /// the scheduler moves the threads of one variant differently from the other's.
-fn pin_to(cpu: usize) {
+pub(crate) fn pin_to(cpu: usize) {
     let mut set = CpuSet::new();
     set.set(cpu);
     if let Err(e) = sched_setaffinity(None, &set) {
@@ -271,7 +278,7 @@ fn next_doorbell(peer: &mut Peer) -> anyhow::Result<usize> {
     }
 }
 
-fn read_eventfd(fd: &OwnedFd) -> anyhow::Result<()> {
+pub(crate) fn read_eventfd(fd: &OwnedFd) -> anyhow::Result<()> {
     let mut buf = [0u8; 8];
     loop {
         match rustix::io::read(fd, &mut buf) {
@@ -282,7 +289,7 @@ fn read_eventfd(fd: &OwnedFd) -> anyhow::Result<()> {
     }
 }
 
-fn write_eventfd(fd: &OwnedFd) -> anyhow::Result<()> {
+pub(crate) fn write_eventfd(fd: &OwnedFd) -> anyhow::Result<()> {
     ivshm_client::doorbell::ring(fd.as_fd()).context("eventfd write")
 }
 

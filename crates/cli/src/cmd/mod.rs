@@ -1,6 +1,7 @@
 //! One module per group of subcommands.
 
 pub mod bench;
+pub mod bench_channel;
 pub mod control;
 pub mod doctor;
 pub mod generate;

@@ -1,0 +1,210 @@
+//! `ivshm-channel` against arbitrary region contents.
+//!
+//! The first byte chooses the mode:
+//! - even: the rest of the input is the whole region (up to 16 KiB, zero-padded): opening it
+//!   must either refuse it or validate it, and then listing, opening a channel, sending and
+//!   receiving on it must not panic or touch memory outside the region;
+//! - odd: a formatted region with two connected channels; the rest is a list of operations:
+//!   write bytes at an offset of the region (a hostile peer), send, receive, read through the
+//!   message guard, close and reopen, mark a peer as gone. Every call must return (no waiting:
+//!   timeouts are zero) and never panic; the second channel, never written by the input, must
+//!   deliver every message intact.
+
+#![no_main]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ivshm_channel::{
+    Channel, ChannelError, ChannelOptions, Doorbell, DoorbellError, FormatOptions, Region,
+    RegionMemory, Spin,
+};
+use ivshm_mem::SharedView;
+use libfuzzer_sys::fuzz_target;
+
+const SIZE: usize = 16 << 10;
+const ZERO: Option<Duration> = Some(Duration::ZERO);
+
+/// Heap memory standing in for a shared region.
+struct Heap {
+    ptr: *mut u8,
+    words: Box<[u64]>,
+}
+
+// SAFETY: only accessed through SharedView (atomics and raw copies).
+unsafe impl Send for Heap {}
+// SAFETY: as above.
+unsafe impl Sync for Heap {}
+
+impl Heap {
+    fn new(bytes: &[u8]) -> Heap {
+        let mut words = vec![0u64; SIZE / 8].into_boxed_slice();
+        for (i, b) in bytes.iter().take(SIZE).enumerate() {
+            words[i / 8] |= u64::from(*b) << (8 * (i % 8));
+        }
+        let ptr = words.as_mut_ptr().cast::<u8>();
+        Heap { ptr, words }
+    }
+}
+
+// SAFETY: the boxed slice never moves or shrinks while `Heap` lives; it is 8-byte aligned and,
+// being allocated with the global allocator for u64 of 16 KiB, in practice 16-aligned; the
+// region checks 64-byte alignment and refuses otherwise (then the input is skipped).
+unsafe impl RegionMemory for Heap {
+    fn view(&self) -> SharedView<'_> {
+        let _ = &self.words;
+        // SAFETY: `ptr` points at SIZE bytes owned by `self.words` for as long as `self` lives.
+        unsafe { SharedView::from_raw_parts(self.ptr, SIZE) }
+    }
+}
+
+#[derive(Debug)]
+struct NoBell(u16);
+
+impl Doorbell for NoBell {
+    fn own_id(&self) -> u16 {
+        self.0
+    }
+    fn vectors(&self) -> u16 {
+        1
+    }
+    fn ring(&self, _: u16, _: u16) -> Result<(), DoorbellError> {
+        Ok(())
+    }
+    fn wait(&self, _: u16, _: Option<Duration>) -> Result<bool, DoorbellError> {
+        Ok(false)
+    }
+    fn take(&self, _: u16) -> Result<bool, DoorbellError> {
+        Ok(false)
+    }
+    fn fd(&self, _: u16) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+}
+
+fn opts() -> ChannelOptions {
+    ChannelOptions {
+        spin: Spin::Never,
+        lock_timeout: Duration::ZERO,
+        ..ChannelOptions::default()
+    }
+}
+
+fn exercise(ch: &mut Channel, i: usize) {
+    let mut buf = Vec::new();
+    let _ = ch.send(&vec![i as u8; 1 + i % 700], ZERO);
+    let _ = ch.recv(&mut buf, ZERO);
+    if let Ok(m) = ch.receiver().recv_message(ZERO) {
+        let mut part = [0u8; 16];
+        let _ = m.read_at(m.len().saturating_sub(8), &mut part[..8]);
+        let _ = m.to_vec();
+    }
+}
+
+fn raw_region(data: &[u8]) {
+    let heap = Heap::new(data);
+    let Ok(region) = Region::open(heap, Arc::new(NoBell(1))) else {
+        return;
+    };
+    let _ = region.channels();
+    let _ = region.peer_left(0);
+    if let Ok(mut ch) = region.channel("f", opts()) {
+        for i in 0..4 {
+            exercise(&mut ch, i);
+        }
+    }
+}
+
+fn operations(data: &[u8]) {
+    let heap = Heap::new(&[]);
+    let base = heap.ptr;
+    let fmt = FormatOptions {
+        channels: 4,
+        ring_size_max: 2048,
+    };
+    let Ok(a) = Region::open_or_format(heap, Arc::new(NoBell(0)), fmt) else {
+        return;
+    };
+    // A second handle (peer 1) on the same memory.
+    struct Alias(*mut u8);
+    // SAFETY: the memory is owned by `a`'s Heap, alive for this function.
+    unsafe impl Send for Alias {}
+    // SAFETY: as above.
+    unsafe impl Sync for Alias {}
+    // SAFETY: same address and length as the Heap, which outlives every use (dropped with `a`
+    // after `b`, both at the end of this function, `b` declared later so dropped first).
+    unsafe impl RegionMemory for Alias {
+        fn view(&self) -> SharedView<'_> {
+            // SAFETY: see the impl.
+            unsafe { SharedView::from_raw_parts(self.0, SIZE) }
+        }
+    }
+    let Ok(b) = Region::open(Alias(base), Arc::new(NoBell(1))) else {
+        return;
+    };
+    let (Ok(mut x), Ok(mut y)) = (a.channel("victim", opts()), b.channel("victim", opts())) else {
+        return;
+    };
+    let (Ok(mut p), Ok(mut q)) = (a.channel("bystander", opts()), b.channel("bystander", opts()))
+    else {
+        return;
+    };
+    let view = Alias(base);
+    let geo = a.geometry();
+    // Offsets the input may write: the header, entry 0 and entry 0's rings (the bystander is
+    // entry 1, untouched).
+    let entry0 = geo.entry_offset(0) as usize;
+    let rings0 = geo.ring_offset(0, false) as usize;
+    let rings_len = 2 * geo.ring_stride() as usize;
+    let mut buf = Vec::new();
+    let mut seq = 0u32;
+    for (i, chunk) in data.chunks(6).enumerate() {
+        let [op, a1, a2, rest @ ..] = chunk else { break };
+        let arg = usize::from(*a1) | (usize::from(*a2) << 8);
+        match op % 8 {
+            0 | 1 => {
+                let off = if op % 2 == 0 {
+                    entry0 + arg % 128
+                } else {
+                    rings0 + arg % rings_len
+                };
+                let n = rest.len().min(SIZE - off);
+                let _ = view.view().write(off, &rest[..n]);
+            }
+            2 => {
+                let _ = x.send(&vec![*a1; 1 + arg % 2048], ZERO);
+            }
+            3 => match y.recv(&mut buf, ZERO) {
+                Ok(n) => assert_eq!(n, buf.len()),
+                Err(ChannelError::ChannelCorrupt { .. } | ChannelError::WouldBlock) => {}
+                Err(_) => {}
+            },
+            4 => exercise(&mut y, arg),
+            5 => exercise(&mut x, arg),
+            6 => {
+                let _ = a.peer_left(u16::from(*a1 % 3));
+            }
+            _ => {
+                let _ = b.channels();
+            }
+        }
+        // The bystander channel works throughout.
+        let m = seq.to_le_bytes().repeat(1 + i % 50);
+        if p.send(&m, ZERO).is_ok() {
+            q.recv(&mut buf, ZERO).expect("bystander message lost");
+            assert_eq!(buf, m, "bystander message damaged");
+        }
+        seq += 1;
+    }
+    drop((x, y, p, q));
+    drop(b);
+    drop(a);
+}
+
+fuzz_target!(|data: &[u8]| {
+    match data.split_first() {
+        Some((mode, rest)) if mode % 2 == 0 => raw_region(rest),
+        Some((_, rest)) => operations(rest),
+        None => {}
+    }
+});
