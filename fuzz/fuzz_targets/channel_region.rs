@@ -163,12 +163,13 @@ fn operations(data: &[u8]) {
         let arg = usize::from(*a1) | (usize::from(*a2) << 8);
         match op % 8 {
             0 | 1 => {
-                let off = if op % 2 == 0 {
-                    entry0 + arg % 128
+                // Inside entry 0 or its rings only, never spilling into the bystander's.
+                let (off, end) = if op % 2 == 0 {
+                    (entry0 + arg % 128, entry0 + 128)
                 } else {
-                    rings0 + arg % rings_len
+                    (rings0 + arg % rings_len, rings0 + rings_len)
                 };
-                let n = rest.len().min(SIZE - off);
+                let n = rest.len().min(end - off);
                 let _ = view.view().write(off, &rest[..n]);
             }
             2 => {

@@ -168,9 +168,11 @@ impl Producer {
         if next.wrapping_sub(self.cached_tail) < self.geo.size {
             shm.store(self.geo.at(next, REC_SEQ), 0, Ordering::Relaxed)?;
         }
-        shm.store(self.geo.at(old, REC_LEN), len, Ordering::Relaxed)?;
+        // Payload first, then the header words back to back: the consumer polls the header
+        // line, and two separate writes to it would each have to take the line back.
         self.geo
             .copy_in(shm, old.wrapping_add(payload_offset(len)), msg)?;
+        shm.store(self.geo.at(old, REC_LEN), len, Ordering::Relaxed)?;
         // Publish: everything above happens-before a consumer's acquire load of `seq`.
         shm.store(self.geo.at(old, REC_SEQ), seq_of(old), Ordering::Release)?;
         self.pos = next;

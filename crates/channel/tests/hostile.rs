@@ -28,8 +28,11 @@ proptest! {
         let mut buf = Vec::new();
         let mut steps = schedule.iter().cycle();
         while received < sizes.len() {
-            let send = *steps.next().unwrap_or(&true);
-            if send && sent < sizes.len() {
+            // The schedule decides, except that nothing in flight means send (no endless
+            // receiving from an empty ring) and nothing left means receive.
+            let step = *steps.next().unwrap_or(&true);
+            let send = sent < sizes.len() && (step || sent == received);
+            if send {
                 match x.sender().try_send(&message(sent as u64, sizes[sent])) {
                     Ok(()) => sent += 1,
                     Err(ChannelError::WouldBlock) => prop_assert!(sent > received),
@@ -75,12 +78,13 @@ proptest! {
         for (i, op) in ops.into_iter().enumerate() {
             let endpoint = usize::from(op == 1 || op == 2);
             if let Some((at, bytes)) = writes.next() {
-                let off = if at % 8 == 0 {
-                    entry + (at as usize / 8) % 128
+                // Inside the victim's entry or rings only (never spilling into the bystander's).
+                let (off, end) = if at % 8 == 0 {
+                    (entry + (at as usize / 8) % 128, entry + 128)
                 } else {
-                    rings + at as usize % rings_len
+                    (rings + at as usize % rings_len, rings + rings_len)
                 };
-                let n = bytes.len().min(view.len() - off);
+                let n = bytes.len().min(end - off);
                 view.write(off, &bytes[..n]).unwrap();
             }
             let r = match op {

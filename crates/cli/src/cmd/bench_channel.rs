@@ -5,7 +5,8 @@
 //! - 64-byte round trips, busy-poll (`Spin::Forever`) vs two threads ping-ponging a flag on a
 //!   shared cache line (the floor for polling);
 //! - 64-byte round trips, blocking at once (`Spin::Never`) vs a raw eventfd ping-pong
-//!   (blocking `read(2)`/`write(2)`);
+//!   (blocking `read(2)`/`write(2)`); neither side has a timeout (with one, the channel's wait
+//!   is a `poll(2)` and a `read(2)`);
 //! - throughput with 64 KiB and 1 MiB messages (sender and receiver copy from and into
 //!   64-byte aligned private buffers) vs a single-thread `memcpy` of the same size;
 //! - the CPU time of a receiver blocked for 1 s on an empty channel (default spin budget).
@@ -248,6 +249,8 @@ where
     let bus = LocalBus::new(64 << 20, 2, 1)?;
     let (mut x, mut y) = channel_pair(&bus, "bench-rtt", spin)?;
     let msg = [0x5au8; 64];
+    // No timeout, as the raw eventfd ping-pong has none: a timed wait costs one poll(2) more.
+    let wait = None;
     let (mut chan, mut refs) = (Vec::new(), Vec::new());
     let per_block = a.rounds.div_ceil(BLOCKS).max(BATCH);
     // Warm-up of both, unmeasured.
@@ -267,13 +270,13 @@ where
                 per_block,
                 c,
                 || {
-                    x.send(&msg, LONG)?;
-                    x.receiver().recv_into(&mut buf_x, LONG)?;
+                    x.send(&msg, wait)?;
+                    x.receiver().recv_into(&mut buf_x, wait)?;
                     Ok(())
                 },
                 || {
-                    y.receiver().recv_into(&mut buf_y, LONG)?;
-                    y.send(&buf_y, LONG)?;
+                    y.receiver().recv_into(&mut buf_y, wait)?;
+                    y.send(&buf_y, wait)?;
                     Ok(())
                 },
             )?;
@@ -441,11 +444,11 @@ pub fn channel(a: &ChannelArgs) -> anyhow::Result<ChannelReport> {
         reference_name: "raw eventfd ping-pong".into(),
     });
 
-    // Throughput: busy-polling ends on two CPUs; on one CPU, block at once.
+    // Throughput: the default spin budget on two CPUs; on one CPU, block at once.
     let spin = if skipped.is_some() {
         Spin::Never
     } else {
-        Spin::Forever
+        Spin::default()
     };
     let bus = LocalBus::new(64 << 20, 2, 1)?;
     let (mut x, mut y) = channel_pair(&bus, "bench-throughput", spin)?;
