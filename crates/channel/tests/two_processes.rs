@@ -5,8 +5,6 @@
 //! The child is this test binary again, running only `child_side` with `IVSHM_LOCAL_BUS` set
 //! (`LocalBus::pass_to`); in a normal run `child_side` finds no bus and returns at once.
 
-mod common;
-
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +27,7 @@ fn message(direction: u64, seq: u64) -> Vec<u8> {
     };
     let bits = next() % 17;
     let len = 1 + (next() % (1u64 << bits)) as usize;
-    let mut m = common::message(seq ^ (direction << 40), len);
+    let mut m: Vec<u8> = (0..len).map(|_| next() as u8).collect();
     if len >= 12 {
         m[..8].copy_from_slice(&seq.to_le_bytes());
         let sum = checksum(&m[..len - 4]);

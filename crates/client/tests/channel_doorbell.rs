@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::socket_path;
+use common::{socket_path, TEN_S};
 use ivshm_channel::{
     conformance, ChannelError, ChannelOptions, Doorbell, FormatOptions, Region, Spin,
 };
@@ -108,7 +108,7 @@ fn channels_between_host_peers_conform_and_see_a_leave() {
     }
     let mut buf = Vec::new();
     assert!(matches!(
-        x.recv(&mut buf, Some(Duration::from_secs(10))),
+        x.recv(&mut buf, TEN_S),
         Err(ChannelError::PeerGone { peer }) if peer == b_id
     ));
 }
