@@ -24,28 +24,48 @@ use ivshm_channel::local::LocalBus;
 use ivshm_channel::{Channel, ChannelError, ChannelOptions, FormatOptions, Region, Spin};
 use rustix::event::{eventfd, EventfdFlags};
 
+use clap::builder::RangedU64ValueParser;
+
 use super::bench::{
     micros, pin_to, placement_cpus, ratio, read_eventfd, summarize, write_eventfd, Placement,
-    Summary,
+    Summary, MAX_ROUNDS,
 };
 
 /// `ivshm bench channel`.
 #[derive(Args, Debug, Clone)]
 pub struct ChannelArgs {
-    /// Measured round trips per variant.
-    #[arg(long, default_value_t = 20_000)]
+    /// Measured round trips per variant (1 to 1000000).
+    #[arg(
+        long,
+        default_value_t = 20_000,
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_ROUNDS)
+    )]
     pub rounds: usize,
-    /// Bytes moved per throughput measurement block.
-    #[arg(long, default_value_t = 1 << 30)]
+    /// Bytes moved per throughput measurement block (1 MiB to 64 GiB).
+    #[arg(
+        long,
+        default_value_t = 1 << 30,
+        value_parser = RangedU64ValueParser::<u64>::new().range((1 << 20)..=(64 << 30))
+    )]
     pub bytes: u64,
     /// Where the two threads of every variant run: `split` (two CPUs, default: busy-polling
     /// needs a CPU per side), `same` (one CPU: busy-poll round trips are skipped, they would
     /// measure the scheduler's time slice), `free`.
     #[arg(long, value_enum, default_value_t = Placement::Split)]
     pub placement: Placement,
-    /// Seconds the idle receiver is watched.
-    #[arg(long, default_value_t = 1.0)]
+    /// Seconds the idle receiver is watched (0.01 to 3600).
+    #[arg(long, default_value_t = 1.0, value_parser = idle_seconds)]
     pub idle_seconds: f64,
+}
+
+/// Parses `--idle-seconds`: a finite number of seconds from 0.01 to 3600.
+fn idle_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.01..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds from 0.01 to 3600"
+        )),
+    }
 }
 
 /// Round trips per timed sample (the clock costs ~20 ns, as much as a tenth of a round trip).
@@ -471,7 +491,11 @@ pub fn channel(a: &ChannelArgs) -> anyhow::Result<ChannelReport> {
 
     // The idle receiver.
     let (x, mut y) = channel_pair(&bus, "bench-idle", Spin::default())?;
-    let watch = Duration::from_secs_f64(a.idle_seconds.clamp(0.01, 3600.0));
+    // In range when parsed from the command line; anything else (NaN included) is 1 s.
+    let watch = Duration::try_from_secs_f64(a.idle_seconds)
+        .ok()
+        .filter(|w| *w <= Duration::from_secs(3600))
+        .unwrap_or(Duration::from_secs(1));
     let idle = std::thread::scope(|s| {
         s.spawn(|| -> anyhow::Result<(Duration, Duration)> {
             if let Some((_, cpu)) = cpus {
@@ -506,6 +530,14 @@ pub fn channel(a: &ChannelArgs) -> anyhow::Result<ChannelReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_idle_seconds_are_refused() {
+        for bad in ["nan", "inf", "-1", "0", "1e9", "x"] {
+            assert!(idle_seconds(bad).is_err(), "{bad}");
+        }
+        assert_eq!(idle_seconds("0.5"), Ok(0.5));
+    }
 
     #[test]
     fn channel_bench_runs_every_variant() {
