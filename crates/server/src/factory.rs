@@ -9,7 +9,7 @@
 //! `GSS_UNKNOWN_FAILURE`.
 
 use ivshm_mem::BackendError;
-use ivshm_policy::GuestShmStatus;
+use ivshm_policy::{GuestShmStatus, RegionName};
 use ivshm_proto::factory::{
     decode_line, encode_line, FactoryRequest, FactoryResponse, LineError, RegionOffer,
 };
@@ -17,7 +17,7 @@ use rustix::io::Errno;
 
 use crate::named::{is_reserved_guest_name, NamedRegionConfig, Origin, FACTORY_SOCKET};
 use crate::named_regions::NamedRegions;
-use crate::regions::{CreateError, Regions};
+use crate::regions::{CreateError, RegionId, Regions};
 use crate::stats::Stats;
 
 /// The response line to one request line from `vm`'s factory socket.
@@ -100,30 +100,15 @@ fn decide(
                 format!("no region {host_name} (guest name {name})"),
             );
         }
-        None => {
-            let defaults = named.defaults();
-            if size > defaults.max_size {
-                return refusal(
-                    GuestShmStatus::NoMem,
-                    format!(
-                        "region {host_name}: {size} bytes is more than the {} bytes allowed",
-                        defaults.max_size
-                    ),
-                );
-            }
-            let config = NamedRegionConfig::with_defaults(host_name.clone(), size, defaults);
-            match named.create_region(regions, &config, Origin::Factory) {
-                Ok(id) => {
-                    for change in named.sync_sockets(regions) {
-                        tracing::info!("{change}");
-                    }
-                    id
+        None => match create_region(named, regions, &host_name, size) {
+            Ok(id) => {
+                for change in named.sync_sockets(regions) {
+                    tracing::info!("{change}");
                 }
-                Err(e) => {
-                    return refusal(create_status(&e), format!("region {host_name}: {e}"));
-                }
+                id
             }
-        }
+            Err(refused) => return refused,
+        },
     };
     let Some(socket) = regions.socket_in(id, vm).map(|p| p.display().to_string()) else {
         return refusal(
@@ -158,13 +143,50 @@ fn decide(
     FactoryResponse::new(status, message, Some(offer))
 }
 
+/// Makes region `host_name` for a factory `create` of `size` bytes (its sockets are added by
+/// the caller's socket sync). A region of that name that was removed but is kept for its
+/// connected peers is made to serve again instead: one name is one region, so peers that
+/// asked for it share memory.
+fn create_region(
+    named: &NamedRegions,
+    regions: &mut Regions,
+    host_name: &RegionName,
+    size: u64,
+) -> Result<RegionId, FactoryResponse> {
+    if let Some((id, peers)) = regions.revive_kept(host_name.as_str(), Origin::Factory) {
+        tracing::info!(
+            region = %host_name,
+            "factory: region {host_name}, kept for its {} connected peer(s) {peers:?}, serves \
+             again",
+            peers.len()
+        );
+        return Ok(id);
+    }
+    let defaults = named.defaults();
+    if size > defaults.max_size {
+        return Err(refusal(
+            GuestShmStatus::NoMem,
+            format!(
+                "region {host_name}: {size} bytes is more than the {} bytes allowed",
+                defaults.max_size
+            ),
+        ));
+    }
+    let config = NamedRegionConfig::with_defaults(host_name.clone(), size, defaults);
+    named
+        .create_region(regions, &config, Origin::Factory)
+        .map_err(|e| refusal(create_status(&e), format!("region {host_name}: {e}")))
+}
+
 /// The status for a region that could not be created: `GSS_NOMEM` beyond `max_regions` or
 /// when its memory cannot be had ([`memory_status`]), `GSS_UNKNOWN_FAILURE` otherwise.
 fn create_status(error: &CreateError) -> GuestShmStatus {
     match error {
         CreateError::Memory(source) => memory_status(source),
         CreateError::TooMany { .. } => GuestShmStatus::NoMem,
-        CreateError::Exists | CreateError::Config(_) => GuestShmStatus::UnknownFailure,
+        CreateError::Exists | CreateError::Kept { .. } | CreateError::Config(_) => {
+            GuestShmStatus::UnknownFailure
+        }
     }
 }
 

@@ -173,6 +173,14 @@ impl NamedRegions {
                 }
                 continue;
             }
+            if let Some((_, peers)) = regions.revive_kept(&name, Origin::Config) {
+                changes.push(format!(
+                    "region {name} configured again: the region kept for its {} connected \
+                     peer(s) {peers:?} serves again, with the same memory",
+                    peers.len()
+                ));
+                continue;
+            }
             match self.create_region(regions, &wanted, Origin::Config) {
                 Ok(_) => changes.push(format!("created region {name}")),
                 Err(e) => {

@@ -196,6 +196,13 @@ impl Region {
         self.detached = true;
     }
 
+    /// Undoes [`detach`](Self::detach): the region serves again (sockets are added for it),
+    /// now owned by `origin` (the configuration or the factory that asked for it again).
+    pub(crate) fn revive(&mut self, origin: Origin) {
+        self.detached = false;
+        self.origin = origin;
+    }
+
     /// Whether it should go now: it has no peers and is detached, or it was made at run time,
     /// is not to persist, and its last peer has left.
     pub(crate) fn is_done(&self) -> bool {

@@ -39,6 +39,18 @@ pub(crate) enum CreateError {
     /// A region of that name exists.
     #[error("a region of that name exists")]
     Exists,
+    /// A region of that name was removed and is kept for its connected peers: one name is
+    /// one region, so no second one is made beside it.
+    #[error(
+        "a region of that name was removed and stays until its {} connected peer(s) {peers:?} \
+         leave; create it again after that (a configuration or factory create of the name \
+         makes the kept region serve again, with the same memory)",
+        peers.len()
+    )]
+    Kept {
+        /// The peers keeping it.
+        peers: Vec<u16>,
+    },
     /// The server holds its limit of run-time regions.
     #[error(
         "the server holds its limit of {limit} run-time regions (max_regions); remove one or \
@@ -209,6 +221,12 @@ impl Regions {
         if self.find_named(config.name.as_str()).is_some() {
             return Err(CreateError::Exists);
         }
+        if let Some(id) = self.find_kept(config.name.as_str()) {
+            let peers = self.regions.get(&id).map(Region::peer_ids);
+            return Err(CreateError::Kept {
+                peers: peers.unwrap_or_default(),
+            });
+        }
         if origin.is_run_time() {
             let held = self
                 .regions
@@ -244,6 +262,30 @@ impl Regions {
             .iter()
             .find(|(_, r)| r.is_live_named() && r.name() == name)
             .map(|(&id, _)| id)
+    }
+
+    /// The named region called `name` that was removed (retired by a reload, or by a control
+    /// `remove`) and is kept for its connected peers.
+    pub(crate) fn find_kept(&self, name: &str) -> Option<RegionId> {
+        self.regions
+            .iter()
+            .find(|(_, r)| r.origin() != Origin::Standalone && r.is_detached() && r.name() == name)
+            .map(|(&id, _)| id)
+    }
+
+    /// Makes the kept region called `name` (see [`find_kept`](Self::find_kept)) serve again,
+    /// owned by `origin`, so that a name asked for again never gets a second region with other
+    /// memory beside the one its peers use. Returns it and its peers; its sockets are added by
+    /// the next socket sync.
+    pub(crate) fn revive_kept(
+        &mut self,
+        name: &str,
+        origin: Origin,
+    ) -> Option<(RegionId, Vec<u16>)> {
+        let id = self.find_kept(name)?;
+        let region = self.regions.get_mut(&id)?;
+        region.revive(origin);
+        Some((id, region.peer_ids()))
     }
 
     /// Region `id`.

@@ -1178,3 +1178,105 @@ impl Setup {
         }
     }
 }
+
+/// One name, one region: a configured region that a reload retired while peers kept it, and
+/// that a later reload configures again, is the region those peers still use (same memory,
+/// new peers meet them), never a second region of the same name. The same for a configured
+/// region removed over the control socket, and for a factory `create` of a kept region; a
+/// control `create` of it is refused, saying why.
+#[test]
+fn a_returning_configured_region_adopts_the_one_kept_for_its_peers() {
+    let with_mem = r#"
+[defaults]
+vectors = 1
+[vm.vm0]
+subst = ",guest0"
+create = [{ name = "mem", size = 4096 }]
+"#;
+    let without_mem = "[defaults]\nvectors = 1\n[vm.vm0]\nsubst = \",guest0\"\n";
+    let setup = Setup::new("adopt", with_mem);
+    let socket = setup.vm_dir("vm0").join("mem.sock");
+    let mut first = RawPeer::connect(&socket);
+    let first_joined = first.handshake(1, &[]);
+    let reload = |body: &str| {
+        setup.write_config(body);
+        match setup.control(&ControlRequest::Reload) {
+            ControlResult::Reloaded { changes } => changes,
+            other => panic!("{other:?}"),
+        }
+    };
+    let named = |name: &str| -> Vec<ivshm_proto::control::RegionReport> {
+        setup
+            .regions()
+            .into_iter()
+            .filter(|r| r.name == name)
+            .collect()
+    };
+
+    // Retired by a reload, kept for its peer.
+    let changes = reload(without_mem);
+    assert!(
+        changes.iter().any(|c| c.contains("it stays until")),
+        "{changes:?}"
+    );
+    assert!(!socket.exists());
+    // Configured again: the kept region comes back with its sockets.
+    let changes = reload(with_mem);
+    assert!(
+        !changes.iter().any(|c| c.contains("created region")),
+        "{changes:?}"
+    );
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.contains("region guest0mem") && c.contains("configured again")),
+        "{changes:?}"
+    );
+    let regions = named("guest0mem");
+    assert_eq!(regions.len(), 1, "{regions:?}");
+    assert!(!regions[0].detached, "{regions:?}");
+    assert_eq!(regions[0].origin, "config");
+    assert_eq!(regions[0].peers, [first_joined.id]);
+    let mut second = RawPeer::connect(&socket);
+    let second_joined = second.handshake(1, &[first_joined.id]);
+    assert_eq!(inode(&first_joined.shm), inode(&second_joined.shm));
+    first.expect_join(second_joined.id, 1);
+
+    // Removed over the control socket, then a reload: the same region again.
+    setup.control(&ControlRequest::Remove {
+        name: "guest0mem".into(),
+    });
+    assert!(!socket.exists());
+    reload(with_mem);
+    let regions = named("guest0mem");
+    assert_eq!(regions.len(), 1, "{regions:?}");
+    assert_eq!(regions[0].peers.len(), 2, "{regions:?}");
+    let mut third = RawPeer::connect(&socket);
+    let third_joined = third.handshake(1, &[first_joined.id, second_joined.id]);
+    assert_eq!(inode(&first_joined.shm), inode(&third_joined.shm));
+
+    // Retired again; a factory create of the name attaches to the kept region.
+    reload(without_mem);
+    let created = setup.create("vm0", "mem", 4096);
+    assert_eq!(status(&created), GuestShmStatus::Ok, "{created:?}");
+    assert_eq!(created.region.as_ref().unwrap().peers, 3);
+    let regions = named("guest0mem");
+    assert_eq!(regions.len(), 1, "{regions:?}");
+    assert_eq!(regions[0].origin, "factory");
+    let mut fourth = RawPeer::connect(&socket);
+    let fourth_joined = fourth.handshake(1, &[first_joined.id, second_joined.id, third_joined.id]);
+    assert_eq!(inode(&first_joined.shm), inode(&fourth_joined.shm));
+
+    // Removed, kept for its peers: a control create of the name is refused, saying why.
+    setup.control(&ControlRequest::Remove {
+        name: "guest0mem".into(),
+    });
+    let error = setup.control_error(&ControlRequest::Create(CreateRegion {
+        name: "guest0mem".into(),
+        size: 4096,
+        ..CreateRegion::default()
+    }));
+    assert!(error.contains("removed"), "{error}");
+    assert!(error.contains("4 connected peer(s)"), "{error}");
+    assert_eq!(named("guest0mem").len(), 1);
+}
