@@ -107,7 +107,7 @@ fn decide(
                 }
                 id
             }
-            Err(refused) => return refused,
+            Err(refused) => return *refused,
         },
     };
     let Some(socket) = regions.socket_in(id, vm).map(|p| p.display().to_string()) else {
@@ -152,7 +152,7 @@ fn create_region(
     regions: &mut Regions,
     host_name: &RegionName,
     size: u64,
-) -> Result<RegionId, FactoryResponse> {
+) -> Result<RegionId, Box<FactoryResponse>> {
     if let Some((id, peers)) = regions.revive_kept(host_name.as_str(), Origin::Factory) {
         tracing::info!(
             region = %host_name,
@@ -164,18 +164,23 @@ fn create_region(
     }
     let defaults = named.defaults();
     if size > defaults.max_size {
-        return Err(refusal(
+        return Err(Box::new(refusal(
             GuestShmStatus::NoMem,
             format!(
                 "region {host_name}: {size} bytes is more than the {} bytes allowed",
                 defaults.max_size
             ),
-        ));
+        )));
     }
     let config = NamedRegionConfig::with_defaults(host_name.clone(), size, defaults);
     named
         .create_region(regions, &config, Origin::Factory)
-        .map_err(|e| refusal(create_status(&e), format!("region {host_name}: {e}")))
+        .map_err(|e| {
+            Box::new(refusal(
+                create_status(&e),
+                format!("region {host_name}: {e}"),
+            ))
+        })
 }
 
 /// The status for a region that could not be created: `GSS_NOMEM` beyond `max_regions` or

@@ -109,17 +109,6 @@ impl Region {
     ) -> Result<Region, BackendError> {
         let memory = ivshm_mem::backend::create(&spec.backend, spec.size, spec.pow2)?;
         let shm_fd = Arc::new(memory.try_clone_fd()?);
-        tracing::info!(
-            region = %spec.name,
-            size = memory.size(),
-            vectors = spec.vectors,
-            peer_limit = spec.peer_limit,
-            origin = spec.origin.as_str(),
-            "serving {} of {} with {} vector(s) per peer",
-            format_size(memory.size()),
-            memory.description(),
-            spec.vectors
-        );
         Ok(Region {
             id,
             name: spec.name.clone(),
@@ -139,6 +128,22 @@ impl Region {
             had_peers: false,
             counters: Stats::default(),
         })
+    }
+
+    /// Logs what it serves (once it does: after its sockets are bound and, at start, once the
+    /// whole server is set up, so a start that fails never claims to serve).
+    pub(crate) fn log_serving(&self) {
+        tracing::info!(
+            region = %self.name,
+            size = self.memory.size(),
+            vectors = self.vectors,
+            peer_limit = self.peer_limit,
+            origin = self.origin.as_str(),
+            "serving {} of {} with {} vector(s) per peer",
+            format_size(self.memory.size()),
+            self.memory.description(),
+            self.vectors
+        );
     }
 
     /// Counts an event in the server's counters and in this region's.

@@ -162,6 +162,9 @@ pub(crate) struct Regions {
     listeners: ListenerTable,
     /// Notifications a peer may have waiting beyond its handshake.
     queue_limit: usize,
+    /// Whether the server has started: regions made from now on are logged as they are
+    /// made ([`Region::log_serving`]); those made during start-up, when it succeeds.
+    started: bool,
 }
 
 impl Regions {
@@ -172,6 +175,16 @@ impl Regions {
             next: 0,
             listeners: ListenerTable::new(poller),
             queue_limit,
+            started: false,
+        }
+    }
+
+    /// The server is set up: logs what every region serves, and every later region as it is
+    /// made.
+    pub(crate) fn started(&mut self) {
+        self.started = true;
+        for region in self.regions.values() {
+            region.log_serving();
         }
     }
 
@@ -252,6 +265,9 @@ impl Regions {
         };
         let id = self.next_id();
         let region = Region::new(id, &spec, self.queue_limit)?;
+        if self.started {
+            region.log_serving();
+        }
         self.regions.insert(id, region);
         Ok(id)
     }

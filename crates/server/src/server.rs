@@ -112,6 +112,7 @@ impl Server {
                 &mut server.endpoints,
             )?);
         }
+        server.regions.started();
         Ok(server)
     }
 
