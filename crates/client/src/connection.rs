@@ -141,8 +141,15 @@ pub(crate) fn establish(path: &Path, opts: &ConnectOptions) -> Result<Session, C
     let socket = connect_socket(path)?;
     let mut reader = MessageReader::new();
     let mut handshake = Handshake::new(opts.max_vectors);
+    let mut first = true;
     let established = loop {
-        let Some((value, fd)) = receive_until(&socket, &mut reader, deadline)? else {
+        let received = match receive_until(&socket, &mut reader, deadline) {
+            // Closed before any message: the server refused us (see `ClientError::Refused`).
+            Err(ClientError::ClosedDuringHandshake) if first => Err(ClientError::Refused),
+            other => other,
+        };
+        first = false;
+        let Some((value, fd)) = received? else {
             return Err(ClientError::HandshakeTimeout(opts.timeout));
         };
         if let Step::Complete(e) = handshake.feed(value, fd)? {

@@ -26,6 +26,14 @@ pub enum ClientError {
     /// The handshake did not complete in time.
     #[error("the server did not complete the handshake within {0:?}")]
     HandshakeTimeout(std::time::Duration),
+    /// The server closed the connection before sending anything: it refused the peer.
+    #[error(
+        "the server closed the connection before sending anything: it refused this peer. An \
+         ivshm server does that when the region already has its peer limit of peers (`ivshm \
+         regions` shows peers=P/LIMIT; the factory answers GSS_CLIENT_MAX) or has no file \
+         descriptors or ids left; its log names the reason"
+    )]
+    Refused,
     /// The server closed the connection during the handshake.
     #[error("the server closed the connection during the handshake")]
     ClosedDuringHandshake,
@@ -67,9 +75,15 @@ pub enum ClientError {
 /// What a user can do about a failed connect.
 fn connect_hint(errno: Errno) -> &'static str {
     match errno {
-        Errno::NOENT | Errno::CONNREFUSED => {
-            " (no ivshmem server listens there: start one, e.g. `ivshm serve --socket PATH`, \
-             or check the path)"
+        Errno::NOENT => {
+            " (no socket there: start a server, e.g. `ivshm serve --socket PATH`, or check the \
+             path; a named region's socket is in its VM's directory, `ivshm vms` lists them)"
+        }
+        Errno::CONNREFUSED => {
+            " (the socket file is there but no server listens on it: the server that made it \
+             stopped or was killed. Start it again: `ivshm serve --socket PATH`, or `ivshm \
+             serve --config FILE` for a socket in a VM directory, which also clears such \
+             leftovers)"
         }
         Errno::ACCESS | Errno::PERM => {
             " (the socket's mode or group does not let this user connect: run as its owner or \
@@ -106,10 +120,11 @@ mod tests {
             "{missing}"
         );
         assert!(
-            missing.contains("no ivshmem server listens there"),
+            missing.contains("no socket there: start a server"),
             "{missing}"
         );
-        assert!(connect_error(Errno::CONNREFUSED).contains("start one"));
+        assert!(connect_error(Errno::CONNREFUSED).contains("no server listens on it"));
+        assert!(connect_error(Errno::CONNREFUSED).contains("--config FILE"));
         assert!(connect_error(Errno::ACCESS).contains("mode or group"));
         let other = connect_error(Errno::NOMEM);
         assert!(

@@ -207,6 +207,15 @@ fn malformed_handshakes_are_rejected() {
     });
     assert!(matches!(e, ClientError::ClosedDuringHandshake));
 
+    // Closed before any message: how a server refuses a peer (a region at its peer limit, no
+    // fds left); the error says so and where to look.
+    let e = connect_err("refused", quick(), drop);
+    assert!(matches!(e, ClientError::Refused), "{e:?}");
+    let message = e.to_string();
+    assert!(message.contains("refused this peer"), "{message}");
+    assert!(message.contains("peer limit"), "{message}");
+    assert!(message.contains("ivshm regions"), "{message}");
+
     let short = ConnectOptions {
         timeout: Duration::from_millis(200),
         ..Default::default()
