@@ -52,6 +52,24 @@ pub enum Command {
 }
 
 impl Cli {
+    /// Checks what clap cannot express (a flag that applies only with a certain value of
+    /// another), as a usage error: exit status 2 and clap's message, like every other bad
+    /// combination of flags.
+    pub fn check(&self) -> Result<(), clap::Error> {
+        if let Command::Serve(args) = &self.command {
+            if let Some(message) = args.backend_mismatch() {
+                let mut command = Cli::command();
+                command.build();
+                let mut serve = command
+                    .find_subcommand_mut("serve")
+                    .map(std::mem::take)
+                    .unwrap_or_default();
+                return Err(serve.error(clap::error::ErrorKind::ArgumentConflict, message));
+            }
+        }
+        Ok(())
+    }
+
     /// The log level without `-v` or `RUST_LOG`: benchmarks run a server in-process, whose
     /// info lines would bury the figures.
     pub fn default_log_level(&self) -> &'static str {

@@ -15,6 +15,9 @@ use ivshm_cli::{logging, report};
 /// not there), not the program's.
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(error) = cli.check() {
+        error.exit();
+    }
     logging::init(cli.log_level());
     match cli.run() {
         Ok(()) => ExitCode::SUCCESS,

@@ -81,3 +81,80 @@ fn doorbell_placement_free_leaves_threads_unpinned() {
         Some("threads not pinned (the scheduler placed them)")
     );
 }
+
+/// `ivshm guest bench --socket` between two host peers: the responder joins first and learns
+/// of the pinger only from the server's messages after it joined; it must read them before
+/// ringing back (it failed with `unknown peer 1`). A `--peer` that never joins fails with an
+/// error that says so and how to find the ids.
+#[test]
+fn guest_bench_between_two_host_peers_learns_of_the_later_one() {
+    use ivshm_test_support::process::{HostProcess, Stream};
+    use ivshm_test_support::WAIT_GUARD as GUARD;
+
+    let dir = std::env::temp_dir().join(format!("ivshm-bench-hosts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("s.sock");
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_ivshm"));
+    serve
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--size")
+        .arg("64K");
+    let mut server = HostProcess::spawn("ivshm serve", serve).unwrap();
+    server
+        .wait_line_containing(Stream::Stderr, "listening on", GUARD)
+        .unwrap();
+    let bench = |extra: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ivshm"));
+        command
+            .args(["guest", "bench", "--socket"])
+            .arg(&socket)
+            .args(["--count", "20"])
+            .args(extra);
+        command
+    };
+    let mut responder = HostProcess::spawn(
+        "responder",
+        bench(&["--respond", "--peer", "1", "--timeout", "20"]),
+    )
+    .unwrap();
+    responder
+        .wait_line_containing(Stream::Stdout, "self id=0", GUARD)
+        .unwrap();
+    let mut pinger =
+        HostProcess::spawn("pinger", bench(&["--peer", "0", "--timeout", "20"])).unwrap();
+    pinger.wait_success(GUARD).unwrap();
+    responder.wait_success(GUARD).unwrap();
+    let out = pinger.lines(Stream::Stdout);
+    assert_eq!(out[0], "self id=1 vectors=1 size=65536", "{out:?}");
+    assert!(
+        out[1].starts_with("doorbell round_trips=20 lost=0 "),
+        "{out:?}"
+    );
+    assert_eq!(
+        responder.lines(Stream::Stdout)[1],
+        "responded doorbells=21 polls=20"
+    );
+
+    // Nobody with id 7 joins: the pinger says so once its step times out.
+    let responder = HostProcess::spawn(
+        "responder",
+        bench(&["--respond", "--peer", "9", "--timeout", "20"]),
+    )
+    .unwrap();
+    responder
+        .wait_line_containing(Stream::Stdout, "self id=", GUARD)
+        .unwrap();
+    let mut lonely =
+        HostProcess::spawn("pinger", bench(&["--peer", "7", "--timeout", "1"])).unwrap();
+    let status = lonely.wait_exit(GUARD).unwrap();
+    assert!(!status.success());
+    let stderr = lonely.output(Stream::Stderr);
+    assert!(stderr.contains("peer 7"), "{stderr}");
+    assert!(stderr.contains("ivshm peers"), "{stderr}");
+    drop(responder);
+    assert!(server.terminate(GUARD).unwrap().success());
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -50,6 +50,7 @@ pub struct DoorbellArgs {
     /// Measured round trips per variant (1 to 1000000).
     #[arg(
         long,
+        value_name = "N",
         default_value_t = 20_000,
         value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_ROUNDS)
     )]
@@ -57,6 +58,7 @@ pub struct DoorbellArgs {
     /// Unmeasured round trips per variant first (0 to 1000000).
     #[arg(
         long,
+        value_name = "N",
         default_value_t = 1_000,
         value_parser = RangedU64ValueParser::<usize>::new().range(0..=MAX_ROUNDS)
     )]
@@ -86,6 +88,7 @@ pub struct JoinArgs {
     /// Peer counts to time, comma-separated (each 1 to 65536).
     #[arg(
         long,
+        value_name = "N",
         value_delimiter = ',',
         default_value = "10,100,500",
         value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_JOIN_PEERS)
@@ -94,6 +97,7 @@ pub struct JoinArgs {
     /// Vectors per peer (1 to 64).
     #[arg(
         long,
+        value_name = "N",
         default_value_t = 4,
         value_parser = RangedU64ValueParser::<usize>::new()
             .range(1..=ivshm_proto::v0::MAX_VECTORS as u64)
@@ -616,22 +620,22 @@ mod tests {
 #[derive(Args, Debug)]
 pub struct PingPongArgs {
     /// The other side's peer ID.
-    #[arg(long)]
+    #[arg(long, value_name = "ID")]
     peer: u16,
     /// Answer a pinger instead of driving (start this side first).
     #[arg(long)]
     respond: bool,
-    /// Round trips per phase.
-    #[arg(long, default_value_t = 1000)]
+    /// Round trips per phase (at least 1).
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     count: u32,
     /// Vector rung in both directions.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_name = "V", default_value_t = 0)]
     vector: u16,
     /// Offset of the 16-byte control block in shared memory (both sides must agree).
-    #[arg(long, value_parser = crate::args::offset, default_value = "0")]
+    #[arg(long, value_name = "OFFSET", value_parser = crate::args::offset, default_value = "0")]
     offset: usize,
     /// Longest wait for one step, in seconds (the responder's first wait too).
-    #[arg(long, value_parser = crate::args::seconds, default_value = "60")]
+    #[arg(long, value_name = "SECONDS", value_parser = crate::args::seconds, default_value = "60")]
     timeout: Duration,
 }
 
@@ -641,17 +645,21 @@ pub fn pingpong_as_host_peer(a: &PingPongArgs, socket: &Path) -> anyhow::Result<
     let peer = Peer::connect(socket, ConnectOptions::default())
         .with_context(|| format!("connecting to {}", socket.display()))?;
     let mapping = peer.map()?;
-    let vectors = u16::try_from(peer.vectors()).unwrap_or(u16::MAX);
-    let doorbells = HostPeerDoorbells::new(&peer)?;
-    run_pingpong(a, peer.id(), vectors, mapping.view(), &doorbells)
+    let (id, vectors) = (peer.id(), u16::try_from(peer.vectors()).unwrap_or(u16::MAX));
+    let doorbells = HostPeerDoorbells::new(peer, a.timeout)?;
+    run_pingpong(a, id, vectors, mapping.view(), &doorbells)
 }
 
 /// Ping-pong doorbells of a host peer: ring through the target's eventfd, wait on our own.
-struct HostPeerDoorbells<'a>(&'a Peer);
+struct HostPeerDoorbells {
+    peer: std::cell::RefCell<Peer>,
+    /// How long a ring waits for its target to be announced by the server.
+    join_wait: Duration,
+}
 
-impl<'a> HostPeerDoorbells<'a> {
+impl HostPeerDoorbells {
     /// Makes the peer's own vector eventfds non-blocking, as waiting on them needs.
-    fn new(peer: &'a Peer) -> anyhow::Result<HostPeerDoorbells<'a>> {
+    fn new(peer: Peer, join_wait: Duration) -> anyhow::Result<HostPeerDoorbells> {
         for vector in 0..peer.vectors() {
             if let Some(fd) = peer.own_vector_fd(vector) {
                 ivshm_client::doorbell::set_nonblocking(fd).with_context(|| {
@@ -659,21 +667,60 @@ impl<'a> HostPeerDoorbells<'a> {
                 })?;
             }
         }
-        Ok(HostPeerDoorbells(peer))
+        Ok(HostPeerDoorbells {
+            peer: std::cell::RefCell::new(peer),
+            join_wait,
+        })
     }
 }
 
-impl pingpong::Doorbells for HostPeerDoorbells<'_> {
-    fn ring(&self, peer: u16, vector: u16) -> Result<(), DoorbellError> {
-        self.0
-            .notify(peer, usize::from(vector))
-            .map_err(|e| DoorbellError::Ring(Box::new(e)))
+impl pingpong::Doorbells for HostPeerDoorbells {
+    /// Rings `target`'s vector. A target that joined after us is known only once the server's
+    /// messages about it are read: they are read here (never through `Peer::wait`, which would
+    /// also take our own doorbells), waiting up to `join_wait` for them.
+    fn ring(&self, target: u16, vector: u16) -> Result<(), DoorbellError> {
+        let mut peer = self.peer.borrow_mut();
+        let deadline = Instant::now() + self.join_wait;
+        loop {
+            match peer.notify(target, usize::from(vector)) {
+                Err(
+                    ivshm_client::ClientError::UnknownPeer(_)
+                    | ivshm_client::ClientError::UnknownVector { .. },
+                ) if Instant::now() < deadline => {
+                    peer.process_server_messages()
+                        .map_err(|e| DoorbellError::Ring(Box::new(e)))?;
+                    if peer.peer_vectors(target).is_none() {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        let timeout = Timespec::try_from(left.min(Duration::from_millis(100)))
+                            .unwrap_or(Timespec {
+                                tv_sec: 0,
+                                tv_nsec: 100_000_000,
+                            });
+                        let socket = peer.socket_fd();
+                        let mut fds = [PollFd::new(&socket, PollFlags::IN)];
+                        let _ = poll(&mut fds, Some(&timeout));
+                    }
+                }
+                Err(ivshm_client::ClientError::UnknownPeer(_)) => {
+                    return Err(DoorbellError::Ring(
+                        format!(
+                            "peer {target} is not connected to the server (no join within {} \
+                             s): start the other side first, or check --peer (`ivshm peers \
+                             --socket PATH` lists the ids)",
+                            self.join_wait.as_secs_f64()
+                        )
+                        .into(),
+                    ));
+                }
+                other => return other.map_err(|e| DoorbellError::Ring(Box::new(e))),
+            }
+        }
     }
 
     fn wait_rung(&self, vector: u16, timeout: Duration) -> Result<u64, DoorbellError> {
-        let vectors = u16::try_from(self.0.vectors()).unwrap_or(u16::MAX);
-        let fd = self
-            .0
+        let peer = self.peer.borrow();
+        let vectors = u16::try_from(peer.vectors()).unwrap_or(u16::MAX);
+        let fd = peer
             .own_vector_fd(usize::from(vector))
             .ok_or(DoorbellError::VectorOutOfRange { vector, vectors })?;
         wait_eventfd(fd, timeout)?.ok_or(DoorbellError::Timeout {

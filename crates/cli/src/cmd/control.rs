@@ -94,11 +94,11 @@ pub struct CreateArgs {
     /// Size: bytes, 0x hex, or K/M/G/T suffixes.
     #[arg(long, value_parser = ivshm_mem::parse_size)]
     pub size: u64,
-    /// Vectors per peer (default: the server's).
-    #[arg(long)]
+    /// Vectors per peer, 1..=64 (default: the server's).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub vectors: Option<u32>,
-    /// Peers at once (default: the server's).
-    #[arg(long)]
+    /// Peers at once, 1..=65536 (default: the server's).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub peer_limit: Option<u32>,
     /// `increasing` or `lowest-free` (default: the server's).
     #[arg(long)]
@@ -194,8 +194,13 @@ pub fn request_result(socket: &Path, message: &ControlRequest) -> anyhow::Result
 
 /// Sends one request line and reads one response line.
 pub fn request(socket: &Path, request: &ControlRequest) -> anyhow::Result<ControlResponse> {
-    let mut stream = UnixStream::connect(socket)
-        .with_context(|| format!("connecting to the control socket {}", socket.display()))?;
+    let mut stream = UnixStream::connect(socket).map_err(|error| {
+        anyhow::anyhow!(
+            "connecting to the control socket {}: {error}{}",
+            socket.display(),
+            connect_hint(&error)
+        )
+    })?;
     stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
     stream.write_all(&encode_line(request))?;
     let mut line = Vec::new();
@@ -206,6 +211,27 @@ pub fn request(socket: &Path, request: &ControlRequest) -> anyhow::Result<Contro
         bail!("the server closed the control connection without answering");
     }
     Ok(decode_line(&line)?)
+}
+
+/// What to do when the control socket cannot be reached, by the reason.
+fn connect_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::NotFound => {
+            "; no server listens there. Only `ivshm serve --config FILE` has a control socket \
+             (<root>/control.sock, default /run/ivshm/control.sock, or `control = PATH` in the \
+             file): start one, or give its path with --control PATH"
+        }
+        std::io::ErrorKind::ConnectionRefused => {
+            "; the socket file is there but no server listens on it (a server that was killed?): \
+             start `ivshm serve --config FILE`, or give the running server's control socket with \
+             --control PATH"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "; the control socket is root's only unless the configuration's control_mode and \
+             control_group say otherwise: run this as root or as a member of control_group"
+        }
+        _ => "",
+    }
 }
 
 /// A reader bounded to one maximal line.

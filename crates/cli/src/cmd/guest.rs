@@ -80,14 +80,14 @@ pub struct NotifyArgs {
     #[command(flatten)]
     device: DeviceArgs,
     /// Target peer ID.
-    #[arg(long)]
+    #[arg(long, value_name = "ID")]
     peer: u16,
     /// Target vector.
-    #[arg(long)]
+    #[arg(long, value_name = "V")]
     vector: u16,
     /// Also increment the receiver's polling counter for this vector at this shared-memory
     /// offset (for a receiver in sysfs mode, see `wait --poll-offset`).
-    #[arg(long, value_parser = args::offset)]
+    #[arg(long, value_name = "OFFSET", value_parser = args::offset)]
     poll_offset: Option<usize>,
 }
 
@@ -97,17 +97,19 @@ pub struct WaitArgs {
     #[command(flatten)]
     device: DeviceArgs,
     /// Own vector to wait on; default: all of them (VFIO mode).
-    #[arg(long)]
+    #[arg(long, value_name = "V")]
     vector: Option<u16>,
-    /// Exit 0 after this many doorbell lines.
-    #[arg(long)]
+    /// Exit 0 after this many doorbell lines (without it: wait until interrupted, or until
+    /// --timeout).
+    #[arg(long, value_name = "N")]
     count: Option<u64>,
-    /// Exit 1 with an error if the count was not reached within this many seconds.
-    #[arg(long, value_parser = args::seconds)]
+    /// Exit 1 with an error if the count was not reached within this many seconds (without
+    /// --count: wait this long, then exit 1; without it: no time limit).
+    #[arg(long, value_name = "SECONDS", value_parser = args::seconds)]
     timeout: Option<Duration>,
     /// sysfs mode: poll 32-bit counters at this shared-memory offset (4 bytes per vector)
     /// instead of waiting for interrupts; senders use `notify --poll-offset`.
-    #[arg(long, value_parser = args::offset)]
+    #[arg(long, value_name = "OFFSET", value_parser = args::offset)]
     poll_offset: Option<usize>,
 }
 
@@ -117,10 +119,10 @@ pub struct ReadArgs {
     #[command(flatten)]
     device: DeviceArgs,
     /// Offset in shared memory.
-    #[arg(long, value_parser = args::offset)]
+    #[arg(long, value_name = "OFFSET", value_parser = args::offset)]
     offset: usize,
     /// Bytes to read.
-    #[arg(long, value_parser = args::offset)]
+    #[arg(long, value_name = "LEN", value_parser = args::offset)]
     len: usize,
     /// Write the raw bytes instead of hex.
     #[arg(long)]
@@ -130,12 +132,13 @@ pub struct ReadArgs {
 /// `write` arguments.
 #[derive(Args, Debug)]
 pub struct WriteArgs {
-    /// Hex bytes (`deadbeef`) or `@FILE`.
+    /// Hex bytes (`deadbeef`) or `@FILE` for a file's contents.
+    #[arg(value_name = "HEX|@FILE")]
     data: String,
     #[command(flatten)]
     device: DeviceArgs,
     /// Offset in shared memory.
-    #[arg(long, value_parser = args::offset)]
+    #[arg(long, value_name = "OFFSET", value_parser = args::offset)]
     offset: usize,
 }
 
@@ -148,7 +151,7 @@ pub struct BenchArgs {
     pingpong: PingPongArgs,
     /// Run on the host instead, as a v0 peer of the server at this socket (the guest↔host
     /// bench: e.g. `--socket S --respond --peer GUEST` here, `bench --peer HOST` in the guest).
-    #[arg(long, value_parser = args::socket_path)]
+    #[arg(long, value_name = "PATH", value_parser = args::socket_path)]
     socket: Option<std::path::PathBuf>,
 }
 

@@ -57,8 +57,8 @@ pub struct NotifyArgs {
     /// The peer id to ring.
     #[arg(long, value_name = "ID")]
     peer: u16,
-    /// The vector to ring, or `all`.
-    #[arg(long, value_name = "V|all")]
+    /// The vector to ring, or `all` for every vector of the peer.
+    #[arg(long, value_name = "V")]
     vector: VectorArg,
 }
 
@@ -88,10 +88,12 @@ impl std::str::FromStr for VectorArg {
 pub struct ListenArgs {
     #[command(flatten)]
     socket: SocketArgs,
-    /// Exit 0 after this many event lines.
-    #[arg(long, value_name = "K")]
+    /// Exit 0 after this many event lines (without it: listen until interrupted, or until the
+    /// server goes away unless --reconnect).
+    #[arg(long, value_name = "N")]
     count: Option<u64>,
-    /// Fail (exit 1) if `--count` events did not arrive within this many seconds.
+    /// Fail (exit 1) if `--count` events did not arrive within this many seconds (without
+    /// --count: listen this long, then exit 1; without it: no time limit).
     #[arg(long, value_name = "SECONDS", value_parser = args::seconds)]
     timeout: Option<Duration>,
     /// Keep running when the server goes away: print `server gone`, reconnect when it is back,
@@ -106,10 +108,10 @@ pub struct ReadArgs {
     #[command(flatten)]
     socket: SocketArgs,
     /// Where to start (bytes; K/M/G suffixes and 0x hex accepted).
-    #[arg(long, value_name = "O", value_parser = parse_size)]
+    #[arg(long, value_name = "OFFSET", value_parser = parse_size)]
     offset: u64,
     /// How many bytes.
-    #[arg(long, value_name = "L", value_parser = parse_size)]
+    #[arg(long, value_name = "LEN", value_parser = parse_size)]
     len: u64,
     /// Write the raw bytes instead of hex.
     #[arg(long)]
@@ -122,7 +124,7 @@ pub struct WriteArgs {
     #[command(flatten)]
     socket: SocketArgs,
     /// Where to start (bytes; K/M/G suffixes and 0x hex accepted).
-    #[arg(long, value_name = "O", value_parser = parse_size)]
+    #[arg(long, value_name = "OFFSET", value_parser = parse_size)]
     offset: u64,
     /// Hex bytes (`deadbeef`) or `@FILE` for a file's contents.
     #[arg(value_name = "HEX|@FILE")]

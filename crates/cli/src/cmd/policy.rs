@@ -12,10 +12,12 @@ use ivshm_server::named::{
 /// `ivshm policy ...`: what a VM's `vdev shmem` policy decides, without a server.
 #[derive(Subcommand, Debug)]
 pub enum PolicyCommand {
-    /// Print the decision for NAME in VM's policy: allow/deny, the host name after subst, the
-    /// rule that decided, the v0 socket the VM's directory has for it (when allowed), and the
-    /// status a factory create would get (policy only). Exit status
-    /// 0 for GSS_OK, 10 + the status code otherwise (14 GSS_ILLEGAL_NAME, 15 GSS_NO_PERMISSION).
+    /// Print the decision for NAME in VM's policy: allow, deny, or illegal (a name no VM may
+    /// use, or one that becomes illegal after subst), the host name after subst, the rule that
+    /// decided (or why the name is illegal), the v0 socket the VM's directory has for it (when
+    /// allowed), and the status a factory create would get (policy only). Exit status 0 for
+    /// GSS_OK (allow), 10 + the status code otherwise (14 GSS_ILLEGAL_NAME for illegal, 15
+    /// GSS_NO_PERMISSION for deny).
     Check(CheckArgs),
 }
 

@@ -56,51 +56,101 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = FLAG_MODE_OPTIONS)]
     pub config: Option<PathBuf>,
     /// UNIX socket QEMU's ivshmem-doorbell chardev connects to.
-    #[arg(long, default_value = DEFAULT_SOCKET_PATH, value_parser = args::socket_path)]
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET_PATH, value_parser = args::socket_path)]
     pub socket: PathBuf,
     /// Size of the shared region: bytes, 0x hex, or K/M/G/T suffixes (powers of 1024).
     #[arg(long, default_value = "4M", value_parser = ivshm_mem::parse_size)]
     pub size: u64,
     /// Interrupt vectors (eventfds) per peer, 1..=64.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub vectors: u16,
     /// Memory backend.
     #[arg(long, value_enum, default_value_t = BackendChoice::Memfd)]
     pub backend: BackendChoice,
-    /// POSIX shm object name (with `--backend shm`).
-    #[arg(long, default_value = "ivshmem")]
-    pub shm_name: String,
-    /// Directory for the backing file (with `--backend dir`), e.g. a hugetlbfs mount.
-    #[arg(long)]
+    /// POSIX shm object name (only with `--backend shm`; default: ivshmem).
+    #[arg(long, value_name = "NAME")]
+    pub shm_name: Option<String>,
+    /// Directory for the backing file (only with `--backend dir`, which needs it), e.g. a
+    /// hugetlbfs mount.
+    #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
-    /// Keep the POSIX shm object when the server exits (default: remove it).
+    /// Keep the POSIX shm object when the server exits (only with `--backend shm`; default:
+    /// remove it).
     #[arg(long)]
     pub keep_shm: bool,
     /// File mode of the socket, in octal.
-    #[arg(long, default_value = "600", value_parser = ivshm_server::config::parse_file_mode)]
+    #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = ivshm_server::config::parse_file_mode)]
     pub socket_mode: u32,
     /// Group of the socket: a numeric gid or a name from /etc/group.
-    #[arg(long)]
+    #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
     /// Serve metrics over HTTP at ADDR (e.g. 127.0.0.1:9464): GET /metrics answers in the
     /// Prometheus text format, server-wide and per region. Off by default.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
     /// Write the server's pid here (removed on exit).
-    #[arg(long)]
+    #[arg(long, value_name = "PATH")]
     pub pidfile: Option<PathBuf>,
     /// QEMU needs a power-of-two BAR: round-up, refuse, or off.
     #[arg(long, value_enum, default_value_t = Pow2Choice::RoundUp)]
     pub pow2: Pow2Choice,
 }
 
+/// The POSIX shm object's name when `--shm-name` is not given (QEMU's `-M` default).
+pub const DEFAULT_SHM_NAME: &str = "ivshmem";
+
 impl ServeArgs {
+    /// Flags that only apply to another backend than the one chosen: refused, never ignored
+    /// (`--shm-name` and `--keep-shm` need `--backend shm`, `--dir` needs `--backend dir`,
+    /// which needs `--dir`). The message names the flag and what to add.
+    pub fn backend_mismatch(&self) -> Option<String> {
+        let chosen = match self.backend {
+            BackendChoice::Memfd => "memfd",
+            BackendChoice::Shm => "shm",
+            BackendChoice::Dir => "dir",
+        };
+        let needs = [
+            (
+                "--shm-name",
+                self.shm_name.is_some(),
+                BackendChoice::Shm,
+                "shm",
+            ),
+            ("--keep-shm", self.keep_shm, BackendChoice::Shm, "shm"),
+            ("--dir", self.dir.is_some(), BackendChoice::Dir, "dir"),
+        ];
+        if self.backend == BackendChoice::Dir && self.dir.is_none() {
+            return Some(
+                "--backend dir needs --dir DIR (the directory for the backing file, e.g. a \
+                 hugetlbfs mount)"
+                    .to_string(),
+            );
+        }
+        needs
+            .into_iter()
+            .find(|&(_, given, backend, _)| given && self.backend != backend)
+            .map(|(flag, _, _, name)| {
+                format!(
+                    "{flag} applies only to --backend {name}, and the backend is {chosen}{}; \
+                     add --backend {name}",
+                    if self.backend == BackendChoice::Memfd {
+                        " (the default)"
+                    } else {
+                        ""
+                    }
+                )
+            })
+    }
+
     /// The server configuration these flags describe.
     pub fn to_config(&self) -> anyhow::Result<ServerConfig> {
         let backend = match self.backend {
             BackendChoice::Memfd => BackendKind::Memfd,
             BackendChoice::Shm => BackendKind::PosixShm {
-                name: self.shm_name.clone(),
+                name: self
+                    .shm_name
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_SHM_NAME.to_string()),
                 keep: self.keep_shm,
             },
             BackendChoice::Dir => BackendKind::DirFile {
