@@ -37,6 +37,7 @@ pub struct ChannelArgs {
     /// Measured round trips per variant (1 to 1000000).
     #[arg(
         long,
+        value_name = "N",
         default_value_t = 20_000,
         value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_ROUNDS)
     )]
@@ -44,6 +45,7 @@ pub struct ChannelArgs {
     /// Bytes moved per throughput measurement block (1 MiB to 64 GiB).
     #[arg(
         long,
+        value_name = "BYTES",
         default_value_t = 1 << 30,
         value_parser = RangedU64ValueParser::<u64>::new().range((1 << 20)..=(64 << 30))
     )]
@@ -54,7 +56,7 @@ pub struct ChannelArgs {
     #[arg(long, value_enum, default_value_t = Placement::Split)]
     pub placement: Placement,
     /// Seconds the idle receiver is watched (0.01 to 3600).
-    #[arg(long, default_value_t = 1.0, value_parser = idle_seconds)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = idle_seconds)]
     pub idle_seconds: f64,
 }
 
