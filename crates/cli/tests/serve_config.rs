@@ -225,3 +225,55 @@ fn the_control_socket_is_root_only_by_default() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// After `kill -9` the sockets stay in the VM directories; the socket of a region made at run
+/// time then refuses every connection, and nothing binds its name again. The next start
+/// removes it and says so.
+#[test]
+fn a_restart_after_sigkill_removes_the_sockets_left_behind() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+
+    let dir = temp_dir("sigkill");
+    let root = dir.join("root");
+    let config = dir.join("ivshm.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "root = {:?}\n[defaults]\nvectors = 1\npersist = true\n[vm.vm0]\n",
+            root.display().to_string()
+        ),
+    )
+    .unwrap();
+    let factory = root.join("vm0/factory.sock");
+    let mut server = serve(&config);
+    wait_line(&server, &format!("listening on {}", factory.display()));
+    let mut stream = UnixStream::connect(&factory).unwrap();
+    stream
+        .write_all(b"{\"op\":\"create\",\"name\":\"scratch\",\"size\":4096}\n")
+        .unwrap();
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer).unwrap();
+    assert!(answer.contains("GSS_OK"), "{answer}");
+    assert_eq!(listing(&root.join("vm0")), ["factory.sock", "scratch.sock"]);
+
+    server.signal(Signal::KILL);
+    server.wait_exit(GUARD).unwrap();
+    let scratch = root.join("vm0/scratch.sock");
+    let refused = UnixStream::connect(&scratch).unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
+
+    let mut again = serve(&config);
+    wait_line(&again, &format!("listening on {}", factory.display()));
+    wait_line(
+        &again,
+        &format!("removed stale socket {}", scratch.display()),
+    );
+    assert_eq!(listing(&root.join("vm0")), ["factory.sock"]);
+    assert!(again.terminate(GUARD).unwrap().success());
+    let _ = std::fs::remove_dir_all(dir);
+}

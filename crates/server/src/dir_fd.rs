@@ -24,7 +24,7 @@
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -127,6 +127,19 @@ impl Dir {
             Err(Errno::NOENT) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The names of the directory's entries (without `.` and `..`), read through its fd.
+    pub(crate) fn names(&self) -> Result<Vec<std::ffi::OsString>, Errno> {
+        let mut reader = rustix::fs::Dir::read_from(&*self.fd)?;
+        let mut names = Vec::new();
+        while let Some(entry) = reader.read() {
+            let name = entry?.file_name().to_bytes().to_vec();
+            if name != b"." && name != b".." {
+                names.push(std::ffi::OsString::from_vec(name));
+            }
+        }
+        Ok(names)
     }
 
     /// Removes entry `name` (a name: if it is a link, the link goes, not its target).

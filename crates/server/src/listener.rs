@@ -250,7 +250,7 @@ fn place(staging: &Dir, dir: &Dir, name: &Path, path: &Path) -> Result<(), Liste
 }
 
 /// What a probe connection found at a socket's name.
-enum Probe {
+pub(crate) enum Probe {
     /// Someone listens on it.
     Live,
     /// Nobody listens on it.
@@ -261,7 +261,7 @@ enum Probe {
 
 /// Connects to socket `name` in `dir` through an `O_PATH` handle on that very file (a
 /// connect by path would follow a link put there meanwhile).
-fn probe(dir: &Dir, name: &Path, path: &Path) -> Result<Probe, ListenerError> {
+pub(crate) fn probe(dir: &Dir, name: &Path, path: &Path) -> Result<Probe, ListenerError> {
     let handle = match dir.open_entry(name) {
         Ok(fd) => fd,
         Err(Errno::NOENT) => return Ok(Probe::Gone),

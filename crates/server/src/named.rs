@@ -46,6 +46,12 @@ pub fn region_socket_name(guest_name: &str) -> String {
     format!("{guest_name}{REGION_SOCKET_SUFFIX}")
 }
 
+/// Whether `file_name` is a name the server gives sockets in a VM directory (region sockets
+/// and the factory socket end in `.sock`).
+pub(crate) fn is_vm_socket_name(file_name: &str) -> bool {
+    file_name.ends_with(REGION_SOCKET_SUFFIX)
+}
+
 /// The length in bytes of the longest socket path VM directory `dir` can hold: a region socket
 /// with a name of the most bytes a region name may have ([`MAX_NAME_LEN`]; the factory socket's
 /// name is shorter). It must fit in a socket address ([`ivshm_proto::MAX_SOCKET_PATH`]).

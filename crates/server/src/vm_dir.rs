@@ -28,8 +28,8 @@ use thiserror::Error;
 
 use crate::dir_fd::{file_type, identity, set_handle_owner_and_mode, Dir, Identity, OwnerOrMode};
 use crate::group::GroupError;
-use crate::listener::{Listener, ListenerError, SocketPerms};
-use crate::named::DirectoryConfig;
+use crate::listener::{probe, Listener, ListenerError, Probe, SocketPerms};
+use crate::named::{is_vm_socket_name, DirectoryConfig};
 
 /// The socket root or a VM directory cannot be set up.
 #[derive(Debug, Error)]
@@ -459,6 +459,55 @@ impl VmDirectory {
             })?;
         set_handle_owner_and_mode(file.as_fd(), config.owner, gid, config.socket_mode)
             .map_err(|e| owner_or_mode_error(&path, e))
+    }
+
+    /// Removes the sockets nobody listens on from the directory: a server that was killed
+    /// (or lost power) leaves its sockets behind, and a run-time region's socket would then
+    /// refuse every connection until a restart of the server binds that name again, which
+    /// nothing does. Only entries with the names the server gives sockets (`*.sock`) that are
+    /// sockets (examined without following a link, relative to the directory's fd) and refuse
+    /// a connection (probed through an `O_PATH` handle on that very file) are removed, and
+    /// only while the name still is that file. Links, other files, other names and sockets
+    /// someone listens on stay. Returns the paths removed.
+    pub(crate) fn remove_stale_sockets(&self) -> Vec<PathBuf> {
+        let names = match self.dir.names() {
+            Ok(names) => names,
+            Err(errno) => {
+                tracing::warn!(
+                    directory = %self.path().display(),
+                    %errno,
+                    "cannot list the directory to remove stale sockets"
+                );
+                return Vec::new();
+            }
+        };
+        let mut removed = Vec::new();
+        for name in names {
+            let Some(text) = name.to_str().filter(|n| is_vm_socket_name(n)) else {
+                continue;
+            };
+            let path = self.file(text);
+            let Ok(Some(stat)) = self.dir.entry(text) else {
+                continue;
+            };
+            if file_type(&stat) != FileType::Socket {
+                continue;
+            }
+            match probe(&self.dir, Path::new(text), &path) {
+                Ok(Probe::Stale) => match self.dir.unlink_if(text, identity(&stat)) {
+                    Ok(true) => removed.push(path),
+                    Ok(false) => {}
+                    Err(errno) => tracing::warn!(
+                        path = %path.display(),
+                        %errno,
+                        "cannot remove a stale socket"
+                    ),
+                },
+                Ok(Probe::Live | Probe::Gone) => {}
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+        removed
     }
 
     /// Removes the directory if it is empty (its sockets are gone).

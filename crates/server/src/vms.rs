@@ -106,6 +106,15 @@ impl Vms {
         endpoints: &mut Endpoints,
     ) -> Result<(), ServerError> {
         let dir = VmDirectory::create(&self.root, vm.name.as_str(), &vm.directory)?;
+        // Left by a server that was killed: nothing would bind a run-time region's name again.
+        for path in dir.remove_stale_sockets() {
+            tracing::info!(
+                vm = %vm.name,
+                "removed stale socket {} (nobody listened on it: left by a server that did not \
+                 stop cleanly)",
+                path.display()
+            );
+        }
         let listener = dir.bind(FACTORY_SOCKET, &vm.directory)?;
         let factory_key = endpoints
             .add_listener(listener, Service::Factory(vm.name.to_string()))

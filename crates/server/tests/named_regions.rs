@@ -1280,3 +1280,53 @@ create = [{ name = "mem", size = 4096 }]
     assert!(error.contains("4 connected peer(s)"), "{error}");
     assert_eq!(named("guest0mem").len(), 1);
 }
+
+/// A server that was killed leaves its sockets in the VM directories: a region socket made at
+/// run time then has nothing behind it (connect: refused) and nothing binds its name again.
+/// The next start removes such sockets, and nothing else: a socket someone listens on, a
+/// link (even to a stale socket), a file that is not a socket and names that are not the
+/// server's stay untouched.
+#[test]
+fn a_start_removes_stale_sockets_from_vm_directories_and_nothing_else() {
+    use std::os::unix::net::UnixListener;
+
+    let mut setup = Setup::unstarted("stale");
+    setup.write_config("[defaults]\nvectors = 1\n[vm.vm0]\n");
+    let dir = setup.vm_dir("vm0");
+    std::fs::create_dir_all(&dir).unwrap();
+    let stale = |path: PathBuf| drop(UnixListener::bind(path).unwrap());
+    stale(dir.join("scratch.sock"));
+    stale(dir.join("factory.sock"));
+    stale(dir.join("other-name"));
+    std::fs::write(dir.join("notes.sock"), b"not a socket\n").unwrap();
+    let elsewhere = setup.root.parent().unwrap().join("elsewhere.sock");
+    stale(elsewhere.clone());
+    std::os::unix::fs::symlink(&elsewhere, dir.join("link.sock")).unwrap();
+    let live = UnixListener::bind(dir.join("live.sock")).unwrap();
+
+    setup.start().unwrap();
+    assert_eq!(
+        setup.listing("vm0"),
+        [
+            "factory.sock",
+            "link.sock",
+            "live.sock",
+            "notes.sock",
+            "other-name"
+        ]
+    );
+    assert!(elsewhere.exists(), "the link's target is untouched");
+    assert_eq!(
+        std::fs::read(dir.join("notes.sock")).unwrap(),
+        b"not a socket\n"
+    );
+    // The live socket is still the one its owner listens on.
+    let _client = UnixStream::connect(dir.join("live.sock")).unwrap();
+    assert!(live.accept().is_ok());
+    // The factory socket is the server's new one.
+    assert_eq!(
+        status(&setup.create("vm0", "scratch", 4096)),
+        GuestShmStatus::Ok
+    );
+    assert!(dir.join("scratch.sock").exists());
+}
