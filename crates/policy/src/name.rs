@@ -15,6 +15,10 @@
 //!
 //! Everything else is [`GuestShmStatus::IllegalName`](crate::GuestShmStatus::IllegalName) for a
 //! guest request, and a configuration error for a `create` line.
+//!
+//! One legal name is refused to guests too: [`RESERVED_GUEST_NAME`] (`factory`), whose region
+//! socket would be the VM's factory socket. It stays legal as a host name and in `create`
+//! lines.
 
 use std::fmt;
 
@@ -24,6 +28,18 @@ use crate::guest_shm;
 
 /// Longest legal name in bytes: the factory `name` field minus its terminating NUL.
 pub const MAX_NAME_LEN: usize = guest_shm::MAX_NAME - 1;
+
+/// The one legal region name a guest cannot ask for: a VM's directory holds one socket per
+/// region named `<guest name>.sock` next to its factory socket `factory.sock`, so a region the
+/// guest called `factory` would have the factory's socket name. Guests get
+/// [`GuestShmStatus::IllegalName`](crate::GuestShmStatus::IllegalName) for it whatever the rules
+/// say (a name check, made before the rules).
+pub const RESERVED_GUEST_NAME: &str = "factory";
+
+/// Whether a guest cannot use `guest_name` (see [`RESERVED_GUEST_NAME`]).
+pub fn is_reserved_guest_name(guest_name: &str) -> bool {
+    guest_name == RESERVED_GUEST_NAME
+}
 
 /// Why a string is not a legal region name.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -54,6 +70,12 @@ pub enum NameError {
     /// The name contains `..`.
     #[error("region name contains '..'")]
     DotDot,
+    /// The guest asked for [`RESERVED_GUEST_NAME`].
+    #[error(
+        "the name {RESERVED_GUEST_NAME} is reserved (its socket would be the VM's \
+         {RESERVED_GUEST_NAME}.sock)"
+    )]
+    Reserved,
     /// A factory `name` field holds no NUL within its 32 bytes.
     #[error(
         "region name field is not NUL-terminated within {} bytes",

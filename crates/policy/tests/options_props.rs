@@ -2,7 +2,10 @@
 //! (line breaks, indentation, comments) does not change the result, and no input panics.
 
 use ivshm_policy::guest_shm::MAX_REGION_BYTES;
-use ivshm_policy::options::{CreateOption, Interrupt, VdevShmem};
+use ivshm_policy::options::{
+    CreateOption, Interrupt, Location, LogDestination, LogOption, LogSeverity, PciAddress,
+    VdevShmem,
+};
 use ivshm_policy::{Pattern, RegionName, Rule, RuleList, Subst, VmPolicy};
 use proptest::prelude::*;
 
@@ -41,6 +44,33 @@ fn create() -> impl Strategy<Value = CreateOption> {
     })
 }
 
+fn log_option() -> impl Strategy<Value = LogOption> {
+    (
+        prop::collection::vec(prop::sample::select(LogSeverity::ALL.to_vec()), 1..4),
+        prop::sample::select(vec![
+            LogDestination::Stdout,
+            LogDestination::Stderr,
+            LogDestination::Slog,
+            LogDestination::None,
+        ]),
+    )
+        .prop_map(|(severities, destination)| LogOption {
+            severities,
+            destination,
+        })
+}
+
+/// A PCI location: at a function, or a bare `loc`.
+fn pci_location() -> impl Strategy<Value = Location> {
+    prop::option::of((any::<u8>(), 0u8..32, 0u8..8)).prop_map(|address| {
+        Location::Pci(address.map(|(bus, device, function)| PciAddress {
+            bus,
+            device,
+            function,
+        }))
+    })
+}
+
 fn interrupt() -> impl Strategy<Value = Interrupt> {
     (prop::option::of("[a-z][a-z0-9_]{0,6}"), any::<u32>())
         .prop_map(|(controller, line)| Interrupt { controller, line })
@@ -49,12 +79,14 @@ fn interrupt() -> impl Strategy<Value = Interrupt> {
 prop_compose! {
     /// A block the parser must accept: creates whose host names are illegal or repeated are
     /// dropped, `subst_applies` is false without a `subst` (and the creates it applies to come
-    /// last), and `loc` comes with `intr`.
+    /// last), and a memory `loc` comes with `intr`.
     fn valid_block()(
         rules in prop::collection::vec(rule(), 0..6),
         subst in prop::option::of(subst()),
         creates in prop::collection::vec(create(), 0..5),
         loc_page in prop::option::of(0u64..(1 << 40)),
+        pci in prop::option::of(pci_location()),
+        log in prop::collection::vec(log_option(), 0..3),
         intr in prop::option::of(interrupt()),
         mmio_intr in interrupt(),
         sched in prop::option::of(1u8..=255),
@@ -72,8 +104,9 @@ prop_compose! {
         }
         // In a parsed block the creates before the subst line come first.
         kept.sort_by_key(|create| create.subst_applies);
-        let loc = loc_page.map(|page| page * 4096);
-        let intr = if loc.is_some() { intr.or(Some(mmio_intr)) } else { intr };
+        let loc = loc_page.map(|page| Location::Mem(page * 4096)).or(pci);
+        let mmio = matches!(loc, Some(Location::Mem(_)));
+        let intr = if mmio { intr.or(Some(mmio_intr)) } else { intr };
         VdevShmem {
             rules: RuleList::new(rules),
             subst,
@@ -82,6 +115,7 @@ prop_compose! {
             intr,
             sched,
             name,
+            log,
         }
     }
 }
@@ -134,6 +168,7 @@ proptest! {
     #[test]
     fn option_soup_never_panics(words in prop::collection::vec(prop::sample::select(vec![
         "vdev", "shmem", "allow", "deny", "create", "subst", "loc", "intr", "sched", "name",
+        "log", "error,warning", "stderr", "none", "mem:0x1000", "pci:0:5", "pci:1:2.3", "io:4",
         "a*", "[!", "\\", "foo,guest0", ",", "mem,0x1000", "mem,", ",4K", "0x1b000000", "gic:3",
         ":", "0", "255", "256", "#", "\n", "\r\n", "x,y,z", "99999999999999999999G", "0d", "0x",
     ]), 0..24)) {

@@ -9,13 +9,14 @@
 //! `GSS_UNKNOWN_FAILURE`.
 
 use ivshm_mem::BackendError;
+use ivshm_policy::guest_shm::whole_pages;
 use ivshm_policy::{GuestShmStatus, RegionName};
 use ivshm_proto::factory::{
     decode_line, encode_line, FactoryRequest, FactoryResponse, LineError, RegionOffer,
 };
 use rustix::io::Errno;
 
-use crate::named::{is_reserved_guest_name, NamedRegionConfig, Origin, FACTORY_SOCKET};
+use crate::named::{NamedRegionConfig, Origin};
 use crate::named_regions::NamedRegions;
 use crate::regions::{CreateError, RegionId, Regions};
 use crate::stats::Stats;
@@ -77,18 +78,10 @@ fn decide(
     let Some(policy) = named.vms().get(vm).map(|v| &v.config().policy) else {
         return refusal(GuestShmStatus::UnknownFailure, format!("VM {vm} is gone"));
     };
+    // The policy refuses illegal names and the reserved `factory` (its socket would be the
+    // VM's factory socket) before its rules, as QNX checks a name's legality before its
+    // restrictions list.
     let decision = policy.decide(name);
-    // A name check, made before the rules as QNX checks a name's legality before its
-    // restrictions list: whatever the rules say, no rule can make the name usable.
-    if is_reserved_guest_name(&decision.guest_name) {
-        return refusal(
-            GuestShmStatus::IllegalName,
-            format!(
-                "{name}: {}: the name is reserved (its socket would be the VM's {FACTORY_SOCKET})",
-                GuestShmStatus::IllegalName
-            ),
-        );
-    }
     let Some(host_name) = decision.host_name.clone().filter(|_| decision.is_allowed()) else {
         return refusal(decision.status, decision.to_string());
     };
@@ -163,7 +156,8 @@ fn create_region(
         return Ok(id);
     }
     let defaults = named.defaults();
-    if size > defaults.max_size {
+    // What the region would get: whole pages (`Regions::create_named`).
+    if whole_pages(size).is_none_or(|bytes| bytes > defaults.max_size) {
         return Err(Box::new(refusal(
             GuestShmStatus::NoMem,
             format!(

@@ -28,15 +28,10 @@ pub const DEFAULT_ROOT: &str = "/run/ivshm";
 pub const CONTROL_SOCKET: &str = "control.sock";
 /// Name of the factory socket in a VM directory.
 pub const FACTORY_SOCKET: &str = "factory.sock";
-/// The one legal region name a VM cannot use: its socket would be the VM's [`FACTORY_SOCKET`].
-/// The factory answers `GSS_ILLEGAL_NAME` for it; a region with this host name gets no socket
-/// under this name.
-pub const RESERVED_GUEST_NAME: &str = "factory";
-
-/// Whether a VM cannot use `guest_name` (see [`RESERVED_GUEST_NAME`]).
-pub fn is_reserved_guest_name(guest_name: &str) -> bool {
-    guest_name == RESERVED_GUEST_NAME
-}
+/// The one legal region name a VM cannot use (its socket would be the VM's [`FACTORY_SOCKET`]):
+/// every VM's policy answers `GSS_ILLEGAL_NAME` for it; a region with this host name gets no
+/// socket under this name.
+pub use ivshm_policy::name::{is_reserved_guest_name, RESERVED_GUEST_NAME};
 
 /// What follows the VM's name for a region in its socket's file name.
 const REGION_SOCKET_SUFFIX: &str = ".sock";

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ivshm_mem::BackendError;
+use ivshm_policy::guest_shm::whole_pages;
 use rustix::io::Errno;
 use thiserror::Error;
 
@@ -224,6 +225,11 @@ impl Regions {
 
     /// Creates a named region (memory only: sockets are added for the VMs that may see it).
     /// Run-time regions (factory, control) count against `max_run_time`.
+    ///
+    /// The size is rounded up to whole 4 KiB pages before the power-of-two policy applies: a
+    /// `guest_shm` client can reach every named region (factory `find`), and the QNX header
+    /// counts a region's `size` in whole pages, all of them backed (a `create x,100` line gives
+    /// one page; with `pow2 = "off"`, `0x1800` bytes give two).
     pub(crate) fn create_named(
         &mut self,
         config: &NamedRegionConfig,
@@ -231,6 +237,7 @@ impl Regions {
         max_run_time: usize,
     ) -> Result<RegionId, CreateError> {
         validate_named_region(config)?;
+        let size = whole_pages(config.size).ok_or(BackendError::TooLarge(config.size))?;
         if self.find_named(config.name.as_str()).is_some() {
             return Err(CreateError::Exists);
         }
@@ -255,7 +262,7 @@ impl Regions {
         let spec = RegionSpec {
             name: config.name.to_string(),
             backend: config.backend.kind(config.name.as_str()),
-            size: config.size,
+            size,
             pow2: config.pow2,
             vectors: config.vectors,
             peer_limit: config.peer_limit,

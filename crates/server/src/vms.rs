@@ -182,16 +182,20 @@ impl Vms {
         changes
     }
 
-    /// Says once per VM that `intr`, `loc` and `sched` do not apply to QEMU guests.
+    /// Says once per VM that `intr`, `loc`, `sched` and `log` do not apply to QEMU guests.
     fn log_placement_once(&mut self, vm: &VmConfig) {
         let policy = &vm.policy;
-        if policy.intr().is_none() && policy.loc().is_none() && policy.sched().is_none() {
+        if policy.intr().is_none()
+            && policy.loc().is_none()
+            && policy.sched().is_none()
+            && policy.log().is_empty()
+        {
             return;
         }
         if self.placement_logged.insert(vm.name.to_string()) {
             tracing::warn!(
                 vm = %vm.name,
-                "intr/loc/sched are carried to guest_shm device models; they cannot apply to \
+                "intr/loc/sched/log are carried to guest_shm device models; they cannot apply to \
                  QEMU guests, which join through the v0 sockets"
             );
         }

@@ -1086,6 +1086,44 @@ fn the_shipped_example_serves_what_it_says() {
     );
 }
 
+/// Every named region is whole 4 KiB pages, rounded up before the power-of-two rule: a
+/// `guest_shm` client reads `size` in pages and maps every one. `create x,100` gives one page,
+/// and with `pow2 = "off"` `create x,0x1800` gives two; control and factory creates alike.
+#[test]
+fn named_regions_are_whole_pages_rounded_up() {
+    let sizes = |pow2: &str| {
+        let setup = Setup::new(
+            &format!("pages-{pow2}"),
+            &format!(
+                "[defaults]\nvectors = 1\npow2 = \"{pow2}\"\n[[region]]\nname = \"listed\"\n\
+                 size = 10\n[vm.vm0]\nqnx = \"create x,100 create y,0x1800\"\n"
+            ),
+        );
+        setup.control(&ControlRequest::Create(CreateRegion {
+            name: "c".into(),
+            size: 4097,
+            persist: true,
+            ..CreateRegion::default()
+        }));
+        let created = setup.create("vm0", "f", 1);
+        assert_eq!(status(&created), GuestShmStatus::Ok, "{created:?}");
+        ["x", "y", "listed", "c", "f"]
+            .map(|name| {
+                let found = setup.find("vm0", name);
+                assert_eq!(status(&found), GuestShmStatus::Ok, "{name}: {found:?}");
+                let offered = found.region.unwrap().size;
+                // The memory behind the socket is that size too.
+                let listed = setup.regions();
+                let report = listed.iter().find(|r| r.name == name).unwrap();
+                assert_eq!(report.size, offered, "{name}");
+                offered
+            })
+            .to_vec()
+    };
+    assert_eq!(sizes("off"), [4096, 8192, 4096, 8192, 4096]);
+    assert_eq!(sizes("round-up"), [4096, 8192, 4096, 8192, 4096]);
+}
+
 /// An error about a region names it once: "region x: ...", never "region x: region x: ..."
 /// (the control socket and the factory add the prefix; the errors under it do not).
 #[test]
@@ -1102,9 +1140,10 @@ fn control_and_factory_errors_name_the_region_once() {
             ..CreateRegion::default()
         }))
     };
-    let pow2 = create("x", 3000, None);
+    // Three whole pages: not a power of two (a size below a page is first made one page).
+    let pow2 = create("x", 3 * 4096, None);
     assert!(
-        pow2.starts_with("region x: size 3000 bytes is not a power of two"),
+        pow2.starts_with("region x: size 12288 bytes is not a power of two"),
         "{pow2}"
     );
     let vectors = create("x", 4096, Some(99));
@@ -1112,7 +1151,7 @@ fn control_and_factory_errors_name_the_region_once() {
         vectors,
         "region x: 99 vectors per peer: at most 64 are supported"
     );
-    let factory = setup.create("vm0", "y", 3000);
+    let factory = setup.create("vm0", "y", 3 * 4096);
     assert_eq!(status(&factory), GuestShmStatus::NoMem, "{factory:?}");
     setup.control(&ControlRequest::Create(CreateRegion {
         name: "z".into(),

@@ -11,3 +11,4 @@ pub mod adapters;
 pub mod guest_shm;
 pub mod ivshmem;
 pub mod pci;
+pub mod sched;

@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use ivshm_policy::GuestShmStatus;
-use ivshm_server::named::{
-    guest_name_for, is_reserved_guest_name, region_socket_name, FACTORY_SOCKET,
-};
+use ivshm_server::named::{guest_name_for, region_socket_name};
 
 /// `ivshm policy ...`: what a VM's `vdev shmem` policy decides, without a server.
 #[derive(Subcommand, Debug)]
@@ -95,13 +93,7 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<(String, GuestShmStatus)> {
             )
         })?;
     let decision = vm.policy.decide(&args.name);
-    // The server's own rule on top of the policy: one name is its factory socket's.
-    let reserved = is_reserved_guest_name(&decision.guest_name);
-    let status = if reserved {
-        GuestShmStatus::IllegalName
-    } else {
-        decision.status
-    };
+    let status = decision.status;
     let mut out = String::new();
     let verdict = if status.is_ok() {
         "allow"
@@ -138,11 +130,6 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<(String, GuestShmStatus)> {
                     .to_string()
             });
         out.push_str(&format!("socket: {}\n", socket.as_deref().unwrap_or("-")));
-    }
-    if reserved {
-        out.push_str(&format!(
-            "reason: the name is reserved (its socket would be the VM's {FACTORY_SOCKET})\n"
-        ));
     }
     out.push_str(&format!("status: {} ({})\n", status, status.as_u32()));
     Ok((out, status))
@@ -216,9 +203,9 @@ mod tests {
         assert_eq!(status, GuestShmStatus::IllegalName);
         assert_eq!(
             text,
-            "vm: open\nname: factory\ndecision: illegal\nhost name: factory\n\
-             rule: implicit allow * (no allow rules)\n\
-             reason: the name is reserved (its socket would be the VM's factory.sock)\n\
+            "vm: open\nname: factory\ndecision: illegal\nhost name: -\n\
+             reason: guest name: the name factory is reserved (its socket would be the VM's \
+             factory.sock)\n\
              status: GSS_ILLEGAL_NAME (4)\n"
         );
         assert_eq!(run_check(&path, "open", "factory2").1, GuestShmStatus::Ok);
@@ -237,7 +224,7 @@ rules = [\"allow mem*\"]
             assert_eq!(status, GuestShmStatus::IllegalName, "{vm}: {text}");
             assert!(text.contains("decision: illegal\n"), "{vm}: {text}");
             assert!(
-                text.contains("reason: the name is reserved"),
+                text.contains("reason: guest name: the name factory is reserved"),
                 "{vm}: {text}"
             );
         }

@@ -8,12 +8,14 @@
 //!     create foomem,0xf0000
 //!     loc 0x1b000000 intr gic:39
 //!     sched 21
+//!     log error,warning stderr
 //! ```
 //!
 //! Syntax, after the qvm configuration rules: everything from a `#` to the end of its line is a
 //! comment; options and arguments are separated by whitespace; each option takes exactly one
 //! argument, which must be on the same line (qvm ignores line breaks, but an argument on the next
-//! line is almost always a missing argument, so this parser reports it). Keywords are
+//! line is almost always a missing argument, so this parser reports it); `log` takes two words
+//! and `loc` may stand alone (a bare `loc`: PCI mode). Keywords are
 //! case-sensitive. The block may start with `vdev shmem` (or `vdev vdev-shmem.so`); another
 //! `vdev` later is an error, since one call parses one block.
 //!
@@ -23,24 +25,31 @@
 //! | `deny` | fnmatch pattern | appended to the [`RuleList`] in order |
 //! | `create` | `NAME,SIZE` | pre-create region `NAME` of `SIZE` bytes; affected by a `subst` written *before* it only |
 //! | `subst` | `[match],prefix` | at most one per block (see [`Subst`]) |
-//! | `loc` | address | factory page address (MMIO mode); page aligned; needs `intr` |
-//! | `intr` | `[controller:]line` | guest interrupt, e.g. `gic:39` |
+//! | `loc` | [`Location`]: `ADDR` or `mem:ADDR`, `pci:BUS:DEV[.FUNC]`, or nothing | `mem`: the factory page address (MMIO mode; page aligned; needs `intr`); `pci:`/bare: PCI mode |
+//! | `intr` | `[controller:]line` | guest interrupt, e.g. `gic:39`; in PCI mode the line INTA# is routed to (assigned by the VMM when omitted) |
 //! | `sched` | priority 1..=255 | priority of the notification pulses |
 //! | `name` | vdev instance name | a common vdev option (`/dev/qvm/<system>/<name>`) |
+//! | `log` | `FILTER[,FILTER...] DESTINATION` | a common vdev option ([`LogOption`]), repeatable |
+//!
+//! The common option `hostvector` applies to interrupt-controller vdevs only and is refused
+//! with that reason.
 //!
 //! Sizes and addresses are decimal, `0x` hex or `0d` decimal, with an optional `K`/`M`/`G`
 //! suffix (powers of 1024). A `create` size must be at least 1 byte and at most the
 //! 2³² − 1 pages a factory `size` register can hold; it need not be a page multiple (the region
-//! gets whole pages, see [`crate::guest_shm::pages_for`]). `loc`, `intr`, `sched` and `name`
+//! gets whole pages, see [`crate::guest_shm::pages_for`]: every server and device model in this
+//! project rounds it up). `loc`, `intr`, `sched` and `name`
 //! follow qvm's rule that a repeated option's last instance wins; a second `subst` is an error
 //! ("Only one instance of the subst option may be specified per shmem vdev"). Unknown options,
 //! missing or malformed arguments, illegal `create` names (before or after substitution),
-//! two `create`s of the same host name and `loc` without `intr` are errors, each reported as a
+//! two `create`s of the same host name and an MMIO `loc` without `intr` are errors, each reported as a
 //! [`ParseError`] with its line number, option and reason.
 //!
 //! `create` names are not checked against `allow`/`deny`: pre-creation is the operator's decision.
 
 mod interrupt;
+mod location;
+mod log;
 mod parser;
 
 use std::fmt;
@@ -52,6 +61,8 @@ use crate::rules::RuleList;
 use crate::subst::Subst;
 
 pub use interrupt::{Interrupt, InterruptError};
+pub use location::{Location, LocationError, PciAddress};
+pub use log::{LogDestination, LogError, LogOption, LogSeverity};
 
 /// A `vdev shmem` block that could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -108,14 +119,17 @@ pub struct VdevShmem {
     /// `create` options in the order written; in a parsed block the ones `subst` applies to
     /// come after all the others (rendering writes them in that order).
     pub creates: Vec<CreateOption>,
-    /// The `loc` option: guest-physical address of the factory page (MMIO mode).
-    pub loc: Option<u64>,
+    /// The `loc` option: where the vdev appears (the factory page's address in MMIO mode, or
+    /// PCI mode).
+    pub loc: Option<Location>,
     /// The `intr` option.
     pub intr: Option<Interrupt>,
     /// The `sched` option: priority of the notification pulses.
     pub sched: Option<u8>,
     /// The common `name` option: the vdev instance's name.
     pub name: Option<String>,
+    /// The common `log` options in the order written.
+    pub log: Vec<LogOption>,
 }
 
 impl VdevShmem {
@@ -124,17 +138,17 @@ impl VdevShmem {
         parser::Parser::default().parse(text)
     }
 
-    /// Whether the guest sees the vdev as an MMIO device (`loc` and `intr` given) rather than
-    /// as a PCI device.
+    /// Whether the guest sees the vdev as an MMIO device (a memory `loc` and `intr` given)
+    /// rather than as a PCI device.
     pub fn is_mmio(&self) -> bool {
-        self.loc.is_some() && self.intr.is_some()
+        matches!(self.loc, Some(Location::Mem(_))) && self.intr.is_some()
     }
 }
 
 /// Renders the block in canonical form: the `vdev shmem` line, then one option per line (rules
 /// in order, `create`s not affected by `subst`, `subst`, the other `create`s, `loc`, `intr`,
-/// `sched`, `name`). Sizes and addresses are written in hex. Parsing the output gives the same
-/// value back.
+/// `sched`, `name`, `log`s). Sizes and addresses are written in hex. Parsing the output gives
+/// the same value back.
 impl fmt::Display for VdevShmem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "vdev shmem")?;
@@ -154,8 +168,10 @@ impl fmt::Display for VdevShmem {
         for create in self.creates.iter().filter(applies) {
             write_create(f, create)?;
         }
-        if let Some(loc) = self.loc {
-            writeln!(f, "    loc {loc:#x}")?;
+        match &self.loc {
+            Some(Location::Pci(None)) => writeln!(f, "    loc")?,
+            Some(loc) => writeln!(f, "    loc {loc}")?,
+            None => {}
         }
         if let Some(intr) = &self.intr {
             writeln!(f, "    intr {intr}")?;
@@ -165,6 +181,9 @@ impl fmt::Display for VdevShmem {
         }
         if let Some(name) = &self.name {
             writeln!(f, "    name {name}")?;
+        }
+        for log in &self.log {
+            writeln!(f, "    log {log}")?;
         }
         Ok(())
     }

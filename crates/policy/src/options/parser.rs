@@ -1,13 +1,13 @@
 //! The tokenizer and parser behind [`VdevShmem::parse`](super::VdevShmem::parse).
 
 use crate::fnmatch::Pattern;
-use crate::guest_shm::{MAX_REGION_BYTES, PAGE_SIZE};
+use crate::guest_shm::MAX_REGION_BYTES;
 use crate::name::RegionName;
 use crate::number::{parse_number, parse_size};
 use crate::rules::Rule;
 use crate::subst::Subst;
 
-use super::{CreateOption, Interrupt, ParseError, VdevShmem};
+use super::{CreateOption, Interrupt, Location, LogOption, ParseError, VdevShmem};
 
 /// One whitespace-separated word and the line it is on.
 #[derive(Debug, Clone, Copy)]
@@ -38,7 +38,27 @@ pub(super) struct Parser {
     created: Vec<(String, usize)>,
 }
 
-const OPTIONS: &str = "allow, deny, create, subst, loc, intr, sched, name";
+const OPTIONS: &str = "allow, deny, create, subst, loc, intr, sched, name, log";
+
+/// How many words follow an option on its line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arguments {
+    /// Exactly one.
+    One,
+    /// Exactly two (`log FILTERS DESTINATION`).
+    Two,
+    /// One, or none when the line ends or the next word is an option (`loc`).
+    Optional,
+}
+
+fn arguments(option: &str) -> Option<Arguments> {
+    match option {
+        "allow" | "deny" | "create" | "subst" | "intr" | "sched" | "name" => Some(Arguments::One),
+        "log" => Some(Arguments::Two),
+        "loc" => Some(Arguments::Optional),
+        _ => None,
+    }
+}
 
 impl Parser {
     pub(super) fn parse(mut self, text: &str) -> Result<VdevShmem, ParseError> {
@@ -74,40 +94,48 @@ impl Parser {
                     "a second vdev starts here; give one `vdev shmem` block at a time",
                 ));
             }
-            if !is_known_option(option.text) {
-                return Err(ParseError::new(
-                    option.line,
-                    option.text,
-                    format!("unknown option; vdev shmem takes {OPTIONS}"),
-                ));
+            let Some(kind) = arguments(option.text) else {
+                return Err(unknown_option(option));
+            };
+            let on_line: Vec<&str> = after
+                .iter()
+                .take_while(|t| t.line == option.line)
+                .map(|t| t.text)
+                .collect();
+            let taken = match kind {
+                Arguments::Optional => {
+                    usize::from(on_line.first().is_some_and(|w| arguments(w).is_none()))
+                }
+                Arguments::One => 1,
+                Arguments::Two => 2,
+            };
+            if on_line.len() < taken {
+                let what = if kind == Arguments::Two {
+                    "missing argument: log takes a severity list and a destination, e.g. \
+                     `log error,warning stderr` (on the same line as the option)"
+                } else {
+                    "missing argument (it must be on the same line as the option)"
+                };
+                return Err(ParseError::new(option.line, option.text, what));
             }
-            let argument = after
-                .first()
-                .filter(|t| t.line == option.line)
-                .ok_or_else(|| {
-                    ParseError::new(
-                        option.line,
-                        option.text,
-                        "missing argument (it must be on the same line as the option)",
-                    )
-                })?;
-            self.option(option, argument.text)?;
-            rest = &after[1..];
+            self.option(option, &on_line[..taken])?;
+            rest = &after[taken..];
         }
         if let (Some(line), None) = (self.loc_line, &self.block.intr) {
             return Err(ParseError::new(
                 line,
                 "loc",
-                "loc needs an intr option too: with loc the vdev is an MMIO device and the guest \
-                 interrupt must be given",
+                "a memory loc needs an intr option too: with loc ADDRESS the vdev is an MMIO \
+                 device and the guest interrupt must be given",
             ));
         }
         Ok(self.block)
     }
 
-    fn option(&mut self, option: &Token<'_>, argument: &str) -> Result<(), ParseError> {
+    fn option(&mut self, option: &Token<'_>, words: &[&str]) -> Result<(), ParseError> {
         let line = option.line;
         let fail = |message: String| ParseError::new(line, option.text, message);
+        let argument = words.first().copied().unwrap_or_default();
         match option.text {
             "allow" | "deny" => {
                 let pattern = Pattern::new(argument).map_err(|e| fail(e.to_string()))?;
@@ -140,14 +168,18 @@ impl Parser {
                 self.subst_line = Some(line);
             }
             "loc" => {
-                let loc = parse_size(argument, u64::MAX).map_err(|e| fail(e.to_string()))?;
-                if loc % PAGE_SIZE as u64 != 0 {
-                    return Err(fail(format!(
-                        "{argument} is not aligned to the {PAGE_SIZE}-byte factory page"
-                    )));
-                }
+                let loc = if words.is_empty() {
+                    Location::Pci(None)
+                } else {
+                    Location::parse(argument).map_err(|e| fail(e.to_string()))?
+                };
+                self.loc_line = matches!(loc, Location::Mem(_)).then_some(line);
                 self.block.loc = Some(loc);
-                self.loc_line = Some(line);
+            }
+            "log" => {
+                let log = LogOption::parse(argument, words.get(1).copied().unwrap_or_default())
+                    .map_err(|e| fail(e.to_string()))?;
+                self.block.log.push(log);
             }
             "intr" => {
                 let intr = Interrupt::parse(argument).map_err(|e| fail(e.to_string()))?;
@@ -196,9 +228,11 @@ impl Parser {
     }
 }
 
-fn is_known_option(word: &str) -> bool {
-    matches!(
-        word,
-        "allow" | "deny" | "create" | "subst" | "loc" | "intr" | "sched" | "name"
-    )
+fn unknown_option(option: &Token<'_>) -> ParseError {
+    let message = if option.text == "hostvector" {
+        "hostvector applies only to interrupt-controller (PIC) vdevs, not to vdev shmem".to_owned()
+    } else {
+        format!("unknown option; vdev shmem takes {OPTIONS}")
+    };
+    ParseError::new(option.line, option.text, message)
 }

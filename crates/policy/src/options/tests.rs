@@ -75,7 +75,7 @@ fn command_line_form_with_several_options_per_line() {
             .unwrap();
     assert_eq!(block.rules.rules().len(), 2);
     assert_eq!(block.sched, Some(21));
-    assert_eq!(block.loc, Some(0x1b00_0000));
+    assert_eq!(block.loc, Some(Location::Mem(0x1b00_0000)));
     assert_eq!(
         block.intr,
         Some(Interrupt {
@@ -129,7 +129,7 @@ fn repeated_loc_intr_sched_name_keep_the_last() {
     )
     .unwrap();
     assert_eq!(block.sched, Some(12));
-    assert_eq!(block.loc, Some(0x2000));
+    assert_eq!(block.loc, Some(Location::Mem(0x2000)));
     assert_eq!(block.intr.unwrap().line, 6);
     assert_eq!(block.name.as_deref(), Some("b"));
 }
@@ -142,7 +142,7 @@ fn errors_name_line_option_and_reason() {
             line: 3,
             option: "permit".into(),
             message: "unknown option; vdev shmem takes allow, deny, create, subst, loc, intr, \
-                      sched, name"
+                      sched, name, log"
                 .into()
         }
     );
@@ -162,7 +162,7 @@ fn errors_name_line_option_and_reason() {
     assert_eq!(
         error("x\ny\nallow a b").to_string(),
         "line 1: x: unknown option; vdev shmem takes allow, deny, create, subst, loc, intr, \
-         sched, name"
+         sched, name, log"
     );
 }
 
@@ -211,6 +211,15 @@ fn argument_errors() {
         ("subst foo,", "subst", "prefix"),
         ("loc 0x1b000010 intr 3", "loc", "aligned"),
         ("loc nowhere intr 3", "loc", "not a number"),
+        ("loc mem:0x1000,0x1000 intr 3", "loc", "only its address"),
+        ("loc io:0x2f8", "loc", "I/O ports"),
+        ("loc pci:0x1c05/0x0001", "loc", "pass through"),
+        ("loc pci:0:32", "loc", "device 0..=31"),
+        ("log error", "log", "severity list and a destination"),
+        ("log error\nstderr", "log", "same line"),
+        ("log loud stderr", "log", "unknown severity"),
+        ("log error file", "log", "unknown destination"),
+        ("hostvector 32", "hostvector", "interrupt-controller"),
         ("intr gic:x", "intr", "interrupt line"),
         ("sched 0", "sched", "1..=255"),
         ("sched 256", "sched", "too large"),
@@ -245,8 +254,73 @@ fn render_is_canonical_and_parses_back() {
     assert_eq!(
         rendered,
         "vdev shmem\n    deny pluto\n    allow pluto*\n    create early,0x1000\n    \
-         subst foo,guest0\n    create foomem,0xf0000\n    loc 0x1b000000\n    intr gic:39\n    \
+         subst foo,guest0\n    create foomem,0xf0000\n    loc mem:0x1b000000\n    intr gic:39\n    \
          sched 21\n    name shm0\n"
+    );
+    assert_eq!(VdevShmem::parse(&rendered).unwrap(), block);
+}
+
+/// QNX's `loc` forms: an address or `mem:ADDRESS` (MMIO mode, needs `intr`), `pci:BUS:DEV[.FUNC]`
+/// and a bare `loc` (PCI mode, `intr` optional: the line INTA# is routed to).
+#[test]
+fn loc_forms() {
+    let mmio = VdevShmem::parse("loc mem:0x1b000000 intr gic:39").unwrap();
+    assert_eq!(mmio.loc, Some(Location::Mem(0x1b00_0000)));
+    assert!(mmio.is_mmio());
+    let e = error("loc mem:0x1b000000");
+    assert!(e.message.contains("needs an intr"), "{e}");
+
+    let pci = VdevShmem::parse("loc pci:0:5.1").unwrap();
+    assert_eq!(
+        pci.loc,
+        Some(Location::Pci(Some(PciAddress {
+            bus: 0,
+            device: 5,
+            function: 1
+        })))
+    );
+    assert!(!pci.is_mmio());
+    let pci_intr = VdevShmem::parse("loc pci:0:5 intr ioapic:11").unwrap();
+    assert!(!pci_intr.is_mmio());
+    assert_eq!(pci_intr.intr.unwrap().line, 11);
+
+    // A bare `loc`: at the end of a line, or followed by another option on its line.
+    for text in [
+        "vdev shmem\n  loc\n  allow a*",
+        "loc allow a*",
+        "loc",
+        "loc # PCI\n",
+    ] {
+        let block = VdevShmem::parse(text).unwrap();
+        assert_eq!(block.loc, Some(Location::Pci(None)), "{text:?}");
+        assert!(!block.is_mmio());
+    }
+    // A later `loc` replaces an earlier one, the MMIO requirement with it.
+    let block = VdevShmem::parse("loc 0x1000\nloc pci:0:3").unwrap();
+    assert_eq!(
+        block.loc.and_then(|l| l.pci_address()).map(|a| a.device),
+        Some(3)
+    );
+    let e = error("loc pci:0:3\nloc 0x1000");
+    assert_eq!((e.line, e.option.as_str()), (2, "loc"));
+    assert_eq!(
+        VdevShmem::parse("loc allow a*").unwrap().to_string(),
+        "vdev shmem\n    allow a*\n    loc\n"
+    );
+}
+
+/// The common option `log FILTERS DESTINATION` takes two words and may be repeated.
+#[test]
+fn log_options() {
+    let block = VdevShmem::parse("log fatal,error stderr\nlog warning,info slog allow a*").unwrap();
+    assert_eq!(block.log.len(), 2);
+    assert_eq!(block.log[0].to_string(), "fatal,error stderr");
+    assert_eq!(block.log[1].destination, LogDestination::Slog);
+    assert_eq!(block.rules.rules().len(), 1);
+    let rendered = block.to_string();
+    assert!(
+        rendered.ends_with("    log fatal,error stderr\n    log warning,info slog\n"),
+        "{rendered}"
     );
     assert_eq!(VdevShmem::parse(&rendered).unwrap(), block);
 }

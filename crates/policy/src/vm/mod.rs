@@ -20,7 +20,8 @@
 //!
 //! # Order of checks in [`VmPolicy::decide`]
 //!
-//! 1. the guest name must be a legal region name ([`crate::name`]), else `GSS_ILLEGAL_NAME`;
+//! 1. the guest name must be a legal region name ([`crate::name`]) and not the reserved
+//!    `factory`, else `GSS_ILLEGAL_NAME`;
 //! 2. the rules are evaluated on the guest name (the deciding rule is always reported);
 //! 3. the host name (after `subst`) must be legal, in particular at most 31 bytes ("name + prefix
 //!    must not exceed GUEST_SHM_MAX_NAME"), else `GSS_ILLEGAL_NAME`;
@@ -36,9 +37,10 @@
 //! rules = ["deny foo-secret", "allow foo*", "allow test*"]   # in order, first match decides
 //! subst = "foo,guest0"              # [match],prefix
 //! create = [{ name = "foomem", size = "0xf0000" }, { name = "foolog", size = 65536 }]
-//! loc = 0x1b000000                  # integer or string such as "0x1b000000"
+//! loc = 0x1b000000                  # integer, "0x1b000000", "mem:0x1b000000" or "pci:0:5"
 //! intr = "gic:39"                   # or an integer line number
 //! sched = 21
+//! log = ["error,warning stderr"]    # the common vdev option, "FILTERS DESTINATION" each
 //! ```
 //!
 //! `rules` is the QNX restrictions list in order (`"allow PATTERN"` / `"deny PATTERN"`), with
@@ -66,7 +68,7 @@ use thiserror::Error;
 
 use crate::guest_shm::{self, MAX_REGION_BYTES};
 use crate::name::{NameError, RegionName};
-use crate::options::{CreateOption, Interrupt, ParseError, VdevShmem};
+use crate::options::{CreateOption, Interrupt, Location, LogOption, ParseError, VdevShmem};
 use crate::rules::RuleList;
 use crate::subst::Subst;
 use crate::GuestShmStatus;
@@ -104,7 +106,7 @@ pub enum VmPolicyError {
         /// The size in bytes.
         size: u64,
     },
-    /// `loc` is not page aligned.
+    /// A memory `loc` is not page aligned.
     #[error(
         "loc {loc:#x} is not aligned to the {} byte factory page",
         guest_shm::PAGE_SIZE
@@ -113,14 +115,14 @@ pub enum VmPolicyError {
         /// The address.
         loc: u64,
     },
-    /// `loc` is given without `intr`.
+    /// A memory `loc` is given without `intr`.
     #[error("loc needs intr: in MMIO mode the guest interrupt must be given")]
     LocWithoutIntr,
     /// `sched` is 0.
     #[error("sched priority must be in 1..=255")]
     BadSched,
     /// The TOML form has `qnx` next to other policy fields.
-    #[error("qnx = '''...''' excludes rules, subst, create, loc, intr and sched: write them in the block")]
+    #[error("qnx = '''...''' excludes rules, subst, create, loc, intr, sched and log: write them in the block")]
     QnxWithFields,
 }
 
@@ -136,16 +138,17 @@ pub struct PreCreatedRegion {
 }
 
 /// One VM's shmem policy: restrictions list, `subst`, pre-created regions and the device
-/// placement options (`loc`, `intr`, `sched`) that the server reports and device models use.
+/// options (`loc`, `intr`, `sched`, `log`) that the server reports and device models use.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "VmPolicyConfig")]
 pub struct VmPolicy {
     rules: RuleList,
     subst: Option<Subst>,
     pre_created: Vec<PreCreatedRegion>,
-    loc: Option<u64>,
+    loc: Option<Location>,
     intr: Option<Interrupt>,
     sched: Option<u8>,
+    log: Vec<LogOption>,
 }
 
 impl VmPolicy {
@@ -158,7 +161,7 @@ impl VmPolicy {
     /// [`VdevShmem`] may have been built by hand).
     pub fn from_vdev(block: VdevShmem) -> Result<Self, VmPolicyError> {
         let pre_created = pre_create(&block.creates, block.subst.as_ref())?;
-        check_placement(block.loc, block.intr.as_ref(), block.sched)?;
+        check_placement(block.loc.as_ref(), block.intr.as_ref(), block.sched)?;
         Ok(Self {
             rules: block.rules,
             subst: block.subst,
@@ -166,6 +169,7 @@ impl VmPolicy {
             loc: block.loc,
             intr: block.intr,
             sched: block.sched,
+            log: block.log,
         })
     }
 
@@ -200,6 +204,7 @@ impl VmPolicy {
             intr: config.intr,
             sched: config.sched,
             name: None,
+            log: config.log,
         })
     }
 
@@ -226,6 +231,9 @@ impl VmPolicy {
     }
 
     fn decide_legal(&self, name: RegionName) -> Decision {
+        if crate::name::is_reserved_guest_name(name.as_str()) {
+            return Decision::illegal_guest_name(name.into_string(), NameError::Reserved);
+        }
         let rule = self.rules.evaluate(name.as_str());
         let host_text = self.host_name_of(name.as_str());
         let (host_name, status, name_error) = match RegionName::new(&host_text) {
@@ -288,9 +296,17 @@ impl VmPolicy {
         self.subst.as_ref()
     }
 
-    /// The `loc` option (factory page address in MMIO mode).
-    pub fn loc(&self) -> Option<u64> {
+    /// The `loc` option: where the vdev appears.
+    pub fn loc(&self) -> Option<&Location> {
+        self.loc.as_ref()
+    }
+
+    /// The factory page's address in MMIO mode (a memory `loc` with `intr`).
+    pub fn mmio_loc(&self) -> Option<u64> {
         self.loc
+            .as_ref()
+            .and_then(Location::mmio_address)
+            .filter(|_| self.intr.is_some())
     }
 
     /// The `intr` option.
@@ -303,9 +319,15 @@ impl VmPolicy {
         self.sched
     }
 
-    /// Whether the guest sees an MMIO device (`loc` and `intr`) instead of a PCI device.
+    /// The common `log` options, in the order written.
+    pub fn log(&self) -> &[LogOption] {
+        &self.log
+    }
+
+    /// Whether the guest sees an MMIO device (a memory `loc` and `intr`) instead of a PCI
+    /// device.
     pub fn is_mmio(&self) -> bool {
-        self.loc.is_some() && self.intr.is_some()
+        self.mmio_loc().is_some()
     }
 }
 
@@ -359,11 +381,11 @@ fn pre_create(
 }
 
 fn check_placement(
-    loc: Option<u64>,
+    loc: Option<&Location>,
     intr: Option<&Interrupt>,
     sched: Option<u8>,
 ) -> Result<(), VmPolicyError> {
-    if let Some(loc) = loc {
+    if let Some(loc) = loc.and_then(Location::mmio_address) {
         if loc % guest_shm::PAGE_SIZE as u64 != 0 {
             return Err(VmPolicyError::UnalignedLoc { loc });
         }

@@ -198,8 +198,10 @@ fn seed_vm_configurations() {
 
 #[test]
 fn placement_options_are_carried() {
-    let vm = policy("loc 0x1b000000 intr gic:39 sched 21");
-    assert_eq!(vm.loc(), Some(0x1b00_0000));
+    let vm = policy("loc 0x1b000000 intr gic:39 sched 21 log error,warning stderr");
+    assert_eq!(vm.loc(), Some(&Location::Mem(0x1b00_0000)));
+    assert_eq!(vm.mmio_loc(), Some(0x1b00_0000));
+    assert_eq!(vm.log()[0].to_string(), "error,warning stderr");
     assert_eq!(
         vm.intr().map(ToString::to_string).as_deref(),
         Some("gic:39")
@@ -207,6 +209,29 @@ fn placement_options_are_carried() {
     assert_eq!(vm.sched(), Some(21));
     assert!(vm.is_mmio());
     assert!(!VmPolicy::default().is_mmio());
+}
+
+/// PCI mode takes `intr` (the line INTA# is routed to), `loc pci:BUS:DEV[.FUNC]` or a bare
+/// `loc`; none of them is MMIO mode.
+#[test]
+fn pci_mode_options_are_carried() {
+    let vm = policy("intr ioapic:5");
+    assert_eq!(vm.intr().unwrap().line, 5);
+    assert!(!vm.is_mmio());
+    assert_eq!(vm.mmio_loc(), None);
+    let vm = policy("loc pci:0:7 intr 11");
+    assert_eq!(
+        vm.loc().and_then(Location::pci_address).map(|a| a.device),
+        Some(7)
+    );
+    assert!(!vm.is_mmio());
+    let vm = policy(
+        "vdev shmem
+  loc
+  allow a*",
+    );
+    assert_eq!(vm.loc(), Some(&Location::Pci(None)));
+    assert!(!vm.is_mmio());
 }
 
 #[test]
@@ -239,14 +264,20 @@ fn toml_form() {
         vm.pre_created(),
         vec![(region("guest0mem"), 0xf0000), (region("log"), 65536)]
     );
-    assert_eq!(vm.loc(), Some(0x1b00_0000));
+    assert_eq!(vm.mmio_loc(), Some(0x1b00_0000));
     assert_eq!(vm.intr().unwrap().line, 39);
     assert_eq!(vm.sched(), Some(21));
 
     let minimal: VmPolicy = toml::from_str("").unwrap();
     assert_eq!(minimal, VmPolicy::default());
     let string_loc: VmPolicy = toml::from_str("loc = \"64K\"\nintr = 5").unwrap();
-    assert_eq!(string_loc.loc(), Some(0x10000));
+    assert_eq!(string_loc.mmio_loc(), Some(0x10000));
+    let mem_loc: VmPolicy = toml::from_str("loc = \"mem:0x1b000000\"\nintr = 5").unwrap();
+    assert_eq!(mem_loc.mmio_loc(), Some(0x1b00_0000));
+    let pci: VmPolicy =
+        toml::from_str("loc = \"pci:0:5.0\"\nintr = 9\nlog = [\"info slog\"]").unwrap();
+    assert!(!pci.is_mmio());
+    assert_eq!(pci.log().len(), 1);
 }
 
 #[test]
@@ -268,7 +299,7 @@ fn toml_errors() {
     assert!(err("create = [{ name = \"x\", size = 0 }]").contains("size 0"));
     assert!(err("create = [{ name = \"x\", size = -1 }]").contains("negative"));
     assert!(err("create = [{ name = \"x\", size = 1.5 }]").contains("a size in bytes"));
-    assert!(err("loc = true").contains("a size in bytes"));
+    assert!(err("loc = true").contains("a location: an address"));
     assert!(err("subst = \"guest0\"").contains("no comma"));
     assert!(err("loc = 4096").contains("loc needs intr"));
     assert!(err("loc = 4097\nintr = 1").contains("not aligned"));
@@ -286,7 +317,7 @@ fn toml_errors() {
 #[test]
 fn from_vdev_rechecks_hand_built_blocks() {
     let block = VdevShmem {
-        loc: Some(0x1000),
+        loc: Some(Location::Mem(0x1000)),
         ..VdevShmem::default()
     };
     assert_eq!(

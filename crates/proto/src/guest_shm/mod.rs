@@ -38,6 +38,25 @@ pub const fn pages_for(bytes: u64) -> u64 {
     bytes.div_ceil(PAGE_SIZE as u64)
 }
 
+/// `bytes` rounded up to whole pages: the size of a region a `guest_shm` client can be given
+/// (the header counts `size` in 4 KiB pages, and a guest maps `size` whole pages behind the
+/// control page). `None` if that does not fit in 64 bits.
+pub const fn whole_pages(bytes: u64) -> Option<u64> {
+    pages_for(bytes).checked_mul(PAGE_SIZE as u64)
+}
+
+/// The `size` register value for a region of `bytes` bytes: its page count, if `bytes` is a
+/// whole number of pages (at least one) that the 32-bit register can hold. `None` otherwise: a
+/// region of another size cannot be presented to a `guest_shm` client without hiding or
+/// inventing memory.
+pub const fn exact_pages(bytes: u64) -> Option<u32> {
+    let pages = bytes / PAGE_SIZE as u64;
+    if bytes % PAGE_SIZE as u64 != 0 || pages == 0 || pages > u32::MAX as u64 {
+        return None;
+    }
+    Some(pages as u32)
+}
+
 /// Byte offsets of the registers of `struct guest_shm_factory` in the factory page.
 pub mod factory {
     /// `uint64_t signature` (read only): [`super::SIGNATURE`].
@@ -143,5 +162,20 @@ mod tests {
         assert_eq!(pages_for(4097), 2);
         assert_eq!(pages_for(0xf0000), 0xf0);
         assert_eq!(pages_for(MAX_REGION_BYTES), u64::from(u32::MAX));
+    }
+
+    #[test]
+    fn whole_pages_round_up_and_exact_pages_never_floor() {
+        assert_eq!(whole_pages(0), Some(0));
+        assert_eq!(whole_pages(100), Some(4096));
+        assert_eq!(whole_pages(0x1800), Some(0x2000));
+        assert_eq!(whole_pages(4096), Some(4096));
+        assert_eq!(whole_pages(u64::MAX), None);
+        assert_eq!(exact_pages(4096), Some(1));
+        assert_eq!(exact_pages(0x2000), Some(2));
+        assert_eq!(exact_pages(MAX_REGION_BYTES), Some(u32::MAX));
+        for not_whole in [0, 100, 128, 0x1800, 4097, MAX_REGION_BYTES + 4096] {
+            assert_eq!(exact_pages(not_whole), None, "{not_whole:#x}");
+        }
     }
 }

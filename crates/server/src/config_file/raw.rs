@@ -77,6 +77,7 @@ pub(super) struct RawVm {
     pub(super) loc: Option<Spanned<toml::Value>>,
     pub(super) intr: Option<Spanned<toml::Value>>,
     pub(super) sched: Option<Spanned<toml::Value>>,
+    pub(super) log: Option<Spanned<Vec<Spanned<toml::Value>>>>,
 }
 
 /// One policy field of a VM's TOML form as written: its key, where its value is, the value,
@@ -127,6 +128,7 @@ impl RawVm {
             one("loc", &self.loc),
             one("intr", &self.intr),
             one("sched", &self.sched),
+            list("log", &self.log),
         ]
         .into_iter()
         .flatten()

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use ivshm_mem::Mapping;
 use ivshm_policy::VmPolicy;
-use ivshm_proto::guest_shm::{GuestShmStatus, MAX_CLIENTS, PAGE_SIZE};
+use ivshm_proto::guest_shm::{pages_for, GuestShmStatus, MAX_CLIENTS, PAGE_SIZE};
 
 use crate::guest_shm::{dup, Attachment, Factory, RegionConnection};
 use crate::ivshmem::link::ring_eventfd;
@@ -23,9 +23,21 @@ struct Region {
     memory: Arc<Mapping>,
     pages: u32,
     clients: [Option<Client>; MAX_CLIENTS],
+    /// Made by a VM's `create` line: stays while the registry lives, as the server keeps
+    /// configured regions, instead of going with its last client.
+    configured: bool,
 }
 
 impl Region {
+    fn new(name: &str, pages: u32, configured: bool) -> Result<Region, GuestShmStatus> {
+        Ok(Region {
+            memory: Arc::new(new_region_memory(name, pages)?),
+            pages,
+            clients: Default::default(),
+            configured,
+        })
+    }
+
     fn attached_mask(&self) -> u16 {
         self.clients
             .iter()
@@ -34,7 +46,7 @@ impl Region {
             .fold(0, |m, (i, _)| m | (1 << i))
     }
 
-    /// Rings every client's interrupt except `except`.
+    /// Rings every client's interrupt except `except`'s: their attached bitmap changed.
     fn ring_others(&self, except: usize) {
         for (i, c) in self.clients.iter().enumerate() {
             if let (true, Some(c)) = (i != except, c) {
@@ -75,8 +87,34 @@ impl LocalRegionRegistry {
         }
     }
 
-    /// A factory for one VM with its policy.
+    /// A factory for one VM with its policy. The policy's `create` lines are honoured here,
+    /// as the server honours them at VM start: each region that does not exist yet is created
+    /// with its size rounded up to whole pages (the first creator decides the size; a line's
+    /// size is the operator's, so `max_pages` does not apply) and stays while the registry
+    /// lives. A region whose memory cannot be had is logged and skipped.
     pub fn factory(&self, policy: VmPolicy) -> LocalFactory {
+        if let Ok(mut reg) = self.inner.lock() {
+            for (host_name, bytes) in policy.pre_created() {
+                let host_name = host_name.into_string();
+                if reg.regions.contains_key(&host_name) {
+                    continue;
+                }
+                let created = u32::try_from(pages_for(bytes))
+                    .map_err(|_| GuestShmStatus::NoMem)
+                    .and_then(|pages| Region::new(&host_name, pages, true));
+                match created {
+                    Ok(region) => {
+                        reg.regions.insert(host_name, region);
+                    }
+                    Err(status) => tracing::warn!(
+                        region = %host_name,
+                        bytes,
+                        %status,
+                        "guest_shm: a create line's region could not be made"
+                    ),
+                }
+            }
+        }
         LocalFactory {
             registry: self.clone(),
             policy,
@@ -92,6 +130,13 @@ impl LocalRegionRegistry {
             .unwrap_or(0)
     }
 
+    /// Whether a region of that host name exists.
+    pub fn contains(&self, host_name: &str) -> bool {
+        self.inner
+            .lock()
+            .is_ok_and(|r| r.regions.contains_key(host_name))
+    }
+
     fn attach(
         &self,
         host_name: &str,
@@ -104,23 +149,15 @@ impl LocalRegionRegistry {
             .map_err(|_| GuestShmStatus::UnknownFailure)?;
         if !reg.regions.contains_key(host_name) {
             let pages = match create_pages {
-                None => return Err(GuestShmStatus::DoesNotExist),
-                Some(0) => return Err(GuestShmStatus::UnknownFailure),
+                // A find, or a create of no pages: nothing to attach to, nothing to create.
+                None | Some(0) => return Err(GuestShmStatus::DoesNotExist),
                 Some(p) if p > self.max_pages => return Err(GuestShmStatus::NoMem),
                 Some(p) => p,
             };
-            let memory = new_region_memory(host_name, pages)?;
-            reg.regions.insert(
-                host_name.to_owned(),
-                Region {
-                    memory: Arc::new(memory),
-                    pages,
-                    clients: Default::default(),
-                },
-            );
+            let region = Region::new(host_name, pages, false)?;
+            reg.regions.insert(host_name.to_owned(), region);
         }
         let serial = reg.next_serial;
-        reg.next_serial += 1;
         let region = reg
             .regions
             .get_mut(host_name)
@@ -136,7 +173,7 @@ impl LocalRegionRegistry {
             interrupt: dup(interrupt)?,
         });
         region.ring_others(idx);
-        Ok(Attachment {
+        let attachment = Attachment {
             connection: Box::new(LocalConnection {
                 registry: self.clone(),
                 host_name: host_name.to_owned(),
@@ -146,7 +183,9 @@ impl LocalRegionRegistry {
             }),
             memory: region.memory.clone(),
             pages: region.pages,
-        })
+        };
+        reg.next_serial += 1;
+        Ok(attachment)
     }
 }
 
@@ -225,6 +264,22 @@ impl LocalConnection {
             _ => None,
         }
     }
+
+    fn status(&self, clear: bool) -> u32 {
+        let idx = self.idx;
+        self.with_region(|r| {
+            let attached = u32::from(r.attached_mask());
+            let pending = r.clients[idx].as_mut().map_or(0, |c| {
+                if clear {
+                    std::mem::take(&mut c.pending)
+                } else {
+                    c.pending
+                }
+            });
+            (attached << 16) | u32::from(pending)
+        })
+        .unwrap_or(0)
+    }
 }
 
 impl RegionConnection for LocalConnection {
@@ -233,15 +288,11 @@ impl RegionConnection for LocalConnection {
     }
 
     fn read_status(&mut self) -> u32 {
-        let idx = self.idx;
-        self.with_region(|r| {
-            let attached = u32::from(r.attached_mask());
-            let pending = r.clients[idx]
-                .as_mut()
-                .map_or(0, |c| std::mem::take(&mut c.pending));
-            (attached << 16) | u32::from(pending)
-        })
-        .unwrap_or(0)
+        self.status(true)
+    }
+
+    fn peek_status(&self) -> u32 {
+        self.status(false)
     }
 
     fn notify(&mut self, mask: u32) {
@@ -253,7 +304,11 @@ impl RegionConnection for LocalConnection {
         };
         self.with_region(|r| {
             for (i, c) in r.clients.iter_mut().enumerate() {
-                if let (true, Some(c)) = (mask & (1 << i) != 0, c) {
+                let Some(c) = c.as_mut().filter(|_| mask & (1 << i) != 0) else {
+                    continue;
+                };
+                // Only a bit that was clear changes the target's status: ring once for it.
+                if c.pending & (1 << idx) == 0 {
                     c.pending |= 1 << idx;
                     let _ = ring_eventfd(c.interrupt.as_fd());
                 }
@@ -266,15 +321,15 @@ impl RegionConnection for LocalConnection {
             return;
         }
         if let Ok(mut reg) = self.registry.inner.lock() {
-            let mut now_empty = false;
+            let mut now_unused = false;
             if let Some(r) = reg.regions.get_mut(&self.host_name) {
                 if matches!(&r.clients[self.idx], Some(c) if c.serial == self.serial) {
                     r.clients[self.idx] = None;
                     r.ring_others(self.idx);
                 }
-                now_empty = r.attached_mask() == 0;
+                now_unused = r.attached_mask() == 0 && !r.configured;
             }
-            if now_empty {
+            if now_unused {
                 reg.regions.remove(&self.host_name);
             }
         }

@@ -9,8 +9,15 @@
 //! * attached bitmap = own id and every known peer id;
 //! * `notify(mask)` rings vector *my idx* of each peer in `mask` — one vector per possible
 //!   sender, so the receiver knows who rang;
-//! * a doorbell on own vector *v* sets pending bit *v*; a thread per connection waits on the
-//!   peer's events, records doorbells and joins/leaves, and signals the device interrupt.
+//! * a doorbell on own vector *v* < 16 sets pending bit *v*; a thread per connection waits on
+//!   the peer's events and signals the device interrupt once per change of `status` (a bit
+//!   newly set, a client index joining or leaving; never for a bit already pending, a vector
+//!   of 16 or more, or a peer whose id is not a client index). It runs at the VM's `sched`
+//!   priority when given ([`ServerFactory::with_notification_priority`]);
+//! * the offered region must be whole pages (the server's named regions are); its page count
+//!   is the `size` the guest reads, never rounded down;
+//! * a join that fails because the region filled after the factory's answer is
+//!   `GSS_CLIENT_MAX`, as if the factory had seen it full.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -21,10 +28,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ivshm_client::{ConnectOptions, Event, Peer};
+use ivshm_client::{ClientError, ConnectOptions, Event, Peer, PeerEvent};
 use ivshm_policy::RegionName;
 use ivshm_proto::factory::{decode_line, encode_line, FactoryRequest, FactoryResponse};
-use ivshm_proto::guest_shm::{GuestShmStatus, MAX_CLIENTS, PAGE_SIZE};
+use ivshm_proto::guest_shm::{exact_pages, GuestShmStatus, MAX_CLIENTS, PAGE_SIZE};
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
 
 use crate::guest_shm::{dup, Attachment, Factory, RegionConnection};
@@ -35,6 +42,7 @@ use crate::ivshmem::link::ring_eventfd;
 pub struct ServerFactory {
     socket: PathBuf,
     timeout: Duration,
+    sched: Option<u8>,
 }
 
 impl ServerFactory {
@@ -44,7 +52,15 @@ impl ServerFactory {
         ServerFactory {
             socket: socket.into(),
             timeout,
+            sched: None,
         }
+    }
+
+    /// Runs each connection's notification thread at the VM's `sched` priority (see
+    /// [`crate::sched`]); `None` leaves them at the normal priority.
+    pub fn with_notification_priority(mut self, sched: Option<u8>) -> ServerFactory {
+        self.sched = sched;
+        self
     }
 
     fn request(&self, request: &FactoryRequest) -> Result<FactoryResponse, GuestShmStatus> {
@@ -70,6 +86,7 @@ impl ServerFactory {
 
     fn attach(
         &self,
+        name: String,
         request: &FactoryRequest,
         interrupt: BorrowedFd<'_>,
     ) -> Result<Attachment, GuestShmStatus> {
@@ -78,26 +95,64 @@ impl ServerFactory {
             return Err(response.status);
         }
         let offer = response.region.ok_or(GuestShmStatus::UnknownFailure)?;
+        // Whole pages only: a region of another size cannot be shown to a guest_shm client
+        // without hiding some of its bytes or mapping pages that have no memory behind them.
+        // The server's named regions are always whole pages; anything else is refused here.
+        let Some(pages) = exact_pages(offer.size) else {
+            tracing::warn!(
+                region = %offer.host_name,
+                size = offer.size,
+                "guest_shm: the region is not a whole number of 4 KiB pages; refused"
+            );
+            return Err(GuestShmStatus::UnknownFailure);
+        };
         let opts = ConnectOptions {
             timeout: self.timeout,
             ..ConnectOptions::default()
         };
-        let peer = Peer::connect(Path::new(&offer.socket), opts).map_err(|e| {
-            tracing::warn!(socket = %offer.socket, error = %e, "guest_shm: joining the region failed");
-            GuestShmStatus::UnknownFailure
-        })?;
+        let peer = match Peer::connect(Path::new(&offer.socket), opts) {
+            Ok(peer) => peer,
+            Err(e) => return Err(self.join_failure(name, &offer.socket, &e)),
+        };
         if usize::from(peer.id()) >= MAX_CLIENTS {
+            // Dropping the peer leaves again; guest_shm clients never saw it (ids of 16 and
+            // more are in no bitmap and ring nothing).
             return Err(GuestShmStatus::ClientMax);
         }
+        if peer.shm_size() != offer.size {
+            tracing::warn!(
+                socket = %offer.socket,
+                offered = offer.size,
+                got = peer.shm_size(),
+                "guest_shm: the region's memory is not the size the factory offered; refused"
+            );
+            return Err(GuestShmStatus::UnknownFailure);
+        }
         let memory = Arc::new(peer.map().map_err(|_| GuestShmStatus::NoMem)?);
-        let pages =
-            u32::try_from(peer.shm_size() / PAGE_SIZE as u64).map_err(|_| GuestShmStatus::NoMem)?;
-        let connection = ServerConnection::start(peer, interrupt)?;
+        let connection = ServerConnection::start(peer, interrupt, self.sched)?;
         Ok(Attachment {
             connection: Box::new(connection),
             memory,
             pages,
         })
+    }
+
+    /// The status for a join that failed after the factory said `GSS_OK`: the region may have
+    /// filled in between (the server then closes the new connection at once, which the
+    /// handshake reports as a closed connection). A `find` of the same name (stateless: it
+    /// joins nothing and creates nothing) tells: `GSS_CLIENT_MAX` if the region is full now,
+    /// `GSS_UNKNOWN_FAILURE` otherwise.
+    fn join_failure(&self, name: String, socket: &str, error: &ClientError) -> GuestShmStatus {
+        match self.request(&FactoryRequest::Find { name }) {
+            Ok(again) if again.status == GuestShmStatus::ClientMax => {
+                tracing::debug!(socket, "guest_shm: the region filled before the join");
+                GuestShmStatus::ClientMax
+            }
+            _ => {
+                tracing::warn!(socket, error = %error, "guest_shm: joining the region failed");
+                GuestShmStatus::UnknownFailure
+            }
+        }
     }
 }
 
@@ -115,11 +170,12 @@ impl Factory for ServerFactory {
         pages: u32,
         interrupt: BorrowedFd<'_>,
     ) -> Result<Attachment, GuestShmStatus> {
+        let name = guest_name(name)?;
         let request = FactoryRequest::Create {
-            name: guest_name(name)?,
+            name: name.clone(),
             size: u64::from(pages) * PAGE_SIZE as u64,
         };
-        self.attach(&request, interrupt)
+        self.attach(name, &request, interrupt)
     }
 
     fn find(
@@ -127,10 +183,9 @@ impl Factory for ServerFactory {
         name: &[u8],
         interrupt: BorrowedFd<'_>,
     ) -> Result<Attachment, GuestShmStatus> {
-        let request = FactoryRequest::Find {
-            name: guest_name(name)?,
-        };
-        self.attach(&request, interrupt)
+        let name = guest_name(name)?;
+        let request = FactoryRequest::Find { name: name.clone() };
+        self.attach(name, &request, interrupt)
     }
 }
 
@@ -138,6 +193,35 @@ struct Shared {
     /// `None` after detach (dropping the peer closes its socket; the server tells others).
     peer: Mutex<Option<Peer>>,
     pending: AtomicU32,
+}
+
+impl Shared {
+    /// The control `status`; `clear` takes the pending bits (a guest read).
+    fn status(&self, clear: bool) -> u32 {
+        let attached = match self.peer.lock().as_deref() {
+            Ok(Some(p)) => p
+                .peer_ids()
+                .into_iter()
+                .chain([p.id()])
+                .fold(0u32, |m, id| m | client_bit(id)),
+            _ => 0,
+        };
+        let pending = if clear {
+            self.pending.swap(0, Ordering::SeqCst)
+        } else {
+            self.pending.load(Ordering::SeqCst)
+        };
+        (attached << 16) | (pending & 0xffff)
+    }
+}
+
+/// The bitmap bit of v0 peer `id`, if it is a client index (0..16); none otherwise.
+fn client_bit(id: u16) -> u32 {
+    if usize::from(id) < MAX_CLIENTS {
+        1 << id
+    } else {
+        0
+    }
 }
 
 /// A control page over a v0 peer.
@@ -149,7 +233,11 @@ struct ServerConnection {
 }
 
 impl ServerConnection {
-    fn start(peer: Peer, interrupt: BorrowedFd<'_>) -> Result<ServerConnection, GuestShmStatus> {
+    fn start(
+        peer: Peer,
+        interrupt: BorrowedFd<'_>,
+        sched: Option<u8>,
+    ) -> Result<ServerConnection, GuestShmStatus> {
         let idx = u32::from(peer.id());
         let shared = Arc::new(Shared {
             peer: Mutex::new(Some(peer)),
@@ -161,8 +249,11 @@ impl ServerConnection {
         let interrupt = dup(interrupt)?;
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
-            .name("guest_shm-conn".into())
-            .spawn(move || watch(&thread_shared, &stop_thread, &interrupt))
+            .name(NOTIFICATION_THREAD.into())
+            .spawn(move || {
+                crate::sched::apply_notification_priority(sched, NOTIFICATION_THREAD);
+                watch(&thread_shared, &stop_thread, &interrupt);
+            })
             .map_err(|_| GuestShmStatus::UnknownFailure)?;
         Ok(ServerConnection {
             shared,
@@ -173,8 +264,26 @@ impl ServerConnection {
     }
 }
 
-/// Waits for the peer's events: doorbells set pending bits, joins/leaves change the bitmap;
-/// either signals the device interrupt.
+/// The name of each connection's notification thread.
+pub const NOTIFICATION_THREAD: &str = "guest_shm-conn";
+
+/// Whether `event` changes the control `status` (and so is worth exactly one interrupt): a
+/// doorbell on vector *s* < 16 whose pending bit *s* was clear (it sets it), a client index
+/// (peer id < 16) joining or leaving. Doorbells on other vectors, peers with ids of 16 and
+/// more and the server's own news change nothing a guest can see.
+fn changes_status(shared: &Shared, event: &Event) -> bool {
+    match *event {
+        Event::Doorbell { vector } if vector < MAX_CLIENTS => {
+            let bit = 1 << vector;
+            shared.pending.fetch_or(bit, Ordering::SeqCst) & bit == 0
+        }
+        Event::Peer(PeerEvent::Joined { id, .. } | PeerEvent::Left { id }) => client_bit(id) != 0,
+        Event::Doorbell { .. } | Event::ServerGone | Event::Reconnected { .. } => false,
+    }
+}
+
+/// Waits for the peer's events and signals the device interrupt once for each one that
+/// changes the control `status` ([`changes_status`]).
 fn watch(shared: &Shared, stop: &OwnedFd, interrupt: &OwnedFd) {
     let poll_fd = match shared.peer.lock().as_deref() {
         Ok(Some(p)) => match p.poll_fd().try_clone_to_owned() {
@@ -196,7 +305,7 @@ fn watch(shared: &Shared, stop: &OwnedFd, interrupt: &OwnedFd) {
         if !fds[1].revents().is_empty() {
             return;
         }
-        let mut changed = false;
+        let mut changes = 0u64;
         let Ok(mut guard) = shared.peer.lock() else {
             return;
         };
@@ -205,13 +314,7 @@ fn watch(shared: &Shared, stop: &OwnedFd, interrupt: &OwnedFd) {
         };
         loop {
             match peer.wait(Some(Duration::ZERO)) {
-                Ok(Some(Event::Doorbell { vector })) => {
-                    if vector < MAX_CLIENTS {
-                        shared.pending.fetch_or(1 << vector, Ordering::SeqCst);
-                    }
-                    changed = true;
-                }
-                Ok(Some(_)) => changed = true,
+                Ok(Some(event)) => changes += u64::from(changes_status(shared, &event)),
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "guest_shm: region connection failed");
@@ -220,7 +323,7 @@ fn watch(shared: &Shared, stop: &OwnedFd, interrupt: &OwnedFd) {
             }
         }
         drop(guard);
-        if changed {
+        for _ in 0..changes {
             let _ = ring_eventfd(interrupt.as_fd());
         }
     }
@@ -232,17 +335,11 @@ impl RegionConnection for ServerConnection {
     }
 
     fn read_status(&mut self) -> u32 {
-        let attached = match self.shared.peer.lock().as_deref() {
-            Ok(Some(p)) => p
-                .peer_ids()
-                .into_iter()
-                .chain([p.id()])
-                .filter(|&id| usize::from(id) < MAX_CLIENTS)
-                .fold(0u32, |m, id| m | (1 << id)),
-            _ => 0,
-        };
-        let pending = self.shared.pending.swap(0, Ordering::SeqCst) & 0xffff;
-        (attached << 16) | pending
+        self.shared.status(true)
+    }
+
+    fn peek_status(&self) -> u32 {
+        self.shared.status(false)
     }
 
     fn notify(&mut self, mask: u32) {

@@ -9,6 +9,9 @@
 //! * [`KvmIoeventRegistry`] keeps the VM's ioeventfds equal to a device's
 //!   [`crate::pci::PciDevice::ioevents`]; call [`KvmIoeventRegistry::sync`] after BAR moves
 //!   and peer changes.
+//! * [`KvmIrqLine`] is a level-triggered input of the in-kernel irqchip (an IOAPIC pin, a
+//!   GSI of KVM's default routes) driven with `KVM_IRQ_LINE`: a device's PCI INTx# line
+//!   ([`crate::guest_shm::LevelInterrupt`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
@@ -495,6 +498,48 @@ fn signal_msi(vm: &VmFd, vector: usize, message: MsixMessage) {
     };
     if let Err(e) = vm.signal_msi(msi) {
         tracing::error!(vector, error = %e, "ivshmem: KVM_SIGNAL_MSI failed");
+    }
+}
+
+/// A level-triggered input of the VM's in-kernel irqchip, driven with `KVM_IRQ_LINE`: what a
+/// VMM does for an emulated device's PCI INTx# (QEMU's `pci_set_irq` on KVM does the same).
+/// The GSI is an IOAPIC pin under KVM's default routes (0..=23 on x86; [`KvmGsiRouter`] keeps
+/// them). The guest programs the pin level-triggered; KVM delivers the interrupt again after
+/// each EOI while the line stays asserted, and not at all once it is deasserted, even if the
+/// guest masked the pin meanwhile.
+///
+/// Several devices sharing one pin each need their own source (KVM ORs only its irqfd and
+/// userspace sources): give shared pins one `KvmIrqLine` that ORs its devices' levels.
+#[derive(Debug, Clone)]
+pub struct KvmIrqLine {
+    vm: Arc<VmFd>,
+    gsi: u32,
+}
+
+impl KvmIrqLine {
+    /// The irqchip input `gsi` of `vm`.
+    pub fn new(vm: Arc<VmFd>, gsi: u32) -> KvmIrqLine {
+        KvmIrqLine { vm, gsi }
+    }
+
+    /// The GSI it drives.
+    pub fn gsi(&self) -> u32 {
+        self.gsi
+    }
+
+    /// Sets the line's level (`KVM_IRQ_LINE`).
+    pub fn set(&self, asserted: bool) -> Result<(), KvmWiringError> {
+        self.vm
+            .set_irq_line(self.gsi, asserted)
+            .map_err(kvm_err("KVM_IRQ_LINE"))
+    }
+}
+
+impl crate::guest_shm::LevelInterrupt for KvmIrqLine {
+    fn set_level(&mut self, asserted: bool) {
+        if let Err(e) = self.set(asserted) {
+            tracing::error!(gsi = self.gsi, asserted, error = %e, "setting an interrupt line failed");
+        }
     }
 }
 

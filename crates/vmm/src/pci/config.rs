@@ -15,6 +15,13 @@ pub const FIRST_CAPABILITY_OFFSET: usize = 0x40;
 pub const COMMAND_MEMORY_SPACE: u16 = 1 << 1;
 /// Command register bit: bus master enabled.
 pub const COMMAND_BUS_MASTER: u16 = 1 << 2;
+/// Command register bit: INTx emulation disabled (the function must not assert INTx#).
+pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
+/// Status register bit (of the register's upper half): the function's INTx# is asserted
+/// internally (shown whatever [`COMMAND_INTX_DISABLE`] says).
+const STATUS_INTERRUPT: u32 = 1 << 3;
+/// Byte offset of the Interrupt Line register.
+pub const INTERRUPT_LINE_OFFSET: usize = 0x3c;
 /// Status register bit: capability list present.
 const STATUS_CAPABILITY_LIST: u32 = 1 << 4;
 /// Command bits a guest may change: I/O, memory, bus master, INTx disable.
@@ -293,6 +300,35 @@ impl ConfigSpace {
     /// The command register.
     pub fn command(&self) -> u16 {
         self.registers[1] as u16
+    }
+
+    /// Whether the guest disabled INTx (command register bit 10).
+    pub fn intx_disabled(&self) -> bool {
+        self.command() & COMMAND_INTX_DISABLE != 0
+    }
+
+    /// Shows the function's internal INTx state in the status register (bit 3, Interrupt
+    /// Status).
+    pub fn set_interrupt_status(&mut self, asserted: bool) {
+        let bit = STATUS_INTERRUPT << 16;
+        if asserted {
+            self.registers[1] |= bit;
+        } else {
+            self.registers[1] &= !bit;
+        }
+    }
+
+    /// The Interrupt Line register (0x3C): which interrupt-controller input INTx# is routed to,
+    /// as firmware writes it for the guest driver to read (the guest may overwrite it; it has
+    /// no effect on the device).
+    pub fn interrupt_line(&self) -> u8 {
+        self.read_byte(INTERRUPT_LINE_OFFSET)
+    }
+
+    /// Writes the Interrupt Line register, as firmware does once it has routed INTx#.
+    pub fn set_interrupt_line(&mut self, line: u8) {
+        let reg = &mut self.registers[INTERRUPT_LINE_OFFSET / 4];
+        *reg = (*reg & !0xff) | u32::from(line);
     }
 
     /// Applies a guest write of 1, 2 or 4 bytes at `offset` inside register `reg_idx`,
