@@ -1,6 +1,6 @@
 //! A tiny x86 assembler for 32-bit protected-mode test guests: just the instructions the
-//! test programs use (moves, ALU with immediates, port I/O, jumps with labels, `hlt`,
-//! `sti`, `iretd`), emitted as machine code bytes at a fixed load address.
+//! test programs use (moves, ALU with immediates, register `add`, `shl`, port I/O, jumps with
+//! labels, `hlt`, `sti`, `iretd`), emitted as machine code bytes at a fixed load address.
 
 use std::collections::HashMap;
 
@@ -172,6 +172,16 @@ impl Asm {
         self.alu(Alu::Cmp, r, v)
     }
 
+    /// `add dst, src`
+    pub fn add(&mut self, dst: Reg, src: Reg) -> &mut Self {
+        self.bytes(&[0x01, modrm(3, src as u8, dst as u8)])
+    }
+
+    /// `shl r, n` (n < 32)
+    pub fn shl_imm(&mut self, r: Reg, n: u8) -> &mut Self {
+        self.bytes(&[0xc1, modrm(3, 4, r as u8), n & 31])
+    }
+
     /// `cmp a, b`
     pub fn cmp(&mut self, a: Reg, b: Reg) -> &mut Self {
         self.bytes(&[0x39, modrm(3, b as u8, a as u8)])
@@ -280,6 +290,19 @@ mod tests {
                 0, 0x81, 0xf8, 5, 0, 0, 0, 0xff, 0x05, 0x00, 0x21, 0, 0, 0xc7, 0x05, 0xb0, 0x00,
                 0xe0, 0xfe, 0, 0, 0, 0
             ]
+        );
+    }
+
+    #[test]
+    fn register_arithmetic_encodings() {
+        let mut a = Asm::new(0);
+        a.add(Reg::Eax, Reg::Esi) // 01 f0
+            .add(Reg::Esi, Reg::Eax) // 01 c6
+            .shl_imm(Reg::Eax, 12) // c1 e0 0c
+            .shl_imm(Reg::Edi, 1); // c1 e7 01
+        assert_eq!(
+            a.finish().unwrap(),
+            vec![0x01, 0xf0, 0x01, 0xc6, 0xc1, 0xe0, 0x0c, 0xc1, 0xe7, 0x01]
         );
     }
 

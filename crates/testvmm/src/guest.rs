@@ -10,6 +10,7 @@
 //! | `0x2000` | interrupt counters, one `u32` per vector (`INTR_COUNTERS + 4 * vector`) |
 //! | `0x2800` | program variables ([`VARS`]) |
 //! | `0x3000` | interrupt stubs written by [`boot_image`] |
+//! | `0x8000` | handlers a test installs in place of a stub ([`handler_address`], 64 bytes per vector) |
 //! | `0x10000` | the test program ([`PROGRAM_BASE`]) |
 //! | `0x80000` | top of stack |
 //!
@@ -36,6 +37,10 @@ pub const INTR_COUNTERS: u32 = 0x2000;
 pub const VARS: u32 = 0x2800;
 /// Interrupt stubs.
 pub const STUBS_BASE: u32 = 0x3000;
+/// Installed handlers ([`handler_address`]).
+pub const HANDLERS_BASE: u32 = 0x8000;
+/// Room for one installed handler.
+pub const HANDLER_SIZE: u32 = 0x40;
 /// Program load address and entry point.
 pub const PROGRAM_BASE: u32 = 0x1_0000;
 /// Initial stack pointer.
@@ -98,19 +103,46 @@ pub fn boot_image() -> Result<Vec<(u32, Vec<u8>)>, AsmError> {
         }
     }
     let stub_code = stubs.finish()?;
-    let mut idt = Vec::with_capacity(256 * 8);
-    for entry in entries {
-        // 32-bit interrupt gate: offset 15..0, selector, 0, type 0x8e, offset 31..16.
-        idt.extend_from_slice(&(entry as u16).to_le_bytes());
-        idt.extend_from_slice(&CODE_SELECTOR.to_le_bytes());
-        idt.extend_from_slice(&[0, 0x8e]);
-        idt.extend_from_slice(&((entry >> 16) as u16).to_le_bytes());
-    }
+    let idt: Vec<u8> = entries.into_iter().flat_map(idt_gate).collect();
     Ok(vec![
         (GDT_BASE, gdt),
         (IDT_BASE, idt),
         (STUBS_BASE, stub_code),
     ])
+}
+
+/// A 32-bit interrupt gate to `handler`: offset 15..0, selector, 0, type 0x8e, offset 31..16.
+pub fn idt_gate(handler: u32) -> [u8; 8] {
+    let [o0, o1, o2, o3] = handler.to_le_bytes();
+    let [s0, s1] = CODE_SELECTOR.to_le_bytes();
+    [o0, o1, s0, s1, 0, 0x8e, o2, o3]
+}
+
+/// Where [`crate::TestVm::install_handler`] puts the handler of `vector`.
+pub fn handler_address(vector: u8) -> u32 {
+    HANDLERS_BASE + HANDLER_SIZE * u32::from(vector)
+}
+
+/// The IOAPIC redirection entry (low dword) for IDT `vector` on APIC ID 0, fixed delivery,
+/// physical destination, active high; `level` triggered or edge, `masked` or not.
+pub fn ioapic_redirection(vector: u8, level: bool, masked: bool) -> u32 {
+    u32::from(vector) | (u32::from(level) << 15) | (u32::from(masked) << 16)
+}
+
+/// What QNX's `InterruptAttachEvent()` does in the kernel when the interrupt comes (its
+/// handler for `vector`, assembled for [`handler_address`]): count it, mask IOAPIC input `pin`
+/// (programmed `level` or edge), EOI, return — the interrupt stays masked until the program
+/// has handled it and unmasks the pin (`InterruptUnmask()`, [`GuestOps::route_ioapic_pin`]).
+pub fn masking_handler(vector: u8, pin: u8, level: bool) -> Result<Vec<u8>, AsmError> {
+    let redirection = 0x10 + 2 * u32::from(pin);
+    let mut a = Asm::new(handler_address(vector));
+    a.inc_mem(INTR_COUNTERS + 4 * u32::from(vector))
+        .store_imm(IOAPIC_BASE, redirection)
+        .store_imm(IOAPIC_BASE + 0x10, ioapic_redirection(vector, level, true))
+        .store_imm(LAPIC_EOI, 0)
+        // `retf 4` = iret without restoring EFLAGS (see the module docs).
+        .retf_imm(4);
+    a.finish()
 }
 
 /// Configuration address for bus 0, `device`, function 0, register `reg` (dword index).
@@ -138,7 +170,17 @@ pub trait GuestOps {
     fn spin_until_word(&mut self, base: Reg, offset: u32, value: u32, label: &str) -> &mut Self;
     /// Routes IOAPIC input `pin` to IDT `vector` on APIC ID 0: fixed delivery, physical
     /// destination, edge-triggered, active high, unmasked. Clobbers no register.
-    fn route_ioapic_pin(&mut self, pin: u8, vector: u8) -> &mut Self;
+    fn route_ioapic_pin(&mut self, pin: u8, vector: u8) -> &mut Self {
+        self.route_ioapic_pin_as(pin, vector, false)
+    }
+    /// [`route_ioapic_pin`](Self::route_ioapic_pin), `level`-triggered or edge (a PCI INTx#
+    /// line is level-triggered and, on KVM's IOAPIC, active high). Also what unmasks a pin a
+    /// [`masking_handler`] masked.
+    fn route_ioapic_pin_as(&mut self, pin: u8, vector: u8, level: bool) -> &mut Self;
+    /// [`route_ioapic_pin_as`](Self::route_ioapic_pin_as) for the IOAPIC input whose number
+    /// is in register `pin` (not EAX) at run time, e.g. the PCI Interrupt Line a guest read.
+    /// Clobbers EAX.
+    fn route_ioapic_pin_in(&mut self, pin: Reg, vector: u8, level: bool) -> &mut Self;
     /// Waits with `sti; hlt` until the counter of `vector` reaches the value in `target`
     /// (a register other than EAX). `label` must be unique in the program.
     fn wait_interrupts(&mut self, vector: u8, target: Reg, label: &str) -> &mut Self;
@@ -196,12 +238,24 @@ impl GuestOps for Asm {
             .label(&done)
     }
 
-    fn route_ioapic_pin(&mut self, pin: u8, vector: u8) -> &mut Self {
+    fn route_ioapic_pin_as(&mut self, pin: u8, vector: u8, level: bool) -> &mut Self {
         let redirection = 0x10 + 2 * u32::from(pin);
-        self.store_imm(IOAPIC_BASE, redirection)
-            .store_imm(IOAPIC_BASE + 0x10, u32::from(vector))
-            .store_imm(IOAPIC_BASE, redirection + 1)
+        self.store_imm(IOAPIC_BASE, redirection + 1)
             .store_imm(IOAPIC_BASE + 0x10, 0)
+            .store_imm(IOAPIC_BASE, redirection)
+            .store_imm(IOAPIC_BASE + 0x10, ioapic_redirection(vector, level, false))
+    }
+
+    fn route_ioapic_pin_in(&mut self, pin: Reg, vector: u8, level: bool) -> &mut Self {
+        // IOREGSEL = 0x10 + 2 * pin (the low dword of the pin's redirection entry).
+        self.mov(Reg::Eax, pin)
+            .add(Reg::Eax, pin)
+            .add_imm(Reg::Eax, 0x11)
+            .store(IOAPIC_BASE, Reg::Eax)
+            .store_imm(IOAPIC_BASE + 0x10, 0)
+            .add_imm(Reg::Eax, 0xffff_ffff)
+            .store(IOAPIC_BASE, Reg::Eax)
+            .store_imm(IOAPIC_BASE + 0x10, ioapic_redirection(vector, level, false))
     }
 
     fn wait_interrupts(&mut self, vector: u8, target: Reg, label: &str) -> &mut Self {
@@ -242,6 +296,18 @@ mod tests {
         // inc dword [INTR_COUNTERS + 0x100]
         assert_eq!(&stub[..6], &[0xff, 0x05, 0x00, 0x21, 0x00, 0x00]);
         assert!(stubs.len() + STUBS_BASE as usize <= PROGRAM_BASE as usize);
+    }
+
+    #[test]
+    fn installed_handlers_fit_and_gates_point_at_them() {
+        let handler = masking_handler(0xff, 23, true).unwrap();
+        assert!(handler.len() <= HANDLER_SIZE as usize, "{}", handler.len());
+        assert!(handler_address(0xff) + HANDLER_SIZE <= PROGRAM_BASE);
+        assert!(HANDLERS_BASE >= STUBS_BASE + boot_image().unwrap()[2].1.len() as u32);
+        let gate = idt_gate(0x1234_5678);
+        assert_eq!(gate, [0x78, 0x56, 0x08, 0x00, 0x00, 0x8e, 0x34, 0x12]);
+        assert_eq!(ioapic_redirection(0x60, true, true), 0x0001_8060);
+        assert_eq!(ioapic_redirection(0x60, false, false), 0x60);
     }
 
     #[test]

@@ -17,8 +17,8 @@ pub mod platform;
 mod vm;
 
 pub use guest_shm::{
-    attach_guest_shm, attach_guest_shm_on_ioapic_pin, AttachedGuestShm, GUEST_SHM_BAR0,
-    GUEST_SHM_WINDOW,
+    attach_guest_shm, AttachedGuestShm, Delivery, GuestShmPlacement, GUEST_SHM_BAR0,
+    GUEST_SHM_WINDOW, SERVICE_THREAD,
 };
 pub use ivshmem::{
     attach_ivshmem, ivshmem_guest_prologue, AttachedIvshmem, DoorbellPath, IVSHMEM_BAR0,

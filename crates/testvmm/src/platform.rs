@@ -47,6 +47,9 @@ pub enum PlatformError {
     /// Too many devices for bus 0.
     #[error("bus 0 is full")]
     BusFull,
+    /// The requested device number is taken or not in 1..=31.
+    #[error("device number {0} on bus 0 is taken or not in 1..=31")]
+    DeviceNumber(u8),
     /// A device lock was poisoned by a panicking thread.
     #[error("device lock poisoned")]
     Poisoned,
@@ -63,6 +66,8 @@ struct RamBar {
 }
 
 struct PlatformDevice {
+    /// Device number on bus 0 (1..=31).
+    number: u8,
     device: SharedPciDevice,
     bars: Vec<PciBar>,
     ram_bars: Vec<RamBar>,
@@ -100,7 +105,7 @@ impl PciPlatform {
         }
     }
 
-    /// Plugs `device` in at the next device number (returned). `ram_bars` lists BARs
+    /// Plugs `device` in at the lowest free device number (returned). `ram_bars` lists BARs
     /// backed by memory (mapped as KVM memory slots at the BAR address); with
     /// `ioeventfds` the device's [`PciDevice::ioevents`] are registered with KVM.
     pub fn add_device(
@@ -109,8 +114,22 @@ impl PciPlatform {
         ram_bars: Vec<(usize, Arc<Mapping>)>,
         ioeventfds: bool,
     ) -> Result<u8, PlatformError> {
-        if self.devices.len() >= 31 {
-            return Err(PlatformError::BusFull);
+        let number = (1..=31)
+            .find(|&n| self.devices.iter().all(|d| d.number != n))
+            .ok_or(PlatformError::BusFull)?;
+        self.add_device_at(number, device, ram_bars, ioeventfds)
+    }
+
+    /// [`add_device`](Self::add_device) at device number `number` (1..=31, free).
+    pub fn add_device_at(
+        &mut self,
+        number: u8,
+        device: SharedPciDevice,
+        ram_bars: Vec<(usize, Arc<Mapping>)>,
+        ioeventfds: bool,
+    ) -> Result<u8, PlatformError> {
+        if !(1..=31).contains(&number) || self.devices.iter().any(|d| d.number == number) {
+            return Err(PlatformError::DeviceNumber(number));
         }
         let bars = device.lock().map_err(|_| PlatformError::Poisoned)?.bars();
         let mut ram = Vec::new();
@@ -134,6 +153,7 @@ impl PciPlatform {
             ram.push(rb);
         }
         let mut entry = PlatformDevice {
+            number,
             device,
             bars,
             ram_bars: ram,
@@ -141,7 +161,7 @@ impl PciPlatform {
         };
         sync_ioevents(&mut entry)?;
         self.devices.push(entry);
-        Ok(self.devices.len() as u8)
+        Ok(number)
     }
 
     fn map_ram_bar(&self, rb: &mut RamBar, addr: u64, size: u64) -> Result<(), PlatformError> {
@@ -211,13 +231,14 @@ impl PciPlatform {
         let a = self.config_address;
         let enabled = a & 0x8000_0000 != 0;
         let bus = (a >> 16) & 0xff;
-        let device = ((a >> 11) & 0x1f) as usize;
+        let device = ((a >> 11) & 0x1f) as u8;
         let function = (a >> 8) & 0x7;
         let reg = ((a >> 2) & 0x3f) as usize;
-        if !enabled || bus != 0 || function != 0 || device == 0 || device > self.devices.len() {
+        if !enabled || bus != 0 || function != 0 {
             return None;
         }
-        Some((device - 1, reg))
+        let index = self.devices.iter().position(|d| d.number == device)?;
+        Some((index, reg))
     }
 
     fn config_read(&mut self) -> u32 {
@@ -251,7 +272,7 @@ impl PciPlatform {
 
     fn relocate(&mut self, dev: usize, r: BarRelocation) -> Result<(), PlatformError> {
         tracing::debug!(
-            device = dev + 1,
+            device = self.devices[dev].number,
             bar = r.index,
             old = r.old_addr,
             new = r.new_addr,

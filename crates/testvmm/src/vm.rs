@@ -71,6 +71,12 @@ pub enum VmmError {
     /// A lock was poisoned by a panicking thread.
     #[error("lock poisoned")]
     Poisoned,
+    /// IOAPIC inputs 16..=23 are all in use.
+    #[error("no free IOAPIC input for a device line (16..=23 are in use)")]
+    NoIrqPin,
+    /// The IOAPIC input a configuration names is in use or does not exist.
+    #[error("IOAPIC input {0} is in use or not in 0..=23")]
+    IrqPinTaken(u32),
 }
 
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -116,6 +122,8 @@ pub struct TestVm {
     shared: Arc<VmShared>,
     vcpu: Option<VcpuFd>,
     thread: Option<JoinHandle<()>>,
+    /// IOAPIC inputs handed to device lines.
+    irq_pins: Mutex<Vec<u32>>,
     /// Declared last: dropped after the vCPU stopped and this VM's handles on the VM fd.
     ram: Mapping,
 }
@@ -261,6 +269,7 @@ impl TestVm {
             shared: Arc::new(VmShared::default()),
             vcpu: Some(vcpu),
             thread: None,
+            irq_pins: Mutex::new(Vec::new()),
             ram,
         };
         for (addr, bytes) in boot_image()? {
@@ -314,6 +323,61 @@ impl TestVm {
             .add_device(device, ram_bars, ioeventfds)?)
     }
 
+    /// Plugs a PCI device in at device number `number` (see [`PciPlatform::add_device_at`]).
+    pub fn add_pci_device_at(
+        &self,
+        number: u8,
+        device: SharedPciDevice,
+        ram_bars: Vec<(usize, Arc<Mapping>)>,
+        ioeventfds: bool,
+    ) -> Result<u8, VmmError> {
+        Ok(self
+            .platform
+            .lock()
+            .map_err(|_| VmmError::Poisoned)?
+            .add_device_at(number, device, ram_bars, ioeventfds)?)
+    }
+
+    /// An IOAPIC input for a level-triggered device line (PCI INTx#): 16..=23, the pins that do
+    /// not also reach the (uninitialised) PIC, each handed out once per VM.
+    pub fn allocate_irq_pin(&self) -> Result<u32, VmmError> {
+        let mut used = self.irq_pins.lock().map_err(|_| VmmError::Poisoned)?;
+        let pin = (16..=23)
+            .find(|pin| !used.contains(pin))
+            .ok_or(VmmError::NoIrqPin)?;
+        used.push(pin);
+        Ok(pin)
+    }
+
+    /// Marks IOAPIC input `pin` as used (a line the configuration names).
+    pub fn claim_irq_pin(&self, pin: u32) -> Result<(), VmmError> {
+        let mut used = self.irq_pins.lock().map_err(|_| VmmError::Poisoned)?;
+        if pin > 23 || used.contains(&pin) {
+            return Err(VmmError::IrqPinTaken(pin));
+        }
+        used.push(pin);
+        Ok(())
+    }
+
+    /// Writes `handler` (machine code assembled for [`handler_address`]`(vector)`, at most
+    /// [`HANDLER_SIZE`] bytes) into guest RAM and points IDT vector `vector` at it, replacing
+    /// the default counting stub, e.g. with [`guest::masking_handler`].
+    ///
+    /// [`handler_address`]: crate::guest::handler_address
+    /// [`HANDLER_SIZE`]: crate::guest::HANDLER_SIZE
+    /// [`guest::masking_handler`]: crate::guest::masking_handler
+    pub fn install_handler(&self, vector: u8, handler: &[u8]) -> Result<(), VmmError> {
+        if handler.len() > crate::guest::HANDLER_SIZE as usize {
+            return Err(VmmError::ImageTooLarge);
+        }
+        let at = crate::guest::handler_address(vector);
+        self.write_ram(at, handler)?;
+        self.write_ram(
+            IDT_BASE + 8 * u32::from(vector),
+            &crate::guest::idt_gate(at),
+        )
+    }
+
     /// Adds a handler for MMIO outside PCI BARs.
     pub fn add_mmio_handler(
         &self,
@@ -363,6 +427,40 @@ impl TestVm {
             .lock()
             .map(|s| s.reports.iter().map(|r| r.0).collect())
             .unwrap_or_default()
+    }
+
+    /// Waits until the guest reported at least `n` values (or exited); returns them all.
+    pub fn wait_reports(&self, n: usize, timeout: Duration) -> Result<Vec<u32>, VmmError> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.shared.state.lock().map_err(|_| VmmError::Poisoned)?;
+        loop {
+            if st.reports.len() >= n {
+                return Ok(st.reports.iter().map(|r| r.0).collect());
+            }
+            match &st.exit {
+                Some(GuestExit::Code(c)) => {
+                    return Err(VmmError::GuestFailed(format!(
+                        "exited with {c:#x} after reporting {:x?}",
+                        st.reports.iter().map(|r| r.0).collect::<Vec<_>>()
+                    )))
+                }
+                Some(GuestExit::Failed(why)) => return Err(VmmError::GuestFailed(why.clone())),
+                None => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VmmError::GuestFailed(format!(
+                    "reported only {:x?} of {n} values in {timeout:?}",
+                    st.reports.iter().map(|r| r.0).collect::<Vec<_>>()
+                )));
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, deadline - now)
+                .map_err(|_| VmmError::Poisoned)?
+                .0;
+        }
     }
 
     /// Values the guest reported so far, with the host time each arrived.

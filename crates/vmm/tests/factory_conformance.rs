@@ -800,6 +800,22 @@ mod server_factory {
         assert_eq!(g.interrupts(), 15, "15 client indexes left");
     }
 
+    /// `sched`: each connection's notification thread (it turns doorbells into the device
+    /// interrupt) runs SCHED_FIFO at the VM's priority, when the process may.
+    #[test]
+    fn the_notification_thread_runs_at_the_sched_priority() {
+        if !common::realtime_allowed() {
+            eprintln!(
+                "SKIPPED: the_notification_thread_runs_at_the_sched_priority: no CAP_SYS_NICE"
+            );
+            return;
+        }
+        let server = NamedServer::start("sched");
+        let mut factory = server.factory("vm1").with_notification_priority(Some(29));
+        let _client = create(&mut factory, "sched", 1).unwrap();
+        common::wait_for_thread_priority(ivshm_vmm::guest_shm::NOTIFICATION_THREAD, 29);
+    }
+
     /// A region that is not whole pages (one a server could only offer if configured outside
     /// named regions) is refused, never shown rounded down: the guest's `size` is always the
     /// pages it can map, every one backed.

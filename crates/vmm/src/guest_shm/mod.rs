@@ -80,7 +80,7 @@ pub use device::{GuestShmDevice, GuestShmError, GuestShmMode, LevelInterrupt, Re
 #[cfg(feature = "kvm")]
 pub use kvm::KvmRegionWindows;
 pub use local::{LocalFactory, LocalRegionRegistry};
-pub use server::ServerFactory;
+pub use server::{ServerFactory, NOTIFICATION_THREAD};
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Arc;

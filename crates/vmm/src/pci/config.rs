@@ -11,6 +11,8 @@ pub const BAR0_REG: usize = 4;
 pub const BAR_COUNT: usize = 6;
 /// Byte offset of the first capability.
 pub const FIRST_CAPABILITY_OFFSET: usize = 0x40;
+/// Command register bit: I/O space decoding enabled.
+pub const COMMAND_IO_SPACE: u16 = 1 << 0;
 /// Command register bit: memory space decoding enabled.
 pub const COMMAND_MEMORY_SPACE: u16 = 1 << 1;
 /// Command register bit: bus master enabled.
@@ -300,6 +302,14 @@ impl ConfigSpace {
     /// The command register.
     pub fn command(&self) -> u16 {
         self.registers[1] as u16
+    }
+
+    /// Limits the command register bits a guest can set to `mask` (within the I/O, memory, bus
+    /// master and INTx Disable bits a function may implement), e.g. for a function that does
+    /// not implement INTx Disable.
+    pub fn set_command_writable(&mut self, mask: u16) {
+        self.writable[1] = (self.writable[1] & !0xffff) | (u32::from(mask) & COMMAND_WRITABLE);
+        self.registers[1] &= !0xffff | self.writable[1];
     }
 
     /// Whether the guest disabled INTx (command register bit 10).

@@ -1,5 +1,5 @@
 //! What the `ivshm-vmm` integration tests share: a real in-process `ivshm-server` with named
-//! regions for two VMs.
+//! regions for three VMs, and a look at the scheduling of this process's threads.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -82,5 +82,45 @@ impl Drop for NamedServer {
             let _ = s.shutdown();
         }
         let _ = std::fs::remove_dir_all(&self.base);
+    }
+}
+
+/// Whether this process may run a thread `SCHED_FIFO` (root, `CAP_SYS_NICE` or an
+/// `RLIMIT_RTPRIO`), tried on a scratch thread.
+pub fn realtime_allowed() -> bool {
+    std::thread::spawn(|| ivshm_vmm::sched::set_current_thread_priority(1).is_ok())
+        .join()
+        .unwrap()
+}
+
+/// Waits (bounded by [`TIMEOUT`]) until some thread of this process named `name` runs
+/// `SCHED_FIFO` at real-time priority `priority` (`/proc/self/task/*/stat`: field 40
+/// `rt_priority`, field 41 `policy`).
+pub fn wait_for_thread_priority(name: &str, priority: u32) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let mut seen = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let path = task.path();
+            let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            if comm.trim_end() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+            // Fields after the `(comm)` one start with field 3 (state).
+            let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let field = |i: usize| fields.get(i).map(|f| (*f).to_owned());
+            let (rt_priority, policy) = (field(37), field(38));
+            if policy.as_deref() == Some("1") && rt_priority == Some(priority.to_string()) {
+                return;
+            }
+            seen.push((rt_priority, policy));
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no thread {name} runs SCHED_FIFO at {priority}: (rt_priority, policy) {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
