@@ -43,7 +43,8 @@
 //! * **Names** ([`name`]): 1 to 31 bytes (`GUEST_SHM_MAX_NAME` 32 with the NUL) from
 //!   `[A-Za-z0-9_.+-]`, not starting with `.`, without `..`; anything else is
 //!   `GSS_ILLEGAL_NAME`. The same rule holds for host names after substitution and for `create`
-//!   names, so a name can never leave the server's per-VM directory.
+//!   names, so a name can never leave the server's per-VM directory. Guests cannot use the name
+//!   `factory` either (its socket would be the VM's factory socket).
 //! * **`subst [match],prefix`** ([`subst`]): with an empty `match` the prefix is prepended;
 //!   otherwise the first occurrence of `match` anywhere in the name is replaced by `prefix`, and
 //!   names without `match` are unchanged ("if found"). One `subst` per vdev; it affects only the
@@ -54,10 +55,12 @@
 //!   host name → `GSS_ILLEGAL_NAME`; denied → `GSS_NO_PERMISSION`; else `GSS_OK`.
 //! * **Option syntax** ([`options`]): optional `vdev shmem` line, `#` comments, one or several
 //!   options per line with the argument on the same line, unknown options rejected; sizes and
-//!   addresses in decimal, `0x` hex or `0d` decimal with optional `K`/`M`/`G`; `loc` needs
-//!   `intr` (MMIO mode); a repeated `loc`/`intr`/`sched`/`name` keeps its last value (qvm's rule
-//!   for repeated options) while a second `subst` is an error. Errors carry line, option and
-//!   reason ([`ParseError`]).
+//!   addresses in decimal, `0x` hex or `0d` decimal with optional `K`/`M`/`G`; `loc` takes QNX's
+//!   locations (`ADDRESS`/`mem:ADDRESS`: MMIO mode, needs `intr`; `pci:BUS:DEV[.FUNC]` or a bare
+//!   `loc`: PCI mode); `intr` applies in PCI mode too; the common options `name` and
+//!   `log FILTERS DESTINATION`; a repeated `loc`/`intr`/`sched`/`name` keeps its last value
+//!   (qvm's rule for repeated options) while a second `subst` is an error. Errors carry line,
+//!   option and reason ([`ParseError`]).
 //! * **TOML form** ([`VmPolicyConfig`]): `rules = ["allow test*", "deny pluto"]` keeps the
 //!   order and the implicit final rule; `subst` applies to every `create` (TOML has no line
 //!   order); or `qnx = """..."""` holds a verbatim `vdev shmem` block instead of the fields.

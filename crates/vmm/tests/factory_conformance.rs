@@ -844,3 +844,108 @@ mod server_factory {
         replay.join().unwrap();
     }
 }
+
+/// Every size a `guest_shm` client can ask for — a factory create in pages, a VM's `create`
+/// line or a control create in bytes — gives a region of at least `ceil(bytes / 4096)` whole
+/// pages (exactly that with `pow2 = "off"`, the next power of two with the default
+/// `"round-up"`), and every page has memory behind it: mapped through one connection, written
+/// at both ends, read through another.
+mod region_sizes {
+    use super::*;
+    use ivshm_proto::control::{ControlRequest, ControlResponse, CreateRegion};
+    use ivshm_proto::factory::{decode_line, encode_line};
+    use ivshm_proto::guest_shm::pages_for;
+    use proptest::prelude::*;
+
+    /// Sizes in bytes up to the factories' limit, with the page edges drawn often.
+    fn bytes() -> impl Strategy<Value = u64> {
+        let max = u64::from(MAX_PAGES) * 4096;
+        prop_oneof![
+            1..=max,
+            (1..=u64::from(MAX_PAGES), 0..3u64).prop_map(|(pages, edge)| (pages * 4096 + edge)
+                .saturating_sub(1)
+                .clamp(1, u64::from(MAX_PAGES) * 4096)),
+        ]
+    }
+
+    /// The pages a region of `bytes` must get under `pow2`.
+    fn expected_pages(bytes: u64, pow2_off: bool) -> u32 {
+        let pages = pages_for(bytes);
+        let pages = if pow2_off {
+            pages
+        } else {
+            (pages * 4096).next_power_of_two() / 4096
+        };
+        u32::try_from(pages).unwrap()
+    }
+
+    /// Attaches twice to `name` through `factory` and checks its pages against `bytes`.
+    fn check(factory: &mut dyn Factory, name: &str, bytes: u64, exact: Option<u32>) {
+        let a = find(factory, name).unwrap();
+        let b = find(factory, name).unwrap();
+        let pages = a.attachment.pages;
+        assert!(
+            u64::from(pages) >= pages_for(bytes),
+            "{name}: {bytes} bytes gave {pages} pages"
+        );
+        if let Some(exact) = exact {
+            assert_eq!(pages, exact, "{name}: {bytes} bytes");
+        }
+        every_page_shared(&a, &b);
+        every_page_shared(&b, &a);
+    }
+
+    fn control_create(server: &NamedServer, name: &str, bytes: u64) {
+        let request = ControlRequest::Create(CreateRegion {
+            name: name.into(),
+            size: bytes,
+            persist: true,
+            ..CreateRegion::default()
+        });
+        let line = ask(&server.root().join("control.sock"), &encode_line(&request));
+        let response: ControlResponse = decode_line(&line).unwrap();
+        assert!(response.ok, "{name}: {:?}", response.error);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(12))]
+
+        #[test]
+        fn every_requested_size_gets_whole_backed_pages(
+            sizes in prop::collection::vec(bytes(), 1..5),
+            pow2_off in any::<bool>(),
+        ) {
+            // The server: create lines, control creates and factory creates of each size.
+            let lines: Vec<String> =
+                sizes.iter().enumerate().map(|(i, b)| format!("create line{i},{b:#x}")).collect();
+            let server = NamedServer::start_with(
+                "sizes",
+                if pow2_off { "pow2 = \"off\"" } else { "" },
+                &format!("[vm.sized]\nqnx = \"{}\"\n", lines.join(" ")),
+            );
+            let mut sized = server.factory("sized");
+            for (i, &b) in sizes.iter().enumerate() {
+                let exact = Some(expected_pages(b, pow2_off));
+                check(&mut sized, &format!("line{i}"), b, exact);
+                control_create(&server, &format!("ctl{i}"), b);
+                check(&mut sized, &format!("ctl{i}"), b, exact);
+                let pages = u32::try_from(pages_for(b)).unwrap();
+                let created = create(&mut sized, &format!("fac{i}"), pages).unwrap();
+                check(&mut sized, &format!("fac{i}"), b, exact);
+                drop(created);
+            }
+            // LocalRegionRegistry: create lines and factory creates (no power-of-two rule).
+            let registry = LocalRegionRegistry::new(MAX_PAGES);
+            let policy = VmPolicy::parse_qnx(&lines.join("\n")).unwrap();
+            let mut local = registry.factory(policy);
+            for (i, &b) in sizes.iter().enumerate() {
+                let exact = Some(expected_pages(b, true));
+                check(&mut local, &format!("line{i}"), b, exact);
+                let pages = u32::try_from(pages_for(b)).unwrap();
+                let created = create(&mut local, &format!("fac{i}"), pages).unwrap();
+                check(&mut local, &format!("fac{i}"), b, exact);
+                drop(created);
+            }
+        }
+    }
+}

@@ -1,18 +1,4 @@
-//! The `loc` option's argument: where the guest finds the vdev (QNX's "guest resource types").
-//!
-//! QNX's common `loc` option takes a location with a resource type: `mem:ADDRESS` (a
-//! guest-physical address, the default type, so a bare number means the same), `io:PORT` (x86
-//! I/O space) or `pci:...` (a PCI function). For the shmem vdev:
-//!
-//! | written | meaning |
-//! |---|---|
-//! | `loc 0x1b000000`, `loc mem:0x1b000000` | MMIO mode: the factory page at that guest-physical address (needs `intr`) |
-//! | `loc pci:BUS:DEV[.FUNC]` | PCI mode, the function at that bus/device/function |
-//! | `loc` (no argument) | PCI mode, placed by the VMM ("if addr isn't specified, the vdev appears as a PCI device") |
-//!
-//! Refused with a reason: `io:` (the factory page is memory), `pci:VID/DID` (that names a host
-//! device to pass through; the shmem vdev has its own ids), a length or access flags after the
-//! address (the factory page is one 4 KiB page), an address that is not page aligned.
+//! The `loc` option's argument, [`Location`].
 
 use std::fmt;
 
@@ -94,7 +80,21 @@ impl fmt::Display for PciAddress {
     }
 }
 
-/// Where the shmem vdev appears to the guest (see the [module documentation](self)).
+/// The `loc` option's argument: where the guest finds the vdev (QNX's "guest resource types").
+///
+/// QNX's common `loc` option takes a location with a resource type: `mem:ADDRESS` (a
+/// guest-physical address, the default type, so a bare number means the same), `io:PORT` (x86
+/// I/O space) or `pci:...` (a PCI function). For the shmem vdev:
+///
+/// | written | meaning |
+/// |---|---|
+/// | `loc 0x1b000000`, `loc mem:0x1b000000` | MMIO mode: the factory page at that guest-physical address (needs `intr`) |
+/// | `loc pci:BUS:DEV[.FUNC]` | PCI mode, the function at that bus/device/function |
+/// | `loc` (no argument) | PCI mode, placed by the VMM ("if addr isn't specified, the vdev appears as a PCI device") |
+///
+/// Refused with a reason: `io:` (the factory page is memory), `pci:VID/DID` (that names a host
+/// device to pass through; the shmem vdev has its own ids), a length or access flags after the
+/// address (the factory page is one 4 KiB page), an address that is not page aligned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Location {
     /// MMIO mode: the factory page at this guest-physical address (page aligned).
