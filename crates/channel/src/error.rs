@@ -84,7 +84,7 @@ pub enum RegionError {
         size: u64,
     },
     /// The directory lock is held by another peer that did not release it in time.
-    #[error("the channel directory is locked by peer {holder} (if it left, Region::peer_left({holder}) frees the lock)")]
+    #[error("the channel directory is locked by peer {holder} and it did not release it in time (if that peer left, the lock is freed when its departure is marked: Region::peer_left, or the ivshm server)")]
     DirectoryLocked {
         /// The holder's peer id.
         holder: u16,

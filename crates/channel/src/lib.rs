@@ -33,7 +33,8 @@
 //! Modules: [`layout`] (every constant of the spec), `shm` (the audited memory access), `ring`
 //! (one ring's protocol), [`channel`] (endpoints, waiting), [`region`] (directory), `wait`
 //! (one vector shared by several waiting threads), [`doorbell`] (the trait), [`local`]
-//! (memfd + eventfd doorbells for tests and host-only use).
+//! (memfd + eventfd doorbells for tests and host-only use), [`traffic`] (checked traffic for
+//! soak tests and self-checks).
 
 pub mod channel;
 #[cfg(feature = "conformance")]
@@ -43,6 +44,7 @@ pub mod error;
 pub mod layout;
 pub mod local;
 pub mod region;
+pub mod traffic;
 
 mod ring;
 mod shm;
@@ -53,4 +55,7 @@ pub use channel::{Channel, Message, Receiver, Sender, Side, Spin};
 pub use doorbell::{Doorbell, DoorbellError};
 pub use error::{ChannelError, Corruption, RegionError};
 pub use layout::{Geometry, LayoutError};
-pub use region::{ChannelInfo, ChannelOptions, FormatOptions, Region, RegionMemory, SideInfo};
+pub use region::{
+    mark_departed, ChannelInfo, ChannelOptions, Departure, FormatOptions, Region, RegionMemory,
+    SideInfo,
+};

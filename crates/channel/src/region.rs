@@ -570,43 +570,87 @@ impl Region {
     /// Marks every channel side that `peer` had attached as gone (call it when the server
     /// reports that `peer` left), frees the directory lock if `peer` held it, and rings the
     /// surviving sides so that their waits return [`crate::ChannelError::PeerGone`]. Returns
-    /// how many sides were marked.
+    /// how many sides were marked. The same as [`mark_departed`], with our doorbell ringing.
     pub fn peer_left(&self, peer: u16) -> Result<usize, RegionError> {
-        let shm = &self.inner.shm;
-        let geo = self.inner.geo;
-        let mut marked = 0;
-        let mut to_ring = Vec::new();
-        for index in 0..geo.channels {
-            let e = geo.entry_offset(index) as usize;
-            if shm.load(e + E_STATE, Ordering::Acquire)? != STATE_ACTIVE {
-                continue;
-            }
-            for (mine, other) in [(E_SIDE_A, E_SIDE_B), (E_SIDE_B, E_SIDE_A)] {
-                let word = shm.load(e + mine, Ordering::Acquire)?;
-                let (state, p, _) = side_parts(word);
-                if state != SIDE_ATTACHED || p != peer {
-                    continue;
-                }
-                if shm
-                    .compare_exchange(e + mine, word, gone_word(word))?
-                    .is_ok()
-                {
-                    marked += 1;
-                    let (so, po, vo) = side_parts(shm.load(e + other, Ordering::Acquire)?);
-                    if so == SIDE_ATTACHED && po != peer {
-                        to_ring.push((po, u16::from(vo)));
-                    }
-                }
-            }
-        }
-        let _ = shm.compare_exchange(H_LOCK, LOCK_HELD | u32::from(peer), 0)?;
-        crate::sync::fence(Ordering::SeqCst);
-        for (p, v) in to_ring {
+        let departure = mark_shm(&self.inner.shm, self.inner.geo, peer)?;
+        for &(p, v) in &departure.to_ring {
             // Best effort: a survivor that cannot be rung sees the mark at its next look.
             let _ = self.inner.doorbell.ring(p, v);
         }
-        Ok(marked)
+        Ok(departure.marked)
     }
+}
+
+/// What [`mark_departed`] did in a region.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Departure {
+    /// Side words changed from attached to gone.
+    pub marked: usize,
+    /// Whether the departed peer held the directory lock (it is free now).
+    pub lock_freed: bool,
+    /// The surviving endpoints of the marked channels, as (peer, vector): ring them so that
+    /// sleepers wake and see the mark.
+    pub to_ring: Vec<(u16, u16)>,
+}
+
+/// Marks the channel sides of a peer that left, in `memory` as another party (the ivshm
+/// server) sees it, without a doorbell and without the directory lock: the caller rings
+/// [`Departure::to_ring`] itself. `Ok(None)` when the memory does not start with a formatted
+/// channel region header (magic `ICHN`); an error when the header is not a valid layout.
+///
+/// Bounded and non-blocking whatever the memory holds: the header is read once and validated
+/// against `memory`'s length, then each directory entry's state and side words are read once
+/// (at most 65,536 entries); side words change only by compare-and-exchange from the exact
+/// word read, and the lock only from `0x80000000 | peer` to 0. Nothing else is written.
+pub fn mark_departed(memory: SharedView<'_>, peer: u16) -> Result<Option<Departure>, RegionError> {
+    if memory.as_ptr() as usize % 64 != 0 {
+        return Err(RegionError::Misaligned);
+    }
+    // SAFETY: `memory` is valid for reads and writes of its length for the lifetime of the
+    // borrow, which outlives `shm` (a local of this function); a `SharedView` never hands out
+    // Rust references to the bytes.
+    let shm = unsafe { Shm::new(memory.as_ptr(), memory.len()) };
+    let header = read_header(&shm)?;
+    if header.magic != MAGIC {
+        return Ok(None);
+    }
+    let geo = Geometry::validate(&header, shm.len() as u64)?;
+    mark_shm(&shm, geo, peer).map(Some)
+}
+
+/// The marking of [`mark_departed`] over validated geometry.
+fn mark_shm(shm: &Shm, geo: Geometry, peer: u16) -> Result<Departure, RegionError> {
+    let mut departure = Departure::default();
+    for index in 0..geo.channels {
+        let e = geo.entry_offset(index) as usize;
+        if shm.load(e + E_STATE, Ordering::Acquire)? != STATE_ACTIVE {
+            continue;
+        }
+        for (mine, other) in [(E_SIDE_A, E_SIDE_B), (E_SIDE_B, E_SIDE_A)] {
+            let word = shm.load(e + mine, Ordering::Acquire)?;
+            let (state, p, _) = side_parts(word);
+            if state != SIDE_ATTACHED || p != peer {
+                continue;
+            }
+            if shm
+                .compare_exchange(e + mine, word, gone_word(word))?
+                .is_ok()
+            {
+                departure.marked += 1;
+                let (so, po, vo) = side_parts(shm.load(e + other, Ordering::Acquire)?);
+                if so == SIDE_ATTACHED && po != peer {
+                    departure.to_ring.push((po, u16::from(vo)));
+                }
+            }
+        }
+    }
+    departure.lock_freed = shm
+        .compare_exchange(H_LOCK, LOCK_HELD | u32::from(peer), 0)?
+        .is_ok();
+    crate::sync::fence(Ordering::SeqCst);
+    departure.to_ring.sort_unstable();
+    departure.to_ring.dedup();
+    Ok(departure)
 }
 
 impl RegionInner {

@@ -9,6 +9,9 @@
 //!   - **sysfs**: maps `resource0`/`resource2` directly. There are no interrupts: waiting polls a
 //!     counter in shared memory agreed with the sender ([`doorbell::PollDoorbells`]).
 //!
+//! - [`DeviceDoorbell`] makes an opened device the doorbell of `ivshm-channel` message channels
+//!   over its shared memory ([`DeviceMemory`]): MSI-X interrupts in VFIO mode, polling without.
+//!
 //! ```no_run
 //! use ivshm_guest::{MappedDevice, OpenOptions, DeviceSelector};
 //! use std::time::Duration;
@@ -19,6 +22,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod channel_doorbell;
 pub mod discovery;
 pub mod doorbell;
 mod mapped_device;
@@ -27,6 +31,7 @@ pub mod pingpong;
 pub mod sysfs_access;
 pub mod vfio;
 
+pub use channel_doorbell::{DeviceDoorbell, DeviceMemory, Wakeups};
 pub use discovery::{
     find_device, find_devices, DeviceKind, DeviceSelector, FoundDevice, SelectError,
 };

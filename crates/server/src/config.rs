@@ -47,6 +47,10 @@ pub struct ServerConfig {
     pub max_queued_messages: usize,
     /// Named regions, per-VM directories, factories and the control socket.
     pub named: Option<NamedConfig>,
+    /// When a peer leaves a region whose memory holds `ivshm-channel` channels (and is a
+    /// sealed memfd), mark its channel sides gone and ring the survivors, so that guests,
+    /// which get no leave events, see the departure (default on).
+    pub mark_channel_departures: bool,
 }
 
 impl ServerConfig {
@@ -56,6 +60,7 @@ impl ServerConfig {
             regions: vec![region],
             max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
             named: None,
+            mark_channel_departures: true,
         }
     }
 

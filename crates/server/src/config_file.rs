@@ -259,6 +259,7 @@ impl Ctx<'_> {
             regions: Vec::new(),
             max_queued_messages,
             named: Some(named),
+            mark_channel_departures: raw.mark_channel_departures.unwrap_or(true),
         })
     }
 

@@ -36,7 +36,8 @@
 //! joins and leaves themselves), [`service_notify`] (systemd readiness). Internally each concern has one owner with
 //! private state, and the loop (`server`) only routes events to them: `regions` (every region
 //! and, through `listener_table`, its listening sockets and their epoll registration), `peer`
-//! (peer connections), `named_regions` and `vms` (the named configuration and the VMs),
+//! (peer connections), `departures` (marking the channel sides of peers that leave, in regions
+//! that hold `ivshm-channel` channels), `named_regions` and `vms` (the named configuration and the VMs),
 //! `vm_dir` (every path operation in the socket root and VM directories), `endpoints`
 //! (factory and control sockets), `factory` and `control` (answering their requests).
 
@@ -44,6 +45,7 @@ pub mod access;
 pub mod config;
 pub mod config_file;
 mod control;
+mod departures;
 mod dir_fd;
 mod endpoints;
 mod event_loop;

@@ -18,6 +18,7 @@ use ivshm_proto::v0::{PROTOCOL_VERSION, SHM_MARKER};
 use rustix::event::{eventfd, EventfdFlags};
 use rustix::io::Errno;
 
+use crate::departures::ChannelDepartures;
 use crate::ids::{lowest_free, IdAllocator, IdPolicy};
 use crate::limits::{fd_exhaustion_message, is_fd_exhaustion};
 use crate::listener_table::SocketKey;
@@ -98,14 +99,18 @@ pub(crate) struct Region {
     had_peers: bool,
     /// This region's share of the server's counters (the same events, counted here too).
     counters: Stats,
+    /// Marks the channel sides of peers that leave.
+    departures: ChannelDepartures,
 }
 
 impl Region {
-    /// A region with its memory and no peers (its sockets are added to the listener table).
+    /// A region with its memory and no peers (its sockets are added to the listener table);
+    /// `mark_departures`: mark the channel sides of peers that leave (see `departures`).
     pub(crate) fn new(
         id: RegionId,
         spec: &RegionSpec,
         queue_limit: usize,
+        mark_departures: bool,
     ) -> Result<Region, BackendError> {
         let memory = ivshm_mem::backend::create(&spec.backend, spec.size, spec.pow2)?;
         let shm_fd = Arc::new(memory.try_clone_fd()?);
@@ -127,6 +132,7 @@ impl Region {
             detached: false,
             had_peers: false,
             counters: Stats::default(),
+            departures: ChannelDepartures::new(mark_departures),
         })
     }
 
@@ -508,6 +514,12 @@ impl Region {
                 tracing::info!(region = %self.name, vm = %vm, peer = id, peers = self.peers.len(), "peer {id} left: {reason}");
             }
             drop(peer);
+            // Before the others hear of it: their channels with the departed peer fail now.
+            let peers = &self.peers;
+            self.departures
+                .peer_left(&self.name, &self.memory, id, |survivor| {
+                    peers.get(&survivor).map(|p| p.eventfds.as_slice())
+                });
             for other in self.peers.values_mut() {
                 if let Err(full) = other.queue.push(i64::from(id), None) {
                     work.push((other.id, RemovalReason::StoppedReading(full)));

@@ -166,17 +166,20 @@ pub(crate) struct Regions {
     /// Whether the server has started: regions made from now on are logged as they are
     /// made ([`Region::log_serving`]); those made during start-up, when it succeeds.
     started: bool,
+    /// Mark the channel sides of peers that leave.
+    mark_departures: bool,
 }
 
 impl Regions {
     /// No regions; sockets are watched by `poller`.
-    pub(crate) fn new(poller: Arc<Poller>, queue_limit: usize) -> Self {
+    pub(crate) fn new(poller: Arc<Poller>, queue_limit: usize, mark_departures: bool) -> Self {
         Regions {
             regions: BTreeMap::new(),
             next: 0,
             listeners: ListenerTable::new(poller),
             queue_limit,
             started: false,
+            mark_departures,
         }
     }
 
@@ -211,9 +214,11 @@ impl Regions {
         };
         let id = self.next_id();
         let region =
-            Region::new(id, &spec, self.queue_limit).map_err(|source| ServerError::Memory {
-                region: spec.name.clone(),
-                source,
+            Region::new(id, &spec, self.queue_limit, self.mark_departures).map_err(|source| {
+                ServerError::Memory {
+                    region: spec.name.clone(),
+                    source,
+                }
             })?;
         let listener = Listener::bind(&config.listener)?;
         self.listeners
@@ -271,7 +276,7 @@ impl Regions {
             persist: config.persist,
         };
         let id = self.next_id();
-        let region = Region::new(id, &spec, self.queue_limit)?;
+        let region = Region::new(id, &spec, self.queue_limit, self.mark_departures)?;
         if self.started {
             region.log_serving();
         }

@@ -92,7 +92,11 @@ impl Server {
         tracing::debug!(soft = ?limit.soft, hard = ?limit.hard, "open file limit");
         let poller = Arc::new(Poller::new().map_err(ServerError::Epoll)?);
         let mut server = Server {
-            regions: Regions::new(poller.clone(), config.max_queued_messages),
+            regions: Regions::new(
+                poller.clone(),
+                config.max_queued_messages,
+                config.mark_channel_departures,
+            ),
             connections: Connections::new(poller.clone()),
             endpoints: Endpoints::new(poller.clone()),
             poller,

@@ -94,6 +94,11 @@ pub struct ServeArgs {
     /// QEMU needs a power-of-two BAR: round-up, refuse, or off.
     #[arg(long, value_enum, default_value_t = Pow2Choice::RoundUp)]
     pub pow2: Pow2Choice,
+    /// Do not mark the channel sides of a peer that leaves as gone (by default the server does
+    /// it in regions that hold ivshm channels, so that guests see the departure; the
+    /// configuration file's `mark_channel_departures = false` does the same).
+    #[arg(long)]
+    pub no_mark_channel_departures: bool,
 }
 
 /// The POSIX shm object's name when `--shm-name` is not given (QEMU's `-M` default).
@@ -190,10 +195,13 @@ impl ServeArgs {
 /// With `$NOTIFY_SOCKET` set (systemd `Type=notify`), sends `READY=1` once the sockets are
 /// bound, `RELOADING=1`/`READY=1` around reloads and `STOPPING=1` at shutdown.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
-    let config = match &args.config {
+    let mut config = match &args.config {
         Some(path) => ivshm_server::config_file::load(path)?,
         None => args.to_config()?,
     };
+    if args.no_mark_channel_departures {
+        config.mark_channel_departures = false;
+    }
     let named = config.named.clone();
     let signals = SignalPipes::install().context("installing signal handlers")?;
     let mut server = Server::new(config).context("starting the server")?;

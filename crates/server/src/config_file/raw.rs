@@ -21,6 +21,7 @@ pub(super) struct RawFile {
     pub(super) control_mode: Option<RawMode>,
     pub(super) control_group: Option<Spanned<String>>,
     pub(super) max_queued_messages: Option<Spanned<usize>>,
+    pub(super) mark_channel_departures: Option<bool>,
     #[serde(default)]
     pub(super) defaults: RawDefaults,
     #[serde(default)]

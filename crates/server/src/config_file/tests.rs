@@ -389,3 +389,15 @@ fn errors_in_multi_line_lists_name_the_elements_line() {
     let e = parse_err("[vm.a]\n\nrules = \"allow x\"\n");
     assert_eq!(e.line, Some(3), "{e}");
 }
+
+#[test]
+fn marking_channel_departures_is_on_unless_switched_off() {
+    let path = Path::new("test.toml");
+    assert!(parse("", path).unwrap().mark_channel_departures);
+    assert!(
+        !parse("mark_channel_departures = false\n", path)
+            .unwrap()
+            .mark_channel_departures
+    );
+    parse("mark_channel_departures = 1\n", path).unwrap_err();
+}
