@@ -186,7 +186,12 @@ fn scribbler_thread_cannot_crash_or_hang_the_honest_sides() {
             let (mut x, mut y) = (x, y);
             let mut buf = Vec::new();
             let mut corrupt = 0;
-            for i in 0..6_000u64 {
+            // At least 6,000 operations, and on until the scribbling is found (bounded: the
+            // assertion below fails after a minute), however the threads are scheduled.
+            let start = std::time::Instant::now();
+            let mut i = 0u64;
+            while i < 6_000 || (corrupt == 0 && start.elapsed() < Duration::from_secs(60)) {
+                i += 1;
                 let r = if i % 2 == 0 {
                     x.send(&message(i, 1 + (i as usize * 31) % 2000), short)
                         .map(|_| 0)
