@@ -187,6 +187,46 @@ fn commands(block: &Block) -> Vec<String> {
 
 const COMMAND_LANGS: &[&str] = &["sh", "bash", "shell", "console"];
 
+/// How an indented code block that holds commands starts (synopses such as `ivshm serve
+/// [--socket PATH]` are indented blocks too, and stay so).
+const COMMAND_STARTS: &[&str] = &[
+    "$ ",
+    "qemu-system",
+    "cargo ",
+    "scripts/",
+    "IVSHM_",
+    "RUSTFLAGS",
+    "sudo ",
+    "echo ",
+];
+
+/// Indented code blocks (four spaces after a blank line, outside fences) that hold commands:
+/// they escape the check, so they must be fenced.
+fn indented_commands(doc: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(repo().join(doc)).unwrap();
+    let mut problems = Vec::new();
+    let mut in_fence = false;
+    let mut previous_blank = true;
+    for (n, line) in text.lines().enumerate() {
+        if line.trim_start().starts_with("```") {
+            in_fence = !in_fence;
+        } else if !in_fence && previous_blank {
+            if let Some(code) = line.strip_prefix("    ") {
+                if COMMAND_STARTS.iter().any(|s| code.starts_with(s)) {
+                    problems.push(format!(
+                        "{}:{}: commands in an indented block escape the docs test: fence them \
+                         (```console, or ```sh with a marker)",
+                        doc.display(),
+                        n + 1
+                    ));
+                }
+            }
+        }
+        previous_blank = line.trim().is_empty();
+    }
+    problems
+}
+
 #[test]
 fn every_command_block_runs_or_says_why_not() {
     let mut problems = Vec::new();
@@ -247,6 +287,9 @@ fn every_command_block_runs_or_says_why_not() {
                 _ => {}
             }
         }
+    }
+    for doc in docs() {
+        problems.extend(indented_commands(&doc));
     }
     assert!(
         problems.is_empty(),
