@@ -22,7 +22,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
+use rustix::event::{eventfd, EventfdFlags};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::platform::{SharedMmioHandler, SharedPciDevice};
@@ -30,7 +30,7 @@ use crate::vm::{TestVm, VmmError};
 use ivshm_policy::VmPolicy;
 use ivshm_vmm::guest_shm::{Factory, GuestShmDevice, GuestShmMode, KvmRegionWindows};
 use ivshm_vmm::ivshmem::kvm::{dup_eventfd, KvmIrqLine};
-use ivshm_vmm::ivshmem::link::ring_eventfd;
+use ivshm_vmm::ivshmem::link::{ring_eventfd, wait_readable_or_stop};
 
 /// Where the test VMM puts the PCI-mode factory page (BAR0).
 pub const GUEST_SHM_BAR0: u64 = 0xc000_0000;
@@ -266,19 +266,7 @@ pub const SERVICE_THREAD: &str = "guest_shm-intx";
 /// The VMM's event loop for one device: whenever its interrupt eventfd is readable, let the
 /// device assert its line.
 fn service(device: &Mutex<GuestShmDevice>, interrupt: &OwnedFd, stop: &OwnedFd) {
-    loop {
-        let mut fds = [
-            PollFd::new(interrupt, PollFlags::IN),
-            PollFd::new(stop, PollFlags::IN),
-        ];
-        match poll(&mut fds, None) {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(_) => return,
-        }
-        if !fds[1].revents().is_empty() {
-            return;
-        }
+    while wait_readable_or_stop(interrupt.as_fd(), stop.as_fd()) {
         match device.lock() {
             Ok(mut d) => d.service_interrupt(),
             Err(_) => return,

@@ -32,10 +32,10 @@ use ivshm_client::{ClientError, ConnectOptions, Event, Peer, PeerEvent};
 use ivshm_policy::RegionName;
 use ivshm_proto::factory::{decode_line, encode_line, FactoryRequest, FactoryResponse};
 use ivshm_proto::guest_shm::{exact_pages, GuestShmStatus, MAX_CLIENTS, PAGE_SIZE};
-use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
+use rustix::event::{eventfd, EventfdFlags};
 
 use crate::guest_shm::{dup, Attachment, Factory, RegionConnection};
-use crate::ivshmem::link::ring_eventfd;
+use crate::ivshmem::link::{ring_eventfd, wait_readable_or_stop};
 
 /// A VM's factory reached through the server's `factory.sock`.
 #[derive(Debug, Clone)]
@@ -292,19 +292,7 @@ fn watch(shared: &Shared, stop: &OwnedFd, interrupt: &OwnedFd) {
         },
         _ => return,
     };
-    loop {
-        let mut fds = [
-            PollFd::new(&poll_fd, PollFlags::IN),
-            PollFd::new(stop, PollFlags::IN),
-        ];
-        match poll(&mut fds, None) {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(_) => return,
-        }
-        if !fds[1].revents().is_empty() {
-            return;
-        }
+    while wait_readable_or_stop(poll_fd.as_fd(), stop.as_fd()) {
         let mut changes = 0u64;
         let Ok(mut guard) = shared.peer.lock() else {
             return;

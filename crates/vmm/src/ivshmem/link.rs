@@ -60,6 +60,23 @@ pub fn ring_eventfd(fd: BorrowedFd<'_>) -> Result<(), rustix::io::Errno> {
     rustix::io::write(fd, &1u64.to_ne_bytes()).map(|_| ())
 }
 
+/// Blocks until `fd` is readable (`true`) or `stop` is (`false`): the wait of a thread that
+/// services one descriptor until it is told to stop. `EINTR` is retried; another poll error
+/// ends the wait as a stop.
+pub fn wait_readable_or_stop(fd: BorrowedFd<'_>, stop: BorrowedFd<'_>) -> bool {
+    loop {
+        let mut fds = [
+            rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN),
+            rustix::event::PollFd::new(&stop, rustix::event::PollFlags::IN),
+        ];
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) => return fds[1].revents().is_empty(),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
 /// Reads and clears an eventfd's counter without blocking; returns 0 when it was clear.
 pub fn drain_eventfd(fd: BorrowedFd<'_>) -> Result<u64, rustix::io::Errno> {
     let mut pollfd = [rustix::event::PollFd::new(
