@@ -160,6 +160,15 @@ fn every_error_names_file_line_and_option() {
         ("[vm.a]\nloc = 4096\n", 2, "vm.a.loc", "loc needs intr"),
         ("[vm.a]\nintr = 3\nloc = 4097\n", 3, "vm.a.loc", "not aligned"),
         ("[vm.a]\nsched = 0\n", 2, "vm.a.sched", "1..=255"),
+        ("[vm.a]\nloc = \"io:0x2f8\"\n", 2, "vm.a.loc", "I/O ports"),
+        (
+            "[vm.a]\nlog = [\"error stderr\",\n  \"error file\"]\n",
+            3,
+            "vm.a.log",
+            "unknown destination",
+        ),
+        ("[vm.a]\nlog = [\"error\"]\n", 2, "vm.a.log", "FILTER[,FILTER...] DESTINATION"),
+        ("[vm.a]\nqnx = \"hostvector 3\"\n", 2, "vm.a.qnx: hostvector", "PIC"),
         ("[vm.a]\ncreate = [{ name = \"m\", size = 0 }]\n", 2, "vm.a.create", "size 0"),
         (
             "[vm.a]\nsubst = \",g\"\ncreate = [{ name = \"m\", size = 1 }, { name = \"m\", size = 2 }]\n",
