@@ -14,6 +14,11 @@ use ivshm_proto::v0::{encode, MESSAGE_LEN};
 use rustix::io::Errno;
 use thiserror::Error;
 
+/// Messages of memory an empty queue may keep. A joining peer's handshake is one message per
+/// vector of every other peer; kept after it has gone out, it would make the server's memory
+/// grow with the square of the number of peers.
+const KEPT_CAPACITY: usize = 32;
+
 /// One queued message.
 #[derive(Debug)]
 struct Outgoing {
@@ -97,6 +102,11 @@ impl OutgoingQueue {
         self.items.is_empty()
     }
 
+    /// How many messages it has room for without allocating (its memory, in messages).
+    pub fn capacity(&self) -> usize {
+        self.items.capacity()
+    }
+
     /// Sends as much as the socket takes; with `fds_allowed` false it stops before the first
     /// message that carries an fd. `sent` is increased by the number of whole messages that
     /// went out. A send error other than `EAGAIN` and `ETOOMANYREFS` is returned (the peer must
@@ -125,6 +135,11 @@ impl OutgoingQueue {
                 self.handshake_left = self.handshake_left.saturating_sub(1);
                 *sent += 1;
             }
+        }
+        // A handshake's worth of memory is not kept once it has gone out (see
+        // `KEPT_CAPACITY`).
+        if self.items.capacity() > KEPT_CAPACITY {
+            self.items = VecDeque::new();
         }
         Ok(Flushed::Empty)
     }
@@ -193,6 +208,30 @@ mod tests {
         }
         assert_eq!(sent, n as u64);
         assert!(q.is_empty());
+    }
+
+    /// A handshake of thousands of messages (a peer joining a large region) does not leave its
+    /// memory behind once it has gone out: every peer would keep one, and memory would grow
+    /// with the square of the number of peers.
+    #[test]
+    fn a_drained_queue_keeps_no_handshake_sized_memory() {
+        let (a, b) = pair();
+        let efd = Arc::new(eventfd(0, EventfdFlags::CLOEXEC).unwrap());
+        let mut q = OutgoingQueue::new(16);
+        for n in 0..10_000 {
+            q.push_handshake(n, Some(efd.clone()));
+        }
+        let mut reader = MessageReader::new();
+        let mut sent = 0;
+        while q.flush(a.as_fd(), &mut sent, true).unwrap() == Flushed::WouldBlock {
+            while let Received::Message { .. } = reader.receive(b.as_fd()).unwrap() {}
+        }
+        assert!(q.is_empty());
+        assert!(
+            q.capacity() <= 64,
+            "{} messages of memory kept",
+            q.capacity()
+        );
     }
 
     #[test]

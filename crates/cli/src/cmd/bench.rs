@@ -4,11 +4,15 @@
 //!   doorbell through `ivshm-client` (`Peer::notify` + `Peer::wait`), next to a raw eventfd
 //!   ping-pong between two threads, measured in alternating blocks of the same run.
 //! - `channel`: `ivshm-channel` against its floors (see `bench_channel`).
-//! - `join`: N peers (4 vectors each) join an in-process server one after the other; reports
-//!   the total, the time per join and how the per-join time grows with N.
+//! - `join`: N peers (4 vectors each) join `ivshm serve` one after the other; reports the
+//!   total, the time per join, how it grows with N and the server's memory per peer, next to
+//!   a reference that makes the same sends with blocking calls (alternating joins).
 //! - the doorbell-versus-polling ping-pong of `ivshm guest bench` ([`run_pingpong`]), in a
 //!   guest or, with `--socket`, as a host peer ([`pingpong_as_host_peer`]).
 
+mod server;
+
+use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -25,6 +29,7 @@ use ivshm_proto::{MessageReader, Received};
 use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
+use server::BenchServer;
 
 /// Benchmarks.
 #[derive(Subcommand, Debug)]
@@ -158,11 +163,15 @@ impl Drop for TempSocket {
     }
 }
 
-fn spawn_server(path: &Path, vectors: usize) -> anyhow::Result<ServerHandle> {
+fn server_config(path: &Path, vectors: usize) -> ServerConfig {
     let mut region = RegionConfig::new(path);
     region.vectors = vectors;
     region.memory.size = 1 << 20;
-    ServerHandle::spawn(ServerConfig::single(region)).context("starting the in-process server")
+    ServerConfig::single(region)
+}
+
+fn spawn_server(path: &Path, vectors: usize) -> anyhow::Result<ServerHandle> {
+    ServerHandle::spawn(server_config(path, vectors)).context("starting the in-process server")
 }
 
 /// Median and 99th percentile of a set of durations.
@@ -410,6 +419,12 @@ pub struct JoinRow {
     pub per_join: Duration,
     /// The last join (with `peers - 1` peers already there).
     pub last_join: Duration,
+    /// Resident memory the server (`ivshm serve` in a child process) gained per connected
+    /// peer, in bytes (`None` with an in-process server, as in unit tests).
+    pub rss_per_peer: Option<f64>,
+    /// Mean time per join of the reference: the same sends and receives made with plain
+    /// blocking calls by a thread with no event loop.
+    pub reference_per_join: Duration,
 }
 
 /// Result of `bench join`.
@@ -424,7 +439,9 @@ pub struct JoinReport {
 impl JoinReport {
     fn lines(&self) -> Vec<String> {
         let mut out = vec![format!(
-            "peers joining one after the other, {} vectors each (in-process ivshm-server)",
+            "peers joining one after the other, {} vectors each (ivshm serve), \
+                 next to a reference making the same sends and receives with blocking calls; \
+                 RSS is the server process's",
             self.vectors
         )];
         let first = self.rows.first().cloned();
@@ -443,28 +460,46 @@ impl JoinReport {
                 Ok(others) if others > 0 => micros(r.last_join / others),
                 _ => "n/a".into(),
             };
+            let rss = r
+                .rss_per_peer
+                .map_or_else(|| "n/a".into(), |b| format!("{:.2} KB", b / 1024.0));
             out.push(format!(
                 "N={:<5} total {:>10.3} ms  per join {:>9}  last join {:>9} \
-                 ({per_existing} per existing peer)  growth {growth}",
+                 ({per_existing} per existing peer)  growth {growth}  RSS per peer {rss}  \
+                 reference per join {:>9}  ratio {}",
                 r.peers,
                 r.total.as_secs_f64() * 1e3,
                 micros(r.per_join),
                 micros(r.last_join),
+                micros(r.reference_per_join),
+                ratio(r.per_join, r.reference_per_join),
             ));
         }
         out
     }
 }
 
-/// Raises the soft fd limit to the hard limit (each peer costs the in-process server
-/// 1 + vectors fds, and us one socket).
-fn raise_fd_limit() {
+/// Raises the fd limit so that `peers` peers with `vectors` vectors fit: each costs the server
+/// 1 + vectors fds, and this process a socket (and, for the reference, the server's share
+/// too). The soft limit goes to the hard one; as root the hard limit goes up too when that is
+/// not enough (the server child inherits both).
+fn raise_fd_limit(peers: usize, vectors: usize) {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let limit = getrlimit(Resource::Nofile);
-    if limit.current != limit.maximum {
+    let needed = u64::try_from(peers * (vectors + 3) + 1024).unwrap_or(u64::MAX);
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok());
+    let hard = match (limit.maximum, nr_open) {
+        (Some(hard), Some(max)) if hard < needed && rustix::process::geteuid().is_root() => {
+            Some(needed.min(max))
+        }
+        (hard, _) => hard,
+    };
+    if limit.current != hard || limit.maximum != hard {
         let raised = Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
+            current: hard,
+            maximum: hard,
         };
         if let Err(e) = setrlimit(Resource::Nofile, raised) {
             tracing::warn!("could not raise RLIMIT_NOFILE: {e}");
@@ -531,49 +566,153 @@ fn wait_readable(socket: &OwnedFd, deadline: Instant) -> anyhow::Result<()> {
     }
 }
 
-/// Runs `bench join`.
+/// Runs `bench join`: for each peer count, the server's joins and the reference's,
+/// alternating one join each (so both see the same load on the machine).
 pub fn join(a: &JoinArgs) -> anyhow::Result<JoinReport> {
     if a.vectors == 0 || a.vectors > ivshm_proto::v0::MAX_VECTORS {
         bail!("--vectors must be 1..=64");
     }
-    raise_fd_limit();
+    raise_fd_limit(a.peers.iter().copied().max().unwrap_or(0), a.vectors);
     let mut rows = Vec::new();
     for &n in &a.peers {
         let sock = TempSocket::new("join")?;
-        let server = spawn_server(&sock.path(), a.vectors)?;
+        let path = sock.path();
+        let args: Vec<OsString> = vec![
+            "--socket".into(),
+            path.clone().into(),
+            "--vectors".into(),
+            a.vectors.to_string().into(),
+            "--size".into(),
+            "1M".into(),
+        ];
+        let server = BenchServer::start(&args, &path, || server_config(&path, a.vectors))?;
+        let reference = ReferenceServer::start(a.vectors, n)?;
         let mut joined: Vec<LightJoiner> = Vec::with_capacity(n);
-        let mut total = Duration::ZERO;
-        let mut last_join = Duration::ZERO;
+        let mut reference_joined: Vec<LightJoiner> = Vec::with_capacity(n);
+        let before = server.resident_bytes();
+        let (mut total, mut last_join, mut reference_total) =
+            (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         for i in 0..n {
-            let t = Instant::now();
-            let j = LightJoiner::join(&sock.path(), a.vectors)
+            last_join = join_one(&path, a.vectors, &mut joined)
                 .with_context(|| format!("peer {i} of {n} joining"))?;
-            last_join = t.elapsed();
             total += last_join;
-            // Outside the timing: the others read the new peer's fds (and close them).
-            for other in &mut joined {
-                other.drain()?;
-            }
-            joined.push(j);
+            reference_total += join_one(&reference.path(), a.vectors, &mut reference_joined)
+                .with_context(|| format!("peer {i} of {n} joining the reference"))?;
         }
+        let after = server.resident_bytes();
         drop(joined);
-        drop(server);
-        let per_join = if n == 0 {
-            Duration::ZERO
-        } else {
-            total / u32::try_from(n).unwrap_or(u32::MAX)
-        };
+        server.stop()?;
+        reference.finish()?;
+        let rss_per_peer = before
+            .zip(after)
+            .map(|(b, a)| a.saturating_sub(b) as f64 / n.max(1) as f64);
         rows.push(JoinRow {
             peers: n,
             total,
-            per_join,
+            per_join: mean(total, n),
             last_join,
+            rss_per_peer,
+            reference_per_join: mean(reference_total, n),
         });
     }
     Ok(JoinReport {
         vectors: a.vectors,
         rows,
     })
+}
+
+fn mean(total: Duration, n: usize) -> Duration {
+    if n == 0 {
+        Duration::ZERO
+    } else {
+        total / u32::try_from(n).unwrap_or(u32::MAX)
+    }
+}
+
+/// Joins one light peer to the server at `path` and adds it to `joined`; the join is timed
+/// from connect to the joiner's own eventfds, and the others read theirs after it (untimed).
+fn join_one(
+    path: &Path,
+    vectors: usize,
+    joined: &mut Vec<LightJoiner>,
+) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let j = LightJoiner::join(path, vectors)?;
+    let took = t.elapsed();
+    for other in joined.iter_mut() {
+        other.drain()?;
+    }
+    joined.push(j);
+    Ok(took)
+}
+
+/// The reference for `n` joins: a thread that accepts each connection and makes exactly the
+/// server's sends of a join, in its order (the newcomer's eventfds to every existing peer;
+/// version, id, the memory fd, every existing peer's eventfds and the newcomer's own to the
+/// newcomer) with blocking calls and no event loop.
+struct ReferenceServer {
+    sock: TempSocket,
+    done: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+}
+
+impl ReferenceServer {
+    fn start(vectors: usize, n: usize) -> anyhow::Result<ReferenceServer> {
+        use ivshm_proto::fd_passing::send_message_blocking;
+        let sock = TempSocket::new("join-reference")?;
+        let listener = std::os::unix::net::UnixListener::bind(sock.path())
+            .with_context(|| format!("binding {}", sock.path().display()))?;
+        let memory = ivshm_mem::backend::create(
+            &ivshm_mem::BackendKind::Memfd,
+            1 << 20,
+            ivshm_mem::Pow2Policy::RoundUp,
+        )?;
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || -> anyhow::Result<()> {
+            let mut peers: Vec<(std::os::unix::net::UnixStream, Vec<OwnedFd>)> = Vec::new();
+            for id in 0..n {
+                let (stream, _) = listener.accept()?;
+                let own = (0..vectors)
+                    .map(|_| eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let id = i64::try_from(id)?;
+                // In the server's order: the peers already there first, then the newcomer.
+                for (other, _) in &peers {
+                    for fd in &own {
+                        send_message_blocking(other.as_fd(), id, Some(fd.as_fd()))?;
+                    }
+                }
+                let new = stream.as_fd();
+                send_message_blocking(new, 0, None)?;
+                send_message_blocking(new, id, None)?;
+                send_message_blocking(new, -1, Some(memory.fd()))?;
+                for (other, (_, fds)) in peers.iter().enumerate() {
+                    for fd in fds {
+                        send_message_blocking(new, i64::try_from(other)?, Some(fd.as_fd()))?;
+                    }
+                }
+                for fd in &own {
+                    send_message_blocking(new, id, Some(fd.as_fd()))?;
+                }
+                peers.push((stream, own));
+            }
+            // The connections stay open until the joiners have read everything.
+            let _ = finished.recv();
+            Ok(())
+        });
+        Ok(ReferenceServer { sock, done, thread })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.sock.path()
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        let _ = self.done.send(());
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the reference server panicked"))?
+    }
 }
 
 #[cfg(test)]
@@ -604,7 +743,13 @@ mod tests {
         .unwrap();
         assert_eq!(r.rows.len(), 2);
         assert_eq!(r.rows[1].peers, 5);
-        assert_eq!(r.lines().len(), 3);
+        assert!(!r.rows[1].reference_per_join.is_zero());
+        let lines = r.lines();
+        assert_eq!(lines.len(), 3);
+        assert!(
+            lines[2].contains("RSS per peer") && lines[2].contains("ratio"),
+            "{lines:?}"
+        );
     }
 
     #[test]
