@@ -61,13 +61,21 @@ impl BenchServer {
 
 impl Spawned {
     fn start(program: &Path, args: &[OsString], ready: &Path) -> anyhow::Result<Spawned> {
-        let child = Command::new(program)
+        // As quiet as this process: its log shows only with `-v` (join and leave lines on
+        // stderr, as the in-process server's would).
+        let verbose = tracing::enabled!(tracing::Level::INFO);
+        let mut command = Command::new(program);
+        command
             .arg("serve")
             .args(args)
-            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(Stdio::null());
+        if verbose {
+            command.stderr(Stdio::inherit());
+        } else {
+            command.env("RUST_LOG", "warn").stderr(Stdio::null());
+        }
+        let child = command
             .spawn()
             .with_context(|| format!("starting {} serve", program.display()))?;
         let mut spawned = Spawned { child };
