@@ -64,6 +64,7 @@ pub mod peer_table;
 pub mod reconnect;
 
 mod connection;
+mod deadline;
 mod options;
 mod peer;
 mod wait_set;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use ivshm_mem::Mapping;
 
 use crate::connection::{establish, Session};
+use crate::deadline::Deadline;
 use crate::doorbell;
 use crate::error::ClientError;
 use crate::events::{Event, PeerEvent};
@@ -29,6 +30,12 @@ pub struct Peer {
     wait_set: WaitSet,
     timer: RetryTimer,
     burst_timer: RetryTimer,
+    /// Wakes a [`Peer::wait`] at its deadline. Armed lazily: it stays armed after a wait
+    /// returns, and a later wait re-arms it only when its deadline is earlier (see
+    /// [`Peer::wait`]).
+    deadline_timer: RetryTimer,
+    /// When the deadline timer fires (`None`: disarmed or fired).
+    armed_deadline: Option<Deadline>,
     /// When pending joins are reported if no more vectors arrive.
     burst_deadline: Option<Instant>,
     backoff: Backoff,
@@ -50,6 +57,10 @@ impl Peer {
         wait_set
             .add(burst_timer.fd(), Source::BurstTimer)
             .map_err(ClientError::sys("epoll_ctl"))?;
+        let deadline_timer = RetryTimer::new().map_err(ClientError::sys("timerfd_create"))?;
+        wait_set
+            .add(deadline_timer.fd(), Source::DeadlineTimer)
+            .map_err(ClientError::sys("epoll_ctl"))?;
         let backoff = Backoff::new(opts.reconnect_delay, opts.reconnect_max_delay);
         let mut peer = Peer {
             path: socket.to_path_buf(),
@@ -59,10 +70,12 @@ impl Peer {
             wait_set,
             timer,
             burst_timer,
+            deadline_timer,
+            armed_deadline: None,
             burst_deadline: None,
             backoff,
             queue: VecDeque::new(),
-            ready: Vec::new(),
+            ready: Vec::with_capacity(16),
         };
         peer.register_session()?;
         Ok(peer)
@@ -113,6 +126,9 @@ impl Peer {
     }
 
     /// Our own vector `vector`'s eventfd (to hand to KVM as an irqfd, for example).
+    ///
+    /// [`Peer::wait`] reports its rings without reading its counter (the fd is watched
+    /// edge-triggered), so whoever else reads it sees every ring since it was last read.
     pub fn own_vector_fd(&self, vector: usize) -> Option<BorrowedFd<'_>> {
         self.session.table.own_vector(vector)
     }
@@ -138,20 +154,28 @@ impl Peer {
     /// Rings vector `vector` of peer `peer` (8-byte write of 1 to its eventfd). Ringing our
     /// own id rings our own vector, like QEMU's device and client allow.
     pub fn notify(&self, peer: u16, vector: usize) -> Result<(), ClientError> {
+        // One look-up on the doorbell's path; the reason is worked out only on failure.
+        match self.peer_vector_fd(peer, vector) {
+            Some(fd) => doorbell::ring(fd).map_err(ClientError::sys("eventfd write")),
+            None => Err(self.notify_error(peer, vector)),
+        }
+    }
+
+    /// Why peer `peer`'s vector `vector` cannot be rung.
+    fn notify_error(&self, peer: u16, vector: usize) -> ClientError {
         let vectors = if peer == self.id() {
             self.vectors()
         } else {
-            self.peer_vectors(peer)
-                .ok_or(ClientError::UnknownPeer(peer))?
+            match self.peer_vectors(peer) {
+                Some(vectors) => vectors,
+                None => return ClientError::UnknownPeer(peer),
+            }
         };
-        let fd = self
-            .peer_vector_fd(peer, vector)
-            .ok_or(ClientError::UnknownVector {
-                peer,
-                vector,
-                vectors,
-            })?;
-        doorbell::ring(fd).map_err(ClientError::sys("eventfd write"))
+        ClientError::UnknownVector {
+            peer,
+            vector,
+            vectors,
+        }
     }
 
     /// The server socket: when readable, call [`Peer::process_server_messages`]. It changes
@@ -249,24 +273,73 @@ impl Peer {
     ///
     /// Reconnect attempts (when enabled) happen inside this call and may block up to
     /// `ConnectOptions::timeout` each.
+    ///
+    /// A doorbell costs one `epoll_wait` here: own vectors are watched edge-triggered, so
+    /// their counters are not read (rings between two reports coalesce into one
+    /// [`Event::Doorbell`]), and the timeout is a timer that stays armed across calls instead
+    /// of one the kernel arms for every wait. A timeout of 100 ms or more is measured on the
+    /// coarse monotonic clock, so it may end a few milliseconds late (never early).
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<Event>, ClientError> {
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let look_only = timeout.is_some_and(|t| t.is_zero());
+        // A deadline too far to represent is forever.
+        let deadline = timeout.filter(|_| !look_only).and_then(Deadline::after);
+        if look_only && self.armed_deadline.is_some() {
+            // Polled from the caller's loop: a deadline left from an earlier wait would make
+            // poll_fd readable for nothing.
+            self.deadline_timer
+                .disarm()
+                .map_err(ClientError::sys("timerfd_settime"))?;
+            self.armed_deadline = None;
+        }
+        // A deadline just taken from a timeout of 100 ms or more has not passed yet.
+        let mut fresh = timeout.is_some_and(|t| t >= crate::deadline::COARSE_ENOUGH);
         loop {
             if let Some(ev) = self.queue.pop_front() {
                 return Ok(Some(ev));
             }
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let block = match deadline {
+                _ if look_only => false,
+                Some(d) if !std::mem::take(&mut fresh) && d.passed() => false,
+                Some(d) => {
+                    self.arm_deadline(d)?;
+                    true
+                }
+                None => true,
+            };
             let mut ready = std::mem::take(&mut self.ready);
-            let waited = self.wait_set.wait(left, &mut ready);
+            let waited = self.wait_set.wait(block, &mut ready);
+            // The doorbell alone: straight back to the caller.
+            if let (Ok(()), [Source::Vector(vector)]) = (&waited, &ready[..]) {
+                let vector = *vector;
+                if self.session.table.own_vector(vector).is_some() {
+                    self.ready = ready;
+                    return Ok(Some(Event::Doorbell { vector }));
+                }
+            }
             let handled = waited
                 .map_err(ClientError::sys("epoll_wait"))
                 .and_then(|()| ready.iter().try_for_each(|s| self.handle(*s)));
             self.ready = ready;
             handled?;
-            if self.queue.is_empty() && left.is_some_and(|l| l.is_zero()) {
+            if self.queue.is_empty() && !block {
                 return Ok(None);
             }
         }
+    }
+
+    /// Makes the deadline timer fire no later than `deadline`.
+    fn arm_deadline(&mut self, deadline: Deadline) -> Result<(), ClientError> {
+        if self
+            .armed_deadline
+            .is_some_and(|armed| armed.not_after(&deadline))
+        {
+            return Ok(());
+        }
+        self.deadline_timer
+            .arm(deadline.left())
+            .map_err(ClientError::sys("timerfd_settime"))?;
+        self.armed_deadline = Some(deadline);
+        Ok(())
     }
 
     fn handle(&mut self, source: Source) -> Result<(), ClientError> {
@@ -280,6 +353,12 @@ impl Peer {
             }
             Source::Socket => {}
             Source::Timer => self.retry()?,
+            Source::DeadlineTimer => {
+                self.deadline_timer
+                    .consume()
+                    .map_err(ClientError::sys("timerfd read"))?;
+                self.armed_deadline = None;
+            }
             Source::BurstTimer => {
                 self.burst_timer
                     .consume()
@@ -287,13 +366,11 @@ impl Peer {
                 let events = self.finish_due_burst();
                 self.queue.extend(events.into_iter().map(Event::Peer));
             }
+            // Edge-triggered: each report is a ring since the last one (rings in between
+            // coalesce); the counter is not read, which saves a system call per doorbell.
             Source::Vector(v) => {
-                if let Some(fd) = self.session.table.own_vector(v) {
-                    match doorbell::drain(fd) {
-                        Ok(Some(_)) => self.queue.push_back(Event::Doorbell { vector: v }),
-                        Ok(None) => {}
-                        Err(e) => return Err(ClientError::sys("eventfd read")(e)),
-                    }
+                if self.session.table.own_vector(v).is_some() {
+                    self.queue.push_back(Event::Doorbell { vector: v });
                 }
             }
         }

@@ -5,7 +5,6 @@
 //! when any fd in the set is).
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::time::Duration;
 
 use rustix::event::epoll;
 use rustix::event::Timespec;
@@ -20,6 +19,8 @@ pub(crate) enum Source {
     Timer,
     /// The end-of-burst grace timer (joins short of vectors).
     BurstTimer,
+    /// The deadline of a [`Peer::wait`](crate::Peer::wait) with a timeout.
+    DeadlineTimer,
     /// Our own vector with this index.
     Vector(usize),
 }
@@ -27,6 +28,7 @@ pub(crate) enum Source {
 const SOCKET_TOKEN: u64 = u64::MAX;
 const TIMER_TOKEN: u64 = u64::MAX - 1;
 const BURST_TIMER_TOKEN: u64 = u64::MAX - 2;
+const DEADLINE_TIMER_TOKEN: u64 = u64::MAX - 3;
 
 impl Source {
     fn token(self) -> u64 {
@@ -34,6 +36,7 @@ impl Source {
             Source::Socket => SOCKET_TOKEN,
             Source::Timer => TIMER_TOKEN,
             Source::BurstTimer => BURST_TIMER_TOKEN,
+            Source::DeadlineTimer => DEADLINE_TIMER_TOKEN,
             Source::Vector(v) => v as u64,
         }
     }
@@ -43,13 +46,14 @@ impl Source {
             SOCKET_TOKEN => Source::Socket,
             TIMER_TOKEN => Source::Timer,
             BURST_TIMER_TOKEN => Source::BurstTimer,
+            DEADLINE_TIMER_TOKEN => Source::DeadlineTimer,
             v => Source::Vector(usize::try_from(v).unwrap_or(usize::MAX)),
         }
     }
 }
 
-/// The epoll set of the fds a peer waits on (level-triggered): its server socket, its own
-/// vectors' eventfds, its reconnect timer and its end-of-burst timer.
+/// The epoll set of the fds a peer waits on: its server socket, its reconnect timer and its
+/// end-of-burst timer (level-triggered), and its own vectors' eventfds (edge-triggered).
 #[derive(Debug)]
 pub(crate) struct WaitSet {
     epoll: OwnedFd,
@@ -66,12 +70,19 @@ impl WaitSet {
         self.epoll.as_fd()
     }
 
+    /// Watches `fd` for readability: level-triggered, except own vectors, which are
+    /// edge-triggered so that a doorbell is reported without reading its counter (see
+    /// [`Peer::wait`](crate::Peer::wait)).
     pub(crate) fn add(&self, fd: BorrowedFd<'_>, source: Source) -> Result<(), Errno> {
+        let flags = match source {
+            Source::Vector(_) => epoll::EventFlags::IN | epoll::EventFlags::ET,
+            _ => epoll::EventFlags::IN,
+        };
         epoll::add(
             &self.epoll,
             fd,
             epoll::EventData::new_u64(source.token()),
-            epoll::EventFlags::IN,
+            flags,
         )
     }
 
@@ -82,22 +93,16 @@ impl WaitSet {
         }
     }
 
-    /// Waits up to `timeout` (`None`: forever) and puts what became ready into `out`
-    /// (cleared first).
-    pub(crate) fn wait(
-        &self,
-        timeout: Option<Duration>,
-        out: &mut Vec<Source>,
-    ) -> Result<(), Errno> {
+    /// Waits until something is ready (`block`), or only looks (`!block`), and puts what is
+    /// ready into `out` (cleared first). Timeouts are the deadline timer's business: waiting
+    /// with a timeout here would make the kernel arm and cancel a timer on every call.
+    pub(crate) fn wait(&self, block: bool, out: &mut Vec<Source>) -> Result<(), Errno> {
         out.clear();
-        let timeout = match timeout {
-            // Durations beyond Timespec's range are as good as forever.
-            Some(d) => Timespec::try_from(d).ok(),
-            None => None,
-        };
+        let now = Timespec::default();
+        let timeout = if block { None } else { Some(&now) };
         let mut ready = [std::mem::MaybeUninit::<epoll::Event>::uninit(); 16];
         let (events, _) = loop {
-            match epoll::wait(&self.epoll, &mut ready, timeout.as_ref()) {
+            match epoll::wait(&self.epoll, &mut ready, timeout) {
                 Ok(got) => break got,
                 Err(Errno::INTR) => continue,
                 Err(e) => return Err(e),
