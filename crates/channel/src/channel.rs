@@ -87,8 +87,21 @@ pub(crate) struct Endpoint {
 enum PeerState {
     NotYet,
     Attached { peer: u16, vector: u16 },
-    Closed,
+    Closed { peer: u16 },
     Gone { peer: u16 },
+}
+
+/// The other end of a channel ([`Channel::peer_status`]), with its peer id once it joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerStatus {
+    /// Nobody has joined yet.
+    NotJoined,
+    /// This peer is attached.
+    Attached(u16),
+    /// This peer closed its side (messages it sent before may still be queued).
+    Closed(u16),
+    /// This peer left the region (its side was marked gone).
+    Gone(u16),
 }
 
 impl Endpoint {
@@ -147,7 +160,7 @@ impl Endpoint {
                 peer,
                 vector: vector.into(),
             },
-            SIDE_CLOSED => PeerState::Closed,
+            SIDE_CLOSED => PeerState::Closed { peer },
             SIDE_GONE => PeerState::Gone { peer },
             _ => return Err(self.fail(Corruption::SideWord { word })),
         })
@@ -157,7 +170,7 @@ impl Endpoint {
     fn peer_alive(&self) -> Result<(), ChannelError> {
         match self.peer_state()? {
             PeerState::NotYet | PeerState::Attached { .. } => Ok(()),
-            PeerState::Closed => Err(ChannelError::PeerClosed),
+            PeerState::Closed { .. } => Err(ChannelError::PeerClosed),
             PeerState::Gone { peer } => Err(ChannelError::PeerGone { peer }),
         }
     }
@@ -279,6 +292,17 @@ impl Channel {
             Ok(PeerState::Attached { peer, .. }) => Some(peer),
             _ => None,
         }
+    }
+
+    /// The other end, without waiting (one look at its side word). An error only for a side
+    /// word that holds no valid state ([`ChannelError::ChannelCorrupt`]).
+    pub fn peer_status(&self) -> Result<PeerStatus, ChannelError> {
+        Ok(match self.tx.end.peer_state()? {
+            PeerState::NotYet => PeerStatus::NotJoined,
+            PeerState::Attached { peer, .. } => PeerStatus::Attached(peer),
+            PeerState::Closed { peer } => PeerStatus::Closed(peer),
+            PeerState::Gone { peer } => PeerStatus::Gone(peer),
+        })
     }
 
     /// Sends one message (see [`Sender::send`]).

@@ -185,6 +185,10 @@ pub struct Exchange {
     pub max_len: usize,
     /// Bound on each blocking send or receive (`None`: none).
     pub timeout: Option<Duration>,
+    /// Count messages that do not verify ([`ExchangeReport::damaged`]) and go on, instead of
+    /// failing at the first: for runs against a peer that damages messages on purpose, where
+    /// only the channel's own errors end the exchange.
+    pub tolerate_damage: bool,
 }
 
 /// What an exchange moved.
@@ -194,8 +198,10 @@ pub struct ExchangeReport {
     pub sent: u64,
     /// Bytes sent.
     pub sent_bytes: u64,
-    /// Messages received and verified.
+    /// Messages received (and verified, unless counted in `damaged`).
     pub received: u64,
+    /// Messages received that did not verify (only with [`Exchange::tolerate_damage`]).
+    pub damaged: u64,
     /// Bytes received.
     pub received_bytes: u64,
     /// Wall time from start to the last message.
@@ -218,13 +224,16 @@ fn send_stream(tx: &mut Sender, stream: Stream, ex: &Exchange) -> Result<(u64, u
     Ok((ex.count, bytes))
 }
 
+/// Received messages, bytes and damaged messages.
+type Received = (u64, u64, u64);
+
 fn receive_stream(
     rx: &mut Receiver,
     stream: Stream,
     ex: &Exchange,
-) -> Result<(u64, u64), TrafficError> {
+) -> Result<Received, TrafficError> {
     let (mut buf, mut scratch) = (Vec::new(), Vec::new());
-    let mut bytes = 0u64;
+    let (mut bytes, mut damaged) = (0u64, 0u64);
     for seq in 0..ex.count {
         rx.recv(&mut buf, ex.timeout)
             .map_err(|source| TrafficError::Channel {
@@ -232,10 +241,14 @@ fn receive_stream(
                 seq,
                 source,
             })?;
-        stream.verify(seq, &buf, &mut scratch)?;
+        match stream.verify(seq, &buf, &mut scratch) {
+            Ok(()) => {}
+            Err(_) if ex.tolerate_damage => damaged += 1,
+            Err(e) => return Err(e),
+        }
         bytes += buf.len() as u64;
     }
-    Ok((ex.count, bytes))
+    Ok((ex.count, bytes, damaged))
 }
 
 /// Sends `ex.count` messages of this side's stream on `channel` (from a second thread) while
@@ -261,12 +274,13 @@ pub fn exchange(channel: Channel, ex: &Exchange) -> Result<ExchangeReport, Traff
     });
     let elapsed = start.elapsed();
     // A receive failure usually explains the send failure (the peer went away): report it first.
-    let (received, received_bytes) = received?;
+    let (received, received_bytes, damaged) = received?;
     let (sent, sent_bytes) = sent?;
     Ok(ExchangeReport {
         sent,
         sent_bytes,
         received,
+        damaged,
         received_bytes,
         elapsed,
     })

@@ -23,6 +23,7 @@ fn run_side(ch: Channel) {
         count: MESSAGES,
         max_len: 64 << 10,
         timeout: Some(Duration::from_secs(60)),
+        tolerate_damage: false,
     };
     let report = exchange(ch, &ex).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((report.sent, report.received), (MESSAGES, MESSAGES));

@@ -31,6 +31,9 @@ pub enum Command {
     /// Host peer commands.
     #[command(flatten)]
     Host(cmd::host::HostCommand),
+    /// Message channels over the region, as a host peer (`ivshm guest chan` in a guest).
+    #[command(subcommand)]
+    Chan(cmd::chan::ChanCommand),
     /// Benchmarks that compare variants in one run.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -93,6 +96,7 @@ impl Cli {
         match self.command {
             Command::Serve(args) => cmd::serve::run(&args),
             Command::Host(c) => cmd::host::run(c),
+            Command::Chan(c) => cmd::chan::run(c),
             Command::Bench(c) => cmd::bench::run(c),
             Command::Guest(c) => cmd::guest::run(c),
             Command::Policy(c) => cmd::policy::run(c),

@@ -32,6 +32,9 @@ pub enum GuestCommand {
     Write(WriteArgs),
     /// Doorbell round trips with a peer, next to shared-memory polling round trips in the same run.
     Bench(BenchArgs),
+    /// Message channels over the device's shared memory (as `ivshm chan` on the host).
+    #[command(subcommand)]
+    Chan(super::guest_chan::GuestChanCommand),
 }
 
 /// `list` arguments.
@@ -48,6 +51,13 @@ pub struct DeviceArgs {
     /// Device: PCI address (0000:00:03.0 or 00:03.0) or index from `list`; default: the only one.
     #[arg(value_name = "DEV")]
     dev: Option<String>,
+    #[command(flatten)]
+    options: DeviceOptions,
+}
+
+/// How to open a device (every command that opens one takes these).
+#[derive(Args, Debug)]
+pub struct DeviceOptions {
     /// Access mode: vfio (interrupts) or sysfs (no interrupts); default: vfio for doorbell devices,
     /// sysfs for plain ones.
     #[arg(long, value_parser = parse_mode)]
@@ -159,7 +169,7 @@ fn parse_mode(s: &str) -> Result<AccessMode, String> {
     s.parse()
 }
 
-impl DeviceArgs {
+impl DeviceOptions {
     fn paths(&self) -> SystemPaths {
         SystemPaths {
             sysfs: self.sysfs.clone(),
@@ -167,36 +177,38 @@ impl DeviceArgs {
         }
     }
 
-    fn selector(&self) -> anyhow::Result<DeviceSelector> {
-        match &self.dev {
-            None => Ok(DeviceSelector::Only),
-            Some(text) => Ok(text.parse()?),
-        }
+    fn find(&self, dev: Option<&str>) -> anyhow::Result<FoundDevice> {
+        let selector = match dev {
+            None => DeviceSelector::Only,
+            Some(text) => text.parse()?,
+        };
+        Ok(ivshm_guest::find_device(&self.paths(), selector)?)
     }
 
-    fn find(&self) -> anyhow::Result<FoundDevice> {
-        Ok(ivshm_guest::find_device(&self.paths(), self.selector()?)?)
-    }
-
-    fn open_with(&self, mode: Option<AccessMode>) -> anyhow::Result<MappedDevice> {
+    /// Opens device `dev` (`None`: the only one) in `mode` (`None`: `--mode`, else the kind's).
+    pub(crate) fn open(
+        &self,
+        dev: Option<&str>,
+        mode: Option<AccessMode>,
+    ) -> anyhow::Result<MappedDevice> {
         let options = OpenOptions {
             paths: self.paths(),
             mode: mode.or(self.mode),
             take_over_driver: self.take_over,
         };
-        let device = MappedDevice::open_found(self.find()?, &options)?;
+        let device = MappedDevice::open_found(self.find(dev)?, &options)?;
         tracing::debug!(?device, "opened");
         Ok(device)
-    }
-
-    fn open(&self) -> anyhow::Result<MappedDevice> {
-        self.open_with(None)
     }
 
     /// Closes the device after a command's `result`, restoring the original driver if
     /// `--restore-driver` was given — also when the command failed (a timed-out `wait`, say).
     /// Returns the command's error first.
-    fn close_after(&self, device: MappedDevice, result: anyhow::Result<()>) -> anyhow::Result<()> {
+    pub(crate) fn close_after(
+        &self,
+        device: MappedDevice,
+        result: anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         let closed = if self.restore_driver {
             device
                 .close_and_restore_driver()
@@ -214,6 +226,24 @@ impl DeviceArgs {
     }
 }
 
+impl DeviceArgs {
+    fn find(&self) -> anyhow::Result<FoundDevice> {
+        self.options.find(self.dev.as_deref())
+    }
+
+    fn open_with(&self, mode: Option<AccessMode>) -> anyhow::Result<MappedDevice> {
+        self.options.open(self.dev.as_deref(), mode)
+    }
+
+    fn open(&self) -> anyhow::Result<MappedDevice> {
+        self.open_with(None)
+    }
+
+    fn close_after(&self, device: MappedDevice, result: anyhow::Result<()>) -> anyhow::Result<()> {
+        self.options.close_after(device, result)
+    }
+}
+
 /// Runs one `ivshm guest` subcommand.
 pub fn run(c: GuestCommand) -> anyhow::Result<()> {
     match c {
@@ -224,6 +254,7 @@ pub fn run(c: GuestCommand) -> anyhow::Result<()> {
         GuestCommand::Read(a) => read(&a),
         GuestCommand::Write(a) => write(&a),
         GuestCommand::Bench(a) => bench(&a),
+        GuestCommand::Chan(c) => super::guest_chan::run(c),
     }
 }
 
@@ -309,7 +340,7 @@ fn info(a: &InfoArgs) -> anyhow::Result<()> {
     // Reading IVPosition needs no interrupts: sysfs unless a mode was asked for.
     let device = match a
         .device
-        .open_with(Some(a.device.mode.unwrap_or(AccessMode::Sysfs)))
+        .open_with(Some(a.device.options.mode.unwrap_or(AccessMode::Sysfs)))
     {
         Ok(device) => device,
         Err(error) => {

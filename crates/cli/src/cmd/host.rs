@@ -163,7 +163,7 @@ fn connect_with(
 }
 
 /// Writes one line to stdout and flushes it.
-fn line(text: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+pub(crate) fn line(text: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_fmt(text)
         .and_then(|()| out.write_all(b"\n"))
