@@ -15,6 +15,9 @@
 //! max_size = "1G"                      # factory creates above this get GSS_NOMEM
 //! persist = false                      # keep run-time regions after their last peer leaves
 //! max_regions = 1024                   # run-time regions at once (factory beyond: GSS_NOMEM)
+//! max_regions_per_vm = 64              # what one VM's factory may have made at once ...
+//! max_bytes_per_vm = "4G"              # ... and their bytes (default: unbounded)
+//! unused_timeout = "5m"                # a factory region nobody joins goes ("off": never)
 //! dir_mode = "0750"                    # VM directories
 //! socket_mode = "0660"                 # sockets in VM directories
 //! group = "kvm"                        # group of VM directories and sockets
@@ -24,6 +27,7 @@
 //! size = "1M"                          # integer bytes or a string: ivshm_mem::parse_size
 //!
 //! [vm.vm0]                             # directory <root>/vm0/
+//! max_regions = 8                      # this VM's factory quota (also max_bytes)
 //! rules = ["allow mem*", "deny *"]     # the policy as TOML fields ...
 //! subst = ",guest0"
 //! create = [{ name = "mem", size = "0xf0000" }]
@@ -59,7 +63,7 @@ use crate::config::{check_vm_directory, ConfigError, ServerConfig, DEFAULT_MAX_Q
 use crate::group::GroupSpec;
 use crate::named::{
     ControlConfig, DirectoryConfig, NamedBackend, NamedConfig, NamedRegionConfig, RegionDefaults,
-    VmConfig, CONTROL_SOCKET, DEFAULT_ROOT,
+    VmConfig, VmLimits, CONTROL_SOCKET, DEFAULT_ROOT,
 };
 use ivshm_proto::socket_path::check_socket_path;
 use raw::{RawFile, RawRegion, RawVm};
@@ -219,6 +223,18 @@ impl Ctx<'_> {
             max_size: d.max_size.map_or(named.defaults.max_size, |s| s.0),
             persist: d.persist.unwrap_or(named.defaults.persist),
             max_regions: d.max_regions.unwrap_or(named.defaults.max_regions),
+            vm_limits: VmLimits {
+                max_regions: d
+                    .max_regions_per_vm
+                    .unwrap_or(named.defaults.vm_limits.max_regions),
+                max_bytes: d
+                    .max_bytes_per_vm
+                    .map(|s| s.0)
+                    .or(named.defaults.vm_limits.max_bytes),
+            },
+            unused_timeout: d
+                .unused_timeout
+                .map_or(named.defaults.unused_timeout, |t| t.0),
         };
         let directory = DirectoryConfig {
             dir_mode: d.dir_mode.map_or(named.directory.dir_mode, |m| m.0),
@@ -248,9 +264,14 @@ impl Ctx<'_> {
         }
 
         for (name, spanned) in &raw.vm {
-            named
-                .vms
-                .push(self.vm(name, spanned, &directory, &root, &control)?);
+            named.vms.push(self.vm(
+                name,
+                spanned,
+                &directory,
+                &defaults.vm_limits,
+                &root,
+                &control,
+            )?);
         }
         named.control = Some(control);
         named.defaults = defaults;
@@ -305,6 +326,7 @@ impl Ctx<'_> {
         name: &str,
         spanned: &Spanned<RawVm>,
         directory: &DirectoryConfig,
+        limits: &VmLimits,
         root: &Path,
         control: &ControlConfig,
     ) -> Result<VmConfig, FileConfigError> {
@@ -343,6 +365,10 @@ impl Ctx<'_> {
                 socket_mode: vm.socket_mode.map_or(directory.socket_mode, |m| m.0),
                 owner: vm.owner.or(directory.owner),
                 group,
+            },
+            limits: VmLimits {
+                max_regions: vm.max_regions.unwrap_or(limits.max_regions),
+                max_bytes: vm.max_bytes.map(|s| s.0).or(limits.max_bytes),
             },
         })
     }

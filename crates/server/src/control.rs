@@ -118,7 +118,7 @@ fn create_region(
     }
     // `--persist` keeps this region; without it the server's default decides.
     config.persist |= create.persist;
-    match named.create_region(regions, &config, Origin::Control) {
+    match named.create_region(regions, &config, Origin::Control, None) {
         Ok(id) => {
             for change in named.sync_sockets(regions) {
                 tracing::info!("{change}");

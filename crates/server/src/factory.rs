@@ -93,7 +93,7 @@ fn decide(
                 format!("no region {host_name} (guest name {name})"),
             );
         }
-        None => match create_region(named, regions, &host_name, size) {
+        None => match create_region(named, regions, vm, &host_name, size) {
             Ok(id) => {
                 for change in named.sync_sockets(regions) {
                     tracing::info!("{change}");
@@ -143,6 +143,7 @@ fn decide(
 fn create_region(
     named: &NamedRegions,
     regions: &mut Regions,
+    vm: &str,
     host_name: &RegionName,
     size: u64,
 ) -> Result<RegionId, Box<FactoryResponse>> {
@@ -168,7 +169,7 @@ fn create_region(
     }
     let config = NamedRegionConfig::with_defaults(host_name.clone(), size, defaults);
     named
-        .create_region(regions, &config, Origin::Factory)
+        .create_region(regions, &config, Origin::Factory, Some(vm))
         .map_err(|e| {
             Box::new(refusal(
                 create_status(&e),
@@ -182,7 +183,9 @@ fn create_region(
 fn create_status(error: &CreateError) -> GuestShmStatus {
     match error {
         CreateError::Memory(source) => memory_status(source),
-        CreateError::TooMany { .. } => GuestShmStatus::NoMem,
+        CreateError::TooMany { .. }
+        | CreateError::VmRegions { .. }
+        | CreateError::VmBytes { .. } => GuestShmStatus::NoMem,
         CreateError::Exists | CreateError::Kept { .. } | CreateError::Config(_) => {
             GuestShmStatus::UnknownFailure
         }

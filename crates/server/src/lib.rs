@@ -81,7 +81,7 @@ pub use group::GroupSpec;
 pub use handle::ServerHandle;
 pub use ids::IdPolicy;
 pub use inflight::MAX_UNREAD;
-pub use named::{NamedConfig, NamedRegionConfig, VmConfig};
+pub use named::{NamedConfig, NamedRegionConfig, VmConfig, VmLimits};
 pub use observer::Observer;
 pub use peer::RemovalReason;
 pub use region::RegionInfo;

@@ -197,10 +197,43 @@ pub struct RegionDefaults {
     /// cannot exhaust its memory and file descriptors; a factory `create` beyond it gets
     /// `GSS_NOMEM`. Default [`DEFAULT_MAX_RUNTIME_REGIONS`].
     pub max_regions: usize,
+    /// What one VM's factory may create, unless the VM says otherwise ([`VmLimits`]).
+    pub vm_limits: VmLimits,
+    /// A region a factory created that no peer has joined this long after is removed, so that
+    /// factory clients cannot leave regions behind (`None`: never). Default
+    /// [`DEFAULT_UNUSED_TIMEOUT`].
+    pub unused_timeout: Option<std::time::Duration>,
 }
 
 /// Default bound on run-time regions.
 pub const DEFAULT_MAX_RUNTIME_REGIONS: usize = 1024;
+
+/// Default bound on the run-time regions one VM's factory creates.
+pub const DEFAULT_MAX_REGIONS_PER_VM: usize = 64;
+
+/// Default time after which a factory-made region that no peer joined is removed.
+pub const DEFAULT_UNUSED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// What one VM's factory may create: regions that exist at once, and their bytes. A factory
+/// `create` past either gets `GSS_NOMEM`. Regions it attaches to, configured ones and those
+/// made through the control socket do not count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmLimits {
+    /// Regions (default [`DEFAULT_MAX_REGIONS_PER_VM`]).
+    pub max_regions: usize,
+    /// Bytes, sizes as created (after rounding); `None` for no bound beyond `max_size` per
+    /// region (the default).
+    pub max_bytes: Option<u64>,
+}
+
+impl Default for VmLimits {
+    fn default() -> Self {
+        VmLimits {
+            max_regions: DEFAULT_MAX_REGIONS_PER_VM,
+            max_bytes: None,
+        }
+    }
+}
 
 impl Default for RegionDefaults {
     fn default() -> Self {
@@ -213,6 +246,8 @@ impl Default for RegionDefaults {
             max_size: ivshm_policy::guest_shm::MAX_REGION_BYTES,
             persist: false,
             max_regions: DEFAULT_MAX_RUNTIME_REGIONS,
+            vm_limits: VmLimits::default(),
+            unused_timeout: Some(DEFAULT_UNUSED_TIMEOUT),
         }
     }
 }
@@ -296,6 +331,8 @@ pub struct VmConfig {
     pub policy: VmPolicy,
     /// Permissions of its directory and sockets.
     pub directory: DirectoryConfig,
+    /// What its factory may create.
+    pub limits: VmLimits,
 }
 
 /// The name under which a VM with `policy` sees the host region `host_name`, if it may see it.

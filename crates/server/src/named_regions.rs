@@ -13,7 +13,7 @@ use crate::endpoints::{Endpoints, Service};
 use crate::listener::Listener;
 use crate::named::{NamedConfig, NamedRegionConfig, Origin, RegionDefaults};
 use crate::region::RegionInfo;
-use crate::regions::{CreateError, RegionId, Regions};
+use crate::regions::{CreateError, Creator, RegionId, Regions};
 use crate::vm_dir::{absolute_root, DirError, SocketRoot};
 use crate::vms::Vms;
 use crate::ServerError;
@@ -114,13 +114,19 @@ impl NamedRegions {
 
     /// Creates a named region (memory only; [`sync_sockets`](Self::sync_sockets) adds its
     /// sockets). Run-time regions count against `max_regions`.
+    /// A factory's `create` passes its VM (`creator`), whose limits it counts against.
     pub(crate) fn create_region(
         &self,
         regions: &mut Regions,
         config: &NamedRegionConfig,
         origin: Origin,
+        creator: Option<&str>,
     ) -> Result<RegionId, CreateError> {
-        regions.create_named(config, origin, self.config.defaults.max_regions)
+        let creator = creator.and_then(|vm| {
+            let limits = self.vms.get(vm)?.config().limits;
+            Some(Creator { vm, limits })
+        });
+        regions.create_named(config, origin, self.config.defaults.max_regions, creator)
     }
 
     /// The configured regions: `[[region]]` first, then each VM's `create`s (host names) with
@@ -149,9 +155,7 @@ impl NamedRegions {
             let name = wanted.name.to_string();
             if let Some(id) = regions.find_named(&name) {
                 let has = regions.info(id);
-                if let Some(region) = regions.get_mut(id) {
-                    region.adopt_as_configured();
-                }
+                regions.adopt_as_configured(id);
                 let differences = has
                     .map(|has| settings_differences(&has, &wanted))
                     .unwrap_or_default();
@@ -181,7 +185,7 @@ impl NamedRegions {
                 ));
                 continue;
             }
-            match self.create_region(regions, &wanted, Origin::Config) {
+            match self.create_region(regions, &wanted, Origin::Config, None) {
                 Ok(_) => changes.push(format!("created region {name}")),
                 Err(e) => {
                     tracing::error!(region = %name, "cannot create region: {e}");

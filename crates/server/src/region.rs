@@ -70,6 +70,8 @@ pub(crate) struct RegionSpec {
     pub(crate) id_policy: IdPolicy,
     pub(crate) origin: Origin,
     pub(crate) persist: bool,
+    /// The VM whose factory made it (counted against that VM's limits).
+    pub(crate) creator: Option<String>,
 }
 
 /// A served region.
@@ -93,6 +95,8 @@ pub(crate) struct Region {
     via_vm: BTreeMap<u16, String>,
     origin: Origin,
     persist: bool,
+    /// The VM whose factory made it (counted against that VM's limits).
+    creator: Option<String>,
     /// Removed: no sockets any more, dropped when its last peer leaves.
     detached: bool,
     /// Some peer joined once (a run-time region goes when its last peer leaves).
@@ -129,6 +133,7 @@ impl Region {
             via_vm: BTreeMap::new(),
             origin: spec.origin,
             persist: spec.persist,
+            creator: spec.creator.clone(),
             detached: false,
             had_peers: false,
             counters: Stats::default(),
@@ -188,6 +193,8 @@ impl Region {
 
     /// The configuration now owns it (a `[[region]]` or a VM's `create` names it).
     pub(crate) fn adopt_as_configured(&mut self) {
+        // No VM's quota counts it any more.
+        self.creator = None;
         self.origin = Origin::Config;
     }
 
@@ -212,6 +219,21 @@ impl Region {
     pub(crate) fn revive(&mut self, origin: Origin) {
         self.detached = false;
         self.origin = origin;
+    }
+
+    /// The VM whose factory made it, while that VM's limits count it.
+    pub(crate) fn creator(&self) -> Option<&str> {
+        self.creator.as_deref()
+    }
+
+    /// Its size in bytes.
+    pub(crate) fn size(&self) -> u64 {
+        self.memory.size()
+    }
+
+    /// Whether a peer has ever joined it.
+    pub(crate) fn had_peers(&self) -> bool {
+        self.had_peers
     }
 
     /// Whether it should go now: it has no peers and is detached, or it was made at run time,

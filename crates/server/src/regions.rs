@@ -10,8 +10,9 @@ use std::fmt;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use ivshm_mem::BackendError;
+use ivshm_mem::{apply_pow2_policy, BackendError};
 use ivshm_policy::guest_shm::whole_pages;
 use rustix::io::Errno;
 use thiserror::Error;
@@ -23,7 +24,7 @@ use crate::inflight::MAX_UNREAD;
 use crate::limits::{fd_exhaustion_message, is_fd_exhaustion, ReserveFd};
 use crate::listener::Listener;
 use crate::listener_table::{ListenerTable, RegionSocket, SocketKey, VmSocket};
-use crate::named::{NamedRegionConfig, Origin};
+use crate::named::{NamedRegionConfig, Origin, VmLimits};
 use crate::observer::Observer;
 use crate::peer::{Connections, RemovalReason};
 use crate::region::{LoopContext, Region, RegionInfo, RegionSpec};
@@ -60,6 +61,32 @@ pub(crate) enum CreateError {
     TooMany {
         /// The limit (`max_regions`).
         limit: usize,
+    },
+    /// The VM's factory has made as many regions as it may hold.
+    #[error(
+        "VM {vm} holds its limit of {limit} region(s) made through its factory (max_regions); \
+         remove one or raise the limit"
+    )]
+    VmRegions {
+        /// The VM.
+        vm: String,
+        /// Its limit.
+        limit: usize,
+    },
+    /// The region would take the VM's factory-made regions past their byte limit.
+    #[error(
+        "VM {vm}'s regions made through its factory hold {held} bytes; {size} more would pass \
+         its limit of {limit} bytes (max_bytes)"
+    )]
+    VmBytes {
+        /// The VM.
+        vm: String,
+        /// Its limit.
+        limit: u64,
+        /// What its regions hold now.
+        held: u64,
+        /// The size asked for (after rounding).
+        size: u64,
     },
     /// The region's settings cannot work.
     #[error(transparent)]
@@ -168,6 +195,15 @@ pub(crate) struct Regions {
     started: bool,
     /// Mark the channel sides of peers that leave.
     mark_departures: bool,
+    /// Regions a factory made that no peer has joined yet, and when they were made.
+    unused: BTreeMap<RegionId, Instant>,
+}
+
+/// The VM a factory `create` is for, and what it may hold.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Creator<'a> {
+    pub(crate) vm: &'a str,
+    pub(crate) limits: VmLimits,
 }
 
 impl Regions {
@@ -180,6 +216,7 @@ impl Regions {
             queue_limit,
             started: false,
             mark_departures,
+            unused: BTreeMap::new(),
         }
     }
 
@@ -211,6 +248,7 @@ impl Regions {
             id_policy: IdPolicy::Increasing,
             origin: Origin::Standalone,
             persist: true,
+            creator: None,
         };
         let id = self.next_id();
         let region =
@@ -240,6 +278,7 @@ impl Regions {
         config: &NamedRegionConfig,
         origin: Origin,
         max_run_time: usize,
+        creator: Option<Creator<'_>>,
     ) -> Result<RegionId, CreateError> {
         validate_named_region(config)?;
         let size = whole_pages(config.size).ok_or(BackendError::TooLarge(config.size))?;
@@ -264,6 +303,9 @@ impl Regions {
                 });
             }
         }
+        if let Some(creator) = &creator {
+            self.check_vm_limits(creator, config, size)?;
+        }
         let spec = RegionSpec {
             name: config.name.to_string(),
             backend: config.backend.kind(config.name.as_str()),
@@ -274,14 +316,93 @@ impl Regions {
             id_policy: config.id_policy,
             origin,
             persist: config.persist,
+            creator: creator.map(|c| c.vm.to_string()),
         };
         let id = self.next_id();
         let region = Region::new(id, &spec, self.queue_limit, self.mark_departures)?;
         if self.started {
             region.log_serving();
         }
+        if spec.creator.is_some() {
+            self.unused.insert(id, Instant::now());
+        }
         self.regions.insert(id, region);
         Ok(id)
+    }
+
+    /// Whether `creator`'s VM may have one more region of `size` bytes (before the
+    /// power-of-two policy of `config`, which is applied here too).
+    fn check_vm_limits(
+        &self,
+        creator: &Creator<'_>,
+        config: &NamedRegionConfig,
+        size: u64,
+    ) -> Result<(), CreateError> {
+        let mine = self
+            .regions
+            .values()
+            .filter(|r| r.creator() == Some(creator.vm));
+        let (count, held) = mine.fold((0usize, 0u64), |(count, held), r| {
+            (count + 1, held.saturating_add(r.size()))
+        });
+        if count >= creator.limits.max_regions {
+            return Err(CreateError::VmRegions {
+                vm: creator.vm.to_string(),
+                limit: creator.limits.max_regions,
+            });
+        }
+        if let Some(limit) = creator.limits.max_bytes {
+            // A size the policy refuses is refused when the memory is made.
+            let size = apply_pow2_policy(size, config.pow2).unwrap_or(size);
+            if held.saturating_add(size) > limit {
+                return Err(CreateError::VmBytes {
+                    vm: creator.vm.to_string(),
+                    limit,
+                    held,
+                    size,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// When the next factory-made region that nobody joined is due to go, `timeout` after it
+    /// was made.
+    pub(crate) fn next_unused_deadline(&self, timeout: Duration) -> Option<Instant> {
+        self.unused
+            .values()
+            .min()
+            .and_then(|made| made.checked_add(timeout))
+    }
+
+    /// Removes the factory-made regions that no peer joined within `timeout` of being made.
+    /// Returns what happened.
+    pub(crate) fn reclaim_unused(&mut self, timeout: Duration) -> Vec<String> {
+        let now = Instant::now();
+        let due: Vec<RegionId> = self
+            .unused
+            .iter()
+            .filter(|(_, made)| now.saturating_duration_since(**made) >= timeout)
+            .map(|(&id, _)| id)
+            .collect();
+        let mut changes = Vec::new();
+        for id in due {
+            self.unused.remove(&id);
+            let Some(region) = self.regions.get(&id) else {
+                continue;
+            };
+            let creator = region.creator().unwrap_or("-").to_string();
+            if region.had_peers() || region.peer_count() > 0 {
+                continue;
+            }
+            if let Some(retired) = self.retire(id) {
+                changes.push(format!(
+                    "{retired}: no peer joined it within {timeout:?} of its creation by VM \
+                     {creator}'s factory"
+                ));
+            }
+        }
+        changes
     }
 
     /// The live (not detached) named region called `name`.
@@ -313,6 +434,7 @@ impl Regions {
         let id = self.find_kept(name)?;
         let region = self.regions.get_mut(&id)?;
         region.revive(origin);
+        self.unused.remove(&id);
         Some((id, region.peer_ids()))
     }
 
@@ -321,9 +443,13 @@ impl Regions {
         self.regions.get(&id)
     }
 
-    /// Region `id`, to change its own settings (its peers change only through the loop).
-    pub(crate) fn get_mut(&mut self, id: RegionId) -> Option<&mut Region> {
-        self.regions.get_mut(&id)
+    /// The configuration now owns region `id`: it counts against no VM and is never reclaimed
+    /// as unused.
+    pub(crate) fn adopt_as_configured(&mut self, id: RegionId) {
+        if let Some(region) = self.regions.get_mut(&id) {
+            region.adopt_as_configured();
+        }
+        self.unused.remove(&id);
     }
 
     /// Every region, in creation order.
@@ -410,6 +536,7 @@ impl Regions {
     pub(crate) fn drop_region(&mut self, id: RegionId) {
         self.listeners.remove_region(id);
         self.regions.remove(&id);
+        self.unused.remove(&id);
     }
 
     /// Retires region `id`: removed now if it has no peers, else its sockets go and it goes when
@@ -535,7 +662,11 @@ impl Regions {
             .get(key)
             .and_then(|s| s.vm())
             .map_or("-", |s| s.vm.as_str());
-        region.join(connection, key, vm, &mut ctx.lend(total_peers))
+        let removed = region.join(connection, key, vm, &mut ctx.lend(total_peers));
+        if region.had_peers() {
+            self.unused.remove(&id);
+        }
+        removed
     }
 
     /// Handles readiness of peer `peer` of region `id`. Returns how many peers were removed.

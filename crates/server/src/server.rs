@@ -8,7 +8,7 @@
 use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ivshm_proto::factory::LineError;
 use rustix::event::epoll::{Event, EventFlags};
@@ -216,6 +216,7 @@ impl Server {
                 .wait(&mut events, self.next_wakeup())
                 .map_err(ServerError::Epoll)?;
             self.endpoints.expire_metrics_connections();
+            self.reclaim_unused();
             let mut lost_peers: Vec<RegionId> = Vec::new();
             let mut freed_fds = self.relieve_fds_in_flight();
             // Peers went away in this batch (their fds are closed), and from which regions.
@@ -309,8 +310,8 @@ impl Server {
     }
 
     /// How long the loop may sleep: until a metrics connection may time out (1 s), until the
-    /// next retry of sends refused for lack of fds in flight ([`FDS_IN_FLIGHT_RETRY`]); no
-    /// limit when nothing waits.
+    /// next retry of sends refused for lack of fds in flight ([`FDS_IN_FLIGHT_RETRY`]), until
+    /// the next factory-made region nobody joined is due to go; no limit when nothing waits.
     fn next_wakeup(&self) -> Option<Duration> {
         let metrics = self
             .endpoints
@@ -320,7 +321,34 @@ impl Server {
             .connections
             .has_starved()
             .then_some(FDS_IN_FLIGHT_RETRY);
-        metrics.into_iter().chain(starved).min()
+        let unused = self
+            .unused_timeout()
+            .and_then(|timeout| self.regions.next_unused_deadline(timeout))
+            .map(|due| due.saturating_duration_since(Instant::now()));
+        metrics.into_iter().chain(starved).chain(unused).min()
+    }
+
+    /// How long a factory-made region may wait for its first peer (`unused_timeout`).
+    fn unused_timeout(&self) -> Option<Duration> {
+        self.named
+            .as_ref()
+            .and_then(|n| n.defaults().unused_timeout)
+    }
+
+    /// Removes the factory-made regions that nobody joined in time.
+    fn reclaim_unused(&mut self) {
+        let Some(timeout) = self.unused_timeout() else {
+            return;
+        };
+        if self
+            .regions
+            .next_unused_deadline(timeout)
+            .is_some_and(|due| due <= Instant::now())
+        {
+            for change in self.regions.reclaim_unused(timeout) {
+                tracing::info!("{change}");
+            }
+        }
     }
 
     /// Drops the worst holder of unread fds and retries refused sends, if any were refused.

@@ -932,6 +932,92 @@ fn run_time_regions_are_bounded_by_max_regions() {
     assert_eq!(setup.regions().len(), 3);
 }
 
+/// Issue 10, item 10: one VM cannot take every run-time region. Each VM's factory may create
+/// at most `max_regions_per_vm` regions and `max_bytes_per_vm` bytes of them (`[defaults]`;
+/// a VM's `max_regions` and `max_bytes` override); past either the answer is `GSS_NOMEM`,
+/// naming the limit. Attaching to an existing region costs nothing, other VMs keep their own
+/// quota, and removing a region gives its share back.
+#[test]
+fn each_vm_has_its_own_quota_of_run_time_regions() {
+    let setup = Setup::new(
+        "vmquota",
+        "[defaults]\nvectors = 1\npow2 = \"off\"\nmax_regions_per_vm = 2\nmax_bytes_per_vm = \"1M\"\n\
+         [vm.vm0]\nrules = [\"allow a*\"]\n[vm.vm1]\nrules = [\"allow b*\"]\nmax_regions = 3\n\
+         [vm.vm2]\nrules = [\"allow c*\"]\nmax_bytes = \"8K\"\n",
+    );
+    assert_eq!(status(&setup.create("vm0", "a1", 4096)), GuestShmStatus::Ok);
+    assert_eq!(status(&setup.create("vm0", "a2", 4096)), GuestShmStatus::Ok);
+    let refused = setup.create("vm0", "a3", 4096);
+    assert_eq!(status(&refused), GuestShmStatus::NoMem, "{refused:?}");
+    assert!(
+        refused.message.contains("VM vm0") && refused.message.contains("max_regions"),
+        "{refused:?}"
+    );
+    assert!(!setup.vm_dir("vm0").join("a3.sock").exists());
+    // Attaching is not creating.
+    assert_eq!(status(&setup.create("vm0", "a1", 4096)), GuestShmStatus::Ok);
+    // Another VM has its own quota, here a larger one.
+    for name in ["b1", "b2", "b3"] {
+        assert_eq!(status(&setup.create("vm1", name, 4096)), GuestShmStatus::Ok);
+    }
+    assert_eq!(
+        status(&setup.create("vm1", "b4", 4096)),
+        GuestShmStatus::NoMem
+    );
+    // Bytes: 8 KiB for vm2, whatever the count.
+    assert_eq!(status(&setup.create("vm2", "c1", 4096)), GuestShmStatus::Ok);
+    let refused = setup.create("vm2", "c2", 8192);
+    assert_eq!(status(&refused), GuestShmStatus::NoMem, "{refused:?}");
+    assert!(refused.message.contains("max_bytes"), "{refused:?}");
+    assert_eq!(status(&setup.create("vm2", "c2", 4096)), GuestShmStatus::Ok);
+    // The default byte quota (1 MiB) holds for vm0 too.
+    setup.control(&ControlRequest::Remove { name: "a2".into() });
+    assert_eq!(
+        status(&setup.create("vm0", "a4", 2 << 20)),
+        GuestShmStatus::NoMem
+    );
+    // A removed region gives its share back.
+    assert_eq!(status(&setup.create("vm0", "a3", 4096)), GuestShmStatus::Ok);
+}
+
+/// Issue 10, item 10: a region a factory created and nobody ever joined is reclaimed after
+/// `unused_timeout` (the loop wakes for it; no thread), while one with a peer, one whose peer
+/// has come and gone but persists, and one made through the control socket stay.
+#[test]
+fn factory_regions_nobody_joins_are_reclaimed() {
+    let setup = Setup::new(
+        "reclaim",
+        "[defaults]\nvectors = 1\nunused_timeout = \"300ms\"\n[vm.vm0]\n",
+    );
+    assert_eq!(
+        status(&setup.create("vm0", "idle", 4096)),
+        GuestShmStatus::Ok
+    );
+    assert_eq!(
+        status(&setup.create("vm0", "used", 4096)),
+        GuestShmStatus::Ok
+    );
+    setup.control(&ControlRequest::Create(CreateRegion {
+        name: "admin".into(),
+        size: 4096,
+        ..CreateRegion::default()
+    }));
+    let mut peer = RawPeer::connect(&setup.vm_dir("vm0").join("used.sock"));
+    peer.handshake(1, &[]);
+    setup.wait_regions("the unused region to go", |r| {
+        r.iter().all(|r| r.name != "idle")
+    });
+    let names: Vec<String> = setup.regions().into_iter().map(|r| r.name).collect();
+    assert_eq!(names, ["used", "admin"]);
+    assert!(!setup.vm_dir("vm0").join("idle.sock").exists());
+    // The name is free again.
+    assert_eq!(
+        status(&setup.create("vm0", "idle", 4096)),
+        GuestShmStatus::Ok
+    );
+    drop(peer);
+}
+
 /// A VM cannot use the name `factory` (its socket would be the VM's `factory.sock`): the
 /// factory says `GSS_ILLEGAL_NAME` and creates nothing; a host region of that name gets no
 /// socket called `factory.sock`, but a VM that sees it under another name gets that socket.

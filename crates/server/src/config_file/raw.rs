@@ -43,6 +43,9 @@ pub(super) struct RawDefaults {
     pub(super) max_size: Option<RawSize>,
     pub(super) persist: Option<bool>,
     pub(super) max_regions: Option<usize>,
+    pub(super) max_regions_per_vm: Option<usize>,
+    pub(super) max_bytes_per_vm: Option<RawSize>,
+    pub(super) unused_timeout: Option<RawTimeout>,
     pub(super) dir_mode: Option<RawMode>,
     pub(super) socket_mode: Option<RawMode>,
     pub(super) owner: Option<u32>,
@@ -66,6 +69,8 @@ pub(super) struct RawRegion {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawVm {
+    pub(super) max_regions: Option<usize>,
+    pub(super) max_bytes: Option<RawSize>,
     pub(super) dir_mode: Option<RawMode>,
     pub(super) socket_mode: Option<RawMode>,
     pub(super) owner: Option<u32>,
@@ -176,6 +181,70 @@ impl<'de> Deserialize<'de> for RawMode {
 
 /// A size: integer bytes or a string in the one size grammar ([`ivshm_mem::Size`]).
 pub(super) type RawSize = ivshm_mem::Size;
+
+/// A time: a TOML integer of seconds, or a string of a whole number with a unit (`"300ms"`,
+/// `"30s"`, `"5m"`, `"1h"`), or `"off"` (`None`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RawTimeout(pub(super) Option<std::time::Duration>);
+
+/// Parses the string form of [`RawTimeout`].
+pub(super) fn parse_timeout(text: &str) -> Result<Option<std::time::Duration>, String> {
+    use std::time::Duration;
+    let text = text.trim();
+    if text == "off" {
+        return Ok(None);
+    }
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let bad = || {
+        format!(
+            "{text:?} is not a time: a whole number with ms, s, m or h (\"300ms\", \"5m\"), \
+             seconds as an integer, or \"off\""
+        )
+    };
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let time = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => n.checked_mul(60).map(Duration::from_secs).ok_or_else(bad)?,
+        "h" => n
+            .checked_mul(3600)
+            .map(Duration::from_secs)
+            .ok_or_else(bad)?,
+        _ => return Err(bad()),
+    };
+    Ok(Some(time))
+}
+
+struct TimeoutVisitor;
+
+impl serde::de::Visitor<'_> for TimeoutVisitor {
+    type Value = RawTimeout;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a time: seconds as an integer, or a string such as \"300ms\" or \"5m\"")
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, seconds: i64) -> Result<RawTimeout, E> {
+        u64::try_from(seconds)
+            .map(|s| RawTimeout(Some(std::time::Duration::from_secs(s))))
+            .map_err(|_| E::custom(format!("{seconds} seconds is not a time")))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, seconds: u64) -> Result<RawTimeout, E> {
+        Ok(RawTimeout(Some(std::time::Duration::from_secs(seconds))))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<RawTimeout, E> {
+        parse_timeout(text).map(RawTimeout).map_err(E::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawTimeout {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(TimeoutVisitor)
+    }
+}
 
 /// `pow2 = "round-up" | "refuse" | "off"`.
 #[derive(Debug, Clone, Copy)]

@@ -410,3 +410,48 @@ fn marking_channel_departures_is_on_unless_switched_off() {
     );
     parse("mark_channel_departures = 1\n", path).unwrap_err();
 }
+
+#[test]
+fn vm_quotas_and_the_unused_timeout_are_read_with_their_defaults() {
+    use crate::named::{DEFAULT_MAX_REGIONS_PER_VM, DEFAULT_UNUSED_TIMEOUT};
+    use std::time::Duration;
+    let plain = parse_ok("[vm.a]\n");
+    assert_eq!(plain.vms[0].limits.max_regions, DEFAULT_MAX_REGIONS_PER_VM);
+    assert_eq!(plain.vms[0].limits.max_bytes, None);
+    assert_eq!(plain.defaults.unused_timeout, Some(DEFAULT_UNUSED_TIMEOUT));
+    let named = parse_ok(
+        "[defaults]\nmax_regions_per_vm = 4\nmax_bytes_per_vm = \"1G\"\nunused_timeout = 90\n\
+         [vm.a]\n[vm.b]\nmax_regions = 9\nmax_bytes = \"4K\"\n",
+    );
+    assert_eq!(
+        (
+            named.vms[0].limits.max_regions,
+            named.vms[0].limits.max_bytes
+        ),
+        (4, Some(1 << 30))
+    );
+    assert_eq!(
+        (
+            named.vms[1].limits.max_regions,
+            named.vms[1].limits.max_bytes
+        ),
+        (9, Some(4096))
+    );
+    assert_eq!(named.defaults.unused_timeout, Some(Duration::from_secs(90)));
+    for (text, time) in [
+        ("\"300ms\"", Some(Duration::from_millis(300))),
+        ("\"2m\"", Some(Duration::from_secs(120))),
+        ("\"1h\"", Some(Duration::from_secs(3600))),
+        ("\"off\"", None),
+    ] {
+        let named = parse_ok(&format!("[defaults]\nunused_timeout = {text}\n"));
+        assert_eq!(named.defaults.unused_timeout, time, "{text}");
+    }
+    for bad in ["\"5x\"", "\"m\"", "-1", "\"99999999999999999999h\""] {
+        let e = parse_err(&format!(
+            "[defaults]\nvectors = 1\nunused_timeout = {bad}\n"
+        ));
+        assert_eq!(e.line, Some(3), "{bad}: {e}");
+        assert!(e.to_string().contains("unused_timeout"), "{bad}: {e}");
+    }
+}
