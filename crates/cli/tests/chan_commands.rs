@@ -45,6 +45,22 @@ fn serve(socket: &Path, size: &str) -> HostProcess {
     server
 }
 
+/// `ivshm chan init --socket <socket> --channels <channels> --ring-size <ring>`, which must
+/// succeed.
+fn init(socket: &str, channels: &str, ring: &str) {
+    let (ok, _, err) = run(&[
+        "chan",
+        "init",
+        "--socket",
+        socket,
+        "--channels",
+        channels,
+        "--ring-size",
+        ring,
+    ]);
+    assert!(ok, "{err}");
+}
+
 /// Runs `ivshm args` to its end; returns (success, stdout, stderr).
 fn run(args: &[&str]) -> (bool, String, String) {
     let out = ivshm(args).output().unwrap();
@@ -329,17 +345,7 @@ fn two_host_processes_exchange_100000_checked_messages_both_ways_through_ivshm_s
     let socket = socket_path("chan-bulk");
     let _server = serve(&socket, "16M");
     let s = socket.to_str().unwrap();
-    let (ok, _, err) = run(&[
-        "chan",
-        "init",
-        "--socket",
-        s,
-        "--channels",
-        "4",
-        "--ring-size",
-        "1M",
-    ]);
-    assert!(ok, "{err}");
+    init(s, "4", "1M");
     let args = [
         "chan",
         "exchange",
@@ -382,17 +388,7 @@ fn a_peer_scribbling_over_a_channels_rings_makes_its_honest_sides_fail_cleanly()
     let socket = socket_path("chan-scribble");
     let _server = serve(&socket, "4M");
     let s = socket.to_str().unwrap();
-    let (ok, _, err) = run(&[
-        "chan",
-        "init",
-        "--socket",
-        s,
-        "--channels",
-        "4",
-        "--ring-size",
-        "64K",
-    ]);
-    assert!(ok, "{err}");
+    init(s, "4", "64K");
     let exchange = |name: &str, channel: &str, extra: &[&str]| {
         let mut args = vec!["chan", "exchange", "--socket", s, "--name", channel];
         args.extend_from_slice(extra);

@@ -20,10 +20,8 @@ use std::time::Duration;
 
 use ivshm_channel::{Doorbell, DoorbellError as ChannelDoorbellError, RegionMemory};
 use ivshm_mem::SharedView;
-use rustix::event::{poll, PollFd, PollFlags};
-use rustix::io::Errno;
 
-use crate::doorbell::{take_eventfd, timespec, DoorbellError, MAX_DOORBELL_VECTOR};
+use crate::doorbell::{take_eventfd, wait_eventfd, DoorbellError, MAX_DOORBELL_VECTOR};
 use crate::mapped_device::MappedDevice;
 
 /// How long a wait without interrupts sleeps before the channel looks again.
@@ -116,30 +114,15 @@ impl DeviceDoorbell {
     }
 }
 
-/// Waits until the non-blocking eventfd `fd` is readable and consumes its count: `Ok(true)`
-/// when it was rung, `Ok(false)` when `timeout` passed first (`None`: no limit).
-pub(crate) fn wait_readable(
+/// Waits until the eventfd `fd` is rung (or was) and consumes its count: `Ok(true)` when it
+/// was rung, `Ok(false)` when `timeout` passed first (`None`: no limit).
+pub(crate) fn wait_rung(
     fd: BorrowedFd<'_>,
     timeout: Option<Duration>,
 ) -> Result<bool, ChannelDoorbellError> {
-    let deadline = timeout.and_then(|t| std::time::Instant::now().checked_add(t));
-    loop {
-        let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
-        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
-        match poll(&mut fds, left.map(timespec).as_ref()) {
-            Ok(0) | Err(Errno::INTR) => {}
-            // Readable: one read consumes the count (another thread may have been first).
-            Ok(_) => {
-                if take_eventfd(fd).map_err(other)? > 0 {
-                    return Ok(true);
-                }
-            }
-            Err(errno) => return Err(ChannelDoorbellError::Sys { op: "poll", errno }),
-        }
-        if left.is_some_and(|l| l.is_zero()) {
-            return Ok(false);
-        }
-    }
+    Ok(wait_eventfd(fd, timeout.unwrap_or(Duration::MAX))
+        .map_err(other)?
+        .is_some())
 }
 
 /// One polling interval, or less if `timeout` ends first: `true` after a whole interval (the
@@ -182,7 +165,7 @@ impl Doorbell for DeviceDoorbell {
         match self.wakeups {
             Wakeups::Interrupts => {
                 let fd = self.device.vector_fd(vector).map_err(other)?;
-                wait_readable(fd, timeout)
+                wait_rung(fd, timeout)
             }
             Wakeups::Polling { interval } => Ok(poll_tick(interval, timeout)),
         }
@@ -296,7 +279,7 @@ mod tests {
     }
 
     /// Stands in for QEMU's routing in VFIO mode: a ring writes the target's eventfd, which
-    /// the doorbell waits on with the same code as [`DeviceDoorbell`] (`wait_readable`,
+    /// the doorbell waits on with the same code as [`DeviceDoorbell`] (`wait_rung`,
     /// `take_eventfd`).
     #[derive(Debug)]
     struct FakeVfio {
@@ -326,7 +309,7 @@ mod tests {
             vector: u16,
             timeout: Option<Duration>,
         ) -> Result<bool, ChannelDoorbellError> {
-            wait_readable(
+            wait_rung(
                 self.fds[usize::from(self.id)].fd(vector).map_err(other)?,
                 timeout,
             )

@@ -105,7 +105,7 @@ pub fn deadline_after(timeout: Duration) -> Instant {
     Instant::now() + timeout.min(FOREVER)
 }
 
-pub(crate) fn timespec(timeout: Duration) -> Timespec {
+fn timespec(timeout: Duration) -> Timespec {
     Timespec {
         tv_sec: timeout.as_secs().try_into().unwrap_or(i64::MAX),
         tv_nsec: timeout.subsec_nanos().into(),
