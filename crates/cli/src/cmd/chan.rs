@@ -75,12 +75,14 @@ pub struct ChannelArgs {
     #[arg(long, value_name = "ID")]
     pub peer: Option<u16>,
     /// Our doorbell vector for this channel (the other end rings it).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_name = "V", default_value_t = 0)]
     pub vector: u16,
-    /// Stop after this many messages.
-    #[arg(long, value_name = "K")]
+    /// Stop after this many messages. Without it, `send` sends every message given and `recv`
+    /// runs until the other end closes.
+    #[arg(long, value_name = "N")]
     pub count: Option<u64>,
-    /// Fail (exit 1) if the command has not finished within this many seconds.
+    /// Fail (exit 1) if the command has not finished within this many seconds. Without it,
+    /// the command waits as long as it takes.
     #[arg(long, value_name = "SECONDS", value_parser = args::seconds)]
     pub timeout: Option<Duration>,
 }
@@ -92,7 +94,7 @@ pub struct SendArgs {
     #[command(flatten)]
     pub channel: ChannelArgs,
     /// Messages: text, or `@FILE` for a file's contents. None: each line of stdin is one
-    /// message (empty lines are skipped). With `--count K`, K messages, the given ones repeated
+    /// message (empty lines are skipped). With `--count N`, N messages, the given ones repeated
     /// in turn.
     #[arg(value_name = "MESSAGE|@FILE")]
     pub messages: Vec<String>,
@@ -128,15 +130,15 @@ pub struct RecvArgs {
 #[derive(Args, Debug)]
 pub struct ExchangeArgs {
     /// A channel (repeat for several, each exchanged in its own threads at once).
-    #[arg(long = "name", value_parser = channel_name, required = true)]
+    #[arg(long = "name", value_name = "NAME", value_parser = channel_name, required = true)]
     pub names: Vec<String>,
-    /// Messages each way on each channel.
-    #[arg(long, default_value_t = 1000)]
+    /// Messages each way on each channel (without it, 1000).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
     pub count: u64,
     /// The longest message (capped at the channel's largest).
     #[arg(long, default_value = "64K", value_parser = args::offset)]
     pub max_len: usize,
-    /// Bound on each blocking send or receive.
+    /// Bound on each blocking send or receive (without it, 60 seconds).
     #[arg(long, value_name = "SECONDS", value_parser = args::seconds, default_value = "60")]
     pub timeout: Duration,
     /// Count messages that do not verify and go on (only channel errors end the exchange).
