@@ -358,6 +358,28 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
     }
 
+    /// A link planted at the socket's path (in `/tmp`, say) is refused and stays; the file it
+    /// points to keeps its mode and contents, and no socket appears where it points.
+    #[test]
+    fn a_link_at_the_path_is_refused_never_followed() {
+        let path = test_path("link");
+        let target = test_path("link-target");
+        std::fs::write(&target, b"precious").unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let mut config = ListenerConfig::new(&path);
+        config.mode = 0o666;
+        assert!(matches!(
+            Listener::bind(&config),
+            Err(ListenerError::NotASocket(_))
+        ));
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_symlink());
+        assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o7777;
+        assert_ne!(mode, 0o666);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(&target).unwrap();
+    }
+
     #[test]
     fn a_missing_directory_is_named_in_the_error() {
         let dir = test_path("nodir");
