@@ -71,7 +71,7 @@ fn ivshmem_server_daemon_replaces_a_planted_pidfile_link_and_never_follows_it() 
         .arg(&dir)
         .args(["-l", "64K"]);
     // The launcher exits once the daemon has written its pid file.
-    let pid = start_daemon(command, &dir.join("log"), &pid_file, GUARD);
+    let (pid, _daemon) = start_daemon(command, &dir.join("log"), &pid_file, GUARD);
     assert_replaced(&pid_file, &victim, pid);
     terminate_pid(pid, GUARD);
     assert!(!pid_file.exists(), "the pid file is removed on exit");

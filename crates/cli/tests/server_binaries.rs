@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use ivshm_test_support::process::{start_daemon, terminate_pid, HostProcess, Signal, Stream};
+use ivshm_test_support::process::{
+    start_daemon, terminate_pid, DaemonGuard, HostProcess, Signal, Stream,
+};
 use ivshm_test_support::v0::{RawPeer, Received};
 use ivshm_test_support::WAIT_GUARD as GUARD;
 use rustix::process::Pid;
@@ -85,7 +87,7 @@ fn ivshmem_server_daemonizes_after_it_listens_and_writes_its_pid_file() {
         .arg(&dir)
         .args(["-l", "1M"]);
     // When the launcher has exited, the daemon serves and its pid file exists.
-    let pid = start_daemon(command, &output, &pid_file, GUARD);
+    let (pid, _daemon) = start_daemon(command, &output, &pid_file, GUARD);
     let _peer = first_peer(&socket, 1 << 20, 1);
     // A new session: the daemon leads its own; and it kept the working directory.
     let daemon = Pid::from_raw(pid as i32).unwrap();
@@ -112,6 +114,8 @@ fn ivshmem_server_daemon_start_failures_are_the_launchers_exit_code() {
     let dir = temp("daemon-fail");
     std::fs::create_dir_all(&dir).unwrap();
     let shm_name = format!("ivshm-bin-daemon-fail-{}", std::process::id());
+    // Neither start should leave a daemon; if one does, it goes with the test.
+    let _daemons = DaemonGuard::new(&shm_name);
     let run = |pid_file: &Path, socket: &Path| {
         Command::new(env!("CARGO_BIN_EXE_ivshmem-server"))
             .arg("-S")

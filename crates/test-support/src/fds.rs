@@ -64,36 +64,39 @@ pub fn wait_rung(fd: impl AsFd) -> u64 {
     take(fd)
 }
 
-/// Waits (at most [`WAIT_GUARD`]) until a UNIX socket listens at `path`, so a client that
-/// connects next is accepted. QEMU's server binds `path`, then listens: `/proc/net/unix` lists
-/// the socket under `path`, with the flag `__SO_ACCEPTCON` once it listens. `ivshm`'s server
-/// listens under a temporary name and renames it to `path` (so it is not listed under `path`):
-/// there, a socket file at `path` is enough.
+/// Waits (at most [`WAIT_GUARD`]) until a UNIX socket listens at `path` ([`is_listening`]),
+/// so a client that connects next is accepted.
 pub fn wait_listening(path: &Path) {
-    let wanted = path.to_string_lossy();
     let deadline = Instant::now() + WAIT_GUARD;
-    loop {
-        let table = std::fs::read_to_string("/proc/net/unix").unwrap();
-        let mut listed = table.lines().skip(1).filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.len() >= 8 && fields[7] == wanted)
-                .then(|| u32::from_str_radix(fields[3], 16).is_ok_and(|f| f & 0x10000 != 0))
-        });
-        let is_socket = std::fs::symlink_metadata(path)
-            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
-        let listening = match listed.next() {
-            Some(accepting) => accepting,
-            None => is_socket,
-        };
-        if is_socket && listening {
-            return;
-        }
+    while !is_listening(path) {
         assert!(
             Instant::now() < deadline,
-            "nothing listens on {wanted} after {WAIT_GUARD:?}"
+            "nothing listens on {} after {WAIT_GUARD:?}",
+            path.display()
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+}
+
+/// Whether a UNIX socket listens at `path`. QEMU's server binds `path`, then listens:
+/// `/proc/net/unix` lists the socket under `path`, with the flag `__SO_ACCEPTCON` once it
+/// listens. `ivshm`'s server listens under a temporary name and renames it to `path` (so it is
+/// not listed under `path`): there, a socket file at `path` is enough.
+pub fn is_listening(path: &Path) -> bool {
+    let wanted = path.to_string_lossy();
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let mut listed = table.lines().skip(1).filter_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.len() >= 8 && fields[7] == wanted)
+            .then(|| u32::from_str_radix(fields[3], 16).is_ok_and(|f| f & 0x10000 != 0))
+    });
+    let is_socket = std::fs::symlink_metadata(path)
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+    let listening = match listed.next() {
+        Some(accepting) => accepting,
+        None => is_socket,
+    };
+    is_socket && listening
 }
 
 /// Number of open fds of this process.

@@ -540,16 +540,90 @@ pub fn terminate_pid(pid: u32, timeout: Duration) {
     );
 }
 
+/// A daemon a test started. It has left the test's process tree, so neither
+/// `PR_SET_PDEATHSIG` nor a [`HostProcess`]'s drop reaches it: this guard kills it (SIGKILL)
+/// when dropped, also while a failing test unwinds, so no daemon outlives its test. The daemon
+/// is found by an argument only its command line holds (`marker`: its pid file or socket path,
+/// unique to the test run), so the guard works before the pid file is written, and without it.
+#[derive(Debug)]
+pub struct DaemonGuard {
+    marker: std::ffi::OsString,
+}
+
+impl DaemonGuard {
+    /// Guards every process (but this one) whose command line has the argument `marker`.
+    /// Create it before starting the daemon.
+    pub fn new(marker: impl AsRef<std::ffi::OsStr>) -> DaemonGuard {
+        DaemonGuard {
+            marker: marker.as_ref().to_owned(),
+        }
+    }
+
+    /// The processes whose command line holds the marker now.
+    pub fn pids(&self) -> Vec<u32> {
+        use std::os::unix::ffi::OsStrExt;
+        let marker = self.marker.as_bytes();
+        let own = std::process::id();
+        let Ok(proc) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        proc.filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| pid != own)
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|line| line.split(|&b| b == 0).any(|arg| arg == marker))
+            })
+            .collect()
+    }
+
+    /// Kills every guarded process (SIGKILL through a pidfd, after checking that the pid still
+    /// holds the marker) and waits up to 10 s for each to go.
+    fn kill_all(&self) {
+        for pid in self.pids() {
+            let Some(raw) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
+                continue;
+            };
+            let Ok(pidfd) = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
+            else {
+                continue;
+            };
+            // The pidfd pins the process: if the pid still holds the marker now, it is ours.
+            if !self.pids().contains(&pid) {
+                continue;
+            }
+            eprintln!(
+                "killing daemon {pid} (command line with {:?}) that its test left running",
+                self.marker
+            );
+            if rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).is_ok() {
+                let _ = crate::fds::readable_within(
+                    std::os::fd::AsFd::as_fd(&pidfd),
+                    Duration::from_secs(10),
+                );
+            }
+        }
+    }
+}
+
+impl Drop for DaemonGuard {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
 /// Starts a program that daemonizes: `command` runs with stdin `/dev/null` and stdout and
 /// stderr in the file `log` (a daemon that keeps them would hold a pipe open); its launcher
 /// must exit successfully within `timeout` (else this panics with the log), leaving the
-/// daemon's pid in `pid_file`. Returns that pid.
+/// daemon's pid in `pid_file`. Returns that pid and a guard that kills the daemon when dropped
+/// (found by `pid_file` on its command line, which must hold it as one argument).
 pub fn start_daemon(
     mut command: Command,
     log: &std::path::Path,
     pid_file: &std::path::Path,
     timeout: Duration,
-) -> u32 {
+) -> (u32, DaemonGuard) {
+    let guard = DaemonGuard::new(pid_file);
     let file = std::fs::File::create(log).expect("creating the log file");
     let mut launcher = command
         .stdin(Stdio::null())
@@ -566,10 +640,11 @@ pub fn start_daemon(
         "the launcher failed ({status}):\n{}",
         log_text()
     );
-    std::fs::read_to_string(pid_file)
+    let pid = std::fs::read_to_string(pid_file)
         .ok()
         .and_then(|text| text.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {}:\n{}", pid_file.display(), log_text()))
+        .unwrap_or_else(|| panic!("no pid in {}:\n{}", pid_file.display(), log_text()));
+    (pid, guard)
 }
 
 /// Runs `command` to completion within `timeout` and returns its stdout lines; fails (with
@@ -656,5 +731,33 @@ mod tests {
         let mut process = HostProcess::spawn("sleeper", shell("exec sleep 600")).unwrap();
         let status = process.terminate(Duration::from_secs(30)).unwrap();
         assert!(!status.success());
+    }
+
+    #[test]
+    fn a_daemon_guard_kills_the_daemon_that_left_the_process_tree() {
+        let marker = format!("ivshm-daemon-guard-test-{}", std::process::id());
+        let guard = DaemonGuard::new(&marker);
+        // `setsid -f` forks: the daemon is no child of this test, as a real daemon.
+        let status = Command::new("setsid")
+            .args(["-f", "sh", "-c", "while :; do sleep 1; done", &marker])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while guard.pids().is_empty() {
+            assert!(Instant::now() < deadline, "the daemon did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let pids = guard.pids();
+        drop(guard);
+        assert!(DaemonGuard::new(&marker).pids().is_empty());
+        for pid in pids {
+            // Gone, or a zombie its new parent has not reaped yet.
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = state.rsplit(") ").next().unwrap_or("").chars().next();
+            assert!(matches!(state, None | Some('Z' | 'X')), "{pid}: {state:?}");
+        }
     }
 }

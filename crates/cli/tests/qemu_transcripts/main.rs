@@ -7,21 +7,13 @@
 mod peers;
 mod transcript;
 
-use std::process::ExitStatus;
-
 use ivshm_e2e::require_qemu_tools;
-use ivshm_test_support::process::{HostProcess, Stream};
+use ivshm_test_support::process::{DaemonGuard, HostProcess, Stream};
 use ivshm_test_support::WAIT_GUARD;
 use transcript::*;
 
 fn programs(tools: ivshm_e2e::QemuTools) -> Programs {
     Programs { qemu: tools }
-}
-
-/// Stops a server with SIGTERM and waits for it.
-fn stop(server: &mut HostProcess) -> ExitStatus {
-    server.signal(ivshm_test_support::process::Signal::TERM);
-    server.wait_exit(WAIT_GUARD).unwrap()
 }
 
 /// Two clients and a server, then a third client, the server stopped and started again: every
@@ -88,6 +80,53 @@ fn session(programs: &Programs, pairing: Pairing, verbose: bool) -> Transcript {
     a.wait_notifications(5);
     b.send("dump");
 
+    if verbose {
+        // More of what QEMU's parser (`sscanf` with "int %ld %d" and "int %ld all") takes or
+        // refuses: each command rings what A says it rings (its `notify peer` lines, which
+        // only -v prints), and B (or A itself) hears exactly that before the next one.
+        let heard = |c: &Client| c.count(Stream::Stdout, "receive notification from ");
+        let (mut rung_b, mut rung_a) = (heard(&b), heard(&a));
+        for command in [
+            "int 1 all",
+            "int 1 all junk",
+            "int 1 al",
+            "int 1 0 junk",
+            "int 01 1",
+            "int 1 01",
+            "int +1 0",
+            "int 1 +1",
+            "int 1 -0",
+            "int  1   0",
+            " int 1 0",
+            "int 1 0 ",
+            "int 1 0x1",
+            "int 0x1 0",
+            "int 1.5 0",
+            "int 1 1.5",
+            "int 4294967297 0",
+            "int 1 4294967296",
+            "int -4294967295 1",
+            "int 1-0",
+            "intall",
+            "int all ",
+            " int all",
+            "dump junk",
+            " dump",
+            "dump ",
+            "DUMP",
+            "help ",
+        ] {
+            let rings =
+                |c: &Client, to: &str| c.count(Stream::Stdout, &format!("notify peer {to} on"));
+            let before = (rings(&a, "1"), rings(&a, "0"));
+            a.send(command);
+            rung_b += rings(&a, "1") - before.0;
+            rung_a += rings(&a, "0") - before.1;
+            b.wait_notifications(rung_b);
+            a.wait_notifications(rung_a);
+        }
+    }
+
     // B leaves; C joins (id 2) and sees A.
     let b_end = b.terminate();
     a.wait_eventfds(2);
@@ -101,7 +140,7 @@ fn session(programs: &Programs, pairing: Pairing, verbose: bool) -> Transcript {
     c.send("dump");
 
     // The server stops: A and C are told, C also of A's removal, and both retry.
-    let server_end = stop(&mut server);
+    let server_end = stop_server(&mut server);
     for client in [&a, &c] {
         client.wait_count(Stream::Stdout, "disconnected from server\n", 1);
         client.wait_count(Stream::Stderr, RETRY, 1);
@@ -118,7 +157,7 @@ fn session(programs: &Programs, pairing: Pairing, verbose: bool) -> Transcript {
     a.wait_notifications(6);
     let a_end = a.terminate();
     server_wait(&second, "free peer 0");
-    let second_end = stop(&mut second);
+    let second_end = stop_server(&mut second);
     assert!(
         !run.sock.exists(),
         "{}: socket left behind",
@@ -319,14 +358,113 @@ fn server_flags_start_up_failures_and_exit_codes_match_qemu() {
             Runs::Serves,
             &nothing,
         ),
+        // Odd sizes that serve (QEMU rounds each up to a power of two), the vector counts
+        // at the ends of the range (0 included) and in other notations.
+        (
+            &["-Fv", "-S", "{sock}", "-M", "{shm}", "-l", "3", "-n", "0"],
+            Runs::Serves,
+            &nothing,
+        ),
+        (
+            &[
+                "-Fv", "-S", "{sock}", "-M", "{shm}", "-l", "1000", "-n", "64",
+            ],
+            Runs::Serves,
+            &nothing,
+        ),
+        (
+            &[
+                "-Fv", "-S", "{sock}", "-M", "{shm}", "-l", "0x1E", "-n", "0x40",
+            ],
+            Runs::Serves,
+            &nothing,
+        ),
+        (
+            &["-Fv", "-S", "{sock}", "-M", "{shm}", "-l", "1.", "-n", "00"],
+            Runs::Serves,
+            &nothing,
+        ),
+        (
+            &[
+                "-Fv", "-S", "{sock}", "-M", "{shm}", "-l", "2.25K", "-n", " 2",
+            ],
+            Runs::Serves,
+            &nothing,
+        ),
+        (
+            &[
+                "-Fv", "-S", "{sock}", "-M", "{shm}", "-l", "1b", "-n", "0X3",
+            ],
+            Runs::Serves,
+            &nothing,
+        ),
+        (
+            &[
+                "-Fv", "-S", "{sock}", "-M", "{shm}", "-l", "+1M", "-n", "+3",
+            ],
+            Runs::Serves,
+            &nothing,
+        ),
+        (
+            &[
+                "-Fv", "-S", "{sock}", "-M", "{shm}", "-l", "0x1p", "-l", "1023M",
+            ],
+            Runs::Serves,
+            &nothing,
+        ),
     ];
-    for &(args, runs, prepare) in cases {
+    let compare = |args: &[&str], runs: Runs, prepare: Prepare| {
         let qemu = server_case(&programs, Impl::Qemu, args, runs, prepare);
         let ours = server_case(&programs, Impl::Ours, args, runs, prepare);
         assert_eq!(
             ours, qemu,
             "ivshmem-server {args:?}: ours (left) differs from QEMU's"
         );
+    };
+    for &(args, runs, prepare) in cases {
+        compare(args, runs, prepare);
+    }
+    // Values QEMU's parsers refuse (each run with a socket and shm name of its own, should it
+    // serve after all). Sizes: trailing text, a second unit, white space inside or after, hex
+    // without digits, an exponent, a lone dot, two dots, a hex fraction, beyond 64 bits.
+    // Vector counts: white space after, trailing text, empty, an exponent, more than 64 in
+    // hex and in octal, beyond 64 bits, a minus sign.
+    let refused: [(&str, &[&str]); 2] = [
+        (
+            "-l",
+            &[
+                "1M5",
+                "1MM",
+                "4 M",
+                "4M ",
+                "0x",
+                "1e3",
+                ".",
+                ".5K",
+                "1.5.5",
+                "0x1.8M",
+                "18446744073709551616",
+            ],
+        ),
+        (
+            "-n",
+            &[
+                "3 ",
+                "3x",
+                "",
+                "1e1",
+                "0x41",
+                "0101",
+                "18446744073709551616",
+                "-0",
+            ],
+        ),
+    ];
+    for (flag, values) in refused {
+        for &value in values {
+            let args = ["-F", "-S", "{sock}", "-M", "{shm}", flag, value];
+            compare(&args, Runs::Exits, &nothing);
+        }
     }
 }
 
@@ -413,6 +551,59 @@ fn server_differences_from_qemu_are_the_documented_ones() {
     assert_eq!(ours.ending, "exit 1");
 }
 
+#[test]
+fn the_socket_mode_follows_the_umask_as_in_qemu() {
+    use std::os::unix::fs::PermissionsExt;
+    let programs = programs(require_qemu_tools!());
+    // The modes of the socket and of the POSIX shm object while `which` serves under `umask`.
+    let modes = |which: Impl, umask: &str| {
+        let run = RunDir::new("umask");
+        let program = match which {
+            Impl::Qemu => programs.qemu.server.clone(),
+            Impl::Ours => env!("CARGO_BIN_EXE_ivshmem-server").into(),
+        };
+        let mut command = std::process::Command::new("sh");
+        command
+            .args(["-c", &format!("umask {umask} && exec \"$0\" \"$@\"")])
+            .arg(program)
+            .args(["-F", "-S", &run.sock_arg(), "-M", &run.shm]);
+        let mut server = start_server(&format!("{} umask {umask}", which.name()), command, &[]);
+        wait_listening(&run.sock);
+        let mode = |path: &std::path::Path| {
+            std::fs::symlink_metadata(path)
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        let modes = (mode(&run.sock), mode(&run.shm_path()));
+        assert_eq!(ending(stop_server(&mut server)), "exit 0");
+        modes
+    };
+    for umask in ["022", "007", "077", "000", "027"] {
+        let (qemu_socket, qemu_shm) = modes(Impl::Qemu, umask);
+        let (ours_socket, ours_shm) = modes(Impl::Ours, umask);
+        let umask = u32::from_str_radix(umask, 8).unwrap();
+        assert_eq!(
+            qemu_socket,
+            0o777 & !umask,
+            "QEMU's socket, umask {umask:03o}"
+        );
+        assert_eq!(ours_socket, qemu_socket, "our socket, umask {umask:03o}");
+        // Documented difference: QEMU creates its shm object 0700, ours 0600 (less the umask).
+        assert_eq!(
+            qemu_shm,
+            0o700 & !umask,
+            "QEMU's shm object, umask {umask:03o}"
+        );
+        assert_eq!(
+            ours_shm,
+            0o600 & !umask,
+            "our shm object, umask {umask:03o}"
+        );
+    }
+}
+
 /// Waits (with the guard) until `done` holds.
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + WAIT_GUARD;
@@ -425,37 +616,63 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// Daemon mode of `which` with the pid file at `pid_in` (in the run's directory; `serves`: it
-/// can be written): the launcher's exit code, and what reached its stdout and stderr (files)
-/// by the time the daemon has gone (after SIGTERM if it serves). Returns also whether the pid
-/// file was left behind.
-fn daemon_case(programs: &Programs, which: Impl, pid_in: &str, serves: bool) -> (Outcome, bool) {
+/// A daemon-mode run: `ivshmem-server -S SOCKET -M SHM -p PID` started in the run's directory.
+struct DaemonCase<'a> {
+    /// The pid file as given (relative paths are in the run's directory, the daemon's
+    /// working directory as the launcher's).
+    pid: &'a str,
+    /// The socket path (`{sock}`, `{dir}` filled in).
+    socket: &'a str,
+    /// Whether the daemon serves (else it fails to start).
+    serves: bool,
+    /// Sets up the run's directory first.
+    prepare: Prepare<'a>,
+}
+
+/// Daemon mode of `which`: the launcher's exit code, and what reached its stdout and stderr
+/// (files) by the time the daemon has gone (after SIGTERM if it serves). Returns also what the
+/// pid file held while the daemon served (its pid and a newline), and whether it was left
+/// behind.
+fn daemon_case(programs: &Programs, which: Impl, case: &DaemonCase) -> (Outcome, bool) {
     let run = RunDir::new("daemon");
+    (case.prepare)(&run);
     let n = run.normalizer();
-    let pid_file = run.dir.join(pid_in);
+    let [pid_arg, socket]: [String; 2] = fill(&[case.pid, case.socket], &run).try_into().unwrap();
+    let pid_file = run.dir.join(&pid_arg);
     let (out_path, err_path) = (run.dir.join("out"), run.dir.join("err"));
+    // Killed when the case ends, also when it fails: a daemon is no child of the test.
+    let _daemon = DaemonGuard::new(&socket);
     let mut command = programs.direct(which, "ivshmem-server");
     command
-        .args(["-S", &run.sock_arg(), "-M", &run.shm, "-p"])
-        .arg(&pid_file)
+        .args(["-S", &socket, "-M", &run.shm, "-p", &pid_arg])
+        .current_dir(&run.dir)
         .stdin(std::process::Stdio::null())
         .stdout(std::fs::File::create(&out_path).unwrap())
         .stderr(std::fs::File::create(&err_path).unwrap());
     let status = command.status().unwrap();
-    if serves {
-        // QEMU's launcher exits right after the fork: its daemon writes the pid file later.
-        wait_for("the pid file", || {
-            std::fs::read_to_string(&pid_file).is_ok_and(|t| t.ends_with('\n'))
-        });
-        let pid: i32 = std::fs::read_to_string(&pid_file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        let pid = rustix::process::Pid::from_raw(pid).unwrap();
+    if case.serves {
+        // QEMU's launcher exits right after the fork: its daemon writes the pid file later
+        // (over what a prepared file held).
+        let daemon_pid = || {
+            std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|t| t.strip_suffix('\n')?.parse::<i32>().ok())
+                .filter(|&pid| {
+                    rustix::process::test_kill_process(rustix::process::Pid::from_raw(pid).unwrap())
+                        .is_ok()
+                })
+        };
+        wait_for("the pid file", || daemon_pid().is_some());
+        let pid = rustix::process::Pid::from_raw(daemon_pid().unwrap()).unwrap();
         let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
             .expect("the daemon runs");
-        wait_listening(&run.sock);
+        // It is the daemon serving the socket: a new session, in the run's directory.
+        assert_eq!(rustix::process::getsid(Some(pid)).unwrap(), pid);
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{}/cwd", pid.as_raw_nonzero())).unwrap(),
+            run.dir
+        );
+        wait_listening(std::path::Path::new(&socket));
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
         assert!(ivshm_test_support::fds::readable_within(
             std::os::fd::AsFd::as_fd(&pidfd),
@@ -466,7 +683,9 @@ fn daemon_case(programs: &Programs, which: Impl, pid_in: &str, serves: bool) -> 
         wait_for("the daemon's message", || {
             std::fs::read_to_string(&err_path).is_ok_and(|t| t.ends_with('\n'))
         });
-        wait_for("the socket to go", || !run.sock.exists());
+        wait_for("the socket to go", || {
+            !std::path::Path::new(&socket).exists()
+        });
     }
     wait_for("the shm object to go", || !run.shm_path().exists());
     let outcome = Outcome {
@@ -474,23 +693,52 @@ fn daemon_case(programs: &Programs, which: Impl, pid_in: &str, serves: bool) -> 
         stderr: n.other(&std::fs::read_to_string(&err_path).unwrap()),
         ending: ending(status),
     };
-    assert!(!run.sock.exists());
+    assert!(!std::path::Path::new(&socket).exists());
     (outcome, pid_file.exists())
 }
 
 #[test]
 fn daemon_mode_matches_qemu_but_for_the_documented_exit_code_and_pid_file() {
     let programs = programs(require_qemu_tools!());
-    let (qemu, qemu_left_pid) = daemon_case(&programs, Impl::Qemu, "pid", true);
-    let (ours, ours_left_pid) = daemon_case(&programs, Impl::Ours, "pid", true);
-    assert_eq!(ours, qemu, "daemon mode: ours (left) differs from QEMU's");
-    assert_eq!(ours.stdout, "server disconnected\n");
-    // Documented: QEMU leaves its pid file; ours removes it.
-    assert!(qemu_left_pid && !ours_left_pid);
+    let both = |case: &DaemonCase| {
+        (
+            daemon_case(&programs, Impl::Qemu, case),
+            daemon_case(&programs, Impl::Ours, case),
+        )
+    };
+    // Serving, with the pid file as an absolute path, as a relative one (in the working
+    // directory the daemon keeps), and over an existing file.
+    let old_pid_file =
+        |run: &RunDir| std::fs::write(run.dir.join("pid"), "old contents\n").unwrap();
+    for (pid, prepare) in [
+        ("{dir}/pid", &nothing as Prepare),
+        ("pid", &nothing),
+        ("pid", &old_pid_file),
+    ] {
+        let case = DaemonCase {
+            pid,
+            socket: "{sock}",
+            serves: true,
+            prepare,
+        };
+        let ((qemu, qemu_left_pid), (ours, ours_left_pid)) = both(&case);
+        assert_eq!(
+            ours, qemu,
+            "daemon mode, -p {pid}: ours (left) differs from QEMU's"
+        );
+        assert_eq!(ours.stdout, "server disconnected\n");
+        assert_eq!(ours.ending, "exit 0");
+        // Documented: QEMU leaves its pid file; ours removes it.
+        assert!(qemu_left_pid && !ours_left_pid, "-p {pid}");
+    }
     // The pid file cannot be written: the same message; QEMU's launcher has exited 0 by then,
     // ours says 1 (documented).
-    let (qemu, _) = daemon_case(&programs, Impl::Qemu, "no/pid", false);
-    let (ours, _) = daemon_case(&programs, Impl::Ours, "no/pid", false);
+    let ((qemu, _), (ours, _)) = both(&DaemonCase {
+        pid: "no/pid",
+        socket: "{sock}",
+        serves: false,
+        prepare: &nothing,
+    });
     assert_eq!(
         qemu.stderr,
         "cannot write pid file: No such file or directory\n"
@@ -503,6 +751,20 @@ fn daemon_mode_matches_qemu_but_for_the_documented_exit_code_and_pid_file() {
         (qemu.ending.as_str(), ours.ending.as_str()),
         ("exit 0", "exit 1")
     );
+    // The socket cannot be bound: both fail before the fork, with QEMU's message and exit 1,
+    // and write no pid file.
+    let ((qemu, qemu_pid), (ours, ours_pid)) = both(&DaemonCase {
+        pid: "pid",
+        socket: "{dir}/no/sock",
+        serves: false,
+        prepare: &nothing,
+    });
+    assert_eq!(ours, qemu, "daemon mode, no socket directory");
+    assert_eq!(
+        (qemu.stderr.as_str(), qemu.ending.as_str()),
+        ("cannot bind\n", "exit 1")
+    );
+    assert!(!qemu_pid && !ours_pid);
 }
 
 #[test]
@@ -624,6 +886,6 @@ fn at_the_end_of_its_input_our_client_stops_reading_stdin_where_qemus_spins() {
         }
         a.terminate();
         b.terminate();
-        stop(&mut server);
+        stop_server(&mut server);
     }
 }

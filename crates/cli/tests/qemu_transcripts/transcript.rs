@@ -204,7 +204,8 @@ impl Client {
         }
     }
 
-    fn count(&self, stream: Stream, needle: &str) -> usize {
+    /// How many times `needle` has appeared on `stream` so far.
+    pub fn count(&self, stream: Stream, needle: &str) -> usize {
         self.process.output(stream).matches(needle).count()
     }
 
@@ -273,6 +274,22 @@ impl Client {
 pub fn start_server(name: &str, mut command: Command, args: &[&str]) -> HostProcess {
     command.args(args).env_remove("RUST_LOG");
     HostProcess::spawn(name, command).unwrap()
+}
+
+/// Stops a server with SIGTERM and waits for it to exit (within [`WAIT_GUARD`]). QEMU's server
+/// checks its quit flag before `select` with the signal unblocked, so a SIGTERM that lands
+/// between the check and the call (while it handles a peer's event) is seen only at the next
+/// event: the signal is sent again every second until the server exits (each one interrupts
+/// `select`; ours takes a repeated one as the first).
+pub fn stop_server(server: &mut HostProcess) -> ExitStatus {
+    let deadline = Instant::now() + WAIT_GUARD;
+    loop {
+        server.signal(Signal::TERM);
+        match server.wait_exit(std::time::Duration::from_secs(1)) {
+            Ok(status) => return status,
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+    }
 }
 
 /// How a process ended, comparable across implementations.
@@ -517,10 +534,20 @@ impl Outcome {
         let mut process = HostProcess::spawn(name, command).unwrap();
         match ready {
             Some(line) => drop(process.wait_stdout_line(line, WAIT_GUARD).unwrap()),
-            None => wait_listening(socket),
+            None => {
+                let deadline = Instant::now() + WAIT_GUARD;
+                while !ivshm_test_support::fds::is_listening(socket) {
+                    let ended = process.wait_exit(std::time::Duration::from_millis(10));
+                    assert!(
+                        ended.is_err() && Instant::now() < deadline,
+                        "{name}: does not serve at {} ({ended:?})\n{}",
+                        socket.display(),
+                        process.failure_context()
+                    );
+                }
+            }
         }
-        process.signal(Signal::TERM);
-        let status = process.wait_exit(WAIT_GUARD).unwrap();
+        let status = stop_server(&mut process);
         Outcome::of(&process, status, n)
     }
 
