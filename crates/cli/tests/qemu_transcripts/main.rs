@@ -604,6 +604,97 @@ fn the_socket_mode_follows_the_umask_as_in_qemu() {
     }
 }
 
+/// Why huge pages cannot be tried here (`-m` on a hugetlbfs mount in a private mount
+/// namespace needs root, util-linux's `unshare` and a kernel with hugetlbfs), if so.
+fn hugetlbfs_unavailable() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("not root".into());
+    }
+    let unshare = std::process::Command::new("unshare")
+        .arg("--version")
+        .output();
+    if !unshare.is_ok_and(|o| o.status.success()) {
+        return Some("no unshare (util-linux)".into());
+    }
+    let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !filesystems.lines().any(|l| l.ends_with("\thugetlbfs")) {
+        return Some("the kernel has no hugetlbfs".into());
+    }
+    None
+}
+
+#[test]
+fn on_hugetlbfs_the_region_size_matches_qemus() {
+    let programs = programs(require_qemu_tools!());
+    if let Some(why) = hugetlbfs_unavailable() {
+        assert!(
+            std::env::var_os("IVSHM_E2E").is_none(),
+            "cannot try -m on hugetlbfs: {why}"
+        );
+        eprintln!("SKIPPED: on_hugetlbfs_the_region_size_matches_qemus: {why}");
+        return;
+    }
+    // `-m DIR` on a hugetlbfs mount (in a mount namespace of its own): what the server prints
+    // and the size a peer is given. QEMU doubles the size until `ftruncate` takes it (a
+    // multiple of the huge page size); ours rounds up to that multiple: the same sizes.
+    let case = |which: Impl, size: &str| {
+        let run = RunDir::new("huge");
+        let huge = run.dir.join("huge");
+        std::fs::create_dir(&huge).unwrap();
+        let program = match which {
+            Impl::Qemu => programs.qemu.server.clone(),
+            Impl::Ours => env!("CARGO_BIN_EXE_ivshmem-server").into(),
+        };
+        let mut command = std::process::Command::new("unshare");
+        command
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg("mount -t hugetlbfs ivshm-test-huge \"$0\" && exec \"$@\"")
+            .arg(&huge)
+            .arg(program)
+            .args(["-Fv", "-S", &run.sock_arg(), "-m"])
+            .arg(&huge)
+            .args(["-l", size]);
+        let label = format!("{} -m hugetlbfs -l {size}", which.name());
+        let mut server = start_server(&label, command, &[]);
+        wait_listening(&run.sock);
+        let peers = std::process::Command::new(env!("CARGO_BIN_EXE_ivshm"))
+            .args(["peers", "--socket", &run.sock_arg()])
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        assert!(peers.status.success(), "{label}: {peers:?}");
+        let status = stop_server(&mut server);
+        let n = run.normalizer();
+        let outcome = Outcome {
+            stdout: n.server_stdout(&server.output(Stream::Stdout)),
+            stderr: n.other(&server.output(Stream::Stderr)),
+            ending: ending(status),
+        };
+        (outcome, String::from_utf8(peers.stdout).unwrap())
+    };
+    // The default huge page size (hugetlbfs's without `pagesize=`), from /proc/meminfo.
+    let page: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Hugepagesize:"))
+        .and_then(|v| v.trim().strip_suffix(" kB")?.parse::<u64>().ok())
+        .expect("Hugepagesize in /proc/meminfo")
+        * 1024;
+    for (size, asked) in [("64K", 64 << 10), ("3M", 4 << 20), ("1.5M", 2 << 20)] {
+        // A power of two (as QEMU rounds), then whole huge pages.
+        let expected = u64::max(asked, page);
+        let (qemu, qemu_peers) = case(Impl::Qemu, size);
+        let (ours, ours_peers) = case(Impl::Ours, size);
+        assert_eq!(ours, qemu, "-m hugetlbfs -l {size}: ours (left) differs");
+        assert_eq!(
+            qemu_peers,
+            format!("self id=0 vectors=1 size={expected}\n"),
+            "-l {size}"
+        );
+        assert_eq!(ours_peers, qemu_peers, "-m hugetlbfs -l {size}");
+    }
+}
+
 /// Waits (with the guard) until `done` holds.
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + WAIT_GUARD;

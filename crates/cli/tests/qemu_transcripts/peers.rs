@@ -161,3 +161,98 @@ fn qemus_client_is_a_peer_of_named_regions() {
         assert_eq!(ending(end), "signal 15");
     }
 }
+
+/// A session of `client`s (QEMU's or ours) in a named region whose ids are reused
+/// (`lowest-free`) and whose peer limit refuses a third peer: a peer leaves and a new one gets
+/// its id, `dump` before and after, doorbells to the reused id, a refused client that retries
+/// until a place is free (and then gets the id of the one that left), the server stopping.
+fn reuse_session(programs: &Programs, which: Impl) -> Transcript {
+    let mut run = RunDir::new("reuse");
+    let root = run.dir.join("root");
+    let config = run.dir.join("ivshm.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "root = {:?}\n\
+             [[region]]\nname = \"shared\"\nsize = \"64K\"\nvectors = 2\npeer_limit = 2\n\
+             id_policy = \"lowest-free\"\n\
+             [vm.vm0]\nrules = [\"allow shared\"]\n",
+            root.display().to_string()
+        ),
+    )
+    .unwrap();
+    // The region's socket plays the run's socket (`<socket>` in the transcripts).
+    run.sock = root.join("vm0/shared.sock");
+    let n = run.normalizer();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ivshm"));
+    command.arg("serve").arg("--config").arg(&config);
+    let mut server = HostProcess::spawn("ivshm serve --config", command).unwrap();
+    wait_listening(&run.sock);
+    let sock = run.sock_arg();
+    let start = |name: &str| Client::start(name, programs.client(which), &["-v", "-S", &sock]);
+
+    let mut a = start("client A");
+    a.wait_connected(1);
+    a.wait_eventfds(2);
+    let mut b = start("client B");
+    b.wait_connected(1);
+    b.wait_eventfds(4);
+    a.wait_eventfds(4);
+    // B leaves; C gets B's id, 1.
+    let b_end = b.terminate();
+    a.wait_count(Stream::Stdout, "delete peer id = 1\n", 1);
+    a.wait_eventfds(2);
+    let mut c = start("client C");
+    c.wait_connected(1);
+    c.wait_eventfds(4);
+    a.wait_eventfds(4);
+    a.send("dump");
+    c.send("dump");
+    a.send("int 1 all");
+    c.wait_notifications(2);
+    c.send("int 0 1");
+    a.wait_notifications(1);
+    // The limit: D is refused and retries; when A leaves, D gets A's id, 0.
+    let mut d = start("client D");
+    d.wait_count(Stream::Stderr, RETRY, 1);
+    d.wait_count(Stream::Stdout, "cannot read from server\n", 1);
+    let a_end = a.terminate();
+    c.wait_count(Stream::Stdout, "delete peer id = 0\n", 1);
+    d.wait_connected(1);
+    d.wait_eventfds(4);
+    c.wait_eventfds(4);
+    d.send("dump");
+    c.send("dump");
+    d.send("int 1 0");
+    c.wait_notifications(3);
+    c.send("int all");
+    d.wait_notifications(2);
+    // The server stops: C and D are told and retry.
+    assert_eq!(ending(stop_server(&mut server)), "exit 0");
+    for client in [&c, &d] {
+        client.wait_count(Stream::Stdout, "disconnected from server\n", 1);
+        client.wait_count(Stream::Stderr, RETRY, 1);
+    }
+    let c_end = c.terminate();
+    let d_end = d.terminate();
+    let mut t = Transcript::default();
+    t.add_client("client A", &a, a_end, &n);
+    t.add_client("client B", &b, b_end, &n);
+    t.add_client("client C", &c, c_end, &n);
+    t.add_client("client D", &d, d_end, &n);
+    t
+}
+
+#[test]
+fn our_client_matches_qemus_on_a_server_that_reuses_ids_and_refuses_peers() {
+    let programs = Programs {
+        qemu: require_qemu_tools!(),
+    };
+    let (qemu, ours) = std::thread::scope(|scope| {
+        let qemu = scope.spawn(|| reuse_session(&programs, Impl::Qemu));
+        let ours = reuse_session(&programs, Impl::Ours);
+        (qemu.join().unwrap(), ours)
+    });
+    eprintln!("reference transcript (QEMU's client):\n{}", qemu.render());
+    assert_same("our client", &qemu, &ours);
+}

@@ -361,10 +361,17 @@ impl Normalizer {
         let mut out = String::new();
         let mut i = 0;
         while i < lines.len() {
+            // The first attempt follows the first prompt on its line.
             let attempt_fails = |at: usize| {
-                lines.get(at) == Some(&connect) && lines.get(at + 1).is_some_and(|l| failure(l))
+                lines
+                    .get(at)
+                    .is_some_and(|l| l.strip_prefix("cmd> ").unwrap_or(l) == connect)
+                    && lines.get(at + 1).is_some_and(|l| failure(l))
             };
             if attempt_fails(i) {
+                if lines[i].starts_with("cmd> ") {
+                    out.push_str("cmd> ");
+                }
                 while attempt_fails(i) {
                     i += 1;
                     while lines.get(i).is_some_and(|l| failure(l)) {
