@@ -1,9 +1,10 @@
 //! `ivshm-channel` against arbitrary region contents.
 //!
 //! The first byte chooses the mode:
-//! - even: the rest of the input is the whole region (up to 16 KiB, zero-padded): opening it
-//!   must either refuse it or validate it, and then listing, opening a channel, sending and
-//!   receiving on it must not panic or touch memory outside the region;
+//! - even: the rest of the input is the whole region (up to 16 KiB, zero-padded): marking a
+//!   departed peer as the server does (`mark_departed`, on memory it never validated) and
+//!   opening it must either refuse it or validate it, and then listing, opening a channel,
+//!   sending and receiving on it must not panic or touch memory outside the region;
 //! - odd: a formatted region with two connected channels; the rest is a list of operations:
 //!   write bytes at an offset of the region (a hostile peer), send, receive, read through the
 //!   message guard, close and reopen, mark a peer as gone. Every call must return (no waiting:
@@ -103,6 +104,9 @@ fn exercise(ch: &mut Channel, i: usize) {
 
 fn raw_region(data: &[u8]) {
     let heap = Heap::new(data);
+    // What the ivshm server does when a peer leaves a region that may hold channels.
+    let _ =
+        ivshm_channel::mark_departed(heap.view(), u16::from(data.first().copied().unwrap_or(0)));
     let Ok(region) = Region::open(heap, Arc::new(NoBell(1))) else {
         return;
     };
@@ -145,8 +149,10 @@ fn operations(data: &[u8]) {
     let (Ok(mut x), Ok(mut y)) = (a.channel("victim", opts()), b.channel("victim", opts())) else {
         return;
     };
-    let (Ok(mut p), Ok(mut q)) = (a.channel("bystander", opts()), b.channel("bystander", opts()))
-    else {
+    let (Ok(mut p), Ok(mut q)) = (
+        a.channel("bystander", opts()),
+        b.channel("bystander", opts()),
+    ) else {
         return;
     };
     let view = Alias(base);
@@ -159,7 +165,9 @@ fn operations(data: &[u8]) {
     let mut buf = Vec::new();
     let mut seq = 0u32;
     for (i, chunk) in data.chunks(6).enumerate() {
-        let [op, a1, a2, rest @ ..] = chunk else { break };
+        let [op, a1, a2, rest @ ..] = chunk else {
+            break;
+        };
         let arg = usize::from(*a1) | (usize::from(*a2) << 8);
         match op % 8 {
             0 | 1 => {

@@ -17,13 +17,18 @@ fuzz_target!(|data: &[u8]| {
         Err(error) => {
             assert_eq!(error.path, path);
             if let Some(line) = error.line {
-                assert!(line >= 1 && line <= text.lines().count().max(1) + 1, "{error}");
+                assert!(
+                    line >= 1 && line <= text.lines().count().max(1) + 1,
+                    "{error}"
+                );
             }
             let _ = error.to_string();
         }
         Ok(config) => {
             assert!(config.validate().is_ok());
-            let named = config.named.expect("a file always configures named regions");
+            let named = config
+                .named
+                .expect("a file always configures named regions");
             for vm in &named.vms {
                 let _ = vm.policy.decide("mem");
                 let _ = vm.policy.pre_created();

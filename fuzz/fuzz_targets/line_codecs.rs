@@ -56,7 +56,10 @@ fuzz_target!(|data: &[u8]| {
     }
     // One result per newline at most (an oversized line is one error up to its newline).
     let newlines = stream.iter().filter(|&&b| b == b'\n').count();
-    assert!(results <= newlines + 1, "{results} results for {newlines} lines");
+    assert!(
+        results <= newlines + 1,
+        "{results} results for {newlines} lines"
+    );
     // The whole input as one line, as `decode_line` sees a line a client sent.
     let _ = decode_line::<FactoryRequest>(stream);
     let _ = decode_line::<ControlRequest>(stream);

@@ -39,7 +39,9 @@ fn decode(record: &[u8]) -> (i64, Option<OwnedFd>) {
     if flags & 2 != 0 {
         value = value.rem_euclid(70) - 2;
     }
-    let fd = (flags & 1 != 0).then(|| eventfd(0, EventfdFlags::CLOEXEC).ok()).flatten();
+    let fd = (flags & 1 != 0)
+        .then(|| eventfd(0, EventfdFlags::CLOEXEC).ok())
+        .flatten();
     (value, fd)
 }
 
@@ -75,7 +77,10 @@ fn run(data: &[u8]) {
         }
     };
     assert_eq!(Some(i64::from(established.own_id)), own_id_sent);
-    assert!(matches!(handshake.feed(0, None), Err(HandshakeError::Finished)));
+    assert!(matches!(
+        handshake.feed(0, None),
+        Err(HandshakeError::Finished)
+    ));
 
     let mut table = established.table;
     // The peers the user knows of: those the table lists at the start, then as its events
@@ -108,7 +113,10 @@ fn run(data: &[u8]) {
         assert!(matches!(event, PeerEvent::Joined { .. }), "{event:?}");
         observe(&mut known, event);
     }
-    assert_eq!(table.peer_ids().into_iter().collect::<BTreeSet<u16>>(), known);
+    assert_eq!(
+        table.peer_ids().into_iter().collect::<BTreeSet<u16>>(),
+        known
+    );
 }
 
 /// Checks one event against the peers known so far and updates them: a join is of a peer not
@@ -116,7 +124,10 @@ fn run(data: &[u8]) {
 fn observe(known: &mut BTreeSet<u16>, event: PeerEvent) {
     match event {
         PeerEvent::Joined { id, vectors } => {
-            assert!(vectors <= MAX_VECTORS, "peer {id} joined with {vectors} vectors");
+            assert!(
+                vectors <= MAX_VECTORS,
+                "peer {id} joined with {vectors} vectors"
+            );
             assert!(known.insert(id), "peer {id} joined twice");
         }
         PeerEvent::Left { id } => {

@@ -41,7 +41,10 @@ fn check(value: i64, has_fd: bool) {
         Ok(Message::PeerVector { id }) => assert!(has_fd && i64::from(id) == value),
         Ok(Message::PeerGone { id }) => assert!(!has_fd && i64::from(id) == value),
         Err(error) => {
-            assert!(!in_id_range && !(value == SHM_MARKER && has_fd), "{value}: {error}");
+            assert!(
+                !in_id_range && !(value == SHM_MARKER && has_fd),
+                "{value}: {error}"
+            );
             // Every rejection explains itself.
             assert!(!error.to_string().is_empty());
         }
