@@ -50,9 +50,40 @@ pub fn socket_path(s: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
+/// An address to listen on: `IP:PORT` (`127.0.0.1:9464`, `[::1]:9464`; port 0 picks a free
+/// one). Host names are not looked up: the address bound is the one written.
+pub fn listen_address(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!(
+            "`{s}` is not IP:PORT (e.g. 127.0.0.1:9464, or [::1]:9464 for IPv6; host names \
+             such as localhost are not looked up)"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_addresses_are_ip_and_port() {
+        assert_eq!(
+            listen_address("127.0.0.1:9464").unwrap(),
+            "127.0.0.1:9464".parse().unwrap()
+        );
+        assert_eq!(listen_address("[::1]:0").unwrap().port(), 0);
+        for bad in [
+            "localhost:9464",
+            "127.0.0.1",
+            "9464",
+            ":9464",
+            "127.0.0.1:99999",
+            "",
+        ] {
+            let e = listen_address(bad).unwrap_err();
+            assert!(e.contains("is not IP:PORT"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn parses_seconds_and_offsets() {

@@ -3,10 +3,17 @@
 //!
 //! Under systemd, when stderr is the journal (`$JOURNAL_STREAM` names stderr's device and
 //! inode, as `systemd.exec(5)` says to check), lines carry no timestamps and no colours: the
-//! journal stamps every line itself.
+//! journal stamps every line itself. Each line starts with its syslog priority as
+//! `sd-daemon(3)` defines the prefix (`<3>` error, `<4>` warning, `<6>` info, `<7>` debug),
+//! which journald takes off and records, so `journalctl -p warning -u ivshm` shows the
+//! refusals, drops and warnings alone.
 
 use std::io::IsTerminal;
 
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
 /// The variable systemd sets to `<device>:<inode>` of the journal stream it connected.
@@ -20,12 +27,48 @@ pub fn init(default_level: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let _ = if stderr_is_journal() {
-        builder.with_ansi(false).without_time().try_init()
+        let format = tracing_subscriber::fmt::format()
+            .with_ansi(false)
+            .without_time();
+        builder
+            .with_ansi(false)
+            .event_format(JournalPriority(format))
+            .try_init()
     } else {
         builder
             .with_ansi(std::io::stderr().is_terminal())
             .try_init()
     };
+}
+
+/// The `sd-daemon(3)` priority prefix of a line at `level`.
+fn priority_prefix(level: Level) -> &'static str {
+    match level {
+        Level::ERROR => "<3>",
+        Level::WARN => "<4>",
+        Level::INFO => "<6>",
+        Level::DEBUG | Level::TRACE => "<7>",
+    }
+}
+
+/// An event format that puts the journal's priority prefix before each line of `F`.
+struct JournalPriority<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for JournalPriority<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        writer.write_str(priority_prefix(*event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
+    }
 }
 
 /// Whether stderr is the stream `$JOURNAL_STREAM` names.

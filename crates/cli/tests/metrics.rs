@@ -3,8 +3,10 @@
 //! format (every family has HELP and TYPE, counters end in `_total`, sizes in `_bytes`) and
 //! holds per-region and server-wide counts of what the test did: joins, leaves, a refusal at
 //! the peer limit (`GSS_CLIENT_MAX`), a peer dropped for writing (`sent_data`), doorbell fds,
-//! region sizes. `ivshm stats --format prometheus` prints the same text. Hostile clients (idle
-//! connections, a request that never ends, a request too long) do not stop scrapes or peers.
+//! region sizes; and per VM its peers, factory requests and refusals by code. `ivshm stats
+//! --format prometheus` prints the same text. Hostile clients (idle connections, a request
+//! that never ends, a request too long, a stream of blank lines) stop neither scrapes nor
+//! peers, and cost the server no memory. An address other than loopback is warned about.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -102,6 +104,16 @@ fn parse_exposition(text: &str) -> BTreeMap<String, u64> {
     samples
 }
 
+/// The peak resident memory of process `pid` (`VmHWM`), in KiB.
+fn peak_memory_kib(pid: u32) -> i64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
 fn serve(dir: &Path) -> (HostProcess, PathBuf, String) {
     let root = dir.join("root");
     let config = dir.join("ivshm.toml");
@@ -171,6 +183,30 @@ fn scraped_metrics_count_what_happened_per_region_and_in_total() {
         }
     }
 
+    // Factory requests on vm0's factory socket: b is found, nope refused (no such region).
+    let factory =
+        std::os::unix::net::UnixStream::connect(root.join("vm0").join("factory.sock")).unwrap();
+    let mut answers = std::io::BufReader::new(&factory);
+    for (request, status) in [
+        (r#"{"op":"find","name":"b"}"#, "\"GSS_OK\""),
+        (r#"{"op":"find","name":"nope"}"#, "\"GSS_DOES_NOT_EXIST\""),
+    ] {
+        (&factory)
+            .write_all(format!("{request}\n").as_bytes())
+            .unwrap();
+        let mut answer = String::new();
+        std::io::BufRead::read_line(&mut answers, &mut answer).unwrap();
+        assert!(answer.contains(status), "{answer}");
+    }
+    // Its log lines carry the same fields as the v0 ones (no peer: a factory client is none).
+    let line = server
+        .wait_line_containing(Stream::Stderr, "factory: no region nope", GUARD)
+        .unwrap();
+    assert!(
+        line.contains("region=- vm=vm0 peer=- name=nope status=GSS_DOES_NOT_EXIST"),
+        "{line}"
+    );
+
     let samples = parse_exposition(&scrape(&address));
     let get = |series: &str| {
         *samples
@@ -200,6 +236,20 @@ fn scraped_metrics_count_what_happened_per_region_and_in_total() {
     assert_eq!(get("ivshm_region_vectors{region=\"a\"}"), 2);
     assert_eq!(get("ivshm_regions"), 2);
     assert!(samples.contains_key("ivshm_region_queued_messages{region=\"a\"}"));
+    // Per VM: the peers that came through its directory, its factory requests and refusals.
+    assert_eq!(get("ivshm_vms"), 1);
+    assert_eq!(get("ivshm_vm_peers{vm=\"vm0\"}"), 2);
+    assert_eq!(get("ivshm_vm_factory_requests_total{vm=\"vm0\"}"), 2);
+    assert_eq!(
+        get("ivshm_vm_factory_refusals_total{vm=\"vm0\",code=\"GSS_DOES_NOT_EXIST\"}"),
+        1
+    );
+    assert_eq!(
+        get("ivshm_vm_factory_refusals_total{vm=\"vm0\",code=\"GSS_NO_PERMISSION\"}"),
+        0
+    );
+    assert_eq!(get("ivshm_factory_requests_total"), 2);
+    assert_eq!(get("ivshm_refusals_total{code=\"GSS_DOES_NOT_EXIST\"}"), 1);
 
     // The same text from the control socket.
     let output = Command::new(env!("CARGO_BIN_EXE_ivshm"))
@@ -249,6 +299,26 @@ fn hostile_http_clients_stall_neither_scrapes_nor_peers() {
         "{answer}"
     );
 
+    // Clients that stream blank lines (each one a line the server would keep) cost the
+    // server no memory: it takes a bounded amount per event and keeps nothing once it has
+    // answered. (Read per event in full, 256 KiB of them cost it 8 MiB.)
+    let peak_before = peak_memory_kib(server.pid());
+    for _ in 0..4 {
+        let mut flood = TcpStream::connect(&address).unwrap();
+        let _ = flood.write_all(b"GET /metrics HTTP/1.1\r\n");
+        let blank_lines = vec![b'\n'; 64 << 10];
+        for _ in 0..128 {
+            if flood.write_all(&blank_lines).is_err() {
+                break; // answered (400: too many lines) and closed
+            }
+        }
+    }
+    let grown = peak_memory_kib(server.pid()) - peak_before;
+    assert!(
+        grown < 4 << 10,
+        "the server's peak memory grew by {grown} KiB"
+    );
+
     // Scrapes and peers are still served at once.
     let samples = parse_exposition(&scrape(&address));
     assert_eq!(samples["ivshm_regions"], 2);
@@ -277,6 +347,62 @@ fn hostile_http_clients_stall_neither_scrapes_nor_peers() {
         "closed by the timeout, not at once"
     );
     drop(slow);
+    server.signal(Signal::TERM);
+    assert!(server.wait_exit(GUARD).unwrap().success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_metrics_address_is_checked_before_anything_is_served() {
+    let dir = temp_dir("address");
+    let socket = dir.join("ivshm.sock");
+    // Taken: the start fails before a region is made or a socket bound.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let output = Command::new(env!("CARGO_BIN_EXE_ivshm"))
+        .args(["serve", "--size", "64K", "--metrics", &address, "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "metrics listener on {address}: Address already in use"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("serving"), "{stderr}");
+    assert!(!socket.exists());
+    // Host names are not looked up: the flag says what it takes.
+    let output = Command::new(env!("CARGO_BIN_EXE_ivshm"))
+        .args(["serve", "--metrics", "localhost:9464"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`localhost:9464` is not IP:PORT"),
+        "{stderr}"
+    );
+    // Every address of the host: served, with a warning that says who can read it.
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ivshm"));
+    command
+        .args([
+            "serve",
+            "--size",
+            "64K",
+            "--metrics",
+            "0.0.0.0:0",
+            "--socket",
+        ])
+        .arg(&socket);
+    let mut server = HostProcess::spawn("ivshm serve --metrics 0.0.0.0:0", command).unwrap();
+    let warning = server
+        .wait_line_containing(Stream::Stderr, "can be read by any host", GUARD)
+        .unwrap();
+    assert!(warning.contains(" WARN "), "{warning}");
+    assert!(warning.contains("every address of this host"), "{warning}");
     server.signal(Signal::TERM);
     assert!(server.wait_exit(GUARD).unwrap().success());
     std::fs::remove_dir_all(&dir).unwrap();

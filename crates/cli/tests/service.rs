@@ -147,7 +147,8 @@ fn serve_log(dir: &Path, journal: bool) -> String {
     let meta = log.metadata().unwrap();
     let mut command = ivshm();
     command
-        .args(["serve", "--size", "64K", "--socket"])
+        // 65000 bytes is rounded up to 64 KiB with a warning.
+        .args(["serve", "--size", "65000", "--socket"])
         .arg(&socket)
         .stderr(log);
     if journal {
@@ -197,9 +198,38 @@ fn log_lines_for_the_journal_carry_no_timestamp_and_no_colour() {
             .to_string()
     };
     let (journal_join, plain_join) = (first(&journal), first(&plain));
+    // The journal's priority prefix (info), then the level, no timestamp.
     assert!(
-        journal_join.starts_with(" INFO ") || journal_join.starts_with("INFO "),
-        "journal line starts with its level: {journal_join:?}"
+        journal_join.starts_with("<6> INFO ") || journal_join.starts_with("<6>INFO "),
+        "journal line starts with its priority and level: {journal_join:?}"
+    );
+    // One line per join and leave, with the region, the VM (`-`: a single-region socket) and
+    // the peer id.
+    assert!(
+        journal_join.contains("peer 0 joined region=default vm=- peer=0 "),
+        "{journal_join:?}"
+    );
+    let leave = journal
+        .lines()
+        .find(|l| l.contains(" left: "))
+        .unwrap_or_else(|| panic!("no leave line in {journal:?}"));
+    assert!(
+        leave.starts_with("<6>") && leave.contains("region=default vm=- peer=0 "),
+        "{leave:?}"
+    );
+    // Warnings are priority 4, so `journalctl -p warning` finds them.
+    let warning = journal
+        .lines()
+        .find(|l| l.contains(" WARN "))
+        .unwrap_or_else(|| panic!("no warning in {journal:?}"));
+    assert!(warning.starts_with("<4>"), "{warning:?}");
+    // Every log line has its priority (the rest are the plain `listening on` lines, info
+    // for the journal).
+    assert!(
+        journal
+            .lines()
+            .all(|l| l.starts_with('<') || l.starts_with("listening on ")),
+        "{journal:?}"
     );
     assert!(
         plain_join.starts_with("20"),
@@ -436,5 +466,79 @@ fn policy_check_warns_when_the_group_cannot_reach_a_vm_directory() {
         "{warning}"
     );
     assert!(!check("open").contains("VM open: dir_mode"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn start_and_reload_warn_when_the_group_cannot_reach_a_vm_directory() {
+    if !is_root() {
+        eprintln!("SKIPPED: start_and_reload_warn_...: needs root (chown to nogroup)");
+        return;
+    }
+    let dir = temp_dir("reach-serve");
+    let root = dir.join("root");
+    let config = dir.join("ivshm.toml");
+    let write_config = |open_socket_mode: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "root = {:?}\n[defaults]\ngroup = \"nogroup\"\n[[region]]\nname = \"a\"\n\
+                 size = \"64K\"\n[vm.shut]\ndir_mode = \"0700\"\nrules = [\"allow *\"]\n\
+                 [vm.open]\nsocket_mode = \"{open_socket_mode}\"\nrules = [\"allow *\"]\n",
+                root.display().to_string()
+            ),
+        )
+        .unwrap();
+    };
+    write_config("0660");
+    let mut command = ivshm();
+    command.args(["serve", "--config"]).arg(&config);
+    let mut server = HostProcess::spawn("ivshm serve --config", command).unwrap();
+    let warning = server
+        .wait_line_containing(Stream::Stderr, "VM shut: dir_mode 0700 keeps group", GUARD)
+        .unwrap();
+    assert!(warning.contains(" WARN "), "{warning}");
+    assert!(warning.contains("keeps group nogroup out of "), "{warning}");
+    let control = root.join("control.sock");
+    server
+        .wait_line_containing(
+            Stream::Stderr,
+            &format!("listening on {}", control.display()),
+            GUARD,
+        )
+        .unwrap();
+    let reload = || {
+        let output = ivshm()
+            .args(["reload", "--control"])
+            .arg(&control)
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        String::from_utf8(output.stdout).unwrap()
+    };
+    // A reload that closes the sockets of VM open to the group says so; the warning about
+    // VM shut, which the reload did not bring, is not repeated to the one reloading.
+    write_config("0640");
+    let out = reload();
+    assert!(
+        out.contains("warning: VM open: socket_mode 0640 lets group nogroup see but not connect"),
+        "{out}"
+    );
+    assert!(!out.contains("VM shut"), "{out}");
+    server
+        .wait_line_containing(
+            Stream::Stderr,
+            "reload: warning: VM open: socket_mode 0640",
+            GUARD,
+        )
+        .unwrap();
+    // Put right: the sockets change back, no warning.
+    write_config("0660");
+    let out = reload();
+    assert!(!out.contains("warning"), "{out}");
+    let meta = std::fs::metadata(root.join("open").join("a.sock")).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o660);
+    server.signal(Signal::TERM);
+    assert!(server.wait_exit(GUARD).unwrap().success());
     std::fs::remove_dir_all(&dir).unwrap();
 }

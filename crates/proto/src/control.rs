@@ -188,6 +188,11 @@ pub struct VmReport {
     pub factory: String,
     /// The regions it sees.
     pub regions: Vec<VmRegionReport>,
+    /// Its factory's counters, as [`StatsReport`] has them for the server: `factory_requests`
+    /// and `refusals` (of its factory requests); the v0 counters are 0 (they belong to
+    /// regions). Absent from older servers.
+    #[serde(default)]
+    pub counters: StatsReport,
 }
 
 /// A region as one VM sees it.

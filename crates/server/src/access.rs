@@ -261,6 +261,13 @@ fn can_reach(path: &Path, who: &Identity, last_bit: u32, last_need: &str) -> Res
     Ok(())
 }
 
+/// [`vm_directory_warnings`] for this host: libvirt's QEMU is the user and group
+/// [`LIBVIRT_QEMU_CONF`] names, when libvirt is installed.
+pub fn host_vm_directory_warnings(named: &NamedConfig) -> Vec<String> {
+    let qemu = Identity::libvirt_qemu(Path::new(LIBVIRT_QEMU_CONF));
+    vm_directory_warnings(named, qemu.as_ref())
+}
+
 /// Warnings about who will not reach the VM directories of `named`: members of the configured
 /// group (when the directory or socket mode leaves the group out, or a directory above the root
 /// is closed to it) and `qemu`, libvirt's QEMU if known (when the owner, group and modes the

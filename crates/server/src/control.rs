@@ -55,9 +55,7 @@ pub(crate) fn answer(subject: Subject<'_>, request: ControlRequest) -> ControlRe
         }),
         ControlRequest::Reload => match reload(named, regions, endpoints) {
             Ok(changes) => {
-                for change in &changes {
-                    tracing::info!("reload: {change}");
-                }
+                crate::named_regions::log_reload(&changes);
                 ControlResponse::ok(ControlResult::Reloaded { changes })
             }
             Err(e) => {
@@ -132,7 +130,7 @@ fn create_region(
     }
 }
 
-fn vm_reports(named: &NamedRegions, regions: &Regions) -> Vec<VmReport> {
+pub(crate) fn vm_reports(named: &NamedRegions, regions: &Regions) -> Vec<VmReport> {
     named
         .vms()
         .iter()
@@ -155,6 +153,7 @@ fn vm_reports(named: &NamedRegions, regions: &Regions) -> Vec<VmReport> {
                 directory: vm.dir().display().to_string(),
                 factory: vm.factory().display().to_string(),
                 regions: reports,
+                counters: stats_report(vm.counters()),
             }
         })
         .collect()

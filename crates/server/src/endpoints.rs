@@ -26,6 +26,9 @@ pub const MAX_OUTPUT: usize = 1 << 20;
 /// Connections one factory or control socket serves at once; more are accepted and closed.
 pub const MAX_CONNECTIONS: usize = 64;
 
+/// Bytes a metrics connection is read per event.
+const METRICS_READ: usize = 16 << 10;
+
 /// What a socket serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Service {
@@ -335,15 +338,24 @@ impl LineConnection {
         self.done
     }
 
-    /// Reads what is there (bounded per event, so one client cannot starve the loop).
+    /// Reads what is there (bounded per event, so one client cannot starve the loop). A
+    /// metrics request is a few short lines: at most [`METRICS_READ`] bytes are taken per
+    /// event, and nothing is kept once it is answered, so a client that streams after (or
+    /// instead of) its request costs neither memory nor time.
     fn read_available(&mut self) {
         let mut buf = [0u8; 4096];
-        for _ in 0..64 {
+        let rounds = if self.service == Service::Metrics {
+            METRICS_READ / buf.len()
+        } else {
+            64
+        };
+        for _ in 0..rounds {
             match recv(&self.fd, &mut buf, RecvFlags::DONTWAIT) {
                 Ok((0, _)) => {
                     self.peer_closed = true;
                     return;
                 }
+                Ok(_) if self.done => {}
                 Ok((n, _)) => self.input.push(buf.get(..n).unwrap_or_default()),
                 Err(Errno::INTR) => continue,
                 Err(Errno::AGAIN) => return,

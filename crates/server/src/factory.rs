@@ -32,8 +32,18 @@ pub(crate) fn answer_line(
     let response = match line.and_then(|l| decode_line::<FactoryRequest>(&l)) {
         Ok(request) => answer(named, regions, stats, vm, request),
         Err(error) => {
-            stats.factory_request();
-            stats.refusal(GuestShmStatus::UnknownFailure);
+            let vm_counters = named.and_then(|n| n.vms().get(vm)).map(|v| v.counters());
+            for counters in std::iter::once(stats).chain(vm_counters) {
+                counters.factory_request();
+                counters.refusal(GuestShmStatus::UnknownFailure);
+            }
+            tracing::info!(
+                region = %"-",
+                vm = %vm,
+                peer = %"-",
+                status = %GuestShmStatus::UnknownFailure,
+                "factory: refused an unreadable request: {error}"
+            );
             refusal(GuestShmStatus::UnknownFailure, error.to_string())
         }
     };
@@ -48,7 +58,10 @@ pub(crate) fn answer(
     vm: &str,
     request: FactoryRequest,
 ) -> FactoryResponse {
-    stats.factory_request();
+    // The server's counters and the VM's own.
+    let vm_counters = named.and_then(|n| n.vms().get(vm)).map(|v| v.counters());
+    let counters = || std::iter::once(stats).chain(vm_counters);
+    counters().for_each(Stats::factory_request);
     let (name, size, create) = match request {
         FactoryRequest::Create { name, size } => (name, size, true),
         FactoryRequest::Find { name } => (name, 0, false),
@@ -58,11 +71,18 @@ pub(crate) fn answer(
         None => refusal(GuestShmStatus::UnknownFailure, format!("VM {vm} is gone")),
     };
     let status = response.status;
+    // One line per answer, with the fields of the v0 join and leave lines: the region (host
+    // name, `-` when the policy refused the name), the VM and the peer id (`-`: a factory
+    // client is not a peer).
+    let region = response
+        .region
+        .as_ref()
+        .map_or("-", |offer| offer.host_name.as_str());
     if status.is_ok() {
-        tracing::info!(vm, name, "factory: {}", response.message);
+        tracing::info!(region = %region, vm = %vm, peer = %"-", name = %name, "factory: {}", response.message);
     } else {
-        stats.refusal(status);
-        tracing::info!(vm, name, status = %status, "factory: {}", response.message);
+        counters().for_each(|c| c.refusal(status));
+        tracing::info!(region = %region, vm = %vm, peer = %"-", name = %name, status = %status, "factory: {}", response.message);
     }
     response
 }

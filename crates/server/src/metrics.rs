@@ -18,7 +18,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use ivshm_proto::control::{RegionReport, StatsReport};
+use ivshm_proto::control::{RegionReport, StatsReport, VmReport};
 
 /// The content type of the exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -28,6 +28,35 @@ pub const MAX_REQUEST_LINES: usize = 64;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Metrics connections open at once; a new one closes the oldest.
 pub const MAX_CONNECTIONS: usize = 16;
+
+/// Opens a TCP listener on `address` for [`Server::serve_metrics`](crate::Server::serve_metrics)
+/// (separate, so that a program can bind it before it sets anything else up).
+pub fn bind(address: std::net::SocketAddr) -> Result<std::net::TcpListener, crate::ServerError> {
+    std::net::TcpListener::bind(address).map_err(|source| crate::ServerError::Metrics {
+        address: address.to_string(),
+        source,
+    })
+}
+
+/// What to tell the operator about a listener on `address`, if it is reachable from other
+/// hosts: the metrics name every region and VM and count their peers, and the server runs as
+/// root, so they are best kept on loopback (or a management network).
+pub fn exposure_warning(address: std::net::SocketAddr) -> Option<String> {
+    let ip = address.ip();
+    if ip.is_loopback() {
+        return None;
+    }
+    let reach = if ip.is_unspecified() {
+        "every address of this host".to_string()
+    } else {
+        format!("{ip}")
+    };
+    Some(format!(
+        "metrics on {address} can be read by any host that reaches {reach} (region and VM \
+         names, peer counts), without authentication: prefer 127.0.0.1 or [::1] behind a \
+         firewall or a scraping proxy, or restrict it (under systemd: IPAddressAllow=)"
+    ))
+}
 
 /// Escapes a label value (`\`, `"` and newlines).
 fn label(value: &str) -> String {
@@ -122,8 +151,15 @@ const STAT_FIELDS: &[StatField] = &[
 /// A per-region gauge: name, help, and how to read it from a report.
 type RegionGauge = (&'static str, &'static str, fn(&RegionReport) -> u64);
 
-/// The exposition text for the server's counters `stats` and its `regions`.
-pub fn render_prometheus(stats: &StatsReport, regions: &[RegionReport]) -> String {
+/// The exposition text for the server's counters `stats`, its `regions` and its `vms` (none
+/// for a single-region server). Label values come from the configuration (region and VM
+/// names, fixed code and reason names) or from region names the policy let a factory create
+/// (bounded by `max_regions`): the number of series is bounded.
+pub fn render_prometheus(
+    stats: &StatsReport,
+    regions: &[RegionReport],
+    vms: &[VmReport],
+) -> String {
     let mut out = String::new();
     for field in STAT_FIELDS {
         let help = field.help;
@@ -215,7 +251,45 @@ pub fn render_prometheus(stats: &StatsReport, regions: &[RegionReport]) -> Strin
             f.sample(&[("region", &r.name)], get(r));
         }
     }
+    render_vms(&mut out, vms);
     out
+}
+
+/// The per-VM families: peers through the VM's directory, its factory requests and their
+/// refusals by code (a VM whose guests are refused shows up by name).
+fn render_vms(out: &mut String, vms: &[VmReport]) {
+    let mut f = Family::new(out, "ivshm_vms", "gauge", "VMs served now.");
+    f.sample(&[], vms.len() as u64);
+    let mut f = Family::new(
+        out,
+        "ivshm_vm_peers",
+        "gauge",
+        "Peers connected now through the VM's directory.",
+    );
+    for vm in vms {
+        let peers: usize = vm.regions.iter().map(|r| r.peers.len()).sum();
+        f.sample(&[("vm", &vm.name)], peers as u64);
+    }
+    let mut f = Family::new(
+        out,
+        "ivshm_vm_factory_requests_total",
+        "counter",
+        "Factory requests answered on the VM's factory socket.",
+    );
+    for vm in vms {
+        f.sample(&[("vm", &vm.name)], vm.counters.factory_requests);
+    }
+    let mut f = Family::new(
+        out,
+        "ivshm_vm_factory_refusals_total",
+        "counter",
+        "Refused factory requests of the VM, by GSS status code.",
+    );
+    for vm in vms {
+        for (code, n) in &vm.counters.refusals {
+            f.sample(&[("vm", &vm.name), ("code", code)], *n);
+        }
+    }
 }
 
 /// What a complete request asks for.
@@ -363,7 +437,23 @@ mod tests {
 
     #[test]
     fn every_family_has_help_and_type_and_counters_end_in_total() {
-        let text = render_prometheus(&StatsReport::default(), &[region("a\"b")]);
+        let vm = VmReport {
+            name: "vm0".into(),
+            directory: "/run/ivshm/vm0".into(),
+            factory: "/run/ivshm/vm0/factory.sock".into(),
+            regions: vec![ivshm_proto::control::VmRegionReport {
+                guest_name: "mem".into(),
+                host_name: "a\"b".into(),
+                socket: "/run/ivshm/vm0/mem.sock".into(),
+                peers: vec![0, 1],
+            }],
+            counters: StatsReport {
+                factory_requests: 5,
+                refusals: [("GSS_NO_PERMISSION".to_string(), 2)].into(),
+                ..StatsReport::default()
+            },
+        };
+        let text = render_prometheus(&StatsReport::default(), &[region("a\"b")], &[vm]);
         let mut declared = std::collections::BTreeMap::new();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
@@ -391,6 +481,23 @@ mod tests {
         ));
         assert!(text.contains("ivshm_region_size_bytes{region=\"a\\\"b\"} 1048576\n"));
         assert!(text.contains("ivshm_region_queued_messages{region=\"a\\\"b\"} 4\n"));
+        assert!(text.contains("ivshm_vms 1\n"), "{text}");
+        assert!(text.contains("ivshm_vm_peers{vm=\"vm0\"} 2\n"));
+        assert!(text.contains("ivshm_vm_factory_requests_total{vm=\"vm0\"} 5\n"));
+        assert!(text.contains(
+            "ivshm_vm_factory_refusals_total{vm=\"vm0\",code=\"GSS_NO_PERMISSION\"} 2\n"
+        ));
+    }
+
+    #[test]
+    fn only_loopback_listeners_go_unwarned() {
+        for quiet in ["127.0.0.1:9464", "[::1]:9464", "127.0.0.2:1"] {
+            assert_eq!(exposure_warning(quiet.parse().unwrap()), None, "{quiet}");
+        }
+        let any = exposure_warning("0.0.0.0:9464".parse().unwrap()).unwrap();
+        assert!(any.contains("every address of this host"), "{any}");
+        let one = exposure_warning("[2001:db8::1]:9464".parse().unwrap()).unwrap();
+        assert!(one.contains("any host that reaches 2001:db8::1"), "{one}");
     }
 
     #[test]

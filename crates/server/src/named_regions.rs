@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+use crate::access;
 use crate::config::{ConfigError, ListenerConfig};
 use crate::config_file::{self, FileConfigError};
 use crate::endpoints::{Endpoints, Service};
@@ -47,11 +48,27 @@ pub(crate) enum ReloadError {
     Root(#[from] DirError),
 }
 
+/// How a reload's list of changes marks a warning (a VM directory it left unreachable).
+const WARNING: &str = "warning: ";
+
+/// Logs what a reload changed, one line each (warnings as warnings).
+pub(crate) fn log_reload(changes: &[String]) {
+    for change in changes {
+        if change.starts_with(WARNING) {
+            tracing::warn!("reload: {change}");
+        } else {
+            tracing::info!("reload: {change}");
+        }
+    }
+}
+
 /// Named regions, VMs and the control socket of a running server.
 #[derive(Debug)]
 pub(crate) struct NamedRegions {
     config: NamedConfig,
     vms: Vms,
+    /// Who cannot reach which VM directory, as last checked ([`check_access`](Self::check_access)).
+    access_warnings: Vec<String>,
 }
 
 impl NamedRegions {
@@ -79,6 +96,7 @@ impl NamedRegions {
         let mut named = NamedRegions {
             vms: Vms::new(root),
             config,
+            access_warnings: Vec::new(),
         };
         for vm in named.config.vms.clone() {
             named.vms.add(vm, endpoints)?;
@@ -89,7 +107,26 @@ impl NamedRegions {
         for change in named.sync_sockets(regions) {
             tracing::info!("{change}");
         }
+        for warning in named.check_access() {
+            tracing::warn!("{warning}");
+        }
         Ok(named)
+    }
+
+    /// Who cannot reach which VM directory: the configured group or libvirt's QEMU user (from
+    /// `/etc/libvirt/qemu.conf`, when libvirt is installed), see
+    /// [`access::host_vm_directory_warnings`]. QEMU's `Permission denied` never reaches the server,
+    /// so the server says it at start and after a reload. Returns the warnings that are new
+    /// since the last check (all of them at start; what a reload brought after).
+    fn check_access(&mut self) -> Vec<String> {
+        let warnings = access::host_vm_directory_warnings(&self.config);
+        let new = warnings
+            .iter()
+            .filter(|w| !self.access_warnings.contains(w))
+            .cloned()
+            .collect();
+        self.access_warnings = warnings;
+        new
     }
 
     /// The VMs.
@@ -270,6 +307,11 @@ impl NamedRegions {
         if changes.is_empty() {
             changes.push("nothing changed".into());
         }
+        changes.extend(
+            self.check_access()
+                .into_iter()
+                .map(|w| format!("{WARNING}{w}")),
+        );
         Ok(changes)
     }
 

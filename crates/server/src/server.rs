@@ -371,22 +371,31 @@ impl Server {
         &mut self,
         address: std::net::SocketAddr,
     ) -> Result<std::net::SocketAddr, ServerError> {
-        let listener =
-            std::net::TcpListener::bind(address).map_err(|source| ServerError::Metrics {
-                address: address.to_string(),
-                source,
-            })?;
+        let listener = metrics::bind(address)?;
+        self.serve_metrics(listener)
+    }
+
+    /// Serves `GET /metrics` on `listener` (from [`metrics::bind`]) in this loop; returns the
+    /// address it listens on. An address other than loopback is logged as a warning: every
+    /// host that reaches it sees the region and VM names and the peer counts.
+    pub fn serve_metrics(
+        &mut self,
+        listener: std::net::TcpListener,
+    ) -> Result<std::net::SocketAddr, ServerError> {
         let bound = listener
             .local_addr()
             .and_then(|a| listener.set_nonblocking(true).map(|()| a))
             .map_err(|source| ServerError::Metrics {
-                address: address.to_string(),
+                address: "the metrics listener".to_string(),
                 source,
             })?;
         self.endpoints
             .add_metrics_listener(std::os::fd::OwnedFd::from(listener))
             .map_err(ServerError::Epoll)?;
         tracing::info!("metrics on http://{bound}/metrics");
+        if let Some(warning) = metrics::exposure_warning(bound) {
+            tracing::warn!("{warning}");
+        }
         Ok(bound)
     }
 
@@ -397,7 +406,12 @@ impl Server {
             .iter()
             .filter_map(|(id, _)| control::region_report(&self.regions, id))
             .collect();
-        metrics::render_prometheus(&control::stats_report(&self.stats), &regions)
+        let vms = self
+            .named
+            .as_ref()
+            .map(|named| control::vm_reports(named, &self.regions))
+            .unwrap_or_default();
+        metrics::render_prometheus(&control::stats_report(&self.stats), &regions, &vms)
     }
 
     /// Reads factory or control connection `key` and answers every complete request line.
@@ -459,11 +473,7 @@ impl Server {
             return;
         };
         match named.reload(&mut self.regions, &mut self.endpoints) {
-            Ok(changes) => {
-                for change in changes {
-                    tracing::info!("reload: {change}");
-                }
-            }
+            Ok(changes) => crate::named_regions::log_reload(&changes),
             Err(e) => tracing::error!("reload failed, nothing changed: {e}"),
         }
     }

@@ -11,6 +11,7 @@ use crate::endpoints::{Endpoints, Service};
 use crate::listener_table::{SocketKey, VmSocket};
 use crate::named::{guest_name_for, region_socket_name, VmConfig, FACTORY_SOCKET};
 use crate::regions::{AddSocketError, RegionId, Regions};
+use crate::stats::Stats;
 use crate::vm_dir::{DirError, SocketRoot, VmDirectory};
 use crate::ServerError;
 
@@ -31,6 +32,8 @@ pub(crate) struct Vm {
     config: VmConfig,
     dir: VmDirectory,
     factory_key: u64,
+    /// Its factory requests and their refusals (kept across reloads; gone with the VM).
+    counters: Stats,
 }
 
 impl Vm {
@@ -47,6 +50,11 @@ impl Vm {
     /// Its factory socket.
     pub(crate) fn factory(&self) -> PathBuf {
         self.dir.file(FACTORY_SOCKET)
+    }
+
+    /// Its counters: factory requests and refusals (the v0 counters are per region).
+    pub(crate) fn counters(&self) -> &Stats {
+        &self.counters
     }
 }
 
@@ -127,6 +135,7 @@ impl Vms {
                 config: vm,
                 dir,
                 factory_key,
+                counters: Stats::default(),
             },
         );
         Ok(())

@@ -156,7 +156,7 @@ pub fn execute(c: ControlCommand) -> anyhow::Result<String> {
     output(&result, args.json)
 }
 
-/// The server's counters and regions in the Prometheus text format.
+/// The server's counters, regions and VMs in the Prometheus text format.
 pub fn prometheus(control: &Path) -> anyhow::Result<String> {
     let ControlResult::Stats { stats } = request_result(control, &ControlRequest::Stats)? else {
         bail!("the server answered the stats request with something else");
@@ -165,7 +165,12 @@ pub fn prometheus(control: &Path) -> anyhow::Result<String> {
     else {
         bail!("the server answered the regions request with something else");
     };
-    Ok(ivshm_server::metrics::render_prometheus(&stats, &regions))
+    let ControlResult::Vms { vms } = request_result(control, &ControlRequest::Vms)? else {
+        bail!("the server answered the vms request with something else");
+    };
+    Ok(ivshm_server::metrics::render_prometheus(
+        &stats, &regions, &vms,
+    ))
 }
 
 /// What a command prints for `result`: [`render`]ed lines, or with `--json` the result as

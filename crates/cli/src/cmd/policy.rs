@@ -51,7 +51,7 @@ pub fn run(c: PolicyCommand) -> anyhow::Result<()> {
             // the policy's answer).
             if let Some(named) = ivshm_server::config_file::load(&args.config)?.named {
                 let prefix = format!("VM {}:", args.vm);
-                for warning in access_warnings(&named) {
+                for warning in ivshm_server::access::host_vm_directory_warnings(&named) {
                     if warning.starts_with(&prefix) {
                         eprintln!("warning: {warning}");
                     }
@@ -64,15 +64,6 @@ pub fn run(c: PolicyCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-/// Who will not reach the VM directories of `named`: the configured group, and libvirt's QEMU
-/// when libvirt is installed (its user and group from `/etc/libvirt/qemu.conf`).
-pub fn access_warnings(named: &ivshm_server::NamedConfig) -> Vec<String> {
-    let qemu = ivshm_server::access::Identity::libvirt_qemu(std::path::Path::new(
-        ivshm_server::access::LIBVIRT_QEMU_CONF,
-    ));
-    ivshm_server::access::vm_directory_warnings(named, qemu.as_ref())
 }
 
 /// The report `ivshm policy check` prints, and the status.

@@ -84,9 +84,10 @@ pub struct ServeArgs {
     /// Group of the socket: a numeric gid or a name from /etc/group.
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
-    /// Serve metrics over HTTP at ADDR (e.g. 127.0.0.1:9464): GET /metrics answers in the
-    /// Prometheus text format, server-wide and per region. Off by default.
-    #[arg(long, value_name = "ADDR")]
+    /// Serve metrics over HTTP at ADDR, IP:PORT (e.g. 127.0.0.1:9464): GET /metrics answers
+    /// in the Prometheus text format, server-wide, per region and per VM. Off by default; an
+    /// address other than loopback is warned about (region and VM names become visible).
+    #[arg(long, value_name = "ADDR", value_parser = crate::args::listen_address)]
     pub metrics: Option<std::net::SocketAddr>,
     /// Write the server's pid here (removed on exit).
     #[arg(long, value_name = "PATH")]
@@ -203,11 +204,12 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         config.mark_channel_departures = false;
     }
     let named = config.named.clone();
+    // Bound first: an address that cannot be had stops the start before any region is made.
+    let metrics_listener = args.metrics.map(ivshm_server::metrics::bind).transpose()?;
     let signals = SignalPipes::install().context("installing signal handlers")?;
     let mut server = Server::new(config).context("starting the server")?;
-    let metrics = args
-        .metrics
-        .map(|address| server.listen_metrics(address))
+    let metrics = metrics_listener
+        .map(|listener| server.serve_metrics(listener))
         .transpose()?;
     let pidfile = args.pidfile.as_deref().map(PidFile::create).transpose()?;
     if let Some(address) = metrics {
@@ -217,9 +219,6 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         eprintln!("listening on {}", path.display());
     }
     if let Some(named) = named {
-        for warning in super::policy::access_warnings(&named) {
-            tracing::warn!("{warning}");
-        }
         if let Some(control) = &named.control {
             eprintln!("listening on {}", control.path.display());
         }
