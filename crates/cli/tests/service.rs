@@ -426,6 +426,31 @@ fn default_service_config_runs_with_only_cap_chown() {
         (nogroup, 0o660)
     );
     UnixStream::connect(&socket).unwrap();
+    // Host commands are short-lived peers; with QEMU 7.2 (Debian 12's) guests on the region,
+    // an id given again after its peer left crashes them, so the shipped region never reuses
+    // ids: two `ivshm peers` one after the other, the first gone before the second joins, get
+    // different ids.
+    let self_id = || {
+        let out = ivshm()
+            .args(["peers", "--socket"])
+            .arg(&socket)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(out.status.success(), "{stdout}");
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("self id="))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no self id in {stdout:?}"))
+    };
+    let first = self_id();
+    server
+        .wait_line_containing(Stream::Stderr, &format!("peer {first} left"), GUARD)
+        .unwrap();
+    let second = self_id();
+    assert_ne!(first, second, "the shipped region gave a departed peer's id again");
     // A reload works as well, and the end removes what the server made.
     server.signal(Signal::HUP);
     server
