@@ -450,7 +450,10 @@ fn default_service_config_runs_with_only_cap_chown() {
         .wait_line_containing(Stream::Stderr, &format!("peer {first} left"), GUARD)
         .unwrap();
     let second = self_id();
-    assert_ne!(first, second, "the shipped region gave a departed peer's id again");
+    assert_ne!(
+        first, second,
+        "the shipped region gave a departed peer's id again"
+    );
     // A reload works as well, and the end removes what the server made.
     server.signal(Signal::HUP);
     server
