@@ -442,8 +442,7 @@ fn default_service_config_runs_with_only_cap_chown() {
             .lines()
             .find_map(|l| l.strip_prefix("self id="))
             .and_then(|rest| rest.split_whitespace().next())
-            .map(str::to_string)
-            .unwrap_or_else(|| panic!("no self id in {stdout:?}"))
+            .map_or_else(|| panic!("no self id in {stdout:?}"), str::to_string)
     };
     let first = self_id();
     server
