@@ -321,3 +321,60 @@ fn racing_creators_get_one_channel() {
         assert_eq!(a.channels().unwrap().len(), 1);
     }
 }
+
+/// A region carries many channels at once (64 by default, more when formatted so), each
+/// between its own two endpoints: every channel open at the same time, messages queued on all
+/// of them before any is received, each side receives exactly its own; one more is refused.
+#[test]
+fn every_channel_of_a_region_carries_its_own_messages_at_once() {
+    for (size, channels, ring) in [(4u64 << 20, 64u32, 1u32 << 20), (16 << 20, 1024, 4096)] {
+        let (_bus, a, b) = regions(size, channels, ring);
+        assert_eq!(a.geometry().channels, channels);
+        // Creators alternate: side A is peer 0 on even channels, peer 1 on odd ones.
+        let mut ends: Vec<_> = (0..channels)
+            .map(|i| {
+                let name = format!("ch{i}");
+                if i % 2 == 0 {
+                    pair(&a, &b, &name, Spin::Never)
+                } else {
+                    pair(&b, &a, &name, Spin::Never)
+                }
+            })
+            .collect();
+        assert_eq!(a.channels().unwrap().len(), channels as usize);
+        assert!(matches!(
+            a.channel("one-more", ChannelOptions::default()),
+            Err(RegionError::DirectoryFull { channels: c }) if c == channels
+        ));
+        let seq = |i: usize, round: u64, dir: u64| (i as u64) << 8 | round << 1 | dir;
+        let len = |i: usize, round: u64| 1 + (i * 97 + round as usize * 31) % 1000;
+        for round in 0..3 {
+            for (i, (x, y)) in ends.iter_mut().enumerate() {
+                x.send(&message(seq(i, round, 0), len(i, round)), ZERO)
+                    .unwrap();
+                y.send(&message(seq(i, round, 1), len(i, round)), ZERO)
+                    .unwrap();
+            }
+        }
+        let mut buf = Vec::new();
+        for round in 0..3 {
+            // Receive in the reverse channel order from the sending order.
+            for (i, (x, y)) in ends.iter_mut().enumerate().rev() {
+                y.recv(&mut buf, ZERO).unwrap();
+                assert_eq!(buf, message(seq(i, round, 0), len(i, round)), "ch{i}");
+                x.recv(&mut buf, ZERO).unwrap();
+                assert_eq!(buf, message(seq(i, round, 1), len(i, round)), "ch{i}");
+            }
+        }
+        for (x, y) in &mut ends {
+            for end in [x, y] {
+                assert!(matches!(
+                    end.receiver().try_recv(&mut buf),
+                    Err(ChannelError::WouldBlock)
+                ));
+            }
+        }
+        drop(ends);
+        assert!(a.channels().unwrap().is_empty());
+    }
+}
