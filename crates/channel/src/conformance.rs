@@ -7,6 +7,7 @@
 //! The suite needs two doorbells `a` and `b` of different peers that can ring each other, each
 //! with at least one vector, and for [`channel_round_trips`] two regions over the same memory.
 
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use crate::doorbell::Doorbell;
@@ -207,4 +208,131 @@ pub fn channel_round_trips(a: &Region, b: &Region, name: &str) {
             assert_eq!(buf, m, "echo {i}");
         }
     });
+}
+
+/// Whether the fd is readable within `timeout`.
+fn readable_within(fd: std::os::fd::BorrowedFd<'_>, timeout: Duration) -> bool {
+    let mut fds = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
+    let ts = rustix::event::Timespec {
+        tv_sec: timeout.as_secs().try_into().unwrap_or(i64::MAX),
+        tv_nsec: timeout.subsec_nanos().into(),
+    };
+    loop {
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(n) => return n > 0,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => panic!("poll: {e}"),
+        }
+    }
+}
+
+/// The caller's own poll loop over a channel of the two regions: after
+/// [`crate::ChannelError::WouldBlock`] (the ring is then armed) the endpoint's
+/// [`crate::Channel::poll_fd`] becomes readable once the other side makes progress, and
+/// [`crate::Channel::take_doorbell`] consumes that. Checked both ways: an empty ring waits for a
+/// message, a full ring for space; then 500 messages from a blocking sender in another thread
+/// to a receiver that only ever waits in `poll(2)` on the fd. Returns false, checking nothing,
+/// when the doorbell has no fd (an implementation that polls memory).
+pub fn channel_poll_loop(a: &Region, b: &Region, name: &str) -> bool {
+    use crate::ChannelError::WouldBlock;
+    let opts = ChannelOptions {
+        spin: Spin::Never,
+        ..ChannelOptions::default()
+    };
+    let mut x = a.channel(name, opts).expect("open channel (creator)");
+    let mut y = b.channel(name, opts).expect("open channel (joiner)");
+    // Duplicates (the same eventfds), so that the endpoints stay usable meanwhile.
+    let dup = |fd: Option<std::os::fd::BorrowedFd<'_>>| {
+        fd.map(|fd| fd.try_clone_to_owned().expect("dup of the poll fd"))
+    };
+    let (Some(xfd), Some(yfd)) = (dup(x.poll_fd()), dup(y.poll_fd())) else {
+        return false;
+    };
+    let long = Duration::from_secs(20);
+    let mut buf = Vec::new();
+
+    // An empty ring: the receiver's fd wakes on the next message.
+    while y.take_doorbell().expect("take") {}
+    assert!(
+        matches!(y.receiver().try_recv(&mut buf), Err(WouldBlock)),
+        "an empty ring must say WouldBlock"
+    );
+    x.send(b"wake up", Some(Duration::ZERO)).expect("send");
+    assert!(
+        readable_within(yfd.as_fd(), long),
+        "the receiver's poll fd must become readable when a message arrives after WouldBlock"
+    );
+    assert!(
+        y.take_doorbell().expect("take"),
+        "take_doorbell after a ring"
+    );
+    y.receiver()
+        .try_recv(&mut buf)
+        .expect("recv after the fd was readable");
+    assert_eq!(buf, b"wake up");
+
+    // A full ring: the sender's fd wakes once the receiver frees space.
+    let len = x.max_message() / 3 + 1;
+    let mut queued = 0u32;
+    loop {
+        match x.sender().try_send(&vec![7; len]) {
+            Ok(()) => queued += 1,
+            Err(WouldBlock) => break,
+            Err(e) => panic!("filling the ring: {e}"),
+        }
+        assert!(queued < 10, "a ring of three messages' size never filled");
+    }
+    while x.take_doorbell().expect("take") {}
+    assert!(
+        matches!(x.sender().try_send(&vec![8; len]), Err(WouldBlock)),
+        "a full ring must say WouldBlock"
+    );
+    y.recv(&mut buf, Some(long))
+        .expect("recv from the full ring");
+    assert!(
+        readable_within(xfd.as_fd(), long),
+        "the sender's poll fd must become readable when space is freed after WouldBlock"
+    );
+    assert!(
+        x.take_doorbell().expect("take"),
+        "take_doorbell after a ring"
+    );
+    x.sender()
+        .try_send(&vec![8; len])
+        .expect("send after the fd was readable");
+    for _ in 0..queued {
+        y.recv(&mut buf, Some(long)).expect("drain");
+    }
+
+    // A poll loop that only ever sleeps in poll(2): no message is lost, no wake-up missed.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for i in 0..500u32 {
+                let m = i.to_le_bytes().repeat(1 + i as usize % 60);
+                x.send(&m, Some(long)).expect("send");
+            }
+        });
+        let mut next = 0u32;
+        while next < 500 {
+            match y.receiver().try_recv(&mut buf) {
+                Ok(_) => {
+                    let want = next.to_le_bytes().repeat(1 + next as usize % 60);
+                    assert_eq!(buf, want, "message {next} in the poll loop");
+                    next += 1;
+                }
+                Err(WouldBlock) => {
+                    assert!(
+                        readable_within(yfd.as_fd(), long),
+                        "the poll loop missed a wake-up after message {next}"
+                    );
+                    y.take_doorbell().expect("take");
+                }
+                Err(e) => panic!("poll loop: {e}"),
+            }
+        }
+    });
+    true
 }

@@ -24,4 +24,5 @@ fn channels_over_local_doorbells_conform() {
     .unwrap();
     let b = Region::open(bus.map().unwrap(), Arc::new(bus.doorbell(1).unwrap())).unwrap();
     conformance::channel_round_trips(&a, &b, "conformance");
+    assert!(conformance::channel_poll_loop(&a, &b, "poll-loop"));
 }

@@ -78,6 +78,7 @@ fn channels_between_host_peers_conform_and_see_a_leave() {
     let ra = Region::open_or_format(ma, a.clone(), FormatOptions::default()).unwrap();
     let rb = Region::open(mb, b.clone()).unwrap();
     conformance::channel_round_trips(&ra, &rb, "over-the-server");
+    assert!(conformance::channel_poll_loop(&ra, &rb, "poll-loop"));
 
     // b leaves while a waits on a channel: a reads the leave from the server and marks it.
     let opts = ChannelOptions {

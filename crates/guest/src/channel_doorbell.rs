@@ -276,6 +276,8 @@ mod tests {
         let ra = Region::open_or_format(da.memory(), da.clone(), FormatOptions::default()).unwrap();
         let rb = Region::open(db.memory(), db.clone()).unwrap();
         conformance::channel_round_trips(&ra, &rb, "fake-devices");
+        // No fd without interrupts: a caller's poll loop has nothing to wait on.
+        assert!(!conformance::channel_poll_loop(&ra, &rb, "fake-poll-loop"));
     }
 
     /// Stands in for QEMU's routing in VFIO mode: a ring writes the target's eventfd, which
@@ -335,6 +337,18 @@ mod tests {
         };
         let b = FakeVfio { id: 1, fds };
         conformance::run_all(&a, &b);
+        // Channels over them (the memory a memfd): blocking round trips and a caller's poll
+        // loop on the vector's eventfd, as under VFIO.
+        let bus = ivshm_channel::local::LocalBus::new(1 << 20, 1, 1).unwrap();
+        let ra = Region::open_or_format(bus.map().unwrap(), Arc::new(a), FormatOptions::default())
+            .unwrap();
+        let rb = Region::open(bus.map().unwrap(), Arc::new(b)).unwrap();
+        conformance::channel_round_trips(&ra, &rb, "fake-vfio");
+        assert!(conformance::channel_poll_loop(
+            &ra,
+            &rb,
+            "fake-vfio-poll-loop"
+        ));
     }
 
     #[test]
