@@ -36,13 +36,8 @@ pub enum Corruption {
         /// Our published position.
         head: u32,
     },
-    /// The consumer's `tail` of a ring we attach to is not within a ring of our position.
-    #[error("ring positions out of range when attaching: tail {tail:#x}")]
-    AttachTail {
-        /// The tail found.
-        tail: u32,
-    },
-    /// The entry of the channel no longer holds it (name, generation or ring offsets changed).
+    /// The directory entry's ring fields differ from the ones the layout prescribes (checked
+    /// when the channel is opened).
     #[error("the directory entry changed under the channel ({what})")]
     EntryChanged {
         /// Which field.
