@@ -66,13 +66,7 @@ fn serve_config(dir: &Path, group_line: &str) -> (HostProcess, PathBuf, PathBuf)
     command.arg("serve").arg("--config").arg(&config);
     let server = HostProcess::spawn("ivshm serve --config", command).unwrap();
     let control = root.join("control.sock");
-    server
-        .wait_line_containing(
-            Stream::Stderr,
-            &format!("listening on {}", control.display()),
-            GUARD,
-        )
-        .unwrap();
+    server.wait_listening(&control, GUARD).unwrap();
     (server, root.join("vm0").join("mem.sock"), control)
 }
 

@@ -527,13 +527,7 @@ fn start_and_reload_warn_when_the_group_cannot_reach_a_vm_directory() {
     assert!(warning.contains(" WARN "), "{warning}");
     assert!(warning.contains("keeps group nogroup out of "), "{warning}");
     let control = root.join("control.sock");
-    server
-        .wait_line_containing(
-            Stream::Stderr,
-            &format!("listening on {}", control.display()),
-            GUARD,
-        )
-        .unwrap();
+    server.wait_listening(&control, GUARD).unwrap();
     let reload = || {
         let output = ivshm()
             .args(["reload", "--control"])

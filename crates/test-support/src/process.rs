@@ -441,6 +441,19 @@ impl HostProcess {
         )
     }
 
+    /// Waits for the `listening on PATH` line `ivshm serve` prints on stderr once `socket` (a
+    /// region, factory or control socket) accepts; returns the line.
+    pub fn wait_listening(
+        &self,
+        socket: &std::path::Path,
+        timeout: Duration,
+    ) -> Result<String, HostError> {
+        let line = format!("listening on {}", socket.display());
+        self.wait_line(Stream::Stderr, &format!("{line:?}"), timeout, |l| {
+            l.trim_end() == line
+        })
+    }
+
     /// [`wait_line`](Self::wait_line) on stdout for a line equal to `line`.
     pub fn wait_stdout_line(&self, line: &str, timeout: Duration) -> Result<String, HostError> {
         self.wait_line(
