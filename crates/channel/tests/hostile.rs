@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{message, pair, regions};
-use ivshm_channel::{ChannelError, Spin};
+use ivshm_channel::layout::{side_word, E_NAME, E_SIDE_A, E_STATE, SIDE_ATTACHED};
+use ivshm_channel::{ChannelError, ChannelOptions, RegionError, Side, Spin};
 use proptest::prelude::*;
 
 const ZERO: Option<Duration> = Some(Duration::ZERO);
@@ -239,4 +240,35 @@ fn scribbler_thread_cannot_crash_or_hang_the_honest_sides() {
         // Random words over the rings break the protocol sooner or later.
         assert!(corrupt > 0, "the scribbled channel was never found corrupt");
     });
+}
+
+/// A directory entry whose `state` is neither 0 (free) nor 1 (active) is corrupt: nobody opens
+/// it by its name, allocates it, lists it or marks its sides, and it stays as it is.
+#[test]
+fn an_entry_of_an_unknown_state_is_neither_used_nor_allocated() {
+    let (bus, a, b) = regions(1 << 20, 3, 1024);
+    let geo = a.geometry();
+    let attacker = bus.map().unwrap();
+    let view = attacker.view();
+    // Entry 0 looks like a channel "ghost" that peer 5 created, but its state is 7.
+    let e0 = geo.entry_offset(0) as usize;
+    let ghost_side = side_word(SIDE_ATTACHED, 5, 0);
+    view.write(e0 + E_NAME, b"ghost").unwrap();
+    view.write_u32(e0 + E_SIDE_A, ghost_side).unwrap();
+    view.write_u32(e0 + E_STATE, 7).unwrap();
+    // Opening "ghost" creates a channel in entry 1 (entry 0 is not joined, not reused).
+    let (x, y) = pair(&a, &b, "ghost", Spin::Never);
+    assert_eq!((x.side(), y.side()), (Side::A, Side::B));
+    let listed: Vec<_> = a.channels().unwrap().iter().map(|c| c.index).collect();
+    assert_eq!(listed, [1]);
+    // Marking peer 5's departure skips it.
+    assert_eq!(b.peer_left(5).unwrap(), 0);
+    // Entry 2 is the last one allocated; then the directory is full.
+    let _z = a.channel("other", ChannelOptions::default()).unwrap();
+    assert!(matches!(
+        a.channel("third", ChannelOptions::default()),
+        Err(RegionError::DirectoryFull { channels: 3 })
+    ));
+    assert_eq!(view.read_u32(e0 + E_STATE).unwrap(), 7);
+    assert_eq!(view.read_u32(e0 + E_SIDE_A).unwrap(), ghost_side);
 }
