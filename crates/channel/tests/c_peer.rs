@@ -1,8 +1,9 @@
 //! The layout is implementable from its specification alone: `tests/c/channel_peer.c` is a
 //! second implementation of `docs/channel-spec.md`, in C11 (`<stdatomic.h>`), written from the
 //! document without the Rust code, and these tests run it against this library over a local
-//! bus (memfd + eventfds inherited by the C process): it joins a channel the library created,
-//! or creates one the library joins, echoes messages of every size from 1 byte to the ring's
+//! bus (memfd + eventfds inherited by the C process): it formats a blank region the library
+//! then opens (every header field validated), joins a channel the library created, or creates
+//! one the library joins, echoes messages of every size from 1 byte to the ring's
 //! largest (wrapping around the ring many times, records inline and aligned), waking and being
 //! woken through the event words and the doorbells only (no spinning on either side), then
 //! closes its side, which the library sees after the last message.
@@ -53,12 +54,16 @@ fn bus_and_region() -> (LocalBus, Region) {
 }
 
 fn spawn_c_peer(bus: &LocalBus, name: &str) -> std::process::Child {
+    c_peer_command(bus, &["echo", name, &MESSAGES.to_string()])
+        .spawn()
+        .unwrap()
+}
+
+fn c_peer_command(bus: &LocalBus, args: &[&str]) -> Command {
     let mut cmd = Command::new(c_peer());
-    cmd.args(["echo", name, &MESSAGES.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
     bus.pass_to(&mut cmd, 1).unwrap();
-    cmd.spawn().unwrap()
+    cmd
 }
 
 /// Message `i`: the edges first (1 byte, the largest inline payload and one more, the largest
@@ -143,7 +148,27 @@ fn a_c_implementation_joins_a_channel_this_library_created() {
 
 #[test]
 fn this_library_joins_a_channel_a_c_implementation_created() {
-    let (bus, region) = bus_and_region();
+    // The C peer formats the blank region; this library validates every header field.
+    let bus = LocalBus::new(4 << 20, 2, 1).unwrap();
+    let out = c_peer_command(&bus, &["format", "8", "65536"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let region = Region::open(bus.map().unwrap(), Arc::new(bus.doorbell(0).unwrap()))
+        .expect("a region the C peer formatted");
+    let geo = region.geometry();
+    assert_eq!((geo.channels, geo.ring_size), (8, 65536));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "formatted channels=8 ring_size=65536 layout_size={}\n",
+            geo.layout_size()
+        )
+    );
     let child = spawn_c_peer(&bus, "made-in-c");
     // Wait for the C peer's entry: side A attached by peer 1, side B empty.
     let deadline = Instant::now() + Duration::from_secs(20);

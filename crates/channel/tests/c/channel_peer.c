@@ -8,7 +8,9 @@
  * `v1:<id>:<peers>:<vectors>:<memfd>:<eventfd>,<eventfd>,...` (eventfds in peer-major order).
  * Ringing peer P's vector V writes 1 to eventfd P * vectors + V; waiting on our vector reads ours.
  *
- * Usage: channel_peer echo NAME COUNT
+ * Usage: channel_peer format CHANNELS RING_SIZE
+ *   formats the blank region (prints `formatted channels=<N> ring_size=<R> layout_size=<L>`).
+ *        channel_peer echo NAME COUNT
  *   opens channel NAME (joins it, or creates it), then COUNT times receives a message and sends
  *   it back; then closes its side. Waiting is "block at once" (spin budget 0): every wait arms
  *   the ring's event word and sleeps on the doorbell. Prints `side=a|b` once the channel is
@@ -432,11 +434,41 @@ static void open_bus(void) {
     if (base == MAP_FAILED) die("mmap: %s", strerror(errno));
 }
 
+/* "Formatting": claim the magic word, clear header and directory, write the header, publish. */
+static void format_region(uint32_t channels, uint32_t rsize) {
+    if (channels < 1 || channels > CHANNELS_MAX) die("bad channel count %u", channels);
+    if (rsize < RING_SIZE_MIN || rsize > RING_SIZE_MAX || (rsize & (rsize - 1))) die("bad ring size %u", rsize);
+    uint64_t rings = expected_rings_offset(channels);
+    uint64_t layout = rings + (uint64_t)channels * 2 * (RING_CONTROL_SIZE + rsize);
+    if (layout > region_size) die("the layout needs %llu bytes", (unsigned long long)layout);
+    if (!cas(H_MAGIC, 0, MAGIC_FORMATTING)) die("the region is not blank");
+    uint64_t dir_end = HEADER_SIZE + (uint64_t)channels * ENTRY_SIZE;
+    for (uint64_t off = 4; off < dir_end; off += 4) store(off, 0, memory_order_relaxed);
+    store(H_VERSION, VERSION, memory_order_relaxed);
+    store64(H_LAYOUT_SIZE, layout);
+    store(H_HEADER_SIZE, HEADER_SIZE, memory_order_relaxed);
+    store(H_CHANNEL_COUNT, channels, memory_order_relaxed);
+    store(H_ENTRY_SIZE, ENTRY_SIZE, memory_order_relaxed);
+    store(H_RING_SIZE, rsize, memory_order_relaxed);
+    store64(H_DIRECTORY_OFFSET, HEADER_SIZE);
+    store64(H_RINGS_OFFSET, rings);
+    store(H_RING_CONTROL_SIZE, RING_CONTROL_SIZE, memory_order_relaxed);
+    store(H_FLAGS, 0, memory_order_relaxed);
+    store(H_MAGIC, MAGIC, memory_order_release);
+    printf("formatted channels=%u ring_size=%u layout_size=%llu\n", channels, rsize,
+           (unsigned long long)layout);
+}
+
 int main(int argc, char **argv) {
-    if (argc != 4 || strcmp(argv[1], "echo") != 0) die("usage: channel_peer echo NAME COUNT");
-    unsigned long count = strtoul(argv[3], NULL, 10);
+    if (argc != 4) die("usage: channel_peer echo NAME COUNT | format CHANNELS RING_SIZE");
     setvbuf(stdout, NULL, _IONBF, 0);
     open_bus();
+    if (strcmp(argv[1], "format") == 0) {
+        format_region((uint32_t)strtoul(argv[2], NULL, 10), (uint32_t)strtoul(argv[3], NULL, 10));
+        return 0;
+    }
+    if (strcmp(argv[1], "echo") != 0) die("unknown command %s", argv[1]);
+    unsigned long count = strtoul(argv[3], NULL, 10);
     open_region();
     struct endpoint ep;
     open_channel(&ep, argv[2], 0);
