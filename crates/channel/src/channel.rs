@@ -188,6 +188,16 @@ impl Endpoint {
         }
     }
 
+    /// The other end, as [`Channel::peer_status`] says.
+    fn peer_status(&self) -> Result<PeerStatus, ChannelError> {
+        Ok(match self.peer_state()? {
+            PeerState::NotYet => PeerStatus::NotJoined,
+            PeerState::Attached { peer, .. } => PeerStatus::Attached(peer),
+            PeerState::Closed { peer } => PeerStatus::Closed(peer),
+            PeerState::Gone { peer } => PeerStatus::Gone(peer),
+        })
+    }
+
     /// Rings the peer's vector, if a peer is attached.
     fn ring_peer(&self) -> Result<(), ChannelError> {
         if let PeerState::Attached { peer, vector } = self.peer_state()? {
@@ -297,12 +307,7 @@ impl Channel {
     /// The other end, without waiting (one look at its side word). An error only for a side
     /// word that holds no valid state ([`ChannelError::ChannelCorrupt`]).
     pub fn peer_status(&self) -> Result<PeerStatus, ChannelError> {
-        Ok(match self.tx.end.peer_state()? {
-            PeerState::NotYet => PeerStatus::NotJoined,
-            PeerState::Attached { peer, .. } => PeerStatus::Attached(peer),
-            PeerState::Closed { peer } => PeerStatus::Closed(peer),
-            PeerState::Gone { peer } => PeerStatus::Gone(peer),
-        })
+        self.tx.end.peer_status()
     }
 
     /// Sends one message (see [`Sender::send`]).
@@ -346,6 +351,11 @@ impl Channel {
 }
 
 impl Sender {
+    /// The other end (see [`Channel::peer_status`]), for a channel split into its halves.
+    pub fn peer_status(&self) -> Result<PeerStatus, ChannelError> {
+        self.end.peer_status()
+    }
+
     /// The largest message (our ring's size minus 64).
     pub fn max_message(&self) -> usize {
         self.ring.max_message() as usize
@@ -434,6 +444,11 @@ impl Sender {
 }
 
 impl Receiver {
+    /// The other end (see [`Channel::peer_status`]), for a channel split into its halves.
+    pub fn peer_status(&self) -> Result<PeerStatus, ChannelError> {
+        self.end.peer_status()
+    }
+
     /// Waits for the next message (as the module documentation says) and returns it,
     /// validated, as a guard that reads it from the ring.
     pub fn recv_message(&mut self, timeout: Option<Duration>) -> Result<Message<'_>, ChannelError> {
