@@ -42,6 +42,18 @@ pub fn seconds(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{s}` seconds: {e}"))
 }
 
+/// A time written as a whole number with a unit (`20s`, `10m`, `1h`, `300ms`:
+/// [`ivshm_server::config::parse_duration`]), at most 100 years.
+pub fn duration(s: &str) -> Result<Duration, String> {
+    let time = ivshm_server::config::parse_duration(s)?;
+    if time > Duration::from_secs(MAX_SECONDS) {
+        return Err(format!(
+            "{s} is longer than the longest wait, {MAX_SECONDS} seconds (100 years)"
+        ));
+    }
+    Ok(time)
+}
+
 /// A UNIX socket path: at most [`ivshm_proto::MAX_SOCKET_PATH`] bytes, what a socket address
 /// holds (a longer one can be neither listened on nor connected to).
 pub fn socket_path(s: &str) -> Result<PathBuf, String> {

@@ -12,7 +12,8 @@ fn ivshm_bench(args: &[&str]) -> Output {
         .unwrap();
     assert!(
         out.status.success(),
-        "ivshm bench {args:?} failed: {}",
+        "ivshm bench {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     out
@@ -157,4 +158,68 @@ fn guest_bench_between_two_host_peers_learns_of_the_later_one() {
     drop(responder);
     assert!(server.terminate(GUARD).unwrap().success());
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The number after `label` in `text` (`"joins 12"` → 12).
+fn count_after(text: &str, label: &str) -> u64 {
+    let at = text
+        .find(label)
+        .unwrap_or_else(|| panic!("no {label:?} in {text}"));
+    text[at + label.len()..]
+        .split(|c: char| !c.is_ascii_digit())
+        .find(|w| !w.is_empty())
+        .unwrap_or_else(|| panic!("no number after {label:?} in {text}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn soak_runs_every_kind_of_load_and_checks_a_spawned_servers_fds_memory_and_counters() {
+    let out = ivshm_bench(&["soak", "--duration", "6s"]);
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].starts_with("soak: "), "{stdout}");
+    // A spawned `ivshm serve`: its own fds and memory, sampled every second.
+    let first = lines[1];
+    assert!(first.starts_with("server, first half"), "{stdout}");
+    assert!(first.contains("fds ") && first.contains(" MiB"), "{stdout}");
+    assert!(!stdout.contains("n/a"), "{stdout}");
+    assert!(count_after(&stdout, "(") >= 5, "samples: {stdout}");
+    // The lulls: load paused, the server settled and sampled (one every second of load at
+    // this duration, and one at the end).
+    let lulls = lines[4];
+    assert!(lulls.starts_with("server in the lulls"), "{stdout}");
+    assert!(lulls.matches(" fds, ").count() >= 2, "{stdout}");
+    let idle = lines[3];
+    let before = count_after(idle, "server idle: ");
+    let after = count_after(idle, "before the load, ");
+    assert!(before > 0 && after <= before + 4, "{stdout}");
+    // The server's own counters: every join ended, bad peers were dropped for what they sent,
+    // the VM's quota refused creates.
+    let counters = lines
+        .iter()
+        .find(|l| l.starts_with("server's counters: "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(count_after(counters, "counters: ") > 10, "{stdout}");
+    assert!(counters.contains(" 0 connected"), "{stdout}");
+    assert!(count_after(counters, "sent_data ") > 0, "{stdout}");
+    assert!(count_after(counters, "GSS_NOMEM ") > 0, "{stdout}");
+    // Every kind of load happened.
+    let operations = lines
+        .iter()
+        .find(|l| l.starts_with("operations: "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    for kind in [
+        "doorbell round trips ",
+        "joins and leaves ",
+        "factory creates ",
+        "quota refusals ",
+        "factory finds ",
+        "reloads ",
+        "stats ",
+        "bad peers ",
+    ] {
+        assert!(count_after(operations, kind) > 0, "{kind}: {stdout}");
+    }
+    assert_eq!(lines.last(), Some(&"failures: none"), "{stdout}");
 }

@@ -227,8 +227,9 @@ pub struct StatsReport {
     pub factory_requests: u64,
     /// Refusals (of v0 connections and factory requests) by `GSS_*` name.
     pub refusals: BTreeMap<String, u64>,
-    /// Peers removed, by reason (`closed`, `sent_data`, `stopped_reading`, `send_failed`,
-    /// `read_failed`, `poll_failed`, `server_stopping`). Absent from older servers.
+    /// Peers removed, by reason (`closed`, `sent_data`, `stopped_reading`, `held_fds`,
+    /// `send_failed`, `read_failed`, `poll_failed`, `server_stopping`). Absent from older
+    /// servers.
     #[serde(default)]
     pub removals: BTreeMap<String, u64>,
 }

@@ -37,6 +37,27 @@ pub fn parse_file_mode(text: &str) -> Result<u32, FileModeError> {
         .ok_or_else(|| FileModeError(text.to_string()))
 }
 
+/// Parses a time as the configuration file and the command line write it: a whole number
+/// followed by `ms`, `s`, `m` or `h` (`"300ms"`, `"20s"`, `"10m"`, `"1h"`). The one time
+/// grammar.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    let text = text.trim();
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let bad = || {
+        format!("{text:?} is not a time: a whole number with ms, s, m or h (\"300ms\", \"10m\")")
+    };
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs).ok_or_else(bad),
+        "h" => n.checked_mul(3600).map(Duration::from_secs).ok_or_else(bad),
+        _ => Err(bad()),
+    }
+}
+
 /// The whole server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -308,6 +329,27 @@ mod tests {
         let mut bad = ok;
         bad.regions.clear();
         assert_eq!(bad.validate(), Err(ConfigError::NoRegions));
+    }
+
+    #[test]
+    fn durations_are_whole_numbers_with_a_unit() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("300ms"), Ok(Duration::from_millis(300)));
+        assert_eq!(parse_duration(" 20s"), Ok(Duration::from_secs(20)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in [
+            "",
+            "5",
+            "5x",
+            "m",
+            "-1s",
+            "1.5s",
+            "99999999999999999999h",
+            "5 s",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

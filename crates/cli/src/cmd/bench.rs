@@ -7,10 +7,13 @@
 //! - `join`: N peers (4 vectors each) join `ivshm serve` one after the other; reports the
 //!   total, the time per join, how it grows with N and the server's memory per peer, next to
 //!   a reference that makes the same sends with blocking calls (alternating joins).
+//! - `soak`: everything at once against one server for a while, checking its fds, memory and
+//!   answers stay flat ([`soak`]).
 //! - the doorbell-versus-polling ping-pong of `ivshm guest bench` ([`run_pingpong`]), in a
 //!   guest or, with `--socket`, as a host peer ([`pingpong_as_host_peer`]).
 
 mod server;
+mod soak;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -36,8 +39,12 @@ use server::BenchServer;
 pub enum BenchCommand {
     /// Doorbell round trips through the library versus a raw eventfd ping-pong.
     Doorbell(DoorbellArgs),
-    /// Time N peers joining an in-process server, for several N.
+    /// Time N peers joining the server, for several N, next to a blocking reference; the
+    /// server's memory per peer.
     Join(JoinArgs),
+    /// Joins, leaves, doorbells, factory creates, reloads and bad peers at once for a while;
+    /// fails if the server's fds or memory grow or an answer is wrong.
+    Soak(soak::SoakArgs),
     /// ivshm-channel round trips and throughput versus the hardware's and kernel's floors.
     Channel(super::bench_channel::ChannelArgs),
 }
@@ -121,6 +128,14 @@ pub fn run(c: BenchCommand) -> anyhow::Result<()> {
             let report = join(&a)?;
             print_lines(&report.lines())
         }
+        BenchCommand::Soak(a) => {
+            let report = soak::soak(&a)?;
+            print_lines(&report.lines())?;
+            if !report.failures.is_empty() {
+                bail!("the soak failed: {} failure(s)", report.failures.len());
+            }
+            Ok(())
+        }
         BenchCommand::Channel(a) => {
             let report = super::bench_channel::channel(&a)?;
             print_lines(&report.lines())
@@ -154,6 +169,10 @@ impl TempSocket {
 
     fn path(&self) -> PathBuf {
         self.dir.join("sock")
+    }
+
+    fn dir(&self) -> &Path {
+        &self.dir
     }
 }
 

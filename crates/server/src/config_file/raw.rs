@@ -10,7 +10,7 @@ use ivshm_mem::Pow2Policy;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::parse_file_mode;
+use crate::config::{parse_duration, parse_file_mode};
 use crate::ids::IdPolicy;
 
 #[derive(Debug, Deserialize)]
@@ -187,33 +187,14 @@ pub(super) type RawSize = ivshm_mem::Size;
 #[derive(Debug, Clone, Copy)]
 pub(super) struct RawTimeout(pub(super) Option<std::time::Duration>);
 
-/// Parses the string form of [`RawTimeout`].
+/// Parses the string form of [`RawTimeout`]: `"off"` or [`parse_duration`]'s grammar.
 pub(super) fn parse_timeout(text: &str) -> Result<Option<std::time::Duration>, String> {
-    use std::time::Duration;
-    let text = text.trim();
-    if text == "off" {
+    if text.trim() == "off" {
         return Ok(None);
     }
-    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
-    let (number, unit) = text.split_at(digits);
-    let bad = || {
-        format!(
-            "{text:?} is not a time: a whole number with ms, s, m or h (\"300ms\", \"5m\"), \
-             seconds as an integer, or \"off\""
-        )
-    };
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    let time = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => n.checked_mul(60).map(Duration::from_secs).ok_or_else(bad)?,
-        "h" => n
-            .checked_mul(3600)
-            .map(Duration::from_secs)
-            .ok_or_else(bad)?,
-        _ => return Err(bad()),
-    };
-    Ok(Some(time))
+    parse_duration(text)
+        .map(Some)
+        .map_err(|e| format!("{e}, seconds as an integer, or \"off\""))
 }
 
 struct TimeoutVisitor;

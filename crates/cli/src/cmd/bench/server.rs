@@ -50,6 +50,24 @@ impl BenchServer {
         }
     }
 
+    /// The server's open fds (`None` in process).
+    pub fn open_fds(&self) -> Option<usize> {
+        match self {
+            BenchServer::Spawned(s) => std::fs::read_dir(format!("/proc/{}/fd", s.child.id()))
+                .ok()
+                .map(Iterator::count),
+            BenchServer::InProcess(_) => None,
+        }
+    }
+
+    /// Whether it still runs.
+    pub fn is_running(&mut self) -> bool {
+        match self {
+            BenchServer::Spawned(s) => matches!(s.child.try_wait(), Ok(None)),
+            BenchServer::InProcess(_) => true,
+        }
+    }
+
     /// Stops it; an error if it had already exited or fails to stop.
     pub fn stop(self) -> anyhow::Result<()> {
         match self {
