@@ -306,17 +306,19 @@ pub fn check_shmem(
              qemu user): permissions not checked (--qemu-user USER checks as USER)",
         )),
     }
-    let (vectors, size, what) = match view.region_for(socket) {
+    let (vectors, size, what, reuses_ids) = match view.region_for(socket) {
         Some((region, via)) => (
             region.vectors,
             region.size,
             format!("region {} ({via})", region.name),
+            region.id_policy == "lowest-free",
         ),
         None => match probe(socket) {
             Some(Ok(p)) => (
                 p.vectors,
                 p.size,
                 "the region on this socket (probed)".into(),
+                false,
             ),
             Some(Err(e)) => {
                 out.push(finding(
@@ -369,6 +371,17 @@ pub fn check_shmem(
         ));
     } else {
         out.push(finding(Severity::Ok, format!("{given} matches")));
+    }
+    if reuses_ids {
+        out.push(finding(
+            Severity::Note,
+            format!(
+                "{what} gives a departed peer's id to the next one (ids=lowest-free): QEMU 7.2 \
+                 (Debian 12's) aborts when a peer id it saw leave joins again, as happens when \
+                 host commands come and go while the domain runs. Unless QNX guest_shm clients \
+                 need ids below the peer limit, set id_policy = \"increasing\" for it"
+            ),
+        ));
     }
     if let Some(given_size) = shmem.size {
         if given_size != size {
