@@ -103,6 +103,14 @@ fn create_region(
     };
     let mut config = NamedRegionConfig::with_defaults(name, create.size, named.defaults());
     if let Some(v) = create.vectors {
+        // The configuration file takes 0 (QEMU's `-n 0`: memory without doorbells); a region
+        // asked for at run time names its vectors to have them, as `ivshm create` checks.
+        if v == 0 {
+            return ControlResponse::error(format!(
+                "region {}: 0 vectors per peer: a region created at run time has 1 to 64",
+                create.name
+            ));
+        }
         config.vectors = v as usize;
     }
     if let Some(l) = create.peer_limit {

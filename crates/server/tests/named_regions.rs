@@ -1257,6 +1257,32 @@ fn control_and_factory_errors_name_the_region_once() {
     }
 }
 
+/// A raw control `create` with `vectors: 0` is refused like `ivshm create --vectors 0` (the
+/// file's 0 is QEMU's `-n 0`; a run-time region names its vectors to have them), and nothing
+/// is made.
+#[test]
+fn a_run_time_create_with_zero_vectors_is_refused() {
+    let setup = Setup::new("novectors", "[defaults]\nvectors = 1\n[vm.vm0]\n");
+    let request = |vectors| {
+        ControlRequest::Create(CreateRegion {
+            name: "scratch".into(),
+            size: 4096,
+            vectors,
+            ..CreateRegion::default()
+        })
+    };
+    assert_eq!(
+        setup.control_error(&request(Some(0))),
+        "region scratch: 0 vectors per peer: a region created at run time has 1 to 64"
+    );
+    assert!(setup.regions().iter().all(|r| r.name != "scratch"));
+    // The same request with a vector is made.
+    setup.control(&request(Some(1)));
+    let made = setup.regions();
+    let scratch = made.iter().find(|r| r.name == "scratch").unwrap();
+    assert_eq!(scratch.vectors, 1);
+}
+
 /// What only these tests ask of the shared set-up.
 impl Setup {
     /// Socket names in a VM's directory, sorted.
