@@ -78,21 +78,24 @@ pub struct Config {
     pub channel: ChannelOptions,
     /// How long to wait before opening the channel again after an error.
     pub retry: Duration,
+    /// How long the loop keeps polling (without sleeping) after its last work.
+    pub spin: Duration,
 }
 
 impl Config {
-    /// Defaults: window 1 MiB, `DATA` up to 64 KiB, 1024 connections, keepalive 2 s,
+    /// Defaults: window 1 MiB, `DATA` up to 256 KiB, 1024 connections, keepalive 2 s,
     /// vector 0, retry after 1 s.
     pub fn new(name: &str, mode: Mode) -> Config {
         Config {
             name: name.into(),
             mode,
             window: 1 << 20,
-            max_data: 64 << 10,
+            max_data: 256 << 10,
             max_connections: 1024,
             keepalive: Duration::from_secs(2),
             channel: ChannelOptions::default(),
             retry: Duration::from_secs(1),
+            spin: Duration::ZERO,
         }
     }
 }
@@ -158,9 +161,44 @@ struct Sock {
     fd: OwnedFd,
     gen: u32,
     connecting: bool,
+    /// Edge-triggered: data (or EOF) may be waiting until a read says otherwise.
     readable: bool,
     writable: bool,
+    /// The peer hung up (or an error is pending): read until EOF or an error.
+    hup: bool,
+    /// In the read queue.
     queued: bool,
+}
+
+impl Sock {
+    /// Writes as much of `data` as the socket takes now (never blocks, no SIGPIPE).
+    fn send(&mut self, data: &[u8]) -> Result<usize, Errno> {
+        self.send_vectored(data, &[])
+    }
+
+    fn send_vectored(&mut self, a: &[u8], b: &[u8]) -> Result<usize, Errno> {
+        let total = a.len() + b.len();
+        let mut done = 0;
+        while done < total && self.writable && !self.connecting {
+            let iov = if done < a.len() {
+                [IoSlice::new(&a[done..]), IoSlice::new(b)]
+            } else {
+                [IoSlice::new(&b[done - a.len()..]), IoSlice::new(&[])]
+            };
+            match rustix::net::sendmsg(
+                &self.fd,
+                &iov,
+                &mut SendAncillaryBuffer::default(),
+                SendFlags::NOSIGNAL,
+            ) {
+                Ok(n) => done += n,
+                Err(Errno::AGAIN) => self.writable = false,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
 }
 
 #[derive(Debug)]
@@ -192,6 +230,9 @@ pub struct Bridge<'a> {
     retry_at: Option<Instant>,
     doorbell_registered: bool,
     polling: bool,
+    /// Something happened in this turn of the loop; when the last thing happened.
+    worked: bool,
+    last_work: Instant,
     status: Arc<Status>,
     last_note: Option<String>,
     rx_buf: Vec<u8>,
@@ -250,6 +291,8 @@ impl<'a> Bridge<'a> {
             retry_at: None,
             doorbell_registered: false,
             polling: false,
+            worked: false,
+            last_work: Instant::now(),
             status: Arc::default(),
             last_note: None,
             rx_buf: Vec::new(),
@@ -297,7 +340,13 @@ impl<'a> Bridge<'a> {
                 self.open_session(now)?;
             }
             let busy = self.pump(now);
-            let timeout = if busy {
+            if std::mem::take(&mut self.worked) {
+                self.last_work = now;
+            }
+            // Busy-poll (epoll with no wait, the ring on every turn) for `spin` after the last
+            // work: a reply that comes back soon is seen without a wake-up.
+            let spinning = now.saturating_duration_since(self.last_work) < self.config.spin;
+            let timeout = if busy || spinning {
                 Some(Duration::ZERO)
             } else {
                 self.timeout(Instant::now())
@@ -310,6 +359,9 @@ impl<'a> Bridge<'a> {
             match epoll::wait(&self.epoll, spare_capacity(&mut events), timespec.as_ref()) {
                 Ok(_) | Err(Errno::INTR) => {}
                 Err(e) => return Err(sys("epoll_wait")(e)),
+            }
+            if !events.is_empty() {
+                self.worked = true;
             }
             for ev in &events {
                 let (token, flags) = (ev.data.u64(), ev.flags);
@@ -451,11 +503,13 @@ impl<'a> Bridge<'a> {
                 String::new()
             }
         );
-        if was_up && !end.protocol {
-            info!("{text}");
-            self.last_note = None;
-        } else {
+        if end.protocol {
             self.note(text);
+        } else {
+            info!("{text}");
+            if was_up {
+                self.last_note = None;
+            }
         }
         self.retry_at = Some(if end.retry {
             Instant::now() + self.config.retry
@@ -507,13 +561,32 @@ impl<'a> Bridge<'a> {
                 Ok(n) => {
                     received += 1;
                     let was_up = live.session.peer().is_some();
-                    if let Err(e) = live.session.on_message(&self.rx_buf[..n], now) {
-                        end = Some(End {
-                            why: format!("the other bridge broke the protocol: {e}"),
-                            retry: true,
-                            protocol: true,
-                        });
-                        break;
+                    match live.session.on_message(&self.rx_buf[..n], now) {
+                        Ok(None) => {}
+                        Ok(Some(d)) => {
+                            let data = &self.rx_buf[d.offset..n];
+                            let sock = self.socks.get_mut(d.slot).and_then(Option::as_mut);
+                            match sock.map_or(Ok(0), |s| s.send(data)) {
+                                Ok(k) => live.session.direct_written(d.slot, k, &data[k..]),
+                                Err(e) => {
+                                    let id = live.session.conn_id(d.slot).unwrap_or(0);
+                                    debug!("connection {id}: write failed: {e}; reset");
+                                    if let Some(sock) = self.socks[d.slot].take() {
+                                        let _ = epoll::delete(&self.epoll, &sock.fd);
+                                        addr::close_with_reset(sock.fd);
+                                    }
+                                    live.session.socket_failed(d.slot);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            end = Some(End {
+                                why: format!("the other bridge broke the protocol: {e}"),
+                                retry: true,
+                                protocol: true,
+                            });
+                            break;
+                        }
                     }
                     if !was_up {
                         if let Some(p) = live.session.peer() {
@@ -543,6 +616,9 @@ impl<'a> Bridge<'a> {
         if received == RECV_BATCH {
             more = true;
         }
+        if received > 0 {
+            self.worked = true;
+        }
         for text in live.session.take_conn_errors() {
             warn!("bridge {:?}: {text}", self.config.name);
         }
@@ -570,6 +646,12 @@ impl<'a> Bridge<'a> {
             }
         }
         self.apply_actions();
+        // Reading the sockets (EOF, errors) and the actions may have queued control frames: they
+        // go out in the next round, at once, unless the ring is full (then its doorbell wakes
+        // us).
+        if let Some(live) = &self.live {
+            more |= live.pending.is_none() && live.session.wants_to_send();
+        }
         more
     }
 
@@ -626,8 +708,15 @@ impl<'a> Bridge<'a> {
                         self.tx_buf[..HEADER_LEN].copy_from_slice(&h);
                     }
                     live.session.sent_data(now);
-                    sock.queued = true;
-                    live.read_queue.push_back(slot);
+                    // A short read emptied the socket (a stream socket returns what it has):
+                    // the next edge says when there is more. After a hang-up, read on until
+                    // EOF (its edge may have come with this data).
+                    if n == budget || sock.hup {
+                        sock.queued = true;
+                        live.read_queue.push_back(slot);
+                    } else {
+                        sock.readable = false;
+                    }
                     match sender.try_send(&self.tx_buf[..HEADER_LEN + n]) {
                         Ok(()) => {}
                         Err(ChannelError::WouldBlock) => {
@@ -719,6 +808,7 @@ impl<'a> Bridge<'a> {
             connecting,
             readable: false,
             writable: !connecting,
+            hup: false,
             queued: false,
         });
         Ok(())
@@ -776,6 +866,9 @@ impl<'a> Bridge<'a> {
             }
             return;
         }
+        if trouble || flags.contains(EventFlags::RDHUP) {
+            sock.hup = true;
+        }
         if trouble || flags.intersects(EventFlags::IN | EventFlags::RDHUP) {
             sock.readable = true;
             if !sock.queued {
@@ -803,35 +896,20 @@ impl<'a> Bridge<'a> {
         let Some(sock) = self.socks.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
-        loop {
-            let (a, b) = live.session.pending(slot);
-            if a.is_empty() || !sock.writable || sock.connecting {
-                return;
-            }
-            let iov = [IoSlice::new(a), IoSlice::new(b)];
-            let result = rustix::net::sendmsg(
-                &sock.fd,
-                &iov,
-                &mut SendAncillaryBuffer::default(),
-                SendFlags::NOSIGNAL,
-            );
-            match result {
-                Ok(n) => live.session.wrote(slot, n),
-                Err(Errno::AGAIN) => {
-                    sock.writable = false;
-                    return;
+        let (a, b) = live.session.pending(slot);
+        if a.is_empty() {
+            return;
+        }
+        match sock.send_vectored(a, b) {
+            Ok(n) => live.session.wrote(slot, n),
+            Err(e) => {
+                let id = live.session.conn_id(slot).unwrap_or(0);
+                debug!("connection {id}: write failed: {e}; reset");
+                if let Some(sock) = self.socks[slot].take() {
+                    let _ = epoll::delete(&self.epoll, &sock.fd);
+                    addr::close_with_reset(sock.fd);
                 }
-                Err(Errno::INTR) => {}
-                Err(e) => {
-                    let id = live.session.conn_id(slot).unwrap_or(0);
-                    debug!("connection {id}: write failed: {e}; reset");
-                    if let Some(sock) = self.socks[slot].take() {
-                        let _ = epoll::delete(&self.epoll, &sock.fd);
-                        addr::close_with_reset(sock.fd);
-                    }
-                    live.session.socket_failed(slot);
-                    return;
-                }
+                live.session.socket_failed(slot);
             }
         }
     }

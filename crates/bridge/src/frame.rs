@@ -1,18 +1,8 @@
 //! The bridge's wire format: one frame per channel message (`docs/bridge.md` is the
 //! specification; a test checks its tables against the constants here, their one home).
 //!
-//! Every frame starts with a 16-byte header, little-endian:
-//!
-//! | offset | width | field |
-//! |---|---|---|
-//! | 0 | 1 | type |
-//! | 1 | 1 | flags (0) |
-//! | 2 | 2 | reserved (0) |
-//! | 4 | 4 | connection id (0 for session frames) |
-//! | 8 | 4 | argument (per type) |
-//! | 12 | 4 | reserved (0) |
-//!
-//! followed by the type's payload. [`Frame::decode`] checks everything a frame carries on its
+//! Every frame starts with a 16-byte header (type, flags, connection id, argument; offsets
+//! `H_*`), followed by the type's payload. [`Frame::decode`] checks everything a frame carries on its
 //! own (type, reserved bytes, lengths, ranges); whether it fits the state of the session or
 //! the connection is [`crate::session`]'s business.
 
@@ -20,6 +10,37 @@ use thiserror::Error;
 
 /// Bytes of the frame header.
 pub const HEADER_LEN: usize = 16;
+/// Header offset of the type byte.
+pub const H_TYPE: usize = 0;
+/// Header offset of the flags byte (0).
+pub const H_FLAGS: usize = 1;
+/// Header offset of the first reserved field (2 bytes, 0).
+pub const H_RESERVED: usize = 2;
+/// Header offset of the connection id (4 bytes).
+pub const H_CONN: usize = 4;
+/// Header offset of the argument (4 bytes).
+pub const H_ARG: usize = 8;
+/// Header offset of the second reserved field (4 bytes, 0).
+pub const H_RESERVED2: usize = 12;
+
+/// `HELLO` payload offset of the magic (4 bytes).
+pub const HELLO_MAGIC: usize = 0;
+/// `HELLO` payload offset of the version (2 bytes).
+pub const HELLO_VERSION: usize = 4;
+/// `HELLO` payload offset of the role (1 byte).
+pub const HELLO_ROLE: usize = 6;
+/// `HELLO` payload offset of the reserved byte (0).
+pub const HELLO_RESERVED: usize = 7;
+/// `HELLO` payload offset of the window (4 bytes).
+pub const HELLO_WINDOW: usize = 8;
+/// `HELLO` payload offset of `max_data` (4 bytes).
+pub const HELLO_MAX_DATA: usize = 12;
+/// `HELLO` payload offset of `max_connections` (4 bytes).
+pub const HELLO_MAX_CONNECTIONS: usize = 16;
+/// `HELLO` payload offset of `keepalive_ms` (4 bytes).
+pub const HELLO_KEEPALIVE_MS: usize = 20;
+/// `HELLO` payload offset of the session number (8 bytes).
+pub const HELLO_SESSION: usize = 24;
 
 /// `HELLO`'s magic bytes.
 pub const MAGIC: [u8; 4] = *b"IVBR";
@@ -314,9 +335,9 @@ fn u64_at(b: &[u8], o: usize) -> u64 {
 /// The header of a frame of `kind` on connection `conn` with argument `arg`.
 pub fn header(kind: u8, conn: u32, arg: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
-    h[0] = kind;
-    h[4..8].copy_from_slice(&conn.to_le_bytes());
-    h[8..12].copy_from_slice(&arg.to_le_bytes());
+    h[H_TYPE] = kind;
+    h[H_CONN..H_CONN + 4].copy_from_slice(&conn.to_le_bytes());
+    h[H_ARG..H_ARG + 4].copy_from_slice(&arg.to_le_bytes());
     h
 }
 
@@ -326,15 +347,15 @@ impl Frame<'_> {
         let Some((head, payload)) = msg.split_at_checked(HEADER_LEN) else {
             return Err(FrameError::Short { len: msg.len() });
         };
-        let kind = head[0];
+        let kind = head[H_TYPE];
         if !(kind::HELLO..=kind::PING).contains(&kind) {
             return Err(FrameError::UnknownType(kind));
         }
-        if head[1] != 0 || u16_at(head, 2) != 0 || u32_at(head, 12) != 0 {
+        if head[H_FLAGS] != 0 || u16_at(head, H_RESERVED) != 0 || u32_at(head, H_RESERVED2) != 0 {
             return Err(FrameError::Reserved { kind });
         }
-        let conn = u32_at(head, 4);
-        let arg = u32_at(head, 8);
+        let conn = u32_at(head, H_CONN);
+        let arg = u32_at(head, H_ARG);
         let length = |min: usize, max: usize| {
             if (min..=max).contains(&payload.len()) {
                 Ok(())
@@ -438,14 +459,14 @@ impl Frame<'_> {
 }
 
 fn decode_hello(p: &[u8]) -> Result<Hello, FrameError> {
-    if p[0..4] != MAGIC {
+    if p[HELLO_MAGIC..HELLO_MAGIC + 4] != MAGIC {
         return Err(FrameError::Magic);
     }
-    let version = u16_at(p, 4);
+    let version = u16_at(p, HELLO_VERSION);
     if version != VERSION {
         return Err(FrameError::Version(version));
     }
-    let role = match p[6] {
+    let role = match p[HELLO_ROLE] {
         role::LISTEN => Role::Listen,
         role::CONNECT => Role::Connect,
         r => {
@@ -455,10 +476,10 @@ fn decode_hello(p: &[u8]) -> Result<Hello, FrameError> {
             })
         }
     };
-    if p[7] != 0 {
+    if p[HELLO_RESERVED] != 0 {
         return Err(FrameError::HelloField {
             field: "reserved byte",
-            value: p[7].into(),
+            value: p[HELLO_RESERVED].into(),
         });
     }
     let field = |field: &'static str, o: usize, min: u32, max: u32| {
@@ -474,23 +495,31 @@ fn decode_hello(p: &[u8]) -> Result<Hello, FrameError> {
     };
     Ok(Hello {
         role,
-        window: field("window", 8, 1, u32::MAX)?,
-        max_data: field("max_data", 12, 1, u32::MAX)?,
-        max_connections: field("max_connections", 16, 1, u32::MAX)?,
-        keepalive_ms: field("keepalive_ms", 20, KEEPALIVE_MIN_MS, KEEPALIVE_MAX_MS)?,
-        session: u64_at(p, 24),
+        window: field("window", HELLO_WINDOW, 1, u32::MAX)?,
+        max_data: field("max_data", HELLO_MAX_DATA, 1, u32::MAX)?,
+        max_connections: field("max_connections", HELLO_MAX_CONNECTIONS, 1, u32::MAX)?,
+        keepalive_ms: field(
+            "keepalive_ms",
+            HELLO_KEEPALIVE_MS,
+            KEEPALIVE_MIN_MS,
+            KEEPALIVE_MAX_MS,
+        )?,
+        session: u64_at(p, HELLO_SESSION),
     })
 }
 
 fn encode_hello(h: &Hello, out: &mut Vec<u8>) {
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.push(h.role.code());
-    out.push(0);
-    for v in [h.window, h.max_data, h.max_connections, h.keepalive_ms] {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    out.extend_from_slice(&h.session.to_le_bytes());
+    let mut p = [0u8; HELLO_LEN];
+    let mut put = |o: usize, b: &[u8]| p[o..o + b.len()].copy_from_slice(b);
+    put(HELLO_MAGIC, &MAGIC);
+    put(HELLO_VERSION, &VERSION.to_le_bytes());
+    put(HELLO_ROLE, &[h.role.code()]);
+    put(HELLO_WINDOW, &h.window.to_le_bytes());
+    put(HELLO_MAX_DATA, &h.max_data.to_le_bytes());
+    put(HELLO_MAX_CONNECTIONS, &h.max_connections.to_le_bytes());
+    put(HELLO_KEEPALIVE_MS, &h.keepalive_ms.to_le_bytes());
+    put(HELLO_SESSION, &h.session.to_le_bytes());
+    out.extend_from_slice(&p);
 }
 
 #[cfg(test)]

@@ -106,6 +106,15 @@ pub enum Action {
     Release(usize),
 }
 
+/// A `DATA` payload the loop writes to the socket itself ([`Session::on_message`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Direct {
+    /// The connection.
+    pub slot: usize,
+    /// Where the payload starts in the message.
+    pub offset: usize,
+}
+
 /// Why [`Session::accept`] refused a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum Refusal {
@@ -446,16 +455,36 @@ impl Session {
 
     /// `n` bytes of [`Session::pending`] were written to the socket.
     pub fn wrote(&mut self, slot: usize, n: usize) {
-        let quarter = u64::from(self.params.window / 4).max(1);
         let Some(c) = self.conn_mut(slot) else {
             return;
         };
         let n = n.min(c.out.len());
         c.out.drain(..n);
-        c.unacked += n as u64;
         if c.out.is_empty() && c.out.capacity() > (1 << 20) {
             c.out = VecDeque::new();
         }
+        self.consumed(slot, n);
+    }
+
+    /// After [`Direct`]: `written` bytes went to the socket, `rest` waits for it.
+    pub fn direct_written(&mut self, slot: usize, written: usize, rest: &[u8]) {
+        let Some(c) = self.conn_mut(slot) else {
+            return;
+        };
+        if !rest.is_empty() && !c.socket_gone {
+            c.out.extend(rest);
+            self.actions.push_back(Action::Flush(slot));
+        }
+        self.consumed(slot, written);
+    }
+
+    /// `n` bytes reached the socket: grant credit, shut the socket after the other side's SHUT.
+    fn consumed(&mut self, slot: usize, n: usize) {
+        let quarter = u64::from(self.params.window / 4).max(1);
+        let Some(c) = self.conn_mut(slot) else {
+            return;
+        };
+        c.unacked += n as u64;
         let mut queue = false;
         // Grant more once a quarter of the window was consumed (not after the peer's SHUT:
         // it sends nothing more).
@@ -603,6 +632,11 @@ impl Session {
         false
     }
 
+    /// Whether control frames wait to be sent ([`Session::next_control`] has work).
+    pub fn wants_to_send(&self) -> bool {
+        !self.hello_sent || !self.control.is_empty()
+    }
+
     /// A `DATA` frame went out (for the keepalive).
     pub fn sent_data(&mut self, now: Instant) {
         self.last_sent = now;
@@ -626,8 +660,10 @@ impl Session {
 
     // ---- frames in ----
 
-    /// Handles one received message.
-    pub fn on_message(&mut self, msg: &[u8], now: Instant) -> Result<(), SessionError> {
+    /// Handles one received message. `Some(Direct)`: the message is `DATA` for a connection
+    /// with nothing buffered; the loop writes `msg[offset..]` to the socket itself (saving a
+    /// copy) and reports with [`Session::direct_written`].
+    pub fn on_message(&mut self, msg: &[u8], now: Instant) -> Result<Option<Direct>, SessionError> {
         let frame = Frame::decode(msg)?;
         self.last_received = now;
         let Some(_) = self.peer else {
@@ -639,7 +675,7 @@ impl Session {
             }
             self.peer = Some(h);
             self.send_max = h.max_data.min(self.channel_payload_max).max(1);
-            return Ok(());
+            return Ok(None);
         };
         let role = self.params.role;
         let wrong = |kind| SessionError::WrongDirection {
@@ -648,7 +684,7 @@ impl Session {
         };
         let conn = match frame {
             Frame::Hello(_) => return Err(SessionError::HelloAgain),
-            Frame::Ping => return Ok(()),
+            Frame::Ping => return Ok(None),
             Frame::Open { conn, .. } => {
                 if role != Role::Connect {
                     return Err(wrong(frame::kind::OPEN));
@@ -664,7 +700,7 @@ impl Session {
                 let peer_window = self.peer.map_or(1, |p| p.window);
                 let slot = self.insert(Conn::new(conn, self.params.window, peer_window));
                 self.actions.push_back(Action::Connect(slot));
-                return Ok(());
+                return Ok(None);
             }
             Frame::Opened { conn }
             | Frame::Data { conn, .. }
@@ -688,7 +724,7 @@ impl Session {
             // We still owe our terminal frame; the other side sends nothing after its own.
             let why = format!("frame type {kind} after the other side's CLOSE or RESET");
             self.fail_conn(slot, &why);
-            return Ok(());
+            return Ok(None);
         }
         match frame {
             Frame::Opened { .. } => {
@@ -715,13 +751,16 @@ impl Session {
                     );
                     self.fail_conn(slot, &why);
                 } else if !c.terminal_queued {
-                    // Dropped silently once we reset the connection ourselves.
+                    // (Dropped silently once we reset the connection ourselves.)
                     c.received += len;
-                    let first = c.out.is_empty();
-                    c.out.extend(data);
-                    if first && (c.connected || role == Role::Listen) {
-                        self.actions.push_back(Action::Flush(slot));
+                    if c.out.is_empty() && (c.connected || role == Role::Listen) {
+                        // Nothing queued before it: the loop writes it from the message.
+                        return Ok(Some(Direct {
+                            slot,
+                            offset: HEADER_LEN,
+                        }));
                     }
+                    c.out.extend(data);
                 }
             }
             Frame::Credit { bytes, .. } => {
@@ -773,7 +812,7 @@ impl Session {
             }
             Frame::Hello(_) | Frame::Open { .. } | Frame::Ping => {}
         }
-        Ok(())
+        Ok(None)
     }
 
     /// The other side's terminal frame arrived: free the connection once ours went out.
@@ -818,12 +857,20 @@ mod tests {
         Session::new(params(role), 1 << 16, Instant::now())
     }
 
+    /// Hands `msg` to `s`; a direct payload is buffered as if the socket took none of it.
+    fn receive(s: &mut Session, msg: &[u8]) -> Result<(), SessionError> {
+        if let Some(d) = s.on_message(msg, Instant::now())? {
+            s.direct_written(d.slot, 0, &msg[d.offset..]);
+        }
+        Ok(())
+    }
+
     /// Moves every frame `from` wants to send into `to`.
     fn deliver(from: &mut Session, to: &mut Session) -> Result<usize, SessionError> {
         let mut buf = Vec::new();
         let mut n = 0;
         while from.next_control(&mut buf, Instant::now()) {
-            to.on_message(&buf, Instant::now())?;
+            receive(to, &buf)?;
             n += 1;
         }
         Ok(n)
@@ -895,7 +942,7 @@ mod tests {
         assert_eq!(l.read_budget(ls), 1024);
         // l → c
         let f = data(&mut l, ls, b"hello");
-        c.on_message(&f, Instant::now()).unwrap();
+        receive(&mut c, &f).unwrap();
         assert_eq!(actions(&mut c), vec![Action::Flush(cs)]);
         assert_eq!(c.pending(cs).0, b"hello");
         c.wrote(cs, 5);
@@ -905,7 +952,7 @@ mod tests {
         assert_eq!(actions(&mut c), vec![Action::ShutWrite(cs)]);
         // c's server answers and closes: both sides close and free the id.
         let f = data(&mut c, cs, b"bye");
-        l.on_message(&f, Instant::now()).unwrap();
+        receive(&mut l, &f).unwrap();
         l.wrote(ls, 3);
         c.eof(cs);
         assert_eq!(actions(&mut c), vec![Action::Close(cs)]);
@@ -929,7 +976,7 @@ mod tests {
         while l.read_budget(ls) > 0 {
             let n = l.read_budget(ls);
             let f = data(&mut l, ls, &vec![1; n]);
-            c.on_message(&f, Instant::now()).unwrap();
+            receive(&mut c, &f).unwrap();
             sent += n;
         }
         assert_eq!(sent, WINDOW as usize);
@@ -941,7 +988,7 @@ mod tests {
         // A hostile sender going beyond the credit gets its connection reset (only it).
         let mut f = frame::header(frame::kind::DATA, l.conn_id(ls).unwrap(), 0).to_vec();
         f.extend_from_slice(&[0; 1025]);
-        c.on_message(&f, Instant::now()).unwrap();
+        receive(&mut c, &f).unwrap();
         assert_eq!(c.take_conn_errors().len(), 1, "max_data checked");
         let (mut l, mut c) = up();
         let (ls, cs) = open(&mut l, &mut c);
@@ -949,12 +996,12 @@ mod tests {
         for _ in 0..4 {
             let mut f = frame::header(frame::kind::DATA, id, 0).to_vec();
             f.extend_from_slice(&[0; 1024]);
-            c.on_message(&f, Instant::now()).unwrap();
+            receive(&mut c, &f).unwrap();
         }
         assert!(c.take_conn_errors().is_empty());
         let mut f = frame::header(frame::kind::DATA, id, 0).to_vec();
         f.push(0);
-        c.on_message(&f, Instant::now()).unwrap();
+        receive(&mut c, &f).unwrap();
         let errors = c.take_conn_errors();
         assert!(errors[0].contains("beyond the credit"), "{errors:?}");
         assert!(actions(&mut c).contains(&Action::Reset(cs)));
@@ -1053,14 +1100,14 @@ mod tests {
             let mut hello = session(peer_role);
             let mut buf = Vec::new();
             hello.next_control(&mut buf, Instant::now());
-            s.on_message(&buf, Instant::now()).unwrap();
+            receive(&mut s, &buf).unwrap();
             for (k, conn, arg, payload) in frames {
                 if role == Role::Listen && k == frame::kind::OPEN {
                     let _ = s.accept("x");
                 }
                 let mut msg = frame::header(k, conn, arg).to_vec();
                 msg.extend_from_slice(&payload);
-                let _ = s.on_message(&msg, Instant::now());
+                let _ = receive(&mut s, &msg);
                 for a in actions(&mut s) {
                     match a {
                         Action::Connect(slot) => s.connected(slot),
