@@ -73,6 +73,31 @@ pub fn listen_address(s: &str) -> Result<std::net::SocketAddr, String> {
     })
 }
 
+/// A channel name: 1 to [`ivshm_channel::layout::NAME_MAX`] bytes, no NUL (what a directory
+/// entry of a channel region holds).
+pub fn channel_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > ivshm_channel::layout::NAME_MAX || s.contains('\0') {
+        return Err(format!(
+            "invalid channel name {s:?}: 1 to {} bytes, no NUL",
+            ivshm_channel::layout::NAME_MAX
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// A channel ring size (bytes, K/M/G suffixes) within the layout's bounds.
+pub fn ring_size(s: &str) -> Result<u32, String> {
+    let size = ivshm_mem::parse_size(s).map_err(|e| e.to_string())?;
+    let (min, max) = (
+        ivshm_channel::layout::RING_SIZE_MIN,
+        ivshm_channel::layout::RING_SIZE_MAX,
+    );
+    u32::try_from(size)
+        .ok()
+        .filter(|&v| (min..=max).contains(&v))
+        .ok_or_else(|| format!("ring size {s} is outside {min}..={max} bytes"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,6 +34,9 @@ pub enum Command {
     /// Message channels over the region, as a host peer (`ivshm guest chan` in a guest).
     #[command(subcommand)]
     Chan(cmd::chan::ChanCommand),
+    /// Carry the TCP or unix connections of an address over a channel of the region to a bridge
+    /// on the other side (a VM's `ivshm guest bridge`, or another host program).
+    Bridge(cmd::bridge::HostBridgeArgs),
     /// Benchmarks that compare variants in one run.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -97,6 +100,7 @@ impl Cli {
             Command::Serve(args) => cmd::serve::run(&args),
             Command::Host(c) => cmd::host::run(c),
             Command::Chan(c) => cmd::chan::run(c),
+            Command::Bridge(a) => cmd::bridge::run(&a),
             Command::Bench(c) => cmd::bench::run(c),
             Command::Guest(c) => cmd::guest::run(c),
             Command::Policy(c) => cmd::policy::run(c),

@@ -47,6 +47,8 @@ pub enum BenchCommand {
     Soak(soak::SoakArgs),
     /// ivshm-channel round trips and throughput versus the hardware's and kernel's floors.
     Channel(super::bench_channel::ChannelArgs),
+    /// TCP through two bridges over a region versus plain TCP loopback.
+    Bridge(super::bench_bridge::BridgeBenchArgs),
 }
 
 /// Most round trips per variant of `bench doorbell`, measured or warm-up (each measured one
@@ -140,6 +142,10 @@ pub fn run(c: BenchCommand) -> anyhow::Result<()> {
             let report = super::bench_channel::channel(&a)?;
             print_lines(&report.lines())
         }
+        BenchCommand::Bridge(a) => {
+            let report = super::bench_bridge::bridge(&a)?;
+            print_lines(&report.lines())
+        }
     }
 }
 
@@ -153,12 +159,12 @@ fn print_lines(lines: &[String]) -> anyhow::Result<()> {
 }
 
 /// A private directory for a benchmark's server socket, removed on drop.
-struct TempSocket {
+pub(crate) struct TempSocket {
     dir: PathBuf,
 }
 
 impl TempSocket {
-    fn new(tag: &str) -> anyhow::Result<Self> {
+    pub(crate) fn new(tag: &str) -> anyhow::Result<Self> {
         static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir =
@@ -167,7 +173,7 @@ impl TempSocket {
         Ok(TempSocket { dir })
     }
 
-    fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.dir.join("sock")
     }
 

@@ -24,7 +24,7 @@ use ivshm_client::{ConnectOptions, Peer, PeerDoorbell, PeerEvent};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use super::host::{hex_encode, line, SocketArgs};
-use crate::args;
+use crate::args::{self, channel_name, ring_size};
 
 /// Host channel commands (`ivshm chan ...`), as a peer of the server at `--socket`.
 #[derive(Subcommand, Debug)]
@@ -191,28 +191,6 @@ pub struct HostExchangeArgs {
     exchange: ExchangeArgs,
 }
 
-fn channel_name(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.len() > ivshm_channel::layout::NAME_MAX || s.contains('\0') {
-        return Err(format!(
-            "invalid channel name {s:?}: 1 to {} bytes, no NUL",
-            ivshm_channel::layout::NAME_MAX
-        ));
-    }
-    Ok(s.to_string())
-}
-
-fn ring_size(s: &str) -> Result<u32, String> {
-    let size = ivshm_mem::parse_size(s).map_err(|e| e.to_string())?;
-    let (min, max) = (
-        ivshm_channel::layout::RING_SIZE_MIN,
-        ivshm_channel::layout::RING_SIZE_MAX,
-    );
-    u32::try_from(size)
-        .ok()
-        .filter(|&v| (min..=max).contains(&v))
-        .ok_or_else(|| format!("ring size {s} is outside {min}..={max} bytes"))
-}
-
 /// Runs one `ivshm chan` command.
 pub fn run(c: ChanCommand) -> anyhow::Result<()> {
     match c {
@@ -278,8 +256,8 @@ impl<M: RegionMemory + Clone> End<M> {
 }
 
 /// A host peer of the server as a command's end.
-struct HostEnd {
-    doorbell: Arc<PeerDoorbell>,
+pub(crate) struct HostEnd {
+    pub(crate) doorbell: Arc<PeerDoorbell>,
     memory: Arc<ivshm_mem::Mapping>,
     size: u64,
 }
@@ -297,7 +275,7 @@ unsafe impl RegionMemory for SharedMapping {
 }
 
 impl HostEnd {
-    fn connect(socket: &SocketArgs) -> anyhow::Result<HostEnd> {
+    pub(crate) fn connect(socket: &SocketArgs) -> anyhow::Result<HostEnd> {
         Self::connect_with(socket, None)
     }
 
@@ -321,7 +299,7 @@ impl HostEnd {
         })
     }
 
-    fn end(&self) -> End<SharedMapping> {
+    pub(crate) fn end(&self) -> End<SharedMapping> {
         End {
             doorbell: self.doorbell.clone(),
             memory: SharedMapping(self.memory.clone()),
@@ -349,7 +327,7 @@ struct LeaveWatcher {
 }
 
 /// The ids of `events` that left and did not join again later in the list.
-fn departed(events: &[PeerEvent]) -> Vec<u16> {
+pub(crate) fn departed(events: &[PeerEvent]) -> Vec<u16> {
     events
         .iter()
         .enumerate()

@@ -35,6 +35,9 @@ pub enum GuestCommand {
     /// Message channels over the device's shared memory (as `ivshm chan` on the host).
     #[command(subcommand)]
     Chan(super::guest_chan::GuestChanCommand),
+    /// Carry the TCP or unix connections of an address over a channel of the device's region
+    /// to a bridge on the other side (the host's `ivshm bridge`, or another VM's).
+    Bridge(super::bridge::GuestBridgeArgs),
 }
 
 /// `list` arguments.
@@ -255,6 +258,7 @@ pub fn run(c: GuestCommand) -> anyhow::Result<()> {
         GuestCommand::Write(a) => write(&a),
         GuestCommand::Bench(a) => bench(&a),
         GuestCommand::Chan(c) => super::guest_chan::run(c),
+        GuestCommand::Bridge(a) => super::bridge::run_guest(&a),
     }
 }
 

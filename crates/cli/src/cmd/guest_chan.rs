@@ -126,7 +126,7 @@ pub fn run(c: GuestChanCommand) -> anyhow::Result<()> {
 
 /// Opens the device, runs `f` on it as a channel end, closes it (restoring the driver with
 /// `--restore-driver`).
-fn with_end(
+pub(crate) fn with_end(
     d: &ChanDeviceArgs,
     f: impl FnOnce(&End<DeviceMemory>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {

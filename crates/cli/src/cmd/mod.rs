@@ -1,7 +1,9 @@
 //! One module per group of subcommands.
 
 pub mod bench;
+pub mod bench_bridge;
 pub mod bench_channel;
+pub mod bridge;
 pub mod chan;
 pub mod control;
 pub mod doctor;
