@@ -123,6 +123,85 @@ fn the_c_receiver_names_a_damaged_message() {
     );
 }
 
+#[test]
+fn installed_with_scripts_install_capi_pkg_config_builds_the_example() {
+    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let prefix = tmp.join(format!("capi-prefix-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&prefix);
+    let mut install = Command::new(common::crate_dir().join("../../scripts/install-capi"));
+    install
+        .arg("--from")
+        .arg(common::library_dir())
+        .arg(&prefix);
+    common::run_ok(install);
+    for file in [
+        "lib/libivshm.so",
+        "lib/libivshm.a",
+        "include/ivshm.h",
+        "lib/pkgconfig/ivshm.pc",
+    ] {
+        assert!(prefix.join(file).is_file(), "{file} not installed");
+    }
+    // cc $(pkg-config --cflags --libs ivshm), as the README says.
+    let pkg_config_path = prefix.join("lib/pkgconfig");
+    let flags = common::run_ok({
+        let mut c = Command::new("pkg-config");
+        c.args(["--cflags", "--libs", "ivshm"])
+            .env("PKG_CONFIG_PATH", &pkg_config_path);
+        c
+    });
+    let lib_dir = prefix.join("lib");
+    assert!(
+        flags.contains(&format!("-I{}", prefix.join("include").display()))
+            && flags.contains(&format!("-L{}", lib_dir.display()))
+            && flags.contains("-livshm"),
+        "{flags}"
+    );
+    let program = tmp.join(format!("chat-pkg-config-{}", std::process::id()));
+    common::run_ok({
+        let mut cc = Command::new("sh");
+        cc.arg("-c")
+            .arg(r#"cc -std=c11 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Werror "$1" $(pkg-config --cflags --libs ivshm) -o "$2""#)
+            .arg("sh")
+            .arg(common::crate_dir().join("examples/c/chat.c"))
+            .arg(&program)
+            .env("PKG_CONFIG_PATH", &pkg_config_path);
+        cc
+    });
+    // Linked with the shared library: it runs with the installed one, and talks to the CLI.
+    let socket = socket_path("capi-pkg-config");
+    let _server = serve(&socket, "4M");
+    let mut c = Command::new(&program);
+    c.arg("send")
+        .arg(&socket)
+        .args(["pkg-config", "100"])
+        .env("LD_LIBRARY_PATH", &lib_dir);
+    let mut sender = HostProcess::spawn("chat send (shared)", c).unwrap();
+    let out = common::run_ok({
+        let mut r = Command::new(ivshm());
+        r.args(["chan", "recv", "--socket"]).arg(&socket).args([
+            "--name",
+            "pkg-config",
+            "--count",
+            "100",
+            "--timeout",
+            "120",
+        ]);
+        r
+    });
+    sender.wait_success(STEP).unwrap();
+    let data: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split_once(" data=").map(|(_, d)| d))
+        .collect();
+    assert_eq!(data.len(), 100, "{out:.400}");
+    for (seq, d) in data.iter().enumerate() {
+        verify(seq as u64, d);
+    }
+    let _ = std::fs::remove_dir_all(&prefix);
+    let _ = std::fs::remove_file(&program);
+}
+
 // ---- the entry points, called as C calls them -------------------------------------------------
 
 fn last_error() -> String {
