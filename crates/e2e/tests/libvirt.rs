@@ -1,8 +1,10 @@
 //! libvirt end to end: real domains (`virsh create`), QEMU as libvirt's unprivileged user
 //! (`libvirt-qemu`), with the `<shmem>` elements of the README's "With libvirt" section taken
 //! verbatim (only `/run/ivshm` moved to a scratch directory) on
-//! (a) `ivshm serve --socket-mode 0660 --socket-group libvirt-qemu`, as the README runs it, and
-//! (b) `examples/ivshm.toml` as shipped (VM directory group `libvirt-qemu`; only the root moved).
+//! (a) `ivshm serve --socket-mode 0660 --socket-group libvirt-qemu`, as the README runs it,
+//! (b) `examples/ivshm.toml` as shipped (VM directory group `libvirt-qemu`; only the root moved), and
+//! (c) the package's `/etc/ivshm/ivshm.toml` (`packaging/ivshm.toml`), its group standing in for
+//! a supplementary group of QEMU's, host commands coming and going while the guest runs.
 //! Each checks the guest's IVPosition against the id the host peer saw join, a doorbell from
 //! the guest to the host peer, and memory written on each side read back on the other.
 //!
@@ -245,5 +247,114 @@ fn named_regions_of_the_shipped_example_with_the_libvirt_group() {
     assert!(booted.guest.poweroff(STEP).unwrap().success());
     listener.wait_leave(joined, HOST).unwrap();
     host_reads_back(&host_socket);
+    assert!(server.terminate(HOST).unwrap().success());
+}
+
+/// The `<shmem>` block in the comment at the top of `packaging/ivshm.toml`.
+fn packaged_shmem(packaged: &str) -> String {
+    let comment: Vec<&str> = packaged
+        .lines()
+        .filter_map(|l| l.strip_prefix("#     "))
+        .collect();
+    let start = comment
+        .iter()
+        .position(|l| l.contains("<shmem"))
+        .expect("a <shmem> block in packaging/ivshm.toml's comment");
+    let end = comment
+        .iter()
+        .position(|l| l.contains("</shmem>"))
+        .expect("its </shmem>");
+    comment[start..=end].join("\n") + "\n"
+}
+
+/// The supplementary groups and the effective group of process `pid` (`/proc/PID/status`).
+fn process_groups(pid: u32) -> (Vec<u32>, u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> Vec<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|g| g.parse().ok())
+            .collect()
+    };
+    (field("Groups:"), field("Gid:")[1])
+}
+
+/// The package's `/etc/ivshm/ivshm.toml` as shipped, with the root moved and its group `ivshm`
+/// (which the package makes and adds `libvirt-qemu` to) replaced by the primary group of
+/// `libvirt-qemu` in /etc/passwd (`kvm` on Debian), which QEMU holds only as a supplementary
+/// group under libvirt (its process group is libvirt's `group`, `libvirt-qemu`): access through
+/// a supplementary group, as with the package's `ivshm`.
+/// Host commands come and go while the guest runs (ids count up, so QEMU 7.2 never sees an
+/// id again) and the guest keeps working.
+#[test]
+fn packaged_configuration_through_a_supplementary_group_of_qemu() {
+    let assets = require_e2e!();
+    if !libvirt::available_for_test("libvirt::packaged") {
+        return;
+    }
+    let libvirt = Libvirt::shared().unwrap();
+    let dir = ScratchDir::new().unwrap();
+    let root = dir.join("run-ivshm");
+    let packaged = std::fs::read_to_string(repo_file("packaging/ivshm.toml")).unwrap();
+    assert!(packaged.contains("\ngroup = \"ivshm\"\n"));
+    assert!(packaged.contains("\nid_policy = \"increasing\"\n"));
+    // libvirt-qemu's primary group in /etc/passwd (kvm on Debian).
+    let (_, primary) = libvirt::user_ids(libvirt::QEMU_USER).unwrap();
+    let group = std::fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 3 && f[2].parse() == Ok(primary)).then(|| f[0].to_string())
+        })
+        .expect("libvirt-qemu's primary group in /etc/group");
+    let config_text = packaged
+        .replace(
+            "root = \"/run/ivshm\"",
+            &format!("root = {:?}", root.display().to_string()),
+        )
+        .replace("\ngroup = \"ivshm\"\n", &format!("\ngroup = {group:?}\n"));
+    let config = dir.join("ivshm.toml");
+    std::fs::write(&config, config_text).unwrap();
+    let control = root.join("control.sock");
+    let mut server = serve(
+        &["--config"],
+        &[&config],
+        &format!("listening on {}", control.display()),
+    );
+    let socket = root.join("vm0").join("shm0.sock");
+    let block = packaged_shmem(&packaged).replace("/run/ivshm", &root.display().to_string());
+    assert!(
+        block.contains(&format!("<server path='{}'/>", socket.display())),
+        "{block}"
+    );
+
+    let listener = IvshmListener::start(&socket, HOST).unwrap();
+    host_writes(&socket, &listener);
+    let builder = QemuGuest::builder(&assets, "libvirt-packaged");
+    let mut booted = libvirt::boot(&libvirt, &builder, dir.path(), &block, BOOT).unwrap();
+    assert_runs_as_libvirt_qemu(&booted);
+    let pid = booted.qemu_pid.unwrap();
+    let (groups, gid) = process_groups(pid);
+    assert!(
+        groups.contains(&primary) && gid != primary,
+        "QEMU (pid {pid}) holds {group} ({primary}) only as a supplementary group: groups \
+         {groups:?}, gid {gid}"
+    );
+    let (joined, vectors) = listener.wait_join(HOST).unwrap();
+    assert_eq!(vectors, 2);
+    // Host commands join and leave while QEMU runs: each gets a new id.
+    for _ in 0..3 {
+        host_writes(&socket, &listener);
+    }
+    guest_side(&mut booted.guest, &listener, joined);
+    doctor_passes(&booted, dir.path(), &control);
+
+    assert!(booted.guest.poweroff(STEP).unwrap().success());
+    listener.wait_leave(joined, HOST).unwrap();
+    host_reads_back(&socket);
     assert!(server.terminate(HOST).unwrap().success());
 }
