@@ -30,8 +30,11 @@ pub enum ClientError {
     #[error(
         "the server closed the connection before sending anything: it refused this peer. An \
          ivshm server does that when the region already has its peer limit of peers (`ivshm \
-         regions` shows peers=P/LIMIT; the factory answers GSS_CLIENT_MAX) or has no file \
-         descriptors or ids left; its log names the reason"
+         regions` shows peers=P/LIMIT; the factory answers GSS_CLIENT_MAX), when every id it \
+         may give is in use or held back (an id whose holder left is not given again while a \
+         peer that saw it leave is connected, because QEMU 7.2 guests abort on that; `ivshm \
+         regions` shows held-ids=[..]), or when it has no file descriptors left; its log names \
+         the reason"
     )]
     Refused,
     /// The server closed the connection during the handshake.

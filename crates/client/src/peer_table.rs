@@ -324,6 +324,43 @@ mod tests {
         );
     }
 
+    /// Reads an eventfd's counter without blocking (0 when it was not rung).
+    fn rung(fd: &OwnedFd) -> u64 {
+        let mut buf = [0u8; 8];
+        match rustix::io::read(fd, &mut buf) {
+            Ok(_) => u64::from_ne_bytes(buf),
+            Err(rustix::io::Errno::AGAIN) => 0,
+            Err(e) => panic!("eventfd read: {e}"),
+        }
+    }
+
+    fn efd_nonblocking() -> OwnedFd {
+        eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap()
+    }
+
+    #[test]
+    fn a_reused_id_is_a_new_peer_with_its_own_eventfds() {
+        let mut t = PeerTable::new(0, 64);
+        t.apply(0, Some(efd())).unwrap();
+        let old = efd_nonblocking();
+        let old_view = old.try_clone().unwrap();
+        assert_eq!(t.apply(3, Some(old)).unwrap().events, vec![joined(3, 1)]);
+        assert_eq!(
+            t.apply(3, None).unwrap().events,
+            vec![PeerEvent::Left { id: 3 }]
+        );
+        assert!(t.peer_vector(3, 0).is_none());
+        // A new peer with the same id: a join of its own, with its own eventfd.
+        let new = efd_nonblocking();
+        let new_view = new.try_clone().unwrap();
+        assert_eq!(t.apply(3, Some(new)).unwrap().events, vec![joined(3, 1)]);
+        assert_eq!(t.peer_ids(), vec![3]);
+        let vector = t.peer_vector(3, 0).unwrap();
+        rustix::io::write(vector, &1u64.to_ne_bytes()).unwrap();
+        assert_eq!(rung(&new_view), 1, "ringing 3 reaches the new peer");
+        assert_eq!(rung(&old_view), 0, "and not the one that left");
+    }
+
     proptest::proptest! {
         /// Whatever arrives: no panic, and the events exactly explain how the listed peers
         /// change (a `Joined` id was not listed, a `Left` id was; peers present at connect

@@ -162,3 +162,41 @@ fn a_doorbell_is_reported_without_reading_its_counter() {
     assert_eq!(next(&mut a), Event::Doorbell { vector: 1 });
     assert_eq!(a.wait(Some(Duration::ZERO)).unwrap(), None);
 }
+
+/// A region that gives a departed peer's id to the next peer at once (`id_reuse =
+/// "immediate"`, for peers like these that handle it): A sees B leave and C join with B's id,
+/// and ringing that id reaches C.
+#[test]
+fn a_peer_that_reuses_a_departed_peers_id_is_a_new_peer() {
+    let base = std::env::temp_dir().join(format!("ivshm-client-reuse-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let text = format!(
+        "root = {:?}\n[[region]]\nname = \"r\"\nsize = \"64K\"\nvectors = 2\n\
+         id_reuse = \"immediate\"\n[vm.host]\n",
+        base.join("root").display().to_string()
+    );
+    let config = ivshm_server::config_file::parse(&text, Path::new("reuse.toml")).unwrap();
+    let _server = ServerHandle::spawn(config).unwrap();
+    let path = base.join("root").join("host").join("r.sock");
+
+    let mut a = connect(&path);
+    let b = connect(&path);
+    assert_eq!((a.id(), b.id()), (0, 1));
+    assert_eq!(
+        next(&mut a),
+        Event::Peer(PeerEvent::Joined { id: 1, vectors: 2 })
+    );
+    drop(b);
+    assert_eq!(next(&mut a), Event::Peer(PeerEvent::Left { id: 1 }));
+    let mut c = connect(&path);
+    assert_eq!(c.id(), 1, "B's id, at once");
+    assert_eq!(
+        next(&mut a),
+        Event::Peer(PeerEvent::Joined { id: 1, vectors: 2 })
+    );
+    a.notify(1, 1).unwrap();
+    assert_eq!(next(&mut c), Event::Doorbell { vector: 1 });
+    c.notify(0, 0).unwrap();
+    assert_eq!(next(&mut a), Event::Doorbell { vector: 0 });
+    let _ = std::fs::remove_dir_all(&base);
+}

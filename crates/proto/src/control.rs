@@ -56,6 +56,9 @@ pub struct CreateRegion {
     /// `"increasing"` or `"lowest-free"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id_policy: Option<String>,
+    /// `"safe"` or `"immediate"`: when the id of a peer that left may be given again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_reuse: Option<String>,
     /// Keep the region after its last peer leaves.
     #[serde(default)]
     pub persist: bool,
@@ -119,8 +122,8 @@ pub enum ControlResult {
     },
     /// A region was created.
     Created {
-        /// It.
-        region: RegionReport,
+        /// It (boxed: a region report is much larger than the other results).
+        region: Box<RegionReport>,
     },
     /// A region was removed, or will be when its last peer leaves.
     Removed {
@@ -149,6 +152,13 @@ pub struct RegionReport {
     pub peer_limit: u32,
     /// `"increasing"` or `"lowest-free"`.
     pub id_policy: String,
+    /// `"safe"` (an id whose holder left is held back while a peer that saw the leave is
+    /// connected) or `"immediate"`. Empty from older servers.
+    #[serde(default)]
+    pub id_reuse: String,
+    /// The ids held back now, ascending. Empty from older servers.
+    #[serde(default)]
+    pub held_ids: Vec<u16>,
     /// Who made it: `"standalone"`, `"config"`, `"factory"` or `"control"`.
     pub origin: String,
     /// Kept after its last peer leaves.

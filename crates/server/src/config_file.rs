@@ -10,6 +10,7 @@
 //! vectors = 16                         # QNX defaults: 16 vectors, 16 peers, lowest-free ids
 //! peer_limit = 16
 //! id_policy = "lowest-free"            # or "increasing" (QEMU's)
+//! id_reuse = "safe"                    # "immediate": reuse a departed peer's id at once
 //! backend = "memfd"                    # "memfd", "shm" (ivshm-<name>), "dir" (with dir = ...)
 //! pow2 = "round-up"                    # "round-up", "refuse", "off"
 //! max_size = "1G"                      # factory creates above this get GSS_NOMEM
@@ -216,6 +217,7 @@ impl Ctx<'_> {
             vectors: self.vectors(d.vectors.as_ref(), "defaults.vectors")?,
             peer_limit: self.peer_limit(d.peer_limit.as_ref(), "defaults.peer_limit")?,
             id_policy: d.id_policy.unwrap_or(named.defaults.id_policy),
+            id_reuse: d.id_reuse.unwrap_or(named.defaults.id_reuse),
             backend: self
                 .backend(d.backend.as_ref(), d.dir.as_ref(), d.keep_shm, "defaults")?
                 .unwrap_or_default(),
@@ -310,6 +312,7 @@ impl Ctx<'_> {
             region.peer_limit = self.peer_limit(r.peer_limit.as_ref(), &option("peer_limit"))?;
         }
         region.id_policy = r.id_policy.unwrap_or(region.id_policy);
+        region.id_reuse = r.id_reuse.unwrap_or(region.id_reuse);
         region.pow2 = r.pow2.map_or(region.pow2, |p| p.0);
         let table = format!("region[{i}]");
         if let Some(backend) =

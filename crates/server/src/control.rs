@@ -122,6 +122,12 @@ fn create_region(
             Err(e) => return ControlResponse::error(e.to_string()),
         }
     }
+    if let Some(r) = &create.id_reuse {
+        match r.parse() {
+            Ok(r) => config.id_reuse = r,
+            Err(e) => return ControlResponse::error(e.to_string()),
+        }
+    }
     // `--persist` keeps this region; without it the server's default decides.
     config.persist |= create.persist;
     match named.create_region(regions, &config, Origin::Control, None) {
@@ -130,7 +136,9 @@ fn create_region(
                 tracing::info!("{change}");
             }
             match region_report(regions, id) {
-                Some(region) => ControlResponse::ok(ControlResult::Created { region }),
+                Some(region) => ControlResponse::ok(ControlResult::Created {
+                    region: Box::new(region),
+                }),
                 None => ControlResponse::error("the region vanished"),
             }
         }
@@ -203,6 +211,8 @@ pub(crate) fn region_report(regions: &Regions, id: RegionId) -> Option<RegionRep
         vectors: u32::try_from(info.vectors).unwrap_or(u32::MAX),
         peer_limit: u32::try_from(info.peer_limit).unwrap_or(u32::MAX),
         id_policy: info.id_policy.to_string(),
+        id_reuse: info.id_reuse.to_string(),
+        held_ids: region.held_ids(),
         origin: region.origin().as_str().to_string(),
         persist: region.persists(),
         detached: region.is_detached(),

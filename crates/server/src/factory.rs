@@ -142,16 +142,12 @@ fn decide(
         peers: u32::try_from(region.peer_count()).unwrap_or(u32::MAX),
         socket,
     };
-    let (status, message) = if region.is_full() {
-        (
+    let (status, message) = match region.room() {
+        Err(full) => (
             GuestShmStatus::ClientMax,
-            format!(
-                "{decision}: region {host_name} has its limit of {} peer(s)",
-                info.peer_limit
-            ),
-        )
-    } else {
-        (GuestShmStatus::Ok, decision.to_string())
+            format!("{decision}: region {host_name} {full}"),
+        ),
+        Ok(()) => (GuestShmStatus::Ok, decision.to_string()),
     };
     FactoryResponse::new(status, message, Some(offer))
 }

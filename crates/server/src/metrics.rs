@@ -220,7 +220,7 @@ pub fn render_prometheus(
     f.sample(&[], stats.factory_requests);
     let mut f = Family::new(&mut out, "ivshm_regions", "gauge", "Regions served now.");
     f.sample(&[], regions.len() as u64);
-    let per_region: [RegionGauge; 5] = [
+    let per_region: [RegionGauge; 6] = [
         (
             "ivshm_region_size_bytes",
             "Size of the region's shared memory.",
@@ -234,6 +234,11 @@ pub fn render_prometheus(
         ("ivshm_region_peer_limit", "Peers admitted at once.", |r| {
             u64::from(r.peer_limit)
         }),
+        (
+            "ivshm_region_held_ids",
+            "Ids held back now: their holders left while peers still connected were there.",
+            |r| r.held_ids.len() as u64,
+        ),
         (
             "ivshm_region_queued_messages",
             "Messages queued for the region's peers now.",
@@ -416,6 +421,8 @@ mod tests {
             vectors: 2,
             peer_limit: 16,
             id_policy: "increasing".into(),
+            id_reuse: "safe".into(),
+            held_ids: vec![2, 5],
             origin: "config".into(),
             persist: false,
             detached: false,
@@ -481,6 +488,7 @@ mod tests {
         ));
         assert!(text.contains("ivshm_region_size_bytes{region=\"a\\\"b\"} 1048576\n"));
         assert!(text.contains("ivshm_region_queued_messages{region=\"a\\\"b\"} 4\n"));
+        assert!(text.contains("ivshm_region_held_ids{region=\"a\\\"b\"} 2\n"));
         assert!(text.contains("ivshm_vms 1\n"), "{text}");
         assert!(text.contains("ivshm_vm_peers{vm=\"vm0\"} 2\n"));
         assert!(text.contains("ivshm_vm_factory_requests_total{vm=\"vm0\"} 5\n"));

@@ -20,7 +20,7 @@ use ivshm_policy::name::MAX_NAME_LEN;
 use ivshm_policy::{RegionName, VmPolicy};
 
 use crate::group::GroupSpec;
-use crate::ids::IdPolicy;
+use crate::ids::{IdPolicy, IdReuse};
 
 /// Default socket root.
 pub const DEFAULT_ROOT: &str = "/run/ivshm";
@@ -183,6 +183,9 @@ pub struct RegionDefaults {
     pub peer_limit: usize,
     /// Id policy.
     pub id_policy: IdPolicy,
+    /// When the id of a peer that left may be given again (default [`IdReuse::Safe`]: not
+    /// while a peer that saw it leave is connected, which QEMU 7.2 guests need).
+    pub id_reuse: IdReuse,
     /// Backend.
     pub backend: NamedBackend,
     /// Power-of-two policy.
@@ -241,6 +244,7 @@ impl Default for RegionDefaults {
             vectors: ivshm_policy::guest_shm::MAX_CLIENTS,
             peer_limit: ivshm_policy::guest_shm::MAX_CLIENTS,
             id_policy: IdPolicy::LowestFree,
+            id_reuse: IdReuse::Safe,
             backend: NamedBackend::Memfd,
             pow2: Pow2Policy::RoundUp,
             max_size: ivshm_policy::guest_shm::MAX_REGION_BYTES,
@@ -297,6 +301,8 @@ pub struct NamedRegionConfig {
     pub peer_limit: usize,
     /// Id policy.
     pub id_policy: IdPolicy,
+    /// Id reuse rule.
+    pub id_reuse: IdReuse,
     /// Backend.
     pub backend: NamedBackend,
     /// Power-of-two policy.
@@ -315,6 +321,7 @@ impl NamedRegionConfig {
             vectors: defaults.vectors,
             peer_limit: defaults.peer_limit,
             id_policy: defaults.id_policy,
+            id_reuse: defaults.id_reuse,
             backend: defaults.backend.clone(),
             pow2: defaults.pow2,
             persist: defaults.persist,

@@ -352,5 +352,10 @@ fn settings_differences(has: &RegionInfo, wanted: &NamedRegionConfig) -> Vec<(St
         has.id_policy.to_string(),
         wanted.id_policy.to_string(),
     );
+    compare(
+        "id_reuse",
+        has.id_reuse.to_string(),
+        wanted.id_reuse.to_string(),
+    );
     differences
 }

@@ -19,7 +19,7 @@ use rustix::event::{eventfd, EventfdFlags};
 use rustix::io::Errno;
 
 use crate::departures::ChannelDepartures;
-use crate::ids::{lowest_free, IdAllocator, IdPolicy};
+use crate::ids::{IdPolicy, IdReuse, NoFreeId, PeerIds};
 use crate::limits::{fd_exhaustion_message, is_fd_exhaustion};
 use crate::listener_table::SocketKey;
 use crate::named::Origin;
@@ -56,6 +56,27 @@ pub struct RegionInfo {
     pub peer_limit: usize,
     /// How peer ids are chosen.
     pub id_policy: IdPolicy,
+    /// When the id of a peer that left may be given again.
+    pub id_reuse: IdReuse,
+}
+
+/// Why a region admits no more peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Full {
+    /// It has its peer limit of peers.
+    Limit(usize),
+    /// It has room, but every id it may give is in use or held back.
+    NoId(NoFreeId),
+}
+
+/// Completes "the region ...".
+impl std::fmt::Display for Full {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Full::Limit(limit) => write!(f, "has its limit of {limit} peer(s)"),
+            Full::NoId(e) => write!(f, "has no id it may give a new peer: {e}"),
+        }
+    }
 }
 
 /// How a region is set up, whatever made it.
@@ -68,6 +89,7 @@ pub(crate) struct RegionSpec {
     pub(crate) vectors: usize,
     pub(crate) peer_limit: usize,
     pub(crate) id_policy: IdPolicy,
+    pub(crate) id_reuse: IdReuse,
     pub(crate) origin: Origin,
     pub(crate) persist: bool,
     /// The VM whose factory made it (counted against that VM's limits).
@@ -84,8 +106,8 @@ pub(crate) struct Region {
     shm_fd: Arc<OwnedFd>,
     vectors: usize,
     queue_limit: usize,
-    ids: IdAllocator,
-    id_policy: IdPolicy,
+    /// Its peers' ids: in use, held back, the next one.
+    ids: PeerIds,
     peer_limit: usize,
     peers: BTreeMap<u16, Peer>,
     /// The socket each peer joined through.
@@ -125,8 +147,7 @@ impl Region {
             shm_fd,
             vectors: spec.vectors,
             queue_limit,
-            ids: IdAllocator::new(),
-            id_policy: spec.id_policy,
+            ids: PeerIds::new(spec.id_policy, spec.id_reuse, spec.peer_limit),
             peer_limit: spec.peer_limit,
             peers: BTreeMap::new(),
             via: BTreeMap::new(),
@@ -262,9 +283,18 @@ impl Region {
             .collect()
     }
 
-    /// Whether the region admits no more peers.
-    pub(crate) fn is_full(&self) -> bool {
-        self.peers.len() >= self.peer_limit
+    /// Ids held back: their holders left while peers that are still connected were (see
+    /// [`IdReuse::Safe`]).
+    pub(crate) fn held_ids(&self) -> Vec<u16> {
+        self.ids.held()
+    }
+
+    /// Whether the region admits another peer; if not, why.
+    pub(crate) fn room(&self) -> Result<(), Full> {
+        if self.peers.len() >= self.peer_limit {
+            return Err(Full::Limit(self.peer_limit));
+        }
+        self.ids.check().map_err(Full::NoId)
     }
 
     pub(crate) fn peer_count(&self) -> usize {
@@ -280,7 +310,8 @@ impl Region {
             vectors: self.vectors,
             memory: self.memory.description().to_string(),
             peer_limit: self.peer_limit,
-            id_policy: self.id_policy,
+            id_policy: self.ids.policy(),
+            id_reuse: self.ids.reuse(),
         }
     }
 
@@ -312,31 +343,26 @@ impl Region {
         vm: &str,
         ctx: &mut LoopContext<'_>,
     ) -> usize {
-        if self.is_full() {
-            // Accepted and closed at once: the peer sees its connection closed before any
-            // message, as it would if the server were gone.
-            drop(socket);
-            self.count(ctx, |s| s.refused_with(GuestShmStatus::ClientMax));
-            tracing::warn!(
-                region = %self.name,
-                vm = %vm,
-                peer = %"-",
-                peers = self.peers.len(),
-                "refused a peer: the region has its limit of {} peer(s) ({})",
-                self.peer_limit,
-                GuestShmStatus::ClientMax
-            );
-            return 0;
-        }
-        let peers = &self.peers;
-        let allocated = match self.id_policy {
-            IdPolicy::Increasing => self.ids.allocate(|i| peers.contains_key(&i)),
-            IdPolicy::LowestFree => lowest_free(self.peer_limit, |i| peers.contains_key(&i)),
-        };
-        let Some(id) = allocated else {
-            tracing::error!(region = %self.name, vm = %vm, peer = %"-", "no free peer id; refusing a new peer");
-            self.count(ctx, |s| s.refused());
-            return 0;
+        let allocated = self
+            .room()
+            .and_then(|()| self.ids.allocate().map_err(Full::NoId));
+        let id = match allocated {
+            Ok(id) => id,
+            Err(full) => {
+                // Accepted and closed at once: the peer sees its connection closed before any
+                // message, as it would if the server were gone.
+                drop(socket);
+                self.count(ctx, |s| s.refused_with(GuestShmStatus::ClientMax));
+                tracing::warn!(
+                    region = %self.name,
+                    vm = %vm,
+                    peer = %"-",
+                    peers = self.peers.len(),
+                    "refused a peer: the region {full} ({})",
+                    GuestShmStatus::ClientMax
+                );
+                return 0;
+            }
         };
         let eventfds = match self.create_eventfds() {
             Ok(fds) => fds,
@@ -403,6 +429,7 @@ impl Region {
             }
         }
         self.peers.insert(id, peer);
+        self.ids.joined(id);
         self.via.insert(id, key);
         self.via_vm.insert(id, vm.to_string());
         self.had_peers = true;
@@ -525,6 +552,7 @@ impl Region {
                 continue;
             };
             ctx.connections.remove(&peer);
+            self.ids.left(id);
             self.via.remove(&id);
             let vm = self.via_vm.remove(&id).unwrap_or_else(|| "-".into());
             removed += 1;

@@ -19,7 +19,7 @@ use thiserror::Error;
 
 use crate::config::{validate_named_region, ConfigError, RegionConfig};
 use crate::event_loop::Poller;
-use crate::ids::IdPolicy;
+use crate::ids::{IdPolicy, IdReuse};
 use crate::inflight::MAX_UNREAD;
 use crate::limits::{fd_exhaustion_message, is_fd_exhaustion, ReserveFd};
 use crate::listener::Listener;
@@ -246,6 +246,7 @@ impl Regions {
             vectors: config.vectors,
             peer_limit: 1 << 16,
             id_policy: IdPolicy::Increasing,
+            id_reuse: IdReuse::Safe,
             origin: Origin::Standalone,
             persist: true,
             creator: None,
@@ -314,6 +315,7 @@ impl Regions {
             vectors: config.vectors,
             peer_limit: config.peer_limit,
             id_policy: config.id_policy,
+            id_reuse: config.id_reuse,
             origin,
             persist: config.persist,
             creator: creator.map(|c| c.vm.to_string()),

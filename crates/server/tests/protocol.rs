@@ -327,12 +327,14 @@ fn zero_vectors_like_qemus_dash_n_0() {
 
 #[test]
 fn a_new_peer_hears_of_the_others_in_join_order_even_when_ids_are_reused() {
-    // A lowest-free region reuses ids, so join order and id order differ; QEMU's server walks
-    // its peer list, i.e. join order, and so must we.
+    // A lowest-free region that reuses ids at once (`immediate`, for peers that handle it), so
+    // join order and id order differ; QEMU's server walks its peer list, i.e. join order, and so
+    // must we.
     let root = std::env::temp_dir().join(format!("ivshm-srv-order-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let text = format!(
         "root = {:?}\n[defaults]\nvectors = 1\nid_policy = \"lowest-free\"\n\
+         id_reuse = \"immediate\"\n\
          [[region]]\nname = \"bus\"\nsize = \"1M\"\n[vm.host]\nrules = [\"allow *\"]\n",
         root.display().to_string()
     );
@@ -356,6 +358,65 @@ fn a_new_peer_hears_of_the_others_in_join_order_even_when_ids_are_reused() {
     // E is told about 1, 2, then 0: join order, not id order.
     let mut e = RawPeer::connect(&path);
     assert_eq!(e.handshake(1, &[1, 2, 0]).id, 3);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn no_peer_is_told_of_a_new_peer_with_an_id_it_saw_leave() {
+    // The named regions' defaults: lowest-free ids, reused safely. QEMU 7.2's ivshmem-doorbell
+    // writes a new peer's eventfds into the array it freed when that id's last holder left, so
+    // an id is given again only once every connected peer joined after that leave.
+    let root = std::env::temp_dir().join(format!("ivshm-srv-reuse-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let text = format!(
+        "root = {:?}\n[defaults]\nvectors = 1\n\
+         [[region]]\nname = \"bus\"\nsize = \"1M\"\n[vm.host]\nrules = [\"allow *\"]\n",
+        root.display().to_string()
+    );
+    let config =
+        ivshm_server::config_file::parse(&text, std::path::Path::new("reuse.toml")).unwrap();
+    let server = ServerHandle::spawn(config).unwrap();
+    let path = root.join("host").join("bus.sock");
+
+    let mut a = RawPeer::connect(&path);
+    assert_eq!(a.handshake(1, &[]).id, 0);
+    let mut b = RawPeer::connect(&path);
+    assert_eq!(b.handshake(1, &[0]).id, 1);
+    a.expect_join(1, 1);
+    let mut c = RawPeer::connect(&path);
+    assert_eq!(c.handshake(1, &[0, 1]).id, 2);
+    a.expect_join(2, 1);
+    // B leaves; A and C saw it, so 1 is held: D gets 3, and A and C hear of 3, never of 1.
+    drop(b);
+    a.expect_leave(1);
+    c.expect_leave(1);
+    let mut d = RawPeer::connect(&path);
+    assert_eq!(d.handshake(1, &[0, 2]).id, 3);
+    a.expect_join(3, 1);
+    c.expect_join(3, 1);
+    // A leaves; C and D saw it: 0 is held too. E gets 4.
+    drop(a);
+    c.expect_leave(0);
+    d.expect_leave(0);
+    let mut e = RawPeer::connect(&path);
+    assert_eq!(e.handshake(1, &[2, 3]).id, 4);
+    c.expect_join(4, 1);
+    d.expect_join(4, 1);
+    // C, the last peer that saw B leave, leaves: 1 is free again at once (D and E joined after
+    // B left), and it is the lowest free id; 0 stays held (D and E saw A leave), and so does
+    // C's 2.
+    drop(c);
+    d.expect_leave(2);
+    e.expect_leave(2);
+    let mut f = RawPeer::connect(&path);
+    assert_eq!(f.handshake(1, &[3, 4]).id, 1);
+    d.expect_join(1, 1);
+    e.expect_join(1, 1);
+    // Nothing else arrived: no peer was told of anything more.
+    for peer in [&d, &e, &f] {
+        assert!(!readable_now(peer.sock.as_fd()));
+    }
     drop(server);
     let _ = std::fs::remove_dir_all(&root);
 }

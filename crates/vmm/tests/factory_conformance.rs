@@ -79,8 +79,16 @@ impl Implementation for Local {
 struct Server(NamedServer);
 
 impl Implementation for Server {
+    /// QNX frees a client's index at its detach, and the suite holds that: the regions here
+    /// reuse ids at once (`id_reuse = "immediate"`), right for regions whose peers are all
+    /// device models like these (the server's default, `safe`, is for QEMU guests:
+    /// `with_safe_reuse_a_detached_index_waits_for_the_clients_that_saw_it_go`).
     fn start(tag: &str) -> Self {
-        Server(NamedServer::start(&format!("conformance-{tag}")))
+        Server(NamedServer::start_with(
+            &format!("conformance-{tag}"),
+            "id_reuse = \"immediate\"",
+            "",
+        ))
     }
 
     fn factory(&self, vm: &str) -> Box<dyn Factory> {
@@ -534,6 +542,38 @@ mod suite {
         assert_eq!(and_again.idx(), 9);
     }
 
+    /// A detached index given to a new client is that client's: the others see the detach, then
+    /// the attach, and notifications of that index reach the new client, which can answer.
+    pub fn a_reused_index_is_a_new_client<I: Implementation>() {
+        let imp = I::start("reuse");
+        let (mut vm0, mut vm1) = (imp.factory("vm0"), imp.factory("vm1"));
+        let mut a = create(vm0.as_mut(), "re", 1).unwrap();
+        let mut b = find(vm1.as_mut(), "re").unwrap();
+        let c = find(vm1.as_mut(), "re").unwrap();
+        assert_eq!((a.idx(), b.idx(), c.idx()), (0, 1, 2));
+        a.attached_until(0b111);
+        drop(c);
+        a.attached_until(0b11);
+        b.attached_until(0b11);
+        let mut d = find(vm1.as_mut(), "re").unwrap();
+        assert_eq!(d.idx(), 2, "the lowest free index, C's");
+        for client in [&mut a, &mut b, &mut d] {
+            client.attached_until(0b111);
+        }
+        a.interrupts();
+        a.attachment.connection.notify(1 << 2);
+        let status = d.status_until("A's notification", |s| s & 0xffff != 0);
+        assert_eq!(status & 0xffff, 1 << a.idx());
+        d.attachment.connection.notify(1 << a.idx());
+        let status = a.status_until("D's answer", |s| s & 0xffff != 0);
+        assert_eq!(status & 0xffff, 1 << 2, "from index 2: D");
+        assert_eq!(
+            b.attachment.connection.read_status(),
+            0b111 << 16,
+            "B: nothing"
+        );
+    }
+
     /// A region that fills between the factory's answer and the join is `GSS_CLIENT_MAX`, as
     /// if the factory had seen it full; the clients already there see nothing.
     pub fn a_region_that_fills_before_the_join_is_client_max<I: Implementation>() {
@@ -742,6 +782,7 @@ macro_rules! factory_suite {
             illegal_names_are_exactly_the_refused_classes,
             a_region_above_the_limit_is_no_mem,
             sixteen_clients_then_client_max_and_the_lowest_free_index,
+            a_reused_index_is_a_new_client,
             a_region_that_fills_before_the_join_is_client_max,
             attach_and_detach_change_the_attached_clients,
             attach_and_detach_interrupt_once_each,
@@ -815,6 +856,40 @@ mod server_factory {
         drop(clients);
         g.attached_until(0b1);
         assert_eq!(g.interrupts(), 15, "15 client indexes left");
+    }
+
+    /// The server's default, `id_reuse = "safe"` (QEMU 7.2 guests abort when told of a new
+    /// peer with an id they saw leave): a detached index is not given again while a client
+    /// that saw the detach is attached; when every index is attached or held back the factory
+    /// answers `GSS_CLIENT_MAX`; once the witnesses are gone the lowest index comes back.
+    #[test]
+    fn with_safe_reuse_a_detached_index_waits_for_the_clients_that_saw_it_go() {
+        let server =
+            NamedServer::start_with("safe", "", "[[region]]\nname = \"safe\"\nsize = 4096\n");
+        let mut vm1 = server.factory("vm1");
+        let mut a = find(&mut vm1, "safe").unwrap();
+        let b = find(&mut vm1, "safe").unwrap();
+        assert_eq!((a.idx(), b.idx()), (0, 1));
+        a.attached_until(0b11);
+        drop(b);
+        a.attached_until(0b1);
+        // A saw index 1 detach: the next client gets 2, and so on for every index A saw go.
+        for expected in 2..16 {
+            let next = find(&mut vm1, "safe").unwrap();
+            assert_eq!(next.idx(), expected);
+            a.attached_until(0b1 | 1 << expected);
+            drop(next);
+            a.attached_until(0b1);
+        }
+        assert_eq!(
+            refused(find(&mut vm1, "safe")),
+            GuestShmStatus::ClientMax,
+            "indexes 1..16 are held back while A is attached"
+        );
+        // With A gone nobody remembers an index: the next client gets the lowest, 0.
+        a.attachment.connection.detach();
+        let again = find_when_not_full(&mut vm1, "safe");
+        assert_eq!(again.idx(), 0);
     }
 
     /// `sched`: each connection's notification thread (it turns doorbells into the device

@@ -370,8 +370,9 @@ fn peer_joining_a_running_vm_gets_ioeventfds() {
     assert_eq!(left, vec![0]);
 }
 
-/// A peer leaves and a new peer gets its id (the server's `lowest-free` ids) before the VMM
-/// re-syncs its ioeventfds: the doorbell for that id must reach the *new* peer's eventfd,
+/// A peer leaves and a new peer gets its id (the server's `lowest-free` ids, reused at once:
+/// `id_reuse = "immediate"`, for regions whose peers handle reuse, as this device model does)
+/// before the VMM re-syncs its ioeventfds: the doorbell for that id must reach the *new* peer's eventfd,
 /// not the old one the registry still holds (the descriptor number is usually the same).
 #[test]
 fn doorbell_reaches_a_new_peer_that_reuses_an_id() {
@@ -382,7 +383,8 @@ fn doorbell_reaches_a_new_peer_that_reuses_an_id() {
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
     let text = format!(
-        "root = {:?}\n[[region]]\nname = \"r\"\nsize = \"1M\"\nvectors = 1\nid_policy = \"lowest-free\"\n[vm.vm0]\n",
+        "root = {:?}\n[[region]]\nname = \"r\"\nsize = \"1M\"\nvectors = 1\nid_policy = \"lowest-free\"\n\
+         id_reuse = \"immediate\"\n[vm.vm0]\n",
         base.join("root").display().to_string()
     );
     let path = base.join("ivshm.toml");

@@ -103,6 +103,12 @@ pub struct CreateArgs {
     /// `increasing` or `lowest-free` (default: the server's).
     #[arg(long)]
     pub id_policy: Option<String>,
+    /// When the id of a peer that left may be given again (default: the server's): `safe`
+    /// holds it back while a peer that saw it leave is connected (QEMU 7.2 guests abort when
+    /// told of a new peer with such an id); `immediate` gives it at once (only for regions
+    /// whose peers all handle reuse).
+    #[arg(long, value_name = "RULE", value_parser = ["safe", "immediate"])]
+    pub id_reuse: Option<String>,
     /// Keep the region after its last peer leaves.
     #[arg(long)]
     pub persist: bool,
@@ -145,6 +151,7 @@ pub fn execute(c: ControlCommand) -> anyhow::Result<String> {
                 vectors: a.vectors,
                 peer_limit: a.peer_limit,
                 id_policy: a.id_policy,
+                id_reuse: a.id_reuse,
                 persist: a.persist,
             }),
         ),
@@ -269,6 +276,9 @@ fn ids(ids: &[u16]) -> String {
 
 fn region_line(r: &RegionReport) -> String {
     let mut flags = String::new();
+    if !r.held_ids.is_empty() {
+        flags.push_str(&format!(" held-ids=[{}]", ids(&r.held_ids)));
+    }
     if r.persist {
         flags.push_str(" persist");
     }
@@ -276,7 +286,7 @@ fn region_line(r: &RegionReport) -> String {
         flags.push_str(" detached");
     }
     format!(
-        "region {} size={} backend={} vectors={} peers={}/{} ids={} origin={} peer-ids=[{}]{flags} \
+        "region {} size={} backend={} vectors={} peers={}/{} ids={}{} origin={} peer-ids=[{}]{flags} \
          (QEMU: vectors={}, libvirt: <msi vectors='{}'>, or more)\n",
         r.name,
         r.size,
@@ -285,6 +295,12 @@ fn region_line(r: &RegionReport) -> String {
         r.peers.len(),
         r.peer_limit,
         r.id_policy,
+        // Older servers do not say.
+        if r.id_reuse.is_empty() {
+            String::new()
+        } else {
+            format!(" id-reuse={}", r.id_reuse)
+        },
         r.origin,
         ids(&r.peers),
         r.vectors,
@@ -382,7 +398,9 @@ mod tests {
             assert!(text.ends_with("}\n"), "{words}: {text}");
             serde_json::from_str(&text).unwrap_or_else(|e| panic!("{words}: {e}: {text}"))
         };
-        let created = json("region create a --size 64K --peer-limit 3 --id-policy increasing");
+        let created = json(
+            "region create a --size 64K --peer-limit 3 --id-policy increasing --id-reuse immediate",
+        );
         let ControlResult::Created { region } = &created else {
             panic!("{created:?}")
         };
@@ -391,9 +409,10 @@ mod tests {
                 region.size,
                 region.peer_limit,
                 region.id_policy.as_str(),
+                region.id_reuse.as_str(),
                 region.persist
             ),
-            (65536, 3, "increasing", false)
+            (65536, 3, "increasing", "immediate", false)
         );
         let text = typed(&control, "region create b --size 4096 --persist", false);
         assert!(text.starts_with("created region b size=4096 "), "{text}");
@@ -513,6 +532,8 @@ mod tests {
             vectors: 16,
             peer_limit: 16,
             id_policy: "lowest-free".into(),
+            id_reuse: "safe".into(),
+            held_ids: vec![1, 3],
             origin: "config".into(),
             persist: false,
             detached: false,
@@ -522,7 +543,21 @@ mod tests {
         };
         assert_eq!(
             render(&ControlResult::Regions {
-                regions: vec![region]
+                regions: vec![region.clone()]
+            }),
+            "region guest0mem size=1048576 backend=memfd vectors=16 peers=2/16 ids=lowest-free \
+             id-reuse=safe origin=config peer-ids=[0,2] held-ids=[1,3] (QEMU: vectors=16, \
+             libvirt: <msi vectors='16'>, or more)\n"
+        );
+        // An older server says nothing of reuse; nothing held: no held-ids.
+        let older = RegionReport {
+            id_reuse: String::new(),
+            held_ids: vec![],
+            ..region
+        };
+        assert_eq!(
+            render(&ControlResult::Regions {
+                regions: vec![older]
             }),
             "region guest0mem size=1048576 backend=memfd vectors=16 peers=2/16 ids=lowest-free \
              origin=config peer-ids=[0,2] (QEMU: vectors=16, libvirt: <msi vectors='16'>, \

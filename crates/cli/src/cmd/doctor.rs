@@ -618,6 +618,8 @@ mod tests {
                 vectors: 1,
                 peer_limit: 16,
                 id_policy: "increasing".into(),
+                id_reuse: "safe".into(),
+                held_ids: vec![],
                 origin: "standalone".into(),
                 persist: false,
                 detached: false,

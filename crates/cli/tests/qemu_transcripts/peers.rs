@@ -1,7 +1,9 @@
 //! QEMU 7.2's own `ivshmem-client` as a peer of `ivshm serve --config` (named regions, the
-//! sockets of two VMs' directories, lowest-free ids and a peer limit), next to our `ivshm`
-//! host commands: what QEMU's debug client sees of joins, leaves, doorbells in both directions,
-//! a refusal at the peer limit and the id reuse after it. Skipped (loudly) without QEMU's
+//! sockets of two VMs' directories, lowest-free ids reused at once and a peer limit), next to
+//! our `ivshm` host commands: what QEMU's debug client sees of joins, leaves, doorbells in both
+//! directions, a refusal at the peer limit and the id reuse after it. (QEMU's client, unlike
+//! QEMU's `ivshmem-doorbell` device, forgets a peer that leaves and starts afresh for a new one
+//! with its id, so the region may give ids again at once: `id_reuse = "immediate"`.) Skipped (loudly) without QEMU's
 //! programs unless `IVSHM_E2E=1`. (A module of the `qemu_transcripts` test binary: it shares
 //! the QEMU-program harness in `transcript.rs`.)
 
@@ -45,7 +47,7 @@ fn qemus_client_is_a_peer_of_named_regions() {
         format!(
             "root = {:?}\n\
              [[region]]\nname = \"shared\"\nsize = \"64K\"\nvectors = 2\npeer_limit = 2\n\
-             id_policy = \"lowest-free\"\n\
+             id_policy = \"lowest-free\"\nid_reuse = \"immediate\"\n\
              [vm.vm0]\nrules = [\"allow shared\"]\n\
              [vm.vm1]\nrules = [\"allow shared\"]\n",
             root.display().to_string()

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::config::{parse_duration, parse_file_mode};
-use crate::ids::IdPolicy;
+use crate::ids::{IdPolicy, IdReuse};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,6 +36,7 @@ pub(super) struct RawDefaults {
     pub(super) vectors: Option<Spanned<usize>>,
     pub(super) peer_limit: Option<Spanned<usize>>,
     pub(super) id_policy: Option<IdPolicy>,
+    pub(super) id_reuse: Option<IdReuse>,
     pub(super) backend: Option<Spanned<String>>,
     pub(super) dir: Option<PathBuf>,
     pub(super) keep_shm: Option<bool>,
@@ -60,6 +61,7 @@ pub(super) struct RawRegion {
     pub(super) vectors: Option<Spanned<usize>>,
     pub(super) peer_limit: Option<Spanned<usize>>,
     pub(super) id_policy: Option<IdPolicy>,
+    pub(super) id_reuse: Option<IdReuse>,
     pub(super) backend: Option<Spanned<String>>,
     pub(super) dir: Option<PathBuf>,
     pub(super) keep_shm: Option<bool>,

@@ -1,5 +1,5 @@
 use super::*;
-use crate::ids::IdPolicy;
+use crate::ids::{IdPolicy, IdReuse};
 use ivshm_policy::GuestShmStatus;
 
 fn parse_ok(text: &str) -> NamedConfig {
@@ -20,6 +20,7 @@ control_mode = "0600"
 [defaults]
 vectors = 8
 pow2 = "off"
+id_reuse = "immediate"
 dir_mode = 0o750
 socket_mode = "0660"
 
@@ -28,6 +29,7 @@ name = "shared"
 size = "1M"
 peer_limit = 2
 id_policy = "increasing"
+id_reuse = "safe"
 
 [vm.vm0]
 rules = ["deny pluto", "allow pluto*"]
@@ -49,6 +51,7 @@ qnx = """
     assert_eq!(named.defaults.vectors, 8);
     assert_eq!(named.defaults.peer_limit, 16);
     assert_eq!(named.defaults.id_policy, IdPolicy::LowestFree);
+    assert_eq!(named.defaults.id_reuse, IdReuse::Immediate);
     assert_eq!(named.defaults.pow2, Pow2Policy::Off);
     assert_eq!(named.directory.dir_mode, 0o750);
     assert_eq!(named.directory.socket_mode, 0o660);
@@ -57,6 +60,7 @@ qnx = """
     assert_eq!(named.regions[0].peer_limit, 2);
     assert_eq!(named.regions[0].vectors, 8);
     assert_eq!(named.regions[0].id_policy, IdPolicy::Increasing);
+    assert_eq!(named.regions[0].id_reuse, IdReuse::Safe);
     let vm0 = &named.vms[0];
     assert_eq!(vm0.name.as_str(), "vm0");
     assert_eq!(
@@ -108,6 +112,13 @@ fn every_error_names_file_line_and_option() {
         ("control_mode = \"0999\"\n", 1, "control_mode", "octal file mode"),
         ("[defaults]\ndir_mode = 0o17777\n", 2, "defaults.dir_mode", "not a file mode"),
         ("[defaults]\nid_policy = \"x\"\n", 2, "defaults.id_policy", "lowest-free"),
+        ("[defaults]\nid_reuse = \"never\"\n", 2, "defaults.id_reuse", "\"safe\" or \"immediate\""),
+        (
+            "[[region]]\nname = \"a\"\nsize = 1\nid_reuse = 1\n",
+            4,
+            "region[0].id_reuse",
+            "string",
+        ),
         ("[defaults]\npow2 = \"x\"\n", 2, "defaults.pow2", "round-up"),
         ("[defaults]\nmax_size = \"1Q\"\n", 2, "defaults.max_size", "unknown suffix"),
         ("[[region]]\nname = \"a\"\nsize = -1\n", 3, "region[0].size", "negative"),
@@ -272,6 +283,8 @@ fn the_shipped_examples_parse() {
     assert!(qnx.is_mmio());
     assert_eq!(named.regions[0].peer_limit, 4);
     assert_eq!(named.defaults.max_size, 256 << 20);
+    assert_eq!(named.defaults.id_policy, IdPolicy::LowestFree);
+    assert_eq!(named.defaults.id_reuse, IdReuse::Safe);
     let monitor = named
         .vms
         .iter()
