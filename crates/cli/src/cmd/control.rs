@@ -489,8 +489,8 @@ mod tests {
         assert_eq!(
             render(&created),
             "created region scratch size=65536 backend=memfd vectors=1 peers=0/16 \
-             ids=lowest-free origin=control peer-ids=[] persist (QEMU: vectors=1, libvirt: \
-             <msi vectors='1'>, or more)\n"
+             ids=lowest-free id-reuse=safe origin=control peer-ids=[] persist (QEMU: vectors=1, \
+             libvirt: <msi vectors='1'>, or more)\n"
         );
         let regions = request_result(&control, &ControlRequest::Regions).unwrap();
         assert!(render(&regions).starts_with("region scratch size=65536 "));
