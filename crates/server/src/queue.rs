@@ -3,7 +3,9 @@
 //! Peer sockets are non-blocking. A message that cannot go out at once waits here; the fd it
 //! carries is kept alive (shared `Arc`) until it has been sent, even if its owner has left.
 //! Handshake messages are exempt from the bound; everything queued after them counts, so a peer
-//! that stops reading is detected by [`OutgoingQueue::push`] failing.
+//! that stops reading is detected by [`OutgoingQueue::push`] failing. The vectors of a peer that
+//! leaves before they went out are taken back ([`OutgoingQueue::withdraw_vectors`]), so what
+//! waits is bounded by the peers present, not by how fast others come and go.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -90,6 +92,29 @@ impl OutgoingQueue {
             fd,
         });
         Ok(())
+    }
+
+    /// Takes back the queued messages that carry vectors of peer `id` and have not begun to go
+    /// out (`id` has left before this peer was sent them); returns how many. Handshake
+    /// messages among them stop counting as such.
+    pub fn withdraw_vectors(&mut self, id: u16) -> usize {
+        let bytes = encode(i64::from(id));
+        // A message partly sent has its fd on the way: it stays.
+        let started = usize::from(self.offset > 0);
+        let (mut index, mut withdrawn, mut from_handshake) = (0, 0, 0);
+        let handshake_left = self.handshake_left;
+        self.items.retain(|item| {
+            let i = index;
+            index += 1;
+            let withdraw = i >= started && item.fd.is_some() && item.bytes == bytes;
+            if withdraw {
+                withdrawn += 1;
+                from_handshake += usize::from(i < handshake_left);
+            }
+            !withdraw
+        });
+        self.handshake_left -= from_handshake;
+        withdrawn
     }
 
     /// Number of messages waiting (including a partly sent one).
@@ -208,6 +233,41 @@ mod tests {
         }
         assert_eq!(sent, n as u64);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn withdrawing_takes_back_only_unsent_vectors_of_that_peer() {
+        let efd = Arc::new(eventfd(0, EventfdFlags::CLOEXEC).unwrap());
+        let mut q = OutgoingQueue::new(4);
+        q.push_handshake(0, None); // version
+        q.push_handshake(9, None); // our id
+        q.push_handshake(7, Some(efd.clone())); // peer 7's vector, in the handshake
+        q.push_handshake(9, Some(efd.clone())); // our own vector
+        q.push(7, Some(efd.clone())).unwrap(); // (again: a second vector of 7)
+        q.push(5, Some(efd.clone())).unwrap();
+        q.push(7, None).unwrap(); // a leave of an earlier 7 (no fd): news, kept
+        assert_eq!(q.withdraw_vectors(7), 2);
+        assert_eq!(q.len(), 5);
+        // The handshake shrank with it: three left, so the bound still counts two after them.
+        q.push(1, None).unwrap();
+        q.push(2, None).unwrap();
+        assert_eq!(q.push(3, None), Err(QueueFull { limit: 4 }));
+        assert_eq!(q.withdraw_vectors(9), 1);
+        assert_eq!(q.withdraw_vectors(8), 0);
+        // The withdrawn clones are closed: peer 5's vector and the test's own are left.
+        assert_eq!(Arc::strong_count(&efd), 2);
+    }
+
+    /// A message partly sent keeps its place: its fd went with its first byte.
+    #[test]
+    fn a_partly_sent_vector_is_not_withdrawn() {
+        let efd = Arc::new(eventfd(0, EventfdFlags::CLOEXEC).unwrap());
+        let mut q = OutgoingQueue::new(16);
+        q.push(7, Some(efd.clone())).unwrap();
+        q.push(7, Some(efd.clone())).unwrap();
+        q.offset = 3; // as after a short send
+        assert_eq!(q.withdraw_vectors(7), 1);
+        assert_eq!(q.len(), 1);
     }
 
     /// A handshake of thousands of messages (a peer joining a large region) does not leave its

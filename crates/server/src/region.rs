@@ -570,7 +570,17 @@ impl Region {
                 .peer_left(&self.name, &self.memory, id, |survivor| {
                     peers.get(&survivor).map(|p| p.eventfds.as_slice())
                 });
+            let vectors = self.vectors;
             for other in self.peers.values_mut() {
+                // The departed peer's vectors this one has not been sent yet are taken back;
+                // if that was all of them it never heard of the peer and is not told it left.
+                // So a peer slow to read (or paused) holds news of the peers present only,
+                // however fast others join and leave: they cannot get it dropped for not
+                // keeping up, nor keep their eventfds open in its queue.
+                let withdrawn = other.queue.withdraw_vectors(id);
+                if vectors > 0 && withdrawn == vectors {
+                    continue;
+                }
                 if let Err(full) = other.queue.push(i64::from(id), None) {
                     work.push((other.id, RemovalReason::StoppedReading(full)));
                 }

@@ -29,6 +29,43 @@ fn churn_of_joins_leaves_and_drops_leaks_no_fd() {
         observer.expect_join(next, 4);
         next += 1;
         let mut silent_gone = false;
+        // Two peers that stay put 8 vectors in the silent peer's queue, past its bound of 4
+        // (the churn below would not: the vectors of a peer that left are taken back).
+        let mut stayers = Vec::new();
+        for _ in 0..2 {
+            // It reads its handshake (whoever is there by then), so fds may be sent to it.
+            let mut p = RawPeer::connect(&path);
+            p.expect(0, false);
+            assert_eq!(p.recv().value, i64::from(next));
+            let mut own = 0;
+            while own < 4 {
+                let m = p.recv();
+                own += usize::from(m.value == i64::from(next) && m.fd.is_some());
+            }
+            let mut joined = 0;
+            while joined < 4 {
+                let m = observer.recv();
+                match (m.value, m.fd.is_some()) {
+                    (1, false) if !silent_gone => silent_gone = true,
+                    (v, true) if v == i64::from(next) => joined += 1,
+                    other => panic!("unexpected message {other:?}"),
+                }
+            }
+            stayers.push((next, p));
+            next += 1;
+        }
+        // They go before the churn (they do not read either).
+        for (id, stayer) in stayers {
+            drop(stayer);
+            loop {
+                match observer.recv() {
+                    m if m.value == 1 && m.fd.is_none() && !silent_gone => silent_gone = true,
+                    m if m.value == i64::from(id) && m.fd.is_none() => break,
+                    m => panic!("unexpected message {:?}", (m.value, m.fd.is_some())),
+                }
+            }
+        }
+        assert!(silent_gone, "the silent peer should have been dropped");
         for round in 0..60 {
             let mut p = RawPeer::connect(&path);
             // Alternate: full handshake, partial handshake, none, and a garbage writer.
@@ -52,7 +89,6 @@ fn churn_of_joins_leaves_and_drops_leaks_no_fd() {
             while !(joined == 4 && left) {
                 let m = observer.recv();
                 match (m.value, m.fd.is_some()) {
-                    (1, false) if !silent_gone => silent_gone = true,
                     (v, true) if v == i64::from(next) && joined < 4 => joined += 1,
                     (v, false) if v == i64::from(next) && joined == 4 => left = true,
                     other => panic!("unexpected message {other:?}"),
@@ -60,7 +96,6 @@ fn churn_of_joins_leaves_and_drops_leaks_no_fd() {
             }
             next += 1;
         }
-        assert!(silent_gone, "the silent peer should have been dropped");
         drop(silent);
         assert_eq!(
             open_fds(),
@@ -69,7 +104,7 @@ fn churn_of_joins_leaves_and_drops_leaks_no_fd() {
         );
         drop(observer);
         let stats = server.shutdown().unwrap();
-        assert_eq!(stats.peers_joined, 62);
+        assert_eq!(stats.peers_joined, 64);
         assert_eq!(stats.peers_connected, 0);
     }
     assert_eq!(open_fds(), before, "fds leaked");

@@ -212,6 +212,55 @@ fn a_peer_that_writes_is_dropped_and_the_others_are_told() {
     assert_eq!(stats.peers_dropped, 1);
 }
 
+/// A peer that does not read for a while (a paused VM, a busy program) while others join and
+/// leave thousands of times is not dropped and does not hold their eventfds: the vectors of a
+/// peer that left before they were sent are taken back (and its leave is not news). What waits
+/// for a peer is bounded by the peers present, not by how fast others come and go.
+#[test]
+fn a_peer_that_pauses_reading_survives_a_flood_of_joins_and_leaves() {
+    let mut region = RegionConfig::new(socket_path("flood"));
+    region.memory.size = 1 << 20;
+    let mut config = ServerConfig::single(region);
+    config.max_queued_messages = 8;
+    let server = ServerHandle::spawn(config).unwrap();
+    let path = server.socket_path().to_path_buf();
+
+    let mut observer = RawPeer::connect(&path);
+    observer.handshake(1, &[]);
+    // Reads its handshake, then pauses.
+    let mut paused = RawPeer::connect(&path);
+    paused.handshake(1, &[0]);
+    observer.expect_join(1, 1);
+    // 2,000 joins and leaves: 4,000 messages, far past its socket buffer (64) and its queue (8).
+    for id in 2u16..2002 {
+        drop(RawPeer::connect(&path));
+        observer.expect_join(id, 1);
+        observer.expect_leave(id);
+    }
+    // Still connected: it reads what was sent before its buffer filled (joins and leaves of
+    // the first churners), then hears of a new peer.
+    let mut late = RawPeer::connect(&path);
+    let late_id = late.handshake(1, &[0, 1]).id;
+    observer.expect_join(late_id, 1);
+    let mut announced = std::collections::BTreeSet::new();
+    loop {
+        let m = paused.recv();
+        let id = u16::try_from(m.value).unwrap();
+        match m.fd {
+            Some(_) if id == late_id => break,
+            Some(_) => assert!(announced.insert(id), "peer {id} announced twice"),
+            // A leave only of a peer it heard of.
+            None => assert!(announced.remove(&id), "leave of peer {id}, never announced"),
+        }
+    }
+    assert!(
+        announced.is_empty(),
+        "announced and never left: {announced:?}"
+    );
+    let stats = server.shutdown().unwrap();
+    assert_eq!(stats.peers_dropped, 0);
+}
+
 #[test]
 fn a_peer_that_never_reads_is_dropped_and_the_others_are_unaffected() {
     let mut region = RegionConfig::new(socket_path("silent"));
@@ -227,22 +276,26 @@ fn a_peer_that_never_reads_is_dropped_and_the_others_are_unaffected() {
     let silent = RawPeer::connect(&path);
     observer.expect_join(1, 1);
 
-    // Churn: every join and leave queues messages for the silent peer until its socket buffer
-    // and then its queue are full. The observer reads everything and must see the silent peer
-    // dropped; the loop bound only guards against a server that never drops it.
+    // Peers that join and stay queue their vectors for the silent peer (it is never sent an fd
+    // before it has read) until its queue is full. The observer reads everything and must see
+    // the silent peer dropped; the loop bound only guards against a server that never drops it.
     let mut dropped = false;
-    for id in 2u16..20_000 {
-        let churn = RawPeer::connect(&path);
-        drop(churn);
-        // The observer sees the churn peer join and leave; the silent peer's leave may come
-        // before, between or after those (it is dropped when a push finds its queue full).
-        let (mut joined, mut left) = (false, false);
-        while !(joined && left) {
+    let mut stayers = Vec::new();
+    for id in 2u16..100 {
+        // It reads its handshake, so it is sent what comes later (and is not dropped).
+        let mut stayer = RawPeer::connect(&path);
+        stayer.expect(0, false);
+        stayer.expect(i64::from(id), false);
+        while !matches!(stayer.recv(), m if m.value == i64::from(id) && m.fd.is_some()) {}
+        stayers.push(stayer);
+        // The observer sees the new peer join; the silent peer's leave may come before or
+        // after (it is dropped when a push finds its queue full).
+        let mut joined = false;
+        while !joined {
             let m = observer.recv();
             match (m.value, m.fd.is_some()) {
                 (1, false) if !dropped => dropped = true,
-                (v, true) if v == i64::from(id) && !joined => joined = true,
-                (v, false) if v == i64::from(id) && joined => left = true,
+                (v, true) if v == i64::from(id) => joined = true,
                 other => panic!("unexpected message {other:?}"),
             }
         }
@@ -251,6 +304,11 @@ fn a_peer_that_never_reads_is_dropped_and_the_others_are_unaffected() {
         }
     }
     assert!(dropped, "the silent peer was never dropped");
+    assert!(stayers.len() > 8, "dropped before its queue was full");
+    for (id, stayer) in (2u16..).zip(stayers) {
+        drop(stayer);
+        observer.expect_leave(id);
+    }
     // The observer is still served normally.
     let mut late = RawPeer::connect(&path);
     let jl = late.handshake(1, &[0]);
