@@ -140,6 +140,8 @@ struct Switch {
     pause: AtomicBool,
     /// Workers waiting in [`Switch::go`] for the pause to end.
     paused: AtomicUsize,
+    /// Workers that have ended (a failure ends its worker; the others go on).
+    ended: AtomicUsize,
 }
 
 impl Switch {
@@ -169,10 +171,12 @@ fn lull(
 ) -> Sample {
     switch.pause.store(true, Ordering::Release);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while switch.paused.load(Ordering::Acquire) < workers && Instant::now() < deadline {
+    let still =
+        || switch.paused.load(Ordering::Acquire) + switch.ended.load(Ordering::Acquire) >= workers;
+    while !still() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
-    if switch.paused.load(Ordering::Acquire) < workers {
+    if !still() {
         tally.fail("the workers did not pause within 30 s (one is stuck)".into());
     }
     // unused_timeout is 1 s.
@@ -269,6 +273,7 @@ pub fn soak(a: &SoakArgs) -> anyhow::Result<SoakReport> {
             if let Err(e) = doorbells(pair, &tally, &switch) {
                 tally.fail(format!("doorbells: {e:#}"));
             }
+            switch.ended.fetch_add(1, Ordering::AcqRel);
         })
     }];
     type Worker = fn(&Layout, &Tally, &Switch) -> anyhow::Result<()>;
@@ -285,6 +290,7 @@ pub fn soak(a: &SoakArgs) -> anyhow::Result<SoakReport> {
             if let Err(e) = job(&layout, &tally, &switch) {
                 tally.fail(format!("{name}: {e:#}"));
             }
+            switch.ended.fetch_add(1, Ordering::AcqRel);
         }));
     }
     let start = Instant::now();
