@@ -12,6 +12,7 @@ use std::any::TypeId;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -229,6 +230,9 @@ fn run(program: &str, argv: &[String], cwd: &Path, input: Option<&str>) -> Ended
         })
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        // A group of its own, so that what it started (the `ivshm serve` of `ivshm bench`)
+        // is killed with it: a SIGKILL gives it no chance to stop its children itself.
+        .process_group(0)
         .spawn()
         .unwrap();
     if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
@@ -246,7 +250,8 @@ fn run(program: &str, argv: &[String], cwd: &Path, input: Option<&str>) -> Ended
             break Some(status);
         }
         if Instant::now() >= deadline {
-            let _ = child.kill();
+            let group = rustix::process::Pid::from_child(&child);
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
             let _ = child.wait();
             break None;
         }
