@@ -218,11 +218,15 @@ impl Layout {
         self.root.join("control.sock")
     }
 
-    /// Writes the configuration, with or without the second VM.
+    /// Writes the configuration, with or without the second VM. Ids are reused at once
+    /// (`id_reuse = "immediate"`): the soak's peers are this library's, which take a reused
+    /// id, and with the default every id the churn frees would be held back for as long as
+    /// the doorbell pair stays, so joins would soon be refused.
     fn write_config(&self, spare: bool) -> anyhow::Result<()> {
         let mut text = format!(
-            "root = {:?}\n[defaults]\nvectors = 2\npeer_limit = 256\nmax_regions_per_vm = {QUOTA}\n\
-             unused_timeout = \"1s\"\n[[region]]\nname = \"hub\"\nsize = \"64K\"\n[vm.soak]\n",
+            "root = {:?}\n[defaults]\nvectors = 2\npeer_limit = 256\nid_reuse = \"immediate\"\n\
+             max_regions_per_vm = {QUOTA}\nunused_timeout = \"1s\"\n[[region]]\nname = \"hub\"\n\
+             size = \"64K\"\n[vm.soak]\n",
             self.root.display().to_string()
         );
         if spare {
