@@ -52,7 +52,13 @@ pub enum Corruption {
     /// An offset derived from the region left it (cannot happen with a validated geometry;
     /// reported instead of touching memory outside the region).
     #[error("access outside the region: {0}")]
-    OutOfBounds(#[from] OutOfBounds),
+    OutOfBounds(OutOfBounds),
+}
+
+impl From<OutOfBounds> for Corruption {
+    fn from(error: OutOfBounds) -> Self {
+        Corruption::OutOfBounds(error)
+    }
 }
 
 /// Opening or using a region failed.
@@ -60,7 +66,7 @@ pub enum Corruption {
 pub enum RegionError {
     /// The region header is invalid or of an unknown version.
     #[error("invalid channel region: {0}")]
-    Layout(#[from] LayoutError),
+    Layout(LayoutError),
     /// The region is all zero (not formatted) and formatting was not asked for.
     #[error("the region is not formatted for channels (all zero); format it first")]
     NotFormatted,
@@ -116,7 +122,19 @@ pub enum RegionError {
     },
     /// The directory (not one channel) is corrupt.
     #[error("the channel directory is corrupt: {0}")]
-    Corrupt(#[from] Corruption),
+    Corrupt(Corruption),
+}
+
+impl From<LayoutError> for RegionError {
+    fn from(error: LayoutError) -> Self {
+        RegionError::Layout(error)
+    }
+}
+
+impl From<Corruption> for RegionError {
+    fn from(error: Corruption) -> Self {
+        RegionError::Corrupt(error)
+    }
 }
 
 /// A channel operation failed.
@@ -170,5 +188,11 @@ pub enum ChannelError {
     },
     /// The doorbell failed.
     #[error("doorbell: {0}")]
-    Doorbell(#[from] DoorbellError),
+    Doorbell(DoorbellError),
+}
+
+impl From<DoorbellError> for ChannelError {
+    fn from(error: DoorbellError) -> Self {
+        ChannelError::Doorbell(error)
+    }
 }

@@ -34,10 +34,10 @@ pub const ENV: &str = "IVSHM_LOCAL_BUS";
 pub enum LocalError {
     /// Creating the memfd failed.
     #[error("creating the memory: {0}")]
-    Memory(#[from] ivshm_mem::BackendError),
+    Memory(ivshm_mem::BackendError),
     /// Mapping it failed.
     #[error("mapping the memory: {0}")]
-    Map(#[from] ivshm_mem::MapError),
+    Map(ivshm_mem::MapError),
     /// A system call failed.
     #[error("{op} failed: {errno}")]
     Sys {
@@ -65,6 +65,18 @@ pub enum LocalError {
     /// The environment variable is malformed or names fds that are not open.
     #[error("{ENV} is invalid: {0}")]
     BadEnv(String),
+}
+
+impl From<ivshm_mem::BackendError> for LocalError {
+    fn from(error: ivshm_mem::BackendError) -> Self {
+        LocalError::Memory(error)
+    }
+}
+
+impl From<ivshm_mem::MapError> for LocalError {
+    fn from(error: ivshm_mem::MapError) -> Self {
+        LocalError::Map(error)
+    }
 }
 
 fn sys(op: &'static str) -> impl Fn(Errno) -> LocalError {

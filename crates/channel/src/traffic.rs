@@ -58,15 +58,14 @@ pub enum TrafficError {
         at: usize,
     },
     /// Sending or receiving failed.
-    #[error("{what} message {seq}: {source}")]
+    #[error("{what} message {seq}: {error}")]
     Channel {
         /// `sending` or `receiving`.
         what: &'static str,
         /// The message's place in its stream.
         seq: u64,
         /// The channel's error.
-        #[source]
-        source: ChannelError,
+        error: ChannelError,
     },
     /// The sending thread panicked (a bug, reported rather than propagated).
     #[error("the sending thread panicked")]
@@ -214,10 +213,10 @@ fn send_stream(tx: &mut Sender, stream: Stream, ex: &Exchange) -> Result<(u64, u
     for seq in 0..ex.count {
         stream.message(seq, &mut buf);
         tx.send(&buf, ex.timeout)
-            .map_err(|source| TrafficError::Channel {
+            .map_err(|error| TrafficError::Channel {
                 what: "sending",
                 seq,
-                source,
+                error,
             })?;
         bytes += buf.len() as u64;
     }
@@ -236,10 +235,10 @@ fn receive_stream(
     let (mut bytes, mut damaged) = (0u64, 0u64);
     for seq in 0..ex.count {
         rx.recv(&mut buf, ex.timeout)
-            .map_err(|source| TrafficError::Channel {
+            .map_err(|error| TrafficError::Channel {
                 what: "receiving",
                 seq,
-                source,
+                error,
             })?;
         match stream.verify(seq, &buf, &mut scratch) {
             Ok(()) => {}

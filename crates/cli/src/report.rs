@@ -3,8 +3,10 @@
 //! `RUST_LIB_BACKTRACE` is set; only its `Debug` form prints it).
 
 /// `error`'s message, then each cause's after `": "`, skipping a cause whose text the line
-/// already holds (an error that writes its source into its own message and also returns it
-/// from `source()` would otherwise say it twice, as `{:#}` does).
+/// already holds. The workspace's own errors never return a source (their messages carry the
+/// cause: docs/development.md, "House rules"); a third-party error that writes its source into
+/// its message and also returns it from `source()` would otherwise say it twice, as `{:#}`
+/// does.
 pub fn one_line(error: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in error.chain() {

@@ -83,9 +83,9 @@ impl Session {
 
 /// Connects a non-blocking UNIX stream socket to `path`.
 pub fn connect_socket(path: &Path) -> Result<OwnedFd, ClientError> {
-    let err = |source| ClientError::Connect {
+    let err = |error| ClientError::Connect {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let socket = socket_with(
         AddressFamily::UNIX,

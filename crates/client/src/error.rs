@@ -13,16 +13,16 @@ use crate::handshake::HandshakeError;
 #[derive(Debug, Error)]
 pub enum ClientError {
     /// The socket could not be created or connected.
-    #[error("cannot connect to {path}: {source}{}", connect_hint(*.source))]
+    #[error("cannot connect to {path}: {error}{}", connect_hint(*.error))]
     Connect {
         /// The socket path.
         path: PathBuf,
         /// The error.
-        source: Errno,
+        error: Errno,
     },
     /// The server sent something the handshake rejects.
     #[error("handshake with the server failed: {0}")]
-    Handshake(#[from] HandshakeError),
+    Handshake(HandshakeError),
     /// The handshake did not complete in time.
     #[error("the server did not complete the handshake within {0:?}")]
     HandshakeTimeout(std::time::Duration),
@@ -42,21 +42,21 @@ pub enum ClientError {
     ClosedDuringHandshake,
     /// Receiving a message failed.
     #[error("receiving from the server failed: {0}")]
-    Receive(#[from] FdPassingError),
+    Receive(FdPassingError),
     /// The server has gone (closed the socket); see `ConnectOptions::reconnect`.
     #[error("the server closed the connection")]
     ServerGone,
     /// A system call failed.
-    #[error("{what} failed: {source}")]
+    #[error("{what} failed: {error}")]
     Sys {
         /// What was being done.
         what: &'static str,
         /// The error.
-        source: Errno,
+        error: Errno,
     },
     /// The shared memory could not be mapped.
     #[error("cannot map the shared memory: {0}")]
-    Map(#[from] MapError),
+    Map(MapError),
     /// The shared memory is too large to map in this address space.
     #[error("shared memory of {0} bytes is too large to map here")]
     TooLarge(u64),
@@ -73,6 +73,24 @@ pub enum ClientError {
         /// How many vectors it has.
         vectors: usize,
     },
+}
+
+impl From<HandshakeError> for ClientError {
+    fn from(error: HandshakeError) -> Self {
+        ClientError::Handshake(error)
+    }
+}
+
+impl From<FdPassingError> for ClientError {
+    fn from(error: FdPassingError) -> Self {
+        ClientError::Receive(error)
+    }
+}
+
+impl From<MapError> for ClientError {
+    fn from(error: MapError) -> Self {
+        ClientError::Map(error)
+    }
 }
 
 /// What a user can do about a failed connect.
@@ -99,7 +117,7 @@ fn connect_hint(errno: Errno) -> &'static str {
 impl ClientError {
     /// Wraps a failed system call.
     pub(crate) fn sys(what: &'static str) -> impl FnOnce(Errno) -> ClientError {
-        move |source| ClientError::Sys { what, source }
+        move |error| ClientError::Sys { what, error }
     }
 }
 
@@ -107,10 +125,10 @@ impl ClientError {
 mod tests {
     use super::*;
 
-    fn connect_error(source: Errno) -> String {
+    fn connect_error(error: Errno) -> String {
         ClientError::Connect {
             path: PathBuf::from("/run/x.sock"),
-            source,
+            error,
         }
         .to_string()
     }

@@ -32,14 +32,14 @@ const PRUNE_AFTER: Duration = Duration::from_secs(3600);
 #[derive(Debug, thiserror::Error)]
 pub enum InitramfsError {
     /// Reading an input file or writing the image failed.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {error}")]
     Io {
         /// What was being done.
         what: &'static str,
         /// The file concerned.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A guest path is not absolute or contains `..`.
     #[error("guest path {0:?} must be absolute and must not contain `..`")]
@@ -64,10 +64,10 @@ pub struct InitramfsSpec {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, InitramfsError> {
-    std::fs::read(path).map_err(|source| InitramfsError::Io {
+    std::fs::read(path).map_err(|error| InitramfsError::Io {
         what: "reading",
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 
@@ -211,7 +211,7 @@ impl InitramfsSpec {
         }
         let io = |what, path: &Path| {
             let path = path.to_path_buf();
-            move |source| InitramfsError::Io { what, path, source }
+            move |error| InitramfsError::Io { what, path, error }
         };
         std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
         prune(&dir);
@@ -268,12 +268,12 @@ impl InitramfsSpec {
                 .map_err(|e| e.into_error())?
                 .sync_all()
         };
-        if let Err(source) = write() {
+        if let Err(error) = write() {
             let _ = std::fs::remove_file(&tmp);
             return Err(InitramfsError::Io {
                 what: "writing",
                 path: tmp,
-                source,
+                error,
             });
         }
         std::fs::rename(&tmp, &path).map_err(io("renaming to", &path))?;

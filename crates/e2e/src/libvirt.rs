@@ -49,12 +49,12 @@ pub enum LibvirtError {
     #[error("{0} (run scripts/install-deps)")]
     Missing(String),
     /// Running a program failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Io {
         /// What was done.
         what: String,
         /// Why it failed.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A `virsh` command failed.
     #[error("virsh {args}: exit status {status}: {output}")]
@@ -76,7 +76,7 @@ pub enum LibvirtError {
 
 fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LibvirtError {
     let what = what.into();
-    move |source| LibvirtError::Io { what, source }
+    move |error| LibvirtError::Io { what, error }
 }
 
 fn find_program(program: &str) -> Option<PathBuf> {

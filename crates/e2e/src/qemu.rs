@@ -43,14 +43,14 @@ pub enum QemuError {
     #[error(transparent)]
     Build(#[from] BuildError),
     /// Starting QEMU, writing the log or talking to its console failed.
-    #[error("guest {guest}: {what}: {source}")]
+    #[error("guest {guest}: {what}: {error}")]
     Io {
         /// The guest's name.
         guest: String,
         /// What was being done.
         what: String,
         /// The underlying error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A wait timed out.
     #[error("guest {guest}: timed out after {timeout:?} waiting for {what}\n{context}")]
@@ -439,11 +439,7 @@ impl QemuGuest {
         let io = |what: &str| {
             let guest = name.to_string();
             let what = what.to_string();
-            move |source| QemuError::Io {
-                guest,
-                what,
-                source,
-            }
+            move |error| QemuError::Io { guest, what, error }
         };
         let log_dir = workspace::log_dir();
         std::fs::create_dir_all(&log_dir).map_err(io("creating the log directory"))?;
@@ -478,11 +474,11 @@ impl QemuGuest {
             next_command: 1,
             exit_status: None,
         };
-        let reader = console::spawn_reader(console_out, console, Some(log)).map_err(|source| {
+        let reader = console::spawn_reader(console_out, console, Some(log)).map_err(|error| {
             QemuError::Io {
                 guest: name.to_string(),
                 what: "starting a reader".into(),
-                source,
+                error,
             }
         })?;
         guest.readers.push(reader);
@@ -494,11 +490,7 @@ impl QemuGuest {
         let io = |what: &str| {
             let guest = name.clone();
             let what = what.to_string();
-            move |source| QemuError::Io {
-                guest,
-                what,
-                source,
-            }
+            move |error| QemuError::Io { guest, what, error }
         };
         let (log_path, log) = Self::create_log(&name)?;
         let stderr_log = log.try_clone().map_err(io("duplicating the serial log"))?;
@@ -525,7 +517,7 @@ impl QemuGuest {
             return Err(QemuError::Io {
                 guest: name,
                 what: "taking QEMU's pipes".into(),
-                source: std::io::Error::other("pipe missing"),
+                error: std::io::Error::other("pipe missing"),
             });
         };
         let console = Arc::new(ConsoleBuffer::default());
@@ -652,10 +644,10 @@ impl QemuGuest {
         self.stdin
             .write_all(text.as_bytes())
             .and_then(|()| self.stdin.flush())
-            .map_err(|source| QemuError::Io {
+            .map_err(|error| QemuError::Io {
                 guest: name,
                 what: "writing to the serial console".into(),
-                source,
+                error,
             })
     }
 
@@ -731,10 +723,10 @@ impl QemuGuest {
             Vm::Qemu(child) => orphan::wait_until(child, deadline),
             Vm::External(vm) => vm.wait_until(deadline),
         }
-        .map_err(|source| QemuError::Io {
+        .map_err(|error| QemuError::Io {
             guest: self.name.clone(),
             what: "waiting for QEMU".into(),
-            source,
+            error,
         })?;
         let Some(status) = polled else {
             return Err(QemuError::Timeout {

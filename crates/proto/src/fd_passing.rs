@@ -27,7 +27,7 @@ const RECV_FD_ROOM: usize = 4;
 pub enum FdPassingError {
     /// The socket call failed.
     #[error("socket error: {0}")]
-    Io(#[from] Errno),
+    Io(Errno),
     /// The kernel had to drop ancillary data (fds) because our buffer was too small.
     #[error("received file descriptors were truncated by the kernel")]
     FdsTruncated,
@@ -140,7 +140,7 @@ impl MessageReader {
                 Ok(msg) => msg,
                 Err(Errno::INTR) => continue,
                 Err(Errno::AGAIN) => return Ok(Received::WouldBlock),
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(FdPassingError::Io(e)),
             };
             let mut received: Vec<OwnedFd> = Vec::new();
             for message in control.drain() {

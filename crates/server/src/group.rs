@@ -45,13 +45,12 @@ pub enum GroupError {
     #[error("group id {0} is out of range")]
     BadId(String),
     /// The group file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}: {error}", path.display())]
     Unreadable {
         /// The file.
         path: PathBuf,
         /// Why.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// No such group.
     #[error("no group named {0:?} in /etc/group")]
@@ -69,10 +68,10 @@ impl GroupSpec {
         match self {
             GroupSpec::Id(id) => Ok(*id),
             GroupSpec::Name(name) => {
-                let text = std::fs::read_to_string(group_file).map_err(|source| {
+                let text = std::fs::read_to_string(group_file).map_err(|error| {
                     GroupError::Unreadable {
                         path: group_file.to_path_buf(),
-                        source,
+                        error,
                     }
                 })?;
                 find_gid(&text, name).ok_or_else(|| GroupError::Unknown(name.clone()))

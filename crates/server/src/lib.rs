@@ -96,23 +96,23 @@ pub enum ServerError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// A region's memory could not be created.
-    #[error("region {region}: {source}")]
+    #[error("region {region}: {error}")]
     Memory {
         /// The region.
         region: String,
         /// Why.
-        source: ivshm_mem::BackendError,
+        error: ivshm_mem::BackendError,
     },
     /// A listening socket could not be set up.
     #[error(transparent)]
     Listener(#[from] listener::ListenerError),
     /// The metrics listener could not be opened.
-    #[error("metrics listener on {address}: {source}")]
+    #[error("metrics listener on {address}: {error}")]
     Metrics {
         /// The address asked for.
         address: String,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The event loop failed.
     #[error("event loop: {0}")]

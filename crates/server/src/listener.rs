@@ -62,7 +62,7 @@ pub enum ListenerError {
     PathTooLong(#[from] SocketPathTooLong),
     /// The socket group could not be resolved.
     #[error("socket group: {0}")]
-    Group(#[from] GroupError),
+    Group(GroupError),
     /// A system call failed.
     #[error("{what} {path}: {errno}")]
     Sys {
@@ -73,6 +73,12 @@ pub enum ListenerError {
         /// The error.
         errno: Errno,
     },
+}
+
+impl From<GroupError> for ListenerError {
+    fn from(error: GroupError) -> Self {
+        ListenerError::Group(error)
+    }
 }
 
 fn sys<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(Errno) -> ListenerError + 'a {

@@ -32,9 +32,9 @@ pub const MAX_CONNECTIONS: usize = 16;
 /// Opens a TCP listener on `address` for [`Server::serve_metrics`](crate::Server::serve_metrics)
 /// (separate, so that a program can bind it before it sets anything else up).
 pub fn bind(address: std::net::SocketAddr) -> Result<std::net::TcpListener, crate::ServerError> {
-    std::net::TcpListener::bind(address).map_err(|source| crate::ServerError::Metrics {
+    std::net::TcpListener::bind(address).map_err(|error| crate::ServerError::Metrics {
         address: address.to_string(),
-        source,
+        error,
     })
 }
 

@@ -29,13 +29,12 @@ pub(crate) enum ReloadError {
     #[error(transparent)]
     File(#[from] FileConfigError),
     /// The file's configuration cannot work.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Invalid {
         /// The file.
         path: PathBuf,
         /// What is wrong.
-        #[source]
-        source: ConfigError,
+        error: ConfigError,
     },
     /// The file configures no named regions.
     #[error("{}: no named configuration", path.display())]
@@ -244,8 +243,8 @@ impl NamedRegions {
             return Err(ReloadError::NoFile);
         };
         let config = config_file::load(&path)?;
-        if let Err(source) = config.validate() {
-            return Err(ReloadError::Invalid { path, source });
+        if let Err(error) = config.validate() {
+            return Err(ReloadError::Invalid { path, error });
         }
         let Some(mut new) = config.named else {
             return Err(ReloadError::NotNamed { path });

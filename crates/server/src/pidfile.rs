@@ -22,12 +22,12 @@ use crate::dir_fd::{identity, Dir, Identity};
 
 /// The pid file could not be written.
 #[derive(Debug, Error)]
-#[error("cannot write pid file {path}: {source}")]
+#[error("cannot write pid file {path}: {error}")]
 pub struct PidFileError {
     /// The file.
     pub path: PathBuf,
     /// Why.
-    pub source: std::io::Error,
+    pub error: std::io::Error,
 }
 
 /// A written pid file; removed on drop if the path still names it.
@@ -52,9 +52,9 @@ impl PidFile {
     /// pid file, or a symlink, which is replaced and never followed). `path` must end in a
     /// file name; a directory there is an error.
     pub fn create(path: &Path) -> Result<PidFile, PidFileError> {
-        let err = |source: std::io::Error| PidFileError {
+        let err = |error: std::io::Error| PidFileError {
             path: path.to_path_buf(),
-            source,
+            error,
         };
         let name = path.file_name().ok_or_else(|| {
             err(std::io::Error::new(

@@ -104,7 +104,7 @@ pub(crate) enum AddSocketError {
     NoRegion,
     /// The event loop could not watch the socket.
     #[error("cannot watch the socket: {0}")]
-    Watch(#[source] Errno),
+    Watch(Errno),
 }
 
 /// What became of a socket taken out of a region (its file is gone).
@@ -253,10 +253,10 @@ impl Regions {
         };
         let id = self.next_id();
         let region =
-            Region::new(id, &spec, self.queue_limit, self.mark_departures).map_err(|source| {
+            Region::new(id, &spec, self.queue_limit, self.mark_departures).map_err(|error| {
                 ServerError::Memory {
                     region: spec.name.clone(),
-                    source,
+                    error,
                 }
             })?;
         let listener = Listener::bind(&config.listener)?;

@@ -385,9 +385,9 @@ impl Server {
         let bound = listener
             .local_addr()
             .and_then(|a| listener.set_nonblocking(true).map(|()| a))
-            .map_err(|source| ServerError::Metrics {
+            .map_err(|error| ServerError::Metrics {
                 address: "the metrics listener".to_string(),
-                source,
+                error,
             })?;
         self.endpoints
             .add_metrics_listener(std::os::fd::OwnedFd::from(listener))

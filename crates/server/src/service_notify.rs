@@ -30,23 +30,23 @@ pub enum NotifyError {
     )]
     Unsupported(String),
     /// The address does not fit a unix socket address.
-    #[error("NOTIFY_SOCKET={address:?}: {source}")]
+    #[error("NOTIFY_SOCKET={address:?}: {error}")]
     Address {
         /// The address.
         address: String,
         /// Why.
-        source: rustix::io::Errno,
+        error: rustix::io::Errno,
     },
     /// The datagram socket could not be created.
     #[error("creating the notification socket: {0}")]
     Socket(rustix::io::Errno),
     /// Sending failed.
-    #[error("notifying the service manager at {address}: {source}")]
+    #[error("notifying the service manager at {address}: {error}")]
     Send {
         /// Where it was sent.
         address: String,
         /// Why.
-        source: rustix::io::Errno,
+        error: rustix::io::Errno,
     },
 }
 
@@ -77,9 +77,9 @@ impl ServiceNotifier {
             Some(b'/') => SocketAddrUnix::new(bytes),
             _ => return Err(NotifyError::Unsupported(display)),
         }
-        .map_err(|source| NotifyError::Address {
+        .map_err(|error| NotifyError::Address {
             address: display.clone(),
-            source,
+            error,
         })?;
         let socket = rustix::net::socket_with(
             AddressFamily::UNIX,
@@ -104,9 +104,9 @@ impl ServiceNotifier {
             &self.address,
         )
         .map(|_| ())
-        .map_err(|source| NotifyError::Send {
+        .map_err(|error| NotifyError::Send {
             address: self.display.clone(),
-            source,
+            error,
         })
     }
 

@@ -35,40 +35,36 @@ use crate::named::{is_vm_socket_name, DirectoryConfig};
 #[derive(Debug, Error)]
 pub enum DirError {
     /// The socket root's path cannot be made absolute (factory answers carry absolute paths).
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Absolute {
         /// The socket root as configured.
         path: PathBuf,
         /// Why.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// Creating the socket root failed.
-    #[error("creating {}: {source}", path.display())]
+    #[error("creating {}: {error}", path.display())]
     CreateRoot {
         /// The socket root.
         path: PathBuf,
         /// Why.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// Creating a VM directory failed.
-    #[error("creating {}: {source}", path.display())]
+    #[error("creating {}: {error}", path.display())]
     Create {
         /// The directory.
         path: PathBuf,
         /// Why.
-        #[source]
-        source: Errno,
+        error: Errno,
     },
     /// Opening the socket root or a VM directory failed.
-    #[error("opening {}: {source}", path.display())]
+    #[error("opening {}: {error}", path.display())]
     Open {
         /// The directory.
         path: PathBuf,
         /// Why.
-        #[source]
-        source: Errno,
+        error: Errno,
     },
     /// The socket root or a VM directory is a symbolic link.
     #[error(
@@ -132,31 +128,28 @@ pub enum DirError {
         path: PathBuf,
     },
     /// The directory's group cannot be resolved.
-    #[error("group of {}: {source}", path.display())]
+    #[error("group of {}: {error}", path.display())]
     Group {
         /// The directory.
         path: PathBuf,
         /// Why.
-        #[source]
-        source: GroupError,
+        error: GroupError,
     },
     /// Changing the owner of a directory failed.
-    #[error("changing owner of {}: {source}", path.display())]
+    #[error("changing owner of {}: {error}", path.display())]
     ChangeOwner {
         /// The directory.
         path: PathBuf,
         /// Why.
-        #[source]
-        source: Errno,
+        error: Errno,
     },
     /// Changing the mode of a directory failed.
-    #[error("changing mode of {}: {source}", path.display())]
+    #[error("changing mode of {}: {error}", path.display())]
     Mode {
         /// The directory.
         path: PathBuf,
         /// Why.
-        #[source]
-        source: Errno,
+        error: Errno,
     },
     /// A socket in a VM directory cannot be bound.
     #[error(transparent)]
@@ -179,24 +172,24 @@ impl SocketRoot {
     /// Makes `root` absolute (against the working directory), creates it with mode 0755 if it
     /// does not exist, opens it and checks it and its parents.
     pub(crate) fn open(root: &Path) -> Result<SocketRoot, DirError> {
-        let root = std::path::absolute(root).map_err(|source| DirError::Absolute {
+        let root = std::path::absolute(root).map_err(|error| DirError::Absolute {
             path: root.to_path_buf(),
-            source,
+            error,
         })?;
         if let Some(parent) = root.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| DirError::CreateRoot {
+            std::fs::create_dir_all(parent).map_err(|error| DirError::CreateRoot {
                 path: root.clone(),
-                source,
+                error,
             })?;
             check_parents(parent)?;
         }
         let created = match rustix::fs::mkdir(&root, rustix::fs::Mode::from_raw_mode(0o755)) {
             Ok(()) => true,
             Err(Errno::EXIST) => false,
-            Err(source) => {
+            Err(error) => {
                 return Err(DirError::CreateRoot {
                     path: root,
-                    source: source.into(),
+                    error: error.into(),
                 })
             }
         };
@@ -206,9 +199,9 @@ impl SocketRoot {
             dir.set_owner_and_mode(None, None, 0o755)
                 .map_err(|e| owner_or_mode_error(&root, e))?;
         }
-        let stat = dir.stat().map_err(|source| DirError::Open {
+        let stat = dir.stat().map_err(|error| DirError::Open {
             path: root.clone(),
-            source,
+            error,
         })?;
         check_own(&root, &stat)?;
         Ok(SocketRoot {
@@ -230,9 +223,9 @@ impl SocketRoot {
             check_parents(parent)?;
         }
         let now = open_dir(path, Dir::open_no_link(path))?;
-        let stat = now.stat().map_err(|source| DirError::Open {
+        let stat = now.stat().map_err(|error| DirError::Open {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         if identity(&stat) != self.id {
             return Err(DirError::RootReplaced {
@@ -251,29 +244,29 @@ impl SocketRoot {
 /// Opens a directory, turning `ELOOP` into [`DirError::Symlink`] and `ENOTDIR` into
 /// [`DirError::NotADirectory`].
 fn open_dir(path: &Path, opened: Result<Dir, Errno>) -> Result<Dir, DirError> {
-    opened.map_err(|source| match source {
+    opened.map_err(|error| match error {
         Errno::LOOP => DirError::Symlink {
             path: path.to_path_buf(),
         },
         Errno::NOTDIR => DirError::NotADirectory {
             path: path.to_path_buf(),
         },
-        source => DirError::Open {
+        error => DirError::Open {
             path: path.to_path_buf(),
-            source,
+            error,
         },
     })
 }
 
 fn owner_or_mode_error(path: &Path, e: OwnerOrMode) -> DirError {
     match e {
-        OwnerOrMode::Owner(source) => DirError::ChangeOwner {
+        OwnerOrMode::Owner(error) => DirError::ChangeOwner {
             path: path.to_path_buf(),
-            source,
+            error,
         },
-        OwnerOrMode::Mode(source) => DirError::Mode {
+        OwnerOrMode::Mode(error) => DirError::Mode {
             path: path.to_path_buf(),
-            source,
+            error,
         },
     }
 }
@@ -315,9 +308,9 @@ fn check_parents(parent: &Path) -> Result<(), DirError> {
             if !checked.insert(dir.to_path_buf()) {
                 continue;
             }
-            let stat = rustix::fs::stat(dir).map_err(|source| DirError::Open {
+            let stat = rustix::fs::stat(dir).map_err(|error| DirError::Open {
                 path: dir.to_path_buf(),
-                source,
+                error,
             })?;
             if stat.st_uid != 0 && stat.st_uid != euid {
                 return Err(DirError::Owner {
@@ -358,14 +351,14 @@ impl VmDirectory {
         let path = root.dir.join(name);
         root.dir
             .make_child(name, 0o700)
-            .map_err(|source| DirError::Create {
+            .map_err(|error| DirError::Create {
                 path: path.clone(),
-                source,
+                error,
             })?;
         let dir = open_dir(&path, root.dir.open_child(name))?;
-        let stat = dir.stat().map_err(|source| DirError::Open {
+        let stat = dir.stat().map_err(|error| DirError::Open {
             path: path.clone(),
-            source,
+            error,
         })?;
         if file_type(&stat) != FileType::Directory {
             return Err(DirError::NotADirectory { path });
@@ -387,9 +380,9 @@ impl VmDirectory {
             .as_ref()
             .map(|g| g.resolve())
             .transpose()
-            .map_err(|source| DirError::Group {
+            .map_err(|error| DirError::Group {
                 path: path.to_path_buf(),
-                source,
+                error,
             })?;
         self.dir
             .set_owner_and_mode(config.owner, gid, config.dir_mode)
@@ -437,13 +430,13 @@ impl VmDirectory {
         config: &DirectoryConfig,
     ) -> Result<(), DirError> {
         let path = self.file(name);
-        let file = self.dir.open_entry(name).map_err(|source| DirError::Open {
+        let file = self.dir.open_entry(name).map_err(|error| DirError::Open {
             path: path.clone(),
-            source,
+            error,
         })?;
-        let stat = rustix::fs::fstat(&file).map_err(|source| DirError::Open {
+        let stat = rustix::fs::fstat(&file).map_err(|error| DirError::Open {
             path: path.clone(),
-            source,
+            error,
         })?;
         if file_type(&stat) != FileType::Socket || crate::dir_fd::identity(&stat) != identity {
             return Err(DirError::Replaced { path });
@@ -453,9 +446,9 @@ impl VmDirectory {
             .as_ref()
             .map(|g| g.resolve())
             .transpose()
-            .map_err(|source| DirError::Group {
+            .map_err(|error| DirError::Group {
                 path: path.clone(),
-                source,
+                error,
             })?;
         set_handle_owner_and_mode(file.as_fd(), config.owner, gid, config.socket_mode)
             .map_err(|e| owner_or_mode_error(&path, e))

@@ -21,24 +21,24 @@ const TAIL_LINES: usize = 30;
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     /// The program could not be started.
-    #[error("{name}: cannot start {command}: {source}")]
+    #[error("{name}: cannot start {command}: {error}")]
     Spawn {
         /// The process's name.
         name: String,
         /// The command.
         command: String,
         /// The underlying error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Waiting for the process failed.
-    #[error("{name}: {what}: {source}")]
+    #[error("{name}: {what}: {error}")]
     Io {
         /// The process's name.
         name: String,
         /// What was being done.
         what: String,
         /// The underlying error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A wait timed out.
     #[error("{name}: timed out after {timeout:?} waiting for {what}\n{context}")]
@@ -281,10 +281,10 @@ impl HostProcess {
             .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = orphan::spawn(command).map_err(|source| HostError::Spawn {
+        let mut child = orphan::spawn(command).map_err(|error| HostError::Spawn {
             name: name.to_string(),
             command: description,
-            source,
+            error,
         })?;
         let stdout = Arc::new(LineBuffer::default());
         let stderr = Arc::new(LineBuffer::default());
@@ -298,10 +298,10 @@ impl HostProcess {
             readers: Vec::new(),
             exit_status: None,
         };
-        let io = |source| HostError::Io {
+        let io = |error| HostError::Io {
             name: name.to_string(),
             what: "starting an output reader".into(),
-            source,
+            error,
         };
         if let (Some(out), Some(err)) = pipes {
             process
@@ -470,11 +470,11 @@ impl HostProcess {
         let status = match self.exit_status {
             Some(status) => status,
             None => {
-                let polled = orphan::wait_until(&mut self.child, deadline).map_err(|source| {
+                let polled = orphan::wait_until(&mut self.child, deadline).map_err(|error| {
                     HostError::Io {
                         name: self.name.clone(),
                         what: "waiting for exit".into(),
-                        source,
+                        error,
                     }
                 })?;
                 let Some(status) = polled else {

@@ -161,7 +161,7 @@ impl Drop for AttachedGuestShm {
 }
 
 fn sys(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> VmmError {
-    move |source| VmmError::Sys { op, source }
+    move |error| VmmError::Sys { op, error }
 }
 
 /// Builds a `guest_shm` device on `factory` and plugs it in as `placement` says (see the
@@ -207,9 +207,9 @@ pub fn attach_guest_shm(
             let irqfd = dup_eventfd(device.interrupt_fd()).map_err(VmmError::GuestShmInterrupt)?;
             vm.vm_fd()
                 .register_irqfd(&irqfd, intr)
-                .map_err(|source| VmmError::Kvm {
+                .map_err(|error| VmmError::Kvm {
                     op: "KVM_IRQFD",
-                    source,
+                    error,
                 })?;
             Wiring::Irqfd {
                 vm: vm.vm_fd().clone(),

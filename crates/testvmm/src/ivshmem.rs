@@ -65,7 +65,7 @@ impl Drop for AttachedIvshmem {
 }
 
 fn sys(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> VmmError {
-    move |source| VmmError::Sys { op, source }
+    move |error| VmmError::Sys { op, error }
 }
 
 /// Places the device's BARs at the fixed addresses, wires its interrupts for `path`,
@@ -88,7 +88,7 @@ pub fn attach_ivshmem(
         .collect::<Result<_, _>>()
         .map_err(|e| VmmError::Sys {
             op: "dup own vector eventfd",
-            source: rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::BADF),
+            error: rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::BADF),
         })?;
     match path {
         DoorbellPath::Kvm => {
@@ -109,7 +109,7 @@ pub fn attach_ivshmem(
             eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(sys("eventfd"))?;
         let stop_dup = stop.try_clone().map_err(|e| VmmError::Sys {
             op: "dup stop eventfd",
-            source: rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::BADF),
+            error: rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::BADF),
         })?;
         let dev = device.clone();
         let thread = std::thread::Builder::new()
@@ -117,7 +117,7 @@ pub fn attach_ivshmem(
             .spawn(move || poll_vectors(&dev, &own_fds, &stop_dup))
             .map_err(|e| VmmError::Sys {
                 op: "spawning the vector thread",
-                source: rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::AGAIN),
+                error: rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::AGAIN),
             })?;
         Some((stop, thread))
     } else {

@@ -29,20 +29,20 @@ pub enum VmmError {
     #[error("opening /dev/kvm: {0}")]
     NoKvm(kvm_ioctls::Error),
     /// A KVM call failed.
-    #[error("KVM {op}: {source}")]
+    #[error("KVM {op}: {error}")]
     Kvm {
         /// What was attempted.
         op: &'static str,
         /// The error.
-        source: kvm_ioctls::Error,
+        error: kvm_ioctls::Error,
     },
     /// A system call failed.
-    #[error("{op}: {source}")]
+    #[error("{op}: {error}")]
     Sys {
         /// What was attempted.
         op: &'static str,
         /// The error.
-        source: rustix::io::Errno,
+        error: rustix::io::Errno,
     },
     /// Mapping memory failed.
     #[error(transparent)]
@@ -64,7 +64,7 @@ pub enum VmmError {
     GuestFailed(String),
     /// Wiring a `guest_shm` device's interrupt into KVM failed.
     #[error("guest_shm interrupt: {0}")]
-    GuestShmInterrupt(#[source] ivshm_vmm::ivshmem::kvm::KvmWiringError),
+    GuestShmInterrupt(ivshm_vmm::ivshmem::kvm::KvmWiringError),
     /// The VM was already started.
     #[error("VM already started")]
     AlreadyStarted,
@@ -80,7 +80,7 @@ pub enum VmmError {
 }
 
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
-    move |source| VmmError::Kvm { op, source }
+    move |error| VmmError::Kvm { op, error }
 }
 
 /// How a guest run ended.
@@ -150,7 +150,7 @@ fn install_kick_handler() -> Result<(), VmmError> {
         if let Err(e) = register_signal_handler(kick_signal(), ignore_signal) {
             result = Err(VmmError::Sys {
                 op: "installing the vCPU kick signal handler",
-                source: rustix::io::Errno::from_raw_os_error(e.errno()),
+                error: rustix::io::Errno::from_raw_os_error(e.errno()),
             });
         }
     });
@@ -216,13 +216,13 @@ impl TestVm {
             .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
 
         let memfd = rustix::fs::memfd_create("ivshm-test-vm-ram", rustix::fs::MemfdFlags::CLOEXEC)
-            .map_err(|source| VmmError::Sys {
+            .map_err(|error| VmmError::Sys {
                 op: "memfd_create",
-                source,
+                error,
             })?;
-        rustix::fs::ftruncate(&memfd, ram_size as u64).map_err(|source| VmmError::Sys {
+        rustix::fs::ftruncate(&memfd, ram_size as u64).map_err(|error| VmmError::Sys {
             op: "ftruncate",
-            source,
+            error,
         })?;
         let ram = Mapping::map_fd(memfd.as_fd(), 0, ram_size)?;
         // SAFETY: `ram` is owned by the TestVm; its Drop stops the vCPU before `ram` (the last
@@ -414,7 +414,7 @@ impl TestVm {
             .spawn(move || run_vcpu(vcpu, &platform, &shared))
             .map_err(|e| VmmError::Sys {
                 op: "spawning the vCPU thread",
-                source: rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::AGAIN),
+                error: rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::AGAIN),
             })?;
         self.thread = Some(thread);
         Ok(())

@@ -243,7 +243,7 @@ impl Client {
         }
         let sock = connect_socket(path).map_err(|e| {
             let why = match e {
-                ClientError::Connect { source, .. } => strerror(source),
+                ClientError::Connect { error, .. } => strerror(error),
                 other => other.to_string(),
             };
             debug(

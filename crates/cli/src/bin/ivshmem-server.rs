@@ -314,7 +314,7 @@ fn report_start_failure(args: &Args, progname: &str, error: &ServerError) {
     };
     let socket = args.socket.display();
     match error {
-        ServerError::Memory { source, .. } => match source {
+        ServerError::Memory { error, .. } => match error {
             BackendError::Resize { errno, .. } => {
                 eprintln!("ftruncate({memory_name}) failed: {}", strerror(*errno));
             }
@@ -409,9 +409,9 @@ fn serve(args: &Args, progname: &str, daemon: bool) -> ExitCode {
         match PidFile::create(&args.pid_file) {
             Ok(file) => pid_file = Some(file),
             Err(e) => {
-                let why = match e.source.raw_os_error() {
+                let why = match e.error.raw_os_error() {
                     Some(code) => strerror(Errno::from_raw_os_error(code)),
-                    None => e.source.to_string(),
+                    None => e.error.to_string(),
                 };
                 eprintln!("cannot write pid file: {why}");
                 return ExitCode::FAILURE;

@@ -73,19 +73,31 @@ pub enum DoorbellError {
     /// Ringing a peer through something other than the Doorbell register failed (e.g. a host
     /// peer's unknown target), with that ringer's error.
     #[error("ringing failed: {0}")]
-    Ring(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    Ring(Box<dyn std::error::Error + Send + Sync + 'static>),
     /// A register offset outside the mapped register block (or misaligned).
     #[error("register access failed: {0}")]
-    RegisterOutOfBounds(#[from] ivshm_mem::OutOfBounds),
+    RegisterOutOfBounds(ivshm_mem::OutOfBounds),
     /// A register access through the VFIO device failed.
     #[error("register access failed: {0}")]
-    RegisterVfio(#[from] crate::vfio::VfioError),
+    RegisterVfio(crate::vfio::VfioError),
     /// The registers are reached through VFIO, and the device's VFIO file is closed.
     #[error("register access failed: the device's VFIO file is closed")]
     VfioClosed,
     /// IVPosition holds no peer ID (a doorbell device before the server's setup completed).
     #[error("IVPosition reads {0:#x}, not a peer ID (setup incomplete?)")]
     BadIvPosition(u32),
+}
+
+impl From<ivshm_mem::OutOfBounds> for DoorbellError {
+    fn from(error: ivshm_mem::OutOfBounds) -> Self {
+        DoorbellError::RegisterOutOfBounds(error)
+    }
+}
+
+impl From<crate::vfio::VfioError> for DoorbellError {
+    fn from(error: crate::vfio::VfioError) -> Self {
+        DoorbellError::RegisterVfio(error)
+    }
 }
 
 fn check_vector(vector: u16, vectors: u16) -> Result<usize, DoorbellError> {

@@ -15,7 +15,13 @@ pub enum InterruptError {
     BadController(String),
     /// The interrupt line is not a number.
     #[error("interrupt line: {0}")]
-    BadLine(#[from] NumberError),
+    BadLine(NumberError),
+}
+
+impl From<NumberError> for InterruptError {
+    fn from(error: NumberError) -> Self {
+        InterruptError::BadLine(error)
+    }
 }
 
 /// Where the vdev's interrupt goes: an interrupt controller vdev (by its `name`, e.g. `gic` or

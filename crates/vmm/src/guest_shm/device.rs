@@ -70,10 +70,16 @@ impl GuestShmMode {
 pub enum GuestShmError {
     /// Creating the interrupt eventfd failed.
     #[error("creating the interrupt eventfd: {0}")]
-    Sys(#[from] rustix::io::Errno),
+    Sys(rustix::io::Errno),
     /// Building config space failed.
     #[error(transparent)]
     Config(#[from] crate::pci::config::ConfigError),
+}
+
+impl From<rustix::io::Errno> for GuestShmError {
+    fn from(error: rustix::io::Errno) -> Self {
+        GuestShmError::Sys(error)
+    }
 }
 
 /// The VMM side of placing regions in guest-physical memory.

@@ -31,16 +31,16 @@ use crate::pci::{IoEvent, MsixMessage};
 #[derive(Debug, thiserror::Error)]
 pub enum KvmWiringError {
     /// A KVM ioctl failed.
-    #[error("KVM {op}: {source}")]
+    #[error("KVM {op}: {error}")]
     Kvm {
         /// What was attempted.
         op: &'static str,
         /// The error.
-        source: kvm_ioctls::Error,
+        error: kvm_ioctls::Error,
     },
     /// Duplicating a descriptor failed.
     #[error("duplicating an eventfd: {0}")]
-    Dup(#[from] std::io::Error),
+    Dup(std::io::Error),
     /// Ran out of GSIs.
     #[error(
         "no free GSI: GSIs {FIRST_MSI_GSI}..{MAX_GSI} are all in use; drop unused devices' \
@@ -66,8 +66,14 @@ pub enum KvmWiringError {
     },
 }
 
+impl From<std::io::Error> for KvmWiringError {
+    fn from(error: std::io::Error) -> Self {
+        KvmWiringError::Dup(error)
+    }
+}
+
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmWiringError {
-    move |source| KvmWiringError::Kvm { op, source }
+    move |error| KvmWiringError::Kvm { op, error }
 }
 
 /// Maps the first `size` bytes of `memory` into the guest at `guest_addr` as KVM memory slot

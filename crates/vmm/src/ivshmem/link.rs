@@ -31,10 +31,16 @@ pub enum PeerChange {
 pub enum LinkError {
     /// A system call failed.
     #[error("doorbell link: {0}")]
-    Sys(#[from] rustix::io::Errno),
+    Sys(rustix::io::Errno),
     /// The link's backend failed (for example the server connection).
     #[error("doorbell link backend: {0}")]
     Backend(String),
+}
+
+impl From<rustix::io::Errno> for LinkError {
+    fn from(error: rustix::io::Errno) -> Self {
+        LinkError::Sys(error)
+    }
 }
 
 /// One v0 peer's view of its doorbells.
