@@ -161,7 +161,6 @@ fn operations(data: &[u8]) {
     let rings0 = geo.ring_offset(0, false) as usize;
     let rings_len = 2 * geo.ring_stride() as usize;
     let mut buf = Vec::new();
-    let mut seq = 0u32;
     for (i, chunk) in data.chunks(6).enumerate() {
         let [op, a1, a2, rest @ ..] = chunk else {
             break;
@@ -196,12 +195,12 @@ fn operations(data: &[u8]) {
             }
         }
         // The bystander channel works throughout.
+        let seq = u32::try_from(i).unwrap_or(u32::MAX);
         let m = seq.to_le_bytes().repeat(1 + i % 50);
         if p.send(&m, ZERO).is_ok() {
             q.recv(&mut buf, ZERO).expect("bystander message lost");
             assert_eq!(buf, m, "bystander message damaged");
         }
-        seq += 1;
     }
     drop((x, y, p, q));
     drop(b);

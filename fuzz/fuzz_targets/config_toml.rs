@@ -25,7 +25,9 @@ fuzz_target!(|data: &[u8]| {
             let _ = error.to_string();
         }
         Ok(config) => {
-            assert!(config.validate().is_ok());
+            if let Err(error) = config.validate() {
+                panic!("a parsed file does not validate: {error}");
+            }
             let named = config
                 .named
                 .expect("a file always configures named regions");

@@ -390,12 +390,10 @@ impl IvshmemDevice {
         let Some(link) = self.link.as_ref() else {
             return;
         };
-        let fd = if peer == link.own_id() {
-            if vector >= self.msix.len() {
-                None
-            } else {
-                link.own_vector_fd(vector)
-            }
+        // The link gives the own vectors for the own ID (its contract); those beyond the
+        // device's MSI-X table are not the guest's to ring.
+        let fd = if peer == link.own_id() && vector >= self.msix.len() {
+            None
         } else {
             link.peer_vector_fd(peer, vector)
         };
@@ -430,12 +428,7 @@ impl IvshmemDevice {
         ids.push(own);
         for peer in ids {
             for vector in 0..self.msix.len() {
-                let fd = if peer == own {
-                    link.own_vector_fd(vector)
-                } else {
-                    link.peer_vector_fd(peer, vector)
-                };
-                if let Some(fd) = fd {
+                if let Some(fd) = link.peer_vector_fd(peer, vector) {
                     out.push(IoEvent {
                         addr: bar0 + REG_DOORBELL,
                         len: 4,

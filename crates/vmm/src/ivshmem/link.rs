@@ -51,9 +51,12 @@ pub trait DoorbellLink: Send {
     fn own_vector_count(&self) -> usize;
     /// Eventfd signalled when someone rings our vector `vector`.
     fn own_vector_fd(&self, vector: usize) -> Option<BorrowedFd<'_>>;
-    /// IDs of the other peers currently known.
+    /// IDs of the other peers currently known, in increasing order; never the own ID.
     fn peer_ids(&self) -> Vec<u16>;
-    /// Eventfd to write to ring `peer`'s vector `vector`.
+    /// Eventfd to write to ring `peer`'s vector `vector`; `None` for an unknown peer or a
+    /// vector it does not have. For the own ID this is [`DoorbellLink::own_vector_fd`]: a
+    /// peer may ring itself, as QEMU's device and client allow, so a doorbell needs no special
+    /// case for its own ID.
     fn peer_vector_fd(&self, peer: u16, vector: usize) -> Option<BorrowedFd<'_>>;
     /// A descriptor that becomes readable when [`DoorbellLink::process_events`] has work.
     fn event_fd(&self) -> Option<BorrowedFd<'_>>;
@@ -186,6 +189,9 @@ impl DoorbellLink for LocalDoorbellLink {
     }
 
     fn peer_vector_fd(&self, peer: u16, vector: usize) -> Option<BorrowedFd<'_>> {
+        if peer == self.id {
+            return self.own_vector_fd(vector);
+        }
         self.peers.get(&peer)?.get(vector).map(|f| f.as_fd())
     }
 
