@@ -105,7 +105,7 @@ impl Config {
 pub enum BridgeError {
     /// Binding the listening address failed.
     #[error("cannot listen on {0}")]
-    Listen(#[source] addr::AddressError),
+    Listen(addr::AddressError),
     /// The event loop's own system calls failed.
     #[error("{op} failed: {errno}")]
     Sys {
@@ -118,12 +118,12 @@ pub enum BridgeError {
     #[error("the region's link failed: {0}")]
     Link(Box<dyn std::error::Error + Send + Sync>),
     /// The channel name cannot be used.
-    #[error("channel {name:?} cannot be opened: {source}")]
+    #[error("channel {name:?} cannot be opened: {error}")]
     Channel {
         /// The name.
         name: String,
         /// Why.
-        source: RegionError,
+        error: RegionError,
     },
 }
 
@@ -428,7 +428,7 @@ impl<'a> Bridge<'a> {
         let channel = match self.link.region().channel(&name, self.config.channel) {
             Ok(c) => c,
             Err(e @ (RegionError::BadName { .. } | RegionError::BadVector { .. })) => {
-                return Err(BridgeError::Channel { name, source: e });
+                return Err(BridgeError::Channel { name, error: e });
             }
             Err(e) => {
                 self.note(format!(

@@ -46,7 +46,7 @@ pub struct Params {
 pub enum SessionError {
     /// A message is not a frame.
     #[error("bad frame: {0}")]
-    Frame(#[from] FrameError),
+    Frame(FrameError),
     /// The first frame was not `HELLO`.
     #[error("the first frame is type {kind}, not HELLO")]
     NoHello {
@@ -84,6 +84,12 @@ pub enum SessionError {
     /// Nothing received for too long.
     #[error("nothing received for {0:?} (the other bridge promised a frame every {1:?})")]
     Silent(Duration, Duration),
+}
+
+impl From<FrameError> for SessionError {
+    fn from(error: FrameError) -> Self {
+        SessionError::Frame(error)
+    }
 }
 
 /// What the event loop must do with a connection's socket.
