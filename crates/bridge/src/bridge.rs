@@ -36,6 +36,9 @@ use crate::session::{Action, Params, Refusal, Session, SessionError};
 /// Messages received from the channel per turn of the loop before the sockets get a turn.
 pub const RECV_BATCH: usize = 64;
 
+/// How long accepting pauses when the process is out of file descriptors.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
 /// How the region learns of departed peers, and the region itself.
 pub trait Link {
     /// The channel region.
@@ -228,6 +231,9 @@ pub struct Bridge<'a> {
     socks: Vec<Option<Sock>>,
     next_gen: u32,
     retry_at: Option<Instant>,
+    /// Accepting paused (the listener out of the epoll set) until then: the process is out of
+    /// file descriptors.
+    accept_paused_until: Option<Instant>,
     doorbell_registered: bool,
     polling: bool,
     /// Something happened in this turn of the loop; when the last thing happened.
@@ -289,6 +295,7 @@ impl<'a> Bridge<'a> {
             socks: Vec::new(),
             next_gen: 0,
             retry_at: None,
+            accept_paused_until: None,
             doorbell_registered: false,
             polling: false,
             worked: false,
@@ -336,6 +343,13 @@ impl<'a> Bridge<'a> {
         let mut events: Vec<Event> = Vec::with_capacity(256);
         loop {
             let now = Instant::now();
+            if self.accept_paused_until.is_some_and(|t| now >= t) {
+                self.accept_paused_until = None;
+                if let Some(l) = &self.listener {
+                    self.add_fd(l.fd(), TOKEN_LISTENER, EventFlags::IN)
+                        .map_err(sys("epoll_ctl"))?;
+                }
+            }
             if self.live.is_none() && self.retry_at.is_none_or(|t| now >= t) {
                 self.open_session(now)?;
             }
@@ -400,6 +414,9 @@ impl<'a> Bridge<'a> {
     /// doorbell has no fd (a polling guest device).
     fn timeout(&mut self, now: Instant) -> Option<Duration> {
         let mut next: Option<Instant> = self.retry_at.filter(|_| self.live.is_none());
+        if let Some(t) = self.accept_paused_until {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
         if let Some(live) = &self.live {
             match live.session.check_timers(now) {
                 Ok(t) => next = Some(next.map_or(t, |n| n.min(t))),
@@ -755,6 +772,25 @@ impl<'a> Bridge<'a> {
             let (fd, origin) = match accepted {
                 Ok(Some(c)) => c,
                 Ok(None) => return,
+                Err(e @ (Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)) => {
+                    // The pending connection stays in the backlog; a level-triggered listener
+                    // would wake the loop at once for ever, so it leaves the epoll set for a
+                    // while. The log names the limit.
+                    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+                        .current
+                        .map_or_else(|| "unlimited".to_string(), |n| n.to_string());
+                    self.note(format!(
+                        "bridge {:?}: cannot accept a connection: {e} (this process's open-file \
+                         limit RLIMIT_NOFILE is {limit}; `ulimit -n` raises it); new connections \
+                         wait in the listen backlog",
+                        self.config.name
+                    ));
+                    if let Some(l) = &self.listener {
+                        let _ = epoll::delete(&self.epoll, l.fd());
+                    }
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                    return;
+                }
                 Err(e) => {
                     warn!("bridge {:?}: accept failed: {e}", self.config.name);
                     return;

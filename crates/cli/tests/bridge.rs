@@ -417,3 +417,81 @@ fn a_hostile_peer_writing_garbage_frames() {
     b.read_exact(&mut four).unwrap();
     assert_eq!(&four, b"fine");
 }
+
+#[test]
+fn out_of_file_descriptors_is_named_and_connections_wait_their_turn() {
+    use std::os::unix::process::CommandExt;
+    use std::sync::mpsc;
+
+    const LIMIT: u64 = 48;
+    let dir = scratch("nofile");
+    let socket = dir.join("ivshm.sock");
+    let _server = server(&socket);
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = format!("tcp:{}", backend.local_addr().unwrap());
+    // The backend hands every connection's bytes (read to its end) to the test.
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        for s in backend.incoming() {
+            let Ok(mut s) = s else { return };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let _ = s.read_to_end(&mut got);
+                let _ = tx.send(got);
+            });
+        }
+    });
+    // The listening bridge may open LIMIT descriptors (soft and hard limit).
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ivshm"));
+    cmd.args(["bridge", "--socket"])
+        .arg(&socket)
+        .args(["--name", "nofile", "--channels", "8", "--ring-size", "1M"])
+        .args(["--listen", "tcp:127.0.0.1:0"])
+        .env("RUST_LOG", "info");
+    let limit = rustix::process::Rlimit {
+        current: Some(LIMIT),
+        maximum: Some(LIMIT),
+    };
+    // SAFETY: between fork and exec the closure only makes one system call (setrlimit), which
+    // is async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::setrlimit(rustix::process::Resource::Nofile, limit)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let l = HostProcess::spawn("nofile", cmd).unwrap();
+    let _c = bridge("nofile", &socket, ["--connect", &backend_addr]);
+    let front = tcp_of(&listening(&l));
+    session_up(&l);
+    wait_stderr(
+        &l,
+        &format!("--max-connections 1024 does not fit this process's open-file limit (RLIMIT_NOFILE {LIMIT}"),
+    );
+
+    // More connections than descriptors: the bridge says which limit it hit; the rest wait.
+    let clients: Vec<TcpStream> = (0..2 * LIMIT)
+        .map(|i| {
+            let mut s = TcpStream::connect(front).unwrap();
+            s.write_all(format!("client {i}").as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    wait_stderr(&l, &format!("limit RLIMIT_NOFILE is {LIMIT}"));
+    // Every client half-closes: each connection ends, its descriptor is freed, and the waiting
+    // ones are accepted in turn; every client's bytes reach the backend.
+    for s in &clients {
+        s.shutdown(Shutdown::Write).unwrap();
+    }
+    let mut seen: Vec<String> = (0..2 * LIMIT)
+        .map(|_| String::from_utf8(rx.recv_timeout(T).unwrap()).unwrap())
+        .collect();
+    seen.sort();
+    let mut want: Vec<String> = (0..2 * LIMIT).map(|i| format!("client {i}")).collect();
+    want.sort();
+    assert_eq!(seen, want);
+    drop(clients);
+    let err = l.output(Stream::Stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}

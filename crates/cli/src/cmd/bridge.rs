@@ -13,7 +13,7 @@ use ivshm_bridge::{Address, Bridge, Config, Link, Mode};
 use ivshm_channel::{ChannelOptions, FormatOptions, Region};
 use ivshm_client::PeerDoorbell;
 use ivshm_server::signals::SignalPipes;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::chan::{departed, HostEnd};
 use super::guest_chan::{with_end, ChanDeviceArgs};
@@ -129,9 +129,39 @@ impl BridgeFlags {
     }
 }
 
+/// Descriptors a bridge needs besides one per connection (epoll, channel, listener, stdio).
+const FD_RESERVE: u64 = 64;
+
+/// Raises the soft open-file limit to the hard one (each connection costs this process a
+/// descriptor) and warns, naming both limits, when `--max-connections` still does not fit.
+fn fit_fd_limit(max_connections: u32) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            warn!("could not raise the open-file limit (RLIMIT_NOFILE): {e}");
+        }
+    }
+    if let Some(n) = getrlimit(Resource::Nofile).current {
+        if n < u64::from(max_connections) + FD_RESERVE {
+            warn!(
+                "--max-connections {max_connections} does not fit this process's open-file limit \
+                 (RLIMIT_NOFILE {n}, {FD_RESERVE} kept for the bridge itself): about {} \
+                 connections at once; raise it with `ulimit -n`",
+                n.saturating_sub(FD_RESERVE)
+            );
+        }
+    }
+}
+
 /// Runs a bridge over `link` until SIGINT or SIGTERM.
 pub fn run_bridge(link: &dyn Link, flags: &BridgeFlags) -> anyhow::Result<()> {
     let config = flags.config()?;
+    fit_fd_limit(config.max_connections);
     let signals = SignalPipes::install().context("installing signal handlers")?;
     let mut bridge = Bridge::new(link, config)?;
     bridge.run(signals.stop_fd())?;
