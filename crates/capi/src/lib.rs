@@ -437,17 +437,8 @@ pub unsafe extern "C" fn ivshm_region_process_events(
                 format!("reading the server's messages: {}", message_of(&e)),
             )
         })?;
-        for (i, event) in events.iter().enumerate() {
-            let PeerEvent::Left { id } = event else {
-                continue;
-            };
-            // A leave followed by a join of the same id: the id belongs to a new peer by then.
-            let rejoined = events[i + 1..]
-                .iter()
-                .any(|later| matches!(later, PeerEvent::Joined { id: j, .. } if j == id));
-            if !rejoined {
-                count += r.region.peer_left(*id)?;
-            }
+        for id in PeerEvent::departed(&events) {
+            count += r.region.peer_left(id)?;
         }
         if !marked.is_null() {
             // SAFETY: checked above (not NULL, valid for writing by the caller's contract).

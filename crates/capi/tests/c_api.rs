@@ -224,6 +224,55 @@ fn host_region(tag: &str) -> (HostProcess, *mut Region) {
     (server, region)
 }
 
+#[test]
+fn a_host_region_marks_a_peer_that_left_from_its_server_messages() {
+    // A server that does not mark departures itself, as other servers do not.
+    let socket = socket_path("capi-events");
+    let _server = common::serve_with(&socket, "1M", &["--no-mark-channel-departures"]);
+    let path = std::ffi::CString::new(socket.to_str().unwrap()).unwrap();
+    let mut region = null_mut();
+    // SAFETY: a NUL-terminated path and a valid out-pointer.
+    let st = unsafe { ivshm_region_open_host(path.as_ptr(), &mut region) };
+    assert_eq!(st, Status::Ok, "{}", last_error());
+    let ch = open(region, c"leaver").unwrap();
+    let mut other = Command::new(ivshm());
+    other
+        .args(["chan", "recv", "--socket"])
+        .arg(&socket)
+        .args(["--name", "leaver"]);
+    let mut other = HostProcess::spawn("ivshm chan recv", other).unwrap();
+    other
+        .wait_line_containing(Stream::Stdout, "channel name=leaver", STEP)
+        .unwrap();
+    other.signal(ivshm_test_support::process::Signal::KILL);
+    let _ = other.wait_exit(STEP);
+    // SAFETY: live handles and valid out-pointers.
+    unsafe {
+        let fd = ivshm_region_server_fd(region);
+        assert!(fd >= 0);
+        let mut total = 0;
+        let deadline = std::time::Instant::now() + STEP;
+        while total == 0 {
+            assert!(std::time::Instant::now() < deadline, "no leave reported");
+            poll_readable(fd, 1000);
+            let mut marked = 99usize;
+            assert_eq!(ivshm_region_process_events(region, &mut marked), Status::Ok);
+            total += marked;
+        }
+        assert_eq!(total, 1, "one side marked");
+        let mut state = PeerState::Attached;
+        assert_eq!(ivshm_channel_peer(ch, &mut state, null_mut()), Status::Ok);
+        assert_eq!(state, PeerState::Gone);
+        let mut len = 0;
+        assert_eq!(
+            ivshm_channel_recv(ch, null_mut(), 0, &mut len, 1000),
+            Status::PeerGone
+        );
+        ivshm_channel_close(ch);
+        ivshm_region_close(region);
+    }
+}
+
 /// Opens `name` on `region` with the default options.
 fn open(region: *const Region, name: &CStr) -> Result<*mut ChannelHandle, Status> {
     let mut ch = null_mut();

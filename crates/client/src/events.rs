@@ -18,6 +18,28 @@ pub enum PeerEvent {
     },
 }
 
+impl PeerEvent {
+    /// The ids of `events` that left and did not join again later in the list: the peers whose
+    /// channel sides to mark gone (`ivshm_channel::Region::peer_left`). A leave followed by a
+    /// join of the same id is skipped: the id belongs to a new peer by then.
+    pub fn departed(events: &[PeerEvent]) -> Vec<u16> {
+        events
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| match e {
+                PeerEvent::Left { id }
+                    if !events[i + 1..].iter().any(
+                        |later| matches!(later, PeerEvent::Joined { id: j, .. } if j == id),
+                    ) =>
+                {
+                    Some(*id)
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// Something that happened to a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {

@@ -23,10 +23,16 @@ pub fn ivshm() -> PathBuf {
 
 /// `ivshm serve` with a memfd region of `size` and 2 vectors on `socket`.
 pub fn serve(socket: &Path, size: &str) -> HostProcess {
+    serve_with(socket, size, &[])
+}
+
+/// [`serve`] with more flags.
+pub fn serve_with(socket: &Path, size: &str, flags: &[&str]) -> HostProcess {
     let mut command = Command::new(ivshm());
     command
         .args(["serve", "--size", size, "--vectors", "2", "--socket"])
         .arg(socket)
+        .args(flags)
         .env("RUST_LOG", "warn");
     let server = HostProcess::spawn("ivshm serve", command).unwrap();
     wait_listening(socket);

@@ -326,22 +326,10 @@ struct LeaveWatcher {
     thread: Option<JoinHandle<()>>,
 }
 
-/// The ids of `events` that left and did not join again later in the list.
+/// The ids of `events` that left and did not join again later in the list
+/// ([`PeerEvent::departed`]).
 pub(crate) fn departed(events: &[PeerEvent]) -> Vec<u16> {
-    events
-        .iter()
-        .enumerate()
-        .filter_map(|(i, e)| match e {
-            PeerEvent::Left { id }
-                if !events[i + 1..]
-                    .iter()
-                    .any(|later| matches!(later, PeerEvent::Joined { id: j, .. } if j == id)) =>
-            {
-                Some(*id)
-            }
-            _ => None,
-        })
-        .collect()
+    PeerEvent::departed(events)
 }
 
 impl LeaveWatcher {
