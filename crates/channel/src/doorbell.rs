@@ -25,6 +25,8 @@
 use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::io::Errno;
 use thiserror::Error;
 
 /// A doorbell failed.
@@ -81,4 +83,58 @@ pub trait Doorbell: Send + Sync + std::fmt::Debug {
     /// A file descriptor that is readable while our vector `vector` has a pending ring, for the
     /// caller's poll loop (`None`: this implementation polls memory and has none).
     fn fd(&self, vector: u16) -> Option<BorrowedFd<'_>>;
+}
+
+/// Waiting on a *blocking* eventfd the cheapest way, for [`Doorbell`] implementations whose
+/// vectors are eventfds: without a timeout one `read(2)` (no `poll`, no epoll); with one,
+/// `poll(2)` and then `read(2)`. `Ok(true)`: it had been rung (the counter is consumed), `Ok(false)`:
+/// the timeout passed (or a signal interrupted the poll: a spurious return the channel
+/// tolerates). One thread per fd at a time (the channel's contract): another reader between
+/// the poll and the read would make the read block until the next ring.
+pub fn wait_eventfd(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<bool, DoorbellError> {
+    if timeout.is_some() && !eventfd_readable(fd, timeout)? {
+        return Ok(false);
+    }
+    read_eventfd(fd)?;
+    Ok(true)
+}
+
+/// Consumes the pending rings of a blocking eventfd without blocking: `poll(2)` with a zero
+/// timeout, then `read(2)` if it is readable. `Ok(true)` if there were.
+pub fn take_eventfd(fd: BorrowedFd<'_>) -> Result<bool, DoorbellError> {
+    if !eventfd_readable(fd, Some(Duration::ZERO))? {
+        return Ok(false);
+    }
+    read_eventfd(fd)?;
+    Ok(true)
+}
+
+fn read_eventfd(fd: BorrowedFd<'_>) -> Result<(), DoorbellError> {
+    let mut buf = [0u8; 8];
+    loop {
+        match rustix::io::read(fd, &mut buf) {
+            Ok(_) => return Ok(()),
+            Err(Errno::INTR) => continue,
+            Err(errno) => {
+                return Err(DoorbellError::Sys {
+                    op: "eventfd read",
+                    errno,
+                })
+            }
+        }
+    }
+}
+
+/// Polls `fd` for at most `timeout` (`None`: forever): true when readable.
+fn eventfd_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<bool, DoorbellError> {
+    let ts = timeout.map(|t| Timespec {
+        tv_sec: t.as_secs().try_into().unwrap_or(i64::MAX),
+        tv_nsec: t.subsec_nanos().into(),
+    });
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    match poll(&mut fds, ts.as_ref()) {
+        Ok(n) => Ok(n > 0),
+        Err(Errno::INTR) => Ok(false),
+        Err(errno) => Err(DoorbellError::Sys { op: "poll", errno }),
+    }
 }

@@ -20,11 +20,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ivshm_mem::{Mapping, SharedMemory};
-use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
+use rustix::event::{eventfd, EventfdFlags};
 use rustix::io::Errno;
 use thiserror::Error;
 
-use crate::doorbell::{Doorbell, DoorbellError};
+use crate::doorbell::{take_eventfd, wait_eventfd, Doorbell, DoorbellError};
 
 /// The environment variable that passes a bus to a child process.
 pub const ENV: &str = "IVSHM_LOCAL_BUS";
@@ -263,36 +263,6 @@ impl LocalDoorbell {
         let i = usize::from(peer) * usize::from(self.vectors) + usize::from(vector);
         Ok(self.fds[i].as_fd())
     }
-
-    fn read(fd: BorrowedFd<'_>) -> Result<(), DoorbellError> {
-        let mut buf = [0u8; 8];
-        loop {
-            match rustix::io::read(fd, &mut buf) {
-                Ok(_) => return Ok(()),
-                Err(Errno::INTR) => continue,
-                Err(errno) => {
-                    return Err(DoorbellError::Sys {
-                        op: "eventfd read",
-                        errno,
-                    })
-                }
-            }
-        }
-    }
-
-    /// Polls `fd` for at most `timeout` (`None`: forever): true when readable.
-    fn readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<bool, DoorbellError> {
-        let ts = timeout.map(|t| Timespec {
-            tv_sec: t.as_secs().try_into().unwrap_or(i64::MAX),
-            tv_nsec: t.subsec_nanos().into(),
-        });
-        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
-        match poll(&mut fds, ts.as_ref()) {
-            Ok(n) => Ok(n > 0),
-            Err(Errno::INTR) => Ok(false),
-            Err(errno) => Err(DoorbellError::Sys { op: "poll", errno }),
-        }
-    }
 }
 
 impl Doorbell for LocalDoorbell {
@@ -321,22 +291,11 @@ impl Doorbell for LocalDoorbell {
     }
 
     fn wait(&self, vector: u16, timeout: Option<Duration>) -> Result<bool, DoorbellError> {
-        let fd = self.fd_of(self.id, vector)?;
-        if timeout.is_some() && !Self::readable(fd, timeout)? {
-            return Ok(false);
-        }
-        // Without a timeout: straight into read(2), the cheapest way to block.
-        Self::read(fd)?;
-        Ok(true)
+        wait_eventfd(self.fd_of(self.id, vector)?, timeout)
     }
 
     fn take(&self, vector: u16) -> Result<bool, DoorbellError> {
-        let fd = self.fd_of(self.id, vector)?;
-        if !Self::readable(fd, Some(Duration::ZERO))? {
-            return Ok(false);
-        }
-        Self::read(fd)?;
-        Ok(true)
+        take_eventfd(self.fd_of(self.id, vector)?)
     }
 
     fn fd(&self, vector: u16) -> Option<BorrowedFd<'_>> {

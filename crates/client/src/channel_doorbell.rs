@@ -8,8 +8,11 @@
 //!   last look at the server socket is not in the peer table yet: the server's pending messages
 //!   are read (only the socket, never our own vectors) and the ring is tried again. The joins
 //!   and leaves read that way are kept for [`PeerDoorbell::take_events`].
-//! - Waiting polls our own vector's eventfd and reads it: one `poll(2)` and one `read(2)` per
-//!   wake-up (the peer's eventfds are non-blocking), no epoll, no timer fd.
+//! - Waiting reads our own vector's eventfd: one blocking `read(2)` per wake-up without a
+//!   timeout, `poll(2)` and `read(2)` with one; no epoll, no timer fd. For that the eventfds of
+//!   our own vectors are made blocking when the doorbell is made ([`Peer::wait`] only watches
+//!   them, edge-triggered, and never reads them; the flag belongs to the open file, shared with
+//!   the peer).
 //! - Leaves: call [`PeerDoorbell::process_server_messages`] when [`PeerDoorbell::socket_fd`] is
 //!   readable (or now and then) and pass every `Left` id to `Region::peer_left`.
 
@@ -17,8 +20,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use ivshm_channel::doorbell::{take_eventfd, wait_eventfd};
 use ivshm_channel::{Doorbell, DoorbellError};
-use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
 use rustix::io::Errno;
 
 use crate::error::ClientError;
@@ -36,18 +40,19 @@ pub struct PeerDoorbell {
     events: Mutex<Vec<PeerEvent>>,
 }
 
-fn errno(op: &'static str) -> impl Fn(Errno) -> DoorbellError {
-    move |errno| DoorbellError::Sys { op, errno }
-}
-
 impl PeerDoorbell {
-    /// Wraps a connected peer.
+    /// Wraps a connected peer; makes its own vectors' eventfds blocking (see the module
+    /// documentation).
     pub fn new(peer: Peer) -> Result<PeerDoorbell, ClientError> {
         let own = (0..peer.vectors())
             .filter_map(|v| peer.own_vector_fd(v))
             .map(|fd| fd.try_clone_to_owned())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ClientError::sys("dup")(Errno::from_io_error(&e).unwrap_or(Errno::IO)))?;
+        for fd in &own {
+            let flags = fcntl_getfl(fd).map_err(ClientError::sys("fcntl"))?;
+            fcntl_setfl(fd, flags - OFlags::NONBLOCK).map_err(ClientError::sys("fcntl"))?;
+        }
         Ok(PeerDoorbell {
             id: peer.id(),
             peer: Mutex::new(peer),
@@ -93,20 +98,6 @@ impl PeerDoorbell {
                 vectors: self.own.len() as u16,
             })
     }
-
-    /// Reads the (non-blocking) eventfd: true if it had been rung.
-    fn drain(fd: BorrowedFd<'_>) -> Result<bool, DoorbellError> {
-        crate::doorbell::drain(fd)
-            .map(|count| count.is_some())
-            .map_err(errno("eventfd read"))
-    }
-}
-
-fn timespec(t: Duration) -> Timespec {
-    Timespec {
-        tv_sec: t.as_secs().try_into().unwrap_or(i64::MAX),
-        tv_nsec: t.subsec_nanos().into(),
-    }
 }
 
 impl Doorbell for PeerDoorbell {
@@ -151,31 +142,11 @@ impl Doorbell for PeerDoorbell {
     }
 
     fn wait(&self, vector: u16, timeout: Option<Duration>) -> Result<bool, DoorbellError> {
-        let fd = self.own_fd(vector)?;
-        let deadline = timeout.and_then(|t| std::time::Instant::now().checked_add(t));
-        loop {
-            // `None`: no limit (no timeout, or one too large for the clock).
-            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
-            let mut fds = [PollFd::new(&fd, PollFlags::IN)];
-            match poll(&mut fds, left.map(timespec).as_ref()) {
-                Ok(0) => {}
-                // Readable: one read consumes the count (another thread may have been first).
-                Ok(_) => {
-                    if Self::drain(fd)? {
-                        return Ok(true);
-                    }
-                }
-                Err(Errno::INTR) => {}
-                Err(e) => return Err(errno("poll")(e)),
-            }
-            if left.is_some_and(|l| l.is_zero()) {
-                return Ok(false);
-            }
-        }
+        wait_eventfd(self.own_fd(vector)?, timeout)
     }
 
     fn take(&self, vector: u16) -> Result<bool, DoorbellError> {
-        Self::drain(self.own_fd(vector)?)
+        take_eventfd(self.own_fd(vector)?)
     }
 
     fn fd(&self, vector: u16) -> Option<BorrowedFd<'_>> {
