@@ -11,31 +11,43 @@
 //! followers, so every waiter looks at its ring again. A thread takes the generation *before*
 //! it arms its ring and looks a last time, and [`Hub::wait`] returns at once if the generation
 //! moved since: a ring consumed by another thread between the look and the wait is never lost.
-//! A lone waiter pays two uncontended mutex operations on top of the doorbell's system call.
+//!
+//! The state is one atomic word (generation, leader flag, follower count), so a lone waiter —
+//! the common case — pays three uncontended atomic operations on top of the doorbell's system
+//! call and never touches the mutex; the mutex and condition variable serve followers only. A
+//! follower counts itself in with the mutex held and then checks the generation; the leader
+//! bumps the generation and reads the count in one atomic operation and, if anyone follows,
+//! notifies under the mutex: either the follower sees the new generation or the leader sees the
+//! follower (and cannot notify before the follower waits, as the follower holds the mutex until
+//! then).
 
 use std::time::Duration;
 
 use crate::doorbell::{Doorbell, DoorbellError};
-use crate::sync::{lock, wait_on, Condvar, Deadline, Mutex};
+use crate::sync::{lock, wait_on, AtomicU64, Condvar, Deadline, Mutex, Ordering};
 
-#[derive(Debug, Default)]
-struct HubState {
-    generation: u64,
-    leader: bool,
-    followers: u32,
-}
+/// A leader blocks in the doorbell.
+const LEADER: u64 = 1;
+/// One follower (bits 1..16 count them).
+const FOLLOWER: u64 = 1 << 1;
+const FOLLOWERS: u64 = 0x7fff << 1;
+/// One generation (bits 16..64).
+const GENERATION: u64 = 1 << 16;
 
 /// The waiters of one doorbell vector in this process.
 #[derive(Debug, Default)]
 pub(crate) struct Hub {
-    state: Mutex<HubState>,
+    state: AtomicU64,
+    /// Held by followers while they count themselves in and wait, and by a leader that
+    /// notifies them.
+    followers: Mutex<()>,
     cv: Condvar,
 }
 
 impl Hub {
     /// The generation to pass to [`Hub::wait`]; take it before arming.
     pub(crate) fn generation(&self) -> u64 {
-        lock(&self.state).generation
+        self.state.load(Ordering::Acquire) / GENERATION
     }
 
     /// Blocks until the vector is rung, the deadline passes, or (as a follower) the leader
@@ -47,27 +59,49 @@ impl Hub {
         seen: u64,
         deadline: Deadline,
     ) -> Result<(), DoorbellError> {
-        let mut st = lock(&self.state);
-        if st.generation != seen {
-            return Ok(());
-        }
-        if !st.leader {
-            st.leader = true;
-            drop(st);
-            let result = doorbell.wait(vector, deadline.remaining());
-            let mut st = lock(&self.state);
-            st.leader = false;
-            st.generation = st.generation.wrapping_add(1);
-            if st.followers > 0 {
-                self.cv.notify_all();
+        let mut st = self.state.load(Ordering::Acquire);
+        loop {
+            if st / GENERATION != seen {
+                return Ok(());
             }
-            return result.map(|_| ());
+            if st & LEADER != 0 {
+                return self.follow(seen, deadline);
+            }
+            match self.state.compare_exchange_weak(
+                st,
+                st | LEADER,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(now) => st = now,
+            }
         }
-        st.followers += 1;
-        // Woken when the leader returns (generation moves); a timeout just returns.
-        let remaining: Option<Duration> = deadline.remaining();
-        st = wait_on(&self.cv, st, remaining);
-        st.followers -= 1;
+        let result = doorbell.wait(vector, deadline.remaining());
+        // Clear the leader flag (set: subtracting it clears it) and bump the generation.
+        let before = self
+            .state
+            .fetch_add(GENERATION.wrapping_sub(LEADER), Ordering::AcqRel);
+        if before & FOLLOWERS != 0 {
+            let _held = lock(&self.followers);
+            self.cv.notify_all();
+        }
+        result.map(|_| ())
+    }
+
+    /// Waits as a follower until the leader returns (or the deadline).
+    #[cold]
+    fn follow(&self, seen: u64, deadline: Deadline) -> Result<(), DoorbellError> {
+        let held = lock(&self.followers);
+        let st = self.state.fetch_add(FOLLOWER, Ordering::AcqRel);
+        if st / GENERATION == seen && st & LEADER != 0 {
+            // Woken when the leader returns (generation moves); a timeout just returns.
+            let remaining: Option<Duration> = deadline.remaining();
+            drop(wait_on(&self.cv, held, remaining));
+        } else {
+            drop(held);
+        }
+        self.state.fetch_sub(FOLLOWER, Ordering::AcqRel);
         Ok(())
     }
 }
