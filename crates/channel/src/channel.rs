@@ -22,12 +22,10 @@ use std::time::Duration;
 
 use crate::doorbell::Doorbell;
 use crate::error::{ChannelError, Corruption};
-use crate::layout::{
-    side_parts, side_word, E_SIDE_A, E_SIDE_B, SIDE_ATTACHED, SIDE_CLOSED, SIDE_EMPTY, SIDE_GONE,
-};
+use crate::layout::{side_parts, side_word, SIDE_ATTACHED, SIDE_CLOSED, SIDE_EMPTY, SIDE_GONE};
 use crate::region::RegionInner;
-use crate::ring::{Consumer, Producer, Record};
-use crate::shm::Shm;
+use crate::ring::{Consumer, Producer, Record, Slot};
+use crate::shm::Word;
 use crate::sync::{fence, keep_spinning, Deadline, Ordering};
 
 /// How long a blocking call spins before it sleeps on the doorbell.
@@ -75,6 +73,10 @@ pub(crate) struct Endpoint {
     /// Region offset of the directory entry.
     pub(crate) entry: usize,
     pub(crate) side: Side,
+    /// Our side word in the entry.
+    pub(crate) own: Word,
+    /// The peer's side word in the entry.
+    pub(crate) peer: Word,
     /// Our side word as we wrote it.
     pub(crate) own_word: u32,
     pub(crate) vector: u16,
@@ -105,31 +107,13 @@ pub enum PeerStatus {
 }
 
 impl Endpoint {
-    fn shm(&self) -> &Shm {
-        &self.region.shm
-    }
-
     fn doorbell(&self) -> &dyn Doorbell {
         &*self.region.doorbell
     }
 
-    fn own_offset(&self) -> usize {
-        self.entry
-            + match self.side {
-                Side::A => E_SIDE_A,
-                Side::B => E_SIDE_B,
-            }
-    }
-
-    fn peer_offset(&self) -> usize {
-        self.entry
-            + match self.side {
-                Side::A => E_SIDE_B,
-                Side::B => E_SIDE_A,
-            }
-    }
-
     /// Records a corruption (first one wins) and returns the channel's error.
+    #[cold]
+    #[inline(never)]
     fn fail(&self, what: Corruption) -> ChannelError {
         let what = self.failed.get_or_init(|| what).clone();
         ChannelError::ChannelCorrupt {
@@ -138,21 +122,26 @@ impl Endpoint {
         }
     }
 
+    #[inline(always)]
     fn check_failed(&self) -> Result<(), ChannelError> {
         match self.failed.get() {
-            Some(what) => Err(ChannelError::ChannelCorrupt {
-                channel: self.name.clone(),
-                what: what.clone(),
-            }),
+            Some(what) => Err(self.failed_error(what)),
             None => Ok(()),
         }
     }
 
+    #[cold]
+    #[inline(never)]
+    fn failed_error(&self, what: &Corruption) -> ChannelError {
+        ChannelError::ChannelCorrupt {
+            channel: self.name.clone(),
+            what: what.clone(),
+        }
+    }
+
+    #[inline(always)]
     fn peer_state(&self) -> Result<PeerState, ChannelError> {
-        let word = self
-            .shm()
-            .load(self.peer_offset(), Ordering::Acquire)
-            .map_err(|e| self.fail(e.into()))?;
+        let word = self.peer.load(Ordering::Acquire);
         let (state, peer, vector) = side_parts(word);
         Ok(match state {
             SIDE_EMPTY => PeerState::NotYet,
@@ -167,6 +156,7 @@ impl Endpoint {
     }
 
     /// Ok while the peer may still send or receive (attached, or not joined yet).
+    #[inline(always)]
     fn peer_alive(&self) -> Result<(), ChannelError> {
         match self.peer_state()? {
             PeerState::NotYet | PeerState::Attached { .. } => Ok(()),
@@ -177,10 +167,7 @@ impl Endpoint {
 
     /// Ok while our side word is still the one we wrote.
     fn check_own(&self) -> Result<(), ChannelError> {
-        let word = self
-            .shm()
-            .load(self.own_offset(), Ordering::Acquire)
-            .map_err(|e| self.fail(e.into()))?;
+        let word = self.own.load(Ordering::Acquire);
         if word == self.own_word {
             Ok(())
         } else {
@@ -199,6 +186,7 @@ impl Endpoint {
     }
 
     /// Rings the peer's vector, if a peer is attached.
+    #[inline(never)]
     fn ring_peer(&self) -> Result<(), ChannelError> {
         if let PeerState::Attached { peer, vector } = self.peer_state()? {
             self.doorbell().ring(peer, vector)?;
@@ -223,10 +211,9 @@ impl Endpoint {
     }
 
     fn close(&self) {
-        let shm = self.shm();
         let closed = (self.own_word & !(0xf << 24)) | (SIDE_CLOSED << 24);
         // Only if it is still ours (someone may have marked it gone).
-        if let Ok(Ok(_)) = shm.compare_exchange(self.own_offset(), self.own_word, closed) {
+        if self.own.compare_exchange(self.own_word, closed).is_ok() {
             fence(Ordering::SeqCst);
             // Best effort: a peer that cannot be rung finds out at its next look.
             let _ = self.ring_peer();
@@ -311,11 +298,13 @@ impl Channel {
     }
 
     /// Sends one message (see [`Sender::send`]).
+    #[inline]
     pub fn send(&mut self, msg: &[u8], timeout: Option<Duration>) -> Result<(), ChannelError> {
         self.tx.send(msg, timeout)
     }
 
     /// Receives one message into `buf` (see [`Receiver::recv`]).
+    #[inline]
     pub fn recv(
         &mut self,
         buf: &mut Vec<u8>,
@@ -364,82 +353,175 @@ impl Sender {
     /// Sends `msg` (1 byte up to [`Sender::max_message`]), whole and in order. When the ring is
     /// full, waits for space as the module documentation says (`timeout`). Errors: the peer
     /// closed or left, the message is empty or too large (never split), the channel is corrupt.
+    #[inline]
     pub fn send(&mut self, msg: &[u8], timeout: Option<Duration>) -> Result<(), ChannelError> {
+        let slot = self.slot(msg.len(), timeout)?;
+        if let Err(c) = self.ring.write(&slot, 0, msg) {
+            self.ring.cancel(&slot);
+            return Err(self.end.fail(c));
+        }
+        self.publish(&slot)
+    }
+
+    /// [`Sender::send`] without waiting: [`ChannelError::WouldBlock`] when the ring is full.
+    pub fn try_send(&mut self, msg: &[u8]) -> Result<(), ChannelError> {
+        self.send(msg, Some(Duration::ZERO))
+    }
+
+    /// Reserves room for a `len`-byte message in the ring (waiting for space as
+    /// [`Sender::send`] does) and returns a guard that writes the message in place: no copy
+    /// through a buffer of yours. [`Reservation::commit`] publishes it; dropping the guard
+    /// without committing publishes nothing. Bytes of the reservation that are not written are
+    /// unspecified (whatever the ring held).
+    pub fn reserve(
+        &mut self,
+        len: usize,
+        timeout: Option<Duration>,
+    ) -> Result<Reservation<'_>, ChannelError> {
+        let slot = self.slot(len, timeout)?;
+        Ok(Reservation {
+            tx: self,
+            slot: Some(slot),
+        })
+    }
+
+    /// Validates `len` and reserves a slot for it, waiting if the ring is full.
+    #[inline(always)]
+    fn slot(&mut self, len: usize, timeout: Option<Duration>) -> Result<Slot, ChannelError> {
         let end = &*self.end;
         end.check_failed()?;
-        if msg.is_empty() {
+        if len == 0 {
             return Err(ChannelError::Empty);
         }
-        if msg.len() > self.max_message() {
-            return Err(ChannelError::TooLarge {
-                len: msg.len(),
-                max: self.ring.max_message(),
-            });
+        let max = self.ring.max_message();
+        if len > max as usize {
+            return Err(ChannelError::TooLarge { len, max });
         }
         end.peer_alive()?;
+        match self.ring.reserve(len as u32) {
+            Ok(Some(slot)) => Ok(slot),
+            Ok(None) => self.wait_for_slot(len as u32, timeout),
+            Err(c) => Err(end.fail(c)),
+        }
+    }
+
+    /// Publishes a written slot and rings the peer if it asked for it.
+    #[inline(always)]
+    fn publish(&mut self, slot: &Slot) -> Result<(), ChannelError> {
+        if self.ring.commit(slot) {
+            self.end.ring_peer()?;
+        }
+        Ok(())
+    }
+
+    /// The ring was full: spin, then sleep until a `len`-byte record fits (or the timeout).
+    #[cold]
+    #[inline(never)]
+    fn wait_for_slot(&mut self, len: u32, timeout: Option<Duration>) -> Result<Slot, ChannelError> {
+        let end = &*self.end;
         // The clock is read only once we have to wait (not on the fast path).
         let mut deadline = None;
         let budget = end.spin.budget();
         let (mut started, mut turns, mut looks) = (None, 0, 0u32);
         loop {
-            match self.ring.try_send(end.shm(), msg) {
-                Ok(Some(notify)) => {
-                    if notify {
-                        end.ring_peer()?;
-                    }
-                    return Ok(());
-                }
-                Ok(None) => {}
-                Err(c) => return Err(end.fail(c)),
-            }
-            let len = msg.len() as u32;
             // These checks cost loads and a clock read: while spinning, every 16th look only.
             looks = looks.wrapping_add(1);
             let full = looks % 16 == 1;
+            // Non-blocking and the ring armed: look again at once.
+            let mut again = false;
             if full {
                 end.peer_alive()?;
                 if timeout == Some(Duration::ZERO) {
-                    if self
-                        .ring
-                        .arm_space(end.shm(), len)
-                        .map_err(|c| end.fail(c))?
-                    {
-                        continue;
+                    if !self.ring.arm_space(len).map_err(|c| end.fail(c))? {
+                        return Err(ChannelError::WouldBlock);
                     }
-                    return Err(ChannelError::WouldBlock);
-                }
-                if deadline
+                    again = true;
+                } else if deadline
                     .get_or_insert_with(|| Deadline::after(timeout))
                     .expired()
                 {
                     return Err(ChannelError::Timeout);
                 }
             }
-            if keep_spinning(budget, &mut started, &mut turns) {
-                continue;
-            }
-            let deadline = *deadline.get_or_insert_with(|| Deadline::after(timeout));
-            if !full {
-                end.peer_alive()?;
-                if deadline.expired() {
-                    return Err(ChannelError::Timeout);
+            if !again && !keep_spinning(budget, &mut started, &mut turns) {
+                let deadline = *deadline.get_or_insert_with(|| Deadline::after(timeout));
+                if !full {
+                    end.peer_alive()?;
+                    if deadline.expired() {
+                        return Err(ChannelError::Timeout);
+                    }
                 }
+                end.check_own()?;
+                let ring = &mut self.ring;
+                end.sleep(deadline, || {
+                    if ring.arm_space(len).map_err(|c| end.fail(c))? {
+                        return Ok(true);
+                    }
+                    end.peer_alive()?;
+                    Ok(false)
+                })?;
             }
-            end.check_own()?;
-            let ring = &mut self.ring;
-            end.sleep(deadline, || {
-                if ring.arm_space(end.shm(), len).map_err(|c| end.fail(c))? {
-                    return Ok(true);
-                }
-                end.peer_alive()?;
-                Ok(false)
-            })?;
+            if let Some(slot) = self.ring.reserve(len).map_err(|c| end.fail(c))? {
+                return Ok(slot);
+            }
         }
     }
+}
 
-    /// [`Sender::send`] without waiting: [`ChannelError::WouldBlock`] when the ring is full.
-    pub fn try_send(&mut self, msg: &[u8]) -> Result<(), ChannelError> {
-        self.send(msg, Some(Duration::ZERO))
+/// Room for one message in the ring, reserved by [`Sender::reserve`]: write the message in
+/// place with [`Reservation::write_at`], then [`Reservation::commit`] it. Dropped without
+/// committing, it publishes nothing.
+///
+/// The guard never lends a Rust reference into the ring (the peer may write there at any
+/// time): writes are raw copies from your buffers, bounds-checked against the reserved length.
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    tx: &'a mut Sender,
+    slot: Option<Slot>,
+}
+
+impl Reservation<'_> {
+    /// The message's length.
+    pub fn len(&self) -> usize {
+        self.slot.as_ref().map_or(0, |s| s.len as usize)
+    }
+
+    /// Always false (messages carry at least one byte).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Copies `src` into the message at byte `offset`; `false` (nothing written) if that range
+    /// is not inside the message.
+    pub fn write_at(&mut self, offset: usize, src: &[u8]) -> Result<bool, ChannelError> {
+        let Some(slot) = &self.slot else {
+            return Ok(false);
+        };
+        match offset.checked_add(src.len()) {
+            Some(end) if end <= slot.len as usize => {}
+            _ => return Ok(false),
+        }
+        self.tx
+            .ring
+            .write(slot, offset as u32, src)
+            .map_err(|c| self.tx.end.fail(c))?;
+        Ok(true)
+    }
+
+    /// Publishes the message (rings the peer if it waits for one).
+    pub fn commit(mut self) -> Result<(), ChannelError> {
+        match self.slot.take() {
+            Some(slot) => self.tx.publish(&slot),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.tx.ring.cancel(&slot);
+        }
     }
 }
 
@@ -460,9 +542,11 @@ impl Receiver {
         })
     }
 
-    /// Receives the next message into `buf` (resized to the message; the length is at most the
-    /// ring's size, a bound fixed when the region was formatted and checked against the
-    /// mapping) and returns its length.
+    /// Receives the next message into `buf` (replacing its contents; its capacity grows to the
+    /// message if needed and is kept, so a reused vector allocates only for a larger message
+    /// than before; the length is at most the ring's size, a bound fixed when the region was
+    /// formatted and checked against the mapping) and returns its length.
+    #[inline]
     pub fn recv(
         &mut self,
         buf: &mut Vec<u8>,
@@ -471,13 +555,19 @@ impl Receiver {
         let record = self.next_record(timeout)?;
         let len = record.len as usize;
         buf.clear();
-        buf.resize(len, 0);
-        self.finish(&record, buf)?;
+        buf.reserve(len);
+        self.ring
+            .read_uninit(&record, &mut buf.spare_capacity_mut()[..len])
+            .map_err(|c| self.end.fail(c))?;
+        // SAFETY: `read_uninit` initialised the first `len` bytes of the spare capacity.
+        unsafe { buf.set_len(len) };
+        self.release(&record)?;
         Ok(len)
     }
 
     /// Receives the next message into `buf` and returns its length;
     /// [`ChannelError::BufferTooSmall`] leaves a message that does not fit in the ring.
+    #[inline]
     pub fn recv_into(
         &mut self,
         buf: &mut [u8],
@@ -491,7 +581,10 @@ impl Receiver {
                 got: buf.len(),
             });
         };
-        self.finish(&record, dst)?;
+        self.ring
+            .read(&record, 0, dst)
+            .map_err(|c| self.end.fail(c))?;
+        self.release(&record)?;
         Ok(len)
     }
 
@@ -500,23 +593,10 @@ impl Receiver {
         self.recv(buf, Some(Duration::ZERO))
     }
 
-    /// Copies the whole record out and frees it.
-    fn finish(&mut self, record: &Record, dst: &mut [u8]) -> Result<(), ChannelError> {
-        let end = &*self.end;
-        self.ring
-            .read(end.shm(), record, 0, dst)
-            .map_err(|c| end.fail(c))?;
-        self.release(record)
-    }
-
+    #[inline(always)]
     fn release(&mut self, record: &Record) -> Result<(), ChannelError> {
-        let end = &*self.end;
-        if self
-            .ring
-            .release(end.shm(), record)
-            .map_err(|c| end.fail(c))?
-        {
-            end.ring_peer()?;
+        if self.ring.release(record) {
+            self.end.ring_peer()?;
         }
         Ok(())
     }
@@ -527,69 +607,81 @@ impl Receiver {
         match end.peer_alive() {
             Ok(()) => Ok(None),
             // The peer publishes before it closes: look once more after seeing it closed.
-            Err(e) => Ok(Some(
-                match self.ring.peek(end.shm()).map_err(|c| end.fail(c))? {
-                    Some(r) => Ok(r),
-                    None => Err(e),
-                },
-            )),
+            Err(e) => Ok(Some(match self.ring.peek().map_err(|c| end.fail(c))? {
+                Some(r) => Ok(r),
+                None => Err(e),
+            })),
         }
     }
 
+    /// The next record: at once if there is one, else after waiting.
+    #[inline(always)]
     fn next_record(&mut self, timeout: Option<Duration>) -> Result<Record, ChannelError> {
         let end = &*self.end;
         end.check_failed()?;
+        match self.ring.peek() {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => self.wait_for_record(timeout),
+            Err(c) => Err(end.fail(c)),
+        }
+    }
+
+    /// The ring was empty: spin, then sleep until a record comes (or the timeout).
+    #[cold]
+    #[inline(never)]
+    fn wait_for_record(&mut self, timeout: Option<Duration>) -> Result<Record, ChannelError> {
+        let end = &*self.end;
         let mut deadline = None;
         let budget = end.spin.budget();
         let (mut started, mut turns, mut looks) = (None, 0, 0u32);
         loop {
-            if let Some(r) = self.ring.peek(end.shm()).map_err(|c| end.fail(c))? {
-                return Ok(r);
-            }
             // These checks cost loads and a clock read: while spinning, every 16th look only.
             looks = looks.wrapping_add(1);
             let full = looks % 16 == 1;
+            // Non-blocking and the ring armed: look again at once.
+            let mut again = false;
             if full {
                 if let Some(r) = self.closed_or_gone()? {
                     return r;
                 }
                 if timeout == Some(Duration::ZERO) {
-                    if self.ring.arm_data(end.shm()).map_err(|c| end.fail(c))? {
-                        continue;
+                    if !self.ring.arm_data().map_err(|c| end.fail(c))? {
+                        return Err(ChannelError::WouldBlock);
                     }
-                    return Err(ChannelError::WouldBlock);
-                }
-                if deadline
+                    again = true;
+                } else if deadline
                     .get_or_insert_with(|| Deadline::after(timeout))
                     .expired()
                 {
                     return Err(ChannelError::Timeout);
                 }
             }
-            if keep_spinning(budget, &mut started, &mut turns) {
-                continue;
+            if !again && !keep_spinning(budget, &mut started, &mut turns) {
+                let deadline = *deadline.get_or_insert_with(|| Deadline::after(timeout));
+                if !full {
+                    if let Some(r) = self.closed_or_gone()? {
+                        return r;
+                    }
+                    if deadline.expired() {
+                        return Err(ChannelError::Timeout);
+                    }
+                }
+                end.check_own()?;
+                let ring = &self.ring;
+                end.sleep(deadline, || {
+                    if ring.arm_data().map_err(|c| end.fail(c))? {
+                        return Ok(true);
+                    }
+                    // After the fence: a close we miss here rings us.
+                    Ok(!matches!(
+                        end.peer_state()?,
+                        PeerState::NotYet | PeerState::Attached { .. }
+                    ))
+                })?;
             }
-            let deadline = *deadline.get_or_insert_with(|| Deadline::after(timeout));
-            if !full {
-                if let Some(r) = self.closed_or_gone()? {
-                    return r;
-                }
-                if deadline.expired() {
-                    return Err(ChannelError::Timeout);
-                }
+            if let Some(r) = self.ring.peek().map_err(|c| end.fail(c))? {
+                return Ok(r);
             }
-            end.check_own()?;
-            let ring = &self.ring;
-            end.sleep(deadline, || {
-                if ring.arm_data(end.shm()).map_err(|c| end.fail(c))? {
-                    return Ok(true);
-                }
-                // After the fence: a close we miss here rings us.
-                Ok(!matches!(
-                    end.peer_state()?,
-                    PeerState::NotYet | PeerState::Attached { .. }
-                ))
-            })?;
         }
     }
 }
@@ -630,7 +722,7 @@ impl Message<'_> {
         let end = &*self.rx.end;
         self.rx
             .ring
-            .read(end.shm(), &self.record, offset as u32, dst)
+            .read(&self.record, offset as u32, dst)
             .map_err(|c| end.fail(c))?;
         Ok(true)
     }

@@ -51,7 +51,7 @@ mod shm;
 mod sync;
 mod wait;
 
-pub use channel::{Channel, Message, PeerStatus, Receiver, Sender, Side, Spin};
+pub use channel::{Channel, Message, PeerStatus, Receiver, Reservation, Sender, Side, Spin};
 pub use doorbell::{Doorbell, DoorbellError};
 pub use error::{ChannelError, Corruption, RegionError};
 pub use layout::{Geometry, LayoutError};

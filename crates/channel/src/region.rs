@@ -22,7 +22,7 @@ use crate::layout::{
     MAGIC_FORMATTING, NAME_FIELD, NAME_MAX, SIDE_ATTACHED, SIDE_CLOSED, SIDE_EMPTY, SIDE_GONE,
     STATE_ACTIVE, STATE_FREE,
 };
-use crate::ring::{Consumer, Producer, RingGeometry};
+use crate::ring::{self, Consumer, Producer};
 use crate::shm::Shm;
 use crate::sync::{Deadline, Ordering};
 use crate::wait::Hub;
@@ -465,7 +465,7 @@ impl Region {
             shm.store(e + off_field, ring as u32, Ordering::Relaxed)?;
             shm.store(e + off_field + 4, (ring >> 32) as u32, Ordering::Relaxed)?;
             shm.store(e + size_field, geo.ring_size, Ordering::Relaxed)?;
-            RingGeometry::new(ring as usize, geo.ring_size).init(shm)?;
+            ring::init(&shm.ring(ring as usize, geo.ring_size)?);
         }
         shm.store(e + E_STATE, STATE_ACTIVE, Ordering::Release)?;
         self.endpoint(name, index, Side::A, me, opts)
@@ -504,17 +504,24 @@ impl Region {
             }
             rings[i] = want as usize;
         }
-        let ab = RingGeometry::new(rings[0], geo.ring_size);
-        let ba = RingGeometry::new(rings[1], geo.ring_size);
+        let ab = shm.ring(rings[0], geo.ring_size)?;
+        let ba = shm.ring(rings[1], geo.ring_size)?;
         let (tx, rx) = match side {
             Side::A => (ab, ba),
             Side::B => (ba, ab),
+        };
+        let (side_a, side_b) = (shm.word(e + E_SIDE_A)?, shm.word(e + E_SIDE_B)?);
+        let (own, peer) = match side {
+            Side::A => (side_a, side_b),
+            Side::B => (side_b, side_a),
         };
         let end = Endpoint {
             region: inner.clone(),
             name: name.into(),
             entry: e,
             side,
+            own,
+            peer,
             own_word,
             vector: opts.vector,
             spin: opts.spin,

@@ -3,105 +3,59 @@
 //! Each side keeps the ring's geometry and its own position privately; the only values read
 //! from shared memory are the other side's words (`tail` for the producer; a record's `seq` and
 //! `len` for the consumer, and the event words), each read once into a local and validated
-//! before use. See `docs/channel-spec.md` ("Rings") for the protocol; the memory orderings
-//! below are the ones it prescribes.
+//! before use. See `docs/channel-spec.md` ("Sending and receiving") for the protocol; the
+//! memory orderings below are the ones it prescribes.
+//!
+//! The fast path is short on purpose (it is most of the cost of a message between two CPUs
+//! that poll): the ring's memory is a [`RingMem`], bounds-checked once, whose addresses are
+//! masked positions; a send is the invalidation of the next header (usually done ahead, see
+//! [`Producer`]), the payload copy, two header stores and the event check; a receive is two
+//! header loads, the copy out, the `tail` store and the event check. Nothing allocates.
+
+use std::mem::MaybeUninit;
 
 use crate::error::Corruption;
 use crate::layout::{
     max_message, need_event, payload_offset, record_size, seq_of, RECORD_ALIGN, REC_LEN, REC_SEQ,
-    RING_CONTROL_SIZE, R_DATA_EVENT, R_SPACE_EVENT, R_TAIL,
+    R_DATA_EVENT, R_SPACE_EVENT, R_TAIL,
 };
-use crate::shm::Shm;
+use crate::shm::RingMem;
 use crate::sync::{fence, Ordering};
 
-/// Where a ring lives, computed from the validated region geometry (never re-read).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct RingGeometry {
-    /// Offset of the control block in the region.
-    control: usize,
-    /// Offset of the data area in the region.
-    data: usize,
-    /// Data bytes, a power of two.
-    size: u32,
-}
+/// How far ahead of its position the producer invalidates record headers at once, in bytes
+/// (see [`Producer`]).
+const CLEAN_AHEAD: u32 = 1024;
 
-impl RingGeometry {
-    /// The ring whose control block is at `control` with `size` data bytes (from a validated
-    /// [`crate::layout::Geometry`], so that the whole ring is inside the region).
-    pub(crate) fn new(control: usize, size: u32) -> RingGeometry {
-        RingGeometry {
-            control,
-            data: control + RING_CONTROL_SIZE as usize,
-            size,
-        }
-    }
-
-    /// The largest message.
-    pub(crate) fn max_message(&self) -> u32 {
-        max_message(self.size)
-    }
-
-    fn mask(&self) -> u32 {
-        self.size - 1
-    }
-
-    /// Offset in the region of the byte at ring position `pos` (+ `extra` bytes, within a
-    /// record header).
-    fn at(&self, pos: u32, extra: usize) -> usize {
-        self.data + (pos & self.mask()) as usize + extra
-    }
-
-    /// Puts a freshly allocated ring in its initial state: nothing published, nothing consumed,
-    /// no events asked for, the record header at position 0 invalid.
-    pub(crate) fn init(&self, shm: &Shm) -> Result<(), Corruption> {
-        shm.store(self.control + R_TAIL, 0, Ordering::Relaxed)?;
-        shm.store(
-            self.control + R_DATA_EVENT,
-            crate::layout::EVENT_NONE,
-            Ordering::Relaxed,
-        )?;
-        shm.store(
-            self.control + R_SPACE_EVENT,
-            crate::layout::EVENT_NONE,
-            Ordering::Relaxed,
-        )?;
-        shm.store(self.at(0, REC_SEQ), 0, Ordering::Relaxed)?;
-        Ok(())
-    }
-
-    /// Copies `dst.len()` bytes starting at ring position `pos` out, wrapping at the end.
-    fn copy_out(&self, shm: &Shm, pos: u32, dst: &mut [u8]) -> Result<(), Corruption> {
-        let off = (pos & self.mask()) as usize;
-        let first = dst.len().min(self.size as usize - off);
-        let (a, b) = dst.split_at_mut(first);
-        shm.read(self.data + off, a)?;
-        if !b.is_empty() {
-            shm.read(self.data, b)?;
-        }
-        Ok(())
-    }
-
-    /// Copies `src` in at ring position `pos`, wrapping at the end.
-    fn copy_in(&self, shm: &Shm, pos: u32, src: &[u8]) -> Result<(), Corruption> {
-        let off = (pos & self.mask()) as usize;
-        let first = src.len().min(self.size as usize - off);
-        let (a, b) = src.split_at(first);
-        shm.write(self.data + off, a)?;
-        if !b.is_empty() {
-            shm.write(self.data, b)?;
-        }
-        Ok(())
-    }
+/// Puts a freshly allocated ring in its initial state: nothing published, nothing consumed, no
+/// events asked for, the record header at position 0 invalid.
+pub(crate) fn init(mem: &RingMem) {
+    mem.store_control(R_TAIL, 0, Ordering::Relaxed);
+    mem.store_control(R_DATA_EVENT, crate::layout::EVENT_NONE, Ordering::Relaxed);
+    mem.store_control(R_SPACE_EVENT, crate::layout::EVENT_NONE, Ordering::Relaxed);
+    mem.store_record(0, REC_SEQ, 0, Ordering::Relaxed);
 }
 
 /// The producing side of a ring.
+///
+/// **Invalidating ahead.** Before a record is published, the `seq` word at the position right
+/// after it must not read as "published" (it may hold stale bytes of an earlier lap: a payload
+/// can contain anything). Storing 0 there with every record would write one more cache line per
+/// message just before the publishing store, which then waits for it. Instead the producer
+/// zeroes the `seq` words of every 64-byte slot in the free space up to [`CLEAN_AHEAD`] bytes
+/// ahead, after publishing, and remembers how far it got (`clean`): a slot in `pos..clean` was
+/// zeroed after our last write to it and nothing has been written there since (records are
+/// written in order at `pos` and beyond, and only up to their own end), so a later record ending
+/// there needs no store. The spec allows this ("at the latest before publishing").
 #[derive(Debug)]
 pub(crate) struct Producer {
-    geo: RingGeometry,
+    mem: RingMem,
     /// Our position: bytes of records published (mod 2^32).
     pos: u32,
     /// The consumer's `tail` as last read and validated (never ahead of the real one).
     cached_tail: u32,
+    /// Record slots in `pos..clean` have an invalidated `seq` (see above); `clean - pos` is at
+    /// most the free space.
+    clean: u32,
 }
 
 /// A published record that the consumer asked to be told about.
@@ -109,27 +63,39 @@ pub(crate) type Notify = bool;
 
 impl Producer {
     /// The producer of a freshly initialised ring.
-    pub(crate) fn new(geo: RingGeometry) -> Producer {
+    pub(crate) fn new(mem: RingMem) -> Producer {
         Producer {
-            geo,
+            mem,
             pos: 0,
             cached_tail: 0,
+            // `init` invalidated the slot at 0.
+            clean: RECORD_ALIGN,
         }
     }
 
     /// The ring's largest message.
+    #[inline]
     pub(crate) fn max_message(&self) -> u32 {
-        self.geo.max_message()
+        max_message(self.mem.size())
     }
 
+    #[inline(always)]
     fn used(&self) -> u32 {
         self.pos.wrapping_sub(self.cached_tail)
     }
 
+    #[inline(always)]
+    fn fits(&self, record: u32) -> bool {
+        // used <= size <= 2^30 and record <= size: no overflow.
+        self.used() + record <= self.mem.size()
+    }
+
     /// Reads the consumer's `tail` once and validates it: a multiple of 64 between the last
     /// value we saw and our position.
-    fn refresh_tail(&mut self, shm: &Shm) -> Result<(), Corruption> {
-        let tail = shm.load(self.geo.control + R_TAIL, Ordering::Acquire)?;
+    #[cold]
+    #[inline(never)]
+    fn refresh_tail(&mut self) -> Result<(), Corruption> {
+        let tail = self.mem.load_control(R_TAIL, Ordering::Acquire);
         if tail % RECORD_ALIGN != 0 {
             return Err(Corruption::TailMisaligned { tail });
         }
@@ -144,60 +110,133 @@ impl Producer {
         Ok(())
     }
 
-    fn fits(&self, record: u32) -> bool {
-        // used <= size <= 2^30 and record <= size: no overflow.
-        self.used() + record <= self.geo.size
+    /// Makes room for a record of `record` bytes: true if it fits (reading `tail` only when the
+    /// cached copy says it does not).
+    #[inline(always)]
+    fn room(&mut self, record: u32) -> Result<bool, Corruption> {
+        if self.fits(record) {
+            return Ok(true);
+        }
+        self.refresh_tail()?;
+        Ok(self.fits(record))
     }
 
-    /// Publishes `msg` (1..=max_message bytes, checked by the caller) if it fits: `Ok(None)`
-    /// when the ring is full, else whether the consumer asked to be rung.
-    pub(crate) fn try_send(&mut self, shm: &Shm, msg: &[u8]) -> Result<Option<Notify>, Corruption> {
-        debug_assert!(!msg.is_empty() && msg.len() <= self.max_message() as usize);
-        let len = msg.len() as u32;
+    /// Reserves the next record for a `len`-byte message (1..=max_message, checked by the
+    /// caller) if it fits: `Ok(None)` when the ring is full. Nothing is visible to the consumer
+    /// until [`Producer::commit`]; the payload is written with [`Producer::write`] meanwhile.
+    #[inline(always)]
+    pub(crate) fn reserve(&mut self, len: u32) -> Result<Option<Slot>, Corruption> {
+        debug_assert!(len >= 1 && len <= self.max_message());
         let record = record_size(len);
-        if !self.fits(record) {
-            self.refresh_tail(shm)?;
-            if !self.fits(record) {
-                return Ok(None);
-            }
+        if !self.room(record)? {
+            return Ok(None);
         }
-        let old = self.pos;
-        let next = old.wrapping_add(record);
-        // Invalidate the next record's header, unless that place is the oldest unconsumed
-        // record (ring full after this one): there, the old `seq` does not match `next`.
-        if next.wrapping_sub(self.cached_tail) < self.geo.size {
-            shm.store(self.geo.at(next, REC_SEQ), 0, Ordering::Relaxed)?;
+        Ok(Some(Slot {
+            pos: self.pos,
+            len,
+            payload: self.pos.wrapping_add(payload_offset(len)),
+        }))
+    }
+
+    /// Copies `src` into `slot`'s payload at byte `offset` (the caller checks `offset +
+    /// src.len() <= slot.len`).
+    #[inline(always)]
+    pub(crate) fn write(&self, slot: &Slot, offset: u32, src: &[u8]) -> Result<(), Corruption> {
+        debug_assert!(offset as usize + src.len() <= slot.len as usize);
+        Ok(self.mem.write(slot.payload.wrapping_add(offset), src)?)
+    }
+
+    /// Publishes `slot` (the one [`Producer::reserve`] returned, its payload written) and says
+    /// whether the consumer asked to be rung.
+    #[inline(always)]
+    pub(crate) fn commit(&mut self, slot: &Slot) -> Notify {
+        let old = slot.pos;
+        debug_assert_eq!(old, self.pos);
+        let next = old.wrapping_add(record_size(slot.len));
+        let free_end = self.cached_tail.wrapping_add(self.mem.size());
+        // The slot after this record must not look published. If it is the oldest unconsumed
+        // record (the ring is full after this one), its `seq` is already `next - size + 1`.
+        if self.clean.wrapping_sub(old) <= next.wrapping_sub(old) && next != free_end {
+            self.mem.store_record(next, REC_SEQ, 0, Ordering::Relaxed);
+            self.clean = next.wrapping_add(RECORD_ALIGN);
         }
-        // Payload first, then the header words back to back: the consumer polls the header
-        // line, and two separate writes to it would each have to take the line back.
-        self.geo
-            .copy_in(shm, old.wrapping_add(payload_offset(len)), msg)?;
-        shm.store(self.geo.at(old, REC_LEN), len, Ordering::Relaxed)?;
-        // Publish: everything above happens-before a consumer's acquire load of `seq`.
-        shm.store(self.geo.at(old, REC_SEQ), seq_of(old), Ordering::Release)?;
+        self.mem
+            .store_record(old, REC_LEN, slot.len, Ordering::Relaxed);
+        // Publish: the payload and `len` happen-before a consumer's acquire load of `seq`.
+        self.mem
+            .store_record(old, REC_SEQ, seq_of(old), Ordering::Release);
         self.pos = next;
         // Full fence between publishing and reading the consumer's event (the consumer has the
         // mirror image): either it sees our record, or we see its event and ring.
         fence(Ordering::SeqCst);
-        let event = shm.load(self.geo.control + R_DATA_EVENT, Ordering::Relaxed)?;
-        Ok(Some(need_event(event, next, old)))
+        let event = self.mem.load_control(R_DATA_EVENT, Ordering::Relaxed);
+        self.clean_ahead(free_end);
+        need_event(event, next, old)
+    }
+
+    /// Invalidates the slots ahead (see [`Producer`]), after the publishing store so that it
+    /// does not wait for them, in batches of [`CLEAN_AHEAD`] bytes.
+    #[inline(always)]
+    fn clean_ahead(&mut self, free_end: u32) {
+        // Slots clean beyond pos (pos itself is clean if clean - pos >= 64).
+        let clean = self.clean.wrapping_sub(self.pos);
+        if clean > RECORD_ALIGN && clean <= CLEAN_AHEAD {
+            return;
+        }
+        self.clean_batch(free_end);
+    }
+
+    #[inline(never)]
+    fn clean_batch(&mut self, free_end: u32) {
+        let free = free_end.wrapping_sub(self.pos);
+        let mut from = self.clean.wrapping_sub(self.pos);
+        if from > free {
+            // `clean` fell behind `pos` (a record jumped past it): start at `pos`.
+            from = 0;
+        }
+        let until = free.min(from.max(RECORD_ALIGN) + CLEAN_AHEAD);
+        let mut at = from;
+        while at < until {
+            self.mem
+                .store_record(self.pos.wrapping_add(at), REC_SEQ, 0, Ordering::Relaxed);
+            at += RECORD_ALIGN;
+        }
+        self.clean = self.pos.wrapping_add(at);
+    }
+
+    /// Gives up `slot` without publishing it. Its payload bytes may have overwritten slots we
+    /// had invalidated ahead: only the slot at our position (whose `seq` word a payload never
+    /// covers) stays clean.
+    pub(crate) fn cancel(&mut self, slot: &Slot) {
+        debug_assert_eq!(slot.pos, self.pos);
+        if self.clean.wrapping_sub(self.pos) > RECORD_ALIGN {
+            self.clean = self.pos.wrapping_add(RECORD_ALIGN);
+        }
     }
 
     /// Before sleeping on a full ring: asks the consumer to ring when enough space for a
     /// `len`-byte message is free, then looks again. `Ok(true)`: it fits now, do not sleep.
-    pub(crate) fn arm_space(&mut self, shm: &Shm, len: u32) -> Result<bool, Corruption> {
+    pub(crate) fn arm_space(&mut self, len: u32) -> Result<bool, Corruption> {
         let record = record_size(len);
         // The tail value at which the record fits; ring me when tail moves past need - 1.
-        let need = self.pos.wrapping_add(record).wrapping_sub(self.geo.size);
-        shm.store(
-            self.geo.control + R_SPACE_EVENT,
-            need.wrapping_sub(1),
-            Ordering::Relaxed,
-        )?;
+        let need = self.pos.wrapping_add(record).wrapping_sub(self.mem.size());
+        self.mem
+            .store_control(R_SPACE_EVENT, need.wrapping_sub(1), Ordering::Relaxed);
         fence(Ordering::SeqCst);
-        self.refresh_tail(shm)?;
+        self.refresh_tail()?;
         Ok(self.fits(record))
     }
+}
+
+/// A record reserved by the producer, not yet published.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    /// Ring position of the record.
+    pos: u32,
+    /// Payload bytes.
+    pub(crate) len: u32,
+    /// Ring position of the payload.
+    payload: u32,
 }
 
 /// A validated record the consumer found.
@@ -214,31 +253,28 @@ pub(crate) struct Record {
 /// The consuming side of a ring.
 #[derive(Debug)]
 pub(crate) struct Consumer {
-    geo: RingGeometry,
+    mem: RingMem,
     /// Our position: bytes consumed (mod 2^32); the shared `tail` is only ever written from it.
     pos: u32,
 }
 
 impl Consumer {
     /// The consumer of a freshly initialised ring.
-    pub(crate) fn new(geo: RingGeometry) -> Consumer {
-        Consumer { geo, pos: 0 }
+    pub(crate) fn new(mem: RingMem) -> Consumer {
+        Consumer { mem, pos: 0 }
     }
 
     /// The next record, if published: `seq` and `len` read once each and validated.
-    pub(crate) fn peek(&self, shm: &Shm) -> Result<Option<Record>, Corruption> {
-        let seq = shm.load(self.geo.at(self.pos, REC_SEQ), Ordering::Acquire)?;
+    #[inline(always)]
+    pub(crate) fn peek(&self) -> Result<Option<Record>, Corruption> {
+        let seq = self.mem.load_record(self.pos, REC_SEQ, Ordering::Acquire);
         if seq != seq_of(self.pos) {
             return Ok(None);
         }
-        let len = shm.load(self.geo.at(self.pos, REC_LEN), Ordering::Relaxed)?;
-        let max = self.geo.max_message();
-        if len == 0 || len > max {
-            return Err(Corruption::RecordLength {
-                position: self.pos,
-                len,
-                max,
-            });
+        let len = self.mem.load_record(self.pos, REC_LEN, Ordering::Relaxed);
+        let max = max_message(self.mem.size());
+        if len.wrapping_sub(1) >= max {
+            return Err(self.bad_length(len));
         }
         Ok(Some(Record {
             len,
@@ -247,37 +283,58 @@ impl Consumer {
         }))
     }
 
+    #[cold]
+    fn bad_length(&self, len: u32) -> Corruption {
+        Corruption::RecordLength {
+            position: self.pos,
+            len,
+            max: max_message(self.mem.size()),
+        }
+    }
+
     /// Copies `dst.len()` bytes of `record`'s payload from byte `offset` (the caller checks
     /// `offset + dst.len() <= record.len`).
+    #[inline(always)]
     pub(crate) fn read(
         &self,
-        shm: &Shm,
         record: &Record,
         offset: u32,
         dst: &mut [u8],
     ) -> Result<(), Corruption> {
         debug_assert!(offset as usize + dst.len() <= record.len as usize);
-        self.geo
-            .copy_out(shm, record.payload.wrapping_add(offset), dst)
+        Ok(self.mem.read(record.payload.wrapping_add(offset), dst)?)
+    }
+
+    /// Copies the whole payload of `record` into `dst` (`record.len` bytes), initialising it.
+    #[inline(always)]
+    pub(crate) fn read_uninit(
+        &self,
+        record: &Record,
+        dst: &mut [MaybeUninit<u8>],
+    ) -> Result<(), Corruption> {
+        debug_assert!(dst.len() <= record.len as usize);
+        Ok(self.mem.read_uninit(record.payload, dst)?)
     }
 
     /// Frees `record` (the one [`Consumer::peek`] returned): publishes the new `tail` and says
     /// whether the producer asked to be rung.
-    pub(crate) fn release(&mut self, shm: &Shm, record: &Record) -> Result<Notify, Corruption> {
+    #[inline(always)]
+    pub(crate) fn release(&mut self, record: &Record) -> Notify {
         let old = self.pos;
         self.pos = old.wrapping_add(record.size);
         // Release: our reads of the record happen-before the producer reuses its bytes.
-        shm.store(self.geo.control + R_TAIL, self.pos, Ordering::Release)?;
+        self.mem.store_control(R_TAIL, self.pos, Ordering::Release);
         fence(Ordering::SeqCst);
-        let event = shm.load(self.geo.control + R_SPACE_EVENT, Ordering::Relaxed)?;
-        Ok(need_event(event, self.pos, old))
+        let event = self.mem.load_control(R_SPACE_EVENT, Ordering::Relaxed);
+        need_event(event, self.pos, old)
     }
 
     /// Before sleeping on an empty ring: asks the producer to ring at the next record, then
     /// looks again. `Ok(true)`: a record is there now, do not sleep.
-    pub(crate) fn arm_data(&self, shm: &Shm) -> Result<bool, Corruption> {
-        shm.store(self.geo.control + R_DATA_EVENT, self.pos, Ordering::Relaxed)?;
+    pub(crate) fn arm_data(&self) -> Result<bool, Corruption> {
+        self.mem
+            .store_control(R_DATA_EVENT, self.pos, Ordering::Relaxed);
         fence(Ordering::SeqCst);
-        Ok(self.peek(shm)?.is_some())
+        Ok(self.peek()?.is_some())
     }
 }

@@ -65,6 +65,11 @@ impl Doorbell for ModelDoorbell {
 /// Two peers' regions over one model memory with one channel of 128-byte rings (two records
 /// of up to 56 bytes fill a ring).
 fn regions() -> (Region, Region) {
+    regions_with(128)
+}
+
+/// As [`regions`], with rings of `ring` bytes.
+fn regions_with(ring: u32) -> (Region, Region) {
     let bus = Arc::new(Bus::default());
     let a = Region::model(
         8192,
@@ -74,7 +79,7 @@ fn regions() -> (Region, Region) {
         }),
         FormatOptions {
             channels: 1,
-            ring_size_max: 128,
+            ring_size_max: ring,
         },
     )
     .unwrap();
@@ -167,6 +172,51 @@ fn both_ways_full_rings_split_halves() {
         t1.join().unwrap();
         t2.join().unwrap();
         t3.join().unwrap();
+    });
+}
+
+/// The producer invalidates the `seq` words of free record slots ahead of its position, after a
+/// publishing store (`src/ring.rs`, "Invalidating ahead"), instead of the next record's `seq`
+/// right before publishing. Checked here where it matters, in a 256-byte ring: two 57-byte
+/// messages (records of 128 bytes whose payload starts at record offset 64 and so covers the
+/// record's second 64-byte slot) whose first bytes forge the header that the next lap's record
+/// at that slot would carry (`len` 1, `seq` slot + 256 + 1), then three 1-byte messages that
+/// wrap the ring onto both forged slots. In every interleaving the consumer frees space early
+/// or late, so the slots are invalidated at a commit or in a batch ahead; the receiver gets
+/// the five messages and then nothing: never a forged one.
+#[test]
+fn forged_headers_in_payloads_are_never_received() {
+    loom::model(|| {
+        let (a, b) = regions_with(256);
+        let mut x = a.channel("m", opts(Spin::Never)).unwrap();
+        let mut y = b.channel("m", opts(Spin::Never)).unwrap();
+        let forged = |slot: u32| [1u32.to_le_bytes(), (slot + 256 + 1).to_le_bytes()].concat();
+        let t = loom::thread::spawn(move || {
+            for slot in [64, 192] {
+                let mut r = x.sender().reserve(57, None).unwrap();
+                assert!(r.write_at(0, &forged(slot)).unwrap());
+                r.commit().unwrap();
+            }
+            for i in 1..4 {
+                x.send(&[i], None).unwrap();
+            }
+            x
+        });
+        let mut buf = Vec::new();
+        for _ in 0..2 {
+            y.recv(&mut buf, None).unwrap();
+            assert_eq!(buf.len(), 57);
+        }
+        for i in 1..4 {
+            y.recv(&mut buf, None).unwrap();
+            assert_eq!(buf, [i], "message {i}");
+        }
+        let x = t.join().unwrap();
+        assert!(matches!(
+            y.receiver().try_recv(&mut buf),
+            Err(ivshm_channel::ChannelError::WouldBlock)
+        ));
+        drop(x);
     });
 }
 
