@@ -22,6 +22,26 @@ pub fn offset(s: &str) -> Result<usize, String> {
     usize::try_from(value).map_err(|_| format!("{s} is too large"))
 }
 
+/// A size ([`ivshm_mem::parse_size`]) from `min` to `max` bytes: the parser of a size flag
+/// with bounds (`value_parser = args::size_between(1 << 20, 64 << 30)`).
+pub fn size_between(
+    min: u64,
+    max: u64,
+) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync + 'static {
+    move |s| {
+        let value = ivshm_mem::parse_size(s).map_err(|e| e.to_string())?;
+        if (min..=max).contains(&value) {
+            Ok(value)
+        } else {
+            Err(format!(
+                "{s} is outside {} to {}",
+                ivshm_mem::format_size(min),
+                ivshm_mem::format_size(max)
+            ))
+        }
+    }
+}
+
 /// A duration in seconds, fractions allowed (`0.5`, `60`, `1e3`): a finite, non-negative
 /// number of at most [`MAX_SECONDS`].
 pub fn seconds(s: &str) -> Result<Duration, String> {
@@ -147,6 +167,16 @@ mod tests {
             assert!(err.contains(bad), "{bad}: {err}");
         }
         assert!(seconds("3153600001").unwrap_err().contains("100 years"));
+        let bytes = size_between(1 << 20, 64 << 30);
+        assert_eq!(bytes("1G"), Ok(1 << 30));
+        assert_eq!(bytes("1048576"), Ok(1 << 20));
+        assert_eq!(bytes("64GiB"), Ok(64 << 30));
+        assert_eq!(
+            bytes("1023K").unwrap_err(),
+            "1023K is outside 1 MiB to 64 GiB"
+        );
+        bytes("65G").unwrap_err();
+        bytes("lots").unwrap_err();
         assert_eq!(offset("4K").unwrap(), 4096);
         assert_eq!(offset("0x10").unwrap(), 16);
         offset("lots").unwrap_err();

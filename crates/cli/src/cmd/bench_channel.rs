@@ -1,17 +1,25 @@
 //! `ivshm bench channel`: `ivshm-channel` next to the hardware's and the kernel's floors, each
-//! pair measured in alternating blocks of one run on the same CPUs (ratios, not absolute
+//! comparison measured in alternating blocks of one run on the same CPUs (ratios, not absolute
 //! figures, are what to read):
 //!
-//! - 64-byte round trips, busy-poll (`Spin::Forever`) vs two threads ping-ponging a flag on a
-//!   shared cache line (the floor for polling);
+//! - 64-byte round trips, busy-poll (`Spin::Forever`) vs two threads ping-ponging a flag on one
+//!   shared cache line (the floor for polling, issue 8's reference), and vs the same with one
+//!   flag line per direction (the floor of any channel with a ring per direction: each message
+//!   moves a line the other side read last, so the writer must first take it back);
 //! - 64-byte round trips, blocking at once (`Spin::Never`) vs a raw eventfd ping-pong
 //!   (blocking `read(2)`/`write(2)`); neither side has a timeout (with one, the channel's wait
 //!   is a `poll(2)` and a `read(2)`);
 //! - throughput with 64 KiB and 1 MiB messages (sender and receiver copy from and into
-//!   64-byte aligned private buffers) vs a single-thread `memcpy` of the same size;
+//!   64-byte aligned private buffers), with the default spin budget and busy-polling, vs a
+//!   single-thread `memcpy` of the same size (issue 8's reference) and vs two threads handing
+//!   chunks of that size over through shared memory (busy-polling a flag per chunk, as many
+//!   chunks in flight as the channel's ring holds): the hardware's limit for moving bytes from
+//!   one CPU to another, which a channel cannot beat;
 //! - the CPU time of a receiver blocked for 1 s on an empty channel (default spin budget).
 //!
-//! The channel runs over a memfd region with eventfd doorbells (`LocalBus`), in one process.
+//! The channel runs over a memfd region with eventfd doorbells (`LocalBus`) or, with
+//! `--doorbell peer`, over an in-process ivshm server's region with `ivshm-client`'s
+//! `PeerDoorbell` on both sides.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,16 +27,21 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use clap::builder::RangedU64ValueParser;
 use clap::Args;
 use ivshm_channel::local::LocalBus;
-use ivshm_channel::{Channel, ChannelError, ChannelOptions, FormatOptions, Region, Spin};
+use ivshm_channel::{
+    Channel, ChannelError, ChannelOptions, Doorbell, FormatOptions, Geometry, Region, Spin,
+};
+use ivshm_client::{ConnectOptions, Peer, PeerDoorbell};
+use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
 use rustix::event::{eventfd, EventfdFlags};
 
-use clap::builder::RangedU64ValueParser;
+use crate::args;
 
 use super::bench::{
     micros, pin_to, placement_cpus, ratio, read_eventfd, summarize, write_eventfd, Placement,
-    Summary, MAX_ROUNDS,
+    Summary, TempSocket, MAX_ROUNDS,
 };
 
 /// `ivshm bench channel`.
@@ -37,27 +50,39 @@ pub struct ChannelArgs {
     /// Measured round trips per variant (1 to 1000000).
     #[arg(
         long,
-        value_name = "N",
         default_value_t = 20_000,
         value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_ROUNDS)
     )]
     pub rounds: usize,
-    /// Bytes moved per throughput measurement block (1 MiB to 64 GiB).
-    #[arg(
-        long,
-        value_name = "BYTES",
-        default_value_t = 1 << 30,
-        value_parser = RangedU64ValueParser::<u64>::new().range((1 << 20)..=(64 << 30))
-    )]
+    /// Bytes moved per throughput measurement block (a size: 1M to 64G).
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = args::size_between(1 << 20, 64 << 30))]
     pub bytes: u64,
     /// Where the two threads of every variant run: `split` (two CPUs, default: busy-polling
-    /// needs a CPU per side), `same` (one CPU: busy-poll round trips are skipped, they would
+    /// needs a CPU per side), `same` (one CPU: busy-poll variants are skipped, they would
     /// measure the scheduler's time slice), `free`.
     #[arg(long, value_enum, default_value_t = Placement::Split)]
     pub placement: Placement,
     /// Seconds the idle receiver is watched (0.01 to 3600).
-    #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = idle_seconds)]
+    #[arg(long, default_value_t = 1.0, value_parser = idle_seconds)]
     pub idle_seconds: f64,
+    /// Ring size of the round-trip channels (a size, a power of two from 4K to 64M). The
+    /// throughput channels use rings of four messages (4 MiB for 1 MiB messages) or this size,
+    /// whichever is larger.
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = ring_size)]
+    pub ring_size: u32,
+    /// The doorbell under the channel: `local` (eventfds of a `LocalBus`) or `peer` (two host
+    /// peers of an in-process ivshm server, `ivshm_client::PeerDoorbell`).
+    #[arg(long, value_enum, default_value_t = DoorbellKind::Local)]
+    pub doorbell: DoorbellKind,
+}
+
+/// The doorbell of `bench channel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DoorbellKind {
+    /// memfd + eventfds (`ivshm_channel::local`).
+    Local,
+    /// Host peers of an in-process server (`ivshm_client::PeerDoorbell`).
+    Peer,
 }
 
 /// Parses `--idle-seconds`: a finite number of seconds from 0.01 to 3600.
@@ -70,42 +95,60 @@ fn idle_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Parses `--ring-size`: a size, a power of two from 4 KiB to 64 MiB.
+fn ring_size(s: &str) -> Result<u32, String> {
+    let v = args::size_between(4 << 10, 64 << 20)(s)?;
+    match u32::try_from(v) {
+        Ok(v) if v.is_power_of_two() => Ok(v),
+        _ => Err(format!("{s} is not a power of two")),
+    }
+}
+
 /// Round trips per timed sample (the clock costs ~20 ns, as much as a tenth of a round trip).
 const BATCH: usize = 50;
-/// Alternating blocks per pair of variants.
+/// Alternating blocks per comparison.
 const BLOCKS: usize = 10;
+/// Alternating blocks per throughput comparison.
+const THROUGHPUT_BLOCKS: usize = 5;
 const LONG: Option<Duration> = Some(Duration::from_secs(30));
+/// Message sizes of the throughput rows.
+const THROUGHPUT_SIZES: [usize; 2] = [64 << 10, 1 << 20];
 
-/// One comparison: the channel and its reference.
+/// One round-trip comparison: the channel and its references.
 #[derive(Debug, Clone)]
-pub struct Pair {
+pub struct RoundTrips {
     /// What is measured.
     pub what: String,
     /// The channel's figure.
     pub channel: Summary,
-    /// The reference's figure.
-    pub reference: Summary,
-    /// How the reference is named.
-    pub reference_name: String,
+    /// The references: name and figure.
+    pub references: Vec<(String, Summary)>,
 }
 
-/// A throughput comparison.
+/// A throughput comparison (bytes per second, medians of blocks).
 #[derive(Debug, Clone)]
 pub struct Throughput {
     /// Message size.
     pub size: usize,
-    /// Channel, bytes per second (median of blocks).
+    /// Ring size of the channel.
+    pub ring: u32,
+    /// The channel with the default spin budget.
     pub channel: f64,
-    /// memcpy, bytes per second (median of blocks).
+    /// The channel busy-polling (`None` on one CPU).
+    pub busy_poll: Option<f64>,
+    /// Single-thread memcpy.
     pub memcpy: f64,
+    /// Two threads handing chunks over through shared memory (`None` on one CPU), and how
+    /// many chunks were in flight.
+    pub handoff: Option<(f64, usize)>,
 }
 
 /// Result of `bench channel`.
 #[derive(Debug)]
 pub struct ChannelReport {
     /// Round-trip comparisons.
-    pub round_trips: Vec<Pair>,
-    /// Why busy-poll round trips were skipped, if they were.
+    pub round_trips: Vec<RoundTrips>,
+    /// Why busy-poll variants were skipped, if they were.
     pub skipped: Option<String>,
     /// Throughput comparisons.
     pub throughput: Vec<Throughput>,
@@ -115,6 +158,10 @@ pub struct ChannelReport {
     pub pinned: Option<(usize, usize)>,
     /// Round trips per variant.
     pub rounds: usize,
+    /// Ring size of the round-trip channels.
+    pub ring: u32,
+    /// The doorbell used.
+    pub doorbell: DoorbellKind,
 }
 
 fn gbps(bytes_per_s: f64) -> String {
@@ -125,37 +172,71 @@ impl ChannelReport {
     /// The printed report.
     pub fn lines(&self) -> Vec<String> {
         let mut out = vec![format!(
-            "channel bench: {} round trips per variant (samples of {BATCH}), alternating blocks; {}",
+            "channel bench: {} round trips per variant (samples of {BATCH}), alternating blocks; {}; \
+             {} doorbell; round-trip rings of {} KiB",
             self.rounds,
             match self.pinned {
                 Some((a, b)) => format!("threads on CPUs {a} and {b}"),
                 None => "threads not pinned".into(),
-            }
+            },
+            match self.doorbell {
+                DoorbellKind::Local => "LocalDoorbell (eventfd)",
+                DoorbellKind::Peer => "PeerDoorbell (ivshm-server host peers)",
+            },
+            self.ring >> 10,
         )];
         for p in &self.round_trips {
-            out.push(format!(
-                "{}: channel median {} p99 {} | {} median {} p99 {} | ratio {} (p99 {})",
+            let mut line = format!(
+                "{}: channel median {} p99 {}",
                 p.what,
                 micros(p.channel.median),
                 micros(p.channel.p99),
-                p.reference_name,
-                micros(p.reference.median),
-                micros(p.reference.p99),
-                ratio(p.channel.median, p.reference.median),
-                ratio(p.channel.p99, p.reference.p99),
-            ));
+            );
+            for (name, r) in &p.references {
+                line += &format!(
+                    " | {name} median {} p99 {}: ratio {} (p99 {})",
+                    micros(r.median),
+                    micros(r.p99),
+                    ratio(p.channel.median, r.median),
+                    ratio(p.channel.p99, r.p99),
+                );
+            }
+            out.push(line);
         }
         if let Some(why) = &self.skipped {
-            out.push(format!("busy-poll round trips skipped: {why}"));
+            out.push(format!("busy-poll variants skipped: {why}"));
         }
         for t in &self.throughput {
-            out.push(format!(
-                "throughput {} KiB messages: channel {} | single-thread memcpy {} | ratio {:.2}x",
+            let mut line = format!(
+                "throughput {} KiB messages (ring {} KiB): channel {}",
                 t.size >> 10,
-                gbps(t.channel),
+                t.ring >> 10,
+                gbps(t.channel)
+            );
+            if let Some(b) = t.busy_poll {
+                line += &format!(", busy-poll {}", gbps(b));
+            }
+            line += &format!(
+                " | single-thread memcpy {}: ratio {:.2}x",
                 gbps(t.memcpy),
                 t.channel / t.memcpy
-            ));
+            );
+            if let Some(b) = t.busy_poll {
+                line += &format!(" (busy-poll {:.2}x)", b / t.memcpy);
+            }
+            if let Some((h, slots)) = t.handoff {
+                line += &format!(
+                    " | two threads handing {} KiB chunks over through shared memory \
+                     ({slots} in flight) {}: ratio {:.2}x",
+                    t.size >> 10,
+                    gbps(h),
+                    t.channel / h
+                );
+                if let Some(b) = t.busy_poll {
+                    line += &format!(" (busy-poll {:.2}x)", b / h);
+                }
+            }
+            out.push(line);
         }
         out.push(format!(
             "idle receiver (default spin budget, then blocked in recv): {} of CPU in {:.2} s",
@@ -191,19 +272,64 @@ impl Aligned {
     }
 }
 
-/// Both ends of channel `name` over one bus (peers 0 and 1).
-fn channel_pair(bus: &LocalBus, name: &str, spin: Spin) -> anyhow::Result<(Channel, Channel)> {
+/// What keeps a channel pair's server alive (`LocalBus` channels need nothing: their regions
+/// hold the mapping and the eventfds).
+type Backing = Option<(TempSocket, ServerHandle)>;
+
+/// Both ends of one channel with rings of `ring` bytes (peers 0 and 1 of a `LocalBus`, or two
+/// host peers of an in-process server), and what keeps them alive.
+fn channel_pair(
+    kind: DoorbellKind,
+    ring: u32,
+    spin: Spin,
+) -> anyhow::Result<(Channel, Channel, Backing)> {
     let fmt = FormatOptions {
-        channels: 8,
-        ring_size_max: 4 << 20,
+        channels: 1,
+        ring_size_max: ring,
     };
-    let a = Region::open_or_format(bus.map()?, Arc::new(bus.doorbell(0)?), fmt)?;
-    let b = Region::open(bus.map()?, Arc::new(bus.doorbell(1)?))?;
+    let size = Geometry {
+        channels: 1,
+        ring_size: ring,
+    }
+    .layout_size()
+    .next_multiple_of(1 << 20);
     let opts = ChannelOptions {
         spin,
         ..ChannelOptions::default()
     };
-    Ok((a.channel(name, opts)?, b.channel(name, opts)?))
+    let (a, b, backing) = match kind {
+        DoorbellKind::Local => {
+            let bus = LocalBus::new(size, 2, 1)?;
+            let a = Region::open_or_format(bus.map()?, Arc::new(bus.doorbell(0)?), fmt)?;
+            let b = Region::open(bus.map()?, Arc::new(bus.doorbell(1)?))?;
+            (a, b, None)
+        }
+        DoorbellKind::Peer => {
+            let sock = TempSocket::new("channel")?;
+            let mut region = RegionConfig::new(sock.path());
+            region.vectors = 1;
+            region.memory.size = size;
+            let server = ServerHandle::spawn(ServerConfig::single(region))
+                .context("starting the in-process server")?;
+            let peer = |path: &std::path::Path| -> anyhow::Result<Arc<PeerDoorbell>> {
+                Ok(Arc::new(PeerDoorbell::new(Peer::connect(
+                    path,
+                    ConnectOptions::default(),
+                )?)?))
+            };
+            let (pa, pb) = (peer(&sock.path())?, peer(&sock.path())?);
+            let (ma, mb) = (pa.peer().map()?, pb.peer().map()?);
+            let a = Region::open_or_format(ma, pa as Arc<dyn Doorbell>, fmt)?;
+            let b = Region::open(mb, pb as Arc<dyn Doorbell>)?;
+            (a, b, Some((sock, server)))
+        }
+    };
+    if a.geometry().ring_size != ring {
+        bail!("the region got rings of {} bytes", a.geometry().ring_size);
+    }
+    let x = a.channel("bench", opts)?;
+    let y = b.channel("bench", opts)?;
+    Ok((x, y, backing))
 }
 
 /// Runs `rounds` round trips: `pong` in a thread on `cpus.1`, `ping` here (pinned to `cpus.0`
@@ -247,7 +373,7 @@ where
     })
 }
 
-/// The flag ping-pong: the pinger writes an odd value, the ponger answers with the next even.
+/// A cache line of its own.
 #[repr(align(128))]
 struct Line(AtomicU64);
 
@@ -257,60 +383,57 @@ fn spin_until(line: &Line, value: u64) {
     }
 }
 
-/// Compares `channel` round trips (both ends with `spin`) with `reference` in alternating
-/// blocks; `reference` is given the number of rounds and the sample vector.
-fn compare<R>(
+/// A reference measurement: given the number of rounds, pushes its samples.
+type Reference<'a> = Box<dyn FnMut(usize, &mut Vec<Duration>) -> anyhow::Result<()> + 'a>;
+
+/// Compares channel round trips (both ends with `spin`) with `references` in alternating
+/// blocks.
+fn compare(
     a: &ChannelArgs,
     cpus: Option<(usize, usize)>,
     spin: Spin,
-    mut reference: R,
-) -> anyhow::Result<(Summary, Summary)>
-where
-    R: FnMut(usize, &mut Vec<Duration>) -> anyhow::Result<()>,
-{
-    let bus = LocalBus::new(64 << 20, 2, 1)?;
-    let (mut x, mut y) = channel_pair(&bus, "bench-rtt", spin)?;
+    mut references: Vec<Reference<'_>>,
+) -> anyhow::Result<(Summary, Vec<Summary>)> {
+    let (mut x, mut y, _backing) = channel_pair(a.doorbell, a.ring_size, spin)?;
     let msg = [0x5au8; 64];
     // No timeout, as the raw eventfd ping-pong has none: a timed wait costs one poll(2) more.
     let wait = None;
-    let (mut chan, mut refs) = (Vec::new(), Vec::new());
+    let mut chan = Vec::new();
+    let mut refs = vec![Vec::new(); references.len()];
     let per_block = a.rounds.div_ceil(BLOCKS).max(BATCH);
-    // Warm-up of both, unmeasured.
     let mut scratch = Vec::new();
+    // Block 0 is a warm-up of every variant, unmeasured.
     for block in 0..=BLOCKS {
-        let (c, r) = if block == 0 {
-            (&mut scratch, None)
-        } else {
-            (&mut chan, Some(&mut refs))
-        };
-        {
-            let (x, y) = (&mut x, &mut y);
-            let mut buf_x = [0u8; 64];
-            let mut buf_y = [0u8; 64];
-            round_trips(
-                cpus,
-                per_block,
-                c,
-                || {
-                    x.send(&msg, wait)?;
-                    x.receiver().recv_into(&mut buf_x, wait)?;
-                    Ok(())
-                },
-                || {
-                    y.receiver().recv_into(&mut buf_y, wait)?;
-                    y.send(&buf_y, wait)?;
-                    Ok(())
-                },
-            )?;
-        }
-        match r {
-            Some(r) => reference(per_block, r)?,
-            None => reference(per_block, &mut Vec::new())?,
+        let (x, y) = (&mut x, &mut y);
+        let mut buf_x = [0u8; 64];
+        let mut buf_y = [0u8; 64];
+        round_trips(
+            cpus,
+            per_block,
+            if block == 0 { &mut scratch } else { &mut chan },
+            || {
+                x.send(&msg, wait)?;
+                x.receiver().recv_into(&mut buf_x, wait)?;
+                Ok(())
+            },
+            || {
+                y.receiver().recv_into(&mut buf_y, wait)?;
+                y.send(&buf_y, wait)?;
+                Ok(())
+            },
+        )?;
+        for (r, samples) in references.iter_mut().zip(refs.iter_mut()) {
+            scratch.clear();
+            r(per_block, if block == 0 { &mut scratch } else { samples })?;
         }
     }
-    Ok((summarize(&mut chan), summarize(&mut refs)))
+    Ok((
+        summarize(&mut chan),
+        refs.iter_mut().map(|s| summarize(s)).collect(),
+    ))
 }
 
+/// Two threads ping-pong one flag on one cache line.
 fn cache_line_floor(
     cpus: Option<(usize, usize)>,
     rounds: usize,
@@ -332,6 +455,34 @@ fn cache_line_floor(
             j += 2;
             spin_until(&line, j - 1);
             line.0.store(j, Ordering::Release);
+            Ok(())
+        },
+    )
+}
+
+/// Two threads ping-pong with one flag line per direction (each writes its own, reads the
+/// other's).
+fn line_per_direction_floor(
+    cpus: Option<(usize, usize)>,
+    rounds: usize,
+    samples: &mut Vec<Duration>,
+) -> anyhow::Result<()> {
+    let (ping_line, pong_line) = (Line(AtomicU64::new(0)), Line(AtomicU64::new(0)));
+    let (mut i, mut j) = (0u64, 0u64);
+    round_trips(
+        cpus,
+        rounds,
+        samples,
+        || {
+            i += 1;
+            ping_line.0.store(i, Ordering::Release);
+            spin_until(&pong_line, i);
+            Ok(())
+        },
+        || {
+            j += 1;
+            spin_until(&ping_line, j);
+            pong_line.0.store(j, Ordering::Release);
             Ok(())
         },
     )
@@ -359,6 +510,47 @@ fn eventfd_floor(
     )
 }
 
+/// Runs `send` for `n` messages here (on `cpus.0`) and `recv` for as many in a thread (on
+/// `cpus.1`), started together; returns the bytes per second for `n * size` bytes.
+fn two_threads<S, R>(
+    cpus: Option<(usize, usize)>,
+    n: u64,
+    size: usize,
+    mut send: S,
+    mut recv: R,
+) -> anyhow::Result<f64>
+where
+    S: FnMut() -> anyhow::Result<()>,
+    R: FnMut() -> anyhow::Result<()> + Send,
+{
+    let barrier = Barrier::new(2);
+    let elapsed = std::thread::scope(|s| -> anyhow::Result<Duration> {
+        let receiver = s.spawn(|| -> anyhow::Result<()> {
+            if let Some((_, cpu)) = cpus {
+                pin_to(cpu);
+            }
+            barrier.wait();
+            for _ in 0..n {
+                recv()?;
+            }
+            Ok(())
+        });
+        if let Some((cpu, _)) = cpus {
+            pin_to(cpu);
+        }
+        barrier.wait();
+        let t = Instant::now();
+        for _ in 0..n {
+            send()?;
+        }
+        receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("receiving thread panicked"))??;
+        Ok(t.elapsed())
+    })?;
+    Ok((n * size as u64) as f64 / elapsed.as_secs_f64())
+}
+
 /// Channel throughput with `size`-byte messages over `bytes` bytes, in bytes per second.
 fn channel_throughput(
     cpus: Option<(usize, usize)>,
@@ -370,35 +562,94 @@ fn channel_throughput(
     let n = (bytes / size as u64).max(1);
     let src = Aligned::new(size, 0xa5);
     let mut dst = Aligned::new(size, 0);
-    let barrier = Barrier::new(2);
-    let elapsed = std::thread::scope(|s| -> anyhow::Result<Duration> {
-        let receiver = s.spawn(|| -> anyhow::Result<()> {
-            if let Some((_, cpu)) = cpus {
-                pin_to(cpu);
-            }
-            barrier.wait();
-            for _ in 0..n {
-                y.receiver().recv_into(dst.get_mut(), LONG)?;
-            }
+    let rate = two_threads(
+        cpus,
+        n,
+        size,
+        || Ok(x.send(src.get(), LONG)?),
+        || {
+            y.receiver().recv_into(dst.get_mut(), LONG)?;
             Ok(())
-        });
-        if let Some((cpu, _)) = cpus {
-            pin_to(cpu);
-        }
-        barrier.wait();
-        let t = Instant::now();
-        for _ in 0..n {
-            x.send(src.get(), LONG)?;
-        }
-        receiver
-            .join()
-            .map_err(|_| anyhow::anyhow!("receiving thread panicked"))??;
-        Ok(t.elapsed())
-    })?;
+        },
+    )?;
     if dst.get()[size - 1] != 0xa5 {
         bail!("the receiver did not get the bytes sent");
     }
-    Ok((n * size as u64) as f64 / elapsed.as_secs_f64())
+    Ok(rate)
+}
+
+/// Shared memory for the hand-over reference: `slots` chunks of `size` bytes and a flag each.
+struct Handoff {
+    chunks: Aligned,
+    /// Per slot: the number of the last chunk written into it (1-based), then read from it.
+    written: Vec<Line>,
+    read: Vec<Line>,
+    size: usize,
+}
+
+/// Two threads hand `size`-byte chunks over through `slots` chunks of shared memory: the
+/// sender copies its buffer into a free slot and sets its flag, the receiver waits for the
+/// flag (busy-polling), copies the chunk out and frees the slot. What any channel does at
+/// least, without a protocol: the cost of moving the bytes from one CPU's cache to the other's.
+fn handoff_throughput(
+    cpus: Option<(usize, usize)>,
+    h: &mut Handoff,
+    bytes: u64,
+) -> anyhow::Result<f64> {
+    let size = h.size;
+    let slots = h.written.len() as u64;
+    let n = (bytes / size as u64).max(1);
+    for l in h.written.iter().chain(&h.read) {
+        l.0.store(0, Ordering::Relaxed);
+    }
+    let base = h.chunks.get_mut().as_mut_ptr() as usize;
+    let (written, read) = (&h.written, &h.read);
+    let src = Aligned::new(size, 0xa5);
+    let mut dst = Aligned::new(size, 0);
+    let (mut i, mut j) = (0u64, 0u64);
+    let rate = two_threads(
+        cpus,
+        n,
+        size,
+        || {
+            let k = (i % slots) as usize;
+            if i >= slots {
+                spin_until(&read[k], i + 1 - slots);
+            }
+            // SAFETY: slot k lies inside `chunks` (k < slots, slots * size bytes), which lives
+            // until both threads are joined; the receiver does not touch slot k until the flag
+            // below says so, nor we again until it frees it.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src.get().as_ptr(),
+                    (base + k * size) as *mut u8,
+                    size,
+                );
+            }
+            i += 1;
+            written[k].0.store(i, Ordering::Release);
+            Ok(())
+        },
+        || {
+            let k = (j % slots) as usize;
+            spin_until(&written[k], j + 1);
+            // SAFETY: as above; the sender does not touch slot k until it is freed below.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (base + k * size) as *const u8,
+                    dst.get_mut().as_mut_ptr(),
+                    size,
+                );
+            }
+            j += 1;
+            read[k].0.store(j, Ordering::Release);
+            Ok(())
+        },
+    )?;
+    if dst.get()[size - 1] != 0xa5 {
+        bail!("the hand-over reference did not move the bytes");
+    }
+    Ok(rate)
 }
 
 /// Single-thread memcpy between two 64-byte aligned buffers, in bytes per second.
@@ -432,6 +683,61 @@ fn thread_cpu() -> Duration {
     )
 }
 
+/// The throughput row of `size`-byte messages.
+fn throughput(
+    a: &ChannelArgs,
+    cpus: Option<(usize, usize)>,
+    busy: bool,
+    size: usize,
+) -> anyhow::Result<Throughput> {
+    let ring = a.ring_size.max((4 * size as u32).next_power_of_two());
+    // On one CPU, block at once (spinning only burns the other thread's time slice).
+    let spin = if busy { Spin::default() } else { Spin::Never };
+    let (mut x, mut y, _backing) = channel_pair(a.doorbell, ring, spin)?;
+    let mut busy_pair = if busy {
+        Some(channel_pair(a.doorbell, ring, Spin::Forever)?)
+    } else {
+        None
+    };
+    // As many chunks in flight as the ring holds messages.
+    let slots = (ring as usize / (size + 64)).max(2);
+    let mut handoff = busy.then(|| Handoff {
+        chunks: Aligned::new(slots * size, 0),
+        written: (0..slots).map(|_| Line(AtomicU64::new(0))).collect(),
+        read: (0..slots).map(|_| Line(AtomicU64::new(0))).collect(),
+        size,
+    });
+    let (mut ch, mut bp, mut mc, mut ho) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // A warm-up block of every variant, then alternating blocks.
+    for block in 0..=THROUGHPUT_BLOCKS {
+        let bytes = if block == 0 { a.bytes / 8 } else { a.bytes };
+        let c = channel_throughput(cpus, &mut x, &mut y, size, bytes)?;
+        let b = match &mut busy_pair {
+            Some((bx, by, _)) => Some(channel_throughput(cpus, bx, by, size, bytes)?),
+            None => None,
+        };
+        let m = memcpy_throughput(cpus.map(|c| c.0), size, bytes);
+        let h = match &mut handoff {
+            Some(h) => Some(handoff_throughput(cpus, h, bytes)?),
+            None => None,
+        };
+        if block > 0 {
+            ch.push(c);
+            bp.extend(b);
+            mc.push(m);
+            ho.extend(h);
+        }
+    }
+    Ok(Throughput {
+        size,
+        ring,
+        channel: median(&mut ch),
+        busy_poll: busy.then(|| median(&mut bp)),
+        memcpy: median(&mut mc),
+        handoff: busy.then(|| (median(&mut ho), slots)),
+    })
+}
+
 /// Runs `bench channel`.
 pub fn channel(a: &ChannelArgs) -> anyhow::Result<ChannelReport> {
     let cpus = placement_cpus(a.placement);
@@ -444,55 +750,53 @@ pub fn channel(a: &ChannelArgs) -> anyhow::Result<ChannelReport> {
     if matches!(cpus, Some((p, q)) if p == q) {
         skipped = Some("both threads share one CPU (--placement same)".into());
     } else {
-        let (c, r) = compare(a, cpus, Spin::Forever, |n, s| cache_line_floor(cpus, n, s))
-            .context("busy-poll round trips")?;
-        round_trips.push(Pair {
+        let (c, r) = compare(
+            a,
+            cpus,
+            Spin::Forever,
+            vec![
+                Box::new(|n, s: &mut Vec<Duration>| cache_line_floor(cpus, n, s)),
+                Box::new(|n, s: &mut Vec<Duration>| line_per_direction_floor(cpus, n, s)),
+            ],
+        )
+        .context("busy-poll round trips")?;
+        round_trips.push(RoundTrips {
             what: "64 B round trip, busy-poll".into(),
             channel: c,
-            reference: r,
-            reference_name: "flag on a shared cache line".into(),
+            references: vec![
+                ("flag on one shared cache line".into(), r[0]),
+                ("one flag line per direction".into(), r[1]),
+            ],
         });
     }
     let fds = (
         eventfd(0, EventfdFlags::CLOEXEC)?,
         eventfd(0, EventfdFlags::CLOEXEC)?,
     );
-    let (c, r) = compare(a, cpus, Spin::Never, |n, s| eventfd_floor(cpus, n, s, &fds))
-        .context("blocking round trips")?;
-    round_trips.push(Pair {
+    let (c, r) = compare(
+        a,
+        cpus,
+        Spin::Never,
+        vec![Box::new(|n, s: &mut Vec<Duration>| {
+            eventfd_floor(cpus, n, s, &fds)
+        })],
+    )
+    .context("blocking round trips")?;
+    round_trips.push(RoundTrips {
         what: "64 B round trip, blocking (spin 0)".into(),
         channel: c,
-        reference: r,
-        reference_name: "raw eventfd ping-pong".into(),
+        references: vec![("raw eventfd ping-pong".into(), r[0])],
     });
 
-    // Throughput: the default spin budget on two CPUs; on one CPU, block at once.
-    let spin = if skipped.is_some() {
-        Spin::Never
-    } else {
-        Spin::default()
-    };
-    let bus = LocalBus::new(64 << 20, 2, 1)?;
-    let (mut x, mut y) = channel_pair(&bus, "bench-throughput", spin)?;
-    let mut throughput = Vec::new();
-    for size in [64usize << 10, 1 << 20] {
-        let (mut ch, mut mc) = (Vec::new(), Vec::new());
-        // A warm-up block, then alternating blocks.
-        channel_throughput(cpus, &mut x, &mut y, size, a.bytes / 8)?;
-        for _ in 0..5 {
-            ch.push(channel_throughput(cpus, &mut x, &mut y, size, a.bytes)?);
-            mc.push(memcpy_throughput(cpus.map(|c| c.0), size, a.bytes));
-        }
-        throughput.push(Throughput {
-            size,
-            channel: median(&mut ch),
-            memcpy: median(&mut mc),
-        });
-    }
-    drop((x, y));
+    let busy = skipped.is_none();
+    let throughput = THROUGHPUT_SIZES
+        .iter()
+        .map(|&size| throughput(a, cpus, busy, size))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .context("throughput")?;
 
     // The idle receiver.
-    let (x, mut y) = channel_pair(&bus, "bench-idle", Spin::default())?;
+    let (x, mut y, _backing) = channel_pair(a.doorbell, a.ring_size, Spin::default())?;
     // In range when parsed from the command line; anything else (NaN included) is 1 s.
     let watch = Duration::try_from_secs_f64(a.idle_seconds)
         .ok()
@@ -526,6 +830,8 @@ pub fn channel(a: &ChannelArgs) -> anyhow::Result<ChannelReport> {
         idle,
         pinned: cpus,
         rounds: a.rounds,
+        ring: a.ring_size,
+        doorbell: a.doorbell,
     })
 }
 
@@ -534,28 +840,82 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bad_idle_seconds_are_refused() {
+    fn bad_arguments_are_refused() {
         for bad in ["nan", "inf", "-1", "0", "1e9", "x"] {
             assert!(idle_seconds(bad).is_err(), "{bad}");
         }
         assert_eq!(idle_seconds("0.5"), Ok(0.5));
+        for bad in [
+            "0",
+            "4095",
+            "5000",
+            "134217728",
+            "128M",
+            "x",
+            "-4096",
+            "12K",
+        ] {
+            assert!(ring_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(ring_size("65536"), Ok(65536));
+        assert_eq!(ring_size("64K"), Ok(65536));
     }
 
-    #[test]
-    fn channel_bench_runs_every_variant() {
-        let r = channel(&ChannelArgs {
+    fn quick(doorbell: DoorbellKind) -> ChannelReport {
+        channel(&ChannelArgs {
             rounds: 200,
             bytes: 4 << 20,
             placement: Placement::Same,
             idle_seconds: 0.05,
+            ring_size: 64 << 10,
+            doorbell,
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn channel_bench_runs_every_variant() {
+        let r = quick(DoorbellKind::Local);
         assert!(r.skipped.is_some(), "busy-poll is skipped on one CPU");
         assert_eq!(r.round_trips.len(), 1);
         assert_eq!(r.throughput.len(), 2);
+        assert_eq!(r.throughput[1].ring, 4 << 20);
         assert!(r.idle.1 >= Duration::from_millis(50));
         let lines = r.lines();
         assert!(lines.iter().any(|l| l.contains("raw eventfd ping-pong")));
         assert!(lines.iter().any(|l| l.starts_with("idle receiver")));
+    }
+
+    #[test]
+    fn channel_bench_runs_over_host_peers() {
+        let r = quick(DoorbellKind::Peer);
+        assert!(r.lines()[0].contains("PeerDoorbell"));
+        assert_eq!(r.round_trips.len(), 1);
+    }
+
+    #[test]
+    fn busy_variants_run_on_two_threads() {
+        // Not pinned (one CPU may be all this test gets): the figures do not matter here.
+        let a = ChannelArgs {
+            rounds: 100,
+            bytes: 1 << 20,
+            placement: Placement::Free,
+            idle_seconds: 0.01,
+            ring_size: 64 << 10,
+            doorbell: DoorbellKind::Local,
+        };
+        let (c, r) = compare(
+            &a,
+            None,
+            Spin::Forever,
+            vec![
+                Box::new(|n, s: &mut Vec<Duration>| cache_line_floor(None, n, s)),
+                Box::new(|n, s: &mut Vec<Duration>| line_per_direction_floor(None, n, s)),
+            ],
+        )
+        .unwrap();
+        assert!(!c.median.is_zero() && r.len() == 2);
+        let t = throughput(&a, None, true, 64 << 10).unwrap();
+        assert!(t.busy_poll.is_some() && t.handoff.is_some());
     }
 }
