@@ -25,6 +25,8 @@ use ivshm_bridge::{Bridge, Config, Endpoint, Mode};
 use ivshm_channel::FormatOptions;
 use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
 
+use crate::args;
+
 use super::bench::{micros, ratio, summarize, Summary, TempSocket, MAX_ROUNDS};
 use super::bridge::HostLink;
 use super::host::SocketArgs;
@@ -37,7 +39,7 @@ pub struct BridgeBenchArgs {
         long,
         value_name = "BYTES",
         default_value = "256M",
-        value_parser = bytes
+        value_parser = args::size_between(1 << 20, 64 << 30)
     )]
     pub bytes: u64,
     /// Measured round trips per variant (1 to 1000000).
@@ -57,7 +59,7 @@ pub struct BridgeBenchArgs {
     )]
     pub blocks: usize,
     /// Size of the in-process server's region.
-    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = region_size)]
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = args::size_between(1 << 20, 4 << 30))]
     pub size: u64,
     /// Largest ring size the region is formatted with (4 channels).
     #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = ring)]
@@ -73,24 +75,6 @@ pub struct BridgeBenchArgs {
     /// The bridges' --window.
     #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = ring)]
     pub window: u32,
-}
-
-fn bytes(s: &str) -> Result<u64, String> {
-    let v = ivshm_mem::parse_size(s).map_err(|e| e.to_string())?;
-    if (1 << 20..=64 << 30).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("{s}: 1M to 64G"))
-    }
-}
-
-fn region_size(s: &str) -> Result<u64, String> {
-    let v = ivshm_mem::parse_size(s).map_err(|e| e.to_string())?;
-    if (1 << 20..=4 << 30).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("{s}: 1M to 4G"))
-    }
 }
 
 fn ring(s: &str) -> Result<u32, String> {

@@ -50,12 +50,13 @@ pub struct ChannelArgs {
     /// Measured round trips per variant (1 to 1000000).
     #[arg(
         long,
+        value_name = "N",
         default_value_t = 20_000,
         value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_ROUNDS)
     )]
     pub rounds: usize,
     /// Bytes moved per throughput measurement block (a size: 1M to 64G).
-    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = args::size_between(1 << 20, 64 << 30))]
+    #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = args::size_between(1 << 20, 64 << 30))]
     pub bytes: u64,
     /// Where the two threads of every variant run: `split` (two CPUs, default: busy-polling
     /// needs a CPU per side), `same` (one CPU: busy-poll variants are skipped, they would
@@ -63,7 +64,7 @@ pub struct ChannelArgs {
     #[arg(long, value_enum, default_value_t = Placement::Split)]
     pub placement: Placement,
     /// Seconds the idle receiver is watched (0.01 to 3600).
-    #[arg(long, default_value_t = 1.0, value_parser = idle_seconds)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = idle_seconds)]
     pub idle_seconds: f64,
     /// Ring size of the round-trip channels (a size, a power of two from 4K to 64M). The
     /// throughput channels use rings of four messages (4 MiB for 1 MiB messages) or this size,
