@@ -142,6 +142,11 @@ pub struct Throughput {
     /// Two threads handing chunks over through shared memory (`None` on one CPU), and how
     /// many chunks were in flight.
     pub handoff: Option<(f64, usize)>,
+    /// The ratios printed: for each, the median over blocks of the ratio of the two variants'
+    /// figures in one block (measured back to back, so that a burst of load on the machine
+    /// weighs on both): channel / memcpy, busy-poll / memcpy, channel / hand-over, busy-poll /
+    /// hand-over.
+    pub ratios: [Option<f64>; 4],
 }
 
 /// Result of `bench channel`.
@@ -217,25 +222,20 @@ impl ChannelReport {
             if let Some(b) = t.busy_poll {
                 line += &format!(", busy-poll {}", gbps(b));
             }
-            line += &format!(
-                " | single-thread memcpy {}: ratio {:.2}x",
-                gbps(t.memcpy),
-                t.channel / t.memcpy
-            );
-            if let Some(b) = t.busy_poll {
-                line += &format!(" (busy-poll {:.2}x)", b / t.memcpy);
+            let r = |i: usize| t.ratios[i].map_or("-".into(), |r| format!("{r:.2}x"));
+            line += &format!(" | single-thread memcpy {}: ratio {}", gbps(t.memcpy), r(0));
+            if t.busy_poll.is_some() {
+                line += &format!(" (busy-poll {})", r(1));
             }
             if let Some((h, slots)) = t.handoff {
                 line += &format!(
                     " | two threads handing {} KiB chunks over through shared memory \
-                     ({slots} in flight) {}: ratio {:.2}x",
+                     ({slots} in flight) {}: ratio {} (busy-poll {})",
                     t.size >> 10,
                     gbps(h),
-                    t.channel / h
+                    r(2),
+                    r(3)
                 );
-                if let Some(b) = t.busy_poll {
-                    line += &format!(" (busy-poll {:.2}x)", b / h);
-                }
             }
             out.push(line);
         }
@@ -670,6 +670,15 @@ fn memcpy_throughput(cpu: Option<usize>, size: usize, bytes: u64) -> f64 {
     (n * size as u64) as f64 / t.elapsed().as_secs_f64()
 }
 
+/// The median over blocks of `a[i] / b[i]` (`None` if either was not measured).
+fn block_ratio(a: &[f64], b: &[f64]) -> Option<f64> {
+    if a.is_empty() || a.len() != b.len() {
+        return None;
+    }
+    let mut r: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
+    Some(median(&mut r))
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -729,9 +738,16 @@ fn throughput(
             ho.extend(h);
         }
     }
+    let ratios = [
+        block_ratio(&ch, &mc),
+        block_ratio(&bp, &mc),
+        block_ratio(&ch, &ho),
+        block_ratio(&bp, &ho),
+    ];
     Ok(Throughput {
         size,
         ring,
+        ratios,
         channel: median(&mut ch),
         busy_poll: busy.then(|| median(&mut bp)),
         memcpy: median(&mut mc),
