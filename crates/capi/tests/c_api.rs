@@ -6,7 +6,9 @@
 //!   sends and chat.c receives and checks (a damaged message makes it fail, naming it);
 //! - the entry points called as C calls them (through the rlib, same code): NULL pointers, bad
 //!   names (too long, unterminated past the limit, not UTF-8, empty), lengths, the receive
-//!   buffer growth, waits, timeouts, the poll fd, the peer's state, status messages.
+//!   buffer growth, waits, timeouts, the poll fd, the peer's state, status messages, a hostile
+//!   record length (`CHANNEL_CORRUPT`, the region's other channel unharmed), a departed peer
+//!   marked from the server's messages.
 
 mod common;
 
@@ -269,6 +271,72 @@ fn a_host_region_marks_a_peer_that_left_from_its_server_messages() {
             Status::PeerGone
         );
         ivshm_channel_close(ch);
+        ivshm_region_close(region);
+    }
+}
+
+#[test]
+fn a_hostile_record_length_gets_channel_corrupt_not_a_crash() {
+    use ivshm_channel::layout::{E_RING_AB_OFFSET, H_DIRECTORY_OFFSET, REC_LEN, RING_CONTROL_SIZE};
+    let socket = socket_path("capi-hostile");
+    let _server = serve(&socket, "1M");
+    let path = std::ffi::CString::new(socket.to_str().unwrap()).unwrap();
+    let mut region = null_mut();
+    // SAFETY: a NUL-terminated path and a valid out-pointer.
+    let st = unsafe { ivshm_region_open_host(path.as_ptr(), &mut region) };
+    assert_eq!(st, Status::Ok, "{}", last_error());
+    // The first channel of the directory, and a bystander.
+    let a = open(region, c"victim").unwrap();
+    let b = open(region, c"victim").unwrap();
+    let x = open(region, c"bystander").unwrap();
+    let y = open(region, c"bystander").unwrap();
+    // SAFETY: live handles, buffers of the lengths given, valid out-pointers.
+    unsafe {
+        assert_eq!(
+            ivshm_channel_send(a, c"hello".as_ptr().cast(), 5, -1),
+            Status::Ok
+        );
+    }
+    // Another peer of the server rewrites the published record's length (the first record of
+    // the A→B ring, after its control block) to more than the ring holds.
+    let hostile =
+        ivshm_client::Peer::connect(&socket, ivshm_client::ConnectOptions::default()).unwrap();
+    let mapping = hostile.map().unwrap();
+    let view = mapping.view();
+    let directory = view.read_u64(H_DIRECTORY_OFFSET).unwrap() as usize;
+    let ring = view.read_u64(directory + E_RING_AB_OFFSET).unwrap() as usize;
+    let record = ring + RING_CONTROL_SIZE as usize;
+    assert_eq!(
+        view.read_u32(record + REC_LEN).unwrap(),
+        5,
+        "the record sent"
+    );
+    view.write_u32(record + REC_LEN, 0xffff_fff0).unwrap();
+    // SAFETY: as above.
+    unsafe {
+        let mut buf = [0u8; 64];
+        let mut len = 0;
+        let st = ivshm_channel_recv(b, buf.as_mut_ptr().cast(), buf.len(), &mut len, 1000);
+        assert_eq!(st, Status::ChannelCorrupt, "{}", last_error());
+        assert!(!last_error().is_empty());
+        // Failed for good.
+        assert_eq!(
+            ivshm_channel_recv(b, buf.as_mut_ptr().cast(), buf.len(), &mut len, 0),
+            Status::ChannelCorrupt
+        );
+        // The other channel of the region keeps working.
+        assert_eq!(
+            ivshm_channel_send(x, c"still".as_ptr().cast(), 5, -1),
+            Status::Ok
+        );
+        assert_eq!(
+            ivshm_channel_recv(y, buf.as_mut_ptr().cast(), buf.len(), &mut len, 5000),
+            Status::Ok
+        );
+        assert_eq!(&buf[..len], b"still");
+        for ch in [a, b, x, y] {
+            ivshm_channel_close(ch);
+        }
         ivshm_region_close(region);
     }
 }
