@@ -311,7 +311,7 @@ pub fn check_shmem(
             region.vectors,
             region.size,
             format!("region {} ({via})", region.name),
-            region.id_policy == "lowest-free",
+            region.id_reuse == "immediate",
         ),
         None => match probe(socket) {
             Some(Ok(p)) => (
@@ -376,10 +376,10 @@ pub fn check_shmem(
         out.push(finding(
             Severity::Note,
             format!(
-                "{what} gives a departed peer's id to the next one (ids=lowest-free): QEMU 7.2 \
-                 (Debian 12's) aborts when a peer id it saw leave joins again, as happens when \
-                 host commands come and go while the domain runs. Unless QNX guest_shm clients \
-                 need ids below the peer limit, set id_policy = \"increasing\" for it"
+                "{what} gives a departed peer's id to the next peer at once \
+                 (id-reuse=immediate): QEMU 7.2 (Debian 12's) aborts when a peer id it saw \
+                 leave joins again, as happens when host commands come and go while the \
+                 domain runs. Set id_reuse = \"safe\" (the default) for it"
             ),
         ));
     }
