@@ -43,7 +43,7 @@ impl DoorbellLink for Peer {
                 .collect()),
             // Doorbells between known peers keep working without the server.
             Err(ClientError::ServerGone) => Ok(Vec::new()),
-            Err(e) => Err(LinkError::Backend(e.to_string())),
+            Err(e) => Err(LinkError::Client(e)),
         }
     }
 }

@@ -32,9 +32,15 @@ pub enum LinkError {
     /// A system call failed.
     #[error("doorbell link: {0}")]
     Sys(rustix::io::Errno),
-    /// The link's backend failed (for example the server connection).
+    /// The connection to the ivshmem server failed (an `ivshm_client::Peer` as the link).
+    #[error("doorbell link: the server connection: {0}")]
+    Client(ivshm_client::ClientError),
+    /// A member of a [`LocalDoorbellBus`] panicked while it held the bus's lock.
+    #[error("doorbell link: a member of the local bus panicked while it held the bus's lock")]
+    BusPoisoned,
+    /// Another implementation's backend failed, with its error.
     #[error("doorbell link backend: {0}")]
-    Backend(String),
+    Backend(Box<dyn std::error::Error + Send + Sync + 'static>),
 }
 
 impl From<rustix::io::Errno> for LinkError {
@@ -134,10 +140,7 @@ impl LocalDoorbellBus {
             .collect::<Result<_, _>>()?;
         let own = Arc::new(own);
         let announce = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?);
-        let mut state = self
-            .state
-            .lock()
-            .map_err(|_| LinkError::Backend("bus lock poisoned".into()))?;
+        let mut state = self.state.lock().map_err(|_| LinkError::BusPoisoned)?;
         let id = state.next_id;
         state.next_id = state.next_id.wrapping_add(1);
         let peers = state.members.clone();
@@ -201,11 +204,7 @@ impl DoorbellLink for LocalDoorbellLink {
 
     fn process_events(&mut self) -> Result<Vec<PeerChange>, LinkError> {
         drain_eventfd(self.announce.as_fd())?;
-        let mut state = self
-            .bus
-            .state
-            .lock()
-            .map_err(|_| LinkError::Backend("bus lock poisoned".into()))?;
+        let mut state = self.bus.state.lock().map_err(|_| LinkError::BusPoisoned)?;
         let changes: Vec<PeerChange> = match state.mailboxes.get_mut(&self.id) {
             Some((queue, _)) => queue.drain(..).collect(),
             None => Vec::new(),
@@ -238,5 +237,39 @@ impl Drop for LocalDoorbellLink {
             // Best effort: a full eventfd counter still reads as readable.
             let _ = ring_eventfd(fd.as_fd());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A member that panics while it holds the bus's lock leaves the bus unusable; the others
+    /// are told so by a typed error (no panic, no string to parse).
+    #[test]
+    fn a_poisoned_bus_is_a_typed_error() {
+        let bus = LocalDoorbellBus::new();
+        let mut a = bus.join(1).unwrap();
+        let state = bus.state.clone();
+        let _ = std::thread::spawn(move || {
+            let _guard = state.lock().unwrap();
+            panic!("a member panics holding the bus's lock");
+        })
+        .join();
+        assert!(matches!(a.process_events(), Err(LinkError::BusPoisoned)));
+        assert!(matches!(bus.join(1), Err(LinkError::BusPoisoned)));
+    }
+
+    /// A client error stays typed and is said once: in the message, not again as a source.
+    #[test]
+    fn a_client_error_is_kept_typed_and_said_once() {
+        fn send_sync<T: Send + Sync>(_: &T) {}
+        let error = LinkError::Client(ivshm_client::ClientError::ServerGone);
+        send_sync(&error);
+        assert_eq!(
+            error.to_string(),
+            "doorbell link: the server connection: the server closed the connection"
+        );
+        assert!(std::error::Error::source(&error).is_none());
     }
 }
