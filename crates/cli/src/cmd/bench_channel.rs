@@ -293,7 +293,8 @@ fn channel_pair(
         ring_size: ring,
     }
     .layout_size()
-    .next_multiple_of(1 << 20);
+    .max(1 << 20)
+    .next_power_of_two();
     let opts = ChannelOptions {
         spin,
         ..ChannelOptions::default()
