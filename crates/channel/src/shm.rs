@@ -606,7 +606,7 @@ mod model_views {
 
         pub(crate) fn store_control(&self, field: usize, value: u32, order: Ordering) {
             let at = self.ctl + control_offset(field);
-            self.shm.store(at, value, order).expect("checked ring")
+            self.shm.store(at, value, order).expect("checked ring");
         }
 
         pub(crate) fn load_record(&self, pos: u32, field: usize, order: Ordering) -> u32 {
@@ -616,7 +616,7 @@ mod model_views {
 
         pub(crate) fn store_record(&self, pos: u32, field: usize, value: u32, order: Ordering) {
             let at = self.data + record_offset(self.size, pos, field);
-            self.shm.store(at, value, order).expect("checked ring")
+            self.shm.store(at, value, order).expect("checked ring");
         }
 
         pub(crate) fn read(&self, pos: u32, dst: &mut [u8]) -> Result<(), OutOfBounds> {
