@@ -495,3 +495,54 @@ fn out_of_file_descriptors_is_named_and_connections_wait_their_turn() {
     let err = l.output(Stream::Stderr);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `ivshm guest bridge` over two fake ivshmem-doorbell devices of one BAR2 file (sysfs mode:
+/// the loop polls): a TCP stream each way with a half-close, checked byte for byte.
+#[test]
+fn guest_bridges_over_two_fake_devices_by_polling() {
+    use ivshm_test_support::sysfs::{doorbell_resource, FakeFunction, FakeSysfs};
+
+    let tree = FakeSysfs::new();
+    let size = 4 << 20;
+    let function = |address| FakeFunction {
+        resource: doorbell_resource(size as u64),
+        ..FakeFunction::doorbell(address)
+    };
+    let a = tree.add_with_bar_files(&function("0000:00:03.0"), 7, size);
+    let b = tree.add_with_bar_files(&function("0000:00:04.0"), 8, size);
+    std::fs::remove_file(b.join("resource2")).unwrap();
+    std::fs::hard_link(a.join("resource2"), b.join("resource2")).unwrap();
+    let sysfs = tree.sysfs();
+    let guest = |dev: &str, direction: [&str; 2]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ivshm"));
+        cmd.args(["guest", "bridge", "--mode", "sysfs", "--sysfs"])
+            .arg(&sysfs)
+            .args(["--dev", dev, "--name", "fake", "--channels", "4"])
+            .args(direction)
+            .env("RUST_LOG", "info");
+        HostProcess::spawn(dev, cmd).unwrap()
+    };
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = format!("tcp:{}", backend.local_addr().unwrap());
+    let l = guest("0000:00:03.0", ["--listen", "tcp:127.0.0.1:0"]);
+    let c = guest("0000:00:04.0", ["--connect", &backend_addr]);
+    let front = tcp_of(&listening(&l));
+    session_up(&l);
+    session_up(&c);
+    let server = std::thread::spawn(move || {
+        let (s, _) = backend.accept().unwrap();
+        serve_one(s)
+    });
+    let mut s = TcpStream::connect(front).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let (seed, up, down) = (77, 3 << 20, 5 << 20);
+    s.write_all(&header(seed, up, down)).unwrap();
+    let mut r = s.try_clone().unwrap();
+    let reader = std::thread::spawn(move || expect_stream(&mut r, seed ^ 1, down));
+    send_stream(&mut s, seed, up).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    reader.join().unwrap().unwrap();
+    let (_, read, wrote) = server.join().unwrap();
+    read.unwrap();
+    wrote.unwrap();
+}
