@@ -8,7 +8,7 @@
 //!   total, the time per join, how it grows with N and the server's memory per peer, next to
 //!   a reference that makes the same sends with blocking calls (alternating joins).
 //! - `soak`: everything at once against one server for a while, checking its fds, memory and
-//!   answers stay flat ([`soak`]).
+//!   answers stay flat (the private module `soak`).
 //! - the doorbell-versus-polling ping-pong of `ivshm guest bench` ([`run_pingpong`]), in a
 //!   guest or, with `--socket`, as a host peer ([`pingpong_as_host_peer`]).
 
