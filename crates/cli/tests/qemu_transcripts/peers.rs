@@ -78,7 +78,9 @@ fn qemus_client_is_a_peer_of_named_regions() {
         "new peer id = 1\n  new vector 0 (fd=7) for peer id 1\n  new vector 1 (fd=8) for peer id 1\n"
     ));
 
-    // Doorbells between the QEMU clients, both ways.
+    // Doorbells between the QEMU clients, both ways. (B holds its eventfds before the lines
+    // that tell of them reach us: wait for its last handshake line before taking the mark.)
+    b.wait_count(Stream::Stdout, "  new vector 1 (fd=8) for peer id 1\n", 1);
     let mark = b.process.output(Stream::Stdout).len();
     a.send("int 1 1");
     b.wait_notifications(1);
@@ -164,8 +166,8 @@ fn qemus_client_is_a_peer_of_named_regions() {
     }
 }
 
-/// A session of `client`s (QEMU's or ours) in a named region whose ids are reused
-/// (`lowest-free`) and whose peer limit refuses a third peer: a peer leaves and a new one gets
+/// A session of `client`s (QEMU's or ours) in a named region whose ids are reused at once
+/// (`lowest-free`, `id_reuse = "immediate"`: no QEMU guest here) and whose peer limit refuses a third peer: a peer leaves and a new one gets
 /// its id, `dump` before and after, doorbells to the reused id, a refused client that retries
 /// until a place is free (and then gets the id of the one that left), the server stopping.
 fn reuse_session(programs: &Programs, which: Impl) -> Transcript {
@@ -177,7 +179,7 @@ fn reuse_session(programs: &Programs, which: Impl) -> Transcript {
         format!(
             "root = {:?}\n\
              [[region]]\nname = \"shared\"\nsize = \"64K\"\nvectors = 2\npeer_limit = 2\n\
-             id_policy = \"lowest-free\"\n\
+             id_policy = \"lowest-free\"\nid_reuse = \"immediate\"\n\
              [vm.vm0]\nrules = [\"allow shared\"]\n",
             root.display().to_string()
         ),
