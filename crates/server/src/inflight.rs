@@ -23,13 +23,27 @@
 //!   `MAX_UNREAD` fds unread.
 //! - **`ETOOMANYREFS`** (the user's count is full anyway, e.g. from other processes of the same
 //!   user, or from peers already gone that keep their sockets open) is not the fault of the peer
-//!   being sent to: the server keeps that peer's messages, finds the peers holding the most
-//!   unread messages ([`unread_messages`]), drops them, and tries again (see `Server`).
+//!   being sent to: the server keeps that peer's messages, drops one peer that sits on unread
+//!   fds ([`pick_hog`]) and tries again (see `Server`).
+//!
+//! **Who is a hog.** Not simply the peer with the most unread messages: an honest peer that
+//! reads everything, but slowly (a loaded machine), can have as many unread as a connection
+//! that never reads, and every peer's count is capped at about [`MAX_UNREAD`]. What tells them
+//! apart is whether they read: while fds in flight have run out, the server looks at each
+//! peer's count of messages read ([`Reading`]: sent minus unread) every time it retries, and
+//! a peer is a candidate only once it has read nothing for [`STALL_GRACE`] while holding at
+//! least half of `MAX_UNREAD`. Among candidates, those that have not even read their whole
+//! handshake go first (no working peer is in that state for long: QEMU and the client library
+//! read it at once; a connection that never reads is); then the one that has read nothing for
+//! the longest; then the one that has read the fewest messages since it joined; then the one
+//! with the most unread. So an honest peer that paused is never dropped while a connection
+//! that never read its handshake holds fds, nor while one that stopped reading before it did.
 //!
 //! [`SendBuffers::calibrate`] measures, once, how much one message costs in a send buffer on
 //! this kernel, and checks that the gate works.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
 
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
 use rustix::io::Errno;
@@ -42,6 +56,50 @@ use ivshm_proto::v0::{encode, MESSAGE_LEN};
 /// About how many messages (so fds) a peer can have unread before the server stops sending to
 /// it and queues instead.
 pub const MAX_UNREAD: usize = 64;
+
+/// How long a peer holding unread fds must have read nothing, while fds in flight have run out,
+/// before it may be dropped for it (the server's retry interval: a peer is seen not reading at
+/// two retries at least).
+pub(crate) const STALL_GRACE: Duration = Duration::from_millis(100);
+
+/// What the server saw of a peer's reading, while fds in flight have run out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reading {
+    /// Messages sent to it and not read yet (at most).
+    pub(crate) unread: usize,
+    /// Messages it has read since it joined.
+    pub(crate) read: u64,
+    /// Whether it has read its whole handshake.
+    pub(crate) read_handshake: bool,
+    /// How long it has read nothing (since the server first looked, in this shortage).
+    pub(crate) stalled_for: Duration,
+}
+
+/// The peer to drop when fds in flight have run out (see the module docs): among those that
+/// hold at least half of [`MAX_UNREAD`] unread and have read nothing for [`STALL_GRACE`]: if
+/// any of those holding that much has not read its whole handshake, only such a one; the one
+/// that has read nothing for the longest, then the one that has read the fewest messages,
+/// then the one with the most unread. `None`: nobody is at fault (yet).
+pub(crate) fn pick_hog<K>(
+    candidates: impl IntoIterator<Item = (K, Reading)>,
+) -> Option<(K, Reading)> {
+    let holding: Vec<(K, Reading)> = candidates
+        .into_iter()
+        .filter(|(_, r)| r.unread >= MAX_UNREAD / 2)
+        .collect();
+    // While a connection that has not read its handshake holds fds, nobody else is at fault
+    // (it may be within its grace: then nobody goes yet).
+    let never_read = holding.iter().any(|(_, r)| !r.read_handshake);
+    holding
+        .into_iter()
+        .filter(|(_, r)| r.stalled_for >= STALL_GRACE && !(never_read && r.read_handshake))
+        .max_by(|(_, a), (_, b)| {
+            a.stalled_for
+                .cmp(&b.stalled_for)
+                .then(b.read.cmp(&a.read))
+                .then(a.unread.cmp(&b.unread))
+        })
+}
 
 /// `SIOCOUTQ` (the same number as `TIOCOUTQ`): bytes (here: buffer space) of the messages
 /// sent on a socket and not yet read by its peer.
@@ -168,6 +226,61 @@ fn send_one(socket: BorrowedFd<'_>, fd: Option<BorrowedFd<'_>>) -> Result<(), Er
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reading(unread: usize, read: u64, stalled_ms: u64) -> Reading {
+        Reading {
+            unread,
+            read,
+            read_handshake: read >= 7,
+            stalled_for: Duration::from_millis(stalled_ms),
+        }
+    }
+
+    /// The case that dropped an honest peer under load: it had as many unread as the hogs (or
+    /// one more; every count is capped near `MAX_UNREAD`) and came first in peer order. It has
+    /// been reading; the hogs have not: a hog goes.
+    #[test]
+    fn a_peer_that_reads_is_not_the_hog_even_with_the_most_unread() {
+        let honest = ("honest", reading(MAX_UNREAD + 1, 400, 0));
+        let hog = ("hog", reading(MAX_UNREAD, 1, 2_000));
+        assert_eq!(pick_hog([honest, hog]).map(|(k, _)| k), Some("hog"));
+        // Reading now and then is enough: paused for less than the grace, it is no candidate.
+        let paused = ("paused", reading(MAX_UNREAD + 1, 400, 99));
+        assert_eq!(pick_hog([paused]), None);
+    }
+
+    /// An honest peer paused for a while (the test thread of a loaded machine) is a candidate,
+    /// but one that stopped reading before it goes first; at an equal stall (both first seen
+    /// at the same retry), the one that has read the fewest messages (a connection that read
+    /// its first message and stopped) goes first, whatever the counts.
+    #[test]
+    fn the_longest_stalled_then_the_one_that_read_least_goes_first() {
+        let honest = ("honest", reading(MAX_UNREAD + 1, 400, 300));
+        let older = ("older", reading(MAX_UNREAD / 2, 10, 301));
+        assert_eq!(pick_hog([honest, older]).map(|(k, _)| k), Some("older"));
+        let same = ("same", reading(MAX_UNREAD / 2, 10, 300));
+        assert_eq!(pick_hog([honest, same]).map(|(k, _)| k), Some("same"));
+        assert_eq!(pick_hog([same, honest]).map(|(k, _)| k), Some("same"));
+        // Below half of MAX_UNREAD a peer is not holding much: never dropped for it.
+        let light = ("light", reading(MAX_UNREAD / 2 - 1, 0, 10_000));
+        assert_eq!(pick_hog([light]), None);
+        // Alone and stalled, a peer is the hog.
+        assert_eq!(pick_hog([honest]).map(|(k, _)| k), Some("honest"));
+    }
+
+    /// A connection that never read its whole handshake goes before an honest peer that
+    /// read it and then paused, even one paused for longer (it joined later, while the honest
+    /// peer was already paused).
+    #[test]
+    fn a_connection_that_never_read_its_handshake_goes_first() {
+        let honest = ("honest", reading(MAX_UNREAD, 400, 5_000));
+        let never = ("never", reading(MAX_UNREAD / 2, 1, 100));
+        assert_eq!(pick_hog([honest, never]).map(|(k, _)| k), Some("never"));
+        assert_eq!(pick_hog([never, honest]).map(|(k, _)| k), Some("never"));
+        // Within its grace it is not dropped yet, and neither is the honest peer.
+        let fresh = ("fresh", reading(MAX_UNREAD, 1, 10));
+        assert_eq!(pick_hog([honest, fresh]), None);
+    }
 
     #[test]
     fn calibration_measures_a_message_and_the_gate_holds_here() {

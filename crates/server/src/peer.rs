@@ -5,12 +5,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Instant;
 
 use rustix::io::Errno;
 use rustix::net::{recv, RecvFlags};
 
 use crate::event_loop::{Poller, Token};
-use crate::inflight::SendBuffers;
+use crate::inflight::{Reading, SendBuffers};
 use crate::queue::{Flushed, OutgoingQueue, QueueFull};
 use crate::regions::RegionId;
 
@@ -163,6 +164,9 @@ impl Connections {
             queue,
             writable_interest: false,
             gated,
+            sent_total: 0,
+            handshake_end: None,
+            stall: None,
         })
     }
 
@@ -192,6 +196,13 @@ pub(crate) struct Peer {
     writable_interest: bool,
     /// It has not read its first messages yet: it gets no fds.
     gated: bool,
+    /// Messages sent to it since it joined.
+    sent_total: u64,
+    /// How many messages had been sent to it when its whole handshake had gone out.
+    handshake_end: Option<u64>,
+    /// While fds in flight have run out: how many messages it had read when the server saw
+    /// that count last change, and when (see [`Peer::reading`]).
+    stall: Option<(u64, Instant)>,
 }
 
 impl Peer {
@@ -225,6 +236,32 @@ impl Peer {
             .unwrap_or(0)
     }
 
+    /// What it has read, as seen `now` (called at each retry while fds in flight have run out;
+    /// see `inflight::pick_hog`): its stall starts when the server first looks, and again
+    /// whenever it has read something since the last look.
+    pub(crate) fn reading(&mut self, connections: &Connections, now: Instant) -> Reading {
+        let unread = self.unread(connections);
+        let read = self.sent_total.saturating_sub(unread as u64);
+        let since = match self.stall {
+            Some((seen, since)) if seen == read => since,
+            _ => {
+                self.stall = Some((read, now));
+                now
+            }
+        };
+        Reading {
+            unread,
+            read,
+            read_handshake: self.handshake_end.is_some_and(|end| read >= end),
+            stalled_for: now.saturating_duration_since(since),
+        }
+    }
+
+    /// Fds in flight are available again: the stalls seen during the shortage are forgotten.
+    pub(crate) fn forget_stall(&mut self) {
+        self.stall = None;
+    }
+
     /// Its socket became writable: if it was gated, it has read its first messages, so it may
     /// be sent fds from now on (up to the cap of its send buffer).
     pub(crate) fn on_writable(&mut self, connections: &Connections) {
@@ -244,14 +281,17 @@ impl Peer {
         connections: &mut Connections,
         sent: &mut u64,
     ) -> Result<(), RemovalReason> {
-        let state = self
-            .queue
-            .flush(self.socket.as_fd(), sent, !self.gated)
-            .map_err(|e| match e {
-                // The peer has closed its end: a leave, not a fault.
-                Errno::PIPE | Errno::CONNRESET => RemovalReason::Closed,
-                e => RemovalReason::SendFailed(e),
-            })?;
+        let before = *sent;
+        let flushed = self.queue.flush(self.socket.as_fd(), sent, !self.gated);
+        self.sent_total += sent.saturating_sub(before);
+        if self.handshake_end.is_none() && self.queue.handshake_left() == 0 {
+            self.handshake_end = Some(self.sent_total);
+        }
+        let state = flushed.map_err(|e| match e {
+            // The peer has closed its end: a leave, not a fault.
+            Errno::PIPE | Errno::CONNRESET => RemovalReason::Closed,
+            e => RemovalReason::SendFailed(e),
+        })?;
         if state == Flushed::TooManyRefs {
             connections.starved.insert(self.serial);
         } else {

@@ -117,6 +117,11 @@ impl OutgoingQueue {
         withdrawn
     }
 
+    /// Handshake messages not sent yet (0: the whole handshake has gone out).
+    pub fn handshake_left(&self) -> usize {
+        self.handshake_left
+    }
+
     /// Number of messages waiting (including a partly sent one).
     pub fn len(&self) -> usize {
         self.items.len()

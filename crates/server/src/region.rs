@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use ivshm_mem::{format_size, BackendError, SharedMemory};
 use ivshm_policy::GuestShmStatus;
@@ -20,6 +21,7 @@ use rustix::io::Errno;
 
 use crate::departures::ChannelDepartures;
 use crate::ids::{IdPolicy, IdReuse, NoFreeId, PeerIds};
+use crate::inflight::Reading;
 use crate::limits::{fd_exhaustion_message, is_fd_exhaustion};
 use crate::listener_table::SocketKey;
 use crate::named::Origin;
@@ -490,14 +492,20 @@ impl Region {
             .sum()
     }
 
-    /// How many messages each peer has not read yet (at most).
-    pub(crate) fn unread_by_peer<'a>(
-        &'a self,
+    /// What each peer has read, as seen `now` (see [`Peer::reading`]).
+    pub(crate) fn readings<'a>(
+        &'a mut self,
         connections: &'a Connections,
-    ) -> impl Iterator<Item = (u16, usize)> + 'a {
+        now: Instant,
+    ) -> impl Iterator<Item = (u16, Reading)> + 'a {
         self.peers
-            .values()
-            .map(move |peer| (peer.id, peer.unread(connections)))
+            .values_mut()
+            .map(move |peer| (peer.id, peer.reading(connections, now)))
+    }
+
+    /// Fds in flight are available again: every peer's stall is forgotten.
+    pub(crate) fn forget_stalls(&mut self) {
+        self.peers.values_mut().for_each(Peer::forget_stall);
     }
 
     /// Drops peer `id` for `reason`, telling the others. Returns how many peers went.

@@ -20,7 +20,7 @@ use thiserror::Error;
 use crate::config::{validate_named_region, ConfigError, RegionConfig};
 use crate::event_loop::Poller;
 use crate::ids::{IdPolicy, IdReuse};
-use crate::inflight::MAX_UNREAD;
+use crate::inflight::pick_hog;
 use crate::limits::{fd_exhaustion_message, is_fd_exhaustion, ReserveFd};
 use crate::listener::Listener;
 use crate::listener_table::{ListenerTable, RegionSocket, SocketKey, VmSocket};
@@ -197,6 +197,9 @@ pub(crate) struct Regions {
     mark_departures: bool,
     /// Regions a factory made that no peer has joined yet, and when they were made.
     unused: BTreeMap<RegionId, Instant>,
+    /// Fds in flight have run out and peers' reading is being watched
+    /// ([`relieve_fds_in_flight`](Self::relieve_fds_in_flight)).
+    relieving: bool,
 }
 
 /// The VM a factory `create` is for, and what it may hold.
@@ -217,6 +220,7 @@ impl Regions {
             started: false,
             mark_departures,
             unused: BTreeMap::new(),
+            relieving: false,
         }
     }
 
@@ -687,28 +691,34 @@ impl Regions {
     }
 
     /// Some sends were refused with `ETOOMANYREFS` (the server's user has as many fds in flight
-    /// as its open-file limit): drops the peer holding the most messages unread (at least
-    /// half of what a peer may hold: a peer that has stopped reading), then sends the refused
+    /// as its open-file limit): drops the peer that sits on unread fds and has read nothing for
+    /// the longest ([`pick_hog`]: never one that keeps reading), then sends the refused
     /// messages again. Those that are still refused wait for the next try (the loop retries
     /// while some are waiting): the peers they are for are not at fault and stay. Returns how
     /// many peers were removed.
     pub(crate) fn relieve_fds_in_flight(&mut self, ctx: &mut EventContext<'_>) -> usize {
         if !ctx.connections.has_starved() {
+            if std::mem::take(&mut self.relieving) {
+                self.regions.values_mut().for_each(Region::forget_stalls);
+            }
             return 0;
         }
-        let mut worst: Option<(usize, RegionId, u16)> = None;
-        for (&region, r) in &self.regions {
-            for (id, unread) in r.unread_by_peer(ctx.connections) {
-                if unread >= MAX_UNREAD / 2 && worst.is_none_or(|(most, _, _)| unread > most) {
-                    worst = Some((unread, region, id));
-                }
-            }
+        self.relieving = true;
+        let now = Instant::now();
+        let mut readings = Vec::new();
+        for (&region, r) in &mut self.regions {
+            readings.extend(
+                r.readings(ctx.connections, now)
+                    .map(|(id, reading)| ((region, id), reading)),
+            );
         }
         let total_peers = self.peer_count();
         let mut removed = 0;
-        if let Some((unread, region, id)) = worst {
+        if let Some(((region, id), reading)) = pick_hog(readings) {
             if let Some(r) = self.regions.get_mut(&region) {
-                let reason = RemovalReason::HeldFds { unread };
+                let reason = RemovalReason::HeldFds {
+                    unread: reading.unread,
+                };
                 removed += r.drop_peer(id, reason, &mut ctx.lend(total_peers));
             }
         }

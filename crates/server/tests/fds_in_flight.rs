@@ -32,8 +32,13 @@ fn socket_dir(tag: &str) -> PathBuf {
 
 /// A server with one region of 4 vectors, running as `nobody`.
 fn unprivileged_server(dir: &Path) -> ServerHandle {
+    unprivileged_server_with(dir, VECTORS)
+}
+
+/// A server with one region of `vectors` vectors, running as `nobody`.
+fn unprivileged_server_with(dir: &Path, vectors: usize) -> ServerHandle {
     let mut region = RegionConfig::new(dir.join("sock"));
-    region.vectors = VECTORS;
+    region.vectors = vectors;
     region.memory.size = 1 << 16;
     run_as(NOBODY_UID, NOGROUP_GID, move || {
         ServerHandle::spawn(ServerConfig::single(region)).unwrap()
@@ -43,13 +48,18 @@ fn unprivileged_server(dir: &Path) -> ServerHandle {
 /// An honest peer: reads its whole handshake, whoever else is there. Returns its id, the
 /// other peers' ids it was told about and its own eventfds.
 fn honest_join(path: &Path) -> (RawPeer, u16, Vec<u16>, Vec<OwnedFd>) {
+    honest_join_with(path, VECTORS)
+}
+
+/// [`honest_join`] of a region with `vectors` vectors.
+fn honest_join_with(path: &Path, vectors: usize) -> (RawPeer, u16, Vec<u16>, Vec<OwnedFd>) {
     let mut peer = RawPeer::connect(path);
     peer.expect(0, false);
     let id = u16::try_from(peer.recv().value).unwrap();
     peer.expect(-1, true);
     let mut others = Vec::new();
     let mut own = Vec::new();
-    while own.len() < VECTORS {
+    while own.len() < vectors {
         let m = peer.recv();
         let fd =
             m.fd.expect("every handshake message after the shm carries an eventfd");
@@ -171,41 +181,48 @@ fn when_fds_in_flight_run_out_the_hogs_go_and_honest_peers_wait_their_turn() {
     let server = unprivileged_server(&dir);
     let path = server.socket_path().to_path_buf();
     let (mut first, first_id, _, _first_own) = honest_join(&path);
+    // The first peer reads what it gets whenever the test thread gets to it (it may have to
+    // wait for its turn, and a loaded machine may leave it unread for a while): what it heard,
+    // with the fds.
+    let mut reader = ivshm_proto::MessageReader::new();
+    let mut first_heard: Vec<(i64, Option<OwnedFd>)> = Vec::new();
+    let mut read_first = |first: &RawPeer, heard: &mut Vec<(i64, Option<OwnedFd>)>| {
+        while let Ok(Received::Message { value, fd }) = reader.receive(first.sock.as_fd()) {
+            heard.push((value, fd));
+        }
+    };
     let mut hogs: Vec<Option<RawPeer>> = Vec::new();
-    let mut first_heard = Vec::new();
     for _ in 0..40 {
         let mut hog = RawPeer::connect(&path);
         hog.expect(0, false);
         hogs.push(Some(hog));
-        // The first peer reads what it gets (it may have to wait for its turn).
-        let mut reader = ivshm_proto::MessageReader::new();
-        while let Ok(Received::Message { value, .. }) = reader.receive(first.sock.as_fd()) {
-            first_heard.push(value);
-        }
+        read_first(&first, &mut first_heard);
     }
     let (mut late, late_id, others, late_own) = std::thread::scope(|scope| {
         let joining = scope.spawn(|| honest_join(&path));
         // Hogs the server dropped close their connections, as a program does when its
-        // connection ends; that gives their fds back.
+        // connection ends; that gives their fds back. The first peer goes on reading.
         while !joining.is_finished() {
             for slot in hogs.iter_mut() {
                 if slot.as_ref().is_some_and(|hog| hung_up(&hog.sock)) {
                     *slot = None;
                 }
             }
+            read_first(&first, &mut first_heard);
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         joining.join().unwrap()
     });
     assert!(others.contains(&first_id), "{others:?}");
     // The first peer hears of the late one (after every hog it was told about).
-    loop {
+    let mut to_late = first_heard
+        .into_iter()
+        .find_map(|(value, fd)| fd.filter(|_| value == i64::from(late_id)));
+    while to_late.is_none() {
         let m = first.recv();
-        if let (true, Some(fd)) = (m.value == i64::from(late_id), m.fd) {
-            ring(fd);
-            break;
-        }
+        to_late = m.fd.filter(|_| m.value == i64::from(late_id));
     }
+    ring(to_late.unwrap());
     wait_readable(late_own[0].as_fd());
     assert_eq!(take(&late_own[0]), 1);
     assert!(!drain(&mut late));
@@ -218,6 +235,106 @@ fn when_fds_in_flight_run_out_the_hogs_go_and_honest_peers_wait_their_turn() {
         "only hogs are dropped: {stats:?}"
     );
     drop(hogs);
+    server.shutdown().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The case that dropped an honest peer under load, made to happen every time: the honest
+/// peer pauses (a loaded machine's reader) until its buffer holds as many unread messages as
+/// any hog's (16 vectors fill it after four joins, long before the fds in flight run out),
+/// and it comes first in peer order. The server used to drop the peer with the most unread,
+/// the first of equals: the honest one. Now the connections that never read their handshake
+/// go, and it stays; once it reads again, it gets everything and a late peer joins.
+#[test]
+fn an_honest_peer_paused_with_a_full_buffer_is_not_taken_for_a_hog() {
+    if !can_switch_users() {
+        eprintln!("SKIPPED: running the server as nobody needs root");
+        return;
+    }
+    const WIDE: usize = 16;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    limit_fds_to_1024();
+    let dir = socket_dir("paused");
+    let server = unprivileged_server_with(&dir, WIDE);
+    let path = server.socket_path().to_path_buf();
+    let (mut first, first_id, _, _first_own) = honest_join_with(&path, WIDE);
+    // The first peer stops reading; hogs join, read their first message and stop.
+    let mut hogs: Vec<Option<RawPeer>> = Vec::new();
+    for _ in 0..40 {
+        let mut hog = RawPeer::connect(&path);
+        hog.expect(0, false);
+        hogs.push(Some(hog));
+    }
+    assert!(
+        queued(&first.sock) / 8 >= ivshm_server::MAX_UNREAD,
+        "the paused peer's buffer is full"
+    );
+    // The fds in flight ran out (40 hogs hold far more than 1024): wait until the server has
+    // dropped a few hogs (closing them, as their programs would), the paused peer unread.
+    let deadline = std::time::Instant::now() + ivshm_test_support::WAIT_GUARD;
+    let mut dropped = 0;
+    while dropped < 3 {
+        assert!(
+            !hung_up(&first.sock),
+            "the server dropped the paused honest peer (after {dropped} hogs)"
+        );
+        for slot in hogs.iter_mut() {
+            if slot.as_ref().is_some_and(|hog| hung_up(&hog.sock)) {
+                *slot = None;
+                dropped += 1;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no hog was dropped: {:?}",
+            server.stats()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(
+        !hung_up(&first.sock),
+        "the server dropped the paused honest peer"
+    );
+    // The first peer reads again (everything, while a late peer joins).
+    let mut reader = ivshm_proto::MessageReader::new();
+    let mut heard: Vec<(i64, Option<OwnedFd>)> = Vec::new();
+    let mut read_first = |first: &RawPeer, heard: &mut Vec<(i64, Option<OwnedFd>)>| {
+        while let Ok(Received::Message { value, fd }) = reader.receive(first.sock.as_fd()) {
+            heard.push((value, fd));
+        }
+    };
+    let (late, late_id, others, late_own) = std::thread::scope(|scope| {
+        let joining = scope.spawn(|| honest_join_with(&path, WIDE));
+        while !joining.is_finished() {
+            for slot in hogs.iter_mut() {
+                if slot.as_ref().is_some_and(|hog| hung_up(&hog.sock)) {
+                    *slot = None;
+                }
+            }
+            read_first(&first, &mut heard);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        joining.join().unwrap()
+    });
+    assert!(others.contains(&first_id), "{others:?}");
+    let mut to_late = heard
+        .into_iter()
+        .find_map(|(value, fd)| fd.filter(|_| value == i64::from(late_id)));
+    while to_late.is_none() {
+        let m = first.recv();
+        to_late = m.fd.filter(|_| m.value == i64::from(late_id));
+    }
+    ring(to_late.unwrap());
+    wait_readable(late_own[0].as_fd());
+    assert_eq!(take(&late_own[0]), 1);
+    assert!(!drain(&mut first), "the server dropped the first peer");
+    let stats = server.stats();
+    let held = stats.removals[ivshm_server::RemovalReason::HeldFds { unread: 0 }.index()];
+    assert_eq!(
+        stats.peers_dropped, held,
+        "only hogs are dropped: {stats:?}"
+    );
+    drop((late, hogs));
     server.shutdown().unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
