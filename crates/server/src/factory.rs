@@ -4,9 +4,10 @@
 //! missing region (or `create` with size 0) is `GSS_DOES_NOT_EXIST`; a region at its peer limit
 //! is `GSS_CLIENT_MAX` (with the region's facts); a size above the configured `max_size`, one
 //! the memory cannot be created with ([`memory_status`]), or a create beyond `max_regions`
-//! run-time regions is `GSS_NOMEM`; anything else (a
-//! backend that fails otherwise, a socket that cannot be bound, an unparsable request) is
-//! `GSS_UNKNOWN_FAILURE`.
+//! run-time regions is `GSS_NOMEM`, as is a socket that cannot be bound for lack of file
+//! descriptors; anything else (a backend that fails otherwise, a socket that cannot be bound
+//! for another reason, said in the message, an unparsable request) is `GSS_UNKNOWN_FAILURE`.
+//! A region made for a `create` whose socket cannot be bound is not kept.
 
 use ivshm_mem::BackendError;
 use ivshm_policy::guest_shm::whole_pages;
@@ -105,8 +106,8 @@ fn decide(
     let Some(host_name) = decision.host_name.clone().filter(|_| decision.is_allowed()) else {
         return refusal(decision.status, decision.to_string());
     };
-    let id = match regions.find_named(host_name.as_str()) {
-        Some(id) => id,
+    let (id, made) = match regions.find_named(host_name.as_str()) {
+        Some(id) => (id, false),
         None if !create || size == 0 => {
             return refusal(
                 GuestShmStatus::DoesNotExist,
@@ -118,16 +119,32 @@ fn decide(
                 for change in named.sync_sockets(regions) {
                     tracing::info!("{change}");
                 }
-                id
+                (id, true)
             }
             Err(refused) => return *refused,
         },
     };
-    let Some(socket) = regions.socket_in(id, vm).map(|p| p.display().to_string()) else {
-        return refusal(
-            GuestShmStatus::UnknownFailure,
-            format!("region {host_name} has no socket in the directory of VM {vm}"),
-        );
+    // A socket sync only logs a bind that fails: the answer says it, and a region made for
+    // this request is not kept without its socket (every later create or find of the name
+    // would find it so, until it was reclaimed).
+    let socket = match named.ensure_socket(regions, id, vm) {
+        Ok(socket) => socket,
+        Err(error) => {
+            if made {
+                if let Some(retired) = regions.retire(id) {
+                    tracing::info!(region = %host_name, "factory: {retired}: it has no socket");
+                }
+            }
+            let status = if error.is_fd_exhaustion() {
+                GuestShmStatus::NoMem
+            } else {
+                GuestShmStatus::UnknownFailure
+            };
+            return refusal(
+                status,
+                format!("region {host_name} has no socket in the directory of VM {vm}: {error}"),
+            );
+        }
     };
     let (Some(region), Some(info)) = (regions.get(id), regions.info(id)) else {
         return refusal(GuestShmStatus::UnknownFailure, "region vanished".into());

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use crate::endpoints::{Endpoints, Service};
+use crate::listener::ListenerError;
 use crate::listener_table::{SocketKey, VmSocket};
 use crate::named::{guest_name_for, region_socket_name, VmConfig, FACTORY_SOCKET};
 use crate::regions::{AddSocketError, RegionId, Regions};
@@ -17,13 +18,32 @@ use crate::ServerError;
 
 /// Why a region's socket could not be added to a VM directory.
 #[derive(Debug, Error)]
-enum VmSocketError {
+pub(crate) enum VmSocketError {
     /// The socket could not be bound in the directory.
     #[error(transparent)]
     Dir(#[from] DirError),
     /// The region did not take it.
     #[error(transparent)]
     Region(#[from] AddSocketError),
+    /// The VM's policy gives the region no name (so no socket).
+    #[error("VM {vm} has no name for region {region}")]
+    NoName {
+        /// The VM.
+        vm: String,
+        /// The region.
+        region: String,
+    },
+}
+
+impl VmSocketError {
+    /// Whether it failed for lack of file descriptors.
+    pub(crate) fn is_fd_exhaustion(&self) -> bool {
+        matches!(
+            self,
+            VmSocketError::Dir(DirError::Socket(ListenerError::Sys { errno, .. }))
+                if crate::limits::is_fd_exhaustion(*errno)
+        )
+    }
 }
 
 /// A VM being served.
@@ -295,6 +315,35 @@ impl Vms {
             }
         }
         changes
+    }
+
+    /// Gives region `id` its socket in `vm`'s directory if it has none there (its bind failed
+    /// in a socket sync: the error is only logged there). Returns the socket's path, or why
+    /// it cannot have one.
+    pub(crate) fn ensure_socket(
+        &self,
+        regions: &mut Regions,
+        id: RegionId,
+        vm: &str,
+    ) -> Result<String, VmSocketError> {
+        if let Some(path) = regions.socket_in(id, vm) {
+            return Ok(path.display().to_string());
+        }
+        let region = regions
+            .get(id)
+            .map(|r| r.name().to_string())
+            .unwrap_or_default();
+        let guest = self
+            .vms
+            .get(vm)
+            .and_then(|v| guest_name_for(&v.config.policy, &region))
+            .ok_or_else(|| VmSocketError::NoName {
+                vm: vm.to_string(),
+                region: region.clone(),
+            })?;
+        let path = self.add_region_socket(regions, id, vm, &guest)?;
+        tracing::info!(vm = %vm, region = %region, "VM {vm}: added socket {path}");
+        Ok(path)
     }
 
     /// Binds `<guest>.sock` in `vm`'s directory for `region`. Returns its path.

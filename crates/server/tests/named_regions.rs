@@ -1043,6 +1043,43 @@ fn factory_regions_nobody_joins_are_reclaimed() {
     drop(peer);
 }
 
+/// A create whose socket cannot be bound says why and keeps no region: the region made for it
+/// used to stay without its socket, so that create and every later one of the name answered
+/// `region X has no socket in the directory of VM Y` (`GSS_UNKNOWN_FAILURE`, no cause) until
+/// the region was reclaimed as unused. Once the name is free again, the same create succeeds
+/// with a socket a peer joins through.
+#[test]
+fn a_create_whose_socket_cannot_be_bound_says_why_and_keeps_no_region() {
+    let setup = Setup::new("nobind", "[defaults]\nvectors = 1\n[vm.vm0]\n");
+    let planted = setup.vm_dir("vm0").join("busy.sock");
+    std::fs::write(&planted, b"precious").unwrap();
+    for _ in 0..2 {
+        let refused = setup.create("vm0", "busy", 4096);
+        assert_eq!(
+            status(&refused),
+            GuestShmStatus::UnknownFailure,
+            "{refused:?}"
+        );
+        assert!(
+            refused.message.contains("busy.sock") && refused.message.contains("not a socket"),
+            "{refused:?}"
+        );
+        assert!(
+            setup.regions().iter().all(|r| r.name != "busy"),
+            "a region without a socket was kept: {:?}",
+            setup.regions()
+        );
+    }
+    assert_eq!(std::fs::read(&planted).unwrap(), b"precious");
+    std::fs::remove_file(&planted).unwrap();
+    let made = setup.create("vm0", "busy", 4096);
+    assert_eq!(status(&made), GuestShmStatus::Ok, "{made:?}");
+    let socket = made.region.unwrap().socket;
+    assert_eq!(Path::new(&socket), planted);
+    let mut peer = RawPeer::connect(Path::new(&socket));
+    peer.handshake(1, &[]);
+}
+
 /// A VM cannot use the name `factory` (its socket would be the VM's `factory.sock`): the
 /// factory says `GSS_ILLEGAL_NAME` and creates nothing; a host region of that name gets no
 /// socket called `factory.sock`, but a VM that sees it under another name gets that socket.
