@@ -164,6 +164,54 @@ fn hung_up(sock: &OwnedFd) -> bool {
         && fds[0].revents().contains(PollFlags::RDHUP)
 }
 
+/// Closes the hogs the server has dropped, as their programs would once their connection
+/// ends: that gives their fds in flight back.
+fn close_dropped(hogs: &mut [Option<RawPeer>]) {
+    for slot in hogs.iter_mut() {
+        if slot.as_ref().is_some_and(|hog| hung_up(&hog.sock)) {
+            *slot = None;
+        }
+    }
+}
+
+/// What an honest peer has been told so far: each message's value and fd.
+type Heard = Vec<(i64, Option<OwnedFd>)>;
+
+/// Reads what has arrived for `peer` without waiting.
+fn read_arrived(peer: &RawPeer, reader: &mut ivshm_proto::MessageReader, heard: &mut Heard) {
+    while let Ok(Received::Message { value, fd }) = reader.receive(peer.sock.as_fd()) {
+        heard.push((value, fd));
+    }
+}
+
+/// Waits until `peer` has been told of peer `id` (reading as it comes, and closing the hogs
+/// the server drops meanwhile, whose fds the server may need back to send it); returns the
+/// first of `id`'s eventfds it got.
+fn news_of(
+    id: u16,
+    peer: &RawPeer,
+    reader: &mut ivshm_proto::MessageReader,
+    heard: &mut Heard,
+    hogs: &mut [Option<RawPeer>],
+) -> OwnedFd {
+    let deadline = std::time::Instant::now() + ivshm_test_support::WAIT_GUARD;
+    loop {
+        if let Some(at) = heard
+            .iter()
+            .position(|(value, fd)| *value == i64::from(id) && fd.is_some())
+        {
+            return heard.swap_remove(at).1.unwrap();
+        }
+        close_dropped(hogs);
+        read_arrived(peer, reader, heard);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the peer was not told of peer {id}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Connections that read their first message and then stop (each one may then be sent its
 /// share of fds and keeps them unread) fill the kernel's count until sends fail with
 /// `ETOOMANYREFS`. The server keeps the messages of the honest peers it could not send to,
@@ -185,44 +233,27 @@ fn when_fds_in_flight_run_out_the_hogs_go_and_honest_peers_wait_their_turn() {
     // wait for its turn, and a loaded machine may leave it unread for a while): what it heard,
     // with the fds.
     let mut reader = ivshm_proto::MessageReader::new();
-    let mut first_heard: Vec<(i64, Option<OwnedFd>)> = Vec::new();
-    let mut read_first = |first: &RawPeer, heard: &mut Vec<(i64, Option<OwnedFd>)>| {
-        while let Ok(Received::Message { value, fd }) = reader.receive(first.sock.as_fd()) {
-            heard.push((value, fd));
-        }
-    };
+    let mut heard = Heard::new();
     let mut hogs: Vec<Option<RawPeer>> = Vec::new();
     for _ in 0..40 {
         let mut hog = RawPeer::connect(&path);
         hog.expect(0, false);
         hogs.push(Some(hog));
-        read_first(&first, &mut first_heard);
+        read_arrived(&first, &mut reader, &mut heard);
     }
     let (mut late, late_id, others, late_own) = std::thread::scope(|scope| {
         let joining = scope.spawn(|| honest_join(&path));
-        // Hogs the server dropped close their connections, as a program does when its
-        // connection ends; that gives their fds back. The first peer goes on reading.
+        // The first peer goes on reading, and the dropped hogs are closed.
         while !joining.is_finished() {
-            for slot in hogs.iter_mut() {
-                if slot.as_ref().is_some_and(|hog| hung_up(&hog.sock)) {
-                    *slot = None;
-                }
-            }
-            read_first(&first, &mut first_heard);
+            close_dropped(&mut hogs);
+            read_arrived(&first, &mut reader, &mut heard);
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         joining.join().unwrap()
     });
     assert!(others.contains(&first_id), "{others:?}");
     // The first peer hears of the late one (after every hog it was told about).
-    let mut to_late = first_heard
-        .into_iter()
-        .find_map(|(value, fd)| fd.filter(|_| value == i64::from(late_id)));
-    while to_late.is_none() {
-        let m = first.recv();
-        to_late = m.fd.filter(|_| m.value == i64::from(late_id));
-    }
-    ring(to_late.unwrap());
+    ring(news_of(late_id, &first, &mut reader, &mut heard, &mut hogs));
     wait_readable(late_own[0].as_fd());
     assert_eq!(take(&late_own[0]), 1);
     assert!(!drain(&mut late));
@@ -278,12 +309,9 @@ fn an_honest_peer_paused_with_a_full_buffer_is_not_taken_for_a_hog() {
             !hung_up(&first.sock),
             "the server dropped the paused honest peer (after {dropped} hogs)"
         );
-        for slot in hogs.iter_mut() {
-            if slot.as_ref().is_some_and(|hog| hung_up(&hog.sock)) {
-                *slot = None;
-                dropped += 1;
-            }
-        }
+        let before = hogs.iter().flatten().count();
+        close_dropped(&mut hogs);
+        dropped += before - hogs.iter().flatten().count();
         assert!(
             std::time::Instant::now() < deadline,
             "no hog was dropped: {:?}",
@@ -297,34 +325,18 @@ fn an_honest_peer_paused_with_a_full_buffer_is_not_taken_for_a_hog() {
     );
     // The first peer reads again (everything, while a late peer joins).
     let mut reader = ivshm_proto::MessageReader::new();
-    let mut heard: Vec<(i64, Option<OwnedFd>)> = Vec::new();
-    let mut read_first = |first: &RawPeer, heard: &mut Vec<(i64, Option<OwnedFd>)>| {
-        while let Ok(Received::Message { value, fd }) = reader.receive(first.sock.as_fd()) {
-            heard.push((value, fd));
-        }
-    };
+    let mut heard = Heard::new();
     let (late, late_id, others, late_own) = std::thread::scope(|scope| {
         let joining = scope.spawn(|| honest_join_with(&path, WIDE));
         while !joining.is_finished() {
-            for slot in hogs.iter_mut() {
-                if slot.as_ref().is_some_and(|hog| hung_up(&hog.sock)) {
-                    *slot = None;
-                }
-            }
-            read_first(&first, &mut heard);
+            close_dropped(&mut hogs);
+            read_arrived(&first, &mut reader, &mut heard);
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         joining.join().unwrap()
     });
     assert!(others.contains(&first_id), "{others:?}");
-    let mut to_late = heard
-        .into_iter()
-        .find_map(|(value, fd)| fd.filter(|_| value == i64::from(late_id)));
-    while to_late.is_none() {
-        let m = first.recv();
-        to_late = m.fd.filter(|_| m.value == i64::from(late_id));
-    }
-    ring(to_late.unwrap());
+    ring(news_of(late_id, &first, &mut reader, &mut heard, &mut hogs));
     wait_readable(late_own[0].as_fd());
     assert_eq!(take(&late_own[0]), 1);
     assert!(!drain(&mut first), "the server dropped the first peer");
