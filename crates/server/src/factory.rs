@@ -127,7 +127,7 @@ fn decide(
     // A socket sync only logs a bind that fails: the answer says it, and a region made for
     // this request is not kept without its socket (every later create or find of the name
     // would find it so, until it was reclaimed).
-    let socket = match named.ensure_socket(regions, id, vm) {
+    let socket = match named.vms().ensure_socket(regions, id, vm) {
         Ok(socket) => socket,
         Err(error) => {
             if made {

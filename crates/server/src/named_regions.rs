@@ -16,7 +16,7 @@ use crate::named::{NamedConfig, NamedRegionConfig, Origin, RegionDefaults};
 use crate::region::RegionInfo;
 use crate::regions::{CreateError, Creator, RegionId, Regions};
 use crate::vm_dir::{absolute_root, DirError, SocketRoot};
-use crate::vms::{VmSocketError, Vms};
+use crate::vms::Vms;
 use crate::ServerError;
 
 /// Why a reload changed nothing.
@@ -146,17 +146,6 @@ impl NamedRegions {
     /// Makes every VM directory hold exactly the sockets of the regions its VM may see.
     pub(crate) fn sync_sockets(&self, regions: &mut Regions) -> Vec<String> {
         self.vms.sync_sockets(regions)
-    }
-
-    /// Gives region `id` its socket in `vm`'s directory if it has none there
-    /// ([`Vms::ensure_socket`]).
-    pub(crate) fn ensure_socket(
-        &self,
-        regions: &mut Regions,
-        id: RegionId,
-        vm: &str,
-    ) -> Result<String, VmSocketError> {
-        self.vms.ensure_socket(regions, id, vm)
     }
 
     /// Creates a named region (memory only; [`sync_sockets`](Self::sync_sockets) adds its

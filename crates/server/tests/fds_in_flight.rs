@@ -241,21 +241,7 @@ fn when_fds_in_flight_run_out_the_hogs_go_and_honest_peers_wait_their_turn() {
         hogs.push(Some(hog));
         read_arrived(&first, &mut reader, &mut heard);
     }
-    let (mut late, late_id, others, late_own) = std::thread::scope(|scope| {
-        let joining = scope.spawn(|| honest_join(&path));
-        // The first peer goes on reading, and the dropped hogs are closed.
-        while !joining.is_finished() {
-            close_dropped(&mut hogs);
-            read_arrived(&first, &mut reader, &mut heard);
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        joining.join().unwrap()
-    });
-    assert!(others.contains(&first_id), "{others:?}");
-    // The first peer hears of the late one (after every hog it was told about).
-    ring(news_of(late_id, &first, &mut reader, &mut heard, &mut hogs));
-    wait_readable(late_own[0].as_fd());
-    assert_eq!(take(&late_own[0]), 1);
+    let mut late = late_join(&path, VECTORS, (&first, first_id), &mut hogs);
     assert!(!drain(&mut late));
     assert!(!drain(&mut first), "the server dropped the first peer");
     let stats = server.stats();
@@ -268,6 +254,34 @@ fn when_fds_in_flight_run_out_the_hogs_go_and_honest_peers_wait_their_turn() {
     drop(hogs);
     server.shutdown().unwrap();
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A late honest peer joins while `first` reads what it gets and the hogs the server drops are
+/// closed; it must hear of `first`, and `first` of it: a doorbell rung with the eventfd `first`
+/// was given reaches it. Returns it.
+fn late_join(
+    path: &Path,
+    vectors: usize,
+    (first, first_id): (&RawPeer, u16),
+    hogs: &mut [Option<RawPeer>],
+) -> RawPeer {
+    let mut reader = ivshm_proto::MessageReader::new();
+    let mut heard = Heard::new();
+    let (late, late_id, others, late_own) = std::thread::scope(|scope| {
+        let joining = scope.spawn(|| honest_join_with(path, vectors));
+        while !joining.is_finished() {
+            close_dropped(hogs);
+            read_arrived(first, &mut reader, &mut heard);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        joining.join().unwrap()
+    });
+    assert!(others.contains(&first_id), "{others:?}");
+    // The first peer hears of the late one (after every hog it was told about).
+    ring(news_of(late_id, first, &mut reader, &mut heard, hogs));
+    wait_readable(late_own[0].as_fd());
+    assert_eq!(take(&late_own[0]), 1);
+    late
 }
 
 /// The case that dropped an honest peer under load, made to happen every time: the honest
@@ -324,21 +338,7 @@ fn an_honest_peer_paused_with_a_full_buffer_is_not_taken_for_a_hog() {
         "the server dropped the paused honest peer"
     );
     // The first peer reads again (everything, while a late peer joins).
-    let mut reader = ivshm_proto::MessageReader::new();
-    let mut heard = Heard::new();
-    let (late, late_id, others, late_own) = std::thread::scope(|scope| {
-        let joining = scope.spawn(|| honest_join_with(&path, WIDE));
-        while !joining.is_finished() {
-            close_dropped(&mut hogs);
-            read_arrived(&first, &mut reader, &mut heard);
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        joining.join().unwrap()
-    });
-    assert!(others.contains(&first_id), "{others:?}");
-    ring(news_of(late_id, &first, &mut reader, &mut heard, &mut hogs));
-    wait_readable(late_own[0].as_fd());
-    assert_eq!(take(&late_own[0]), 1);
+    let late = late_join(&path, WIDE, (&first, first_id), &mut hogs);
     assert!(!drain(&mut first), "the server dropped the first peer");
     let stats = server.stats();
     let held = stats.removals[ivshm_server::RemovalReason::HeldFds { unread: 0 }.index()];
