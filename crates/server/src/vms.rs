@@ -342,7 +342,13 @@ impl Vms {
                 region: region.clone(),
             })?;
         let path = self.add_region_socket(regions, id, vm, &guest)?;
-        tracing::info!(vm = %vm, region = %region, "VM {vm}: added socket {path}");
+        // Only after a bind that failed in a socket sync (logged there): say so, as the trace
+        // of what happened to it.
+        tracing::warn!(
+            vm = %vm,
+            region = %region,
+            "VM {vm}: region {region} had no socket in the directory; added socket {path}"
+        );
         Ok(path)
     }
 
