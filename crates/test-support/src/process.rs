@@ -572,7 +572,8 @@ impl DaemonGuard {
         }
     }
 
-    /// The processes whose command line holds the marker now.
+    /// The live processes whose command line holds the marker now (a zombie is dead: the
+    /// kernel may still show its command line for a moment after it exited).
     pub fn pids(&self) -> Vec<u32> {
         use std::os::unix::ffi::OsStrExt;
         let marker = self.marker.as_bytes();
@@ -587,36 +588,64 @@ impl DaemonGuard {
                 std::fs::read(format!("/proc/{pid}/cmdline"))
                     .is_ok_and(|line| line.split(|&b| b == 0).any(|arg| arg == marker))
             })
+            .filter(|&pid| alive(pid))
             .collect()
     }
 
     /// Kills every guarded process (SIGKILL through a pidfd, after checking that the pid still
-    /// holds the marker) and waits up to 10 s for each to go.
+    /// holds the marker) and waits up to 10 s for all to be gone or zombies.
+    ///
+    /// A command line is not stable while its process execs (it reads empty for a moment), so
+    /// this looks again until no live process holds the marker: a process missed in one round
+    /// (mid-exec when checked) is killed in the next.
     fn kill_all(&self) {
-        for pid in self.pids() {
-            let Some(raw) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
-                continue;
-            };
-            let Ok(pidfd) = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
-            else {
-                continue;
-            };
-            // The pidfd pins the process: if the pid still holds the marker now, it is ours.
-            if !self.pids().contains(&pid) {
-                continue;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut told = std::collections::HashSet::new();
+        let mut empty_rounds = 0;
+        loop {
+            let pids = self.pids();
+            // Two empty looks 10 ms apart: a process mid-exec in the first is seen in the second.
+            empty_rounds = if pids.is_empty() { empty_rounds + 1 } else { 0 };
+            if empty_rounds == 2 || Instant::now() >= deadline {
+                return;
             }
-            eprintln!(
-                "killing daemon {pid} (command line with {:?}) that its test left running",
-                self.marker
-            );
-            if rustix::process::pidfd_send_signal(&pidfd, Signal::KILL).is_ok() {
-                let _ = crate::fds::readable_within(
-                    std::os::fd::AsFd::as_fd(&pidfd),
-                    Duration::from_secs(10),
-                );
+            for pid in pids {
+                let Some(raw) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
+                    continue;
+                };
+                let Ok(pidfd) =
+                    rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
+                else {
+                    continue;
+                };
+                // The pidfd pins the process: if the pid still holds the marker now, it is ours.
+                if !self.pids().contains(&pid) {
+                    continue;
+                }
+                if told.insert(pid) {
+                    eprintln!(
+                        "killing daemon {pid} (command line with {:?}) that its test left running",
+                        self.marker
+                    );
+                }
+                let _ = rustix::process::pidfd_send_signal(&pidfd, Signal::KILL);
             }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// True while process `pid` exists and is not a zombie (per `/proc/<pid>/stat`, whose state
+/// field follows the last ") ": the command name may hold one).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !matches!(
+            stat.rsplit(") ")
+                .next()
+                .and_then(|rest| rest.chars().next()),
+            None | Some('Z' | 'X')
+        )
+    })
 }
 
 impl Drop for DaemonGuard {
@@ -750,27 +779,34 @@ mod tests {
     fn a_daemon_guard_kills_the_daemon_that_left_the_process_tree() {
         let marker = format!("ivshm-daemon-guard-test-{}", std::process::id());
         let guard = DaemonGuard::new(&marker);
-        // `setsid -f` forks: the daemon is no child of this test, as a real daemon.
+        // `setsid -f` forks: the daemon is no child of this test, as a real daemon. It never
+        // forks itself (`exec -a` keeps the marker as its argv[0]): a shell loop's short-lived
+        // children hold the marker between fork and exec, and one caught there by `pids` would
+        // be a sleeping `sleep` by the time it is checked below.
         let status = Command::new("setsid")
-            .args(["-f", "sh", "-c", "while :; do sleep 1; done", &marker])
+            .args(["-f", "bash", "-c", "exec -a \"$0\" sleep 600", &marker])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .status()
             .unwrap();
         assert!(status.success());
         let deadline = Instant::now() + Duration::from_secs(30);
-        while guard.pids().is_empty() {
+        // Settled: the daemon is `sleep` (with the marker), no longer `setsid` or `bash`.
+        let settled = |pids: &[u32]| {
+            pids.iter().any(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c == "sleep\n")
+            })
+        };
+        while !settled(&guard.pids()) {
             assert!(Instant::now() < deadline, "the daemon did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
         let pids = guard.pids();
         drop(guard);
-        assert!(DaemonGuard::new(&marker).pids().is_empty());
         for pid in pids {
             // Gone, or a zombie its new parent has not reaped yet.
-            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let state = state.rsplit(") ").next().unwrap_or("").chars().next();
-            assert!(matches!(state, None | Some('Z' | 'X')), "{pid}: {state:?}");
+            assert!(!alive(pid), "{pid} still runs");
         }
+        assert!(DaemonGuard::new(&marker).pids().is_empty());
     }
 }
