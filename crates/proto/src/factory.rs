@@ -40,13 +40,16 @@ pub const VERSION: u32 = 1;
 pub const MAX_LINE: usize = 64 * 1024;
 
 /// A line that cannot be decoded.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum LineError {
+    /// line longer than {MAX_LINE:} bytes
+    ///
     /// The line is longer than [`MAX_LINE`].
-    #[error("line longer than {MAX_LINE} bytes")]
     TooLong,
+    /// invalid message: {0}
+    ///
     /// Not valid JSON for the expected message.
-    #[error("invalid message: {0}")]
     Invalid(String),
 }
 
@@ -182,9 +185,11 @@ struct WireResponse {
     region: Option<RegionOffer>,
 }
 
+/// status {status:?} with code {code} is not a GSS_* status
+///
 /// A response whose `status` and `code` fields do not name one known status.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("status {status:?} with code {code} is not a GSS_* status")]
+#[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub struct UnknownStatus {
     /// The `status` field.
     pub status: String,

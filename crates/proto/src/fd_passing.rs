@@ -23,19 +23,24 @@ use crate::v0::{decode, MESSAGE_LEN};
 const RECV_FD_ROOM: usize = 4;
 
 /// Errors while passing messages.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum FdPassingError {
+    /// socket error: {0}
+    ///
     /// The socket call failed.
-    #[error("socket error: {0}")]
     Io(Errno),
+    /// received file descriptors were truncated by the kernel
+    ///
     /// The kernel had to drop ancillary data (fds) because our buffer was too small.
-    #[error("received file descriptors were truncated by the kernel")]
     FdsTruncated,
+    /// {0} file descriptors arrived with one message (at most 1 allowed)
+    ///
     /// More than one fd arrived for one message.
-    #[error("{0} file descriptors arrived with one message (at most 1 allowed)")]
     TooManyFds(usize),
+    /// connection closed after {0} of 8 bytes of a message
+    ///
     /// The peer closed the connection in the middle of a message.
-    #[error("connection closed after {0} of 8 bytes of a message")]
     TruncatedMessage(usize),
 }
 

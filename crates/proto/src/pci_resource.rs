@@ -50,18 +50,21 @@ impl Resource {
 }
 
 /// A `resource` file that does not have the kernel's format.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum ResourceParseError {
+    /// resource line {line}: expected three 0x-prefixed hex numbers (start end flags), got `{text}`
+    ///
     /// A line does not hold exactly three `0x`-prefixed hex numbers.
-    #[error("resource line {line}: expected three 0x-prefixed hex numbers (start end flags), got `{text}`")]
     BadLine {
         /// 1-based line number.
         line: usize,
         /// The offending line (truncated to 80 characters).
         text: String,
     },
+    /// resource line {line}: end {end:#x} is below start {start:#x} or the size overflows
+    ///
     /// `end` is below `start`, or the region covers the whole 64-bit space.
-    #[error("resource line {line}: end {end:#x} is below start {start:#x} or the size overflows")]
     BadRange {
         /// 1-based line number.
         line: usize,

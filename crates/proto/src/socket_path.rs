@@ -16,13 +16,12 @@ use thiserror::Error;
 /// The longest UNIX socket path in bytes (`sun_path` is 108 bytes, NUL included).
 pub const MAX_SOCKET_PATH: usize = 107;
 
+/// socket path {path} is {len} bytes long; a UNIX socket path has at most {MAX_SOCKET_PATH:} bytes
+/// (sun_path): use a shorter one
+///
 /// A socket path longer than [`MAX_SOCKET_PATH`].
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error(
-    "socket path {} is {len} bytes long; a UNIX socket path has at most {MAX_SOCKET_PATH} bytes \
-     (sun_path): use a shorter one",
-    path.display()
-)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub struct SocketPathTooLong {
     /// The path.
     pub path: PathBuf,

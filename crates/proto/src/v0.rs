@@ -56,25 +56,31 @@ pub enum Message {
 }
 
 /// A message that breaks protocol version 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum ProtocolError {
+    /// server speaks ivshmem protocol version {0}, only version 0 is supported
+    ///
     /// The first message was not version 0 (or carried an fd).
-    #[error("server speaks ivshmem protocol version {0}, only version 0 is supported")]
     UnsupportedVersion(i64),
+    /// message {value} unexpectedly carried a file descriptor
+    ///
     /// A message that should not carry an fd did.
-    #[error("message {value} unexpectedly carried a file descriptor")]
     UnexpectedFd {
         /// The message's value.
         value: i64,
     },
+    /// server sent invalid own peer id {0}
+    ///
     /// The second message (own id) was not a peer id.
-    #[error("server sent invalid own peer id {0}")]
     InvalidOwnId(i64),
+    /// shared-memory message (-1) arrived without a file descriptor
+    ///
     /// `-1` came without an fd.
-    #[error("shared-memory message (-1) arrived without a file descriptor")]
     MissingShmFd,
+    /// server sent invalid message {0}
+    ///
     /// A value outside `-1..=65535`.
-    #[error("server sent invalid message {0}")]
     InvalidValue(i64),
 }
 
