@@ -16,13 +16,16 @@ use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
 use thiserror::Error;
 
 /// Mapping a file descriptor failed.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum MapError {
+    /// cannot map zero bytes
+    ///
     /// A zero-length mapping was asked for.
-    #[error("cannot map zero bytes")]
     Empty,
+    /// mmap of {len} bytes at offset {offset} failed: {errno}
+    ///
     /// `mmap` failed.
-    #[error("mmap of {len} bytes at offset {offset} failed: {errno}")]
     Mmap {
         /// Requested length.
         len: usize,
@@ -33,9 +36,11 @@ pub enum MapError {
     },
 }
 
+/// access of {len} bytes at offset {offset} is outside a {size}-byte region or misaligned
+///
 /// An access outside the view, or misaligned for its width.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
-#[error("access of {len} bytes at offset {offset} is outside a {size}-byte region or misaligned")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub struct OutOfBounds {
     /// Offset asked for.
     pub offset: usize,

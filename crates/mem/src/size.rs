@@ -16,26 +16,30 @@
 use thiserror::Error;
 
 /// A size string that could not be parsed.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum SizeError {
+    /// empty size
+    ///
     /// Nothing was given.
-    #[error("empty size")]
     Empty,
+    /// invalid size {0:?}: expected a number (decimal or 0x hex) with an optional K/M/G/T suffix
+    ///
     /// There were no digits where the number should be.
-    #[error(
-        "invalid size {0:?}: expected a number (decimal or 0x hex) with an optional K/M/G/T suffix"
-    )]
     NoDigits(String),
+    /// invalid size {input:?}: unknown suffix {suffix:?} (use K, M, G, T, P or E, optionally with B
+    /// or iB)
+    ///
     /// The suffix is not one of the known ones.
-    #[error("invalid size {input:?}: unknown suffix {suffix:?} (use K, M, G, T, P or E, optionally with B or iB)")]
     BadSuffix {
         /// The whole input.
         input: String,
         /// The part that was not understood.
         suffix: String,
     },
+    /// size {0:?} is too large
+    ///
     /// The value does not fit in 64 bits.
-    #[error("size {0:?} is too large")]
     Overflow(String),
 }
 
@@ -201,25 +205,27 @@ impl std::str::FromStr for Pow2Policy {
 }
 
 /// A size that the power-of-two policy does not allow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum Pow2Error {
+    /// size must be greater than zero
+    ///
     /// Zero bytes cannot be shared.
-    #[error("size must be greater than zero")]
     Zero,
+    /// size {size} bytes is not a power of two, which QEMU's ivshmem needs for its PCI BAR (next
+    /// power of two: {next}); use a power-of-two size or round up
+    ///
     /// The size is not a power of two and the policy is [`Pow2Policy::Refuse`].
-    #[error(
-        "size {size} bytes is not a power of two, which QEMU's ivshmem needs for its PCI BAR \
-         (next power of two: {next}); use a power-of-two size or round up"
-    )]
     NotPowerOfTwo {
         /// The size asked for.
         size: u64,
         /// The next power of two.
         next: u64,
     },
+    /// size {0} bytes cannot be rounded up to a power of two within 64 bits
+    ///
     /// There is no power of two at or above the size in 64 bits (whatever the policy: the
     /// size could not be rounded up, nor be named a next power of two).
-    #[error("size {0} bytes cannot be rounded up to a power of two within 64 bits")]
     TooLarge(u64),
 }
 

@@ -41,22 +41,29 @@ pub enum BackendKind {
     },
 }
 
+/// The largest file size (`off_t` is an `i64`).
+const MAX_FILE_SIZE: i64 = i64::MAX;
+
 /// Errors creating shared memory.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum BackendError {
+    /// {0}
+    ///
     /// The requested size is not allowed by the power-of-two policy.
-    #[error(transparent)]
-    Size(#[from] Pow2Error),
+    Size(Pow2Error),
+    /// {what}: {errno}
+    ///
     /// A system call failed.
-    #[error("{what}: {errno}")]
     Sys {
         /// What was being done.
         what: String,
         /// The error.
         errno: Errno,
     },
+    /// sizing {what} to {size} bytes: {errno}
+    ///
     /// The object could not be given its size (`ftruncate`).
-    #[error("sizing {what} to {size} bytes: {errno}")]
     Resize {
         /// What was being sized.
         what: String,
@@ -65,37 +72,34 @@ pub enum BackendError {
         /// The error.
         errno: Errno,
     },
+    /// size {size} bytes cannot be rounded up to a multiple of the {page}-byte huge page size
+    ///
     /// The size is not a multiple of the huge page size and cannot be rounded up.
-    #[error(
-        "size {size} bytes cannot be rounded up to a multiple of the {page}-byte huge page size"
-    )]
     HugePageRounding {
         /// The size asked for.
         size: u64,
         /// The huge page size.
         page: u64,
     },
+    /// POSIX shm object {name:?} is a symbolic link; refusing to follow it (anyone can write to /dev/shm):
+    /// remove it
+    ///
     /// A symbolic link is where the POSIX shm object should be.
-    #[error(
-        "POSIX shm object {name:?} is a symbolic link; refusing to follow it (anyone can write \
-         to /dev/shm): remove it"
-    )]
     ShmLink {
         /// The object's name.
         name: String,
     },
+    /// POSIX shm object {name:?} exists and is not a regular file; refusing to use it
+    ///
     /// The POSIX shm object's name is taken by something that is not a regular file.
-    #[error("POSIX shm object {name:?} exists and is not a regular file; refusing to use it")]
     ShmNotRegular {
         /// The object's name.
         name: String,
     },
+    /// POSIX shm object {name:?} exists and is owned by uid {uid}, not by this process's user (uid
+    /// {euid}): its owner could read and write the region; remove it or choose another name
+    ///
     /// The POSIX shm object exists and belongs to another user.
-    #[error(
-        "POSIX shm object {name:?} exists and is owned by uid {uid}, not by this process's \
-         user (uid {euid}): its owner could read and write the region; remove it or choose \
-         another name"
-    )]
     ShmForeign {
         /// The object's name.
         name: String,
@@ -104,9 +108,16 @@ pub enum BackendError {
         /// This process's effective uid.
         euid: u32,
     },
+    /// size {0} bytes is larger than the largest file size ({MAX_FILE_SIZE:})
+    ///
     /// The size does not fit in `off_t`.
-    #[error("size {0} bytes is larger than the largest file size ({max})", max = i64::MAX)]
     TooLarge(u64),
+}
+
+impl From<Pow2Error> for BackendError {
+    fn from(error: Pow2Error) -> Self {
+        Self::Size(error)
+    }
 }
 
 impl BackendError {
