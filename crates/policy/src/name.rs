@@ -24,7 +24,7 @@ use std::fmt;
 
 use thiserror::Error;
 
-use crate::guest_shm;
+use crate::guest_shm::{self, MAX_NAME};
 
 /// Longest legal name in bytes: the factory `name` field minus its terminating NUL.
 pub const MAX_NAME_LEN: usize = guest_shm::MAX_NAME - 1;
@@ -42,53 +42,61 @@ pub fn is_reserved_guest_name(guest_name: &str) -> bool {
 }
 
 /// Why a string is not a legal region name.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum NameError {
+    /// region name is empty
+    ///
     /// The name is empty.
-    #[error("region name is empty")]
     Empty,
+    /// region name is {len} bytes long, the limit is {MAX_NAME_LEN:}
+    ///
     /// The name is longer than [`MAX_NAME_LEN`] bytes.
-    #[error("region name is {len} bytes long, the limit is {MAX_NAME_LEN}")]
     TooLong {
         /// Its length in bytes.
         len: usize,
     },
+    /// region name contains {byte} at byte {index}; allowed are A-Z a-z 0-9 _ . + -
+    ///
     /// The name contains a byte outside `[A-Za-z0-9_.+-]`.
-    #[error(
-        "region name contains {} at byte {index}; allowed are A-Z a-z 0-9 _ . + -",
-        describe_byte(*byte)
-    )]
     ForbiddenByte {
         /// The offending byte.
-        byte: u8,
+        byte: NameByte,
         /// Its position in the name.
         index: usize,
     },
+    /// region name starts with '.'
+    ///
     /// The name starts with `.`.
-    #[error("region name starts with '.'")]
     LeadingDot,
+    /// region name contains '..'
+    ///
     /// The name contains `..`.
-    #[error("region name contains '..'")]
     DotDot,
+    /// the name {RESERVED_GUEST_NAME:} is reserved (its socket would be the VM's
+    /// {RESERVED_GUEST_NAME:}.sock)
+    ///
     /// The guest asked for [`RESERVED_GUEST_NAME`].
-    #[error(
-        "the name {RESERVED_GUEST_NAME} is reserved (its socket would be the VM's \
-         {RESERVED_GUEST_NAME}.sock)"
-    )]
     Reserved,
+    /// region name field is not NUL-terminated within {MAX_NAME:} bytes
+    ///
     /// A factory `name` field holds no NUL within its 32 bytes.
-    #[error(
-        "region name field is not NUL-terminated within {} bytes",
-        guest_shm::MAX_NAME
-    )]
     Unterminated,
 }
 
-fn describe_byte(byte: u8) -> String {
-    if byte.is_ascii_graphic() {
-        format!("{:?}", byte as char)
-    } else {
-        format!("byte {byte:#04x}")
+/// A byte of a name as a message shows it: a printable one quoted (`'#'`), another in hex
+/// (`byte 0xff`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NameByte(pub u8);
+
+impl fmt::Display for NameByte {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Self(byte) = *self;
+        if byte.is_ascii_graphic() {
+            write!(f, "{:?}", byte as char)
+        } else {
+            write!(f, "byte {byte:#04x}")
+        }
     }
 }
 
@@ -111,7 +119,7 @@ fn validate_bytes(name: &[u8]) -> Result<(), NameError> {
     }
     if let Some(index) = name.iter().position(|&b| !is_name_byte(b)) {
         return Err(NameError::ForbiddenByte {
-            byte: name[index],
+            byte: NameByte(name[index]),
             index,
         });
     }
@@ -147,7 +155,7 @@ impl RegionName {
         validate_bytes(name)?;
         // Legal names are ASCII, so this cannot fail; map it anyway instead of panicking.
         let text = std::str::from_utf8(name).map_err(|e| NameError::ForbiddenByte {
-            byte: name[e.valid_up_to()],
+            byte: NameByte(name[e.valid_up_to()]),
             index: e.valid_up_to(),
         })?;
         Ok(Self(text.to_owned()))
@@ -246,7 +254,10 @@ mod tests {
         ] {
             assert_eq!(
                 validate(name),
-                Err(NameError::ForbiddenByte { byte, index }),
+                Err(NameError::ForbiddenByte {
+                    byte: NameByte(byte),
+                    index
+                }),
                 "{name:?}"
             );
         }
@@ -301,7 +312,7 @@ mod tests {
         assert_eq!(
             RegionName::from_factory_field(b"a\xffb\0"),
             Err(NameError::ForbiddenByte {
-                byte: 0xff,
+                byte: NameByte(0xff),
                 index: 1
             })
         );

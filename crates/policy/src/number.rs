@@ -5,21 +5,25 @@
 use thiserror::Error;
 
 /// Why a string is not a number.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum NumberError {
+    /// empty number
+    ///
     /// Nothing was given.
-    #[error("empty number")]
     Empty,
+    /// {text:?} is not a number: expected {expected}
+    ///
     /// Not a decimal or hexadecimal number (with a K/M/G suffix where allowed).
-    #[error("{text:?} is not a number: expected {expected}")]
     Invalid {
         /// The text.
         text: String,
         /// What would have been accepted.
         expected: &'static str,
     },
+    /// {text:?} is too large (the limit is {max})
+    ///
     /// The value does not fit.
-    #[error("{text:?} is too large (the limit is {max})")]
     TooLarge {
         /// The text.
         text: String,

@@ -30,34 +30,41 @@ use thiserror::Error;
 use crate::name::{is_name_byte, MAX_NAME_LEN};
 
 /// Why a `subst` argument is not accepted.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum SubstError {
+    #[allow(rustdoc::broken_intra_doc_links)] // `[match]` is message text, not a link
+    /// expected [match],prefix: no comma in {0:?}
+    ///
     /// The argument has no comma separating `match` from `prefix`.
-    #[error("expected [match],prefix: no comma in {0:?}")]
     MissingComma(String),
+    /// the prefix after the comma is empty
+    ///
     /// The prefix is empty.
-    #[error("the prefix after the comma is empty")]
     EmptyPrefix,
+    /// {part} contains {byte:?}; region names only contain A-Z a-z 0-9 _ . + -
+    ///
     /// `match` or `prefix` contains a byte no region name can contain (wildcards included:
     /// `match` is a plain string).
-    #[error("{part} contains {byte:?}; region names only contain A-Z a-z 0-9 _ . + -")]
     ForbiddenByte {
         /// `"match"` or `"prefix"`.
         part: &'static str,
         /// The offending character.
         byte: char,
     },
+    /// {part} is {len} bytes long; region names have at most {MAX_NAME_LEN:} bytes
+    ///
     /// `match` or `prefix` is longer than any region name can be.
-    #[error("{part} is {len} bytes long; region names have at most {MAX_NAME_LEN} bytes")]
     TooLong {
         /// `"match"` or `"prefix"`.
         part: &'static str,
         /// Its length in bytes.
         len: usize,
     },
+    /// prefix {0:?} would make every region name illegal
+    ///
     /// With an empty `match` the prefix leaves no room for a name or starts with `.`, so every
     /// substituted name would be illegal.
-    #[error("prefix {0:?} would make every region name illegal")]
     UnusablePrefix(String),
 }
 

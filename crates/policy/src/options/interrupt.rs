@@ -7,14 +7,17 @@ use thiserror::Error;
 use crate::number::{parse_number, NumberError};
 
 /// Why an `intr` argument is not accepted.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum InterruptError {
+    /// interrupt controller name {0:?} must be non-empty and use only A-Z a-z 0-9 _ . -
+    ///
     /// The controller name before `:` is empty or has characters other than
     /// `A-Z a-z 0-9 _ . -`.
-    #[error("interrupt controller name {0:?} must be non-empty and use only A-Z a-z 0-9 _ . -")]
     BadController(String),
+    /// interrupt line: {0}
+    ///
     /// The interrupt line is not a number.
-    #[error("interrupt line: {0}")]
     BadLine(NumberError),
 }
 

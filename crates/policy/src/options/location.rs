@@ -8,33 +8,41 @@ use crate::guest_shm::PAGE_SIZE;
 use crate::number::{parse_number, parse_size, NumberError};
 
 /// Why a `loc` argument is not accepted.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum LocationError {
+    /// address: {0}
+    ///
     /// The address is not a number.
-    #[error("address: {0}")]
     Address(NumberError),
+    /// {0:#x} is not aligned to the {PAGE_SIZE:}-byte factory page
+    ///
     /// The address is not aligned to the factory page.
-    #[error("{0:#x} is not aligned to the {PAGE_SIZE}-byte factory page")]
     Unaligned(u64),
+    /// {0:?}: the factory page is one {PAGE_SIZE:}-byte page; give only its address (mem:ADDRESS)
+    ///
     /// `mem:ADDRESS,...`: a length or flags.
-    #[error(
-        "{0:?}: the factory page is one {PAGE_SIZE}-byte page; give only its address (mem:ADDRESS)"
-    )]
     Extra(String),
+    /// io: locations are x86 I/O ports; the shmem factory page is memory (use mem:ADDRESS or
+    /// pci:BUS:DEV)
+    ///
     /// `io:PORT`.
-    #[error("io: locations are x86 I/O ports; the shmem factory page is memory (use mem:ADDRESS or pci:BUS:DEV)")]
     Io,
+    /// pci:VID/DID names a host device to pass through; place the shmem vdev with
+    /// pci:BUS:DEV[.FUNC]
+    ///
     /// `pci:VID/DID`.
-    #[error("pci:VID/DID names a host device to pass through; place the shmem vdev with pci:BUS:DEV[.FUNC]")]
     PciIds,
+    /// {text:?} is not pci:BUS:DEV[.FUNC] with bus 0..=255, device 0..=31, function 0..=7
+    ///
     /// A malformed `pci:BUS:DEV[.FUNC]`.
-    #[error("{text:?} is not pci:BUS:DEV[.FUNC] with bus 0..=255, device 0..=31, function 0..=7")]
     PciAddress {
         /// The text after `pci:`.
         text: String,
     },
+    /// unknown location type {0:?}: use mem:ADDRESS, an address, or pci:BUS:DEV[.FUNC]
+    ///
     /// Another resource type.
-    #[error("unknown location type {0:?}: use mem:ADDRESS, an address, or pci:BUS:DEV[.FUNC]")]
     UnknownType(String),
 }
 

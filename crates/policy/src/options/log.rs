@@ -79,16 +79,17 @@ impl LogDestination {
 }
 
 /// Why a `log` argument is not accepted.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum LogError {
+    /// unknown severity {0:?}: use fatal, internal, error, warning, info, debug or verbose,
+    /// separated by commas
+    ///
     /// A severity that is not one of qvm's.
-    #[error(
-        "unknown severity {0:?}: use fatal, internal, error, warning, info, debug or verbose, \
-         separated by commas"
-    )]
     Severity(String),
+    /// unknown destination {0:?}: use stdout, stderr, slog or none
+    ///
     /// A destination that is not one of qvm's.
-    #[error("unknown destination {0:?}: use stdout, stderr, slog or none")]
     Destination(String),
 }
 

@@ -64,9 +64,11 @@ pub use interrupt::{Interrupt, InterruptError};
 pub use location::{Location, LocationError, PciAddress};
 pub use log::{LogDestination, LogError, LogOption, LogSeverity};
 
+/// line {line}: {option}: {message}
+///
 /// A `vdev shmem` block that could not be parsed.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("line {line}: {option}: {message}")]
+#[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub struct ParseError {
     /// 1-based line number.
     pub line: usize,

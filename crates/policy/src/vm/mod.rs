@@ -66,7 +66,7 @@ mod decision;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::guest_shm::{self, MAX_REGION_BYTES};
+use crate::guest_shm::{self, MAX_REGION_BYTES, PAGE_SIZE};
 use crate::name::{NameError, RegionName};
 use crate::options::{CreateOption, Interrupt, Location, LogOption, ParseError, VdevShmem};
 use crate::rules::RuleList;
@@ -77,13 +77,16 @@ pub use config::{CreateConfig, VmPolicyConfig};
 pub use decision::{Decision, IllegalName};
 
 /// Why a [`VmPolicy`] could not be built.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum VmPolicyError {
+    /// {0}
+    ///
     /// The QNX option block did not parse.
-    #[error(transparent)]
-    Parse(#[from] ParseError),
+    Parse(ParseError),
+    /// create {name}: after subst the host name would be {host_name:?}: {error}
+    ///
     /// A `create` name is illegal after substitution.
-    #[error("create {name}: after subst the host name would be {host_name:?}: {error}")]
     IllegalCreateName {
         /// The name as configured.
         name: RegionName,
@@ -92,38 +95,48 @@ pub enum VmPolicyError {
         /// What is wrong with it.
         error: NameError,
     },
+    /// region {host_name:?} is created twice
+    ///
     /// Two `create` entries make the same host region.
-    #[error("region {host_name:?} is created twice")]
     DuplicateCreate {
         /// The host name.
         host_name: String,
     },
+    /// create {name}: size {size} is not in 1..={MAX_REGION_BYTES:}
+    ///
     /// A `create` size is zero or too large.
-    #[error("create {name}: size {size} is not in 1..={MAX_REGION_BYTES}")]
     BadCreateSize {
         /// The name as configured.
         name: RegionName,
         /// The size in bytes.
         size: u64,
     },
+    /// loc {loc:#x} is not aligned to the {PAGE_SIZE:} byte factory page
+    ///
     /// A memory `loc` is not page aligned.
-    #[error(
-        "loc {loc:#x} is not aligned to the {} byte factory page",
-        guest_shm::PAGE_SIZE
-    )]
     UnalignedLoc {
         /// The address.
         loc: u64,
     },
+    /// loc needs intr: in MMIO mode the guest interrupt must be given
+    ///
     /// A memory `loc` is given without `intr`.
-    #[error("loc needs intr: in MMIO mode the guest interrupt must be given")]
     LocWithoutIntr,
+    /// sched priority must be in 1..=255
+    ///
     /// `sched` is 0.
-    #[error("sched priority must be in 1..=255")]
     BadSched,
+    /// qnx = '''...''' excludes rules, subst, create, loc, intr, sched and log: write them in the
+    /// block
+    ///
     /// The TOML form has `qnx` next to other policy fields.
-    #[error("qnx = '''...''' excludes rules, subst, create, loc, intr, sched and log: write them in the block")]
     QnxWithFields,
+}
+
+impl From<ParseError> for VmPolicyError {
+    fn from(error: ParseError) -> Self {
+        Self::Parse(error)
+    }
 }
 
 /// A region to create when the VM starts.
