@@ -18,10 +18,12 @@ use crate::orphan;
 const TAIL_LINES: usize = 30;
 
 /// A child process failed or did not print what was expected.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum HostError {
+    /// {name}: cannot start {command}: {error}
+    ///
     /// The program could not be started.
-    #[error("{name}: cannot start {command}: {error}")]
     Spawn {
         /// The process's name.
         name: String,
@@ -30,8 +32,9 @@ pub enum HostError {
         /// The underlying error.
         error: std::io::Error,
     },
+    /// {name}: {what}: {error}
+    ///
     /// Waiting for the process failed.
-    #[error("{name}: {what}: {error}")]
     Io {
         /// The process's name.
         name: String,
@@ -40,8 +43,12 @@ pub enum HostError {
         /// The underlying error.
         error: std::io::Error,
     },
+    /// {name}: timed out after {timeout:?} waiting for {what}
+    ///
     /// A wait timed out.
-    #[error("{name}: timed out after {timeout:?} waiting for {what}\n{context}")]
+    /// Then, after a line break, `{context}`. A doc comment cannot hold the line break, so
+    /// `#[displaydoc]` gives the message.
+    #[displaydoc("{name}: timed out after {timeout:?} waiting for {what}\n{context}")]
     Timeout {
         /// The process's name.
         name: String,
@@ -52,8 +59,12 @@ pub enum HostError {
         /// The last output lines.
         context: String,
     },
+    /// {name}: output ended while waiting for {what}
+    ///
     /// The output stream ended (the process exited) before the awaited line.
-    #[error("{name}: output ended while waiting for {what}\n{context}")]
+    /// Then, after a line break, `{context}`. A doc comment cannot hold the line break, so
+    /// `#[displaydoc]` gives the message.
+    #[displaydoc("{name}: output ended while waiting for {what}\n{context}")]
     Ended {
         /// The process's name.
         name: String,
@@ -62,8 +73,12 @@ pub enum HostError {
         /// The last output lines.
         context: String,
     },
+    /// {name}: exited with {status}
+    ///
     /// The process exited unsuccessfully.
-    #[error("{name}: exited with {status}\n{context}")]
+    /// Then, after a line break, `{context}`. A doc comment cannot hold the line break, so
+    /// `#[displaydoc]` gives the message.
+    #[displaydoc("{name}: exited with {status}\n{context}")]
     Failed {
         /// The process's name.
         name: String,
