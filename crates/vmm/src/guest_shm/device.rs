@@ -66,14 +66,23 @@ impl GuestShmMode {
 }
 
 /// Errors building the device.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum GuestShmError {
+    /// creating the interrupt eventfd: {0}
+    ///
     /// Creating the interrupt eventfd failed.
-    #[error("creating the interrupt eventfd: {0}")]
     Sys(rustix::io::Errno),
+    /// {0}
+    ///
     /// Building config space failed.
-    #[error(transparent)]
-    Config(#[from] crate::pci::config::ConfigError),
+    Config(crate::pci::config::ConfigError),
+}
+
+impl From<crate::pci::config::ConfigError> for GuestShmError {
+    fn from(error: crate::pci::config::ConfigError) -> Self {
+        Self::Config(error)
+    }
 }
 
 impl From<rustix::io::Errno> for GuestShmError {

@@ -19,27 +19,46 @@ use ivshm_proto::ivshmem::{
 const MAX_VECTORS: usize = 128;
 
 /// Errors building or restoring the device.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum IvshmemError {
+    /// shared memory size {0:#x} is not a power of two >= 4096
+    ///
     /// Shared memory size must be a power of two (PCI BAR rule) of at least 4 KiB.
-    #[error("shared memory size {0:#x} is not a power of two >= 4096")]
     BadSize(u64),
+    /// vector count {0} out of range 1..={MAX_VECTORS:}
+    ///
     /// Vector count out of range.
-    #[error("vector count {0} out of range 1..={MAX_VECTORS}")]
     BadVectors(usize),
+    /// master must connect to the server before any peers (own id is {0})
+    ///
     /// `master` with a server requires ID 0 (QEMU: "master must connect to the server
     /// before any peers").
-    #[error("master must connect to the server before any peers (own id is {0})")]
     MasterNotFirst(u16),
+    /// ivshmem peer devices are not migratable (master is off)
+    ///
     /// Only the master migrates (non-masters carry a migration blocker in QEMU).
-    #[error("ivshmem peer devices are not migratable (master is off)")]
     NotMaster,
+    /// {0}
+    ///
     /// Building config space failed.
-    #[error(transparent)]
-    Config(#[from] crate::pci::config::ConfigError),
+    Config(crate::pci::config::ConfigError),
+    /// {0}
+    ///
     /// The doorbell link failed.
-    #[error(transparent)]
-    Link(#[from] LinkError),
+    Link(LinkError),
+}
+
+impl From<crate::pci::config::ConfigError> for IvshmemError {
+    fn from(error: crate::pci::config::ConfigError) -> Self {
+        Self::Config(error)
+    }
+}
+
+impl From<LinkError> for IvshmemError {
+    fn from(error: LinkError) -> Self {
+        Self::Link(error)
+    }
 }
 
 /// Where the device's MSI-X interrupts go. KVM VMMs use

@@ -28,36 +28,42 @@ use crate::ivshmem::InterruptBackend;
 use crate::pci::{IoEvent, MsixMessage};
 
 /// Errors from the KVM wiring.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum KvmWiringError {
+    /// KVM {op}: {error}
+    ///
     /// A KVM ioctl failed.
-    #[error("KVM {op}: {error}")]
     Kvm {
         /// What was attempted.
         op: &'static str,
         /// The error.
         error: kvm_ioctls::Error,
     },
+    /// duplicating an eventfd: {0}
+    ///
     /// Duplicating a descriptor failed.
-    #[error("duplicating an eventfd: {0}")]
     Dup(std::io::Error),
+    /// no free GSI: GSIs {FIRST_MSI_GSI:}..{MAX_GSI:} are all in use; drop unused devices'
+    /// interrupt backends (they release their GSIs) or use fewer vectors
+    ///
     /// Ran out of GSIs.
-    #[error(
-        "no free GSI: GSIs {FIRST_MSI_GSI}..{MAX_GSI} are all in use; drop unused devices' \
-         interrupt backends (they release their GSIs) or use fewer vectors"
-    )]
     NoGsi,
+    /// the GSI router's state is poisoned (a thread panicked while updating routes)
+    ///
     /// A thread panicked while it held the router's state.
-    #[error("the GSI router's state is poisoned (a thread panicked while updating routes)")]
     Poisoned,
+    /// building the GSI routing table with {0} entries failed
+    ///
     /// The routing table could not be built (more entries than `KVM_SET_GSI_ROUTING` takes).
-    #[error("building the GSI routing table with {0} entries failed")]
     RoutingTable(usize),
+    /// ioevent length {0} not supported (KVM ioeventfds match 1, 2, 4 or 8 bytes)
+    ///
     /// Unsupported ioevent width.
-    #[error("ioevent length {0} not supported (KVM ioeventfds match 1, 2, 4 or 8 bytes)")]
     BadLength(u32),
+    /// a KVM memory slot of {size} bytes over a mapping of {mapping} bytes
+    ///
     /// A memory slot larger than the mapping behind it.
-    #[error("a KVM memory slot of {size} bytes over a mapping of {mapping} bytes")]
     SlotTooLarge {
         /// The slot's size.
         size: u64,

@@ -27,19 +27,24 @@ pub enum PeerChange {
 }
 
 /// Errors from a doorbell link.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum LinkError {
+    /// doorbell link: {0}
+    ///
     /// A system call failed.
-    #[error("doorbell link: {0}")]
     Sys(rustix::io::Errno),
+    /// doorbell link: the server connection: {0}
+    ///
     /// The connection to the ivshmem server failed (an `ivshm_client::Peer` as the link).
-    #[error("doorbell link: the server connection: {0}")]
     Client(ivshm_client::ClientError),
+    /// doorbell link: a member of the local bus panicked while it held the bus's lock
+    ///
     /// A member of a [`LocalDoorbellBus`] panicked while it held the bus's lock.
-    #[error("doorbell link: a member of the local bus panicked while it held the bus's lock")]
     BusPoisoned,
+    /// doorbell link backend: {0}
+    ///
     /// Another implementation's backend failed, with its error.
-    #[error("doorbell link backend: {0}")]
     Backend(Box<dyn std::error::Error + Send + Sync + 'static>),
 }
 

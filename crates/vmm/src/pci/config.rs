@@ -76,16 +76,20 @@ pub struct PciIdentity {
 }
 
 /// Errors building a config space.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, displaydoc::Display, PartialEq, Eq)]
+#[ignore_extra_doc_attributes]
 pub enum ConfigError {
+    /// BAR {0} is not available
+    ///
     /// BAR index out of range or overlapping a 64-bit BAR's upper half.
-    #[error("BAR {0} is not available")]
     BarUnavailable(usize),
+    /// BAR size {0:#x} is not a power of two of at least 16 bytes
+    ///
     /// BAR size is not a power of two or too small.
-    #[error("BAR size {0:#x} is not a power of two of at least 16 bytes")]
     BadBarSize(u64),
+    /// capability of {0} bytes does not fit in config space
+    ///
     /// Capabilities do not fit in the 256-byte config space.
-    #[error("capability of {0} bytes does not fit in config space")]
     CapabilityTooLarge(usize),
 }
 
