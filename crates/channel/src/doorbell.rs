@@ -30,16 +30,19 @@ use rustix::io::Errno;
 use thiserror::Error;
 
 /// A doorbell failed.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum DoorbellError {
+    /// peer {peer} is unknown to the doorbell
+    ///
     /// The peer to ring is not known (never joined, or left).
-    #[error("peer {peer} is unknown to the doorbell")]
     UnknownPeer {
         /// The peer id.
         peer: u16,
     },
+    /// vector {vector} does not exist on peer {peer} ({vectors} vectors)
+    ///
     /// The vector does not exist (on that peer, or on us).
-    #[error("vector {vector} does not exist on peer {peer} ({vectors} vectors)")]
     UnknownVector {
         /// The peer id.
         peer: u16,
@@ -48,16 +51,18 @@ pub enum DoorbellError {
         /// How many vectors the peer has.
         vectors: u16,
     },
+    /// {op} failed: {errno}
+    ///
     /// A system call failed.
-    #[error("{op} failed: {errno}")]
     Sys {
         /// What was done.
         op: &'static str,
         /// The error.
         errno: rustix::io::Errno,
     },
+    /// {0}
+    ///
     /// An implementation's own error (e.g. the ivshm client's or the guest device's).
-    #[error("{0}")]
     Other(Box<dyn std::error::Error + Send + Sync>),
 }
 

@@ -180,24 +180,26 @@ pub const fn side_parts(word: u32) -> (u32, u16, u8) {
 }
 
 /// What was wrong with a region header.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum LayoutError {
+    /// not a channel region (magic {found:#010x}, expected {MAGIC:#010x})
+    ///
     /// The region does not start with the channel magic.
-    #[error("not a channel region (magic {found:#010x}, expected {MAGIC:#010x})")]
     BadMagic {
         /// The magic found.
         found: u32,
     },
+    /// channel layout version {found} is not supported (this build reads version {VERSION:})
+    ///
     /// The region was formatted by a layout version this code does not know.
-    #[error(
-        "channel layout version {found} is not supported (this build reads version {VERSION})"
-    )]
     UnsupportedVersion {
         /// The version found.
         found: u32,
     },
+    /// region header field {field} is {value}, expected {expected}
+    ///
     /// A header field has a value version 1 does not allow.
-    #[error("region header field {field} is {value}, expected {expected}")]
     BadField {
         /// The field's name in the spec.
         field: &'static str,
@@ -206,8 +208,9 @@ pub enum LayoutError {
         /// What was allowed.
         expected: String,
     },
+    /// the channel layout needs {needed} bytes but the region has {size}
+    ///
     /// The layout does not fit the memory.
-    #[error("the channel layout needs {needed} bytes but the region has {size}")]
     TooSmall {
         /// Bytes needed.
         needed: u64,

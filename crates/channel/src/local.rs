@@ -30,40 +30,47 @@ use crate::doorbell::{take_eventfd, wait_eventfd, Doorbell, DoorbellError};
 pub const ENV: &str = "IVSHM_LOCAL_BUS";
 
 /// Making or inheriting a local bus failed.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum LocalError {
+    /// creating the memory: {0}
+    ///
     /// Creating the memfd failed.
-    #[error("creating the memory: {0}")]
     Memory(ivshm_mem::BackendError),
+    /// mapping the memory: {0}
+    ///
     /// Mapping it failed.
-    #[error("mapping the memory: {0}")]
     Map(ivshm_mem::MapError),
+    /// {op} failed: {errno}
+    ///
     /// A system call failed.
-    #[error("{op} failed: {errno}")]
     Sys {
         /// What was done.
         op: &'static str,
         /// The error.
         errno: Errno,
     },
+    /// peer {id} does not exist on this bus ({peers} peers)
+    ///
     /// Peer id out of range.
-    #[error("peer {id} does not exist on this bus ({peers} peers)")]
     NoSuchPeer {
         /// The id asked for.
         id: u16,
         /// Peers on the bus.
         peers: u16,
     },
+    /// a bus needs 1..=256 peers and 1..=64 vectors (asked {peers} and {vectors})
+    ///
     /// Zero peers or vectors, or too many eventfds.
-    #[error("a bus needs 1..=256 peers and 1..=64 vectors (asked {peers} and {vectors})")]
     Shape {
         /// Peers asked for.
         peers: u16,
         /// Vectors asked for.
         vectors: u16,
     },
+    /// {ENV:} is invalid: {0}
+    ///
     /// The environment variable is malformed or names fds that are not open.
-    #[error("{ENV} is invalid: {0}")]
     BadEnv(String),
 }
 

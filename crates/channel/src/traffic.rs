@@ -21,10 +21,12 @@ use crate::channel::{Channel, Receiver, Sender, Side};
 use crate::error::ChannelError;
 
 /// A message did not verify, or the channel failed.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum TrafficError {
+    /// message {seq} has {got} bytes, {want} expected (lost, duplicated or reordered)
+    ///
     /// The message has another length than the one generated for its place in the stream.
-    #[error("message {seq} has {got} bytes, {want} expected (lost, duplicated or reordered)")]
     Length {
         /// Its place in the stream.
         seq: u64,
@@ -33,32 +35,36 @@ pub enum TrafficError {
         /// Bytes expected.
         want: usize,
     },
+    /// message {seq} carries sequence number {got} (lost, duplicated or reordered)
+    ///
     /// The sequence number in the message is not its place in the stream.
-    #[error("message {seq} carries sequence number {got} (lost, duplicated or reordered)")]
     Sequence {
         /// Its place in the stream.
         seq: u64,
         /// The sequence number found.
         got: u64,
     },
+    /// message {seq} ({len} bytes) fails its checksum (damaged)
+    ///
     /// The checksum in the message does not match its bytes.
-    #[error("message {seq} ({len} bytes) fails its checksum (damaged)")]
     Checksum {
         /// Its place in the stream.
         seq: u64,
         /// Its length.
         len: usize,
     },
+    /// message {seq} differs from what was sent from byte {at} on (damaged)
+    ///
     /// The message differs from the generated one.
-    #[error("message {seq} differs from what was sent from byte {at} on (damaged)")]
     Content {
         /// Its place in the stream.
         seq: u64,
         /// The first differing byte.
         at: usize,
     },
+    /// {what} message {seq}: {error}
+    ///
     /// Sending or receiving failed.
-    #[error("{what} message {seq}: {error}")]
     Channel {
         /// `sending` or `receiving`.
         what: &'static str,
@@ -67,8 +73,9 @@ pub enum TrafficError {
         /// The channel's error.
         error: ChannelError,
     },
+    /// the sending thread panicked
+    ///
     /// The sending thread panicked (a bug, reported rather than propagated).
-    #[error("the sending thread panicked")]
     SenderPanicked,
 }
 
