@@ -28,33 +28,42 @@ pub enum Address {
 }
 
 /// A malformed address, or one that cannot be used.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum AddressError {
+    /// {0:?} is not an address: use tcp:HOST:PORT or unix:PATH
+    ///
     /// Neither `tcp:` nor `unix:`.
-    #[error("{0:?} is not an address: use tcp:HOST:PORT or unix:PATH")]
     Scheme(String),
+    #[allow(rustdoc::broken_intra_doc_links)] // `[::1]` is message text, not a link
+    /// {0:?}: expected tcp:HOST:PORT (e.g. tcp:127.0.0.1:2222, tcp:[::1]:22)
+    ///
     /// `tcp:` without `HOST:PORT`.
-    #[error("{0:?}: expected tcp:HOST:PORT (e.g. tcp:127.0.0.1:2222, tcp:[::1]:22)")]
     Tcp(String),
+    /// {0:?}: the port must be a number from 1 to 65535 (0 only to listen)
+    ///
     /// A bad port.
-    #[error("{0:?}: the port must be a number from 1 to 65535 (0 only to listen)")]
     Port(String),
+    /// {0}
+    ///
     /// An empty or too long socket path.
-    #[error("{0}")]
     UnixPath(String),
+    /// cannot resolve {host}: {error}
+    ///
     /// The host name did not resolve.
-    #[error("cannot resolve {host}: {error}")]
     Resolve {
         /// The host.
         host: String,
         /// Why.
         error: String,
     },
+    /// {0} resolves to no address
+    ///
     /// The host name resolved to nothing.
-    #[error("{0} resolves to no address")]
     NoAddress(String),
+    /// {op} {addr}: {errno}
+    ///
     /// A system call failed.
-    #[error("{op} {addr}: {errno}")]
     Sys {
         /// What was done.
         op: &'static str,
@@ -63,8 +72,9 @@ pub enum AddressError {
         /// The error.
         errno: Errno,
     },
+    /// {0} exists and is not a stale socket (a bridge or another program uses it?)
+    ///
     /// The unix socket path is taken by something that is not a stale socket.
-    #[error("{0} exists and is not a stale socket (a bridge or another program uses it?)")]
     PathInUse(PathBuf),
 }
 

@@ -104,24 +104,29 @@ impl Config {
 }
 
 /// The bridge stopped with an error.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum BridgeError {
+    /// cannot listen on {0}
+    ///
     /// Binding the listening address failed.
-    #[error("cannot listen on {0}")]
     Listen(addr::AddressError),
+    /// {op} failed: {errno}
+    ///
     /// The event loop's own system calls failed.
-    #[error("{op} failed: {errno}")]
     Sys {
         /// What was done.
         op: &'static str,
         /// The error.
         errno: Errno,
     },
+    /// the region's link failed: {0}
+    ///
     /// The link failed (e.g. the ivshm server went away).
-    #[error("the region's link failed: {0}")]
     Link(Box<dyn std::error::Error + Send + Sync>),
+    /// channel {name:?} cannot be opened: {error}
+    ///
     /// The channel name cannot be used.
-    #[error("channel {name:?} cannot be opened: {error}")]
     Channel {
         /// The name.
         name: String,

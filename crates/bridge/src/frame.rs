@@ -259,25 +259,30 @@ pub enum Frame<'a> {
 }
 
 /// A message that is not a valid frame (the session that receives it is reset).
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum FrameError {
+    /// a frame of {len} bytes is shorter than the {HEADER_LEN:}-byte header
+    ///
     /// Shorter than the header.
-    #[error("a frame of {len} bytes is shorter than the {HEADER_LEN}-byte header")]
     Short {
         /// Message length.
         len: usize,
     },
+    /// unknown frame type {0}
+    ///
     /// Unknown type byte.
-    #[error("unknown frame type {0}")]
     UnknownType(u8),
+    /// frame type {kind}: flags or reserved header bytes are not zero
+    ///
     /// Flags or reserved header bytes are not zero.
-    #[error("frame type {kind}: flags or reserved header bytes are not zero")]
     Reserved {
         /// The type.
         kind: u8,
     },
+    /// frame type {kind}: payload of {len} bytes, allowed {min}..={max}
+    ///
     /// The payload length does not fit the type.
-    #[error("frame type {kind}: payload of {len} bytes, allowed {min}..={max}")]
     Length {
         /// The type.
         kind: u8,
@@ -288,30 +293,35 @@ pub enum FrameError {
         /// Most allowed.
         max: usize,
     },
+    /// frame type {kind}: connection id {conn} is not allowed
+    ///
     /// A session frame names a connection, or a connection frame names connection 0.
-    #[error("frame type {kind}: connection id {conn} is not allowed")]
     Conn {
         /// The type.
         kind: u8,
         /// The id found.
         conn: u32,
     },
+    /// frame type {kind}: argument {arg} is not allowed
+    ///
     /// The argument is out of range for the type.
-    #[error("frame type {kind}: argument {arg} is not allowed")]
     Arg {
         /// The type.
         kind: u8,
         /// The argument found.
         arg: u32,
     },
+    /// HELLO without the IVBR magic (not an ivshm bridge on the other side?)
+    ///
     /// `HELLO` without the magic bytes.
-    #[error("HELLO without the IVBR magic (not an ivshm bridge on the other side?)")]
     Magic,
+    /// HELLO of protocol version {0}; this bridge speaks version {VERSION:}
+    ///
     /// `HELLO` of another protocol version.
-    #[error("HELLO of protocol version {0}; this bridge speaks version {VERSION}")]
     Version(u16),
+    /// HELLO: {field} {value} is out of range
+    ///
     /// A `HELLO` field is out of range.
-    #[error("HELLO: {field} {value} is out of range")]
     HelloField {
         /// Which field.
         field: &'static str,

@@ -42,47 +42,57 @@ pub struct Params {
 }
 
 /// The session broke the protocol (it is ended; every connection is reset).
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum SessionError {
+    /// bad frame: {0}
+    ///
     /// A message is not a frame.
-    #[error("bad frame: {0}")]
     Frame(FrameError),
+    /// the first frame is type {kind}, not HELLO
+    ///
     /// The first frame was not `HELLO`.
-    #[error("the first frame is type {kind}, not HELLO")]
     NoHello {
         /// The type received.
         kind: u8,
     },
+    /// a second HELLO in one session
+    ///
     /// A second `HELLO`.
-    #[error("a second HELLO in one session")]
     HelloAgain,
+    /// the other bridge also uses --{0}: one side must --listen and the other --connect
+    ///
     /// Both sides have the same role.
-    #[error("the other bridge also uses --{0}: one side must --listen and the other --connect")]
     SameRole(&'static str),
+    /// frame type {kind} for connection {conn}, which does not exist
+    ///
     /// A frame names a connection that does not exist.
-    #[error("frame type {kind} for connection {conn}, which does not exist")]
     UnknownConn {
         /// The type.
         kind: u8,
         /// The id.
         conn: u32,
     },
+    /// frame type {kind} is not sent to the {role} side
+    ///
     /// A frame only the other role sends.
-    #[error("frame type {kind} is not sent to the {role} side")]
     WrongDirection {
         /// The type.
         kind: u8,
         /// Our role.
         role: &'static str,
     },
+    /// OPEN of connection {0}, which is in use
+    ///
     /// `OPEN` of an id in use.
-    #[error("OPEN of connection {0}, which is in use")]
     OpenInUse(u32),
+    /// the other side opened more than our --max-connections {0} connections
+    ///
     /// More connections than we announced.
-    #[error("the other side opened more than our --max-connections {0} connections")]
     TooManyConnections(u32),
+    /// nothing received for {0:?} (the other bridge promised a frame every {1:?})
+    ///
     /// Nothing received for too long.
-    #[error("nothing received for {0:?} (the other bridge promised a frame every {1:?})")]
     Silent(Duration, Duration),
 }
 
@@ -122,19 +132,24 @@ pub struct Direct {
 }
 
 /// Why [`Session::accept`] refused a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum Refusal {
+    /// no session with the other bridge yet
+    ///
     /// No `HELLO` from the other side yet.
-    #[error("no session with the other bridge yet")]
     NotReady,
+    /// --max-connections {0} reached on this side
+    ///
     /// Our `--max-connections`.
-    #[error("--max-connections {0} reached on this side")]
     OwnLimit(u32),
+    /// the other bridge's --max-connections {0} reached
+    ///
     /// The other side's `--max-connections`.
-    #[error("the other bridge's --max-connections {0} reached")]
     PeerLimit(u32),
+    /// this side connects; it does not accept
+    ///
     /// Only the listening side accepts.
-    #[error("this side connects; it does not accept")]
     NotListening,
 }
 
