@@ -39,13 +39,16 @@ pub enum Cond {
 }
 
 /// Errors resolving a program.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, displaydoc::Display, PartialEq, Eq)]
+#[ignore_extra_doc_attributes]
 pub enum AsmError {
+    /// undefined label {0:?}
+    ///
     /// A jump names a label that was never defined.
-    #[error("undefined label {0:?}")]
     UndefinedLabel(String),
+    /// label {0:?} defined twice
+    ///
     /// A label was defined twice.
-    #[error("label {0:?} defined twice")]
     DuplicateLabel(String),
 }
 

@@ -39,23 +39,35 @@ impl MmioHandler for ivshm_vmm::guest_shm::GuestShmDevice {
 pub type SharedMmioHandler = Arc<Mutex<dyn MmioHandler>>;
 
 /// Errors from the platform.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum PlatformError {
+    /// {0}
+    ///
     /// KVM wiring (a memory slot, ioeventfds) failed.
-    #[error(transparent)]
-    Wiring(#[from] KvmWiringError),
+    Wiring(KvmWiringError),
+    /// bus 0 is full
+    ///
     /// Too many devices for bus 0.
-    #[error("bus 0 is full")]
     BusFull,
+    /// device number {0} on bus 0 is taken or not in 1..=31
+    ///
     /// The requested device number is taken or not in 1..=31.
-    #[error("device number {0} on bus 0 is taken or not in 1..=31")]
     DeviceNumber(u8),
+    /// device lock poisoned
+    ///
     /// A device lock was poisoned by a panicking thread.
-    #[error("device lock poisoned")]
     Poisoned,
+    /// RAM BAR {0} is larger than its mapping
+    ///
     /// A RAM BAR does not fit its mapping.
-    #[error("RAM BAR {0} is larger than its mapping")]
     RamBarTooLarge(usize),
+}
+
+impl From<KvmWiringError> for PlatformError {
+    fn from(error: KvmWiringError) -> Self {
+        Self::Wiring(error)
+    }
 }
 
 struct RamBar {

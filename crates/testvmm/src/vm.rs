@@ -23,60 +23,93 @@ use crate::platform::{PciPlatform, PlatformError, SharedPciDevice};
 use ivshm_vmm::ivshmem::kvm::{set_memory_slot, KvmGsiRouter};
 
 /// Errors from the test VMM.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum VmmError {
+    /// opening /dev/kvm: {0}
+    ///
     /// `/dev/kvm` could not be opened.
-    #[error("opening /dev/kvm: {0}")]
     NoKvm(kvm_ioctls::Error),
+    /// KVM {op}: {error}
+    ///
     /// A KVM call failed.
-    #[error("KVM {op}: {error}")]
     Kvm {
         /// What was attempted.
         op: &'static str,
         /// The error.
         error: kvm_ioctls::Error,
     },
+    /// {op}: {error}
+    ///
     /// A system call failed.
-    #[error("{op}: {error}")]
     Sys {
         /// What was attempted.
         op: &'static str,
         /// The error.
         error: rustix::io::Errno,
     },
+    /// {0}
+    ///
     /// Mapping memory failed.
-    #[error(transparent)]
-    Map(#[from] ivshm_mem::MapError),
+    Map(ivshm_mem::MapError),
+    /// guest image does not fit in RAM
+    ///
     /// Guest program does not fit or is out of bounds.
-    #[error("guest image does not fit in RAM")]
     ImageTooLarge,
+    /// {0}
+    ///
     /// Assembling the boot image failed.
-    #[error(transparent)]
-    Asm(#[from] AsmError),
+    Asm(AsmError),
+    /// {0}
+    ///
     /// The platform failed.
-    #[error(transparent)]
-    Platform(#[from] PlatformError),
+    Platform(PlatformError),
+    /// timed out after {0:?} waiting for the guest
+    ///
     /// The VM did not finish in time.
-    #[error("timed out after {0:?} waiting for the guest")]
     Timeout(Duration),
+    /// guest failed: {0}
+    ///
     /// The guest stopped abnormally.
-    #[error("guest failed: {0}")]
     GuestFailed(String),
+    /// guest_shm interrupt: {0}
+    ///
     /// Wiring a `guest_shm` device's interrupt into KVM failed.
-    #[error("guest_shm interrupt: {0}")]
     GuestShmInterrupt(ivshm_vmm::ivshmem::kvm::KvmWiringError),
+    /// VM already started
+    ///
     /// The VM was already started.
-    #[error("VM already started")]
     AlreadyStarted,
+    /// lock poisoned
+    ///
     /// A lock was poisoned by a panicking thread.
-    #[error("lock poisoned")]
     Poisoned,
+    /// no free IOAPIC input for a device line (16..=23 are in use)
+    ///
     /// IOAPIC inputs 16..=23 are all in use.
-    #[error("no free IOAPIC input for a device line (16..=23 are in use)")]
     NoIrqPin,
+    /// IOAPIC input {0} is in use or not in 0..=23
+    ///
     /// The IOAPIC input a configuration names is in use or does not exist.
-    #[error("IOAPIC input {0} is in use or not in 0..=23")]
     IrqPinTaken(u32),
+}
+
+impl From<ivshm_mem::MapError> for VmmError {
+    fn from(error: ivshm_mem::MapError) -> Self {
+        Self::Map(error)
+    }
+}
+
+impl From<AsmError> for VmmError {
+    fn from(error: AsmError) -> Self {
+        Self::Asm(error)
+    }
+}
+
+impl From<PlatformError> for VmmError {
+    fn from(error: PlatformError) -> Self {
+        Self::Platform(error)
+    }
 }
 
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
