@@ -128,36 +128,49 @@ impl std::str::FromStr for DeviceSelector {
 }
 
 /// Failure to pick a device.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum SelectError {
+    /// {0}
+    ///
     /// Discovery itself failed.
-    #[error(transparent)]
-    Discovery(#[from] DiscoveryError),
+    Discovery(DiscoveryError),
+    /// no ivshmem device found (looked for PCI 1af4:1110 in {sysfs}/bus/pci/devices); is the VM
+    /// started with -device ivshmem-plain or ivshmem-doorbell?
+    ///
     /// No recognised device at all.
-    #[error("no ivshmem device found (looked for PCI 1af4:1110 in {sysfs}/bus/pci/devices); is the VM started with -device ivshmem-plain or ivshmem-doorbell?")]
     NoDevice {
         /// The sysfs root searched.
         sysfs: String,
     },
+    /// {count} ivshmem devices found ({addresses}); name one by PCI address or index
+    ///
     /// Several supported devices and no choice made.
-    #[error("{count} ivshmem devices found ({addresses}); name one by PCI address or index")]
     Ambiguous {
         /// How many.
         count: usize,
         /// Their addresses, comma separated.
         addresses: String,
     },
+    /// no recognised shared-memory device at {0}; `ivshm guest list` shows what exists
+    ///
     /// Nothing at that address or index.
-    #[error("no recognised shared-memory device at {0}; `ivshm guest list` shows what exists")]
     NotFound(String),
+    /// {address} is a {kind} device, which is recognised but not supported yet
+    ///
     /// The device is recognised but this crate cannot drive it.
-    #[error("{address} is a {kind} device, which is recognised but not supported yet")]
     Unsupported {
         /// Its address.
         address: PciAddress,
         /// Its kind.
         kind: DeviceKind,
     },
+}
+
+impl From<DiscoveryError> for SelectError {
+    fn from(error: DiscoveryError) -> Self {
+        Self::Discovery(error)
+    }
 }
 
 /// Picks one supported device from `devices` (as returned by [`find_devices`]).

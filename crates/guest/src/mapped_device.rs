@@ -80,26 +80,56 @@ pub struct OpenOptions {
 }
 
 /// Failure to open a device.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum OpenError {
+    /// {0}
+    ///
     /// Finding or selecting the device failed.
-    #[error(transparent)]
-    Select(#[from] SelectError),
+    Select(SelectError),
+    /// {0}
+    ///
     /// The VFIO path failed.
-    #[error(transparent)]
-    Vfio(#[from] VfioError),
+    Vfio(VfioError),
+    /// {0}
+    ///
     /// The sysfs path failed.
-    #[error(transparent)]
-    Sysfs(#[from] SysfsError),
+    Sysfs(SysfsError),
+    /// {0}
+    ///
     /// Setting up the vectors failed.
-    #[error(transparent)]
-    Doorbell(#[from] DoorbellError),
+    Doorbell(DoorbellError),
+    /// {address} has no shared-memory BAR2 (ivshmem-plain needs memdev=, ivshmem-doorbell a server)
+    ///
     /// The device has no shared memory BAR.
-    #[error("{address} has no shared-memory BAR2 (ivshmem-plain needs memdev=, ivshmem-doorbell a server)")]
     NoSharedMemory {
         /// The device.
         address: PciAddress,
     },
+}
+
+impl From<SelectError> for OpenError {
+    fn from(error: SelectError) -> Self {
+        Self::Select(error)
+    }
+}
+
+impl From<VfioError> for OpenError {
+    fn from(error: VfioError) -> Self {
+        Self::Vfio(error)
+    }
+}
+
+impl From<SysfsError> for OpenError {
+    fn from(error: SysfsError) -> Self {
+        Self::Sysfs(error)
+    }
+}
+
+impl From<DoorbellError> for OpenError {
+    fn from(error: DoorbellError) -> Self {
+        Self::Doorbell(error)
+    }
 }
 
 /// How the register block is reached.

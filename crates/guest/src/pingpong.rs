@@ -70,24 +70,31 @@ pub struct PingPongConfig {
 }
 
 /// What went wrong in a run.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum PingPongError {
+    /// the {CONTROL_BLOCK_SIZE:}-byte control block at offset {offset:#x} does not fit in {size}
+    /// bytes of shared memory or is not 4-byte aligned
+    ///
     /// The control block does not fit in shared memory.
-    #[error("the {CONTROL_BLOCK_SIZE}-byte control block at offset {offset:#x} does not fit in {size} bytes of shared memory or is not 4-byte aligned")]
     BadOffset {
         /// Its offset.
         offset: usize,
         /// Shared memory size.
         size: usize,
     },
+    /// round trips must be 1..={MAX_ROUND_TRIPS:}, not {0}
+    ///
     /// Round trips out of range.
-    #[error("round trips must be 1..={MAX_ROUND_TRIPS}, not {0}")]
     BadCount(u32),
+    /// no responder marked the control block ready within {0:?}: start `ivshm guest bench --respond`
+    /// on the other side first
+    ///
     /// No responder showed up.
-    #[error("no responder marked the control block ready within {0:?}: start `ivshm guest bench --respond` on the other side first")]
     NoResponder(Duration),
+    /// round trip {round_trip} of the {phase} phase got no answer: {error}
+    ///
     /// A doorbell did not arrive: it was lost (or the peer died).
-    #[error("round trip {round_trip} of the {phase} phase got no answer: {error}")]
     Lost {
         /// Which phase.
         phase: &'static str,
@@ -96,8 +103,9 @@ pub enum PingPongError {
         /// The wait error.
         error: DoorbellError,
     },
+    /// round trip {round_trip}: expected echo {expected:#x}, found {found:#x}
+    ///
     /// The echo did not match.
-    #[error("round trip {round_trip}: expected echo {expected:#x}, found {found:#x}")]
     Mismatch {
         /// Sequence number.
         round_trip: u32,
@@ -106,19 +114,22 @@ pub enum PingPongError {
         /// Value found in `pong`.
         found: u32,
     },
+    /// round trip {round_trip}: {count} doorbells arrived for one ring
+    ///
     /// More doorbells than sent arrived.
-    #[error("round trip {round_trip}: {count} doorbells arrived for one ring")]
     Extra {
         /// Sequence number.
         round_trip: u32,
         /// How many arrived.
         count: u64,
     },
+    /// polling phase: no change within {0:?}
+    ///
     /// A polling step timed out.
-    #[error("polling phase: no change within {0:?}")]
     PollTimeout(Duration),
+    /// ringing the peer failed: {0}
+    ///
     /// Ringing failed.
-    #[error("ringing the peer failed: {0}")]
     Ring(DoorbellError),
 }
 
@@ -363,7 +374,7 @@ pub fn run_responder(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::doorbell::VectorEventfds;
+    use crate::doorbell::{VectorEventfds, WaitedOn};
 
     /// Two in-process peers whose doorbells are eventfds: ringing peer P's vector V writes 1 to
     /// P's eventfd V, exactly what KVM/QEMU do for an ivshmem doorbell.
@@ -459,7 +470,7 @@ mod tests {
             }
             fn wait_rung(&self, vector: u16, timeout: Duration) -> Result<u64, DoorbellError> {
                 Err(DoorbellError::Timeout {
-                    vector: Some(vector),
+                    vector: WaitedOn(Some(vector)),
                     timeout,
                 })
             }

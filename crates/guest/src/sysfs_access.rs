@@ -12,74 +12,80 @@ use std::io::Write;
 use std::path::PathBuf;
 
 /// Failures of the sysfs mode.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum SysfsError {
+    /// permission denied on {path} ({detail}): mapping PCI resources through sysfs needs root
+    ///
     /// Not allowed to open or write a sysfs file.
-    #[error(
-        "permission denied on {path} ({detail}): mapping PCI resources through sysfs needs root"
-    )]
     Permission {
         /// The file.
         path: PathBuf,
         /// The OS error text.
         detail: String,
     },
+    /// enabling the device through {path} failed: {error}
+    ///
     /// Writing `enable` failed.
-    #[error("enabling the device through {path} failed: {error}")]
     Enable {
         /// The file.
         path: PathBuf,
         /// The I/O error.
         error: std::io::Error,
     },
+    /// {address} is bound to `{driver}` and its memory decoding is off; unbind it first (e.g.
+    /// `ivshm guest ... --mode vfio --restore-driver` or echo {address} > /sys/bus/pci/drivers/{driver}/unbind)
+    ///
     /// A bound driver keeps the function disabled, and the kernel refuses to enable it.
-    #[error("{address} is bound to `{driver}` and its memory decoding is off; unbind it first (e.g. `ivshm guest ... --mode vfio --restore-driver` or echo {address} > /sys/bus/pci/drivers/{driver}/unbind)")]
     DisabledByDriver {
         /// The function.
         address: String,
         /// The bound driver.
         driver: String,
     },
+    /// cannot open {path}: {error}
+    ///
     /// Opening a `resourceN` file failed.
-    #[error("cannot open {path}: {error}")]
     Open {
         /// The file.
         path: PathBuf,
         /// The OS error.
         error: Errno,
     },
+    /// BAR{bar} of {address} is absent or not a memory BAR
+    ///
     /// The BAR does not exist or is not memory.
-    #[error("BAR{bar} of {address} is absent or not a memory BAR")]
     NoMemoryBar {
         /// The BAR.
         bar: usize,
         /// The function.
         address: String,
     },
+    /// BAR{bar} is too large to map ({size} bytes)
+    ///
     /// The BAR is larger than the address space.
-    #[error("BAR{bar} is too large to map ({size} bytes)")]
     TooLarge {
         /// The BAR.
         bar: usize,
         /// Its size.
         size: u64,
     },
+    /// the kernel refuses to map {path} while the `{driver}` driver has claimed the BAR (e.g.
+    /// another process uses the device through VFIO, such as a running `ivshm guest wait`): use the
+    /// device from that process, or stop it (the BARs are released when it exits)
+    ///
     /// The kernel refuses the mapping because a driver has claimed the BAR (with
     /// `CONFIG_IO_STRICT_DEVMEM`, as in Debian's kernel), e.g. `vfio-pci` while a process uses
     /// the device through VFIO.
-    #[error(
-        "the kernel refuses to map {path} while the `{driver}` driver has claimed the BAR (e.g. another \
-         process uses the device through VFIO, such as a running `ivshm guest wait`): use the device \
-         from that process, or stop it (the BARs are released when it exits)"
-    )]
     ClaimedByDriver {
         /// The file.
         path: PathBuf,
         /// The bound driver.
         driver: String,
     },
+    /// mapping {path} failed: {error}
+    ///
     /// mmap failed.
-    #[error("mapping {path} failed: {error}")]
     Map {
         /// The file.
         path: PathBuf,

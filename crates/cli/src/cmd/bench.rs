@@ -25,7 +25,7 @@ use anyhow::{bail, Context};
 use clap::builder::RangedU64ValueParser;
 use clap::{Args, Subcommand};
 use ivshm_client::{ConnectOptions, Event, Peer, PeerEvent};
-use ivshm_guest::doorbell::wait_eventfd;
+use ivshm_guest::doorbell::{wait_eventfd, WaitedOn};
 use ivshm_guest::pingpong::{self, PingPongConfig};
 use ivshm_guest::DoorbellError;
 use ivshm_proto::{MessageReader, Received};
@@ -894,7 +894,7 @@ impl pingpong::Doorbells for HostPeerDoorbells {
             .own_vector_fd(usize::from(vector))
             .ok_or(DoorbellError::VectorOutOfRange { vector, vectors })?;
         wait_eventfd(fd, timeout)?.ok_or(DoorbellError::Timeout {
-            vector: Some(vector),
+            vector: WaitedOn(Some(vector)),
             timeout,
         })
     }

@@ -1,7 +1,7 @@
 //! Doorbells as eventfds: one per MSI-X vector under VFIO (or a host peer's own vectors),
 //! counted by the kernel, waited on with `poll`.
 
-use super::{check_vector, deadline_after, timespec, DoorbellError};
+use super::{check_vector, deadline_after, timespec, DoorbellError, WaitedOn};
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::io::Errno;
@@ -96,7 +96,7 @@ impl VectorEventfds {
     /// counted (coalesced by the kernel).
     pub fn wait(&self, vector: u16, timeout: Duration) -> Result<u64, DoorbellError> {
         wait_eventfd(self.fd(vector)?, timeout)?.ok_or(DoorbellError::Timeout {
-            vector: Some(vector),
+            vector: WaitedOn(Some(vector)),
             timeout,
         })
     }
@@ -118,7 +118,7 @@ impl VectorEventfds {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(DoorbellError::Timeout {
-                    vector: None,
+                    vector: WaitedOn(None),
                     timeout,
                 });
             }
@@ -151,7 +151,7 @@ mod tests {
         assert!(matches!(
             vectors.wait(2, Duration::from_millis(10)),
             Err(DoorbellError::Timeout {
-                vector: Some(2),
+                vector: WaitedOn(Some(2)),
                 ..
             })
         ));

@@ -18,42 +18,61 @@ pub use ivshm_proto::ivshmem::{
     REG_INTR_STATUS, REG_IV_POSITION,
 };
 
+/// The vector a wait was for, as a message names it: `vector 3`, or `any vector` (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitedOn(pub Option<u16>);
+
+impl std::fmt::Display for WaitedOn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(vector) => write!(f, "vector {vector}"),
+            None => f.write_str("any vector"),
+        }
+    }
+}
+
 /// Doorbell failures.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum DoorbellError {
+    /// vector {vector} is out of range: this device has {vectors} vector(s) (0..{vectors})
+    ///
     /// A vector this device does not have.
-    #[error("vector {vector} is out of range: this device has {vectors} vector(s) (0..{vectors})")]
     VectorOutOfRange {
         /// The vector asked for.
         vector: u16,
         /// How many the device has.
         vectors: u16,
     },
+    /// vector {vector} cannot be rung: QEMU's ivshmem decodes only vectors
+    /// 0..={MAX_DOORBELL_VECTOR:}
+    ///
     /// A vector the Doorbell register cannot encode.
-    #[error("vector {vector} cannot be rung: QEMU's ivshmem decodes only vectors 0..={MAX_DOORBELL_VECTOR}")]
     VectorTooLarge {
         /// The vector asked for.
         vector: u16,
     },
+    /// no doorbell on {vector} within {timeout:?}
+    ///
     /// Nothing arrived in time.
-    #[error("no doorbell on {} within {timeout:?}", vector.map_or("any vector".to_owned(), |v| format!("vector {v}")))]
     Timeout {
-        /// The vector waited on (`None`: any).
-        vector: Option<u16>,
+        /// The vector waited on.
+        vector: WaitedOn,
         /// The timeout.
         timeout: Duration,
     },
+    /// this device has no interrupts in its access mode ({reason}); waiting needs the VFIO mode, or
+    /// a polling area in shared memory agreed with the sender (set_poll_area / --poll-offset)
+    ///
     /// The device was opened without interrupts and no polling area was configured.
-    #[error(
-        "this device has no interrupts in its access mode ({reason}); waiting needs the VFIO mode, or a \
-         polling area in shared memory agreed with the sender (set_poll_area / --poll-offset)"
-    )]
     NoInterrupts {
         /// Why (e.g. "sysfs mode").
         reason: &'static str,
     },
+    /// polling area at offset {offset:#x} for {vectors} vector(s) does not fit in {size} bytes of
+    /// shared memory (or is not 4-byte aligned)
+    ///
     /// The polling area does not fit the shared memory.
-    #[error("polling area at offset {offset:#x} for {vectors} vector(s) does not fit in {size} bytes of shared memory (or is not 4-byte aligned)")]
     BadPollArea {
         /// Offset of the area.
         offset: usize,
@@ -62,29 +81,35 @@ pub enum DoorbellError {
         /// Shared memory size.
         size: usize,
     },
+    /// eventfd {op} failed: {error}
+    ///
     /// An eventfd operation failed.
-    #[error("eventfd {op} failed: {error}")]
     Eventfd {
         /// Which operation.
         op: &'static str,
         /// The OS error.
         error: Errno,
     },
+    /// ringing failed: {0}
+    ///
     /// Ringing a peer through something other than the Doorbell register failed (e.g. a host
     /// peer's unknown target), with that ringer's error.
-    #[error("ringing failed: {0}")]
     Ring(Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// register access failed: {0}
+    ///
     /// A register offset outside the mapped register block (or misaligned).
-    #[error("register access failed: {0}")]
     RegisterOutOfBounds(ivshm_mem::OutOfBounds),
+    /// register access failed: {0}
+    ///
     /// A register access through the VFIO device failed.
-    #[error("register access failed: {0}")]
     RegisterVfio(crate::vfio::VfioError),
+    /// register access failed: the device's VFIO file is closed
+    ///
     /// The registers are reached through VFIO, and the device's VFIO file is closed.
-    #[error("register access failed: the device's VFIO file is closed")]
     VfioClosed,
+    /// IVPosition reads {0:#x}, not a peer ID (setup incomplete?)
+    ///
     /// IVPosition holds no peer ID (a doorbell device before the server's setup completed).
-    #[error("IVPosition reads {0:#x}, not a peer ID (setup incomplete?)")]
     BadIvPosition(u32),
 }
 

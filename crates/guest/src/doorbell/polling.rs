@@ -1,6 +1,6 @@
 //! Doorbells without interrupts, for the sysfs mode: counters in shared memory, polled.
 
-use super::{check_vector, deadline_after, DoorbellError};
+use super::{check_vector, deadline_after, DoorbellError, WaitedOn};
 use ivshm_mem::SharedView;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -99,7 +99,7 @@ impl PollDoorbells {
             }
             if Instant::now() >= deadline {
                 return Err(DoorbellError::Timeout {
-                    vector: timeout_vector,
+                    vector: WaitedOn(timeout_vector),
                     timeout,
                 });
             }

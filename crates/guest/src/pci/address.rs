@@ -16,9 +16,12 @@ pub struct PciAddress {
     pub function: u8,
 }
 
+/// `{text}` is not a PCI address (expected DOMAIN:BUS:DEV.FN like 0000:00:03.0, or BUS:DEV.FN like
+/// 00:03.0)
+///
 /// A string that is not a PCI address.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{text}` is not a PCI address (expected DOMAIN:BUS:DEV.FN like 0000:00:03.0, or BUS:DEV.FN like 00:03.0)")]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub struct AddressParseError {
     /// The rejected text.
     pub text: String,

@@ -42,19 +42,23 @@ pub struct MsixCapability {
 }
 
 /// A configuration space whose capability list cannot be walked.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum CapabilityError {
+    /// configuration space is truncated at {len} bytes but the capability list needs byte
+    /// {needed:#x} (reading the full config space needs root)
+    ///
     /// Fewer bytes than the list needs; unprivileged reads of sysfs `config` return only the
     /// first 64 bytes.
-    #[error("configuration space is truncated at {len} bytes but the capability list needs byte {needed:#x} (reading the full config space needs root)")]
     Truncated {
         /// Bytes available.
         len: usize,
         /// Offset that was needed.
         needed: usize,
     },
+    /// malformed capability list: {reason}
+    ///
     /// A capability pointer into the standard header, or a list that loops.
-    #[error("malformed capability list: {reason}")]
     Malformed {
         /// What was wrong.
         reason: &'static str,

@@ -63,34 +63,39 @@ impl SystemPaths {
 }
 
 /// Failure to read PCI information from sysfs.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum DiscoveryError {
+    /// cannot read {path}: {error}
+    ///
     /// A sysfs file could not be read.
-    #[error("cannot read {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
         error: std::io::Error,
     },
+    /// unexpected contents in {path}: `{text}`
+    ///
     /// A sysfs file does not hold what the kernel writes there.
-    #[error("unexpected contents in {path}: `{text}`")]
     BadValue {
         /// The file.
         path: PathBuf,
         /// Its contents (trimmed, truncated).
         text: String,
     },
+    /// {path}: {error}
+    ///
     /// The `resource` file is malformed.
-    #[error("{path}: {error}")]
     Resource {
         /// The file.
         path: PathBuf,
         /// What was wrong.
         error: ResourceParseError,
     },
+    /// {path} does not exist: is sysfs mounted (mount -t sysfs sysfs /sys)?
+    ///
     /// There is no PCI bus in sysfs (is sysfs mounted?).
-    #[error("{path} does not exist: is sysfs mounted (mount -t sysfs sysfs /sys)?")]
     NoPciBus {
         /// The missing directory.
         path: PathBuf,

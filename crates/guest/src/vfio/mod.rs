@@ -16,36 +16,37 @@ use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
 /// Failures of the VFIO path, each saying what to do about it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum VfioError {
+    /// {address} has no IOMMU group, so VFIO cannot use it. The guest needs an IOMMU: boot its
+    /// kernel with `intel_iommu=on` (AMD: `amd_iommu=on`) and give the VM one, e.g. QEMU `-machine
+    /// q35 -device intel-iommu` (or a real IOMMU on bare metal). Without one, use the sysfs mode
+    /// (no interrupts)
+    ///
     /// The function has no IOMMU group, so VFIO cannot take it.
-    #[error(
-        "{address} has no IOMMU group, so VFIO cannot use it. The guest needs an IOMMU: boot its kernel \
-         with `intel_iommu=on` (AMD: `amd_iommu=on`) and give the VM one, e.g. QEMU \
-         `-machine q35 -device intel-iommu` (or a real IOMMU on bare metal). Without one, use the sysfs \
-         mode (no interrupts)"
-    )]
     NoIommuGroup {
         /// The function.
         address: PciAddress,
     },
+    /// the vfio-pci driver is not loaded; load the modules {VFIO_MODULES:} (e.g. `modprobe
+    /// vfio-pci`)
+    ///
     /// `vfio-pci` is not registered as a PCI driver.
-    #[error("the vfio-pci driver is not loaded; load the modules {VFIO_MODULES} (e.g. `modprobe vfio-pci`)")]
     ModulesNotLoaded,
+    /// {address} is bound to the `{driver}` driver; unbind it (echo {address} > /sys/bus/pci/drivers/{driver}/unbind)
+    /// or ask for a take-over (`--take-over`), which unbinds it and can restore it afterwards
+    ///
     /// Another driver owns the function.
-    #[error(
-        "{address} is bound to the `{driver}` driver; unbind it (echo {address} > \
-         /sys/bus/pci/drivers/{driver}/unbind) or ask for a take-over (`--take-over`), which unbinds it \
-         and can restore it afterwards"
-    )]
     BoundElsewhere {
         /// The function.
         address: PciAddress,
         /// The driver bound to it.
         driver: String,
     },
+    /// could not bind {address} to vfio-pci (now bound to {driver:?}): {reason}
+    ///
     /// Binding to `vfio-pci` did not take effect.
-    #[error("could not bind {address} to vfio-pci (now bound to {driver:?}): {reason}")]
     BindFailed {
         /// The function.
         address: PciAddress,
@@ -54,70 +55,80 @@ pub enum VfioError {
         /// What went wrong.
         reason: String,
     },
+    #[allow(rustdoc::invalid_html_tags)] // `<group>` is message text, not HTML
+    /// permission denied on {path} ({detail}): run as root, or give this user access to /dev/vfio/<group>
+    /// and the device's sysfs files
+    ///
     /// Not allowed to write a sysfs file or open a VFIO node.
-    #[error("permission denied on {path} ({detail}): run as root, or give this user access to /dev/vfio/<group> and the device's sysfs files")]
     Permission {
         /// The file.
         path: PathBuf,
         /// The OS error text.
         detail: String,
     },
+    /// writing {path} failed: {error}
+    ///
     /// Writing a sysfs file failed.
-    #[error("writing {path} failed: {error}")]
     Sysfs {
         /// The file.
         path: PathBuf,
         /// The I/O error.
         error: std::io::Error,
     },
+    /// cannot open {path}: {error}
+    ///
     /// Opening a VFIO node failed.
-    #[error("cannot open {path}: {error}")]
     Open {
         /// The node.
         path: PathBuf,
         /// The OS error.
         error: Errno,
     },
+    /// {path} does not exist: is the device bound to vfio-pci and devtmpfs mounted on /dev?
+    ///
     /// The group node does not exist although the function has a group.
-    #[error(
-        "{path} does not exist: is the device bound to vfio-pci and devtmpfs mounted on /dev?"
-    )]
     NoGroupNode {
         /// The missing node.
         path: PathBuf,
     },
+    /// {path} is busy: another process has this device open through VFIO (only one may, and while
+    /// it does the kernel also refuses to map the BARs through sysfs). Ring and access memory from
+    /// that process (in the library, share one MappedDevice between threads), or wait for it to
+    /// exit
+    ///
     /// Another process holds the group open (VFIO allows one user per group).
-    #[error(
-        "{path} is busy: another process has this device open through VFIO (only one may, and while it \
-         does the kernel also refuses to map the BARs through sysfs). Ring and access memory from that \
-         process (in the library, share one MappedDevice between threads), or wait for it to exit"
-    )]
     GroupBusy {
         /// The group node.
         path: PathBuf,
     },
+    /// IOMMU group {group} is not viable: every device in /sys/kernel/iommu_groups/{group}/devices
+    /// must be bound to vfio-pci or to no driver
+    ///
     /// Some device in the same IOMMU group is bound to a non-VFIO driver.
-    #[error("IOMMU group {group} is not viable: every device in /sys/kernel/iommu_groups/{group}/devices must be bound to vfio-pci or to no driver")]
     GroupNotViable {
         /// The group number.
         group: u32,
     },
+    /// unsupported VFIO API version {0} (expected 0)
+    ///
     /// An unknown VFIO API version.
-    #[error("unsupported VFIO API version {0} (expected 0)")]
     ApiVersion(i32),
+    /// the VFIO container supports no type1 IOMMU (is vfio_iommu_type1 loaded?)
+    ///
     /// The container supports no type1 IOMMU.
-    #[error("the VFIO container supports no type1 IOMMU (is vfio_iommu_type1 loaded?)")]
     NoType1Iommu,
+    /// {name} failed: {error}
+    ///
     /// A VFIO ioctl failed.
-    #[error("{name} failed: {error}")]
     Ioctl {
         /// The ioctl.
         name: &'static str,
         /// The OS error.
         error: Errno,
     },
+    /// VFIO region {index} is missing or smaller than {needed} bytes (size {size})
+    ///
     /// A BAR region is absent or too small.
-    #[error("VFIO region {index} is missing or smaller than {needed} bytes (size {size})")]
     BadRegion {
         /// Region index.
         index: u32,
@@ -126,16 +137,18 @@ pub enum VfioError {
         /// Bytes needed.
         needed: u64,
     },
+    /// mapping VFIO region {index} failed: {error}
+    ///
     /// Mapping a region failed.
-    #[error("mapping VFIO region {index} failed: {error}")]
     Map {
         /// Region index.
         index: u32,
         /// The mapping error.
         error: MapError,
     },
+    /// accessing VFIO region {index} at {offset:#x} failed: {error}
+    ///
     /// A short or failed pread/pwrite on a region.
-    #[error("accessing VFIO region {index} at {offset:#x} failed: {error}")]
     RegionIo {
         /// Region index.
         index: u32,
