@@ -20,13 +20,16 @@ use crate::named::{DirectoryConfig, NamedConfig};
 pub const LIBVIRT_QEMU_CONF: &str = "/etc/libvirt/qemu.conf";
 
 /// An identity cannot be resolved.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum IdentityError {
+    /// no user {0:?} in /etc/passwd
+    ///
     /// No such user in `/etc/passwd`.
-    #[error("no user {0:?} in /etc/passwd")]
     NoUser(String),
+    /// no group {0:?} in /etc/group
+    ///
     /// No such group in `/etc/group`.
-    #[error("no group {0:?} in /etc/group")]
     NoGroup(String),
 }
 

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use ivshm_mem::{BackendKind, Pow2Policy};
+use ivshm_policy::name::MAX_NAME_LEN;
 use ivshm_proto::socket_path::{check_socket_path, SocketPathTooLong, MAX_SOCKET_PATH};
 use thiserror::Error;
 
@@ -18,9 +19,11 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 /// Default bound on notifications queued for a peer beyond its handshake.
 pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 16 * 1024;
 
+/// {0:?} is not an octal file mode (octal digits, at most 7777, e.g. 0750 or 600)
+///
 /// A text that is not an octal file mode.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("{0:?} is not an octal file mode (octal digits, at most 7777, e.g. 0750 or 600)")]
+#[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub struct FileModeError(pub String);
 
 /// Parses a file mode written in octal, as flags and the configuration file take it: octal
@@ -235,46 +238,54 @@ impl Default for MemoryConfig {
 }
 
 /// A configuration that cannot work.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum ConfigError {
+    /// no region to serve
+    ///
     /// No region was configured.
-    #[error("no region to serve")]
     NoRegions,
+    /// {0} vectors per peer: at most 64 are supported
+    ///
     /// More than 64 vectors.
-    #[error("{0} vectors per peer: at most 64 are supported")]
     Vectors(usize),
+    /// region size must be greater than zero
+    ///
     /// Size zero.
-    #[error("region size must be greater than zero")]
     ZeroSize,
+    /// socket mode {0:o} is not a file mode
+    ///
     /// Mode with bits outside 0o7777.
-    #[error("socket mode {0:o} is not a file mode")]
     Mode(u32),
+    /// the per-peer queue bound must be at least 1
+    ///
     /// Queue bound zero.
-    #[error("the per-peer queue bound must be at least 1")]
     ZeroQueueBound,
+    /// socket {0} is configured twice
+    ///
     /// Two regions on one socket.
-    #[error("socket {0} is configured twice")]
     DuplicateSocket(PathBuf),
+    /// peer limit {0} is not in 1..=65536
+    ///
     /// A peer limit of 0 or above 65536.
-    #[error("peer limit {0} is not in 1..=65536")]
     PeerLimit(usize),
+    /// region {0:?} is configured twice
+    ///
     /// Two named regions with one name.
-    #[error("region {0:?} is configured twice")]
     DuplicateRegion(String),
+    /// VM {0:?} is configured twice
+    ///
     /// Two VMs with one name.
-    #[error("VM {0:?} is configured twice")]
     DuplicateVm(String),
+    /// {0}
+    ///
     /// A socket path (a region's, the control socket's) does not fit in a socket address.
-    #[error(transparent)]
-    SocketPath(#[from] SocketPathTooLong),
+    SocketPath(SocketPathTooLong),
+    /// VM directory {dir} is {len} bytes long: a region socket in it (a name of up to
+    /// {MAX_NAME_LEN:} bytes and ".sock") could be {longest} bytes, more than the
+    /// {MAX_SOCKET_PATH:} bytes of a UNIX socket path (sun_path): use a shorter root or VM name
+    ///
     /// A VM directory whose path leaves too little room for its sockets' names.
-    #[error(
-        "VM directory {} is {len} bytes long: a region socket in it (a name of up to {} bytes \
-         and \".sock\") could be {longest} bytes, more than the {MAX_SOCKET_PATH} bytes of a \
-         UNIX socket path (sun_path): use a shorter root or VM name",
-        dir.display(),
-        ivshm_policy::name::MAX_NAME_LEN
-    )]
     VmDirectoryTooLong {
         /// The directory.
         dir: PathBuf,
@@ -283,6 +294,12 @@ pub enum ConfigError {
         /// The longest socket path in it.
         longest: usize,
     },
+}
+
+impl From<SocketPathTooLong> for ConfigError {
+    fn from(error: SocketPathTooLong) -> Self {
+        Self::SocketPath(error)
+    }
 }
 
 /// Fails when VM directory `dir` cannot hold a socket for every region name.

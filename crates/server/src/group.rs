@@ -36,24 +36,29 @@ impl FromStr for GroupSpec {
 }
 
 /// A group that cannot be resolved.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum GroupError {
+    /// empty group
+    ///
     /// Empty string.
-    #[error("empty group")]
     Empty,
+    /// group id {0} is out of range
+    ///
     /// Digits that do not fit a gid.
-    #[error("group id {0} is out of range")]
     BadId(String),
+    /// cannot read {path}: {error}
+    ///
     /// The group file could not be read.
-    #[error("cannot read {}: {error}", path.display())]
     Unreadable {
         /// The file.
         path: PathBuf,
         /// Why.
         error: std::io::Error,
     },
+    /// no group named {0:?} in /etc/group
+    ///
     /// No such group.
-    #[error("no group named {0:?} in /etc/group")]
     Unknown(String),
 }
 

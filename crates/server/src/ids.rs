@@ -47,9 +47,11 @@ impl std::fmt::Display for IdPolicy {
     }
 }
 
+/// id policy {0:?}: expected "increasing" or "lowest-free"
+///
 /// A word that names no id policy.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("id policy {0:?}: expected \"increasing\" or \"lowest-free\"")]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub struct UnknownIdPolicy(pub String);
 
 impl std::str::FromStr for IdPolicy {
@@ -102,9 +104,11 @@ impl std::fmt::Display for IdReuse {
     }
 }
 
+/// id reuse {0:?}: expected "safe" or "immediate"
+///
 /// A word that names no id reuse rule.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("id reuse {0:?}: expected \"safe\" or \"immediate\"")]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub struct UnknownIdReuse(pub String);
 
 impl std::str::FromStr for IdReuse {
@@ -171,8 +175,11 @@ impl IdAllocator {
 }
 
 /// No id may be given to a new peer: every id the region may give is in use or held back.
+///
+/// Its `Display` is written by hand, not as the doc comment (displaydoc): the message's words
+/// depend on whether any id is held back, and it prints id lists, which displaydoc's
+/// placeholders cannot compute.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}", describe_no_free_id(self))]
 pub struct NoFreeId {
     /// How many ids the region may give (its peer limit for `lowest-free`, 65536 for
     /// `increasing`).
@@ -184,6 +191,12 @@ pub struct NoFreeId {
     /// The connected peers that must leave before the first held id may be given again (they
     /// saw its holder leave), ascending.
     pub waiting_for: Vec<u16>,
+}
+
+impl std::fmt::Display for NoFreeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&describe_no_free_id(self))
+    }
 }
 
 fn describe_no_free_id(e: &NoFreeId) -> String {

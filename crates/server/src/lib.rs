@@ -90,40 +90,67 @@ pub use stats::{Stats, StatsSnapshot};
 pub use vm_dir::DirError;
 
 /// Errors that stop a server from starting or running.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum ServerError {
+    /// {0}
+    ///
     /// The configuration cannot work.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
+    Config(ConfigError),
+    /// region {region}: {error}
+    ///
     /// A region's memory could not be created.
-    #[error("region {region}: {error}")]
     Memory {
         /// The region.
         region: String,
         /// Why.
         error: ivshm_mem::BackendError,
     },
+    /// {0}
+    ///
     /// A listening socket could not be set up.
-    #[error(transparent)]
-    Listener(#[from] listener::ListenerError),
+    Listener(listener::ListenerError),
+    /// metrics listener on {address}: {error}
+    ///
     /// The metrics listener could not be opened.
-    #[error("metrics listener on {address}: {error}")]
     Metrics {
         /// The address asked for.
         address: String,
         /// Why.
         error: std::io::Error,
     },
+    /// event loop: {0}
+    ///
     /// The event loop failed.
-    #[error("event loop: {0}")]
     Epoll(rustix::io::Errno),
+    /// starting the server thread: {0}
+    ///
     /// The server thread could not start.
-    #[error("starting the server thread: {0}")]
     Thread(std::io::Error),
+    /// the server thread panicked
+    ///
     /// The server thread panicked.
-    #[error("the server thread panicked")]
     Panicked,
+    /// {0}
+    ///
     /// A VM directory or the socket root could not be set up.
-    #[error(transparent)]
-    Directory(#[from] DirError),
+    Directory(DirError),
+}
+
+impl From<ConfigError> for ServerError {
+    fn from(error: ConfigError) -> Self {
+        Self::Config(error)
+    }
+}
+
+impl From<listener::ListenerError> for ServerError {
+    fn from(error: listener::ListenerError) -> Self {
+        Self::Listener(error)
+    }
+}
+
+impl From<DirError> for ServerError {
+    fn from(error: DirError) -> Self {
+        Self::Directory(error)
+    }
 }

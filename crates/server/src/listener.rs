@@ -41,30 +41,37 @@ use crate::group::GroupError;
 const BACKLOG: i32 = 128;
 
 /// Errors setting up a listener.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum ListenerError {
+    /// {0} is in use: another server is listening on it
+    ///
     /// Another process listens on the path.
-    #[error("{0} is in use: another server is listening on it")]
     InUse(PathBuf),
+    /// {0} exists and is not a socket; refusing to remove it
+    ///
     /// The path exists and is not a socket.
-    #[error("{0} exists and is not a socket; refusing to remove it")]
     NotASocket(PathBuf),
+    /// cannot create socket {path}: directory {dir} does not exist (create it first)
+    ///
     /// The directory that should hold the socket does not exist.
-    #[error("cannot create socket {path}: directory {dir} does not exist (create it first)")]
     NoDirectory {
         /// The socket path.
         path: PathBuf,
         /// Its missing directory.
         dir: PathBuf,
     },
+    /// {0}
+    ///
     /// The path does not fit in a socket address.
-    #[error(transparent)]
-    PathTooLong(#[from] SocketPathTooLong),
+    PathTooLong(SocketPathTooLong),
+    /// socket group: {0}
+    ///
     /// The socket group could not be resolved.
-    #[error("socket group: {0}")]
     Group(GroupError),
+    /// {what} {path}: {errno}
+    ///
     /// A system call failed.
-    #[error("{what} {path}: {errno}")]
     Sys {
         /// What was being done.
         what: &'static str,
@@ -73,6 +80,12 @@ pub enum ListenerError {
         /// The error.
         errno: Errno,
     },
+}
+
+impl From<SocketPathTooLong> for ListenerError {
+    fn from(error: SocketPathTooLong) -> Self {
+        Self::PathTooLong(error)
+    }
 }
 
 impl From<GroupError> for ListenerError {

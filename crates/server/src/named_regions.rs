@@ -20,31 +20,49 @@ use crate::vms::Vms;
 use crate::ServerError;
 
 /// Why a reload changed nothing.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub(crate) enum ReloadError {
+    /// the server was not started from a configuration file
+    ///
     /// The server was not started from a configuration file.
-    #[error("the server was not started from a configuration file")]
     NoFile,
+    /// {0}
+    ///
     /// The file cannot be read or parsed.
-    #[error(transparent)]
-    File(#[from] FileConfigError),
+    File(FileConfigError),
+    /// {path}: {error}
+    ///
     /// The file's configuration cannot work.
-    #[error("{}: {error}", path.display())]
     Invalid {
         /// The file.
         path: PathBuf,
         /// What is wrong.
         error: ConfigError,
     },
+    /// {path}: no named configuration
+    ///
     /// The file configures no named regions.
-    #[error("{}: no named configuration", path.display())]
     NotNamed {
         /// The file.
         path: PathBuf,
     },
+    /// {0}
+    ///
     /// The socket root is no longer safe to work in.
-    #[error(transparent)]
-    Root(#[from] DirError),
+    Root(DirError),
+}
+
+impl From<FileConfigError> for ReloadError {
+    fn from(error: FileConfigError) -> Self {
+        Self::File(error)
+    }
+}
+
+impl From<DirError> for ReloadError {
+    fn from(error: DirError) -> Self {
+        Self::Root(error)
+    }
 }
 
 /// How a reload's list of changes marks a warning (a VM directory it left unreachable).

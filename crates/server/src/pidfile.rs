@@ -20,9 +20,11 @@ use thiserror::Error;
 
 use crate::dir_fd::{identity, Dir, Identity};
 
+/// cannot write pid file {path}: {error}
+///
 /// The pid file could not be written.
-#[derive(Debug, Error)]
-#[error("cannot write pid file {path}: {error}")]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub struct PidFileError {
     /// The file.
     pub path: PathBuf,

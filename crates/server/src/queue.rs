@@ -28,9 +28,11 @@ struct Outgoing {
     fd: Option<Arc<OwnedFd>>,
 }
 
+/// outgoing queue full ({limit} messages waiting): the peer stopped reading its socket
+///
 /// The queue already holds its maximum of notifications.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
-#[error("outgoing queue full ({limit} messages waiting): the peer stopped reading its socket")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub struct QueueFull {
     /// The bound.
     pub limit: usize,

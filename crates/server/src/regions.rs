@@ -36,48 +36,47 @@ use crate::ServerError;
 pub(crate) struct RegionId(usize);
 
 /// Why a named region could not be created.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub(crate) enum CreateError {
+    /// a region of that name exists
+    ///
     /// A region of that name exists.
-    #[error("a region of that name exists")]
     Exists,
+    /// a region of that name was removed and stays until its {count} connected peer(s) {peers:?}
+    /// leave; create it again after that (a configuration or factory create of the name makes the
+    /// kept region serve again, with the same memory)
+    ///
     /// A region of that name was removed and is kept for its connected peers: one name is
     /// one region, so no second one is made beside it.
-    #[error(
-        "a region of that name was removed and stays until its {} connected peer(s) {peers:?} \
-         leave; create it again after that (a configuration or factory create of the name \
-         makes the kept region serve again, with the same memory)",
-        peers.len()
-    )]
     Kept {
+        /// How many.
+        count: usize,
         /// The peers keeping it.
         peers: Vec<u16>,
     },
+    /// the server holds its limit of {limit} run-time regions (max_regions); remove one or raise
+    /// the limit
+    ///
     /// The server holds its limit of run-time regions.
-    #[error(
-        "the server holds its limit of {limit} run-time regions (max_regions); remove one or \
-         raise the limit"
-    )]
     TooMany {
         /// The limit (`max_regions`).
         limit: usize,
     },
+    /// VM {vm} holds its limit of {limit} region(s) made through its factory (max_regions); remove
+    /// one or raise the limit
+    ///
     /// The VM's factory has made as many regions as it may hold.
-    #[error(
-        "VM {vm} holds its limit of {limit} region(s) made through its factory (max_regions); \
-         remove one or raise the limit"
-    )]
     VmRegions {
         /// The VM.
         vm: String,
         /// Its limit.
         limit: usize,
     },
+    /// VM {vm}'s regions made through its factory hold {held} bytes; {size} more would pass its
+    /// limit of {limit} bytes (max_bytes)
+    ///
     /// The region would take the VM's factory-made regions past their byte limit.
-    #[error(
-        "VM {vm}'s regions made through its factory hold {held} bytes; {size} more would pass \
-         its limit of {limit} bytes (max_bytes)"
-    )]
     VmBytes {
         /// The VM.
         vm: String,
@@ -88,22 +87,39 @@ pub(crate) enum CreateError {
         /// The size asked for (after rounding).
         size: u64,
     },
+    /// {0}
+    ///
     /// The region's settings cannot work.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
+    Config(ConfigError),
+    /// {0}
+    ///
     /// The region's memory could not be created.
-    #[error(transparent)]
-    Memory(#[from] BackendError),
+    Memory(BackendError),
+}
+
+impl From<ConfigError> for CreateError {
+    fn from(error: ConfigError) -> Self {
+        Self::Config(error)
+    }
+}
+
+impl From<BackendError> for CreateError {
+    fn from(error: BackendError) -> Self {
+        Self::Memory(error)
+    }
 }
 
 /// Why a socket could not be added to a region.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub(crate) enum AddSocketError {
+    /// the region is gone
+    ///
     /// The region is gone.
-    #[error("the region is gone")]
     NoRegion,
+    /// cannot watch the socket: {0}
+    ///
     /// The event loop could not watch the socket.
-    #[error("cannot watch the socket: {0}")]
     Watch(Errno),
 }
 
@@ -292,8 +308,10 @@ impl Regions {
         }
         if let Some(id) = self.find_kept(config.name.as_str()) {
             let peers = self.regions.get(&id).map(Region::peer_ids);
+            let peers = peers.unwrap_or_default();
             return Err(CreateError::Kept {
-                peers: peers.unwrap_or_default(),
+                count: peers.len(),
+                peers,
             });
         }
         if origin.is_run_time() {

@@ -22,26 +22,29 @@ use thiserror::Error;
 pub const NOTIFY_SOCKET_ENV: &str = "NOTIFY_SOCKET";
 
 /// The notification socket cannot be used.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum NotifyError {
+    /// NOTIFY_SOCKET={0:?} is not supported (an absolute path or an @abstract name is needed)
+    ///
     /// `$NOTIFY_SOCKET` is neither an absolute path nor an `@` abstract name.
-    #[error(
-        "NOTIFY_SOCKET={0:?} is not supported (an absolute path or an @abstract name is needed)"
-    )]
     Unsupported(String),
+    /// NOTIFY_SOCKET={address:?}: {error}
+    ///
     /// The address does not fit a unix socket address.
-    #[error("NOTIFY_SOCKET={address:?}: {error}")]
     Address {
         /// The address.
         address: String,
         /// Why.
         error: rustix::io::Errno,
     },
+    /// creating the notification socket: {0}
+    ///
     /// The datagram socket could not be created.
-    #[error("creating the notification socket: {0}")]
     Socket(rustix::io::Errno),
+    /// notifying the service manager at {address}: {error}
+    ///
     /// Sending failed.
-    #[error("notifying the service manager at {address}: {error}")]
     Send {
         /// Where it was sent.
         address: String,

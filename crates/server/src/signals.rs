@@ -14,13 +14,16 @@ use thiserror::Error;
 use crate::server::{Control, ControlAction};
 
 /// Installing the handlers failed.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum SignalError {
+    /// creating a signal pipe: {0}
+    ///
     /// A pipe could not be created.
-    #[error("creating a signal pipe: {0}")]
     Pipe(rustix::io::Errno),
+    /// installing a signal handler: {0}
+    ///
     /// `sigaction` failed.
-    #[error("installing a signal handler: {0}")]
     Register(std::io::Error),
 }
 

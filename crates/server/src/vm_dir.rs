@@ -31,63 +31,84 @@ use crate::group::GroupError;
 use crate::listener::{probe, Listener, ListenerError, Probe, SocketPerms};
 use crate::named::{is_vm_socket_name, DirectoryConfig};
 
+/// Which directory a [`DirError::Writable`] is about; its `Display` ends that message's advice
+/// (a parent may instead be made sticky, the root itself may not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WritableDir {
+    /// The socket root.
+    Root,
+    /// A parent of the socket root.
+    Parent,
+}
+
+impl std::fmt::Display for WritableDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Root => Ok(()),
+            Self::Parent => f.write_str(" or make it sticky (chmod +t)"),
+        }
+    }
+}
+
 /// The socket root or a VM directory cannot be set up.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum DirError {
+    /// {path}: {error}
+    ///
     /// The socket root's path cannot be made absolute (factory answers carry absolute paths).
-    #[error("{}: {error}", path.display())]
     Absolute {
         /// The socket root as configured.
         path: PathBuf,
         /// Why.
         error: io::Error,
     },
+    /// creating {path}: {error}
+    ///
     /// Creating the socket root failed.
-    #[error("creating {}: {error}", path.display())]
     CreateRoot {
         /// The socket root.
         path: PathBuf,
         /// Why.
         error: io::Error,
     },
+    /// creating {path}: {error}
+    ///
     /// Creating a VM directory failed.
-    #[error("creating {}: {error}", path.display())]
     Create {
         /// The directory.
         path: PathBuf,
         /// Why.
         error: Errno,
     },
+    /// opening {path}: {error}
+    ///
     /// Opening the socket root or a VM directory failed.
-    #[error("opening {}: {error}", path.display())]
     Open {
         /// The directory.
         path: PathBuf,
         /// Why.
         error: Errno,
     },
+    /// {path} is a symbolic link; refusing to follow it (the server would create sockets and change
+    /// owners and modes wherever it points): replace it with a directory
+    ///
     /// The socket root or a VM directory is a symbolic link.
-    #[error(
-        "{} is a symbolic link; refusing to follow it (the server would create sockets and \
-         change owners and modes wherever it points): replace it with a directory",
-        path.display()
-    )]
     Symlink {
         /// The link.
         path: PathBuf,
     },
+    /// {path} exists and is not a directory
+    ///
     /// The VM directory's path exists and is not a directory.
-    #[error("{} exists and is not a directory", path.display())]
     NotADirectory {
         /// The path.
         path: PathBuf,
     },
+    /// {path} is owned by uid {uid}, not by {expected}: its owner could replace the server's
+    /// directories with links; make it {expected}'s or choose another root
+    ///
     /// The socket root (or one of its parents) belongs to another user.
-    #[error(
-        "{} is owned by uid {uid}, not by {expected}: its owner could replace the server's \
-         directories with links; make it {expected}'s or choose another root",
-        path.display()
-    )]
     Owner {
         /// The directory.
         path: PathBuf,
@@ -96,64 +117,70 @@ pub enum DirError {
         /// Who should own it.
         expected: String,
     },
+    /// {path} is writable by its group or others (mode {mode:04o}): they could replace the server's
+    /// directories with links; remove the write permission (chmod go-w){which}
+    ///
     /// The socket root (or one of its parents) is writable by others.
-    #[error(
-        "{} is writable by its group or others (mode {mode:04o}): they could replace the \
-         server's directories with links; remove the write permission (chmod go-w){sticky}",
-        path.display(),
-        sticky = if *.parent { " or make it sticky (chmod +t)" } else { "" }
-    )]
     Writable {
         /// The directory.
         path: PathBuf,
         /// Its mode.
         mode: u32,
-        /// Whether it is a parent of the root (a sticky parent is safe).
-        parent: bool,
+        /// The root or a parent of it (a sticky parent is safe).
+        which: WritableDir,
     },
+    /// {path} is no longer the directory the server started with (it was removed or replaced);
+    /// restart the server
+    ///
     /// The socket root is not the directory the server started with.
-    #[error(
-        "{} is no longer the directory the server started with (it was removed or replaced); \
-         restart the server",
-        path.display()
-    )]
     RootReplaced {
         /// The socket root.
         path: PathBuf,
     },
+    /// {path} is no longer the socket the server bound; left alone
+    ///
     /// A socket's name no longer names the socket the server bound (replaced or a link).
-    #[error("{} is no longer the socket the server bound; left alone", path.display())]
     Replaced {
         /// The path.
         path: PathBuf,
     },
+    /// group of {path}: {error}
+    ///
     /// The directory's group cannot be resolved.
-    #[error("group of {}: {error}", path.display())]
     Group {
         /// The directory.
         path: PathBuf,
         /// Why.
         error: GroupError,
     },
+    /// changing owner of {path}: {error}
+    ///
     /// Changing the owner of a directory failed.
-    #[error("changing owner of {}: {error}", path.display())]
     ChangeOwner {
         /// The directory.
         path: PathBuf,
         /// Why.
         error: Errno,
     },
+    /// changing mode of {path}: {error}
+    ///
     /// Changing the mode of a directory failed.
-    #[error("changing mode of {}: {error}", path.display())]
     Mode {
         /// The directory.
         path: PathBuf,
         /// Why.
         error: Errno,
     },
+    /// {0}
+    ///
     /// A socket in a VM directory cannot be bound.
-    #[error(transparent)]
-    Socket(#[from] ListenerError),
+    Socket(ListenerError),
+}
+
+impl From<ListenerError> for DirError {
+    fn from(error: ListenerError) -> Self {
+        Self::Socket(error)
+    }
 }
 
 /// `root` made absolute, if it can be (for comparing a reloaded root with the one in use).
@@ -285,7 +312,7 @@ fn check_own(path: &Path, stat: &Stat) -> Result<(), DirError> {
         return Err(DirError::Writable {
             path: path.to_path_buf(),
             mode: stat.st_mode & 0o7777,
-            parent: false,
+            which: WritableDir::Root,
         });
     }
     Ok(())
@@ -324,7 +351,7 @@ fn check_parents(parent: &Path) -> Result<(), DirError> {
                 return Err(DirError::Writable {
                     path: dir.to_path_buf(),
                     mode: stat.st_mode & 0o7777,
-                    parent: true,
+                    which: WritableDir::Parent,
                 });
             }
         }

@@ -17,22 +17,38 @@ use crate::vm_dir::{DirError, SocketRoot, VmDirectory};
 use crate::ServerError;
 
 /// Why a region's socket could not be added to a VM directory.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub(crate) enum VmSocketError {
+    /// {0}
+    ///
     /// The socket could not be bound in the directory.
-    #[error(transparent)]
-    Dir(#[from] DirError),
+    Dir(DirError),
+    /// {0}
+    ///
     /// The region did not take it.
-    #[error(transparent)]
-    Region(#[from] AddSocketError),
+    Region(AddSocketError),
+    /// VM {vm} has no name for region {region}
+    ///
     /// The VM's policy gives the region no name (so no socket).
-    #[error("VM {vm} has no name for region {region}")]
     NoName {
         /// The VM.
         vm: String,
         /// The region.
         region: String,
     },
+}
+
+impl From<DirError> for VmSocketError {
+    fn from(error: DirError) -> Self {
+        Self::Dir(error)
+    }
+}
+
+impl From<AddSocketError> for VmSocketError {
+    fn from(error: AddSocketError) -> Self {
+        Self::Region(error)
+    }
 }
 
 impl VmSocketError {
