@@ -28,18 +28,21 @@ pub const VFIO_MODULES: &[&str] = &[
 ];
 
 /// Something a guest needs is missing.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum AssetsError {
+    /// {what} not found at {path} (run scripts/install-deps and scripts/guest-assets)
+    ///
     /// A file is not where it should be.
-    #[error("{what} not found at {path} (run scripts/install-deps and scripts/guest-assets)")]
     Missing {
         /// What the file is.
         what: &'static str,
         /// Where it was looked for.
         path: PathBuf,
     },
+    /// {QEMU_PROGRAM:} not found on PATH (run scripts/install-deps)
+    ///
     /// QEMU is not on `PATH`.
-    #[error("{QEMU_PROGRAM} not found on PATH (run scripts/install-deps)")]
     NoQemu,
 }
 

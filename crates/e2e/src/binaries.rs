@@ -20,26 +20,30 @@ pub const CLI_PACKAGE: &str = "ivshm-cli";
 pub const IVSHM_BIN: &str = "ivshm";
 
 /// A build failed.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum BuildError {
+    /// cannot run {what}: {message}
+    ///
     /// `cargo` could not be started or the lock file could not be taken.
-    #[error("cannot run {what}: {message}")]
     Io {
         /// What was being done.
         what: String,
         /// The I/O error, as text (so the error can be cached and cloned).
         message: String,
     },
+    /// `{command}` failed with {status}
+    ///
     /// `cargo build` failed.
-    #[error("`{command}` failed with {status}")]
     Failed {
         /// The command line.
         command: String,
         /// Its exit status.
         status: String,
     },
+    /// built, but {0} does not exist
+    ///
     /// The build succeeded but the binary is not where expected.
-    #[error("built, but {0} does not exist")]
     NotFound(PathBuf),
 }
 

@@ -29,10 +29,12 @@ pub const SHELL_EXITED_MARKER: &str = "IVSHM-E2E-SHELL-EXITED";
 const PRUNE_AFTER: Duration = Duration::from_secs(3600);
 
 /// Building the initramfs failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum InitramfsError {
+    /// {what} {path}: {error}
+    ///
     /// Reading an input file or writing the image failed.
-    #[error("{what} {path}: {error}")]
     Io {
         /// What was being done.
         what: &'static str,
@@ -41,8 +43,9 @@ pub enum InitramfsError {
         /// The underlying error.
         error: std::io::Error,
     },
+    /// guest path {0:?} must be absolute and must not contain `..`
+    ///
     /// A guest path is not absolute or contains `..`.
-    #[error("guest path {0:?} must be absolute and must not contain `..`")]
     BadGuestPath(String),
 }
 

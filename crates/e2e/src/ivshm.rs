@@ -9,22 +9,38 @@ use crate::binaries::{self, BuildError};
 use crate::host::{self, HostError, HostProcess, Stream};
 
 /// Something went wrong running `ivshm` on the host.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum IvshmError {
+    /// {0}
+    ///
     /// Building the host `ivshm` failed.
-    #[error(transparent)]
-    Build(#[from] BuildError),
+    Build(BuildError),
+    /// {0}
+    ///
     /// The process failed or did not print what was expected.
-    #[error(transparent)]
-    Host(#[from] HostError),
+    Host(HostError),
+    /// unexpected output from ivshm {what}: {line:?}
+    ///
     /// A line did not have the documented form.
-    #[error("unexpected output from ivshm {what}: {line:?}")]
     Parse {
         /// Which command.
         what: &'static str,
         /// The line.
         line: String,
     },
+}
+
+impl From<BuildError> for IvshmError {
+    fn from(error: BuildError) -> Self {
+        Self::Build(error)
+    }
+}
+
+impl From<HostError> for IvshmError {
+    fn from(error: HostError) -> Self {
+        Self::Host(error)
+    }
 }
 
 /// A `Command` for the host `ivshm` (built on first use) with `args`.

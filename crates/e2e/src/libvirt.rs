@@ -43,21 +43,25 @@ pub const QEMU_USER: &str = "libvirt-qemu";
 const DAEMON_START: Duration = Duration::from_secs(120);
 
 /// Something about libvirt failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum LibvirtError {
+    /// {0} (run scripts/install-deps)
+    ///
     /// A program or user libvirt needs is not there.
-    #[error("{0} (run scripts/install-deps)")]
     Missing(String),
+    /// {what}: {error}
+    ///
     /// Running a program failed.
-    #[error("{what}: {error}")]
     Io {
         /// What was done.
         what: String,
         /// Why it failed.
         error: std::io::Error,
     },
+    /// virsh {args}: exit status {status}: {output}
+    ///
     /// A `virsh` command failed.
-    #[error("virsh {args}: exit status {status}: {output}")]
     Virsh {
         /// Its arguments.
         args: String,
@@ -66,12 +70,20 @@ pub enum LibvirtError {
         /// What it printed.
         output: String,
     },
+    /// {0}
+    ///
     /// A daemon did not come up.
-    #[error("{0}")]
     Daemon(String),
+    /// {0}
+    ///
     /// The guest's console or initramfs.
-    #[error(transparent)]
-    Guest(#[from] QemuError),
+    Guest(QemuError),
+}
+
+impl From<QemuError> for LibvirtError {
+    fn from(error: QemuError) -> Self {
+        Self::Guest(error)
+    }
 }
 
 fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LibvirtError {

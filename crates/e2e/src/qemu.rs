@@ -34,16 +34,20 @@ use crate::{orphan, workspace};
 const TAIL_LINES: usize = 40;
 
 /// Something went wrong with a guest. Messages include the serial log path and its tail.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum QemuError {
+    /// {0}
+    ///
     /// Building the initramfs failed.
-    #[error(transparent)]
-    Initramfs(#[from] InitramfsError),
+    Initramfs(InitramfsError),
+    /// {0}
+    ///
     /// Building the static `ivshm` for the guest failed.
-    #[error(transparent)]
-    Build(#[from] BuildError),
+    Build(BuildError),
+    /// guest {guest}: {what}: {error}
+    ///
     /// Starting QEMU, writing the log or talking to its console failed.
-    #[error("guest {guest}: {what}: {error}")]
     Io {
         /// The guest's name.
         guest: String,
@@ -52,8 +56,12 @@ pub enum QemuError {
         /// The underlying error.
         error: std::io::Error,
     },
+    /// guest {guest}: timed out after {timeout:?} waiting for {what}
+    ///
     /// A wait timed out.
-    #[error("guest {guest}: timed out after {timeout:?} waiting for {what}\n{context}")]
+    /// Then, after a line break, `{context}`. A doc comment cannot hold the line break, so
+    /// `#[displaydoc]` gives the message.
+    #[displaydoc("guest {guest}: timed out after {timeout:?} waiting for {what}\n{context}")]
     Timeout {
         /// The guest's name.
         guest: String,
@@ -64,8 +72,12 @@ pub enum QemuError {
         /// Log path and tail.
         context: String,
     },
+    /// guest {guest}: QEMU exited ({status}) while waiting for {what}
+    ///
     /// QEMU exited while something was awaited.
-    #[error("guest {guest}: QEMU exited ({status}) while waiting for {what}\n{context}")]
+    /// Then, after a line break, `{context}`. A doc comment cannot hold the line break, so
+    /// `#[displaydoc]` gives the message.
+    #[displaydoc("guest {guest}: QEMU exited ({status}) while waiting for {what}\n{context}")]
     Exited {
         /// The guest's name.
         guest: String,
@@ -76,8 +88,12 @@ pub enum QemuError {
         /// Log path and tail.
         context: String,
     },
+    /// guest {guest}: boot step failed: {errors}
+    ///
     /// `/init` reported a failed boot step (e.g. `insmod`).
-    #[error("guest {guest}: boot step failed: {errors}\n{context}")]
+    /// Then, after a line break, `{context}`. A doc comment cannot hold the line break, so
+    /// `#[displaydoc]` gives the message.
+    #[displaydoc("guest {guest}: boot step failed: {errors}\n{context}")]
     BootStep {
         /// The guest's name.
         guest: String,
@@ -86,8 +102,12 @@ pub enum QemuError {
         /// Log path and tail.
         context: String,
     },
+    /// guest {guest}: `{command}` exited with status {status}; output:
+    ///
     /// A command run with [`QemuGuest::run_ok`] exited non-zero.
-    #[error("guest {guest}: `{command}` exited with status {status}; output:\n{output}")]
+    /// Then, after a line break, `{output}`. A doc comment cannot hold the line break, so
+    /// `#[displaydoc]` gives the message.
+    #[displaydoc("guest {guest}: `{command}` exited with status {status}; output:\n{output}")]
     CommandFailed {
         /// The guest's name.
         guest: String,
@@ -98,8 +118,9 @@ pub enum QemuError {
         /// What it printed.
         output: String,
     },
+    /// guest {guest}: unexpected output from `{command}`: {output:?}
+    ///
     /// Output from the guest did not have the expected form.
-    #[error("guest {guest}: unexpected output from `{command}`: {output:?}")]
     UnexpectedOutput {
         /// The guest's name.
         guest: String,
@@ -108,6 +129,18 @@ pub enum QemuError {
         /// What it printed.
         output: String,
     },
+}
+
+impl From<InitramfsError> for QemuError {
+    fn from(error: InitramfsError) -> Self {
+        Self::Initramfs(error)
+    }
+}
+
+impl From<BuildError> for QemuError {
+    fn from(error: BuildError) -> Self {
+        Self::Build(error)
+    }
 }
 
 /// The emulated machine.

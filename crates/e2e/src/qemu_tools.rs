@@ -20,11 +20,11 @@ pub const SERVER: &str = "ivshmem-server";
 /// QEMU's client program.
 pub const CLIENT: &str = "ivshmem-client";
 
+/// QEMU's {program} not found at {path} (run scripts/qemu-ivshmem-tools, or set {QEMU_TOOLS_ENV:})
+///
 /// The reference programs are missing.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "QEMU's {program} not found at {path} (run scripts/qemu-ivshmem-tools, or set {QEMU_TOOLS_ENV})"
-)]
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub struct MissingTool {
     /// Which program.
     pub program: &'static str,
