@@ -26,17 +26,33 @@ use thiserror::Error;
 use crate::peer_table::{MessageError, PeerTable};
 
 /// Why a handshake failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum HandshakeError {
+    /// {0}
+    ///
     /// The version or id message was wrong, or a later message was not valid v0.
-    #[error(transparent)]
-    Protocol(#[from] ProtocolError),
+    Protocol(ProtocolError),
+    /// {0}
+    ///
     /// A message that QEMU's device rejects during setup.
-    #[error(transparent)]
-    Message(#[from] MessageError),
+    Message(MessageError),
+    /// handshake already finished
+    ///
     /// The machine was fed after it had completed or failed.
-    #[error("handshake already finished")]
     Finished,
+}
+
+impl From<ProtocolError> for HandshakeError {
+    fn from(error: ProtocolError) -> Self {
+        Self::Protocol(error)
+    }
+}
+
+impl From<MessageError> for HandshakeError {
+    fn from(error: MessageError) -> Self {
+        Self::Message(error)
+    }
 }
 
 /// Where the handshake is.

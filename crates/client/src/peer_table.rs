@@ -33,34 +33,46 @@ use thiserror::Error;
 use crate::events::PeerEvent;
 
 /// A message the table could not apply. The message's fd, if any, has been closed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum MessageError {
+    /// {0}
+    ///
     /// Not a valid v0 message (value out of range, `-1` without an fd).
-    #[error(transparent)]
-    Protocol(#[from] ProtocolError),
+    Protocol(ProtocolError),
+    /// server sent unexpected shared memory message
+    ///
     /// A second shared-memory message (QEMU: "server sent unexpected shared memory message").
-    #[error("server sent unexpected shared memory message")]
     UnexpectedSharedMemory,
+    /// server announced that our own id {id} left
+    ///
     /// The server said that we ourselves left (QEMU: "invalid peer").
-    #[error("server announced that our own id {id} left")]
     OwnIdGone {
         /// Our own id.
         id: u16,
     },
+    /// server announced that unknown peer {id} left
+    ///
     /// The server said a peer left that we never heard of.
-    #[error("server announced that unknown peer {id} left")]
     UnknownPeerGone {
         /// The unknown id.
         id: u16,
     },
+    /// too many eventfds received for peer {id}: at most {max} vectors, extra fd closed
+    ///
     /// More eventfds for one peer than the maximum; the extra fd was closed.
-    #[error("too many eventfds received for peer {id}: at most {max} vectors, extra fd closed")]
     TooManyVectors {
         /// Whose vector it was (possibly our own id).
         id: u16,
         /// The maximum in force.
         max: usize,
     },
+}
+
+impl From<ProtocolError> for MessageError {
+    fn from(error: ProtocolError) -> Self {
+        Self::Protocol(error)
+    }
 }
 
 impl MessageError {
