@@ -66,11 +66,21 @@ pub struct ChannelArgs {
     /// Seconds the idle receiver is watched (0.01 to 3600).
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = idle_seconds)]
     pub idle_seconds: f64,
-    /// Ring size of the round-trip channels (a size, a power of two from 4K to 64M). The
-    /// throughput channels use rings of four messages (4 MiB for 1 MiB messages) or this size,
-    /// whichever is larger.
+    /// Ring size of the round-trip channels (a size, a power of two from 4K to 64M).
     #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = ring_size)]
     pub ring_size: u32,
+    /// Smallest ring of the throughput channels (a size, a power of two from 4K to 64M): a
+    /// ring is this size or four messages (three in flight), whichever is larger: 1 MiB for 64
+    /// KiB messages and 4 MiB for 1 MiB messages by default. The hand-over reference gets as
+    /// many chunks in flight.
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = ring_size)]
+    pub throughput_ring: u32,
+    /// Run the two measuring threads under `SCHED_FIFO` (root or `CAP_SYS_NICE`): other
+    /// programs on the machine cannot preempt them, so the figures show the hardware rather
+    /// than the scheduler. They hold their CPUs while they spin (the kernel keeps 5% of each
+    /// CPU for everything else).
+    #[arg(long)]
+    pub realtime: bool,
     /// The doorbell under the channel: `local` (eventfds of a `LocalBus`) or `peer` (two host
     /// peers of an in-process ivshm server, `ivshm_client::PeerDoorbell`).
     #[arg(long, value_enum, default_value_t = DoorbellKind::Local)]
@@ -105,6 +115,48 @@ fn ring_size(s: &str) -> Result<u32, String> {
     }
 }
 
+/// Where the two threads of every variant run, and at which priority.
+#[derive(Debug, Clone, Copy)]
+struct Threads {
+    cpus: Option<(usize, usize)>,
+    realtime: bool,
+}
+
+impl Threads {
+    /// Moves the calling thread to the first (`0`) or the second (`1`) thread's CPU and, with
+    /// `--realtime`, under `SCHED_FIFO`. Best effort, as `pin_to` (`channel` checked once that
+    /// the priority can be had).
+    fn enter(&self, which: usize) {
+        if let Some((a, b)) = self.cpus {
+            pin_to(if which == 0 { a } else { b });
+        }
+        if self.realtime {
+            if let Err(e) = set_realtime(true) {
+                tracing::warn!("could not run a benchmark thread under SCHED_FIFO: {e}");
+            }
+        }
+    }
+}
+
+/// Puts the calling thread under `SCHED_FIFO` at the lowest real-time priority (`true`), or
+/// back under `SCHED_OTHER`. Through `libc`: rustix has no `sched_setscheduler`.
+fn set_realtime(on: bool) -> std::io::Result<()> {
+    let (policy, priority) = if on {
+        (libc::SCHED_FIFO, 1)
+    } else {
+        (libc::SCHED_OTHER, 0)
+    };
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: `param` is a valid `sched_param` that outlives the call; pid 0 is the calling
+    // thread; the call reads nothing else of ours.
+    if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Round trips per timed sample (the clock costs ~20 ns, as much as a tenth of a round trip).
 const BATCH: usize = 50;
 /// Alternating blocks per comparison.
@@ -126,27 +178,34 @@ pub struct RoundTrips {
     pub references: Vec<(String, Summary)>,
 }
 
-/// A throughput comparison (bytes per second, medians of blocks).
+/// A throughput comparison: every variant with its figures (medians over blocks).
 #[derive(Debug, Clone)]
 pub struct Throughput {
     /// Message size.
     pub size: usize,
-    /// Ring size of the channel.
+    /// Ring size of the channels.
     pub ring: u32,
-    /// The channel with the default spin budget.
-    pub channel: f64,
-    /// The channel busy-polling (`None` on one CPU).
-    pub busy_poll: Option<f64>,
-    /// Single-thread memcpy.
+    /// Messages of this size the ring holds at once (also the hand-over's chunks in flight).
+    pub in_flight: usize,
+    /// Single-thread memcpy, bytes per second (issue 8's reference).
     pub memcpy: f64,
-    /// Two threads handing chunks over through shared memory (`None` on one CPU), and how
-    /// many chunks were in flight.
-    pub handoff: Option<(f64, usize)>,
-    /// The ratios printed: for each, the median over blocks of the ratio of the two variants'
-    /// figures in one block (measured back to back, so that a burst of load on the machine
-    /// weighs on both): channel / memcpy, busy-poll / memcpy, channel / hand-over, busy-poll /
-    /// hand-over.
-    pub ratios: [Option<f64>; 4],
+    /// The other variants, references first, then the channel's.
+    pub variants: Vec<Variant>,
+}
+
+/// One variant of a throughput comparison.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    /// What is measured.
+    pub what: String,
+    /// Bytes per second.
+    pub rate: f64,
+    /// The median over blocks of its rate over memcpy's in the same block (measured back to
+    /// back, so that a burst of load on the machine weighs on both).
+    pub vs_memcpy: Option<f64>,
+    /// For the channel: the same against the best a copying channel can do here (two copies
+    /// on one CPU with `--placement same`, the hand-over between two CPUs otherwise).
+    pub vs_ceiling: Option<(&'static str, f64)>,
 }
 
 /// Result of `bench channel`.
@@ -168,6 +227,8 @@ pub struct ChannelReport {
     pub ring: u32,
     /// The doorbell used.
     pub doorbell: DoorbellKind,
+    /// The measuring threads ran under `SCHED_FIFO`.
+    pub realtime: bool,
 }
 
 fn gbps(bytes_per_s: f64) -> String {
@@ -178,13 +239,14 @@ impl ChannelReport {
     /// The printed report.
     pub fn lines(&self) -> Vec<String> {
         let mut out = vec![format!(
-            "channel bench: {} round trips per variant (samples of {BATCH}), alternating blocks; {}; \
+            "channel bench: {} round trips per variant (samples of {BATCH}), alternating blocks; {}{}; \
              {} doorbell; round-trip rings of {} KiB",
             self.rounds,
             match self.pinned {
                 Some((a, b)) => format!("threads on CPUs {a} and {b}"),
                 None => "threads not pinned".into(),
             },
+            if self.realtime { " under SCHED_FIFO" } else { "" },
             match self.doorbell {
                 DoorbellKind::Local => "LocalDoorbell (eventfd)",
                 DoorbellKind::Peer => "PeerDoorbell (ivshm-server host peers)",
@@ -213,31 +275,24 @@ impl ChannelReport {
             out.push(format!("busy-poll variants skipped: {why}"));
         }
         for t in &self.throughput {
-            let mut line = format!(
-                "throughput {} KiB messages (ring {} KiB): channel {}",
+            out.push(format!(
+                "throughput {} KiB messages (ring {} KiB, {} messages in flight): single-thread \
+                 memcpy {}",
                 t.size >> 10,
                 t.ring >> 10,
-                gbps(t.channel)
-            );
-            if let Some(b) = t.busy_poll {
-                line += &format!(", busy-poll {}", gbps(b));
+                t.in_flight,
+                gbps(t.memcpy)
+            ));
+            for v in &t.variants {
+                let mut line = format!("  {}: {}", v.what, gbps(v.rate));
+                if let Some(r) = v.vs_memcpy {
+                    line += &format!(", {r:.2}x memcpy");
+                }
+                if let Some((name, r)) = v.vs_ceiling {
+                    line += &format!(", {r:.2}x {name}");
+                }
+                out.push(line);
             }
-            let r = |i: usize| t.ratios[i].map_or("-".into(), |r| format!("{r:.2}x"));
-            line += &format!(" | single-thread memcpy {}: ratio {}", gbps(t.memcpy), r(0));
-            if t.busy_poll.is_some() {
-                line += &format!(" (busy-poll {})", r(1));
-            }
-            if let Some((h, slots)) = t.handoff {
-                line += &format!(
-                    " | two threads handing {} KiB chunks over through shared memory \
-                     ({slots} in flight) {}: ratio {} (busy-poll {})",
-                    t.size >> 10,
-                    gbps(h),
-                    r(2),
-                    r(3)
-                );
-            }
-            out.push(line);
         }
         out.push(format!(
             "idle receiver (default spin budget, then blocked in recv): {} of CPU in {:.2} s",
@@ -334,10 +389,10 @@ fn channel_pair(
     Ok((x, y, backing))
 }
 
-/// Runs `rounds` round trips: `pong` in a thread on `cpus.1`, `ping` here (pinned to `cpus.0`
+/// Runs `rounds` round trips: `pong` in a thread on the second CPU, `ping` here (on the first
 /// for the duration), timing batches of [`BATCH`]; pushes per-round-trip samples.
 fn round_trips<P, Q>(
-    cpus: Option<(usize, usize)>,
+    th: Threads,
     rounds: usize,
     samples: &mut Vec<Duration>,
     mut ping: P,
@@ -349,19 +404,20 @@ where
 {
     let batches = rounds.div_ceil(BATCH);
     let total = batches * BATCH;
+    // The other thread starts where this one runs: under `--realtime` it must have moved to
+    // its CPU before this one spins (a real-time thread is never preempted by its equal).
+    let started = Barrier::new(2);
     std::thread::scope(|s| -> anyhow::Result<()> {
-        let t = s.spawn(move || -> anyhow::Result<()> {
-            if let Some((_, cpu)) = cpus {
-                pin_to(cpu);
-            }
+        let t = s.spawn(|| -> anyhow::Result<()> {
+            th.enter(1);
+            started.wait();
             for _ in 0..total {
                 pong()?;
             }
             Ok(())
         });
-        if let Some((cpu, _)) = cpus {
-            pin_to(cpu);
-        }
+        started.wait();
+        th.enter(0);
         for _ in 0..batches {
             let t = Instant::now();
             for _ in 0..BATCH {
@@ -392,7 +448,7 @@ type Reference<'a> = Box<dyn FnMut(usize, &mut Vec<Duration>) -> anyhow::Result<
 /// blocks.
 fn compare(
     a: &ChannelArgs,
-    cpus: Option<(usize, usize)>,
+    th: Threads,
     spin: Spin,
     mut references: Vec<Reference<'_>>,
 ) -> anyhow::Result<(Summary, Vec<Summary>)> {
@@ -410,7 +466,7 @@ fn compare(
         let mut buf_x = [0u8; 64];
         let mut buf_y = [0u8; 64];
         round_trips(
-            cpus,
+            th,
             per_block,
             if block == 0 { &mut scratch } else { &mut chan },
             || {
@@ -436,15 +492,11 @@ fn compare(
 }
 
 /// Two threads ping-pong one flag on one cache line.
-fn cache_line_floor(
-    cpus: Option<(usize, usize)>,
-    rounds: usize,
-    samples: &mut Vec<Duration>,
-) -> anyhow::Result<()> {
+fn cache_line_floor(th: Threads, rounds: usize, samples: &mut Vec<Duration>) -> anyhow::Result<()> {
     let line = Line(AtomicU64::new(0));
     let (mut i, mut j) = (0u64, 0u64);
     round_trips(
-        cpus,
+        th,
         rounds,
         samples,
         || {
@@ -465,14 +517,14 @@ fn cache_line_floor(
 /// Two threads ping-pong with one flag line per direction (each writes its own, reads the
 /// other's).
 fn line_per_direction_floor(
-    cpus: Option<(usize, usize)>,
+    th: Threads,
     rounds: usize,
     samples: &mut Vec<Duration>,
 ) -> anyhow::Result<()> {
     let (ping_line, pong_line) = (Line(AtomicU64::new(0)), Line(AtomicU64::new(0)));
     let (mut i, mut j) = (0u64, 0u64);
     round_trips(
-        cpus,
+        th,
         rounds,
         samples,
         || {
@@ -491,14 +543,14 @@ fn line_per_direction_floor(
 }
 
 fn eventfd_floor(
-    cpus: Option<(usize, usize)>,
+    th: Threads,
     rounds: usize,
     samples: &mut Vec<Duration>,
     fds: &(OwnedFd, OwnedFd),
 ) -> anyhow::Result<()> {
     let (to_pong, to_ping) = fds;
     round_trips(
-        cpus,
+        th,
         rounds,
         samples,
         || {
@@ -512,10 +564,10 @@ fn eventfd_floor(
     )
 }
 
-/// Runs `send` for `n` messages here (on `cpus.0`) and `recv` for as many in a thread (on
-/// `cpus.1`), started together; returns the bytes per second for `n * size` bytes.
+/// Runs `send` for `n` messages here (on the first CPU) and `recv` for as many in a thread (on
+/// the second), started together; returns the bytes per second for `n * size` bytes.
 fn two_threads<S, R>(
-    cpus: Option<(usize, usize)>,
+    th: Threads,
     n: u64,
     size: usize,
     mut send: S,
@@ -528,19 +580,15 @@ where
     let barrier = Barrier::new(2);
     let elapsed = std::thread::scope(|s| -> anyhow::Result<Duration> {
         let receiver = s.spawn(|| -> anyhow::Result<()> {
-            if let Some((_, cpu)) = cpus {
-                pin_to(cpu);
-            }
+            th.enter(1);
             barrier.wait();
             for _ in 0..n {
                 recv()?;
             }
             Ok(())
         });
-        if let Some((cpu, _)) = cpus {
-            pin_to(cpu);
-        }
         barrier.wait();
+        th.enter(0);
         let t = Instant::now();
         for _ in 0..n {
             send()?;
@@ -553,22 +601,54 @@ where
     Ok((n * size as u64) as f64 / elapsed.as_secs_f64())
 }
 
-/// Channel throughput with `size`-byte messages over `bytes` bytes, in bytes per second.
+/// How the throughput sender hands a message to the channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SendPath {
+    /// `Sender::send` from a buffer of the message's size: copied into the ring.
+    Copy,
+    /// `Sender::reserve`, then the message written in place in [`PIECE`]-byte pieces from one
+    /// small buffer (a producer that builds its message in the ring: a serializer, a reader of
+    /// a file or a device), then `commit`: the message's bytes are stored into the ring once and
+    /// never copied from a buffer of their size.
+    InPlace,
+}
+
+/// Piece size of [`SendPath::InPlace`].
+const PIECE: usize = 4096;
+
+/// Channel throughput with `size`-byte messages over `bytes` bytes, in bytes per second; the
+/// receiver copies each message out with `recv_into`.
 fn channel_throughput(
-    cpus: Option<(usize, usize)>,
+    th: Threads,
     x: &mut Channel,
     y: &mut Channel,
     size: usize,
     bytes: u64,
+    path: SendPath,
 ) -> anyhow::Result<f64> {
     let n = (bytes / size as u64).max(1);
     let src = Aligned::new(size, 0xa5);
+    let piece = Aligned::new(PIECE, 0xa5);
     let mut dst = Aligned::new(size, 0);
     let rate = two_threads(
-        cpus,
+        th,
         n,
         size,
-        || Ok(x.send(src.get(), LONG)?),
+        || match path {
+            SendPath::Copy => Ok(x.send(src.get(), LONG)?),
+            SendPath::InPlace => {
+                let mut r = x.sender().reserve(size, LONG)?;
+                let mut at = 0;
+                while at < size {
+                    let len = PIECE.min(size - at);
+                    if !r.write_at(at, &piece.get()[..len])? {
+                        bail!("a piece did not fit in its reservation");
+                    }
+                    at += len;
+                }
+                Ok(r.commit()?)
+            }
+        },
         || {
             y.receiver().recv_into(dst.get_mut(), LONG)?;
             Ok(())
@@ -593,11 +673,7 @@ struct Handoff {
 /// sender copies its buffer into a free slot and sets its flag, the receiver waits for the
 /// flag (busy-polling), copies the chunk out and frees the slot. What any channel does at
 /// least, without a protocol: the cost of moving the bytes from one CPU's cache to the other's.
-fn handoff_throughput(
-    cpus: Option<(usize, usize)>,
-    h: &mut Handoff,
-    bytes: u64,
-) -> anyhow::Result<f64> {
+fn handoff_throughput(th: Threads, h: &mut Handoff, bytes: u64) -> anyhow::Result<f64> {
     let size = h.size;
     let slots = h.written.len() as u64;
     let n = (bytes / size as u64).max(1);
@@ -610,7 +686,7 @@ fn handoff_throughput(
     let mut dst = Aligned::new(size, 0);
     let (mut i, mut j) = (0u64, 0u64);
     let rate = two_threads(
-        cpus,
+        th,
         n,
         size,
         || {
@@ -655,10 +731,8 @@ fn handoff_throughput(
 }
 
 /// Single-thread memcpy between two 64-byte aligned buffers, in bytes per second.
-fn memcpy_throughput(cpu: Option<usize>, size: usize, bytes: u64) -> f64 {
-    if let Some(cpu) = cpu {
-        pin_to(cpu);
-    }
+fn memcpy_throughput(th: Threads, size: usize, bytes: u64) -> f64 {
+    th.enter(0);
     let n = (bytes / size as u64).max(1);
     let src = Aligned::new(size, 0xa5);
     let mut dst = Aligned::new(size, 0);
@@ -666,6 +740,28 @@ fn memcpy_throughput(cpu: Option<usize>, size: usize, bytes: u64) -> f64 {
     for _ in 0..n {
         dst.get_mut()
             .copy_from_slice(std::hint::black_box(src.get()));
+        std::hint::black_box(dst.get_mut());
+    }
+    (n * size as u64) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// One thread copies each chunk into the next slot of a buffer the size of the channel's ring,
+/// then out of it into a second buffer: what a channel that copies in and out costs at least
+/// when both ends share one CPU (in bytes per second).
+fn two_copies_throughput(th: Threads, size: usize, ring: u32, bytes: u64) -> f64 {
+    th.enter(0);
+    let n = (bytes / size as u64).max(1);
+    let slots = (ring as usize / size).max(1);
+    let src = Aligned::new(size, 0xa5);
+    let mut middle = Aligned::new(slots * size, 0);
+    let mut dst = Aligned::new(size, 0);
+    let t = Instant::now();
+    for i in 0..n {
+        let k = (i % slots as u64) as usize * size;
+        let slot = &mut middle.get_mut()[k..k + size];
+        slot.copy_from_slice(std::hint::black_box(src.get()));
+        dst.get_mut()
+            .copy_from_slice(std::hint::black_box(&middle.get()[k..k + size]));
         std::hint::black_box(dst.get_mut());
     }
     (n * size as u64) as f64 / t.elapsed().as_secs_f64()
@@ -694,65 +790,97 @@ fn thread_cpu() -> Duration {
     )
 }
 
-/// The throughput row of `size`-byte messages.
-fn throughput(
-    a: &ChannelArgs,
-    cpus: Option<(usize, usize)>,
-    busy: bool,
-    size: usize,
-) -> anyhow::Result<Throughput> {
-    let ring = a.ring_size.max((4 * size as u32).next_power_of_two());
+/// The throughput rows of `size`-byte messages.
+fn throughput(a: &ChannelArgs, th: Threads, busy: bool, size: usize) -> anyhow::Result<Throughput> {
+    let ring = a.throughput_ring.max((4 * size as u32).next_power_of_two());
     // On one CPU, block at once (spinning only burns the other thread's time slice).
     let spin = if busy { Spin::default() } else { Spin::Never };
+    let spin_name = if busy { "default spin" } else { "spin 0" };
     let (mut x, mut y, _backing) = channel_pair(a.doorbell, ring, spin)?;
+    let (mut ix, mut iy, _in_place_backing) = channel_pair(a.doorbell, ring, spin)?;
     let mut busy_pair = if busy {
         Some(channel_pair(a.doorbell, ring, Spin::Forever)?)
     } else {
         None
     };
     // As many chunks in flight as the ring holds messages.
-    let slots = (ring as usize / (size + 64)).max(2);
+    let in_flight = ring as usize / (size + 64);
     let mut handoff = busy.then(|| Handoff {
-        chunks: Aligned::new(slots * size, 0),
-        written: (0..slots).map(|_| Line(AtomicU64::new(0))).collect(),
-        read: (0..slots).map(|_| Line(AtomicU64::new(0))).collect(),
+        chunks: Aligned::new(in_flight.max(2) * size, 0),
+        written: (0..in_flight.max(2))
+            .map(|_| Line(AtomicU64::new(0)))
+            .collect(),
+        read: (0..in_flight.max(2))
+            .map(|_| Line(AtomicU64::new(0)))
+            .collect(),
         size,
     });
-    let (mut ch, mut bp, mut mc, mut ho) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Per variant, its rate in every block; memcpy first.
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); 6];
     // A warm-up block of every variant, then alternating blocks.
     for block in 0..=THROUGHPUT_BLOCKS {
         let bytes = if block == 0 { a.bytes / 8 } else { a.bytes };
-        let c = channel_throughput(cpus, &mut x, &mut y, size, bytes)?;
-        let b = match &mut busy_pair {
-            Some((bx, by, _)) => Some(channel_throughput(cpus, bx, by, size, bytes)?),
-            None => None,
-        };
-        let m = memcpy_throughput(cpus.map(|c| c.0), size, bytes);
+        let m = memcpy_throughput(th, size, bytes);
+        let two = two_copies_throughput(th, size, ring, bytes);
         let h = match &mut handoff {
-            Some(h) => Some(handoff_throughput(cpus, h, bytes)?),
+            Some(h) => Some(handoff_throughput(th, h, bytes)?),
             None => None,
         };
+        let c = channel_throughput(th, &mut x, &mut y, size, bytes, SendPath::Copy)?;
+        let b = match &mut busy_pair {
+            Some((bx, by, _)) => Some(channel_throughput(th, bx, by, size, bytes, SendPath::Copy)?),
+            None => None,
+        };
+        let i = channel_throughput(th, &mut ix, &mut iy, size, bytes, SendPath::InPlace)?;
         if block > 0 {
-            ch.push(c);
-            bp.extend(b);
-            mc.push(m);
-            ho.extend(h);
+            for (v, r) in [Some(m), Some(two), h, Some(c), b, Some(i)]
+                .into_iter()
+                .enumerate()
+            {
+                rates[v].extend(r);
+            }
         }
     }
-    let ratios = [
-        block_ratio(&ch, &mc),
-        block_ratio(&bp, &mc),
-        block_ratio(&ch, &ho),
-        block_ratio(&bp, &ho),
+    let (ceiling, ceiling_name) = if busy {
+        (2, "hand-over")
+    } else {
+        (1, "two copies")
+    };
+    let names = [
+        String::new(),
+        "one thread copying in and out of a ring-sized buffer (two copies, one CPU)".to_string(),
+        format!("two threads handing chunks over through shared memory (busy-poll, {in_flight} in flight)"),
+        format!("channel, send + recv_into ({spin_name}; two copies)"),
+        "channel, send + recv_into (busy-poll; two copies)".to_string(),
+        format!(
+            "channel, message built in place (reserve, write_at of {} KiB pieces from one \
+             small buffer, commit) + recv_into ({spin_name}; one copy)",
+            PIECE >> 10
+        ),
     ];
+    let memcpy = rates[0].clone();
+    let mut variants = Vec::new();
+    for (v, what) in names.into_iter().enumerate().skip(1) {
+        if rates[v].is_empty() {
+            continue;
+        }
+        variants.push(Variant {
+            what,
+            vs_memcpy: block_ratio(&rates[v], &memcpy),
+            vs_ceiling: if v >= 3 {
+                block_ratio(&rates[v], &rates[ceiling]).map(|r| (ceiling_name, r))
+            } else {
+                None
+            },
+            rate: median(&mut rates[v]),
+        });
+    }
     Ok(Throughput {
         size,
         ring,
-        ratios,
-        channel: median(&mut ch),
-        busy_poll: busy.then(|| median(&mut bp)),
-        memcpy: median(&mut mc),
-        handoff: busy.then(|| (median(&mut ho), slots)),
+        in_flight,
+        memcpy: median(&mut rates[0]),
+        variants,
     })
 }
 
@@ -762,7 +890,31 @@ pub fn channel(a: &ChannelArgs) -> anyhow::Result<ChannelReport> {
     if cpus.is_none() && a.placement == Placement::Split {
         bail!("--placement split needs two CPUs; this process may use only one");
     }
+    if a.realtime {
+        set_realtime(true).context(
+            "--realtime: could not run under SCHED_FIFO (it needs root or CAP_SYS_NICE)",
+        )?;
+    }
+    let th = Threads {
+        cpus,
+        realtime: a.realtime,
+    };
     let original = rustix::thread::sched_getaffinity(None).ok();
+    let report = measure(a, th);
+    if a.realtime {
+        // Back to normal for whatever this thread does next; failing that changes no figure.
+        let _ = set_realtime(false);
+    }
+    if let Some(set) = original {
+        // Undo this thread's pinning; failing that only affects later figures.
+        let _ = rustix::thread::sched_setaffinity(None, &set);
+    }
+    report
+}
+
+/// The measurements of [`channel`], on the threads `th` says.
+fn measure(a: &ChannelArgs, th: Threads) -> anyhow::Result<ChannelReport> {
+    let cpus = th.cpus;
     let mut round_trips = Vec::new();
     let mut skipped = None;
     if matches!(cpus, Some((p, q)) if p == q) {
@@ -770,11 +922,11 @@ pub fn channel(a: &ChannelArgs) -> anyhow::Result<ChannelReport> {
     } else {
         let (c, r) = compare(
             a,
-            cpus,
+            th,
             Spin::Forever,
             vec![
-                Box::new(|n, s: &mut Vec<Duration>| cache_line_floor(cpus, n, s)),
-                Box::new(|n, s: &mut Vec<Duration>| line_per_direction_floor(cpus, n, s)),
+                Box::new(|n, s: &mut Vec<Duration>| cache_line_floor(th, n, s)),
+                Box::new(|n, s: &mut Vec<Duration>| line_per_direction_floor(th, n, s)),
             ],
         )
         .context("busy-poll round trips")?;
@@ -793,10 +945,10 @@ pub fn channel(a: &ChannelArgs) -> anyhow::Result<ChannelReport> {
     );
     let (c, r) = compare(
         a,
-        cpus,
+        th,
         Spin::Never,
         vec![Box::new(|n, s: &mut Vec<Duration>| {
-            eventfd_floor(cpus, n, s, &fds)
+            eventfd_floor(th, n, s, &fds)
         })],
     )
     .context("blocking round trips")?;
@@ -809,7 +961,7 @@ pub fn channel(a: &ChannelArgs) -> anyhow::Result<ChannelReport> {
     let busy = skipped.is_none();
     let throughput = THROUGHPUT_SIZES
         .iter()
-        .map(|&size| throughput(a, cpus, busy, size))
+        .map(|&size| throughput(a, th, busy, size))
         .collect::<anyhow::Result<Vec<_>>>()
         .context("throughput")?;
 
@@ -822,9 +974,7 @@ pub fn channel(a: &ChannelArgs) -> anyhow::Result<ChannelReport> {
         .unwrap_or(Duration::from_secs(1));
     let idle = std::thread::scope(|s| {
         s.spawn(|| -> anyhow::Result<(Duration, Duration)> {
-            if let Some((_, cpu)) = cpus {
-                pin_to(cpu);
-            }
+            th.enter(1);
             let mut buf = Vec::new();
             let (cpu0, t) = (thread_cpu(), Instant::now());
             match y.recv(&mut buf, Some(watch)) {
@@ -837,10 +987,6 @@ pub fn channel(a: &ChannelArgs) -> anyhow::Result<ChannelReport> {
         .map_err(|_| anyhow::anyhow!("idle receiver panicked"))?
     })?;
     drop(x);
-    if let Some(set) = original {
-        // Undo this thread's pinning; failing that only affects later figures.
-        let _ = rustix::thread::sched_setaffinity(None, &set);
-    }
     Ok(ChannelReport {
         round_trips,
         skipped,
@@ -850,6 +996,7 @@ pub fn channel(a: &ChannelArgs) -> anyhow::Result<ChannelReport> {
         rounds: a.rounds,
         ring: a.ring_size,
         doorbell: a.doorbell,
+        realtime: a.realtime,
     })
 }
 
@@ -880,15 +1027,20 @@ mod tests {
     }
 
     fn quick(doorbell: DoorbellKind) -> ChannelReport {
-        channel(&ChannelArgs {
+        channel(&quick_args(doorbell)).unwrap()
+    }
+
+    fn quick_args(doorbell: DoorbellKind) -> ChannelArgs {
+        ChannelArgs {
             rounds: 200,
             bytes: 4 << 20,
             placement: Placement::Same,
             idle_seconds: 0.05,
             ring_size: 64 << 10,
+            throughput_ring: 64 << 10,
             doorbell,
-        })
-        .unwrap()
+            realtime: false,
+        }
     }
 
     #[test]
@@ -897,11 +1049,58 @@ mod tests {
         assert!(r.skipped.is_some(), "busy-poll is skipped on one CPU");
         assert_eq!(r.round_trips.len(), 1);
         assert_eq!(r.throughput.len(), 2);
+        // Four messages' worth (above --throughput-ring), three in flight.
+        assert_eq!(
+            (r.throughput[0].ring, r.throughput[0].in_flight),
+            (256 << 10, 3)
+        );
         assert_eq!(r.throughput[1].ring, 4 << 20);
+        // On one CPU: memcpy, two copies on one thread, the channel copying, built in place;
+        // no busy-polling and no hand-over.
+        for t in &r.throughput {
+            let what: Vec<_> = t.variants.iter().map(|v| v.what.as_str()).collect();
+            assert_eq!(what.len(), 3, "{what:?}");
+            assert!(what[0].starts_with("one thread copying in and out"));
+            assert!(what[1].contains("send + recv_into (spin 0; two copies)"));
+            assert!(what[2].contains("built in place") && what[2].contains("one copy"));
+            assert!(t
+                .variants
+                .iter()
+                .all(|v| v.rate > 0.0 && v.vs_memcpy.is_some()));
+            assert_eq!(t.variants[1].vs_ceiling.map(|c| c.0), Some("two copies"));
+        }
         assert!(r.idle.1 >= Duration::from_millis(50));
         let lines = r.lines();
         assert!(lines.iter().any(|l| l.contains("raw eventfd ping-pong")));
         assert!(lines.iter().any(|l| l.starts_with("idle receiver")));
+        assert!(lines.iter().any(|l| l.starts_with(
+            "throughput 1024 KiB messages (ring 4096 KiB, 3 messages in flight): single-thread memcpy"
+        )));
+        assert!(lines.iter().any(|l| l
+            .starts_with("  channel, send + recv_into (spin 0; two copies): ")
+            && l.contains("x memcpy, ")
+            && l.ends_with("x two copies")));
+    }
+
+    #[test]
+    fn realtime_runs_every_variant_or_says_why_not() {
+        let a = ChannelArgs {
+            realtime: true,
+            ..quick_args(DoorbellKind::Local)
+        };
+        match channel(&a) {
+            Ok(r) => {
+                assert!(r.lines()[0].contains("under SCHED_FIFO"));
+                assert_eq!(r.throughput.len(), 2);
+            }
+            Err(e) => assert!(
+                format!("{e:#}").contains("needs root or CAP_SYS_NICE"),
+                "{e:#}"
+            ),
+        }
+        // The calling thread is back under the normal policy.
+        // SAFETY: a plain query of the calling thread's policy.
+        assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
     }
 
     #[test]
@@ -920,20 +1119,32 @@ mod tests {
             placement: Placement::Free,
             idle_seconds: 0.01,
             ring_size: 64 << 10,
+            throughput_ring: 64 << 10,
             doorbell: DoorbellKind::Local,
+            realtime: false,
+        };
+        let th = Threads {
+            cpus: None,
+            realtime: false,
         };
         let (c, r) = compare(
             &a,
-            None,
+            th,
             Spin::Forever,
             vec![
-                Box::new(|n, s: &mut Vec<Duration>| cache_line_floor(None, n, s)),
-                Box::new(|n, s: &mut Vec<Duration>| line_per_direction_floor(None, n, s)),
+                Box::new(|n, s: &mut Vec<Duration>| cache_line_floor(th, n, s)),
+                Box::new(|n, s: &mut Vec<Duration>| line_per_direction_floor(th, n, s)),
             ],
         )
         .unwrap();
         assert!(!c.median.is_zero() && r.len() == 2);
-        let t = throughput(&a, None, true, 64 << 10).unwrap();
-        assert!(t.busy_poll.is_some() && t.handoff.is_some());
+        let t = throughput(&a, th, true, 64 << 10).unwrap();
+        // Two CPUs: the hand-over and busy-polling too; the channel's ceiling is the hand-over.
+        assert_eq!(t.variants.len(), 5);
+        assert!(t.variants[1]
+            .what
+            .starts_with("two threads handing chunks over"));
+        assert!(t.variants[3].what.contains("busy-poll; two copies"));
+        assert_eq!(t.variants[2].vs_ceiling.map(|c| c.0), Some("hand-over"));
     }
 }
