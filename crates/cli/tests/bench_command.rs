@@ -1,4 +1,4 @@
-//! The built `ivshm bench` commands: both variants and their ratio in one run, the join table,
+//! The built `ivshm bench` commands: every variant and their ratios in one run, the join table,
 //! and no server log lines on stderr unless asked for.
 
 use std::process::{Command, Output};
@@ -28,16 +28,18 @@ fn doorbell_prints_both_variants_and_their_ratio_and_nothing_else() {
     let out = ivshm_bench(&["doorbell", "--rounds", "50", "--warmup", "5"]);
     let stdout = text(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 5, "{stdout}");
+    assert_eq!(lines.len(), 7, "{stdout}");
     assert!(lines[0].starts_with("doorbell round trips: 50 per variant"));
     assert!(lines[1].starts_with("library (Peer::notify + Peer::wait"));
     assert!(lines[2].starts_with("raw eventfd ping-pong"));
-    assert!(lines[3].starts_with("ratio library/raw: median "));
-    assert!(lines[3].contains('x'));
-    // Default placement: both threads of both variants on one CPU.
-    let placement = lines[4];
+    assert!(lines[3].starts_with("raw eventfd ping-pong through epoll"));
+    assert!(lines[4].starts_with("ratio library/raw: median "));
+    assert!(lines[4].contains('x'));
+    assert!(lines[5].starts_with("ratio library/raw-epoll"));
+    // Default placement: both threads of every variant on one CPU.
+    let placement = lines[6];
     assert!(
-        placement.starts_with("both variants: pinging thread on CPU"),
+        placement.starts_with("all variants: pinging thread on CPU"),
         "{stdout}"
     );
     let cpus: Vec<&str> = placement

@@ -2,7 +2,9 @@
 //!
 //! - `doorbell`: two host peers (two threads) on an in-process `ivshm-server` ping-pong a
 //!   doorbell through `ivshm-client` (`Peer::notify` + `Peer::wait`), next to a raw eventfd
-//!   ping-pong between two threads, measured in alternating blocks of the same run.
+//!   ping-pong between two threads (blocking reads), and to the same raw ping-pong waiting as
+//!   the library does (each eventfd edge-triggered in an epoll set: the floor of a wait that
+//!   can watch more than one fd), measured in alternating blocks of the same run.
 //! - `channel`: `ivshm-channel` against its floors (see `bench_channel`).
 //! - `join`: N peers (4 vectors each) join `ivshm serve` one after the other; reports the
 //!   total, the time per join, how it grows with N and the server's memory per peer, next to
@@ -30,7 +32,7 @@ use ivshm_guest::pingpong::{self, PingPongConfig};
 use ivshm_guest::DoorbellError;
 use ivshm_proto::{MessageReader, Received};
 use ivshm_server::{RegionConfig, ServerConfig, ServerHandle};
-use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
+use rustix::event::{epoll, eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
 use server::BenchServer;
 
@@ -230,8 +232,11 @@ pub struct DoorbellReport {
     pub rounds: usize,
     /// Through `ivshm-client` and the server's eventfds.
     pub library: Summary,
-    /// Raw eventfd ping-pong.
+    /// Raw eventfd ping-pong (blocking reads).
     pub raw: Summary,
+    /// Raw eventfd ping-pong, each side waiting in `epoll_wait` on its eventfd (edge-triggered,
+    /// never read), as [`Peer::wait`] does.
+    pub raw_epoll: Summary,
     /// The CPUs the pinging and the ponging threads of both variants were pinned to (`None`:
     /// not pinned).
     pub pinned: Option<(usize, usize)>,
@@ -266,13 +271,26 @@ impl DoorbellReport {
                 micros(self.raw.p99)
             ),
             format!(
+                "raw eventfd ping-pong through epoll (as the library waits): median {}  p99 {}",
+                micros(self.raw_epoll.median),
+                micros(self.raw_epoll.p99)
+            ),
+            format!(
                 "ratio library/raw: median {}  p99 {}",
                 ratio(self.library.median, self.raw.median),
                 ratio(self.library.p99, self.raw.p99)
             ),
+            format!(
+                "ratio library/raw-epoll (the library's own cost): median {}  p99 {}; \
+                 raw-epoll/raw (the kernel's cost of a wait on an epoll set): median {}  p99 {}",
+                ratio(self.library.median, self.raw_epoll.median),
+                ratio(self.library.p99, self.raw_epoll.p99),
+                ratio(self.raw_epoll.median, self.raw.median),
+                ratio(self.raw_epoll.p99, self.raw.p99)
+            ),
             match self.pinned {
                 Some((ping, pong)) => format!(
-                    "both variants: pinging thread on CPU {ping}, ponging threads on CPU {pong}"
+                    "all variants: pinging thread on CPU {ping}, ponging threads on CPU {pong}"
                 ),
                 None => "threads not pinned (the scheduler placed them)".to_string(),
             },
@@ -331,6 +349,41 @@ pub(crate) fn write_eventfd(fd: &OwnedFd) -> anyhow::Result<()> {
     ivshm_client::doorbell::ring(fd.as_fd()).context("eventfd write")
 }
 
+/// An eventfd waited on as [`Peer::wait`] waits on its own vectors: alone in an epoll set,
+/// edge-triggered, its counter never read (the reference for the library's own cost).
+struct EpollDoorbell {
+    epoll: OwnedFd,
+    _eventfd: OwnedFd,
+}
+
+impl EpollDoorbell {
+    fn new(eventfd: OwnedFd) -> anyhow::Result<EpollDoorbell> {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        epoll::add(
+            &epoll,
+            &eventfd,
+            epoll::EventData::new_u64(0),
+            epoll::EventFlags::IN | epoll::EventFlags::ET,
+        )?;
+        Ok(EpollDoorbell {
+            epoll,
+            _eventfd: eventfd,
+        })
+    }
+
+    /// Blocks until the eventfd is rung (at least once since the last wait).
+    fn wait(&self) -> anyhow::Result<()> {
+        let mut ready = [std::mem::MaybeUninit::<epoll::Event>::uninit(); 4];
+        loop {
+            match epoll::wait(&self.epoll, &mut ready, None) {
+                Ok((events, _)) if !events.is_empty() => return Ok(()),
+                Ok(_) | Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => bail!("epoll_wait: {e}"),
+            }
+        }
+    }
+}
+
 /// Runs `bench doorbell`.
 pub fn doorbell(a: &DoorbellArgs) -> anyhow::Result<DoorbellReport> {
     const BLOCKS: usize = 10;
@@ -382,6 +435,30 @@ pub fn doorbell(a: &DoorbellArgs) -> anyhow::Result<DoorbellReport> {
             Ok(())
         })
     };
+    let epoll_to_pong = eventfd(0, EventfdFlags::CLOEXEC)?;
+    let epoll_to_ping = eventfd(0, EventfdFlags::CLOEXEC)?;
+    let epoll_thread = {
+        let to_pong = EpollDoorbell::new(epoll_to_pong.try_clone()?)?;
+        let to_ping = epoll_to_ping.try_clone()?;
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            if let Some(cpu) = pong_cpu {
+                pin_to(cpu);
+            }
+            for _ in 0..total {
+                to_pong.wait()?;
+                write_eventfd(&to_ping)?;
+            }
+            Ok(())
+        })
+    };
+    let epoll_ping = EpollDoorbell::new(epoll_to_ping)?;
+    let epoll_round = |measure: &mut Vec<Duration>| -> anyhow::Result<()> {
+        let t = Instant::now();
+        write_eventfd(&epoll_to_pong)?;
+        epoll_ping.wait()?;
+        measure.push(t.elapsed());
+        Ok(())
+    };
     let mut lib_round = |measure: &mut Vec<Duration>| -> anyhow::Result<()> {
         let t = Instant::now();
         pinger.notify(pong_id, 0)?;
@@ -403,9 +480,11 @@ pub fn doorbell(a: &DoorbellArgs) -> anyhow::Result<DoorbellReport> {
     for _ in 0..a.warmup {
         lib_round(&mut scratch)?;
         raw_round(&mut scratch)?;
+        epoll_round(&mut scratch)?;
     }
     let mut lib = Vec::with_capacity(a.rounds);
     let mut raw = Vec::with_capacity(a.rounds);
+    let mut raw_epoll = Vec::with_capacity(a.rounds);
     for block in 0..BLOCKS {
         let n = a.rounds / BLOCKS + usize::from(block < a.rounds % BLOCKS);
         for _ in 0..n {
@@ -413,6 +492,9 @@ pub fn doorbell(a: &DoorbellArgs) -> anyhow::Result<DoorbellReport> {
         }
         for _ in 0..n {
             raw_round(&mut raw)?;
+        }
+        for _ in 0..n {
+            epoll_round(&mut raw_epoll)?;
         }
     }
     if let Some(set) = original_affinity {
@@ -425,10 +507,14 @@ pub fn doorbell(a: &DoorbellArgs) -> anyhow::Result<DoorbellReport> {
     raw_thread
         .join()
         .map_err(|_| anyhow::anyhow!("raw ponger panicked"))??;
+    epoll_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("raw epoll ponger panicked"))??;
     Ok(DoorbellReport {
         rounds: a.rounds,
         library: summarize(&mut lib),
         raw: summarize(&mut raw),
+        raw_epoll: summarize(&mut raw_epoll),
         pinned,
     })
 }
@@ -756,7 +842,8 @@ mod tests {
         assert_eq!(ping, pong, "same placement: one CPU");
         assert_eq!(r.rounds, 30);
         let lines = r.lines();
-        assert!(lines[3].starts_with("ratio library/raw"));
+        assert!(lines[4].starts_with("ratio library/raw"));
+        assert!(lines[5].starts_with("ratio library/raw-epoll"));
     }
 
     #[test]
