@@ -146,6 +146,8 @@ fn decide(
             );
         }
     };
+    // The client is told of the socket: it has the whole unused_timeout to join.
+    regions.offered(id);
     let (Some(region), Some(info)) = (regions.get(id), regions.info(id)) else {
         return refusal(GuestShmStatus::UnknownFailure, "region vanished".into());
     };

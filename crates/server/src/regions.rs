@@ -211,7 +211,8 @@ pub(crate) struct Regions {
     started: bool,
     /// Mark the channel sides of peers that leave.
     mark_departures: bool,
-    /// Regions a factory made that no peer has joined yet, and when they were made.
+    /// Regions a factory made that no peer has joined yet, and when they were made or last
+    /// offered by a factory answer ([`Regions::offered`]).
     unused: BTreeMap<RegionId, Instant>,
     /// Fds in flight have run out and peers' reading is being watched
     /// ([`relieve_fds_in_flight`](Self::relieve_fds_in_flight)).
@@ -399,7 +400,18 @@ impl Regions {
             .and_then(|made| made.checked_add(timeout))
     }
 
-    /// Removes the factory-made regions that no peer joined within `timeout` of being made.
+    /// A factory answer has just handed out region `id`'s socket: if nobody has joined it yet,
+    /// its `unused_timeout` starts again now, so the client told of it has the whole time to
+    /// join (counted from the region's creation, a region asked for again just before its
+    /// time was up went right after the answer that offered it).
+    pub(crate) fn offered(&mut self, id: RegionId) {
+        if let Some(since) = self.unused.get_mut(&id) {
+            *since = Instant::now();
+        }
+    }
+
+    /// Removes the factory-made regions that no peer joined within `timeout` of being made
+    /// (or of the last factory answer that offered them).
     /// Returns what happened.
     pub(crate) fn reclaim_unused(&mut self, timeout: Duration) -> Vec<String> {
         let now = Instant::now();

@@ -1043,6 +1043,36 @@ fn factory_regions_nobody_joins_are_reclaimed() {
     drop(peer);
 }
 
+/// A factory answer that offers a region nobody has joined yet gives the client the whole
+/// `unused_timeout` to join: its time starts again. It used to count from the creation only, so
+/// a `create` (or `find`) of a name made almost `unused_timeout` ago was answered with a socket
+/// that went a moment later, before the client could join through it.
+#[test]
+fn a_factory_answer_gives_the_client_the_whole_unused_timeout() {
+    let timeout = Duration::from_secs(4);
+    let setup = Setup::new(
+        "offered",
+        "[defaults]\nvectors = 1\nunused_timeout = \"4s\"\n[vm.vm0]\n",
+    );
+    let made = Instant::now();
+    assert_eq!(
+        status(&setup.create("vm0", "late", 4096)),
+        GuestShmStatus::Ok
+    );
+    // Half-way through its time, a client asks for it again and is told its socket.
+    std::thread::sleep(timeout / 2);
+    let offered = setup.create("vm0", "late", 4096);
+    assert_eq!(status(&offered), GuestShmStatus::Ok, "{offered:?}");
+    let socket = PathBuf::from(&offered.region.as_ref().unwrap().socket);
+    // Past the time counted from the creation, within the time counted from the answer: the
+    // client joins through the socket it was told of.
+    std::thread::sleep((made + timeout + timeout / 8).saturating_duration_since(Instant::now()));
+    let mut peer = RawPeer::connect(&socket);
+    peer.handshake(1, &[]);
+    assert!(setup.regions().iter().any(|r| r.name == "late"));
+    drop(peer);
+}
+
 /// A create whose socket cannot be bound says why and keeps no region: the region made for it
 /// used to stay without its socket, so that create and every later one of the name answered
 /// `region X has no socket in the directory of VM Y` (`GSS_UNKNOWN_FAILURE`, no cause) until
