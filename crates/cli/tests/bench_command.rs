@@ -225,3 +225,23 @@ fn soak_runs_every_kind_of_load_and_checks_a_spawned_servers_fds_memory_and_coun
     }
     assert_eq!(lines.last(), Some(&"failures: none"), "{stdout}");
 }
+
+#[test]
+fn join_refuses_up_front_what_cannot_fit_in_the_fd_limit() {
+    // 65,536 peers x 64 vectors need 4,259,840 fds in the server: more than any fd limit
+    // (the kernel's nr_open is 1,048,576 by default).
+    let out = Command::new(env!("CARGO_BIN_EXE_ivshm"))
+        .args(["bench", "join", "--peers", "10,65536", "--vectors", "64"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(text(&out.stdout), "", "nothing ran");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("65536 peers x 64 vectors need 4259840 fds in the server")
+            && stderr.contains("open-file limit of")
+            && stderr.contains("peers x 64 vectors fit"),
+        "{stderr}"
+    );
+}

@@ -47,6 +47,10 @@ pub enum BenchCommand {
     /// Joins, leaves, doorbells, factory creates, reloads and bad peers at once for a while;
     /// fails if the server's fds or memory grow or an answer is wrong.
     Soak(soak::SoakArgs),
+    /// The blocking reference of `bench join` in a process of its own (started by `bench
+    /// join`, so that the fds of the reference do not count against the joiners' process).
+    #[command(hide = true)]
+    JoinReference(JoinReferenceArgs),
     /// ivshm-channel round trips and throughput versus the hardware's and kernel's floors.
     Channel(super::bench_channel::ChannelArgs),
     /// TCP through two bridges over a region versus plain TCP loopback.
@@ -121,6 +125,29 @@ pub struct JoinArgs {
     pub vectors: usize,
 }
 
+/// `ivshm bench join-reference` (hidden; started by `bench join`).
+#[derive(Args, Debug, Clone)]
+pub struct JoinReferenceArgs {
+    /// Where to listen.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Vectors per peer.
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = RangedU64ValueParser::<usize>::new()
+            .range(1..=ivshm_proto::v0::MAX_VECTORS as u64)
+    )]
+    pub vectors: usize,
+    /// Joins to serve.
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_JOIN_PEERS)
+    )]
+    pub peers: usize,
+}
+
 /// Runs one benchmark.
 pub fn run(c: BenchCommand) -> anyhow::Result<()> {
     match c {
@@ -140,6 +167,7 @@ pub fn run(c: BenchCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        BenchCommand::JoinReference(a) => join_reference(&a),
         BenchCommand::Channel(a) => {
             let report = super::bench_channel::channel(&a)?;
             print_lines(&report.lines())
@@ -590,14 +618,23 @@ impl JoinReport {
     }
 }
 
+/// Open fds a server (or the reference) holds besides its peers' (listening socket, epoll,
+/// memory, signal and timer fds, the reserve fd, stdio), with room to spare: `ivshm serve`
+/// holds about 20.
+const SERVER_OWN_FDS: usize = 64;
+
+/// Open fds of this process besides its joiners' sockets.
+const BENCH_OWN_FDS: usize = 64;
+
 /// Raises the fd limit so that `peers` peers with `vectors` vectors fit: each costs the server
-/// 1 + vectors fds, and this process a socket (and, for the reference, the server's share
-/// too). The soft limit goes to the hard one; as root the hard limit goes up too when that is
-/// not enough (the server child inherits both).
+/// (and the reference, in its own process) one socket and one eventfd per vector, and this
+/// process two sockets (one joiner of each). The soft limit goes to the hard one; as root the
+/// hard limit goes up too when that is not enough, if it may (the children inherit both).
 fn raise_fd_limit(peers: usize, vectors: usize) {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let limit = getrlimit(Resource::Nofile);
-    let needed = u64::try_from(peers * (vectors + 3) + 1024).unwrap_or(u64::MAX);
+    let needed =
+        u64::try_from(peers.saturating_mul(vectors + 1) + SERVER_OWN_FDS).unwrap_or(u64::MAX);
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|t| t.trim().parse::<u64>().ok());
@@ -613,9 +650,65 @@ fn raise_fd_limit(peers: usize, vectors: usize) {
             maximum: hard,
         };
         if let Err(e) = setrlimit(Resource::Nofile, raised) {
-            tracing::warn!("could not raise RLIMIT_NOFILE: {e}");
+            // Not allowed to raise the hard limit (no CAP_SYS_RESOURCE): the soft one still
+            // goes up to it.
+            tracing::debug!("could not raise RLIMIT_NOFILE to {raised:?}: {e}");
+            let soft = Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            };
+            if let Err(e) = setrlimit(Resource::Nofile, soft) {
+                tracing::warn!("could not raise RLIMIT_NOFILE: {e}");
+            }
         }
     }
+}
+
+/// Fails, before anything starts, if `peers` peers with `vectors` vectors each cannot fit in
+/// the open-file limit `limit` (`None`: unlimited) of the server, or of this process holding
+/// its joiners (and the reference's fds when it runs in this process too).
+fn check_fd_limit(
+    peers: usize,
+    vectors: usize,
+    limit: Option<u64>,
+    reference_in_process: bool,
+) -> anyhow::Result<()> {
+    let Some(limit) = limit.and_then(|l| usize::try_from(l).ok()) else {
+        return Ok(());
+    };
+    let per_peer = vectors + 1;
+    let server = peers
+        .saturating_mul(per_peer)
+        .saturating_add(SERVER_OWN_FDS);
+    if server > limit {
+        let fit = limit.saturating_sub(SERVER_OWN_FDS) / per_peer;
+        bail!(
+            "{peers} peers x {vectors} vectors need {} fds in the server (a socket and {vectors} \
+             eventfd(s) per peer) plus up to {SERVER_OWN_FDS} of its own, more than its \
+             open-file limit of {limit} (RLIMIT_NOFILE; its hard limit goes higher only with \
+             CAP_SYS_RESOURCE, e.g. `prlimit --nofile=N:N` as root, or LimitNOFILE= in a \
+             unit): at most {fit} peers x {vectors} vectors fit",
+            peers.saturating_mul(per_peer)
+        );
+    }
+    let own = peers.saturating_mul(2).saturating_add(BENCH_OWN_FDS);
+    let here = if reference_in_process {
+        own.saturating_add(peers.saturating_mul(per_peer))
+    } else {
+        own
+    };
+    if here > limit {
+        bail!(
+            "{peers} peers x {vectors} vectors need {here} fds in this process (two joiner \
+             sockets per peer{}), more than its open-file limit of {limit} (RLIMIT_NOFILE)",
+            if reference_in_process {
+                " and the in-process reference's socket and eventfds per peer"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
 }
 
 /// A peer that joins and then only reads and closes whatever it receives.
@@ -683,7 +776,10 @@ pub fn join(a: &JoinArgs) -> anyhow::Result<JoinReport> {
     if a.vectors == 0 || a.vectors > ivshm_proto::v0::MAX_VECTORS {
         bail!("--vectors must be 1..=64");
     }
-    raise_fd_limit(a.peers.iter().copied().max().unwrap_or(0), a.vectors);
+    let most = a.peers.iter().copied().max().unwrap_or(0);
+    raise_fd_limit(most, a.vectors);
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    check_fd_limit(most, a.vectors, limit, server::ivshm_program().is_none())?;
     let mut rows = Vec::new();
     for &n in &a.peers {
         let sock = TempSocket::new("join")?;
@@ -757,72 +853,174 @@ fn join_one(
     Ok(took)
 }
 
-/// The reference for `n` joins: a thread that accepts each connection and makes exactly the
+/// The reference for `n` joins: a server that accepts each connection and makes exactly the
 /// server's sends of a join, in its order (the newcomer's eventfds to every existing peer;
 /// version, id, the memory fd, every existing peer's eventfds and the newcomer's own to the
-/// newcomer) with blocking calls and no event loop.
-struct ReferenceServer {
-    sock: TempSocket,
-    done: std::sync::mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+/// newcomer) with blocking calls and no event loop. It runs in a process of its own
+/// (`ivshm bench join-reference`) when this program is `ivshm`, so that its fds count against
+/// its own open-file limit, as the server's do (a thread in this process in unit tests).
+enum ReferenceServer {
+    /// A thread of this process.
+    Thread {
+        sock: TempSocket,
+        done: std::sync::mpsc::Sender<()>,
+        thread: std::thread::JoinHandle<anyhow::Result<()>>,
+    },
+    /// `ivshm bench join-reference`: it says `ready` on its stdout once it listens and exits
+    /// when its stdin closes.
+    Child {
+        sock: TempSocket,
+        child: ReferenceChild,
+    },
+}
+
+/// The reference's process, killed if it is still running when dropped (a `bench join` that
+/// failed half-way leaves it waiting for joins).
+struct ReferenceChild(std::process::Child);
+
+impl Drop for ReferenceChild {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Accepts `n` joins on `listener` and makes the server's sends of each (see
+/// [`ReferenceServer`]), then keeps the connections open until `finished` returns.
+fn serve_reference(
+    listener: &std::os::unix::net::UnixListener,
+    vectors: usize,
+    n: usize,
+    finished: impl FnOnce(),
+) -> anyhow::Result<()> {
+    use ivshm_proto::fd_passing::send_message_blocking;
+    let memory = ivshm_mem::backend::create(
+        &ivshm_mem::BackendKind::Memfd,
+        1 << 20,
+        ivshm_mem::Pow2Policy::RoundUp,
+    )?;
+    let mut peers: Vec<(std::os::unix::net::UnixStream, Vec<OwnedFd>)> = Vec::new();
+    for id in 0..n {
+        let (stream, _) = listener.accept()?;
+        let own = (0..vectors)
+            .map(|_| eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()?;
+        let id = i64::try_from(id)?;
+        // In the server's order: the peers already there first, then the newcomer.
+        for (other, _) in &peers {
+            for fd in &own {
+                send_message_blocking(other.as_fd(), id, Some(fd.as_fd()))?;
+            }
+        }
+        let new = stream.as_fd();
+        send_message_blocking(new, 0, None)?;
+        send_message_blocking(new, id, None)?;
+        send_message_blocking(new, -1, Some(memory.fd()))?;
+        for (other, (_, fds)) in peers.iter().enumerate() {
+            for fd in fds {
+                send_message_blocking(new, i64::try_from(other)?, Some(fd.as_fd()))?;
+            }
+        }
+        for fd in &own {
+            send_message_blocking(new, id, Some(fd.as_fd()))?;
+        }
+        peers.push((stream, own));
+    }
+    // The connections stay open until the joiners have read everything.
+    finished();
+    Ok(())
+}
+
+/// `ivshm bench join-reference`: the reference in this process, for `bench join`.
+fn join_reference(a: &JoinReferenceArgs) -> anyhow::Result<()> {
+    let listener = std::os::unix::net::UnixListener::bind(&a.socket)
+        .with_context(|| format!("binding {}", a.socket.display()))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready")?;
+    out.flush()?;
+    serve_reference(&listener, a.vectors, a.peers, || {
+        // Until `bench join` closes our stdin (or exits).
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+    })
 }
 
 impl ReferenceServer {
     fn start(vectors: usize, n: usize) -> anyhow::Result<ReferenceServer> {
-        use ivshm_proto::fd_passing::send_message_blocking;
         let sock = TempSocket::new("join-reference")?;
+        if let Some(program) = server::ivshm_program() {
+            return Self::spawn(&program, sock, vectors, n);
+        }
         let listener = std::os::unix::net::UnixListener::bind(sock.path())
             .with_context(|| format!("binding {}", sock.path().display()))?;
-        let memory = ivshm_mem::backend::create(
-            &ivshm_mem::BackendKind::Memfd,
-            1 << 20,
-            ivshm_mem::Pow2Policy::RoundUp,
-        )?;
         let (done, finished) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || -> anyhow::Result<()> {
-            let mut peers: Vec<(std::os::unix::net::UnixStream, Vec<OwnedFd>)> = Vec::new();
-            for id in 0..n {
-                let (stream, _) = listener.accept()?;
-                let own = (0..vectors)
-                    .map(|_| eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let id = i64::try_from(id)?;
-                // In the server's order: the peers already there first, then the newcomer.
-                for (other, _) in &peers {
-                    for fd in &own {
-                        send_message_blocking(other.as_fd(), id, Some(fd.as_fd()))?;
-                    }
-                }
-                let new = stream.as_fd();
-                send_message_blocking(new, 0, None)?;
-                send_message_blocking(new, id, None)?;
-                send_message_blocking(new, -1, Some(memory.fd()))?;
-                for (other, (_, fds)) in peers.iter().enumerate() {
-                    for fd in fds {
-                        send_message_blocking(new, i64::try_from(other)?, Some(fd.as_fd()))?;
-                    }
-                }
-                for fd in &own {
-                    send_message_blocking(new, id, Some(fd.as_fd()))?;
-                }
-                peers.push((stream, own));
-            }
-            // The connections stay open until the joiners have read everything.
-            let _ = finished.recv();
-            Ok(())
+            serve_reference(&listener, vectors, n, || {
+                let _ = finished.recv();
+            })
         });
-        Ok(ReferenceServer { sock, done, thread })
+        Ok(ReferenceServer::Thread { sock, done, thread })
+    }
+
+    fn spawn(
+        program: &Path,
+        sock: TempSocket,
+        vectors: usize,
+        n: usize,
+    ) -> anyhow::Result<ReferenceServer> {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(program)
+            .arg("bench")
+            .arg("join-reference")
+            .arg("--socket")
+            .arg(sock.path())
+            .args(["--vectors", &vectors.to_string(), "--peers", &n.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {} bench join-reference", program.display()))?;
+        let mut line = String::new();
+        if let Some(stdout) = child.stdout.take() {
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        }
+        if line.trim() != "ready" {
+            let _ = child.kill();
+            let status = child.wait()?;
+            bail!("the join reference did not start ({status})");
+        }
+        Ok(ReferenceServer::Child {
+            sock,
+            child: ReferenceChild(child),
+        })
     }
 
     fn path(&self) -> PathBuf {
-        self.sock.path()
+        match self {
+            ReferenceServer::Thread { sock, .. } | ReferenceServer::Child { sock, .. } => {
+                sock.path()
+            }
+        }
     }
 
     fn finish(self) -> anyhow::Result<()> {
-        let _ = self.done.send(());
-        self.thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("the reference server panicked"))?
+        match self {
+            ReferenceServer::Thread { done, thread, .. } => {
+                let _ = done.send(());
+                thread
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the reference server panicked"))?
+            }
+            ReferenceServer::Child { mut child, .. } => {
+                drop(child.0.stdin.take());
+                let status = child.0.wait().context("waiting for the join reference")?;
+                if !status.success() {
+                    bail!("the join reference failed ({status})");
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -862,6 +1060,29 @@ mod tests {
             lines[2].contains("RSS per peer") && lines[2].contains("ratio"),
             "{lines:?}"
         );
+    }
+
+    #[test]
+    fn join_says_up_front_what_does_not_fit_in_the_fd_limit() {
+        // 4,096 peers x 4 vectors: 20,480 fds in the server, over a limit of 20,000.
+        let e = check_fd_limit(4096, 4, Some(20_000), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("4096 peers x 4 vectors need 20480 fds in the server")
+                && e.contains("open-file limit of 20000")
+                && e.contains("at most 3987 peers x 4 vectors fit"),
+            "{e}"
+        );
+        check_fd_limit(3987, 4, Some(20_000), false).unwrap();
+        check_fd_limit(4096, 3, Some(20_000), false).unwrap();
+        check_fd_limit(1 << 16, 64, None, true).unwrap();
+        // The reference in this process: its fds count here too.
+        check_fd_limit(2500, 4, Some(20_000), true).unwrap();
+        let e = check_fd_limit(3000, 4, Some(20_000), true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("21064 fds in this process"), "{e}");
     }
 
     #[test]

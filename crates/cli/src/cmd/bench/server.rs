@@ -142,7 +142,7 @@ fn signal(child: &Child, signal: Signal) -> anyhow::Result<()> {
 }
 
 /// This program if it is `ivshm` (not a test harness).
-fn ivshm_program() -> Option<PathBuf> {
+pub(crate) fn ivshm_program() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     (exe.file_name()? == "ivshm").then_some(exe)
 }
