@@ -14,20 +14,21 @@ mod common;
 
 use std::ffi::{c_char, CStr};
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::ptr::{null, null_mut};
 
-use common::{compile_static, ivshm, message, serve, verify, STEP};
+use common::{compile_static, ivshm, message, recv_text_messages, serve, verify, STEP};
 use ivshm::*;
 use ivshm_test_support::process::{HostProcess, Stream};
 use ivshm_test_support::socket_path;
 
 /// chat.c, built once into the test's temporary directory.
-fn chat() -> std::path::PathBuf {
-    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+fn chat() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chat-static");
+            let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("chat-static");
             compile_static(&common::crate_dir().join("examples/c/chat.c"), &out);
             out
         })
@@ -54,15 +55,10 @@ fn c_sends_and_ivshm_chan_recv_checks_every_message() {
         r
     });
     sender.wait_success(STEP).unwrap();
-    let messages: Vec<&str> = out
-        .lines()
-        .filter_map(|l| l.strip_prefix("message len="))
-        .collect();
+    let messages = recv_text_messages(&out);
     assert_eq!(messages.len() as u64, COUNT, "{out:.400}");
     for (seq, m) in messages.iter().enumerate() {
-        let (len, data) = m.split_once(" data=").unwrap();
-        assert_eq!(len.parse::<usize>().unwrap(), data.len());
-        verify(seq as u64, data);
+        verify(seq as u64, m);
     }
     assert_eq!(
         sender.lines(Stream::Stdout).last().map(String::as_str),
@@ -126,8 +122,33 @@ fn the_c_receiver_names_a_damaged_message() {
 }
 
 #[test]
+fn chat_takes_a_guest_device_as_ivshm_guest_chan_does() {
+    // The guest path itself runs in a QEMU guest (crates/e2e/tests/guest_channels.rs); here, on
+    // the host, the arguments reach ivshm_region_open_guest and its errors come back.
+    for (args, status, want) in [
+        (
+            &["guest", "send", "--dev", "what", "c", "1"][..],
+            1,
+            "chat: open region: invalid argument (device \"what\": `what` is not a PCI address",
+        ),
+        (
+            &["guest", "recv", "--dev", "00:1f.7", "c", "1"],
+            1,
+            "opening the ivshmem device: no recognised shared-memory device at 0000:00:1f.7",
+        ),
+        (&["guest", "send", "c"], 2, "usage: chat send|recv SOCKET NAME COUNT"),
+        (&["guest", "send", "--dev", "0", "c", "x"], 2, "COUNT must be a number"),
+    ] {
+        let out = Command::new(chat()).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(status), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn installed_with_scripts_install_capi_pkg_config_builds_the_example() {
-    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let prefix = tmp.join(format!("capi-prefix-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&prefix);
     let mut install = Command::new(common::crate_dir().join("../../scripts/install-capi"));
@@ -137,13 +158,27 @@ fn installed_with_scripts_install_capi_pkg_config_builds_the_example() {
         .arg(&prefix);
     common::run_ok(install);
     for file in [
-        "lib/libivshm.so",
         "lib/libivshm.a",
         "include/ivshm.h",
         "lib/pkgconfig/ivshm.pc",
     ] {
         assert!(prefix.join(file).is_file(), "{file} not installed");
     }
+    // libivshm.so.X.Y.Z, with SONAME libivshm.so.X, and the symlinks libivshm.so.X (what
+    // programs load) and libivshm.so (what -livshm finds).
+    let lib_dir = prefix.join("lib");
+    let real = format!("libivshm.so.{}", env!("CARGO_PKG_VERSION"));
+    let soname = format!("libivshm.so.{}", env!("CARGO_PKG_VERSION_MAJOR"));
+    let meta = std::fs::symlink_metadata(lib_dir.join(&real)).unwrap();
+    assert!(meta.is_file(), "{real} is not a regular file");
+    for (link, target) in [(soname.as_str(), real.as_str()), ("libivshm.so", &soname)] {
+        assert_eq!(
+            std::fs::read_link(lib_dir.join(link)).ok(),
+            Some(PathBuf::from(target)),
+            "{link} does not link to {target}"
+        );
+    }
+    assert_eq!(dynamic_entries(&lib_dir.join(&real), "SONAME"), [soname.clone()]);
     // cc $(pkg-config --cflags --libs ivshm), as the README says.
     let pkg_config_path = prefix.join("lib/pkgconfig");
     let flags = common::run_ok({
@@ -152,7 +187,6 @@ fn installed_with_scripts_install_capi_pkg_config_builds_the_example() {
             .env("PKG_CONFIG_PATH", &pkg_config_path);
         c
     });
-    let lib_dir = prefix.join("lib");
     assert!(
         flags.contains(&format!("-I{}", prefix.join("include").display()))
             && flags.contains(&format!("-L{}", lib_dir.display()))
@@ -170,7 +204,20 @@ fn installed_with_scripts_install_capi_pkg_config_builds_the_example() {
             .env("PKG_CONFIG_PATH", &pkg_config_path);
         cc
     });
-    // Linked with the shared library: it runs with the installed one, and talks to the CLI.
+    // Linked with the shared library: it records the SONAME, not the name it was linked by,
+    // loads the installed library through the SONAME's symlink, and talks to the CLI.
+    let needed = dynamic_entries(&program, "NEEDED");
+    assert!(
+        needed.contains(&soname) && !needed.iter().any(|n| n == "libivshm.so"),
+        "{needed:?}"
+    );
+    let ldd = common::run_ok({
+        let mut c = Command::new("ldd");
+        c.arg(&program).env("LD_LIBRARY_PATH", &lib_dir);
+        c
+    });
+    let loads = format!("{soname} => {}", lib_dir.join(&soname).display());
+    assert!(ldd.lines().any(|l| l.trim().starts_with(&loads)), "{ldd}");
     let socket = socket_path("capi-pkg-config");
     let _server = serve(&socket, "4M");
     let mut c = Command::new(&program);
@@ -192,16 +239,31 @@ fn installed_with_scripts_install_capi_pkg_config_builds_the_example() {
         r
     });
     sender.wait_success(STEP).unwrap();
-    let data: Vec<&str> = out
-        .lines()
-        .filter_map(|l| l.split_once(" data=").map(|(_, d)| d))
-        .collect();
+    let data = recv_text_messages(&out);
     assert_eq!(data.len(), 100, "{out:.400}");
     for (seq, d) in data.iter().enumerate() {
         verify(seq as u64, d);
     }
     let _ = std::fs::remove_dir_all(&prefix);
     let _ = std::fs::remove_file(&program);
+}
+
+/// The values of an ELF file's dynamic-section entries of `tag` (`SONAME`, `NEEDED`), as
+/// `readelf -d` prints them: `0x... (NEEDED)  Shared library: [libc.so.6]`.
+fn dynamic_entries(file: &Path, tag: &str) -> Vec<String> {
+    let out = common::run_ok({
+        let mut c = Command::new("readelf");
+        c.arg("-d").arg(file);
+        c
+    });
+    let marker = format!("({tag})");
+    out.lines()
+        .filter(|l| l.contains(&marker))
+        .filter_map(|l| {
+            let (_, value) = l.rsplit_once('[')?;
+            Some(value.strip_suffix(']')?.to_string())
+        })
+        .collect()
 }
 
 // ---- the entry points, called as C calls them -------------------------------------------------

@@ -1,4 +1,5 @@
-//! Building the `ivshm` program: statically linked for guests, normally for the host.
+//! Building the `ivshm` program: statically linked for guests, normally for the host; and the
+//! C library's static archive for C programs in guests ([`crate::c_chat`]).
 //!
 //! Each is built at most once per test process ([`OnceLock`]); across processes a lock file
 //! (`flock`) serialises the builds (Cargo also locks its target directory).
@@ -18,6 +19,12 @@ pub const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 pub const CLI_PACKAGE: &str = "ivshm-cli";
 /// The name of the program.
 pub const IVSHM_BIN: &str = "ivshm";
+/// The package of the C library.
+pub const CAPI_PACKAGE: &str = "ivshm-capi";
+/// The C library's static archive.
+pub const CAPI_STATICLIB: &str = "libivshm.a";
+/// The lock file serialising the static builds across test processes.
+const STATIC_LOCK: &str = "e2e-static-build.lock";
 
 /// A build failed.
 #[derive(Debug, Clone, thiserror::Error, displaydoc::Display)]
@@ -40,6 +47,18 @@ pub enum BuildError {
         command: String,
         /// Its exit status.
         status: String,
+    },
+    /// The C compiler failed.
+    /// Then, after a line break, what it printed on stderr. A doc comment cannot hold the line
+    /// break, so `#[displaydoc]` gives the message.
+    #[displaydoc("`{command}` failed with {status}:\n{stderr}")]
+    Compile {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// What it printed on stderr.
+        stderr: String,
     },
     /// built, but {0} does not exist
     ///
@@ -108,27 +127,45 @@ pub fn static_target_dir() -> PathBuf {
     workspace::target_dir().join("static")
 }
 
-fn build_static_ivshm() -> Result<PathBuf, BuildError> {
-    let target_dir = static_target_dir();
+/// `cargo {subcommand} -p {package} {args} --target GUEST_TARGET` into `<target>/static`,
+/// statically linked (`+crt-static`), debug profile without debug info (smaller guest images).
+/// The static `ivshm` and the static `libivshm.a` share this target directory, so their common
+/// dependencies are compiled once.
+fn static_cargo(subcommand: &str, package: &str, args: &[&str]) -> Command {
     let mut command = Command::new(workspace::cargo());
     command
-        .args([
-            "build",
-            "-p",
-            CLI_PACKAGE,
-            "--bin",
-            IVSHM_BIN,
-            "--target",
-            GUEST_TARGET,
-        ])
-        .env("CARGO_TARGET_DIR", &target_dir)
+        .args([subcommand, "-p", package])
+        .args(args)
+        .args(["--target", GUEST_TARGET])
+        .env("CARGO_TARGET_DIR", static_target_dir())
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        // Smaller guest images: no debug info in the static build.
         .env("CARGO_PROFILE_DEV_DEBUG", "false")
         .env("CARGO_PROFILE_DEV_STRIP", "debuginfo")
         .env_remove("CARGO_ENCODED_RUSTFLAGS");
-    run_cargo(command, "e2e-static-build.lock")?;
-    existing(target_dir.join(GUEST_TARGET).join("debug").join(IVSHM_BIN))
+    command
+}
+
+/// Where the static build puts its outputs.
+fn static_output_dir() -> PathBuf {
+    static_target_dir().join(GUEST_TARGET).join("debug")
+}
+
+fn build_static_ivshm() -> Result<PathBuf, BuildError> {
+    let command = static_cargo("build", CLI_PACKAGE, &["--bin", IVSHM_BIN]);
+    run_cargo(command, STATIC_LOCK)?;
+    existing(static_output_dir().join(IVSHM_BIN))
+}
+
+fn build_static_libivshm() -> Result<PathBuf, BuildError> {
+    // Only the staticlib: a cdylib cannot be linked with +crt-static (cargo would drop it with
+    // a warning).
+    let command = static_cargo(
+        "rustc",
+        CAPI_PACKAGE,
+        &["--lib", "--crate-type", "staticlib"],
+    );
+    run_cargo(command, STATIC_LOCK)?;
+    existing(static_output_dir().join(CAPI_STATICLIB))
 }
 
 fn build_host_ivshm() -> Result<PathBuf, BuildError> {
@@ -143,6 +180,13 @@ fn build_host_ivshm() -> Result<PathBuf, BuildError> {
 pub fn static_ivshm() -> Result<PathBuf, BuildError> {
     static BUILT: OnceLock<Result<PathBuf, BuildError>> = OnceLock::new();
     BUILT.get_or_init(build_static_ivshm).clone()
+}
+
+/// The C library's `libivshm.a` for guests, built like [`static_ivshm`] (once per process, in
+/// `<target>/static`): C programs linked with it and `cc -static` run in the busybox guest.
+pub fn static_libivshm() -> Result<PathBuf, BuildError> {
+    static BUILT: OnceLock<Result<PathBuf, BuildError>> = OnceLock::new();
+    BUILT.get_or_init(build_static_libivshm).clone()
 }
 
 /// The host `ivshm` (`cargo build -p ivshm-cli --bin ivshm`, i.e. `<target>/debug/ivshm`),

@@ -7,7 +7,9 @@
 //!
 //! Modules by concern:
 //! - [`assets`]: kernel, modules, busybox and QEMU; [`require_e2e!`] skips or fails.
-//! - [`binaries`]: building `ivshm` for the host and statically for guests.
+//! - [`binaries`]: building `ivshm` for the host and statically for guests, and the C library's
+//!   `libivshm.a` for guests.
+//! - [`c_chat`]: the C library's example `chat.c`, static for guests, and its checked messages.
 //! - [`cpio`] and [`initramfs`]: the guest image and its `/init`.
 //! - [`console`] and [`qemu`]: starting guests and the shell protocol on the serial console.
 //! - [`background`]: guest commands running in the background while the test goes on.
@@ -23,6 +25,7 @@
 pub mod assets;
 pub mod background;
 pub mod binaries;
+pub mod c_chat;
 pub mod console;
 pub mod cpio;
 pub mod guest_tool;

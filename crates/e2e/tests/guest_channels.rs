@@ -1,6 +1,11 @@
 //! Issue 8 end to end: `ivshm-channel` channels between two q35 + intel-iommu guests (VFIO,
 //! MSI-X doorbells in guest user space) and a host peer, all on one `ivshm serve` region.
 //!
+//! - Issue 9's C library in a guest, before any `ivshm guest` command: the example
+//!   `examples/c/chat.c`, linked statically with `libivshm.a` (`ivshm_region_open_guest`: VFIO,
+//!   MSI-X doorbells), receives and checks checksummed messages that the host's
+//!   `ivshm chan send` sends in one guest while it sends them to the host's `ivshm chan recv`
+//!   (checked here: checksum, sequence, whole text) in the other, both at once.
 //! - "Two VMs talking in five commands" (README): one guest receives, the other sends.
 //! - A third guest with two doorbell devices on the region runs the doorbell conformance suite
 //!   between them (`ivshm guest chan selftest`: the real device, interrupts through VFIO).
@@ -14,6 +19,7 @@
 
 use std::time::{Duration, Instant};
 
+use ivshm_e2e::c_chat::{message, recv_text_messages, static_chat, verify};
 use ivshm_e2e::guest_tool::vfio_doorbell_guest;
 use ivshm_e2e::host::run_to_completion;
 use ivshm_e2e::ivshm::ivshm_command;
@@ -27,6 +33,9 @@ const EXCHANGE: Duration = Duration::from_secs(1500);
 /// is far longer: only the marking can end them this soon).
 const GONE: Duration = Duration::from_secs(180);
 const VECTORS: u32 = 2;
+/// Messages of examples/c/chat.c each way between a guest and the host: about 1.5 MB, three
+/// times round a ring of 512 KiB, sizes from 4 bytes to 3 KB.
+const C_MESSAGES: u64 = 1000;
 
 /// The host `ivshm chan exchange` on `names`.
 fn host_exchange(
@@ -57,6 +66,83 @@ fn assert_exchanged(who: &str, output: &str, name: &str, count: u64) {
     eprintln!("{who}: {line}");
 }
 
+/// examples/c/chat.c in guest `a` (`/bin/chat`, the guest's only device) receives and checks
+/// [`C_MESSAGES`] that the host's `ivshm chan send` sends, while in guest `b` (`--dev 0`) it
+/// sends as many to the host's `ivshm chan recv`, whose output is checked here.
+fn c_programs_in_guests_exchange_with_the_host_cli(
+    a: &mut QemuGuest,
+    b: &mut QemuGuest,
+    socket: &std::path::Path,
+) {
+    let started = Instant::now();
+    let count = C_MESSAGES.to_string();
+    let c_recv = a
+        .spawn_background("chat-recv", &format!("chat guest recv demo {count}"))
+        .unwrap();
+    // The library opened the device (bound it to vfio-pci) and the channel: the region is the
+    // server's, formatted by `ivshm chan init`.
+    let opened = c_recv.wait_output(a, "-byte rings", STEP).unwrap();
+    assert!(
+        opened.contains(" 2 vectors, 16777216 bytes, 8 channels of 524288-byte rings"),
+        "{opened}"
+    );
+    let mut host_recv = ivshm_command(["chan", "recv", "--socket"]).unwrap();
+    host_recv
+        .arg(socket)
+        .args(["--name", "c-to-host", "--count", &count])
+        .args(["--timeout", "600", "--format", "text"]);
+    let mut host_recv = HostProcess::spawn("host recv from C", host_recv).unwrap();
+    let c_send = b
+        .spawn_background(
+            "chat-send",
+            &format!("chat guest send --dev 0 c-to-host {count}"),
+        )
+        .unwrap();
+    let mut host_send = ivshm_command(["chan", "send", "--socket"]).unwrap();
+    host_send
+        .arg(socket)
+        .args(["--name", "demo", "--timeout", "600"]);
+    let mut host_send = HostProcess::spawn_with_stdin("host send to C", host_send).unwrap();
+    let lines: Vec<String> = (0..C_MESSAGES).map(message).collect();
+    {
+        use std::io::Write;
+        let stdin = host_send.stdin().unwrap();
+        for line in &lines {
+            writeln!(stdin, "{line}").unwrap();
+        }
+    }
+    host_send.close_stdin();
+
+    let received = c_recv.finish(a, EXCHANGE).unwrap();
+    let bytes: usize = lines.iter().map(String::len).sum();
+    assert!(
+        received.success()
+            && received.output.contains(&format!(
+                "\nreceived {C_MESSAGES} messages, {bytes} bytes, all verified"
+            )),
+        "chat recv in guest A: {}",
+        received.output
+    );
+    host_send.wait_success(STEP).unwrap();
+    let sent = c_send.finish(b, EXCHANGE).unwrap();
+    assert!(
+        sent.success() && sent.output.contains(&format!("\nsent {C_MESSAGES} messages")),
+        "chat send in guest B: {}",
+        sent.output
+    );
+    host_recv.wait_success(STEP).unwrap();
+    let out = host_recv.lines(Stream::Stdout).join("\n");
+    let messages = recv_text_messages(&out);
+    assert_eq!(messages.len() as u64, C_MESSAGES, "{out:.400}");
+    for (seq, m) in messages.iter().enumerate() {
+        verify(seq as u64, m);
+    }
+    eprintln!(
+        "chat.c in the guests, {C_MESSAGES} messages ({bytes} bytes) each way with the host CLI: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
 /// The `self id=<ID>` of a guest's device.
 fn guest_id(guest: &mut QemuGuest) -> u16 {
     let list = guest.run_ok("ivshm guest chan list", STEP).unwrap();
@@ -68,7 +154,7 @@ fn guest_id(guest: &mut QemuGuest) -> u16 {
 }
 
 #[test]
-fn channels_between_two_guests_and_a_host_peer_and_a_guest_killed_midway() {
+fn channels_and_c_programs_between_two_guests_and_a_host_peer_and_a_guest_killed_midway() {
     let assets = require_e2e!();
     let dir = ScratchDir::new().unwrap();
     let socket = dir.join("ivshm.sock");
@@ -82,10 +168,13 @@ fn channels_between_two_guests_and_a_host_peer_and_a_guest_killed_midway() {
         Some("region channels=8 ring_size=524288 max_message=524224 layout_size=8400896")
     );
 
+    let chat = static_chat().unwrap();
     let mut a = vfio_doorbell_guest(&assets, "chan-a", &socket, VECTORS)
+        .file("/bin/chat", &chat, 0o755)
         .spawn()
         .unwrap();
     let mut b = vfio_doorbell_guest(&assets, "chan-b", &socket, VECTORS)
+        .file("/bin/chat", &chat, 0o755)
         .spawn()
         .unwrap();
     let mut c = vfio_doorbell_guest(&assets, "chan-c", &socket, VECTORS)
@@ -100,6 +189,9 @@ fn channels_between_two_guests_and_a_host_peer_and_a_guest_killed_midway() {
     let selftest = c
         .spawn_background("selftest", "ivshm guest chan selftest --dev 0 --dev 1")
         .unwrap();
+
+    // The C library in both guests, before any `ivshm guest` command touched their devices.
+    c_programs_in_guests_exchange_with_the_host_cli(&mut a, &mut b, &socket);
 
     // Two VMs talking in five commands (README): A receives, B sends.
     let recv = a

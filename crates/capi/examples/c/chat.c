@@ -5,8 +5,16 @@
  *                                 of the ivshm server at SOCKET, then close once the other
  *                                 end has joined
  *   chat recv SOCKET NAME COUNT   receive COUNT messages and verify each one
+ *   chat guest send|recv [--dev DEV] NAME COUNT
+ *                                 the same inside a guest, on its ivshmem device (VFIO with
+ *                                 MSI-X interrupts, or sysfs with polling), as `ivshm guest
+ *                                 chan` does: DEV is a PCI address (0000:00:03.0 or 00:03.0)
+ *                                 or an index from `ivshm guest list`; default: the only one
  *
  * Build:  cc chat.c $(pkg-config --cflags --libs ivshm) -o chat
+ * Static (for a guest without the library installed):
+ *         cc -static chat.c $(pkg-config --cflags ivshm) \
+ *            "$(pkg-config --variable=libdir ivshm)/libivshm.a" -lutil -lrt -lpthread -lm -ldl -o chat
  *
  * Message i (from 0) is one line of text, so that `ivshm chan send` can send it from stdin and
  * `ivshm chan recv` can print it:
@@ -202,21 +210,47 @@ static int receive_messages(ivshm_channel *ch, uint64_t count)
     return 0;
 }
 
+static int usage(void)
+{
+    fprintf(stderr, "usage: chat send|recv SOCKET NAME COUNT\n"
+                    "       chat guest send|recv [--dev DEV] NAME COUNT\n");
+    return 2;
+}
+
 int main(int argc, char **argv)
 {
-    if (argc != 5 || (strcmp(argv[1], "send") != 0 && strcmp(argv[1], "recv") != 0)) {
-        fprintf(stderr, "usage: chat send|recv SOCKET NAME COUNT\n");
-        return 2;
+    /* chat [guest] send|recv (SOCKET | [--dev DEV]) NAME COUNT */
+    int arg = 1;
+    int guest = arg < argc && strcmp(argv[arg], "guest") == 0;
+    if (guest)
+        arg++;
+    if (arg >= argc || (strcmp(argv[arg], "send") != 0 && strcmp(argv[arg], "recv") != 0))
+        return usage();
+    const char *mode = argv[arg++];
+    const char *server = NULL, *device = NULL;
+    if (guest) {
+        if (arg + 1 < argc && strcmp(argv[arg], "--dev") == 0) {
+            device = argv[arg + 1];
+            arg += 2;
+        }
+    } else if (arg < argc) {
+        server = argv[arg++];
     }
+    if (argc - arg != 2)
+        return usage();
+    const char *name = argv[arg];
+    const char *count_text = argv[arg + 1];
     char *end = NULL;
-    uint64_t count = strtoull(argv[4], &end, 10);
-    if (*argv[4] == '\0' || *end != '\0') {
+    uint64_t count = strtoull(count_text, &end, 10);
+    if (*count_text == '\0' || *end != '\0') {
         fprintf(stderr, "chat: COUNT must be a number\n");
         return 2;
     }
 
     ivshm_region *region = NULL;
-    ivshm_status st = ivshm_region_open_host(argv[2], &region);
+    /* A guest's device: NULL picks the only one. */
+    ivshm_status st = guest ? ivshm_region_open_guest(device, &region)
+                            : ivshm_region_open_host(server, &region);
     if (st != IVSHM_STATUS_OK)
         return fail("open region", st);
     ivshm_region_info info;
@@ -229,14 +263,14 @@ int main(int argc, char **argv)
     ivshm_channel_options options;
     ivshm_channel_options_init(&options);
     ivshm_channel *ch = NULL;
-    st = ivshm_channel_open(region, argv[3], &options, &ch);
+    st = ivshm_channel_open(region, name, &options, &ch);
     /* The channel keeps what it needs of the region. */
     ivshm_region_close(region);
     if (st != IVSHM_STATUS_OK)
         return fail("open channel", st);
     fflush(stdout);
 
-    int rc = strcmp(argv[1], "send") == 0 ? send_messages(ch, count) : receive_messages(ch, count);
+    int rc = strcmp(mode, "send") == 0 ? send_messages(ch, count) : receive_messages(ch, count);
     ivshm_channel_close(ch);
     return rc;
 }

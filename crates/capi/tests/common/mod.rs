@@ -1,5 +1,5 @@
 //! What the tests of tests/c_api.rs need: `ivshm serve`, compiling C against the library, the example's
-//! messages.
+//! messages (from `ivshm_e2e::c_chat`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use ivshm_test_support::fds::wait_listening;
 use ivshm_test_support::process::HostProcess;
+
+/// chat.c's message stream and the parser of `ivshm chan recv` output (shared with the QEMU
+/// end-to-end test that runs chat.c in a guest).
+pub use ivshm_e2e::c_chat::{message, recv_text_messages, verify};
 
 /// Bound on each program the tests run.
 pub const STEP: Duration = Duration::from_secs(120);
@@ -99,38 +103,4 @@ pub fn run_ok(mut command: Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// 32-bit FNV-1a.
-pub fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(2_166_136_261u32, |h, &b| {
-        (h ^ u32::from(b)).wrapping_mul(16_777_619)
-    })
-}
-
-/// Message `seq` of examples/c/chat.c: `"<seq> <payload> <fnv1a hex>"` (see its comment).
-pub fn message(seq: u64) -> String {
-    let payload: String = (0..1 + (seq * 7919) % 3000)
-        .map(|j| char::from(b'a' + ((seq * 31 + j * 17) % 26) as u8))
-        .collect();
-    let text = format!("{seq} {payload}");
-    let sum = fnv1a(text.as_bytes());
-    format!("{text} {sum:08x}")
-}
-
-/// Checks a received message of chat.c's stream: its checksum, then that it is message `seq`.
-pub fn verify(seq: u64, got: &str) {
-    let (text, sum) = got
-        .rsplit_once(' ')
-        .unwrap_or_else(|| panic!("message {seq} has no checksum: {got:.40}"));
-    assert_eq!(
-        u32::from_str_radix(sum, 16).ok(),
-        Some(fnv1a(text.as_bytes())),
-        "message {seq} ({} bytes) fails its checksum",
-        got.len()
-    );
-    assert!(
-        got == message(seq),
-        "message {seq} is not the one sent (lost, duplicated or reordered): {got:.40}"
-    );
 }
