@@ -136,8 +136,16 @@ fn chat_takes_a_guest_device_as_ivshm_guest_chan_does() {
             1,
             "opening the ivshmem device: no recognised shared-memory device at 0000:00:1f.7",
         ),
-        (&["guest", "send", "c"], 2, "usage: chat send|recv SOCKET NAME COUNT"),
-        (&["guest", "send", "--dev", "0", "c", "x"], 2, "COUNT must be a number"),
+        (
+            &["guest", "send", "c"],
+            2,
+            "usage: chat send|recv SOCKET NAME COUNT",
+        ),
+        (
+            &["guest", "send", "--dev", "0", "c", "x"],
+            2,
+            "COUNT must be a number",
+        ),
     ] {
         let out = Command::new(chat()).args(args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -178,7 +186,10 @@ fn installed_with_scripts_install_capi_pkg_config_builds_the_example() {
             "{link} does not link to {target}"
         );
     }
-    assert_eq!(dynamic_entries(&lib_dir.join(&real), "SONAME"), [soname.clone()]);
+    assert_eq!(
+        dynamic_entries(&lib_dir.join(&real), "SONAME"),
+        std::slice::from_ref(&soname)
+    );
     // cc $(pkg-config --cflags --libs ivshm), as the README says.
     let pkg_config_path = prefix.join("lib/pkgconfig");
     let flags = common::run_ok({

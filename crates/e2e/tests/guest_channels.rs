@@ -79,11 +79,12 @@ fn c_programs_in_guests_exchange_with_the_host_cli(
     let c_recv = a
         .spawn_background("chat-recv", &format!("chat guest recv demo {count}"))
         .unwrap();
-    // The library opened the device (bound it to vfio-pci) and the channel: the region is the
-    // server's, formatted by `ivshm chan init`.
-    let opened = c_recv.wait_output(a, "-byte rings", STEP).unwrap();
+    // The library opened the device (bound it to vfio-pci: an MSI-X vector's eventfd to poll)
+    // and the channel; the region is the server's, formatted by `ivshm chan init`.
+    let opened = c_recv.wait_output(a, "channel demo: ", STEP).unwrap();
     assert!(
-        opened.contains(" 2 vectors, 16777216 bytes, 8 channels of 524288-byte rings"),
+        opened.contains(" 2 vectors, 16777216 bytes, 8 channels of 524288-byte rings\n")
+            && opened.contains("\nchannel demo: doorbell fd to poll"),
         "{opened}"
     );
     let mut host_recv = ivshm_command(["chan", "recv", "--socket"]).unwrap();
@@ -126,7 +127,13 @@ fn c_programs_in_guests_exchange_with_the_host_cli(
     host_send.wait_success(STEP).unwrap();
     let sent = c_send.finish(b, EXCHANGE).unwrap();
     assert!(
-        sent.success() && sent.output.contains(&format!("\nsent {C_MESSAGES} messages")),
+        sent.success()
+            && sent
+                .output
+                .contains("\nchannel c-to-host: doorbell fd to poll")
+            && sent
+                .output
+                .contains(&format!("\nsent {C_MESSAGES} messages")),
         "chat send in guest B: {}",
         sent.output
     );

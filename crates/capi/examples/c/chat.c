@@ -268,6 +268,10 @@ int main(int argc, char **argv)
     ivshm_region_close(region);
     if (st != IVSHM_STATUS_OK)
         return fail("open channel", st);
+    /* An fd to poll: the server's eventfd on the host, the device's MSI-X vector through VFIO in
+     * a guest; none on a guest device without interrupts (sysfs), where the library polls. */
+    printf("channel %s: %s\n", name,
+           ivshm_channel_fd(ch) >= 0 ? "doorbell fd to poll" : "no doorbell fd, the library polls");
     fflush(stdout);
 
     int rc = strcmp(mode, "send") == 0 ? send_messages(ch, count) : receive_messages(ch, count);
