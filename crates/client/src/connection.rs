@@ -16,7 +16,7 @@ use ivshm_proto::{MessageReader, Received};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::net::{connect, socket_with, AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
-use crate::error::ClientError;
+use crate::error::{ClientError, ConnectHint};
 use crate::events::PeerEvent;
 use crate::handshake::{Handshake, Step};
 use crate::options::ConnectOptions;
@@ -86,6 +86,7 @@ pub fn connect_socket(path: &Path) -> Result<OwnedFd, ClientError> {
     let err = |error| ClientError::Connect {
         path: path.to_path_buf(),
         error,
+        hint: ConnectHint(error),
     };
     let socket = socket_with(
         AddressFamily::UNIX,

@@ -10,61 +10,73 @@ use thiserror::Error;
 use crate::handshake::HandshakeError;
 
 /// Errors of the host peer library.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum ClientError {
+    /// cannot connect to {path}: {error}{hint}
+    ///
     /// The socket could not be created or connected.
-    #[error("cannot connect to {path}: {error}{}", connect_hint(*.error))]
     Connect {
         /// The socket path.
         path: PathBuf,
         /// The error.
         error: Errno,
+        /// What a user can do about it (empty for most errors).
+        hint: ConnectHint,
     },
+    /// handshake with the server failed: {0}
+    ///
     /// The server sent something the handshake rejects.
-    #[error("handshake with the server failed: {0}")]
     Handshake(HandshakeError),
+    /// the server did not complete the handshake within {0:?}
+    ///
     /// The handshake did not complete in time.
-    #[error("the server did not complete the handshake within {0:?}")]
     HandshakeTimeout(std::time::Duration),
+    /// the server closed the connection before sending anything: it refused this peer. An ivshm
+    /// server does that when the region already has its peer limit of peers (`ivshm regions` shows
+    /// peers=P/LIMIT; the factory answers GSS_CLIENT_MAX), when every id it may give is in use or
+    /// held back (an id whose holder left is not given again while a peer that saw it leave is
+    /// connected, because QEMU 7.2 guests abort on that; `ivshm regions` shows held-ids=[..]), or
+    /// when it has no file descriptors left; its log names the reason
+    ///
     /// The server closed the connection before sending anything: it refused the peer.
-    #[error(
-        "the server closed the connection before sending anything: it refused this peer. An \
-         ivshm server does that when the region already has its peer limit of peers (`ivshm \
-         regions` shows peers=P/LIMIT; the factory answers GSS_CLIENT_MAX), when every id it \
-         may give is in use or held back (an id whose holder left is not given again while a \
-         peer that saw it leave is connected, because QEMU 7.2 guests abort on that; `ivshm \
-         regions` shows held-ids=[..]), or when it has no file descriptors left; its log names \
-         the reason"
-    )]
     Refused,
+    /// the server closed the connection during the handshake
+    ///
     /// The server closed the connection during the handshake.
-    #[error("the server closed the connection during the handshake")]
     ClosedDuringHandshake,
+    /// receiving from the server failed: {0}
+    ///
     /// Receiving a message failed.
-    #[error("receiving from the server failed: {0}")]
     Receive(FdPassingError),
+    /// the server closed the connection
+    ///
     /// The server has gone (closed the socket); see `ConnectOptions::reconnect`.
-    #[error("the server closed the connection")]
     ServerGone,
+    /// {what} failed: {error}
+    ///
     /// A system call failed.
-    #[error("{what} failed: {error}")]
     Sys {
         /// What was being done.
         what: &'static str,
         /// The error.
         error: Errno,
     },
+    /// cannot map the shared memory: {0}
+    ///
     /// The shared memory could not be mapped.
-    #[error("cannot map the shared memory: {0}")]
     Map(MapError),
+    /// shared memory of {0} bytes is too large to map here
+    ///
     /// The shared memory is too large to map in this address space.
-    #[error("shared memory of {0} bytes is too large to map here")]
     TooLarge(u64),
+    /// unknown peer {0}
+    ///
     /// `notify` named a peer that is not in the peer table.
-    #[error("unknown peer {0}")]
     UnknownPeer(u16),
+    /// peer {peer} has no vector {vector} (it has {vectors})
+    ///
     /// `notify` named a vector the peer does not have.
-    #[error("peer {peer} has no vector {vector} (it has {vectors})")]
     UnknownVector {
         /// The peer.
         peer: u16,
@@ -90,6 +102,17 @@ impl From<FdPassingError> for ClientError {
 impl From<MapError> for ClientError {
     fn from(error: MapError) -> Self {
         ClientError::Map(error)
+    }
+}
+
+/// What a user can do about a failed connect, for its error: its `Display` (empty, or a
+/// parenthesised advice after a space) ends [`ClientError::Connect`]'s message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectHint(pub Errno);
+
+impl std::fmt::Display for ConnectHint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(connect_hint(self.0))
     }
 }
 
@@ -129,6 +152,7 @@ mod tests {
         ClientError::Connect {
             path: PathBuf::from("/run/x.sock"),
             error,
+            hint: ConnectHint(error),
         }
         .to_string()
     }

@@ -71,7 +71,7 @@ mod wait_set;
 
 pub use channel_doorbell::PeerDoorbell;
 pub use connection::connect_socket;
-pub use error::ClientError;
+pub use error::{ClientError, ConnectHint};
 pub use events::{Event, PeerEvent};
 pub use handshake::{Handshake, HandshakeError};
 pub use options::ConnectOptions;
