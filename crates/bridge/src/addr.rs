@@ -35,10 +35,12 @@ pub enum AddressError {
     ///
     /// Neither `tcp:` nor `unix:`.
     Scheme(String),
-    #[allow(rustdoc::broken_intra_doc_links)] // `[::1]` is message text, not a link
-    /// {0:?}: expected tcp:HOST:PORT (e.g. tcp:127.0.0.1:2222, tcp:[::1]:22)
+    /// {0:?}: expected tcp:HOST:PORT (e.g. tcp:127.0.0.1:2222, tcp:\[::1\]:22)
     ///
     /// `tcp:` without `HOST:PORT`.
+    ///
+    /// The message is in `#[displaydoc]` because rustdoc would read its `[`/`<` as markup.
+    #[displaydoc("{0:?}: expected tcp:HOST:PORT (e.g. tcp:127.0.0.1:2222, tcp:[::1]:22)")]
     Tcp(String),
     /// {0:?}: the port must be a number from 1 to 65535 (0 only to listen)
     ///

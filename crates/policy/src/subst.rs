@@ -33,10 +33,12 @@ use crate::name::{is_name_byte, MAX_NAME_LEN};
 #[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
 #[ignore_extra_doc_attributes]
 pub enum SubstError {
-    #[allow(rustdoc::broken_intra_doc_links)] // `[match]` is message text, not a link
-    /// expected [match],prefix: no comma in {0:?}
+    /// expected \[match\],prefix: no comma in {0:?}
     ///
     /// The argument has no comma separating `match` from `prefix`.
+    ///
+    /// The message is in `#[displaydoc]` because rustdoc would read its `[`/`<` as markup.
+    #[displaydoc("expected [match],prefix: no comma in {0:?}")]
     MissingComma(String),
     /// the prefix after the comma is empty
     ///

@@ -55,11 +55,13 @@ pub enum VfioError {
         /// What went wrong.
         reason: String,
     },
-    #[allow(rustdoc::invalid_html_tags)] // `<group>` is message text, not HTML
-    /// permission denied on {path} ({detail}): run as root, or give this user access to /dev/vfio/<group>
+    /// permission denied on {path} ({detail}): run as root, or give this user access to /dev/vfio/\<group>
     /// and the device's sysfs files
     ///
     /// Not allowed to write a sysfs file or open a VFIO node.
+    ///
+    /// The message is in `#[displaydoc]` because rustdoc would read its `[`/`<` as markup.
+    #[displaydoc("permission denied on {path} ({detail}): run as root, or give this user access to /dev/vfio/<group> and the device's sysfs files")]
     Permission {
         /// The file.
         path: PathBuf,

@@ -9,6 +9,9 @@ use thiserror::Error;
 pub const MAX_PATTERN_LEN: usize = 255;
 
 /// Why a string is not accepted as an `allow`/`deny` pattern.
+// error-messages-in-attributes: `NeverMatches` words its message from two fields with
+// conditions (how the byte was written, and advice for an escaped wildcard), which a doc
+// comment's placeholders cannot say; so this type keeps thiserror's #[error(...)] messages.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum PatternError {
     /// The pattern is empty (it could only match the empty name, which is never legal).
