@@ -34,7 +34,7 @@
 mod bracket;
 mod pattern;
 
-pub use pattern::{Pattern, PatternError, MAX_PATTERN_LEN};
+pub use pattern::{Pattern, PatternError, WildcardHint, Written, MAX_PATTERN_LEN};
 
 /// Returns whether `name` matches the shell wildcard `pattern`, as `fnmatch(pattern, name, 0)`.
 ///

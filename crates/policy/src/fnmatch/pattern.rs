@@ -9,49 +9,96 @@ use thiserror::Error;
 pub const MAX_PATTERN_LEN: usize = 255;
 
 /// Why a string is not accepted as an `allow`/`deny` pattern.
-// error-messages-in-attributes: `NeverMatches` words its message from two fields with
-// conditions (how the byte was written, and advice for an escaped wildcard), which a doc
-// comment's placeholders cannot say; so this type keeps thiserror's #[error(...)] messages.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, displaydoc::Display)]
+#[ignore_extra_doc_attributes]
 pub enum PatternError {
+    /// empty pattern
+    ///
     /// The pattern is empty (it could only match the empty name, which is never legal).
-    #[error("empty pattern")]
     Empty,
+    /// pattern is {len} bytes long, the limit is {MAX_PATTERN_LEN:}
+    ///
     /// The pattern is longer than [`MAX_PATTERN_LEN`] bytes.
-    #[error("pattern is {len} bytes long, the limit is {MAX_PATTERN_LEN}")]
     TooLong {
         /// Its length in bytes.
         len: usize,
     },
+    /// pattern contains {byte:?}, which cannot appear in an option argument
+    ///
     /// The pattern contains a byte that cannot appear in a `vdev shmem` option argument: NUL, a
     /// control character, whitespace or `#` (which starts a comment in a qvm configuration).
-    #[error("pattern contains {byte:?}, which cannot appear in an option argument")]
     ForbiddenByte {
         /// The offending character.
         byte: char,
     },
+    /// pattern ends with a lone backslash and would never match
+    ///
     /// The pattern ends in a lone `\`, which makes `fnmatch` fail for every name.
-    #[error("pattern ends with a lone backslash and would never match")]
     TrailingBackslash,
+    /// pattern can never match: it needs a literal {byte:?} ({written}), and region names only
+    /// contain A-Z a-z 0-9 _ . + -{hint}
+    ///
     /// The pattern has no bracket expression and a literal byte no region name contains
     /// (see [`crate::name`]), so it can never match. Typically `\*` copied from a shell
     /// command line, where QNX's documentation escapes the star to get it through the shell.
-    #[error(
-        "pattern can never match: it needs a literal {byte:?} ({}), and region names only \
-         contain A-Z a-z 0-9 _ . + -{}",
-        if *escaped { "escaped with a backslash" } else { "written as is" },
-        if *escaped && matches!(byte, '*' | '?') {
-            "; the backslash is only needed on a shell command line: write the wildcard bare"
-        } else {
-            ""
-        }
-    )]
     NeverMatches {
         /// The literal byte.
         byte: char,
-        /// Whether it was written with a backslash.
-        escaped: bool,
+        /// How it was written.
+        written: Written,
+        /// Advice for an escaped wildcard.
+        hint: WildcardHint,
     },
+}
+
+/// How a pattern wrote a literal byte, as [`PatternError::NeverMatches`] says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Bare (`:`).
+    AsIs,
+    /// After a backslash (`\:`).
+    Escaped,
+}
+
+impl std::fmt::Display for Written {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::AsIs => "written as is",
+            Self::Escaped => "escaped with a backslash",
+        })
+    }
+}
+
+/// What [`PatternError::NeverMatches`] advises after its reason: for an escaped wildcard
+/// (`\*`, `\?`, typically copied from a shell command line), to write it bare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WildcardHint {
+    /// Nothing to add (its `Display` is empty).
+    None,
+    /// The literal is an escaped `*` or `?`.
+    WriteBare,
+}
+
+impl WildcardHint {
+    /// The hint for `byte` written as `written`.
+    pub fn new(byte: char, written: Written) -> Self {
+        if written == Written::Escaped && matches!(byte, '*' | '?') {
+            Self::WriteBare
+        } else {
+            Self::None
+        }
+    }
+}
+
+impl std::fmt::Display for WildcardHint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => Ok(()),
+            Self::WriteBare => f.write_str(
+                "; the backslash is only needed on a shell command line: write the wildcard bare",
+            ),
+        }
+    }
 }
 
 /// A shell wildcard pattern (`fnpattern`), checked to be printable as one configuration token.
@@ -80,7 +127,16 @@ impl Pattern {
             return Err(PatternError::TrailingBackslash);
         }
         if let Some((byte, escaped)) = impossible_literal(text.as_bytes()) {
-            return Err(PatternError::NeverMatches { byte, escaped });
+            let written = if escaped {
+                Written::Escaped
+            } else {
+                Written::AsIs
+            };
+            return Err(PatternError::NeverMatches {
+                byte,
+                written,
+                hint: WildcardHint::new(byte, written),
+            });
         }
         Ok(Self(text.to_owned()))
     }

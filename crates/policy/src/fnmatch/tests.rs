@@ -246,25 +246,35 @@ fn pattern_type_checks_writability() {
         shell,
         PatternError::NeverMatches {
             byte: '*',
-            escaped: true
+            written: Written::Escaped,
+            hint: WildcardHint::WriteBare,
         }
     );
-    assert!(
-        shell.to_string().contains("write the wildcard bare"),
-        "{shell}"
+    assert_eq!(
+        shell.to_string(),
+        "pattern can never match: it needs a literal '*' (escaped with a backslash), and region \
+         names only contain A-Z a-z 0-9 _ . + -; the backslash is only needed on a shell command \
+         line: write the wildcard bare"
+    );
+    assert_eq!(
+        Pattern::new("a:b*").unwrap_err().to_string(),
+        "pattern can never match: it needs a literal ':' (written as is), and region names only \
+         contain A-Z a-z 0-9 _ . + -"
     );
     assert_eq!(
         Pattern::new("a:b*"),
         Err(PatternError::NeverMatches {
             byte: ':',
-            escaped: false
+            written: Written::AsIs,
+            hint: WildcardHint::None,
         })
     );
     assert_eq!(
         Pattern::new("\\\\*"),
         Err(PatternError::NeverMatches {
             byte: '\\',
-            escaped: true
+            written: Written::Escaped,
+            hint: WildcardHint::None
         })
     );
     // Escaped name bytes are fine, and bracket expressions are not judged.
@@ -276,7 +286,8 @@ fn pattern_type_checks_writability() {
         Pattern::new("ab\\\\"),
         Err(PatternError::NeverMatches {
             byte: '\\',
-            escaped: true
+            written: Written::Escaped,
+            hint: WildcardHint::None
         })
     );
     let long = "x".repeat(MAX_PATTERN_LEN + 1);
