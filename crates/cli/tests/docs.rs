@@ -363,7 +363,9 @@ fn covers(literal: &str, command: &str) -> bool {
     }
     let test: Vec<&str> = literal.split_whitespace().collect();
     let doc: Vec<&str> = command.split_whitespace().collect();
-    matches(&test, &doc)
+    // The program's name is never a placeholder: a string that starts with one (a log line's
+    // `"{who}: {line}"`) would cover every command.
+    test.first().is_some_and(|first| !first.starts_with('{')) && matches(&test, &doc)
 }
 
 #[test]
@@ -586,4 +588,18 @@ fn console_blocks_print_what_the_docs_show() {
         cases.run();
         drop(fixtures);
     }
+}
+
+#[test]
+fn a_test_string_covers_a_command_only_from_its_program_name() {
+    assert!(covers(
+        "ivshm guest chan recv {name} {count}",
+        "ivshm guest chan recv demo 10"
+    ));
+    assert!(!covers("{bin} x", "ivshm x"));
+    assert!(!covers("{who}: {line}", "chat guest recv demox 100"));
+    assert!(!covers(
+        "ivshm guest chan send",
+        "ivshm guest chan recv demo 10"
+    ));
 }
