@@ -25,7 +25,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -202,13 +202,24 @@ pub struct Libvirt {
     private: Option<PathBuf>,
 }
 
+/// True from the moment daemons are started here until the [`Libvirt`] that started them has
+/// stopped them and removed their files. Its drop runs in the last user's thread, outside
+/// [`Libvirt::shared`]'s lock: a test that finds no live instance waits for this to clear
+/// before it looks for a daemon, or it would take the one being stopped for a running one, or
+/// start one whose private files the old drop then removes.
+static HAND_STARTED: AtomicBool = AtomicBool::new(false);
+
 impl Drop for Libvirt {
     fn drop(&mut self) {
+        let hand_started = !self.started.is_empty();
         while let Some(daemon) = self.started.pop() {
             drop(daemon);
         }
         if let Some(dir) = &self.private {
             let _ = std::fs::remove_dir_all(dir);
+        }
+        if hand_started {
+            HAND_STARTED.store(false, Ordering::Release);
         }
     }
 }
@@ -221,6 +232,17 @@ impl Libvirt {
         let mut slot = SHARED.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(libvirt) = slot.upgrade() {
             return Ok(libvirt);
+        }
+        // The daemons of the previous instance are still being stopped (its last user dropped
+        // it a moment ago); their drop waits at most 30 s per daemon.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while HAND_STARTED.load(Ordering::Acquire) {
+            if Instant::now() >= deadline {
+                return Err(LibvirtError::Daemon(
+                    "the daemons started for earlier tests were not stopped within 90s".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
         let libvirt = Arc::new(Self::connect_or_start()?);
         *slot = Arc::downgrade(&libvirt);
@@ -245,6 +267,7 @@ impl Libvirt {
                     name: "virtlogd",
                     child,
                 });
+                HAND_STARTED.store(true, Ordering::Release);
                 wait_for("virtlogd", || accepting("/run/libvirt/virtlogd-sock"))?;
             }
             libvirt.start_libvirtd()?;
@@ -255,7 +278,12 @@ impl Libvirt {
     }
 
     fn start_libvirtd(&mut self) -> Result<(), LibvirtError> {
-        let dir = std::env::temp_dir().join(format!("ivshm-e2e-libvirtd-{}", std::process::id()));
+        static STARTS: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ivshm-e2e-libvirtd-{}-{}",
+            std::process::id(),
+            STARTS.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("cache")).map_err(io_error("private libvirt files"))?;
         self.private = Some(dir.clone());
@@ -308,6 +336,7 @@ impl Libvirt {
             name: "libvirtd",
             child,
         });
+        HAND_STARTED.store(true, Ordering::Release);
         Ok(())
     }
 }
