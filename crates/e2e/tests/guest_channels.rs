@@ -217,19 +217,22 @@ fn channels_and_c_programs_between_two_guests_and_a_host_peer_and_a_guest_killed
         got.output
     );
 
-    // 10,000 checked messages each way on all three channels at once.
+    // 10,000 checked messages each way on all three channels at once. Each send and receive
+    // may wait 60 s: a guest-to-guest sender on a full ring has been seen to miss its
+    // space wake-up and carry on only at its deadline (an open bug, see crates/channel's
+    // README), which a 600 s bound turned into a ten-minute test.
     let started = Instant::now();
-    let mut host = host_exchange(&socket, &["g1-host", "g2-host"], "10000", "600");
+    let mut host = host_exchange(&socket, &["g1-host", "g2-host"], "10000", "60");
     let ea = a
         .spawn_background(
             "exchange",
-            "ivshm guest chan exchange --name g1-g2 --name g1-host --count 10000 --timeout 600",
+            "ivshm guest chan exchange --name g1-g2 --name g1-host --count 10000 --timeout 60",
         )
         .unwrap();
     let eb = b
         .spawn_background(
             "exchange",
-            "ivshm guest chan exchange --name g1-g2 --name g2-host --count 10000 --timeout 600",
+            "ivshm guest chan exchange --name g1-g2 --name g2-host --count 10000 --timeout 60",
         )
         .unwrap();
     let done_a = ea.finish(&mut a, EXCHANGE).unwrap();
