@@ -311,8 +311,13 @@ impl GuestBuilder {
         args.extend([
             "-m".to_string(),
             self.memory_mib.to_string(),
+            // One vCPU, but `maxcpus=2`: QEMU 7.2's TCG translates a machine that can never
+            // have a second CPU without its parallel flag and then drops every guest memory
+            // barrier (`mfence` does nothing; fixed upstream in 8.1), so two guests' fenced
+            // store-then-load handshakes over shared memory (a channel's wake-up decision)
+            // could both miss: a lost wake-up that real hardware never shows.
             "-smp".into(),
-            "1".into(),
+            "1,maxcpus=2".into(),
             "-nodefaults".into(),
             "-no-user-config".into(),
             "-nographic".into(),

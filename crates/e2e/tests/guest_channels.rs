@@ -217,10 +217,9 @@ fn channels_and_c_programs_between_two_guests_and_a_host_peer_and_a_guest_killed
         got.output
     );
 
-    // 10,000 checked messages each way on all three channels at once. Each send and receive
-    // may wait 60 s: a guest-to-guest sender on a full ring has been seen to miss its
-    // space wake-up and carry on only at its deadline (an open bug, see crates/channel's
-    // README), which a 600 s bound turned into a ten-minute test.
+    // 10,000 checked messages each way on all three channels at once; each send and receive
+    // may wait 60 s (a missed wake-up would show as a stall of that length: with `-smp 1`
+    // guests QEMU 7.2 dropped the guests' fences, see crates/channel's README).
     let started = Instant::now();
     let mut host = host_exchange(&socket, &["g1-host", "g2-host"], "10000", "60");
     let ea = a
