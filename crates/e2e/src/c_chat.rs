@@ -11,6 +11,16 @@ use std::sync::OnceLock;
 use crate::binaries::{static_libivshm, static_target_dir, BuildError};
 use crate::workspace;
 
+/// The C dialect and warnings every C program of the project is compiled with (the example
+/// and the tests: warnings are errors).
+pub const C_FLAGS: &[&str] = &[
+    "-std=c11",
+    "-D_POSIX_C_SOURCE=200809L",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+];
+
 /// The example's source.
 pub fn source() -> PathBuf {
     workspace::root().join("crates/capi/examples/c/chat.c")
@@ -45,22 +55,15 @@ fn build_static_chat() -> Result<PathBuf, BuildError> {
     let out = dir.join("chat");
     let tmp = dir.join(format!("chat.{}.tmp", std::process::id()));
     let mut cc = Command::new("cc");
-    cc.args([
-        "-static",
-        "-s",
-        "-std=c11",
-        "-D_POSIX_C_SOURCE=200809L",
-        "-Wall",
-        "-Wextra",
-        "-Werror",
-    ])
-    .arg("-I")
-    .arg(include_dir())
-    .arg(source())
-    .arg(&library)
-    .args(STATIC_LIBS)
-    .arg("-o")
-    .arg(&tmp);
+    cc.args(["-static", "-s"])
+        .args(C_FLAGS)
+        .arg("-I")
+        .arg(include_dir())
+        .arg(source())
+        .arg(&library)
+        .args(STATIC_LIBS)
+        .arg("-o")
+        .arg(&tmp);
     let command = format!("{cc:?}");
     eprintln!("e2e: building: {command}");
     let output = cc.output().map_err(|e| BuildError::Io {

@@ -73,13 +73,7 @@ pub const STATIC_LIBS: [&str; 7] = [
 pub fn compile_static(source: &Path, out: &Path) {
     let mut command = Command::new("cc");
     command
-        .args([
-            "-std=c11",
-            "-D_POSIX_C_SOURCE=200809L",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-        ])
+        .args(ivshm_e2e::c_chat::C_FLAGS)
         .arg("-I")
         .arg(crate_dir().join("include"))
         .arg(source)
